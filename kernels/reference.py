@@ -1,0 +1,55 @@
+"""Pure-JAX MLA attention: the definition the Pallas kernels are checked against, and the
+implementation used wherever the kernels do not run (CPU, debugging)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def mla_decode_reference(
+    q_latent_BHL: jax.Array,
+    q_rope_BHR: jax.Array,
+    kv_latent_BTL: jax.Array,
+    k_rope_BTR: jax.Array,
+    lengths_B: jax.Array,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """Absorbed-form MLA decode: one latent KV head shared by all H query heads.
+
+    Returns o_latent [B, H, L] = softmax(q_latent.kv_latent + q_rope.k_rope) @ kv_latent over the
+    first lengths[b] cache entries of each row. Accumulates in float32; returns the query dtype.
+    """
+    f32 = jnp.float32
+    s = jnp.einsum("bhl,btl->bht", q_latent_BHL, kv_latent_BTL, preferred_element_type=f32)
+    s = s + jnp.einsum("bhr,btr->bht", q_rope_BHR, k_rope_BTR, preferred_element_type=f32)
+    s = s * sm_scale
+    valid_BT = jnp.arange(kv_latent_BTL.shape[1])[None, :] < lengths_B[:, None]
+    s = jnp.where(valid_BT[:, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bht,btl->bhl", p.astype(kv_latent_BTL.dtype), kv_latent_BTL, preferred_element_type=f32)
+    return o.astype(q_latent_BHL.dtype)
+
+
+def mla_prefill_reference(
+    q_BTHK: jax.Array,
+    k_BSHK: jax.Array,
+    v_BSHV: jax.Array,
+    q_start_B: jax.Array,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """Causal attention for a chunk of T queries that starts at q_start[b] in a cache of S keys.
+
+    Query t of row b sits at position q_start[b] + t and sees keys 0..q_start[b] + t.
+    Heads are full MLA heads (qk = nope + rope dims, v = v_head_dim). Returns [B, T, H, V].
+    """
+    f32 = jnp.float32
+    s = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=f32) * sm_scale
+    q_pos_BT = q_start_B[:, None] + jnp.arange(q_BTHK.shape[1])[None, :]
+    visible_BTS = jnp.arange(k_BSHK.shape[1])[None, None, :] <= q_pos_BT[:, :, None]
+    s = jnp.where(visible_BTS[:, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhts,bshv->bthv", p.astype(v_BSHV.dtype), v_BSHV, preferred_element_type=f32)
+    return o.astype(q_BTHK.dtype)

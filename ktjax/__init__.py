@@ -1,0 +1,9 @@
+"""ktjax: DeepSeek-V3/R1-class MoE models larger than one GPU, in pure JAX."""
+
+__version__ = "0.1.0"
+
+from ktjax.config import ConfigError, ModelConfig
+from ktjax.engine import logits
+from ktjax.loading import Model, load
+
+__all__ = ["ConfigError", "Model", "ModelConfig", "load", "logits", "__version__"]

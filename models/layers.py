@@ -1,0 +1,55 @@
+"""Small building blocks: linear maps in the checkpoint's [out, in] layout, RMSNorm, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+_INIT_STD = 0.02
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def linear(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """x @ w.T with w kept as the checkpoint stores it ([out, in]), accumulating in float32."""
+    y = jnp.einsum("...i,oi->...o", x_NI, w_OI.astype(x_NI.dtype), preferred_element_type=jnp.float32)
+    return y.astype(x_NI.dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype: Dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(normal_init(rngs, (out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = linear(x, self.weight[...])
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype: Dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Same rounding order as the reference: normalise in f32, cast, then scale.
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.gate_proj = Linear(hidden, intermediate, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(hidden, intermediate, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(intermediate, hidden, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

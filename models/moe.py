@@ -1,0 +1,125 @@
+"""Mixture of experts: the router (every DeepSeek routing method) and the routed experts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ktjax.config import ModelConfig
+from ktjax.models.layers import MLP, Dtype, normal_init
+
+
+def route(x_ND: jax.Array, gate_ED: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Choose cfg.num_experts_per_tok experts per token. Returns (weights [N, K] f32, indices [N, K])."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    logits_NE = jnp.einsum("nd,ed->ne", x_ND.astype(jnp.float32), gate_ED.astype(jnp.float32))
+    if cfg.scoring_func == "sigmoid":
+        scores_NE = jax.nn.sigmoid(logits_NE)
+    else:
+        scores_NE = jax.nn.softmax(logits_NE, axis=-1)
+    N = scores_NE.shape[0]
+
+    def keep_top_groups(choice_NE: jax.Array, group_score_NG: jax.Array, fill: float) -> jax.Array:
+        _, top_groups = jax.lax.top_k(group_score_NG, cfg.topk_group)
+        group_mask_NG = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
+        expert_mask_NE = jnp.repeat(group_mask_NG, E // G, axis=1)
+        return jnp.where(expert_mask_NE, choice_NE, fill)
+
+    if cfg.topk_method == "noaux_tc":
+        # The correction bias steers the choice only; weights are the unbiased scores.
+        choice_NE = scores_NE if bias_E is None else scores_NE + bias_E.astype(jnp.float32)
+        top2_NG2, _ = jax.lax.top_k(choice_NE.reshape(N, G, E // G), 2)
+        choice_NE = keep_top_groups(choice_NE, top2_NG2.sum(-1), -jnp.inf)
+        _, idx_NK = jax.lax.top_k(choice_NE, K)
+        weights_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=1)
+    elif cfg.topk_method == "group_limited_greedy":
+        choice_NE = keep_top_groups(scores_NE, scores_NE.reshape(N, G, E // G).max(-1), 0.0)
+        weights_NK, idx_NK = jax.lax.top_k(choice_NE, K)
+    else:  # greedy
+        weights_NK, idx_NK = jax.lax.top_k(scores_NE, K)
+
+    if cfg.model_type == "deepseek_v2":
+        # DeepSeek-V2 either normalises or scales, never both.
+        if cfg.norm_topk_prob and K > 1:
+            return weights_NK / (weights_NK.sum(-1, keepdims=True) + 1e-20), idx_NK
+        return weights_NK * cfg.routed_scaling_factor, idx_NK
+    if cfg.norm_topk_prob:
+        weights_NK = weights_NK / (weights_NK.sum(-1, keepdims=True) + 1e-20)
+    return weights_NK * cfg.routed_scaling_factor, idx_NK
+
+
+def experts_gathered(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.Array:
+    """Per-token gather of the chosen experts' weights: the decode path (N*K small)."""
+    dt = x_ND.dtype
+    f32 = jnp.float32
+    g = jnp.einsum("nd,nkfd->nkf", x_ND, gate_EFD[idx_NK].astype(dt), preferred_element_type=f32)
+    u = jnp.einsum("nd,nkfd->nkf", x_ND, up_EFD[idx_NK].astype(dt), preferred_element_type=f32)
+    h = (jax.nn.silu(g) * u).astype(dt)
+    y = jnp.einsum("nkf,nkdf->nkd", h, down_EDF[idx_NK].astype(dt), preferred_element_type=f32)
+    return jnp.einsum("nkd,nk->nd", y, weights_NK).astype(dt)
+
+
+def experts_sorted(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.Array:
+    """Dropless grouped matmul over token-expert pairs sorted by expert: the prefill path."""
+    N, K = idx_NK.shape
+    E = gate_EFD.shape[0]
+    dt = x_ND.dtype
+    f32 = jnp.float32
+    order = jnp.argsort(idx_NK.reshape(-1), stable=True)
+    token_of_pair = order // K
+    xs_PD = x_ND[token_of_pair]
+    sizes_E = jnp.bincount(idx_NK.reshape(-1), length=E).astype(jnp.int32)
+    g = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(gate_EFD, 1, 2).astype(dt), sizes_E, preferred_element_type=f32)
+    u = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(up_EFD, 1, 2).astype(dt), sizes_E, preferred_element_type=f32)
+    h = (jax.nn.silu(g) * u).astype(dt)
+    y_PD = jax.lax.ragged_dot(h, jnp.swapaxes(down_EDF, 1, 2).astype(dt), sizes_E, preferred_element_type=f32)
+    y_PD = y_PD * weights_NK.reshape(-1)[order][:, None]
+    return jnp.zeros((N, x_ND.shape[1]), f32).at[token_of_pair].add(y_PD).astype(dt)
+
+
+def routed_experts(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.Array:
+    # Gathering moves N*K experts' weights; past E of them, grouping by expert is cheaper.
+    if idx_NK.size <= gate_EFD.shape[0]:
+        return experts_gathered(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
+    return experts_sorted(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # The router stays in float32 whatever the model dtype, as in the reference.
+        self.weight = nnx.Param(normal_init(rngs, (cfg.n_routed_experts, cfg.hidden_size), jnp.float32))
+        self.e_score_correction_bias = (
+            nnx.Param(jnp.zeros((cfg.n_routed_experts,), jnp.float32)) if cfg.topk_method == "noaux_tc" else None)
+
+
+class Experts(nnx.Module):
+    """The routed experts of one layer, stacked: gate/up [E, F, D], down [E, D, F]."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype))
+        self.up_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype))
+        self.down_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype))
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.gate = Router(cfg, rngs=rngs)
+        self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype, rngs=rngs)
+            if cfg.n_shared_experts else None)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        bias = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
+        weights_NK, idx_NK = route(x_ND, self.gate.weight[...], bias, self.cfg)
+        y_ND = routed_experts(x_ND, weights_NK, idx_NK, self.experts.gate_proj[...], self.experts.up_proj[...],
+                              self.experts.down_proj[...])
+        y_BTD = y_ND.reshape(B, T, D)
+        if self.shared_experts is not None:
+            y_BTD = y_BTD + self.shared_experts(x_BTD)
+        return y_BTD
