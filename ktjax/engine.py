@@ -27,3 +27,21 @@ def logits(model, token_ids) -> jax.Array:
     cache = model.module.init_cache(B, T)
     out, _ = forward(model.graphdef, model.params, cache, tokens_BT, jnp.zeros((B,), jnp.int32))
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens_BT: jax.Array, start_B: jax.Array,
+            last_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Write a (padded) chunk into the cache; logits [B, V] at each row's index last_B within the chunk."""
+    module = nnx.merge(graphdef, params)
+    x_BTD, cache = module.hidden(tokens_BT, start_B, cache)
+    x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+    return module.head(x_B1D)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, token_B: jax.Array,
+                pos_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One token per row at position pos_B: logits [B, V] and the updated cache."""
+    logits_B1V, cache = nnx.merge(graphdef, params)(token_B[:, None], pos_B, cache)
+    return logits_B1V[:, 0], cache
