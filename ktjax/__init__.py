@@ -7,3 +7,7 @@ from ktjax.engine import logits
 from ktjax.loading import Model, load
 
 __all__ = ["ConfigError", "Model", "ModelConfig", "load", "logits", "__version__"]
+
+from ktjax.generation import GenerationResult, GenerationStats, chat, generate, stream  # noqa: E402
+
+__all__ += ["GenerationResult", "GenerationStats", "chat", "generate", "stream"]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.models import KVCache
+from ktjax.sampling import sample
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -45,3 +46,15 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, token
     """One token per row at position pos_B: logits [B, V] and the updated cache."""
     logits_B1V, cache = nnx.merge(graphdef, params)(token_B[:, None], pos_B, cache)
     return logits_B1V[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def prefill_and_sample(graphdef, params, cache, tokens_BT, start_B, last_B, key, temperature, top_k, top_p):
+    logits_BV, cache = prefill.__wrapped__(graphdef, params, cache, tokens_BT, start_B, last_B)
+    return sample(logits_BV, key, temperature, top_k, top_p), logits_BV, cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def decode_and_sample(graphdef, params, cache, token_B, pos_B, key, temperature, top_k, top_p):
+    logits_BV, cache = decode_step.__wrapped__(graphdef, params, cache, token_B, pos_B)
+    return sample(logits_BV, key, temperature, top_k, top_p), cache

@@ -1,0 +1,255 @@
+"""Text generation: padded static-shape prefill, a jitted decode step per token, sampling, stops.
+
+Shapes are bucketed (batch, prompt chunk, cache length) so that generating never recompiles
+once a bucket has been seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax import engine
+
+PROMPT_BUCKETS = (16, 64, 256, 1024)  # the largest is also the prefill chunk for longer prompts
+CACHE_ROUND = 256
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    finish_reason: str = "length"  # "eos", "stop" or "length"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str | None
+    token_ids: list[int]  # new tokens only
+    stats: GenerationStats
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def _tokenizer(model, needed: bool):
+    tok = getattr(model, "tokenizer", None)
+    if tok is None and needed:
+        from ktjax.tokenizer import TokenizerMissingError
+        raise TokenizerMissingError(f"{model.path}/tokenizer.json: missing; text prompts need a tokenizer "
+                                    "(pass token ids instead)")
+    return tok
+
+
+def _encode(model, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return list(_tokenizer(model, True).encode(prompt))
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{model.config.vocab_size - 1})")
+    return ids
+
+
+def _stop_ids(model) -> set[int]:
+    tok = _tokenizer(model, False)
+    if tok is not None and tok.eos_token_ids:
+        return set(tok.eos_token_ids)
+    eos = model.config.eos_token_id
+    return set(eos) if isinstance(eos, tuple) else ({eos} if eos is not None else set())
+
+
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+
+
+def prefill_chunks(length: int) -> list[tuple[int, int]]:
+    """(start, padded length) of each prefill segment: buckets, at most the largest at a time."""
+    chunks, start = [], 0
+    while start < length:
+        T = bucket(length - start, PROMPT_BUCKETS)
+        chunks.append((start, T))
+        start += T
+    return chunks
+
+
+class _Row:
+    """Per-prompt state: new tokens, incremental text, stop detection."""
+
+    def __init__(self, model, prompt_ids: list[int], opts: SamplingOptions, stop_ids: set[int]):
+        self.prompt_ids, self.opts, self.stop_ids = prompt_ids, opts, stop_ids
+        self.tok = _tokenizer(model, bool(opts.stop))
+        self.ids: list[int] = []
+        self.text = "" if self.tok is not None else None
+        self.emitted = 0  # characters of self.text already streamed
+        self.done = False
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        if token in self.stop_ids:
+            self.done, self.stats.finish_reason = True, "eos"
+        elif self.tok is not None:
+            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+            cut = min((i for i in (self.text.find(s) for s in self.opts.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.done, self.stats.finish_reason = True, "stop"
+        if not self.done and len(self.ids) >= self.opts.max_new_tokens:
+            self.done = True
+        if self.done and token in self.stop_ids and self.tok is not None:
+            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def ready_text(self) -> str:
+        """New text safe to show: no trailing replacement char (half a UTF-8 sequence) and nothing
+        that might still grow into a stop string."""
+        if self.text is None:
+            return ""
+        end = len(self.text)
+        if not self.done:
+            end = len(self.text.rstrip("\ufffd"))
+            for s in self.opts.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        piece = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[list[_Row]]:
+    """Runs generation, yielding the rows after the prefill and after every decode step."""
+    t0 = time.perf_counter()
+    stop_ids = _stop_ids(model)
+    rows = [_Row(model, p, opts, stop_ids) for p in prompts]
+    n = len(rows)
+    B = 1 << (n - 1).bit_length()  # batch padded to a power of two
+    lengths = np.array([len(p) for p in prompts] + [1] * (B - n), np.int32)
+    chunks = prefill_chunks(int(lengths.max()))
+    need = max(int(lengths.max()) + opts.max_new_tokens, chunks[-1][0] + chunks[-1][1])
+    max_len = int(math.ceil(need / CACHE_ROUND) * CACHE_ROUND)
+    cache = model.module.init_cache(B, max_len)
+    key = jax.random.key(opts.seed)
+    temperature = jnp.float32(opts.temperature)
+    top_k, top_p = jnp.int32(opts.top_k), jnp.float32(opts.top_p)
+
+    # Prefill in chunks of the largest bucket; each row's next token comes from its last prompt chunk.
+    next_B = np.zeros(B, np.int32)
+    for start, T in chunks:
+        tokens = np.zeros((B, T), np.int32)
+        for b, p in enumerate(prompts):
+            piece = p[start:start + T]
+            tokens[b, :len(piece)] = piece
+        last = np.clip(lengths - 1 - start, 0, T - 1)
+        key, sub = jax.random.split(key)
+        sampled, _, cache = engine.prefill_and_sample(
+            model.graphdef, model.params, cache, jnp.asarray(tokens), jnp.full((B,), start, jnp.int32),
+            jnp.asarray(last), sub, temperature, top_k, top_p)
+        ends_here = (lengths - 1 >= start) & (lengths - 1 < start + T)
+        next_B = np.where(ends_here, np.asarray(sampled), next_B)
+    t_first = time.perf_counter()
+    for b, row in enumerate(rows):
+        row.push(int(next_B[b]))
+        row.stats.time_to_first_token_s = t_first - t0
+    yield rows
+
+    pos = lengths.copy()
+    while not all(r.done for r in rows):
+        key, sub = jax.random.split(key)
+        sampled, cache = engine.decode_and_sample(model.graphdef, model.params, cache, jnp.asarray(next_B),
+                                                  jnp.asarray(pos), sub, temperature, top_k, top_p)
+        next_B = np.asarray(sampled)
+        pos = np.minimum(pos + 1, max_len - 1)
+        for b, row in enumerate(rows):
+            if not row.done:
+                row.push(int(next_B[b]))
+        yield rows
+
+    t_end = time.perf_counter()
+    for row in rows:
+        row.stats.new_tokens = len(row.ids)
+        row.stats.total_s = t_end - t0
+        decode_tokens = len(row.ids) - 1
+        row.stats.decode_tokens_per_s = decode_tokens / (t_end - t_first) if decode_tokens and t_end > t_first else 0.0
+
+
+def _options(max_new_tokens, temperature, top_p, top_k, seed, stop) -> SamplingOptions:
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return SamplingOptions(max_new_tokens, temperature, top_p, top_k, seed, stop)
+
+
+def generate(model, prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None):
+    """Generate from a string, a list of token ids, or a list of either (a batch -> list of results)."""
+    opts = _options(max_new_tokens, temperature, top_p, top_k, seed, stop)
+    batch = _is_batch(prompt)
+    prompts = [_encode(model, p) for p in (prompt if batch else [prompt])]
+    rows = None
+    for rows in _steps(model, prompts, opts):
+        pass
+    results = [GenerationResult(r.text, r.ids, r.stats) for r in rows]
+    return results if batch else results[0]
+
+
+def stream(model, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None,
+           stats: GenerationStats | None = None) -> Iterator[str]:
+    """Yield text pieces of one prompt as they are generated (needs the model's tokenizer)."""
+    _tokenizer(model, True)
+    opts = _options(max_new_tokens, temperature, top_p, top_k, seed, stop)
+    rows = None
+    for rows in _steps(model, [_encode(model, prompt)], opts):
+        piece = rows[0].ready_text()
+        if piece:
+            yield piece
+    if stats is not None:
+        for f in dataclasses.fields(GenerationStats):
+            setattr(stats, f.name, getattr(rows[0].stats, f.name))
+
+
+def chat_prompt(model, messages: Sequence[dict[str, str]], *, thinking: bool | None = None) -> list[int]:
+    tok = _tokenizer(model, True)
+    text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, thinking=thinking)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def chat(model, messages: Sequence[dict[str, str]], *, thinking: bool | None = None, **kwargs) -> GenerationResult:
+    """Generate the assistant's reply to a conversation, rendered with the model's chat template."""
+    return generate(model, chat_prompt(model, messages, thinking=thinking), **kwargs)
