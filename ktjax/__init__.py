@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.engine import logits
-from ktjax.loading import Model, load
+from ktjax.api import load
+from ktjax.loading import Model
 
 __all__ = ["ConfigError", "Model", "ModelConfig", "load", "logits", "__version__"]
 

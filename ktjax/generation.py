@@ -68,10 +68,9 @@ class SamplingOptions:
 
 def _tokenizer(model, needed: bool):
     tok = getattr(model, "tokenizer", None)
-    if tok is None and needed:
-        from ktjax.tokenizer import TokenizerMissingError
-        raise TokenizerMissingError(f"{model.path}/tokenizer.json: missing; text prompts need a tokenizer "
-                                    "(pass token ids instead)")
+    if needed:
+        from ktjax.tokenizer import require_tokenizer
+        return require_tokenizer(tok, model.path)
     return tok
 
 
@@ -114,9 +113,10 @@ class _Row:
 
     def __init__(self, model, prompt_ids: list[int], opts: SamplingOptions, stop_ids: set[int]):
         self.prompt_ids, self.opts, self.stop_ids = prompt_ids, opts, stop_ids
-        self.tok = _tokenizer(model, bool(opts.stop))
+        tok = _tokenizer(model, bool(opts.stop))
+        self.decoder = tok.stream_decoder(skip_special_tokens=True) if tok is not None else None
         self.ids: list[int] = []
-        self.text = "" if self.tok is not None else None
+        self.text = "" if tok is not None else None
         self.emitted = 0  # characters of self.text already streamed
         self.done = False
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -125,29 +125,34 @@ class _Row:
         self.ids.append(token)
         if token in self.stop_ids:
             self.done, self.stats.finish_reason = True, "eos"
-        elif self.tok is not None:
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-            cut = min((i for i in (self.text.find(s) for s in self.opts.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.done, self.stats.finish_reason = True, "stop"
+        elif self.decoder is not None:
+            piece = self.decoder.push(token)
+            self._add_text(piece)
         if not self.done and len(self.ids) >= self.opts.max_new_tokens:
             self.done = True
-        if self.done and token in self.stop_ids and self.tok is not None:
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if self.done and self.decoder is not None and self.stats.finish_reason != "stop":
+            self._add_text(self.decoder.flush())
+
+    def _add_text(self, piece: str) -> None:
+        if not piece:
+            return
+        look_from = max(0, len(self.text) - max((len(s) for s in self.opts.stop), default=0))
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, look_from) for s in self.opts.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.done, self.stats.finish_reason = True, "stop"
 
     def ready_text(self) -> str:
-        """New text safe to show: no trailing replacement char (half a UTF-8 sequence) and nothing
-        that might still grow into a stop string."""
+        """New text safe to show: nothing that might still grow into a stop string."""
         if self.text is None:
             return ""
         end = len(self.text)
         if not self.done:
-            end = len(self.text.rstrip("\ufffd"))
             for s in self.opts.stop:
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[:end].endswith(s[:k]):
-                        end -= k
+                    if self.text.endswith(s[:k]):
+                        end = min(end, len(self.text) - k)
                         break
         piece = self.text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
