@@ -105,10 +105,12 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
         path = os.fspath(path)
-        if os.path.isdir(path):
+        if not path.endswith(".json"):
+            if not os.path.isdir(path):
+                raise ConfigError(f"{os.path.join(path, 'config.json')}: missing (no such checkpoint directory)")
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
-            raise ConfigError(f"{path}: no config.json (a checkpoint directory needs one)")
+            raise ConfigError(f"{path}: missing (a checkpoint directory needs one)")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

@@ -58,3 +58,11 @@ def prefill_and_sample(graphdef, params, cache, tokens_BT, start_B, last_B, key,
 def decode_and_sample(graphdef, params, cache, token_B, pos_B, key, temperature, top_k, top_p):
     logits_BV, cache = decode_step.__wrapped__(graphdef, params, cache, token_B, pos_B)
     return sample(logits_BV, key, temperature, top_k, top_p), cache
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persist compiled segments across runs so a second start skips XLA compilation."""
+    import os
+    path = path or os.environ.get("KTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ktjax", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,83 @@
+"""The ktjax command line: help, version, info, generate (streamed and --json), chat, errors."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ktjax import __version__
+from ktjax.cli import main
+from reference import make_reference, save_reference
+from tokenizer_fixtures import vocab_size, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    save_reference(make_reference("v3", seed=2, vocab_size=vocab_size() + 7), path)
+    write_tokenizer(path, template="r1")
+    return str(path)
+
+
+def test_help_explains_every_command_and_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("generate", "chat", "info"))
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--model", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--json"):
+        assert opt in out
+    assert "standard input" in out and "nucleus" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"ktjax {__version__}"
+
+
+def test_info_counts_parameters_by_group(ckpt, capsys):
+    assert main(["info", "--model", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "deepseek_v3" in out and "routed_experts" in out and "total" in out
+
+
+def test_generate_json(ckpt, capsys):
+    assert main(["generate", "--model", ckpt, "--prompt", "hello world", "--max-new-tokens", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["token_ids"]) <= 5 and isinstance(result["text"], str)
+    assert result["stats"]["prompt_tokens"] > 0 and result["stats"]["new_tokens"] == len(result["token_ids"])
+
+
+def test_generate_streams_from_standard_input(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):"))
+    assert main(["generate", "--model", ckpt, "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def f(x):") and "tokens/s" in captured.err
+
+
+def test_chat_keeps_history_and_resets(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhow are you\n/reset\nbye\n/quit\n"))
+    assert main(["chat", "--model", ckpt, "--max-new-tokens", "3"]) == 0
+    assert "conversation cleared" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent/config.json"),
+    (["info", "--model", "/nonexistent"], "/nonexistent/config.json"),
+])
+def test_bad_input_is_one_line_naming_the_file(argv, needle, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_installed_console_script_runs():
+    script = os.path.join(os.path.dirname(sys.executable), "ktjax")
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, check=True).stdout
+    assert __version__ in out
