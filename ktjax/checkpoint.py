@@ -1,12 +1,26 @@
-"""Reading transformers-format checkpoints: safetensors shards, published DeepSeek tensor names."""
+"""Reading transformers-format checkpoints: safetensors shards, published DeepSeek tensor names, FP8.
+
+`Checkpoint` parses the safetensors headers of a directory (one file or shards with an index) and
+memory-maps one tensor at a time. `leaf_source` maps a parameter leaf of the model to the tensors
+that fill it and checks them from the headers alone, so every bad input is found before any data
+is read. `check_unexpected` finds tensors no leaf consumes. Reading the data into arrays is
+`ktjax.loading.read_leaf`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import mmap
 import os
+import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -25,10 +39,16 @@ DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+# What a parameter may be stored as: floats, converted to the leaf's dtype on reading.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+FP8_DTYPE = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek's name; the stored value *multiplies* the FP8 block
+DEFAULT_FP8_BLOCK = (128, 128)  # DeepSeek-V3's, when config.json has no quantization_config
+_MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
 class CheckpointError(ValueError):
-    """Bad checkpoint input; the message names the file and tensor at fault."""
+    """Bad checkpoint input; the one-line message names the file and tensor at fault."""
 
 
 @dataclass(frozen=True)
@@ -49,23 +69,28 @@ def read_header(file: str) -> dict[str, TensorInfo]:
         if len(raw) < 8:
             raise CheckpointError(f"{file}: truncated (no safetensors header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{file}: corrupt safetensors header (length {n} bytes)")
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors header (length {n} bytes, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     infos = {}
     for name, h in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (begin, end) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+            begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {name}: corrupt header entry {h!r}") from None
         if dtype not in DTYPES:
-            raise CheckpointError(f"{file}: tensor {name}: unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+            raise CheckpointError(f"{file}: tensor {name}: unsupported dtype {dtype} (supported: {', '.join(DTYPES)})")
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise CheckpointError(f"{file}: tensor {name}: corrupt header entry {h!r}")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != nbytes:
             raise CheckpointError(f"{file}: tensor {name}: {end - begin} bytes stored for shape {list(shape)} {dtype}")
         if 8 + n + end > size:
@@ -75,21 +100,23 @@ def read_header(file: str) -> dict[str, TensorInfo]:
 
 
 class Checkpoint:
-    """All tensors of a checkpoint directory (one file or shards), memory-mapped on demand."""
+    """All tensors of a checkpoint directory (one file or shards), read one memory-mapped tensor at a time."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
         index = os.path.join(self.path, "model.safetensors.index.json")
+        weight_map = None
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as f:
-                try:
+            try:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: corrupt index ({e})") from None
-            files = sorted(set(weight_map.values()))
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
         else:
             files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-            weight_map = None
         if not files:
             raise CheckpointError(f"{self.path}: no *.safetensors files")
         self.tensors: dict[str, TensorInfo] = {}
@@ -97,12 +124,16 @@ class Checkpoint:
             file = os.path.join(self.path, name)
             if not os.path.exists(file):
                 raise CheckpointError(f"{file}: missing (listed in model.safetensors.index.json)")
-            self.tensors.update(read_header(file))
+            for t in read_header(file).values():
+                if t.name in self.tensors:
+                    raise CheckpointError(f"{file}: tensor {t.name} is also in {self.tensors[t.name].file}")
+                self.tensors[t.name] = t
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in self.tensors:
                     raise CheckpointError(f"{os.path.join(self.path, file)}: tensor {name} listed in the index is not in the file")
-        self._maps: dict[str, np.memmap] = {}
+        # Where a missing tensor should have been: the index if there is one, else the directory.
+        self.where = index if weight_map is not None else self.path
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -111,15 +142,27 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing") from None
+            raise CheckpointError(f"{self.where}: tensor {name} is missing") from None
 
     def read(self, name: str) -> np.ndarray:
-        """A read-only view of the tensor's bytes in the file (no copy until used)."""
+        """A read-only view of the tensor in its file, memory-mapped for this tensor alone.
+
+        The mapping lives as long as the returned array: mapping whole files would leave every
+        page read so far resident (and counted in the process's memory) until the load ends.
+        """
         t = self.info(name)
-        if t.file not in self._maps:
-            self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
-        raw = self._maps[t.file][t.offset:t.offset + t.nbytes]
-        return raw.view(DTYPES[t.dtype]).reshape(t.shape)
+        dtype = DTYPES[t.dtype]
+        if t.nbytes == 0:
+            return np.empty(t.shape, dtype)
+        start = t.offset - t.offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(t.file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), t.offset + t.nbytes - start, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError) as e:  # e.g. the file shrank since its header was read
+            raise CheckpointError(f"{t.file}: tensor {name}: cannot read ({e})") from None
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_WILLNEED)  # read ahead the whole tensor rather than page by page
+        return np.frombuffer(mm, dtype, math.prod(t.shape), t.offset - start).reshape(t.shape)
 
 
 # ---- names ---------------------------------------------------------------------------------
@@ -146,3 +189,122 @@ def tensor_names(cfg: ModelConfig, path: tuple[str, ...], group_layers: dict[str
         else:
             out.append((f"model.layers.{i}." + ".".join(rest), (j,)))
     return out
+
+
+def is_mtp(cfg: ModelConfig, name: str) -> bool:
+    """A tensor of the multi-token-prediction layers (model.layers.{N..N+k-1}), not part of the main forward."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return m is not None and cfg.num_hidden_layers <= int(m.group(1)) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+
+
+# ---- FP8 -----------------------------------------------------------------------------------
+
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the per-block scales of an FP8 array [..., R, C]: one per block, edge blocks partial."""
+    *lead, R, C = shape
+    return (*lead, -(-R // block[0]), -(-C // block[1]))
+
+
+def dequantize_fp8(w_RC, scale_rc, block: tuple[int, int], dtype=jnp.float32):
+    """FP8 values [..., R, C] times their block's scale [..., ceil(R/b0), ceil(C/b1)], in float32, rounded once to dtype.
+
+    Takes numpy or jax arrays (numpy in, numpy out). float8 -> float32 is exact and the product is
+    one float32 rounding, so the float32 result is bit-exact against any implementation of the formula.
+    """
+    xp = np if isinstance(w_RC, np.ndarray) else jnp
+    R, C = w_RC.shape[-2:]
+    s_RC = xp.repeat(xp.repeat(scale_rc.astype(xp.float32), block[0], axis=-2), block[1], axis=-1)[..., :R, :C]
+    return (w_RC.astype(xp.float32) * s_RC).astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Fp8Array:
+    """An FP8 leaf kept as stored: float8_e4m3fn values [..., R, C] and float32 per-block scales."""
+
+    weight: jax.Array  # float8_e4m3fn, the leaf's shape
+    scale: jax.Array  # float32 [..., ceil(R/b0), ceil(C/b1)]; the file's `weight_scale_inv`
+    block: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scale.nbytes
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize_fp8(self.weight, self.scale, self.block, dtype)
+
+
+# ---- leaves --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LeafSource:
+    """The checked plan for one parameter leaf: its tensors, where each goes in the leaf, and how each is stored."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: jnp.dtype  # the leaf's dtype in the model
+    tensors: tuple[tuple[str, tuple[int, ...], str | None], ...]  # (name, index in the leaf, FP8 scale name or None)
+    block: tuple[int, int]  # FP8 block size (rows, columns)
+    stored_nbytes: int  # bytes read from the files, scales included
+
+    @property
+    def fp8(self) -> bool:
+        """Every tensor is FP8, so the leaf can be kept as an `Fp8Array`."""
+        return bool(self.tensors) and all(scale is not None for _, _, scale in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def names(self) -> list[str]:
+        """Every checkpoint tensor this leaf consumes, scales included."""
+        return [name for name, _, _ in self.tensors] + [scale for _, _, scale in self.tensors if scale]
+
+
+def leaf_source(ckpt: Checkpoint, cfg: ModelConfig, leaf_path: tuple[str, ...], shape: tuple[int, ...],
+                dtype, group_layers: dict[str, list[int]]) -> LeafSource:
+    """Map a leaf to its tensors and check them from the headers: present, right shape, float, FP8 with scales."""
+    block = cfg.fp8_block_size or DEFAULT_FP8_BLOCK
+    tensors = []
+    stored = 0
+    for name, index in tensor_names(cfg, leaf_path, group_layers):
+        t = ckpt.info(name)
+        want = tuple(shape[len(index):])
+        if t.shape != want:
+            raise CheckpointError(f"{t.file}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
+        stored += t.nbytes
+        scale_name = None
+        if t.dtype == FP8_DTYPE:  # which tensors are FP8 is the file's say, not assumed
+            if len(want) != 2:
+                raise CheckpointError(f"{t.file}: tensor {name}: FP8 is supported for 2-D weights only, got shape {list(want)}")
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in ckpt:
+                raise CheckpointError(f"{ckpt.where}: tensor {scale_name} is missing (the scales of FP8 tensor {name} in {t.file})")
+            s = ckpt.info(scale_name)
+            if s.shape != fp8_scale_shape(want, block):
+                raise CheckpointError(f"{s.file}: tensor {scale_name} has shape {list(s.shape)}, expected "
+                                      f"{list(fp8_scale_shape(want, block))} ({block[0]}x{block[1]} blocks of {list(want)})")
+            if s.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{s.file}: tensor {scale_name}: unsupported dtype {s.dtype} for FP8 scales")
+            stored += s.nbytes
+        elif t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{t.file}: tensor {name}: unsupported dtype {t.dtype} for a parameter "
+                                  f"(use one of {', '.join(FLOAT_DTYPES + (FP8_DTYPE,))})")
+        tensors.append((name, index, scale_name))
+    return LeafSource(tuple(leaf_path), tuple(shape), jnp.dtype(dtype), tuple(tensors), block, stored)
+
+
+def check_unexpected(ckpt: Checkpoint, cfg: ModelConfig, consumed: Iterable[str]) -> None:
+    """Every tensor in the checkpoint is consumed by a leaf (scales included) or skipped on purpose (MTP)."""
+    consumed = set(consumed)
+    for name, t in ckpt.tensors.items():
+        if name in consumed or is_mtp(cfg, name):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints store the shared matrix twice; the embedding is what is used
+        raise CheckpointError(f"{t.file}: unexpected tensor {name} (not a parameter of this {cfg.model_type} config)")
