@@ -2,12 +2,13 @@
 
 __version__ = "0.1.0"
 
+from ktjax.checkpoint import CheckpointError
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.engine import logits
 from ktjax.api import load
 from ktjax.loading import Model
 
-__all__ = ["ConfigError", "Model", "ModelConfig", "load", "logits", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "Model", "ModelConfig", "load", "logits", "__version__"]
 
 from ktjax.generation import GenerationResult, GenerationStats, chat, generate, stream  # noqa: E402
 

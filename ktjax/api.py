@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from ktjax import loading
-from ktjax.tokenizer import load_tokenizer
 
+from ktjax import loading
+from ktjax import placement as placing
+from ktjax.checkpoint import Checkpoint
+from ktjax.config import ModelConfig
+from ktjax.tokenizer import load_tokenizer
 
 
 def default_model_path() -> str:
@@ -16,9 +20,51 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(ktjax.models.__file__)), "tiny")
 
 
-def load(path: str | os.PathLike | None = None, *, dtype: Any = None, **options: Any) -> loading.Model:
-    """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None)."""
+def _experts_are_fp8(path: str, cfg: ModelConfig) -> bool:
+    moe = next((i for i, k in enumerate(cfg.layer_kinds) if k == "moe"), None)
+    if moe is None or cfg.fp8_block_size is None:
+        return False
+    name = f"model.layers.{moe}.mlp.experts.0.gate_proj.weight"
+    ckpt = Checkpoint(path)
+    return name in ckpt and ckpt.info(name).dtype == "F8_E4M3"
+
+
+def plan_placement(path: str, *, dtype: Any = None, gpu_memory: str | int | None = None,
+                   placement: Mapping[str, str] | None = None, max_batch: int = 1, max_context: int = 4096,
+                   expert_chunk: int = 32) -> placing.PlacementPlan:
+    """Where every parameter of the checkpoint would live, computed from its config and headers only."""
+    cfg = ModelConfig.from_json(path)
+    dtype = loading.resolve_dtype(dtype, cfg)
+    _, abstract = loading.abstract_model(cfg, dtype)
+    return placing.plan(cfg, abstract, dtype, gpu_memory=gpu_memory, placement=placement,
+                          fp8_experts=_experts_are_fp8(path, cfg), max_batch=max_batch, max_context=max_context,
+                          expert_chunk=expert_chunk)
+
+
+def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: bool | None = None,
+         gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
+         max_context: int = 4096, expert_chunk: int = 32):
+    """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
+
+    gpu_memory: device memory budget ("24GiB" or bytes); routed experts that do not fit stay in
+        pinned host memory and are streamed in as needed. Default: the device's own limit on GPUs,
+        no limit on the CPU.
+    placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
+    max_batch, max_context: the KV cache the budget reserves room for.
+    """
+    from ktjax.offload import load_offloaded
+
     path = default_model_path() if path is None else os.fspath(path)
-    model = loading.load(path, dtype=dtype, **options)
+    plan = plan_placement(path, dtype=dtype, gpu_memory=gpu_memory, placement=placement, max_batch=max_batch,
+                          max_context=max_context, expert_chunk=expert_chunk)
+    if plan.offloaded:
+        cfg = plan.config
+        model = load_offloaded(path, cfg, loading.resolve_dtype(dtype, cfg), plan, progress=progress)
+    else:
+        model = loading.load(path, dtype=dtype, progress=progress)
+    model.placement = plan
     model.tokenizer = load_tokenizer(path)
     return model
+
+
+__all__ = ["default_model_path", "load", "plan_placement"]

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ktjax.models import KVCache
@@ -24,6 +25,8 @@ def logits(model, token_ids) -> jax.Array:
     tokens_BT = jnp.asarray(token_ids, jnp.int32)
     if tokens_BT.ndim != 2:
         raise ValueError(f"token_ids must be a [batch, length] array, got shape {tokens_BT.shape}")
+    if hasattr(model, "logits"):  # offloaded models run their own segments
+        return model.logits(tokens_BT)
     B, T = tokens_BT.shape
     cache = model.module.init_cache(B, T)
     out, _ = forward(model.graphdef, model.params, cache, tokens_BT, jnp.zeros((B,), jnp.int32))
@@ -66,3 +69,37 @@ def enable_compilation_cache(path: str | None = None) -> None:
     path = path or os.environ.get("KTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ktjax", "xla")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class ResidentRunner:
+    """The generation loop's interface for a model whose parameters all live on the device."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.model.module.init_cache(batch, max_len)
+
+    def prefill(self, cache, tokens_BT, lengths_B, key, temperature, top_k, top_p):
+        """Prompt chunks of the padded prompt in turn; each row's next token from its last chunk."""
+        from ktjax.generation import prefill_chunks
+        B = tokens_BT.shape[0]
+        next_B = np.zeros(B, np.int32)
+        for start, T in prefill_chunks(tokens_BT.shape[1]):
+            last = np.clip(lengths_B - 1 - start, 0, T - 1)
+            key, sub = jax.random.split(key)
+            sampled, _, cache = prefill_and_sample(
+                self.model.graphdef, self.model.params, cache, jnp.asarray(tokens_BT[:, start:start + T]),
+                jnp.full((B,), start, jnp.int32), jnp.asarray(last), sub, temperature, top_k, top_p)
+            ends_here = (lengths_B - 1 >= start) & (lengths_B - 1 < start + T)
+            next_B = np.where(ends_here, np.asarray(sampled), next_B)
+        return next_B, cache
+
+    def decode_and_sample(self, cache, token_B, pos_B, key, temperature, top_k, top_p):
+        return decode_and_sample(self.model.graphdef, self.model.params, cache, token_B, pos_B, key, temperature,
+                                 top_k, top_p)
+
+
+def runner(model):
+    """What the generation loop drives: offloaded models schedule their own segments."""
+    return model if hasattr(model, "prefill") else ResidentRunner(model)

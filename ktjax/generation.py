@@ -168,27 +168,21 @@ def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[l
     B = 1 << (n - 1).bit_length()  # batch padded to a power of two
     lengths = np.array([len(p) for p in prompts] + [1] * (B - n), np.int32)
     chunks = prefill_chunks(int(lengths.max()))
-    need = max(int(lengths.max()) + opts.max_new_tokens, chunks[-1][0] + chunks[-1][1])
+    padded = chunks[-1][0] + chunks[-1][1]
+    need = max(int(lengths.max()) + opts.max_new_tokens, padded)
     max_len = int(math.ceil(need / CACHE_ROUND) * CACHE_ROUND)
-    cache = model.module.init_cache(B, max_len)
+    run = engine.runner(model)
+    cache = run.init_cache(B, max_len)
     key = jax.random.key(opts.seed)
     temperature = jnp.float32(opts.temperature)
     top_k, top_p = jnp.int32(opts.top_k), jnp.float32(opts.top_p)
 
-    # Prefill in chunks of the largest bucket; each row's next token comes from its last prompt chunk.
-    next_B = np.zeros(B, np.int32)
-    for start, T in chunks:
-        tokens = np.zeros((B, T), np.int32)
-        for b, p in enumerate(prompts):
-            piece = p[start:start + T]
-            tokens[b, :len(piece)] = piece
-        last = np.clip(lengths - 1 - start, 0, T - 1)
-        key, sub = jax.random.split(key)
-        sampled, _, cache = engine.prefill_and_sample(
-            model.graphdef, model.params, cache, jnp.asarray(tokens), jnp.full((B,), start, jnp.int32),
-            jnp.asarray(last), sub, temperature, top_k, top_p)
-        ends_here = (lengths - 1 >= start) & (lengths - 1 < start + T)
-        next_B = np.where(ends_here, np.asarray(sampled), next_B)
+    tokens = np.zeros((B, padded), np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = p
+    key, sub = jax.random.split(key)
+    next_B, cache = run.prefill(cache, tokens, lengths, sub, temperature, top_k, top_p)
+    next_B = np.asarray(next_B)
     t_first = time.perf_counter()
     for b, row in enumerate(rows):
         row.push(int(next_B[b]))
@@ -198,8 +192,8 @@ def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[l
     pos = lengths.copy()
     while not all(r.done for r in rows):
         key, sub = jax.random.split(key)
-        sampled, cache = engine.decode_and_sample(model.graphdef, model.params, cache, jnp.asarray(next_B),
-                                                  jnp.asarray(pos), sub, temperature, top_k, top_p)
+        sampled, cache = run.decode_and_sample(cache, jnp.asarray(next_B), jnp.asarray(pos), sub, temperature, top_k,
+                                               top_p)
         next_B = np.asarray(sampled)
         pos = np.minimum(pos + 1, max_len - 1)
         for b, row in enumerate(rows):

@@ -1,0 +1,447 @@
+"""Models larger than the GPU: routed experts in `pinned_host` memory, streamed into per-layer
+segments scheduled from Python.
+
+Why per-layer segments: measured on the H200 (DESIGN.md), host->device transfers overlap compute
+only across separately dispatched programs, not inside one. So each layer is a few small jitted
+segments (attention, routing + shared expert, expert chunks); between them, Python issues
+asynchronous `jax.device_put`s of the experts the routing chose (decode), or of every expert of
+the layer in chunks, one chunk ahead of the compute, continuing into the next layer (prefill).
+
+Each routed expert is one array [3, F, D] (gate, up, down transposed) so that one expert is one
+contiguous transfer; FP8 checkpoints keep FP8 values plus block scales in host memory and are
+dequantised on the device after the transfer (half the bytes of bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktjax.config import ModelConfig
+from ktjax.models.deepseek import DecoderLayer
+from ktjax.models.moe import route
+from ktjax.models.rope import cos_sin
+from ktjax.placement import PlacementPlan
+from ktjax.sampling import sample
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """One routed expert of one layer: w [3, F, D] = (gate, up, down^T), FP8 with block scales or float."""
+
+    w: jax.Array
+    scale: jax.Array | None = None  # float32 [3, ceil(F/b), ceil(D/b)] when w is float8
+    block: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+    def dense(self, dtype) -> jax.Array:
+        if self.scale is None:
+            return self.w.astype(dtype)
+        _, F, D = self.w.shape
+        s = jnp.repeat(jnp.repeat(self.scale, self.block, axis=1)[:, :F], self.block, axis=2)[:, :, :D]
+        return (self.w.astype(jnp.float32) * s).astype(dtype)
+
+
+def pack_expert(gate_FD, up_FD, down_DF, gate_scale=None, up_scale=None, down_scale=None, block=0):
+    """Stack an expert's three matrices (numpy or jax) into the [3, F, D] transfer layout."""
+    xp = np if isinstance(gate_FD, np.ndarray) else jnp
+    w = xp.stack([gate_FD, up_FD, down_DF.T])
+    scale = None if gate_scale is None else xp.stack([gate_scale, up_scale, down_scale.T]).astype(xp.float32)
+    return w, scale, block
+
+
+def layer_graphdef(cfg: ModelConfig, kind: str, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    """A single decoder layer's structure; MoE layers without their routed experts (held apart)."""
+
+    def make():
+        layer = DecoderLayer(cfg, kind, dtype=dtype, rngs=nnx.Rngs(0))
+        if kind == "moe":
+            layer.mlp.experts = None
+        return layer
+
+    return nnx.split(nnx.eval_shape(make))
+
+
+# ---- segments ------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5, 6))
+def attention_segment(graphdef, state, x_BTD, rope, start_B, latent_BSL, rope_BSR):
+    layer = nnx.merge(graphdef, state)
+    return layer.attend(x_BTD, rope, start_B, latent_BSL, rope_BSR)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dense_mlp_segment(graphdef, state, x_BTD):
+    layer = nnx.merge(graphdef, state)
+    return x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def route_segment(graphdef, state, x_BTD, cfg: ModelConfig):
+    """Routing of every token; returns normalised tokens, weights and expert ids."""
+    layer = nnx.merge(graphdef, state)
+    h_BTD = layer.post_attention_layernorm(x_BTD)
+    h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
+    gate = layer.mlp.gate
+    bias = None if gate.e_score_correction_bias is None else gate.e_score_correction_bias[...]
+    weights_NK, idx_NK = route(h_ND, gate.weight[...], bias, cfg)
+    return h_ND, weights_NK, idx_NK
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def shared_segment(graphdef, state, x_BTD, h_ND):
+    """The residual plus the shared expert: device work that need not wait for expert transfers."""
+    layer = nnx.merge(graphdef, state)
+    if layer.mlp.shared_experts is None:
+        return x_BTD
+    return x_BTD + layer.mlp.shared_experts(h_ND.reshape(x_BTD.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)
+def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWeights, ...], *, capacity: int):
+    """Add the contribution of a chunk of experts (ids_C[c] uses experts[c]; id -1 is padding).
+
+    Tokens routed to each expert are gathered up to `capacity` (chosen on the host from the real
+    counts, so nothing is dropped) and computed as dense matmuls.
+    """
+    N, D = h_ND.shape
+    dt = h_ND.dtype
+    f32 = jnp.float32
+    h_pad = jnp.concatenate([h_ND, jnp.zeros((1, D), dt)])
+    for c, ex in enumerate(experts):
+        match_NK = idx_NK == ids_C[c]
+        tok_C = jnp.nonzero(match_NK.any(-1), size=capacity, fill_value=N)[0]
+        wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), f32)])[tok_C]
+        w_3FD = ex.dense(dt)
+        x_CD = h_pad[tok_C]
+        g = jnp.einsum("cd,fd->cf", x_CD, w_3FD[0], preferred_element_type=f32)
+        u = jnp.einsum("cd,fd->cf", x_CD, w_3FD[1], preferred_element_type=f32)
+        a = (jax.nn.silu(g) * u).astype(dt)
+        y = jnp.einsum("cf,fd->cd", a, w_3FD[2], preferred_element_type=f32)
+        acc_ND = acc_ND.at[tok_C].add(y * wt_C[:, None], mode="drop")
+    return acc_ND
+
+
+@jax.jit
+def combine_segment(x_BTD, acc_ND):
+    return x_BTD + acc_ND.astype(x_BTD.dtype).reshape(x_BTD.shape)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_segment(cfg, embed_VD, tokens_BT, start_B):
+    T = tokens_BT.shape[1]
+    positions_BT = start_B[:, None] + jnp.arange(T, dtype=start_B.dtype)[None, :]
+    return embed_VD[tokens_BT], cos_sin(cfg, positions_BT)
+
+
+@jax.jit
+def head_segment(norm_D, head_VD, eps, x_BD, key, temperature, top_k, top_p):
+    x32 = x_BD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    x_BD = norm_D.astype(x_BD.dtype) * x32.astype(x_BD.dtype)
+    logits_BV = jnp.einsum("bd,vd->bv", x_BD, head_VD.astype(x_BD.dtype), preferred_element_type=jnp.float32)
+    return sample(logits_BV, key, temperature, top_k, top_p), logits_BV
+
+
+@jax.jit
+def _take_rows(x_BTD, last_B):
+    return jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StepStats:
+    """Transfers and time of the last prefill or decode step."""
+
+    bytes_from_host: int = 0
+    experts_fetched: int = 0
+    seconds: float = 0.0
+    segment_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def host_gb_per_s(self) -> float:
+        return self.bytes_from_host / self.seconds / 1e9 if self.seconds else 0.0
+
+
+class OffloadedModel:
+    """Core parameters on the device, routed experts per the placement plan (host or device)."""
+
+    def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict[str, jax.Array],
+                 layers: list[nnx.State], experts: dict[int, list[ExpertWeights]], path: str | None = None):
+        self.config, self.placement, self.dtype, self.path = config, plan, jnp.dtype(dtype), path
+        self.top, self.layers, self.experts = top, layers, experts
+        self.graphdefs = {k: layer_graphdef(config, k, dtype)[0] for k in set(config.layer_kinds)}
+        self.device = jax.devices()[0]
+        self.on_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
+        self.tokenizer = None
+        self.prefill_chunk = 512
+        self.profile = False  # block after every segment to time it (slower: no overlap)
+        self.last_step = StepStats()
+        self.history: list[StepStats] = []
+
+    # The generation loop's interface ------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int):
+        cfg = self.config
+        return [(jnp.zeros((batch, max_len, cfg.kv_lora_rank), self.dtype),
+                 jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), self.dtype)) for _ in cfg.layer_kinds]
+
+    def prefill(self, cache, tokens_BT, lengths_B, key, temperature, top_k, top_p):
+        """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
+        B = tokens_BT.shape[0]
+        x_BTD, cache = self.forward(cache, tokens_BT, np.zeros(B, np.int32))
+        tok, _ = self._head(_take_rows(x_BTD, jnp.asarray(lengths_B - 1)), key, temperature, top_k, top_p)
+        return tok, cache
+
+    def decode_and_sample(self, cache, token_B, pos_B, key, temperature, top_k, top_p):
+        x_BTD, cache = self.forward(cache, jnp.asarray(token_B)[:, None], pos_B)
+        tok, _ = self._head(x_BTD[:, 0], key, temperature, top_k, top_p)
+        return tok, cache
+
+    def logits(self, tokens_BT) -> jax.Array:
+        """float32 logits [B, T, V] of a full forward pass (prompts up to any length)."""
+        tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+        B, T = tokens_BT.shape
+        x_BTD, _ = self.forward(self.init_cache(B, T), tokens_BT, jnp.zeros((B,), jnp.int32))
+        head = self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
+        norm = self.top["norm"]
+        x32 = x_BTD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        x = norm.astype(self.dtype) * x32.astype(self.dtype)
+        return jnp.einsum("btd,vd->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+
+    # The forward pass ------------------------------------------------------------------------
+    def _head(self, x_BD, key, temperature, top_k, top_p):
+        head = self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
+        return self._timed("head", head_segment, self.top["norm"], head, jnp.float32(self.config.rms_norm_eps), x_BD,
+                           key, temperature, top_k, top_p)
+
+    def _timed(self, name: str, fn, *args, **kwargs):
+        if not self.profile:
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        seg = self.last_step.segment_seconds
+        seg[name] = seg.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def forward(self, cache, tokens_BT, start_B):
+        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache."""
+        t0 = time.perf_counter()
+        self.last_step = StepStats()
+        cfg = self.config
+        tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+        start_B = jnp.asarray(start_B, jnp.int32)
+        B, T = tokens_BT.shape
+        x_BTD, rope = self._timed("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
+        cache = list(cache)
+        prefetched = None
+        for i, kind in enumerate(cfg.layer_kinds):
+            gd, state = self.graphdefs[kind], self.layers[i]
+            x_BTD, cache[i] = self._attention(gd, state, x_BTD, rope, start_B, cache[i])
+            if kind == "dense":
+                x_BTD = self._timed("dense_mlp", dense_mlp_segment, gd, state, x_BTD)
+            else:
+                x_BTD, prefetched = self._moe(i, gd, state, x_BTD, prefetched)
+        jax.block_until_ready(x_BTD)
+        self.last_step.seconds = time.perf_counter() - t0
+        self.history.append(self.last_step)
+        return x_BTD, cache
+
+    def _attention(self, gd, state, x_BTD, rope, start_B, layer_cache):
+        """Attention over query chunks, so prefill activations stay bounded for long prompts."""
+        latent, rp = layer_cache
+        T = x_BTD.shape[1]
+        if T <= self.prefill_chunk:
+            x_BTD, latent, rp = self._timed("attention", attention_segment, gd, state, x_BTD, rope, start_B, latent, rp)
+            return x_BTD, (latent, rp)
+        outs = []
+        for q0 in range(0, T, self.prefill_chunk):
+            q1 = min(T, q0 + self.prefill_chunk)
+            rope_q = (rope[0][:, q0:q1], rope[1][:, q0:q1])
+            out, latent, rp = self._timed("attention", attention_segment, gd, state, x_BTD[:, q0:q1], rope_q,
+                                          start_B + q0, latent, rp)
+            outs.append(out)
+        return jnp.concatenate(outs, axis=1), (latent, rp)
+
+    # MoE with streamed experts ------------------------------------------------------------
+    def _stream_all(self, n_tokens: int) -> bool:
+        """Prefill-sized chunks route to nearly every expert: stream whole layers, ahead of routing."""
+        return n_tokens * self.config.num_experts_per_tok >= 2 * self.config.n_routed_experts
+
+    def _chunks(self, layer: int, ids: Sequence[int]) -> list[list[int]]:
+        """Device-resident experts first (no wait), then host experts in chunks of the plan's size."""
+        resident = [e for e in ids if (layer, e) not in self.placement.host_experts]
+        hosted = [e for e in ids if (layer, e) in self.placement.host_experts]
+        size = self.placement.expert_chunk
+        chunks = [resident[k:k + size] for k in range(0, len(resident), size)]
+        return chunks + [hosted[k:k + size] for k in range(0, len(hosted), size)]
+
+    def _fetch(self, layer: int, ids: Sequence[int]):
+        """Start the transfers of a chunk's host experts (asynchronous); device experts as they are."""
+        slots = self.experts[layer]
+        hosted = [e for e in ids if (layer, e) in self.placement.host_experts]
+        moved = jax.device_put([slots[e] for e in hosted], self.on_device) if hosted else []
+        by_id = dict(zip(hosted, moved))
+        self.last_step.experts_fetched += len(hosted)
+        self.last_step.bytes_from_host += sum(slots[e].nbytes for e in hosted)
+        return [by_id.get(e, slots[e]) for e in ids]
+
+    def _next_layer_prefetch(self, layer: int, n_tokens: int):
+        nxt = next((j for j in range(layer + 1, self.config.num_hidden_layers)
+                    if self.config.layer_kinds[j] == "moe"), None)
+        if nxt is None or not self._stream_all(n_tokens):
+            return None
+        first = self._chunks(nxt, range(self.config.n_routed_experts))[0]
+        return nxt, first, self._fetch(nxt, first)
+
+    def _moe(self, i: int, gd, state, x_BTD, prefetched):
+        cfg = self.config
+        B, T, D = x_BTD.shape
+        N = B * T
+        h_ND, weights_NK, idx_NK = self._timed("route", route_segment, gd, state, x_BTD, cfg)
+        x_BTD = self._timed("shared_expert", shared_segment, gd, state, x_BTD, h_ND)
+        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
+        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
+        if self._stream_all(N):
+            ids = list(range(cfg.n_routed_experts))
+        else:
+            ids = [int(e) for e in np.flatnonzero(counts)]
+        chunks = self._chunks(i, ids)
+        if prefetched is not None and prefetched[0] == i and chunks and chunks[0] == prefetched[1]:
+            fetched = prefetched[2]
+        else:
+            fetched = self._fetch(i, chunks[0])
+        acc = jnp.zeros((N, D), jnp.float32)
+        nxt_prefetch = None
+        for c, ids_c in enumerate(chunks):
+            # Issue the next transfer before this chunk's compute, so the copy engine never idles.
+            upcoming = self._fetch(i, chunks[c + 1]) if c + 1 < len(chunks) else None
+            if upcoming is None:
+                nxt_prefetch = self._next_layer_prefetch(i, N)
+            size = _pow2(len(ids_c))
+            pad = size - len(ids_c)
+            ids_arr = np.array(list(ids_c) + [-1] * pad, np.int32)
+            slots = tuple(fetched) + (fetched[0],) * pad  # padding reuses a fetched array: no transfer
+            capacity = _pow2(int(counts[list(ids_c)].max()) if ids_c else 1)
+            acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, jnp.asarray(ids_arr), slots,
+                              capacity=capacity)
+            if upcoming is not None and c + 2 < len(chunks):
+                acc.block_until_ready()  # bound device memory: at most two chunks in flight
+            fetched = upcoming
+        x_BTD = self._timed("combine", combine_segment, x_BTD, acc)
+        return x_BTD, nxt_prefetch
+
+
+# ---- building ------------------------------------------------------------------------------
+
+def split_layers(cfg: ModelConfig, params: nnx.State) -> tuple[dict[str, jax.Array | None], list[nnx.State]]:
+    """Top-level arrays and one state per layer (routed experts left out) from a stacked model state."""
+    flat = dict(nnx.to_flat_state(params))
+    top = {"embed_tokens": flat[("embed_tokens",)][...], "norm": flat[("norm", "weight")][...],
+           "lm_head": flat[("lm_head", "weight")][...] if ("lm_head", "weight") in flat else None}
+    seen = {"dense": 0, "moe": 0}
+    layers = []
+    for kind in cfg.layer_kinds:
+        j = seen[kind]
+        seen[kind] += 1
+        prefix = "dense_layers" if kind == "dense" else "moe_layers"
+        items = [(p[1:], v.replace(v[...][j])) for p, v in flat.items()
+                 if p[0] == prefix and p[1:3] != ("mlp", "experts")]
+        layers.append(nnx.from_flat_state(items))
+    return top, layers
+
+
+def offload_model(model, plan: PlacementPlan) -> OffloadedModel:
+    """Re-place an already loaded (resident) model per the plan: experts go to host memory one at a
+    time. For checkpoints larger than the device, `ktjax.load(..., gpu_memory=...)` streams them
+    there directly instead."""
+    cfg = model.config
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    flat = dict(nnx.to_flat_state(model.params))
+    gate, up, down = (flat[("moe_layers", "mlp", "experts", n)][...] for n in ("gate_proj", "up_proj", "down_proj"))
+    moe_layers = [i for i, k in enumerate(cfg.layer_kinds) if k == "moe"]
+    experts = {}
+    for j, i in enumerate(moe_layers):
+        slots = []
+        for e in range(cfg.n_routed_experts):
+            w, _, _ = pack_expert(gate[j, e], up[j, e], down[j, e])
+            slots.append(ExpertWeights(jax.device_put(w, host) if (i, e) in plan.host_experts else w))
+        experts[i] = slots
+    top, layers = split_layers(cfg, model.params)
+    return OffloadedModel(cfg, plan, model.dtype, top, layers, experts, model.path)
+
+
+def expected_unique_experts(cfg: ModelConfig, n_tokens: int) -> float:
+    """Expected distinct experts a batch of tokens picks, for uniform routing (a floor estimate)."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return E * (1 - (1 - K / E) ** n_tokens) if n_tokens else 0.0
+
+
+
+
+def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, progress: bool | None = None
+                   ) -> OffloadedModel:
+    """Load a checkpoint straight into the offloaded layout: core leaves onto the device, each
+    routed expert packed and moved on its own to where the plan puts it (host experts keep FP8)."""
+    from tqdm import tqdm
+
+    from ktjax.checkpoint import Checkpoint
+    from ktjax.loading import _show_progress, abstract_model, plan_leaves, read_leaf
+
+    graphdef, abstract = abstract_model(cfg, dtype)
+    ckpt = Checkpoint(path)
+    sources = plan_leaves(ckpt, cfg, abstract)  # checks every tensor before reading any
+    variables = dict(nnx.to_flat_state(abstract))
+    core = [(p, src) for p, src in sources if p[1:3] != ("mlp", "experts")]
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    total = sum(src.stored_nbytes for _, src in sources)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.rstrip('/').split('/')[-1]}",
+               disable=not _show_progress(progress), file=__import__("sys").stderr)
+    with bar:
+        flat = [(p, variables[p].replace(read_leaf(ckpt, src, on_tensor=bar.update))) for p, src in core]
+        # The stacked expert leaves are not materialised: give them empty placeholders.
+        for p, var in variables.items():
+            if p[1:3] == ("mlp", "experts"):
+                flat.append((p, var.replace(jnp.zeros((0,), dtype))))
+        top, layers = split_layers(cfg, nnx.from_flat_state(flat))
+        del flat
+        experts = {}
+        block = next(src.block for p, src in sources if p[1:3] == ("mlp", "experts"))
+        for i in [i for i, k in enumerate(cfg.layer_kinds) if k == "moe"]:
+            slots = []
+            for e in range(cfg.n_routed_experts):
+                names = [f"model.layers.{i}.mlp.experts.{e}.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
+                mats = [ckpt.read(n) for n in names]
+                fp8 = all(m.dtype == np.dtype(jnp.float8_e4m3fn) for m in mats)
+                on_host = (i, e) in plan.host_experts
+                if fp8:
+                    if block[0] != block[1]:
+                        raise ValueError(f"{path}: FP8 experts need square scale blocks, got {block}")
+                    names += [n + "_scale_inv" for n in names]
+                    w, s, b = pack_expert(*mats, *[ckpt.read(n) for n in names[3:]], block=block[0])
+                    ex = ExpertWeights(w, s, b)  # stays FP8 wherever it lives; dequantised after transfer
+                else:
+                    w, _, _ = pack_expert(*[np.asarray(m).astype(np.dtype(dtype)) for m in mats])
+                    ex = ExpertWeights(w)
+                slots.append(jax.block_until_ready(jax.device_put(ex, host if (i, e) in plan.host_experts else device)))
+                bar.update(sum(ckpt.info(n).nbytes for n in names))
+                del mats
+            experts[i] = slots
+    return OffloadedModel(cfg, plan, dtype, top, layers, experts, path)

@@ -1,0 +1,210 @@
+"""Where each parameter lives: a plan computed from rules and a GPU memory budget, before any
+weight is loaded.
+
+Core parameters (attention, norms, router, shared experts, dense MLPs, embeddings, LM head), the KV
+cache and the workspace of the compiled segments always live on the device. Routed experts live,
+one expert of one layer at a time, either on the device or in `pinned_host` memory. Rules match
+expert names as the checkpoint spells them, `model.layers.{i}.mlp.experts.{e}`; first match wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ktjax.config import ModelConfig
+from ktjax.inspection import GROUPS, param_group
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+HOST, DEVICE = "host", "device"
+
+
+class PlacementError(ValueError):
+    """A budget or rule that cannot be honoured; the message names the option."""
+
+
+def parse_size(size: str | int | float) -> int:
+    """'24GiB', '24 GB', '1.5e9' or a number of bytes."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        if size <= 0:
+            raise PlacementError(f"gpu_memory must be positive, got {size}")
+        return int(size)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise PlacementError(f"gpu_memory {size!r} is not a size (examples: '24GiB', '80GB', 25769803776)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementPlan:
+    config: ModelConfig
+    budget: int | None  # bytes of device memory the plan may use; None: no limit
+    core_bytes: dict[str, int]  # per parameter group, all on the device
+    cache_bytes: int
+    workspace_bytes: int
+    expert_bytes: int  # one routed expert of one layer, as stored (FP8 with scales, or the model dtype)
+    device_experts: frozenset[tuple[int, int]]  # (layer, expert) pairs resident on the device
+    host_experts: frozenset[tuple[int, int]]
+    expert_chunk: int  # experts fetched per segment when streaming
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self.host_experts)
+
+    @property
+    def device_bytes(self) -> int:
+        return (sum(self.core_bytes.values()) + self.cache_bytes + self.workspace_bytes
+                + len(self.device_experts) * self.expert_bytes)
+
+    def expert_layers(self, kind: str) -> list[int]:
+        chosen = self.device_experts if kind == DEVICE else self.host_experts
+        return sorted({layer for layer, _ in chosen})
+
+    def table(self) -> str:
+        rows = [(g, DEVICE, b) for g, b in self.core_bytes.items() if b]
+        n_dev, n_host = len(self.device_experts), len(self.host_experts)
+        if n_dev:
+            rows.append((f"routed_experts ({n_dev})", DEVICE, n_dev * self.expert_bytes))
+        if n_host:
+            rows.append((f"routed_experts ({n_host})", "pinned_host", n_host * self.expert_bytes))
+        rows += [("kv_cache", DEVICE, self.cache_bytes), ("workspace", DEVICE, self.workspace_bytes)]
+        lines = [f"{'group':<28}{'memory':<14}{'bytes':>14}"]
+        lines += [f"{g:<28}{kind:<14}{fmt_bytes(b):>14}" for g, kind, b in rows]
+        lines.append(f"{'device total':<28}{'':<14}{fmt_bytes(self.device_bytes):>14}"
+                     + (f"  of {fmt_bytes(self.budget)} budget" if self.budget else ""))
+        if n_host:
+            layers = self.expert_layers(HOST)
+            lines.append(f"did not fit on the device: {n_host} experts ({fmt_bytes(n_host * self.expert_bytes)}) of "
+                         f"{len(layers)} MoE layers, streamed from host memory as needed")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def core_group_bytes(cfg: ModelConfig, abstract: nnx.State) -> dict[str, int]:
+    out = {g: 0 for g in GROUPS if g != "routed_experts"}
+    for leaf_path, var in nnx.to_flat_state(abstract):
+        g = param_group(leaf_path)
+        if g != "routed_experts":
+            out[g] += int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
+    return out
+
+
+def expert_nbytes(cfg: ModelConfig, dtype, fp8: bool) -> int:
+    F, D = cfg.moe_intermediate_size, cfg.hidden_size
+    if fp8:
+        b0, b1 = cfg.fp8_block_size
+        return 3 * F * D + 3 * 4 * math.ceil(F / b0) * math.ceil(D / b1)
+    return 3 * F * D * np.dtype(dtype).itemsize
+
+
+def cache_nbytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
+    return cfg.num_hidden_layers * batch * max_len * cfg.cache_dim * np.dtype(dtype).itemsize
+
+
+def workspace_nbytes(cfg: ModelConfig, batch: int, max_len: int, prefill_chunk: int, expert_bytes: int,
+                     expert_chunk: int, dtype) -> int:
+    """Device memory the segments need beyond parameters and cache: two expert chunks in flight
+    (double buffering) and the largest prefill activations (attention scores of a query chunk)."""
+    it = np.dtype(dtype).itemsize
+    T = min(prefill_chunk, max_len)
+    H = cfg.num_attention_heads
+    scores = batch * H * T * max_len * 4 * 2  # f32 scores and probabilities
+    expanded_kv = batch * max_len * H * (cfg.qk_head_dim + cfg.v_head_dim) * it
+    hidden = batch * max_len * (cfg.hidden_size * 4 + cfg.intermediate_size * 2) * it
+    return 2 * expert_chunk * expert_bytes + scores + expanded_kv + hidden + (64 << 20)
+
+
+def device_memory_limit() -> int | None:
+    """Bytes the default device's allocator may use, where the backend says (GPUs); else None."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int | None = None,
+         placement: Mapping[str, str] | None = None, fp8_experts: bool = False, max_batch: int = 1,
+         max_context: int = 4096, prefill_chunk: int = 512, expert_chunk: int = 32) -> PlacementPlan:
+    """Decide where every routed expert lives. Without a budget or rules, everything stays on the
+    device unless the device reports a memory limit (GPUs), which then is the budget."""
+    budget = parse_size(gpu_memory) if gpu_memory is not None else None
+    if budget is None and placement is None:
+        limit = device_memory_limit()
+        budget = int(limit * 0.95) if limit else None
+    core = core_group_bytes(cfg, abstract)
+    e_bytes = expert_nbytes(cfg, dtype, fp8_experts)
+    moe_layers = [i for i, k in enumerate(cfg.layer_kinds) if k == "moe"]
+    E = cfg.n_routed_experts
+    expert_chunk = max(1, min(expert_chunk, E))
+    cache = cache_nbytes(cfg, max_batch, max_context, dtype)
+
+    rules = [(re.compile(pat), kind) for pat, kind in (placement or {}).items()]
+    for pat, kind in rules:
+        if kind not in (HOST, DEVICE):
+            raise PlacementError(f"placement rule {pat.pattern!r}: memory {kind!r} must be 'device' or 'host'")
+    forced: dict[tuple[int, int], str] = {}
+    for i in moe_layers:
+        for e in range(E):
+            name = f"model.layers.{i}.mlp.experts.{e}"
+            kind = next((k for p, k in rules if p.fullmatch(name) or p.fullmatch(name + ".weight")), None)
+            if kind:
+                forced[(i, e)] = kind
+    for p, kind in rules:
+        core_hit = next((n for n in _core_names(cfg) if p.fullmatch(n)), None)
+        if core_hit and kind == HOST:
+            raise PlacementError(f"placement rule {p.pattern!r} sends {core_hit} to the host: only routed experts "
+                                 "(model.layers.N.mlp.experts.E) can live in host memory")
+
+    all_experts = [(i, e) for i in moe_layers for e in range(E)]
+    need_host = any(k == HOST for k in forced.values())
+    if budget is None and not need_host:
+        workspace = 0
+    else:
+        workspace = workspace_nbytes(cfg, max_batch, max_context, prefill_chunk, e_bytes, expert_chunk, dtype)
+    fixed = sum(core.values()) + cache + workspace
+    if budget is not None and fixed + sum(e_bytes for k in forced.values() if k == DEVICE) > budget:
+        raise PlacementError(
+            f"gpu_memory={fmt_bytes(budget)} is too small: the core parameters ({fmt_bytes(sum(core.values()))}), "
+            f"KV cache ({fmt_bytes(cache)} for batch {max_batch} x {max_context} tokens) and workspace "
+            f"({fmt_bytes(workspace)}) need {fmt_bytes(fixed)}" + (" plus the experts placed on the device by rule"
+                                                                   if DEVICE in forced.values() else ""))
+    device = {k for k, v in forced.items() if v == DEVICE}
+    free = None if budget is None else budget - fixed - len(device) * e_bytes
+    # Whole layers first, in order: a layer served entirely from the device needs no transfer at all.
+    for key in all_experts:
+        if key in forced:
+            continue
+        if free is None or free >= e_bytes:
+            device.add(key)
+            free = None if free is None else free - e_bytes
+    host = frozenset(k for k in all_experts if k not in device)
+    if not host:
+        workspace = 0 if budget is None else workspace
+    return PlacementPlan(cfg, budget, core, cache, workspace, e_bytes, frozenset(device), host, expert_chunk)
+
+
+def _core_names(cfg: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for i, kind in enumerate(cfg.layer_kinds):
+        names += [f"model.layers.{i}.self_attn", f"model.layers.{i}.input_layernorm",
+                  f"model.layers.{i}.post_attention_layernorm"]
+        names += [f"model.layers.{i}.mlp.gate", f"model.layers.{i}.mlp.shared_experts"] if kind == "moe" else \
+            [f"model.layers.{i}.mlp"]
+    return names
