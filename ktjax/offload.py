@@ -334,11 +334,13 @@ class OffloadedModel:
             upcoming = self._fetch(i, chunks[c + 1]) if c + 1 < len(chunks) else None
             if upcoming is None:
                 nxt_prefetch = self._next_layer_prefetch(i, N)
-            size = _pow2(len(ids_c))
+            # Few static shapes: slots padded to a power of two (full chunks when there are several),
+            # capacity = every token for decode-sized batches, else the chunk's largest count.
+            size = _pow2(len(ids_c)) if len(chunks) == 1 else self.placement.expert_chunk
             pad = size - len(ids_c)
             ids_arr = np.array(list(ids_c) + [-1] * pad, np.int32)
             slots = tuple(fetched) + (fetched[0],) * pad  # padding reuses a fetched array: no transfer
-            capacity = _pow2(int(counts[list(ids_c)].max()) if ids_c else 1)
+            capacity = _pow2(N) if N <= 64 else _pow2(int(counts[list(ids_c)].max()))
             acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, jnp.asarray(ids_arr), slots,
                               capacity=capacity)
             if upcoming is not None and c + 2 < len(chunks):

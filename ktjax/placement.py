@@ -108,7 +108,7 @@ def core_group_bytes(cfg: ModelConfig, abstract: nnx.State) -> dict[str, int]:
 def expert_nbytes(cfg: ModelConfig, dtype, fp8: bool) -> int:
     F, D = cfg.moe_intermediate_size, cfg.hidden_size
     if fp8:
-        b0, b1 = cfg.fp8_block_size
+        b0, b1 = cfg.fp8_block_size or (128, 128)
         return 3 * F * D + 3 * 4 * math.ceil(F / b0) * math.ceil(D / b1)
     return 3 * F * D * np.dtype(dtype).itemsize
 

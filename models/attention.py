@@ -69,8 +69,10 @@ class MLAttention(nnx.Module):
         w_uk_HNL, w_uv_HVL = w_kv_b[:, :Dn], w_kv_b[:, Dn:]
         if T == 1:
             # Decode: absorb kv_b_proj into the query and the output, attend in latent space.
-            q_latent_BHL = jnp.einsum("bhn,hnl->bhl", q_nope_BTHN[:, 0], w_uk_HNL,
+            # Heads-major batch dimension: XLA:CPU has no bf16 x bf16 -> f32 dot for the b-major form.
+            q_latent_HBL = jnp.einsum("hbn,hnl->hbl", q_nope_BTHN[:, 0].transpose(1, 0, 2), w_uk_HNL,
                                       preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+            q_latent_BHL = q_latent_HBL.transpose(1, 0, 2)
             o_latent_BHL = kernels.mla_decode(
                 q_latent_BHL, q_rope_BTHR[:, 0], latent_cache_BSL.astype(x_BTD.dtype),
                 rope_cache_BSR.astype(x_BTD.dtype), start_B + 1, sm_scale=cfg.softmax_scale)
