@@ -34,6 +34,13 @@ class GenerationStats:
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     finish_reason: str = "length"  # "eos", "stop" or "length"
+    # Offloaded models: transfers from host memory, and where the time went.
+    prefill_host_bytes: int = 0
+    decode_host_bytes_per_step: float = 0.0
+    decode_host_gb_per_s: float = 0.0
+    segment_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # with profiling on
+    device_memory_bytes: int | None = None  # in use at the end (GPUs report it)
+    peak_device_memory_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +169,7 @@ class _Row:
 def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[list[_Row]]:
     """Runs generation, yielding the rows after the prefill and after every decode step."""
     t0 = time.perf_counter()
+    first_step = len(getattr(model, "history", ()))
     stop_ids = _stop_ids(model)
     rows = [_Row(model, p, opts, stop_ids) for p in prompts]
     n = len(rows)
@@ -202,11 +210,38 @@ def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[l
         yield rows
 
     t_end = time.perf_counter()
+    transfers = _transfer_stats(model, first_step)
     for row in rows:
         row.stats.new_tokens = len(row.ids)
         row.stats.total_s = t_end - t0
         decode_tokens = len(row.ids) - 1
         row.stats.decode_tokens_per_s = decode_tokens / (t_end - t_first) if decode_tokens and t_end > t_first else 0.0
+        for k, v in transfers.items():
+            setattr(row.stats, k, v)
+
+
+def _transfer_stats(model, first_step: int) -> dict:
+    """Host->device traffic of the offloaded segments since `first_step`, and device memory in use."""
+    out = {}
+    try:
+        mem = jax.devices()[0].memory_stats() or {}
+        out.update(device_memory_bytes=mem.get("bytes_in_use"), peak_device_memory_bytes=mem.get("peak_bytes_in_use"))
+    except Exception:  # backends without memory statistics
+        pass
+    history = getattr(model, "history", None)
+    if not history or len(history) <= first_step:
+        return out
+    prefill, decode = history[first_step], history[first_step + 1:]
+    seconds = sum(s.seconds for s in decode)
+    moved = sum(s.bytes_from_host for s in decode)
+    segments: dict[str, float] = {}
+    for s in history[first_step:]:
+        for k, v in s.segment_seconds.items():
+            segments[k] = segments.get(k, 0.0) + v
+    out.update(prefill_host_bytes=prefill.bytes_from_host,
+               decode_host_bytes_per_step=moved / len(decode) if decode else 0.0,
+               decode_host_gb_per_s=moved / seconds / 1e9 if seconds else 0.0, segment_seconds=segments)
+    return out
 
 
 def _options(max_new_tokens, temperature, top_p, top_k, seed, stop) -> SamplingOptions:

@@ -186,7 +186,9 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
             f"({fmt_bytes(workspace)}) need {fmt_bytes(fixed)}" + (" plus the experts placed on the device by rule"
                                                                    if DEVICE in forced.values() else ""))
     device = {k for k, v in forced.items() if v == DEVICE}
-    free = None if budget is None else budget - fixed - len(device) * e_bytes
+    # Headroom for the allocator's fragmentation and library workspaces (cuBLAS, autotuning).
+    reserve = 0 if budget is None else max(budget // 20, 256 << 20)
+    free = None if budget is None else budget - reserve - fixed - len(device) * e_bytes
     # Whole layers first, in order: a layer served entirely from the device needs no transfer at all.
     for key in all_experts:
         if key in forced:
