@@ -25,6 +25,8 @@ def _experts_are_fp8(path: str, cfg: ModelConfig) -> bool:
     if moe is None or cfg.fp8_block_size is None:
         return False
     name = f"model.layers.{moe}.mlp.experts.0.gate_proj.weight"
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return True  # a config alone (planning before download): trust its quantization_config
     ckpt = Checkpoint(path)
     return name in ckpt and ckpt.info(name).dtype == "F8_E4M3"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -24,6 +25,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "files); default: the embedded tiny Python model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype of the loaded weights (default: the checkpoint's; FP8 loads as bfloat16)")
+    p.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                   help="device memory budget, e.g. 24GiB: core parameters, KV cache and workspace stay on the "
+                        "device, routed experts that do not fit live in pinned host memory and are streamed in "
+                        "(default: the GPU's own limit; no limit on the CPU)")
+    p.add_argument("--max-context", type=int, default=4096, metavar="N",
+                   help="tokens of KV cache the budget reserves per sequence (default 4096)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--json", action="store_true",
                    help="print one JSON object with text, token_ids (new tokens only) and stats instead of streaming")
+    g.add_argument("--profile", action="store_true",
+                   help="time every segment (waits after each one, so it runs slower) and print the time per "
+                        "segment, bytes moved from host memory per step, achieved GB/s and device memory in use")
+    g.add_argument("--trace", metavar="DIR", default=None,
+                   help="write a jax.profiler trace of the generation to DIR (view it with TensorBoard or Perfetto)")
 
     c = sub.add_parser("chat", help="talk to the model in the terminal",
                        description="Interactive chat with the model's chat template. Type /reset to forget the "
@@ -65,14 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a checkpoint: config and parameter counts",
                        description="Print the config summary and parameter counts and bytes by group, without "
-                       "loading the weights.")
+                       "loading the weights; with --gpu-memory, the placement plan too.")
     _model_args(i)
     return parser
 
 
 def _load(args):
     import ktjax
-    return ktjax.load(args.model, dtype=args.dtype)
+    model = ktjax.load(args.model, dtype=args.dtype, gpu_memory=args.gpu_memory, max_context=args.max_context)
+    if getattr(model.placement, "offloaded", False):
+        print(model.placement.table(), file=sys.stderr)
+    return model
+
+
+def _print_profile(stats) -> None:
+    from ktjax.placement import fmt_bytes
+    lines = [f"prefill: {fmt_bytes(stats.prefill_host_bytes)} from host memory",
+             f"decode: {fmt_bytes(stats.decode_host_bytes_per_step)} from host memory per step, "
+             f"{stats.decode_host_gb_per_s:.1f} GB/s achieved"]
+    if stats.device_memory_bytes is not None:
+        lines.append(f"device memory: {fmt_bytes(stats.device_memory_bytes)} in use, "
+                     f"{fmt_bytes(stats.peak_device_memory_bytes or 0)} peak")
+    total = sum(stats.segment_seconds.values())
+    for name, sec in sorted(stats.segment_seconds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<16}{sec * 1e3:10.1f} ms {100 * sec / total:6.1f}%")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def _sampling(args) -> dict:
@@ -88,18 +117,27 @@ def cmd_generate(args) -> int:
     model = _load(args)
     from ktjax.tokenizer import require_tokenizer
     require_tokenizer(model.tokenizer, model.path)
-    if args.json:
-        r = ktjax.generate(model, prompt, **_sampling(args))
-        print(json.dumps({"text": r.text, "token_ids": r.token_ids, "stats": r.stats.as_dict()}))
-        return 0
-    stats = ktjax.GenerationStats(prompt_tokens=0)
-    sys.stdout.write(prompt)
-    for piece in ktjax.stream(model, prompt, stats=stats, **_sampling(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new, first token after "
-          f"{stats.time_to_first_token_s:.2f} s, {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    if args.profile:
+        model.profile = True  # offloaded models time each segment
+    with contextlib.ExitStack() as stack:
+        if args.trace:
+            import jax
+            stack.enter_context(jax.profiler.trace(args.trace))
+        if args.json:
+            r = ktjax.generate(model, prompt, **_sampling(args))
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "stats": r.stats.as_dict()}))
+            stats = r.stats
+        else:
+            stats = ktjax.GenerationStats(prompt_tokens=0)
+            sys.stdout.write(prompt)
+            for piece in ktjax.stream(model, prompt, stats=stats, **_sampling(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new, first token after "
+                  f"{stats.time_to_first_token_s:.2f} s, {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    if args.profile:
+        _print_profile(stats)
     return 0
 
 
@@ -136,9 +174,13 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ktjax.api import default_model_path
+    from ktjax.api import default_model_path, plan_placement
     from ktjax.inspection import describe
-    print(describe(args.model or default_model_path(), dtype=args.dtype))
+    path = args.model or default_model_path()
+    print(describe(path, dtype=args.dtype))
+    if args.gpu_memory is not None:
+        print(f"\nplacement under gpu_memory={args.gpu_memory} (KV cache for {args.max_context} tokens):")
+        print(plan_placement(path, dtype=args.dtype, gpu_memory=args.gpu_memory, max_context=args.max_context).table())
     return 0
 
 

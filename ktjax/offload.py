@@ -75,22 +75,7 @@ def layer_graphdef(cfg: ModelConfig, kind: str, dtype) -> tuple[nnx.GraphDef, nn
 
 # ---- segments ------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5, 6))
-def attention_segment(graphdef, state, x_BTD, rope, start_B, latent_BSL, rope_BSR):
-    layer = nnx.merge(graphdef, state)
-    return layer.attend(x_BTD, rope, start_B, latent_BSL, rope_BSR)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def dense_mlp_segment(graphdef, state, x_BTD):
-    layer = nnx.merge(graphdef, state)
-    return x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def route_segment(graphdef, state, x_BTD, cfg: ModelConfig):
-    """Routing of every token; returns normalised tokens, weights and expert ids."""
-    layer = nnx.merge(graphdef, state)
+def _route(layer, x_BTD, cfg: ModelConfig):
     h_BTD = layer.post_attention_layernorm(x_BTD)
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
     gate = layer.mlp.gate
@@ -99,18 +84,47 @@ def route_segment(graphdef, state, x_BTD, cfg: ModelConfig):
     return h_ND, weights_NK, idx_NK
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def shared_segment(graphdef, state, x_BTD, h_ND):
-    """The residual plus the shared expert: device work that need not wait for expert transfers."""
-    layer = nnx.merge(graphdef, state)
-    if layer.mlp.shared_experts is None:
-        return x_BTD
-    return x_BTD + layer.mlp.shared_experts(h_ND.reshape(x_BTD.shape))
+class LayerSegments:
+    """The compiled programs of one layer kind, with its structure bound in (no per-call hashing
+    of the graph); layer parameters travel as plain dicts of arrays, which flatten fast."""
+
+    def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig):
+        merge = functools.partial(nnx.merge, graphdef)
+
+        def attention(state, x_BTD, rope, start_B, latent_BSL, rope_BSR):
+            return merge(state).attend(x_BTD, rope, start_B, latent_BSL, rope_BSR)
+
+        def dense_mlp(state, x_BTD):
+            layer = merge(state)
+            return x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
+
+        def dense_layer(state, x_BTD, rope, start_B, latent_BSL, rope_BSR):
+            x_BTD, latent_BSL, rope_BSR = attention(state, x_BTD, rope, start_B, latent_BSL, rope_BSR)
+            return dense_mlp(state, x_BTD), latent_BSL, rope_BSR
+
+        def attention_route(state, x_BTD, rope, start_B, latent_BSL, rope_BSR):
+            x_BTD, latent_BSL, rope_BSR = attention(state, x_BTD, rope, start_B, latent_BSL, rope_BSR)
+            return (x_BTD, *_route(merge(state), x_BTD, cfg), latent_BSL, rope_BSR)
+
+        def shared(state, x_BTD, h_ND):
+            """The residual plus the shared expert: device work that need not wait for expert transfers."""
+            layer = merge(state)
+            if layer.mlp.shared_experts is None:
+                return x_BTD
+            return x_BTD + layer.mlp.shared_experts(h_ND.reshape(x_BTD.shape))
+
+        self.attention = jax.jit(attention, donate_argnums=(4, 5))
+        self.dense_mlp = jax.jit(dense_mlp)
+        self.dense_layer = jax.jit(dense_layer, donate_argnums=(4, 5))
+        self.route = jax.jit(lambda state, x_BTD: _route(merge(state), x_BTD, cfg))
+        self.attention_route = jax.jit(attention_route, donate_argnums=(4, 5))
+        self.shared = jax.jit(shared)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)
 def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWeights, ...], *, capacity: int):
-    """Add the contribution of a chunk of experts (ids_C[c] uses experts[c]; id -1 is padding).
+    """Add the contribution of a chunk of experts (ids_C[c] uses experts[c]; id -1 is padding) to
+    acc_ND (None: start from zeros).
 
     Tokens routed to each expert are gathered up to `capacity` (chosen on the host from the real
     counts, so nothing is dropped) and computed as dense matmuls.
@@ -118,6 +132,8 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
     N, D = h_ND.shape
     dt = h_ND.dtype
     f32 = jnp.float32
+    if acc_ND is None:
+        acc_ND = jnp.zeros((N, D), f32)
     h_pad = jnp.concatenate([h_ND, jnp.zeros((1, D), dt)])
     for c, ex in enumerate(experts):
         match_NK = idx_NK == ids_C[c]
@@ -186,7 +202,7 @@ class OffloadedModel:
                  layers: list[nnx.State], experts: dict[int, list[ExpertWeights]], path: str | None = None):
         self.config, self.placement, self.dtype, self.path = config, plan, jnp.dtype(dtype), path
         self.top, self.layers, self.experts = top, layers, experts
-        self.graphdefs = {k: layer_graphdef(config, k, dtype)[0] for k in set(config.layer_kinds)}
+        self.segments = {k: LayerSegments(layer_graphdef(config, k, dtype)[0], config) for k in set(config.layer_kinds)}
         self.device = jax.devices()[0]
         self.on_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         self.tokenizer = None
@@ -251,33 +267,40 @@ class OffloadedModel:
         x_BTD, rope = self._timed("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         cache = list(cache)
         prefetched = None
+        short = T <= self.prefill_chunk  # attention and what follows fit one segment
         for i, kind in enumerate(cfg.layer_kinds):
-            gd, state = self.graphdefs[kind], self.layers[i]
-            x_BTD, cache[i] = self._attention(gd, state, x_BTD, rope, start_B, cache[i])
-            if kind == "dense":
-                x_BTD = self._timed("dense_mlp", dense_mlp_segment, gd, state, x_BTD)
+            seg, state = self.segments[kind], self.layers[i]
+            latent, rp = cache[i]
+            if kind == "dense" and short:
+                x_BTD, latent, rp = self._timed("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp)
+            elif kind == "dense":
+                x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp)
+                x_BTD = self._timed("dense_mlp", seg.dense_mlp, state, x_BTD)
             else:
-                x_BTD, prefetched = self._moe(i, gd, state, x_BTD, prefetched)
+                if short:
+                    x_BTD, h_ND, weights_NK, idx_NK, latent, rp = self._timed(
+                        "attention_route", seg.attention_route, state, x_BTD, rope, start_B, latent, rp)
+                else:
+                    x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp)
+                    h_ND, weights_NK, idx_NK = self._timed("route", seg.route, state, x_BTD)
+                x_BTD, prefetched = self._moe(i, seg, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched)
+            cache[i] = (latent, rp)
         jax.block_until_ready(x_BTD)
         self.last_step.seconds = time.perf_counter() - t0
         self.history.append(self.last_step)
         return x_BTD, cache
 
-    def _attention(self, gd, state, x_BTD, rope, start_B, layer_cache):
+    def _attention(self, seg: LayerSegments, state, x_BTD, rope, start_B, latent, rp):
         """Attention over query chunks, so prefill activations stay bounded for long prompts."""
-        latent, rp = layer_cache
         T = x_BTD.shape[1]
-        if T <= self.prefill_chunk:
-            x_BTD, latent, rp = self._timed("attention", attention_segment, gd, state, x_BTD, rope, start_B, latent, rp)
-            return x_BTD, (latent, rp)
         outs = []
         for q0 in range(0, T, self.prefill_chunk):
             q1 = min(T, q0 + self.prefill_chunk)
             rope_q = (rope[0][:, q0:q1], rope[1][:, q0:q1])
-            out, latent, rp = self._timed("attention", attention_segment, gd, state, x_BTD[:, q0:q1], rope_q,
-                                          start_B + q0, latent, rp)
+            out, latent, rp = self._timed("attention", seg.attention, state, x_BTD[:, q0:q1], rope_q, start_B + q0,
+                                          latent, rp)
             outs.append(out)
-        return jnp.concatenate(outs, axis=1), (latent, rp)
+        return jnp.concatenate(outs, axis=1), latent, rp
 
     # MoE with streamed experts ------------------------------------------------------------
     def _stream_all(self, n_tokens: int) -> bool:
@@ -310,12 +333,10 @@ class OffloadedModel:
         first = self._chunks(nxt, range(self.config.n_routed_experts))[0]
         return nxt, first, self._fetch(nxt, first)
 
-    def _moe(self, i: int, gd, state, x_BTD, prefetched):
+    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched):
         cfg = self.config
         B, T, D = x_BTD.shape
         N = B * T
-        h_ND, weights_NK, idx_NK = self._timed("route", route_segment, gd, state, x_BTD, cfg)
-        x_BTD = self._timed("shared_expert", shared_segment, gd, state, x_BTD, h_ND)
         idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
         counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
         if self._stream_all(N):
@@ -327,7 +348,9 @@ class OffloadedModel:
             fetched = prefetched[2]
         else:
             fetched = self._fetch(i, chunks[0])
-        acc = jnp.zeros((N, D), jnp.float32)
+        # Dispatched after the first transfer started, so the shared expert runs while it is in flight.
+        x_BTD = self._timed("shared_expert", seg.shared, state, x_BTD, h_ND)
+        acc = None
         nxt_prefetch = None
         for c, ids_c in enumerate(chunks):
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
@@ -341,8 +364,9 @@ class OffloadedModel:
             ids_arr = np.array(list(ids_c) + [-1] * pad, np.int32)
             slots = tuple(fetched) + (fetched[0],) * pad  # padding reuses a fetched array: no transfer
             capacity = _pow2(N) if N <= 64 else _pow2(int(counts[list(ids_c)].max()))
-            acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, jnp.asarray(ids_arr), slots,
+            acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, ids_arr, slots,
                               capacity=capacity)
+            del slots  # drop this chunk's arrays, so they free once its compute is done
             if upcoming is not None and c + 2 < len(chunks):
                 acc.block_until_ready()  # bound device memory: at most two chunks in flight
             fetched = upcoming
@@ -365,7 +389,7 @@ def split_layers(cfg: ModelConfig, params: nnx.State) -> tuple[dict[str, jax.Arr
         prefix = "dense_layers" if kind == "dense" else "moe_layers"
         items = [(p[1:], v.replace(v[...][j])) for p, v in flat.items()
                  if p[0] == prefix and p[1:3] != ("mlp", "experts")]
-        layers.append(nnx.from_flat_state(items))
+        layers.append(nnx.to_pure_dict(nnx.from_flat_state(items)))
     return top, layers
 
 

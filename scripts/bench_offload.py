@@ -82,6 +82,7 @@ def run_ktjax(args) -> dict:
     res = {"part": args.run, "experts": args.experts}
     if args.run == "ktjax":
         res.update(ceilings(args.tiny))
+        print("CEILINGS " + json.dumps(res), flush=True)
     cfg = fullsize_config(args.moe_layers) if not args.tiny else tiny_config(args.moe_layers)
     fp8 = args.experts == "fp8"
     dtype = jnp.bfloat16
@@ -104,7 +105,7 @@ def run_ktjax(args) -> dict:
     ctx = 1024 if not args.tiny else 64
     for B in args.batches:
         cache = model.init_cache(B, ctx + 64)
-        tok = jnp.zeros((B,), jnp.int32)
+        tok = jnp.asarray((np.arange(B) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
         pos = np.full((B,), ctx, np.int32)
         for _ in range(3):  # compile and warm up
             tok, cache = model.decode_and_sample(cache, tok, pos, key, zero, one, jnp.float32(1.0))
@@ -128,6 +129,7 @@ def run_ktjax(args) -> dict:
         # Per-token time for 61 layers: MoE layers scale with their count, the rest is fixed.
         row["extrapolated_61_layers_s"] = step * (61 - 3 + 0.0) / n_moe if n_moe else None
         res[f"decode_b{B}"] = row
+        print(f"ROW decode_b{B} " + json.dumps(row), flush=True)
         print(f"decode B={B}: {step * 1e3:.1f} ms/step, {B / step:.2f} tok/s, {fmt_bytes(host_bytes)} from host "
               f"({host_bytes / step / 1e9:.1f} GB/s)", flush=True)
         del cache

@@ -76,8 +76,8 @@ def random_offloaded_model(cfg: ModelConfig, plan, dtype=jnp.bfloat16, *, fp8: b
     top = {"embed_tokens": _normal_jit(jax.random.fold_in(key, 1), (V, D), dtype, 1.0),
            "norm": jnp.ones((D,), dtype),
            "lm_head": _normal_jit(jax.random.fold_in(key, 2), (V, D), dtype, D ** -0.5)}
-    layers = [random_state(layer_graphdef(cfg, kind, dtype)[1], jax.random.fold_in(key, 100 + i), dtype)
-              for i, kind in enumerate(cfg.layer_kinds)]
+    layers = [nnx.to_pure_dict(random_state(layer_graphdef(cfg, kind, dtype)[1], jax.random.fold_in(key, 100 + i),
+                                            dtype)) for i, kind in enumerate(cfg.layer_kinds)]
     experts = {}
     F = cfg.moe_intermediate_size
     for i, kind in enumerate(cfg.layer_kinds):

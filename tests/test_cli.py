@@ -81,3 +81,27 @@ def test_installed_console_script_runs():
     script = os.path.join(os.path.dirname(sys.executable), "ktjax")
     out = subprocess.run([script, "--version"], capture_output=True, text=True, check=True).stdout
     assert __version__ in out
+
+
+def test_info_with_a_budget_prints_the_placement_plan(ckpt, capsys):
+    assert main(["info", "--model", ckpt, "--gpu-memory", "1TB", "--max-context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "placement under gpu_memory=1TB" in out and "kv_cache" in out and "device total" in out
+
+
+def test_budget_too_small_is_one_line_saying_what_is_needed(ckpt, capsys):
+    assert main(["generate", "--model", ckpt, "--prompt", "x", "--gpu-memory", "1MB"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "too small" in err and "need" in err and len(err.splitlines()) == 1
+
+
+def test_generate_profile_and_trace_on_an_offloaded_model(ckpt, capsys, tmp_path, monkeypatch):
+    import ktjax.api
+    real_load = ktjax.api.load
+    monkeypatch.setattr(ktjax, "load", lambda path, **kw: real_load(
+        path, **{**kw, "placement": {r".*\.mlp\.experts\..*": "host"}, "gpu_memory": None}))
+    assert main(["generate", "--model", ckpt, "--prompt", "hi", "--max-new-tokens", "3", "--profile",
+                 "--trace", str(tmp_path / "trace"), "--max-context", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "from host memory per step" in err and "experts" in err and "pinned_host" in err
+    assert any((tmp_path / "trace").rglob("*.xplane.pb"))

@@ -1,0 +1,142 @@
+"""Offload: a placement plan from rules and a budget; experts in pinned host memory give the same
+answers as the all-on-device model, with the offload code path running here on the CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ktjax
+from ktjax.api import plan_placement
+from ktjax.offload import OffloadedModel
+from ktjax.placement import PlacementError, fmt_bytes, parse_size
+from fp8 import write_fp8_checkpoint
+from reference import make_reference, save_reference
+
+ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
+SMALL = dict(max_context=64)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_reference(make_reference("v3", seed=21, num_hidden_layers=4, first_k_dense_replace=1),
+                          tmp_path_factory.mktemp("off"))
+
+
+@pytest.fixture(scope="module")
+def resident(ckpt):
+    return ktjax.load(ckpt, dtype="float32")
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def memory_kind(x: jax.Array) -> str:
+    return x.sharding.memory_kind
+
+
+@pytest.mark.parametrize("size, expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("1.5 MiB", 1572864),
+                                            (4096, 4096), ("2e9", 2 * 10**9)])
+def test_sizes_parse(size, expected):
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-3GB", "12 parsecs", 0])
+def test_bad_sizes_are_named(bad):
+    with pytest.raises(PlacementError, match="gpu_memory"):
+        parse_size(bad)
+
+
+def test_rules_place_experts_first_match_wins(ckpt):
+    plan = plan_placement(ckpt, placement={r"model\.layers\.2\.mlp\.experts\.[0-2]": "device", **ALL_HOST}, **SMALL)
+    assert plan.device_experts == {(2, 0), (2, 1), (2, 2)}
+    assert len(plan.host_experts) == 3 * 8 - 3 and plan.offloaded
+
+
+def test_rules_may_not_send_core_parameters_to_the_host(ckpt):
+    with pytest.raises(PlacementError, match="only routed experts"):
+        plan_placement(ckpt, placement={r".*shared_experts.*": "host"})
+
+
+def test_budget_fills_whole_layers_in_order_and_the_rest_stays_on_the_host(ckpt):
+    everything = plan_placement(ckpt, gpu_memory="1TB", **SMALL)
+    fixed = everything.device_bytes - len(everything.device_experts) * everything.expert_bytes
+    reserve = 256 << 20
+    budget = fixed + reserve + 10 * everything.expert_bytes + 1
+    plan = plan_placement(ckpt, gpu_memory=budget, **SMALL)
+    assert plan.device_experts == {(1, e) for e in range(8)} | {(2, 0), (2, 1)}
+    assert plan.device_bytes <= budget
+    table = plan.table()
+    assert "pinned_host" in table and "did not fit" in table and fmt_bytes(budget) in table
+
+
+def test_budget_too_small_for_the_core_says_how_much_is_needed(ckpt):
+    with pytest.raises(PlacementError, match=r"gpu_memory=.* is too small: .* need [\d.]+ [KMG]iB"):
+        ktjax.load(ckpt, gpu_memory="1MB")
+
+
+def test_no_budget_on_the_cpu_keeps_everything_on_the_device(ckpt):
+    model = ktjax.load(ckpt)
+    assert not isinstance(model, OffloadedModel) and not model.placement.offloaded
+
+
+def test_host_experts_live_in_pinned_host_memory(ckpt):
+    model = ktjax.load(ckpt, placement={r"model\.layers\.1\.mlp\.experts\.[0-3]": "device", **ALL_HOST}, **SMALL)
+    assert isinstance(model, OffloadedModel)
+    assert memory_kind(model.experts[1][0].w) == "device"
+    assert memory_kind(model.experts[1][5].w) == "pinned_host"
+    assert memory_kind(model.experts[3][7].w) == "pinned_host"
+
+
+def test_offloaded_logits_equal_the_resident_model(ckpt, resident):
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.2\.mlp\.experts\.[0-4]": "device",
+                                                          **ALL_HOST}, **SMALL)
+    tokens = np.random.default_rng(3).integers(0, 97, (2, 11))
+    assert rel_err(ktjax.logits(model, tokens), ktjax.logits(resident, tokens)) < 1e-5
+    assert model.last_step.bytes_from_host > 0
+
+
+def test_offloaded_greedy_generation_equals_the_resident_model(ckpt, resident):
+    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
+    prompts = [[5, 9, 13, 2], [3, 4], [8, 1, 2, 3, 4, 5, 6, 7, 9]]
+    want = [r.token_ids for r in ktjax.generate(resident, prompts, max_new_tokens=8)]
+    got = ktjax.generate(model, prompts, max_new_tokens=8)
+    assert [r.token_ids for r in got] == want
+    stats = got[0].stats
+    assert stats.prefill_host_bytes > 0 and stats.decode_host_bytes_per_step > 0
+
+
+def test_decode_moves_only_the_chosen_experts(ckpt):
+    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
+    ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
+    step = model.history[-1]
+    K, moe_layers = model.config.num_experts_per_tok, 3
+    assert step.experts_fetched == K * moe_layers  # one token: K distinct experts per MoE layer
+    assert step.bytes_from_host == step.experts_fetched * model.placement.expert_bytes
+
+
+def test_long_prefill_streams_every_host_expert_once(ckpt):
+    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, max_context=256)
+    model.prefill_chunk = 16  # attention in query chunks, experts streamed once per layer
+    tokens = np.random.default_rng(4).integers(0, 97, (1, 40))
+    ktjax.logits(model, tokens)
+    assert model.last_step.experts_fetched == len(model.placement.host_experts)
+
+
+def test_fp8_experts_stay_fp8_on_the_host_and_match_the_dequantised_model(ckpt, tmp_path):
+    fp8 = write_fp8_checkpoint(ckpt, str(tmp_path / "fp8"), block=(16, 16))
+    resident = ktjax.load(fp8, dtype="float32")
+    model = ktjax.load(fp8, dtype="float32", placement=ALL_HOST, **SMALL)
+    ex = model.experts[2][3]
+    assert ex.w.dtype == jnp.float8_e4m3fn and memory_kind(ex.w) == "pinned_host" and ex.scale is not None
+    assert model.placement.expert_bytes < 3 * 32 * 64 * 4  # FP8 bytes (plus scales), not float32
+    tokens = np.random.default_rng(5).integers(0, 97, (1, 9))
+    assert rel_err(ktjax.logits(model, tokens), ktjax.logits(resident, tokens)) < 1e-5
+
+
+def test_profile_times_segments(ckpt):
+    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
+    model.profile = True
+    stats = ktjax.generate(model, [5, 9, 13], max_new_tokens=2).stats
+    assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)
