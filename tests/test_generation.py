@@ -108,3 +108,49 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 def test_unfiltered_sampling_follows_the_distribution():
     counts = np.bincount(draw(LOGITS, n=4000), minlength=5) / 4000
     np.testing.assert_allclose(counts, [0.05, 0.4, 0.3, 0.15, 0.1], atol=0.03)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from tokenizer_fixtures import vocab_size, write_tokenizer
+    path = tmp_path_factory.mktemp("textgen")
+    save_reference(make_reference("v3", seed=12, vocab_size=vocab_size() + 3), path)
+    write_tokenizer(path, template="r1")
+    return ktjax.load(path, dtype="float32")
+
+
+def test_stream_pieces_join_to_the_generated_text(text_model):
+    kw = dict(max_new_tokens=12, temperature=0.9, seed=7)
+    result = ktjax.generate(text_model, "def f(x):", **kw)
+    stats = ktjax.GenerationStats(prompt_tokens=0)
+    pieces = list(ktjax.stream(text_model, "def f(x):", stats=stats, **kw))
+    assert "".join(pieces) == result.text
+    assert stats.new_tokens == len(result.token_ids) and stats.prompt_tokens == result.stats.prompt_tokens
+
+
+def test_stop_string_ends_generation_and_is_cut_from_the_text(text_model):
+    full = ktjax.generate(text_model, "hello", max_new_tokens=16, temperature=1.0, seed=3)
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    if len(stop) < 2 or full.text.find(stop) < 1:
+        pytest.skip("sampled text too short to pick a stop string from")
+    result = ktjax.generate(text_model, "hello", max_new_tokens=16, temperature=1.0, seed=3, stop=[stop])
+    assert result.text == full.text[: full.text.find(stop)]
+    assert result.stats.finish_reason == "stop" and len(result.token_ids) < len(full.token_ids)
+    streamed = "".join(ktjax.stream(text_model, "hello", max_new_tokens=16, temperature=1.0, seed=3, stop=stop))
+    assert streamed == result.text
+
+
+def test_chat_renders_the_template_and_generates(text_model):
+    from ktjax.generation import chat_prompt
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    prompt = chat_prompt(text_model, messages)
+    expected = text_model.tokenizer.encode(text_model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    assert prompt == expected
+    assert ktjax.chat(text_model, messages, max_new_tokens=4).token_ids == \
+        ktjax.generate(text_model, prompt, max_new_tokens=4).token_ids
+
+
+def test_text_prompt_without_tokenizer_names_the_missing_file(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="tokenizer.json: missing"):
+        ktjax.generate(model, "some text", max_new_tokens=2)
