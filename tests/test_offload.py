@@ -140,3 +140,28 @@ def test_profile_times_segments(ckpt):
     model.profile = True
     stats = ktjax.generate(model, [5, 9, 13], max_new_tokens=2).stats
     assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)
+
+
+def test_interleaved_dense_and_moe_layers_agree_between_scan_and_per_layer_segments(tmp_path):
+    """moe_layer_freq > 1 (which transformers ignores): the scanned runs of the resident model and
+    the offloaded model's per-layer schedule are two independent readings of the layer order."""
+    from flax import nnx
+
+    from ktjax.config import ModelConfig
+    from ktjax.models import DeepseekForCausalLM
+    from ktjax.saving import save
+    from reference import BASE_V3
+    cfg = ModelConfig.from_dict({**BASE_V3, "model_type": "deepseek_v3", "num_hidden_layers": 5,
+                                 "first_k_dense_replace": 1, "moe_layer_freq": 2})
+    assert cfg.layer_kinds == ("dense", "dense", "moe", "dense", "moe")
+    graphdef, params = nnx.split(DeepseekForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda a: a * 20 if a.ndim >= 2 else a, params)  # larger weights: non-trivial routing
+    path = save(ktjax.Model(cfg, graphdef, params), tmp_path)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 7))
+    resident = ktjax.load(path, dtype="float32")
+    offloaded = ktjax.load(path, dtype="float32", placement=ALL_HOST, **SMALL)
+    want = ktjax.logits(resident, tokens)
+    assert rel_err(ktjax.logits(offloaded, tokens), want) < 1e-5
+    prompts = [list(map(int, row)) for row in tokens]
+    assert [r.token_ids for r in ktjax.generate(offloaded, prompts, max_new_tokens=4)] == \
+        [r.token_ids for r in ktjax.generate(resident, prompts, max_new_tokens=4)]
