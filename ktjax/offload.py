@@ -162,11 +162,17 @@ def embed_segment(cfg, embed_VD, tokens_BT, start_B):
 
 
 @jax.jit
-def head_segment(norm_D, head_VD, eps, x_BD, key, temperature, top_k, top_p):
-    x32 = x_BD.astype(jnp.float32)
+def final_logits(norm_D, head_VD, eps, x_BXD):
+    """Final RMSNorm and LM head over any leading dims; float32 logits."""
+    x32 = x_BXD.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    x_BD = norm_D.astype(x_BD.dtype) * x32.astype(x_BD.dtype)
-    logits_BV = jnp.einsum("bd,vd->bv", x_BD, head_VD.astype(x_BD.dtype), preferred_element_type=jnp.float32)
+    x = norm_D.astype(x_BXD.dtype) * x32.astype(x_BXD.dtype)
+    return jnp.einsum("...d,vd->...v", x, head_VD.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.jit
+def head_segment(norm_D, head_VD, eps, x_BD, key, temperature, top_k, top_p):
+    logits_BV = final_logits(norm_D, head_VD, eps, x_BD)
     return sample(logits_BV, key, temperature, top_k, top_p), logits_BV
 
 
@@ -234,18 +240,15 @@ class OffloadedModel:
         tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
         B, T = tokens_BT.shape
         x_BTD, _ = self.forward(self.init_cache(B, T), tokens_BT, jnp.zeros((B,), jnp.int32))
-        head = self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
-        norm = self.top["norm"]
-        x32 = x_BTD.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
-        x = norm.astype(self.dtype) * x32.astype(self.dtype)
-        return jnp.einsum("btd,vd->btv", x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return final_logits(self.top["norm"], self._head_weight(), jnp.float32(self.config.rms_norm_eps), x_BTD)
+
+    def _head_weight(self) -> jax.Array:
+        return self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
 
     # The forward pass ------------------------------------------------------------------------
     def _head(self, x_BD, key, temperature, top_k, top_p):
-        head = self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
-        return self._timed("head", head_segment, self.top["norm"], head, jnp.float32(self.config.rms_norm_eps), x_BD,
-                           key, temperature, top_k, top_p)
+        return self._timed("head", head_segment, self.top["norm"], self._head_weight(),
+                           jnp.float32(self.config.rms_norm_eps), x_BD, key, temperature, top_k, top_p)
 
     def _timed(self, name: str, fn, *args, **kwargs):
         if not self.profile:
