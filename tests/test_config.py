@@ -8,7 +8,7 @@ import pytest
 
 from ktjax.config import ConfigError, ModelConfig
 
-FULL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "deepseek-v3", "config_671B.json")
+FULL = os.path.join(os.path.dirname(__file__), "..", "scripts", "deepseek_v3_671B_config.json")
 PUBLISHED = {
     "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
     "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
@@ -36,9 +36,7 @@ def test_published_deepseek_v3_config():
         c.vocab_size = 3
 
 
-def test_shared_full_size_config_parses_if_present():
-    if not os.path.exists(FULL):
-        pytest.skip("shared/ not beside the checkout")
+def test_full_size_config_file_parses_like_the_published_one():
     assert ModelConfig.from_json(FULL) == ModelConfig.from_dict(PUBLISHED)
 
 
