@@ -2,14 +2,13 @@
 
 __version__ = "0.1.0"
 
+from ktjax.api import load
 from ktjax.checkpoint import CheckpointError
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.engine import logits
-from ktjax.api import load
+from ktjax.generation import GenerationResult, GenerationStats, chat, generate, stream
 from ktjax.loading import Model
+from ktjax.placement import PlacementError
 
-__all__ = ["CheckpointError", "ConfigError", "Model", "ModelConfig", "load", "logits", "__version__"]
-
-from ktjax.generation import GenerationResult, GenerationStats, chat, generate, stream  # noqa: E402
-
-__all__ += ["GenerationResult", "GenerationStats", "chat", "generate", "stream"]
+__all__ = ["CheckpointError", "ConfigError", "GenerationResult", "GenerationStats", "Model", "ModelConfig",
+           "PlacementError", "__version__", "chat", "generate", "load", "logits", "stream"]
