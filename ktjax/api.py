@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +44,21 @@ def plan_placement(path: str, *, dtype: Any = None, gpu_memory: str | int | None
                           expert_chunk=expert_chunk)
 
 
+def generation_defaults(path: str) -> dict[str, Any]:
+    """The checkpoint's recommended sampling settings (generation_config.json), as generate() arguments."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not cfg.get("do_sample", False):
+        return {"temperature": 0.0}
+    return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
+
+
 def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: bool | None = None,
          gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
          max_context: int = 4096, expert_chunk: int = 32):
@@ -66,6 +82,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: 
         model = loading.load(path, dtype=dtype, progress=progress)
     model.placement = plan
     model.tokenizer = load_tokenizer(path)
+    model.generation_defaults = generation_defaults(path)
     return model
 
 

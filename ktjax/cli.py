@@ -35,11 +35,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 picks the most likely token every time (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="nucleus sampling: keep the most likely tokens whose probabilities sum to P (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep only the K most likely tokens (default 0: off)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="sampling temperature; 0 picks the most likely token every time (default: the checkpoint's "
+                        "generation_config.json, else 0)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: keep the most likely tokens whose probabilities sum to P (default: the "
+                        "checkpoint's, else 1: off)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep only the K most likely tokens (default: the checkpoint's, else 0: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the output contains TEXT (may be given several times)")
@@ -104,9 +107,12 @@ def _print_profile(stats) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=args.stop)
+def _sampling(args, model) -> dict:
+    """Options given on the command line, else the checkpoint's recommended ones, else greedy."""
+    chosen = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    defaults = getattr(model, "generation_defaults", {})
+    settings = {k: v if v is not None else defaults.get(k, d) for (k, v), d in zip(chosen.items(), (0.0, 1.0, 0))}
+    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, **settings)
 
 
 def cmd_generate(args) -> int:
@@ -124,16 +130,17 @@ def cmd_generate(args) -> int:
             import jax
             stack.enter_context(jax.profiler.trace(args.trace))
         if args.json:
-            r = ktjax.generate(model, prompt, **_sampling(args))
+            r = ktjax.generate(model, prompt, **_sampling(args, model))
             print(json.dumps({"text": r.text, "token_ids": r.token_ids, "stats": r.stats.as_dict()}))
             stats = r.stats
         else:
             stats = ktjax.GenerationStats(prompt_tokens=0)
             sys.stdout.write(prompt)
-            for piece in ktjax.stream(model, prompt, stats=stats, **_sampling(args)):
+            for piece in ktjax.stream(model, prompt, stats=stats, **_sampling(args, model)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+            sys.stdout.flush()
             print(f"[{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new, first token after "
                   f"{stats.time_to_first_token_s:.2f} s, {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     if args.profile:
@@ -165,7 +172,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         prompt = chat_prompt(model, system + history, thinking=args.thinking)
         reply = []
-        for piece in ktjax.stream(model, prompt, **_sampling(args)):
+        for piece in ktjax.stream(model, prompt, **_sampling(args, model)):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

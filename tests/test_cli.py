@@ -105,3 +105,19 @@ def test_generate_profile_and_trace_on_an_offloaded_model(ckpt, capsys, tmp_path
     err = capsys.readouterr().err
     assert "from host memory per step" in err and "experts" in err and "pinned_host" in err
     assert any((tmp_path / "trace").rglob("*.xplane.pb"))
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
+    import ktjax
+    path = tmp_path / "sampled"
+    save_reference(make_reference("v3", seed=4, vocab_size=vocab_size() + 7), path)
+    write_tokenizer(path, template="r1")
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "temperature": 1.3, "top_k": 7}))
+    assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "6", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["token_ids"]
+    model = ktjax.load(path)
+    assert got == ktjax.generate(model, "abc", max_new_tokens=6, temperature=1.3, top_k=7).token_ids
+    assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "6", "--json",
+                 "--temperature", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == ktjax.generate(model, "abc", max_new_tokens=6).token_ids
