@@ -1,9 +1,10 @@
 """Attention kernels for MLA. `mla_decode` / `mla_prefill` pick, per call at trace time, the Pallas
 kernel on the GPU and the pure-JAX reference elsewhere; this is the one switch.
 
-Turn the kernels off for debugging with `KTJAX_PALLAS=0` in the environment, or `set_pallas(False)`
-(`set_pallas(None)` goes back to automatic). `interpret=True` runs the Pallas kernel in the Pallas
-interpreter on any backend (how CI tests the kernels on the CPU).
+`KTJAX_PALLAS=0` in the environment turns the kernels off for debugging, `KTJAX_PALLAS=1` forces them
+(even where the reference is faster); unset is automatic. It is read at trace time, so it applies to
+programs compiled after it is set. `interpret=True` runs the Pallas kernel in the Pallas interpreter on
+any backend (how CI tests the kernels on the CPU).
 
 The functions `mla_decode` / `mla_prefill` shadow the submodules of the same name as attributes of this
 package: reach the modules with `from ktjax.kernels.mla_decode import ...` (not `import ... as`).
@@ -21,21 +22,21 @@ from ktjax.kernels.mla_decode import mla_decode_pallas
 from ktjax.kernels.mla_prefill import mla_prefill_pallas
 from ktjax.kernels.reference import mla_decode_reference, mla_prefill_reference
 
-_override: bool | None = None
-
-
-def set_pallas(enabled: bool | None) -> None:
-    """Force the Pallas kernels on (True) or off (False); None: automatic (GPU -> kernels)."""
-    global _override
-    _override = enabled
+def _setting() -> bool | None:
+    """KTJAX_PALLAS: 0 -> off, 1 -> forced on, unset -> automatic."""
+    value = os.environ.get("KTJAX_PALLAS", "").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    return None
 
 
 def use_pallas(*arrays) -> bool:
     """Whether the compiled (non-interpreted) kernels should run for these arrays."""
-    if _override is not None:
-        return _override
-    if os.environ.get("KTJAX_PALLAS", "").strip().lower() in ("0", "false", "off", "no"):
-        return False
+    setting = _setting()
+    if setting is not None:
+        return setting
     # Concrete arrays know their device; inside jit (tracers) the default backend decides.
     for x in arrays:
         try:
@@ -62,7 +63,7 @@ DECODE_MIN_SLOTS = 16384
 def decode_path(q_latent_BHL, q_rope_BHR, kv_latent_BTL, *, interpret: bool = False) -> str:
     path = _path(_decode_mod.supported(q_latent_BHL, q_rope_BHR, kv_latent_BTL), interpret, kv_latent_BTL)
     small = kv_latent_BTL.shape[0] * kv_latent_BTL.shape[1] < DECODE_MIN_SLOTS
-    if path == "pallas" and small and _override is None:  # set_pallas(True) still forces the kernel
+    if path == "pallas" and small and _setting() is None:  # KTJAX_PALLAS=1 still forces the kernel
         return "reference"
     return path
 
@@ -90,4 +91,4 @@ def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, interpret=False)
 
 
 __all__ = ["mla_decode", "mla_prefill", "mla_decode_reference", "mla_prefill_reference", "mla_decode_pallas",
-           "mla_prefill_pallas", "set_pallas", "use_pallas", "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]
+           "mla_prefill_pallas", "use_pallas", "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]

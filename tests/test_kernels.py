@@ -131,7 +131,7 @@ def test_dispatch(monkeypatch):
     # Shapes the tiles cannot cover (tiny model: Dr = 4, qk = 12) go to the reference even when asked.
     assert kernels.decode_path(ql[..., :16], qr[..., :4], kv, interpret=True) == "reference"
     assert kernels.prefill_path(jnp.zeros((1, 4, 2, 12)), jnp.zeros((1, 4, 2, 12)), interpret=True) == "reference"
-    # Inside jit on a GPU backend: kernels, unless turned off by env var or set_pallas.
+    # Inside jit on a GPU backend: kernels, unless turned off by the env var.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     traced, kv_big = [], jnp.zeros((2, kernels.DECODE_MIN_SLOTS // 2, 32), jnp.float32)
     jax.jit(lambda x: traced.append(kernels.decode_path(ql, qr, x)) or x)(kv_big)
@@ -142,10 +142,8 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("KTJAX_PALLAS", "0")
     jax.jit(lambda x: traced.append(kernels.prefill_path(x, x)) or x)(jnp.zeros((1, 4, 2, 64)))
     assert traced[-1] == "reference"
-    monkeypatch.delenv("KTJAX_PALLAS")
-    kernels.set_pallas(False)
-    try:
-        jax.jit(lambda x: traced.append(kernels.decode_path(ql, qr, x)) or x)(kv_big)
-        assert traced[-1] == "reference"
-    finally:
-        kernels.set_pallas(None)
+    jax.jit(lambda x: traced.append(kernels.decode_path(ql, qr, x)) or x)(kv_big)
+    assert traced[-1] == "reference"
+    monkeypatch.setenv("KTJAX_PALLAS", "1")  # forced on, even for a small cache
+    jax.jit(lambda x: traced.append(kernels.decode_path(ql, qr, x)) or x)(kv)
+    assert traced[-1] == "pallas"
