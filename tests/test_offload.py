@@ -160,8 +160,4 @@ def test_interleaved_dense_and_moe_layers_agree_between_scan_and_per_layer_segme
     tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 7))
     resident = ktjax.load(path, dtype="float32")
     offloaded = ktjax.load(path, dtype="float32", placement=ALL_HOST, **SMALL)
-    want = ktjax.logits(resident, tokens)
-    assert rel_err(ktjax.logits(offloaded, tokens), want) < 1e-5
-    prompts = [list(map(int, row)) for row in tokens]
-    assert [r.token_ids for r in ktjax.generate(offloaded, prompts, max_new_tokens=4)] == \
-        [r.token_ids for r in ktjax.generate(resident, prompts, max_new_tokens=4)]
+    assert rel_err(ktjax.logits(offloaded, tokens), ktjax.logits(resident, tokens)) < 1e-5
