@@ -1,0 +1,255 @@
+"""LoRA fine-tuning benchmark: DeepSeek-V3 full-size layers with random weights (the offload
+benchmark's model), routed experts in pinned host memory under a GPU budget, against the floor;
+and the same model with every expert on the device.
+
+    python3 scripts/bench_finetune.py --all --moe-layers 4 --gpu-memory 24GiB     # on the GPU machine
+    python3 scripts/bench_finetune.py --all --tiny                                 # check the script on a CPU
+
+Parts (each in its own process: the budget is a process-wide allocator setting):
+  offload       OffloadedTrainer, experts on the host: each step streams every expert of every
+                MoE layer twice (forward, and again for the backward pass).
+  device        the same trainer and segments, every expert on the device (no transfers).
+  resident-jit  the resident path: one jitted step (lax.scan over layers, jax.checkpoint per layer);
+                needs the whole model on the device, so use few MoE layers.
+
+Per sequence length (batch 1, LoRA r=8 on the attention projections, bf16 compute, f32 adapters):
+tokens/s per optimizer step, bytes from host per step, and the floor: max(bytes moved / measured
+pinned H2D bandwidth, training FLOPs / measured bf16 matmul rate), with training FLOPs taken as 3x
+the forward's (forward, rematerialised forward, input-gradient backward; frozen weights need no
+weight gradients) over the matmuls of the active parameters plus attention. The ceilings are
+measured in the same run (bench_offload's probes). A markdown table is printed last and written,
+with the raw JSON, under $OUT (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def tiny_config(moe_layers: int):
+    from ktjax.config import ModelConfig
+    return ModelConfig.from_dict(dict(
+        model_type="deepseek_v3", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=1 + moe_layers, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=4096,
+        num_nextn_predict_layers=0))
+
+
+def step_flops(cfg, T: int) -> float:
+    """Matmul FLOPs of one training step on T tokens: 3x the forward (see the module docstring)."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    qk, v = cfg.qk_head_dim, cfg.v_head_dim
+    q = D * H * qk if cfg.q_lora_rank is None else D * cfg.q_lora_rank + cfg.q_lora_rank * H * qk
+    attn_params = q + D * cfg.cache_dim + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + v) + H * v * D
+    attn_scores = 2 * T * H * (qk + v) / 2  # causal: half of the T x T scores, per query token
+    fwd = 0.0
+    for kind in cfg.layer_kinds:
+        if kind == "dense":
+            mlp = 3 * D * cfg.intermediate_size
+        else:
+            mlp = 3 * D * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + (cfg.n_shared_experts or 0))
+            mlp += D * cfg.n_routed_experts  # router
+        fwd += 2 * T * (attn_params + mlp) + 2 * T * attn_scores
+    fwd += 2 * T * D * cfg.vocab_size  # LM head
+    return 3 * fwd
+
+
+def build(args, cfg, dtype, all_on_device: bool):
+    from fullsize import plan_for, random_offloaded_model
+    if args.tiny and not all_on_device:  # tiny experts always fit: put them on the host by rule
+        from ktjax.loading import abstract_model
+        from ktjax.placement import plan as make_plan
+        plan = make_plan(cfg, abstract_model(cfg, dtype)[1], dtype, max_batch=1, max_context=max(args.seq_lens) + 256,
+                         placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                         expert_chunk=args.expert_chunk)
+    else:
+        plan = plan_for(cfg, dtype, gpu_memory=args.gpu_memory, all_on_device=all_on_device, max_batch=1,
+                        max_context=max(args.seq_lens) + 256, expert_chunk=args.expert_chunk)
+    print(plan.table(), flush=True)
+    return plan, random_offloaded_model(cfg, plan, dtype, progress=lambda s: print(s, flush=True))
+
+
+def resident_model(cfg, dtype):
+    from flax import nnx
+    from ktjax.loading import Model
+    from ktjax.models import DeepseekForCausalLM
+    graphdef, params = nnx.split(DeepseekForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))  # random, on the device
+    return Model(cfg, graphdef, params)
+
+
+def run_part(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from bench_offload import ceilings
+    from ktjax import lora as L
+    from ktjax.finetune import OffloadedTrainer, TrainConfig, make_train_step
+    from ktjax.placement import fmt_bytes
+
+    res = {"part": args.run}
+    if args.run == "offload":
+        res.update(ceilings(args.tiny))
+        print("CEILINGS " + json.dumps(res), flush=True)
+    if args.tiny:
+        cfg = tiny_config(args.moe_layers)
+    else:
+        from fullsize import fullsize_config
+        cfg = fullsize_config(args.moe_layers)
+    dtype = jnp.bfloat16
+    lcfg = L.LoRAConfig(rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))
+    sites = L.resolve_sites(cfg, lcfg.targets)
+    tc = TrainConfig(steps=1000, batch_size=1, seq_len=max(args.seq_lens), lr=1e-4, warmup=10)
+    adapters = jax.tree.map(jnp.asarray, L.init_adapters(cfg, lcfg, 0, sites))
+    tx = tc.optimizer()
+    t = time.perf_counter()
+    if args.run == "resident-jit":
+        model = resident_model(cfg, dtype)
+        graphdef, _ = L.lora_graph(cfg, dtype, lcfg, sites)
+        step_fn = make_train_step(graphdef, tx, remat=True, loss_chunk=tc.loss_chunk)
+        base = model.params
+        host_bytes = lambda: 0  # noqa: E731
+    else:
+        plan, model = build(args, cfg, dtype, all_on_device=args.run == "device")
+        res["host_experts"] = len(plan.host_experts)
+        trainer = OffloadedTrainer(model, lcfg, sites, tc)
+        step_fn, base = trainer.step, None
+        host_bytes = lambda: trainer.bytes_from_host  # noqa: E731
+    res["build_s"] = time.perf_counter() - t
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    adapters, opt_state = jax.device_put((adapters, jax.jit(tx.init)(adapters)), device)  # as the steps leave them
+    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+    for T in args.seq_lens:
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 1, T)), jnp.int32)
+        mask = jnp.ones((1, 1, T), bool)
+        t = time.perf_counter()
+        adapters, opt_state, m = step_fn(adapters, opt_state, base, tokens, mask, key)  # compile + warm up
+        float(m["loss"])
+        first = time.perf_counter() - t
+        ts, moved = [], []
+        for s in range(args.steps):
+            t = time.perf_counter()
+            adapters, opt_state, m = step_fn(adapters, opt_state, base, tokens, mask, jax.random.fold_in(key, s))
+            float(m["loss"])
+            ts.append(time.perf_counter() - t)
+            moved.append(host_bytes())
+        step = float(np.median(ts))
+        row = {"seq_len": T, "step_s": step, "tokens_per_s": T / step, "first_step_s": first,
+               "host_bytes_per_step": float(np.mean(moved)), "achieved_h2d_gbps": float(np.mean(moved)) / step / 1e9,
+               "flops": step_flops(cfg, T)}
+        h2d = res.get("h2d_gbps", args.h2d_gbps)
+        tflops = res.get("matmul_tflops", args.matmul_tflops)
+        if h2d and tflops:
+            floor_io, floor_fl = row["host_bytes_per_step"] / (h2d * 1e9), row["flops"] / (tflops * 1e12)
+            row.update(floor_io_s=floor_io, floor_flops_s=floor_fl, floor_s=max(floor_io, floor_fl),
+                       floor_over_measured=max(floor_io, floor_fl) / step)
+        res[f"T{T}"] = row
+        print(f"ROW T{T} " + json.dumps(row), flush=True)
+        print(f"T={T}: {step * 1e3:.1f} ms/step, {T / step:.0f} tok/s, {fmt_bytes(row['host_bytes_per_step'])} "
+              f"from host ({row['achieved_h2d_gbps']:.1f} GB/s)", flush=True)
+    stats = jax.devices()[0].memory_stats() or {}
+    res["peak_device_bytes"] = stats.get("peak_bytes_in_use")
+    res["device_bytes_limit"] = stats.get("bytes_limit")
+    res["moe_layers"] = cfg.layer_kinds.count("moe")
+    return res
+
+
+def table(results: list[dict]) -> str:
+    from ktjax.placement import fmt_bytes
+    gb = lambda b: fmt_bytes(int(b)) if b is not None else "-"  # noqa: E731
+    ceil = next((r for r in results if "h2d_gbps" in r), {})
+    lines = []
+    if ceil:
+        lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s, bf16 matmul "
+                  f"{ceil['matmul_tflops']:.0f} TFLOP/s.", ""]
+    lines += ["| run | seq len | tokens/s | step | from host per step | achieved H2D | floor (H2D / FLOPs) | "
+              "floor/measured |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        for k, v in r.items():
+            if not (isinstance(v, dict) and k.startswith("T")):
+                continue
+            floor = (f"{v['floor_io_s'] * 1e3:.0f} / {v['floor_flops_s'] * 1e3:.0f} ms" if "floor_s" in v else "-")
+            ratio = f"{100 * v['floor_over_measured']:.0f}%" if "floor_over_measured" in v else "-"
+            lines.append(f"| {r['part']} | {v['seq_len']} | {v['tokens_per_s']:.0f} | {v['step_s'] * 1e3:.0f} ms | "
+                         f"{gb(v['host_bytes_per_step'])} | {v['achieved_h2d_gbps']:.1f} GB/s | {floor} | {ratio} |")
+        if r.get("peak_device_bytes"):
+            lines.append(f"| {r['part']} | peak GPU memory | | | {gb(r['peak_device_bytes'])} of "
+                         f"{gb(r['device_bytes_limit'])} | | | |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--all", action="store_true", help="run the parts, each in its own process, and print the table")
+    p.add_argument("--parts", nargs="+", default=["offload", "device"], help="which parts --all runs")
+    p.add_argument("--run", choices=("offload", "device", "resident-jit"), default="offload")
+    p.add_argument("--moe-layers", type=int, default=4, help="MoE layers after the one dense layer")
+    p.add_argument("--gpu-memory", default="24GiB", help="the GPU budget of the offload part (allocator-enforced)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per sequence length")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="attention")
+    p.add_argument("--expert-chunk", type=int, default=32)
+    p.add_argument("--h2d-gbps", type=float, default=0.0)
+    p.add_argument("--matmul-tflops", type=float, default=0.0)
+    p.add_argument("--timeout", type=int, default=540, help="seconds for each part")
+    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    if args.tiny and args.seq_lens == [512, 1024, 2048]:
+        args.seq_lens = [32, 64]
+    if not args.all:
+        print("RESULT " + json.dumps(run_part(args)), flush=True)
+        return
+    frac = None
+    if not args.tiny:
+        import jax
+        from ktjax.placement import parse_size
+        total = jax.devices()[0].memory_stats()["bytes_limit"] / 0.75  # the default fraction is 0.75
+        frac = parse_size(args.gpu_memory) / total
+    common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
+              "--rank", str(args.rank), "--targets", args.targets, "--expert-chunk", str(args.expert_chunk),
+              "--seq-lens", *map(str, args.seq_lens)] + (["--tiny"] if args.tiny else [])
+    results = []
+    log = open(os.path.join(args.out, "bench_finetune.log"), "w")
+    for name in args.parts:
+        env = dict(os.environ, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="110", PYTHONUNBUFFERED="1")
+        if name == "offload" and frac:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{frac:.4f}"
+        extra = ["--run", name]
+        if results and "h2d_gbps" in results[0]:
+            extra += ["--h2d-gbps", str(results[0]["h2d_gbps"]), "--matmul-tflops", str(results[0]["matmul_tflops"])]
+        cmd = [sys.executable, os.path.abspath(__file__)] + common + extra
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            out = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "") + \
+                f"\nTIMEOUT after {args.timeout} s"
+        log.write(f"==== {name} ({time.perf_counter() - t:.0f} s): {' '.join(cmd)}\n{out}\n")
+        log.flush()
+        found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        results += found
+        print(f"{name}: {'ok' if found else 'FAILED'} in {time.perf_counter() - t:.0f} s", flush=True)
+        if not found:
+            print("\n".join(out.strip().splitlines()[-8:]), flush=True)
+    with open(os.path.join(args.out, "bench_finetune.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = table(results)
+    with open(os.path.join(args.out, "bench_finetune.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""LoRA fine-tuning end to end on a tiny random checkpoint (CPU, float32): the loss falls, the base
+weights stay bit-for-bit unchanged, an interrupted run resumes exactly, data errors name the line,
+the CLI writes a PEFT adapter and `ktjax merge` gives the adapted model's logits."""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import ktjax
+from ktjax import data as D
+from ktjax import lora as L
+from ktjax.finetune import add_finetune_parser, add_merge_parser, finetune, make_train_step
+from ktjax.tokenizer import load_tokenizer
+from reference import make_reference, save_reference
+from tokenizer_fixtures import vocab_size, write_tokenizer
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "Paris."}]},
+    {"messages": [{"role": "system", "content": "Answer in one word."},
+                  {"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."}]},
+    {"prompt": "def add(a, b):", "completion": "\n    return a + b\n"},
+    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"},
+                  {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hi again!"}]},
+]
+# The shape test_lora's logits use (same model config): forward passes compile once for both files.
+TOKENS = np.random.default_rng(0).integers(0, 97, (2, 9))
+# One configuration for the runs below, so they share the compiled step.
+RUN = dict(rank=4, alpha=8, dropout=0.05, lr=2e-2, steps=12, batch_size=2, grad_accum=2, seq_len=64, warmup=2,
+           targets=("attention", "shared_experts"), seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = save_reference(make_reference("v3", seed=11, vocab_size=vocab_size()), tmp_path_factory.mktemp("m"))
+    write_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A one-layer dense model: the step-level tests compile fast."""
+    ref = make_reference("v3", seed=4, num_hidden_layers=1, first_k_dense_replace=1, vocab_size=64)
+    return save_reference(ref, tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "train.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS), encoding="utf-8")
+    return f
+
+
+@pytest.fixture(scope="module")
+def runs(ckpt, data_file, tmp_path_factory):
+    """An uninterrupted run, and the same run stopped (Ctrl-C) after step 5 and resumed."""
+    model = ktjax.load(ckpt, dtype="float32")
+    before = [np.array(x) for x in jax.tree.leaves(model.params)]
+    full = finetune(model, data_file, output=tmp_path_factory.mktemp("full"), **RUN)
+
+    out = tmp_path_factory.mktemp("resumed")
+
+    def stop(metrics):
+        if metrics["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, data_file, output=out, callback=stop, save_every=100, **RUN)
+    resumed = finetune(model, data_file, output=out, **RUN)
+    return model, before, full, resumed
+
+
+def test_loss_falls_on_a_memorisation_set(runs):
+    _, _, full, _ = runs
+    losses = [h["loss"] for h in full.history]
+    assert len(losses) == 12 and full.steps == 12
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2]), losses
+    assert all(h["tokens_per_s"] > 0 and h["seq_len"] in D.length_buckets(64) for h in full.history)
+
+
+def test_base_weights_stay_bit_for_bit_unchanged(runs):
+    model, before, _, _ = runs
+    after = jax.tree.leaves(model.params)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_resumed_run_continues_identically(runs):
+    _, _, full, resumed = runs
+    assert resumed.start_step == 5 and resumed.steps == 12
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for (p, a), (_, b) in zip(sorted(L._flatten(full.adapters).items()), sorted(L._flatten(resumed.adapters).items())):
+        np.testing.assert_array_equal(a, b, err_msg=str(p))
+
+
+def test_exported_adapter_reloads_as_the_trained_model(runs):
+    model, _, full, _ = runs
+    tokens = TOKENS
+    trained = ktjax.logits(full.apply(model), tokens)
+    assert not np.allclose(trained, ktjax.logits(model, tokens), atol=1e-3)
+    np.testing.assert_allclose(ktjax.logits(L.load_adapter(model, full.output), tokens), trained, atol=1e-5)
+    with open(f"{full.output}/finetune_summary.json") as f:
+        summary = json.load(f)
+    assert summary["steps"] == 12 and summary["lora"]["rank"] == 4
+
+
+def test_cli_finetune_then_merge_gives_the_adapted_logits(runs, ckpt, data_file, tmp_path):
+    model, _, full, _ = runs
+    parser = argparse.ArgumentParser(prog="ktjax")
+    sub = parser.add_subparsers(dest="command")
+    add_finetune_parser(sub)
+    add_merge_parser(sub)
+    out = tmp_path / "adapter"
+    args = parser.parse_args(["finetune", "--model", ckpt, "--data", str(data_file), "--output", str(out),
+                              "--dtype", "float32", "--rank", "4", "--alpha", "8", "--dropout", "0.05", "--lr", "2e-2",
+                              "--steps", "12", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "64",
+                              "--warmup", "2", "--targets", "attention,shared_experts", "--seed", "3"])
+    assert args.func(args) == 0
+    adapted = L.load_adapter(model, out)
+    tokens = TOKENS
+    # Same data, seed and settings as the API run: the same adapter.
+    np.testing.assert_allclose(ktjax.logits(adapted, tokens), ktjax.logits(full.apply(model), tokens), atol=1e-6)
+
+    args = parser.parse_args(["merge", "--model", ckpt, "--adapter", str(out), "--output", str(tmp_path / "merged")])
+    assert args.func(args) == 0
+    merged = ktjax.load(tmp_path / "merged")
+    assert merged.tokenizer is not None
+    got, want = ktjax.logits(merged, tokens), ktjax.logits(adapted, tokens)
+    assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-5
+
+
+def test_gradient_accumulation_equals_one_larger_batch(small):
+    """M micro-batches of B rows give the update of one batch of M*B rows (token-weighted mean)."""
+    model = ktjax.load(small, dtype="float32")
+    lcfg = L.LoRAConfig(rank=2, targets=("q_b_proj", "o_proj"))
+    graphdef, _ = L.lora_graph(model.config, model.dtype, lcfg)
+    adapters = jax.tree.map(lambda x: x + 0.01, L.init_adapters(model.config, lcfg, 0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (2, 16)).astype(np.int32)
+    mask = np.zeros((2, 16), bool)
+    mask[0, 3:] = True
+    mask[1, 10:] = True  # different target counts per row: a plain mean of micro-batch means would differ
+    step = make_train_step(graphdef, optax.sgd(1.0), loss_chunk=8)
+    key = jax.random.key(0)
+    one, _, m1 = step(adapters, optax.sgd(1.0).init(adapters), model.params, tokens[None], mask[None], key)
+    two, _, m2 = step(adapters, optax.sgd(1.0).init(adapters), model.params, tokens[:, None], mask[:, None], key)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_adapters(small):
+    model = ktjax.load(small, dtype="bfloat16")
+    lcfg = L.LoRAConfig(rank=2, targets=("kv_b_proj", "o_proj"))
+    graphdef, _ = L.lora_graph(model.config, model.dtype, lcfg)
+    adapters = jax.tree.map(jnp.asarray, L.init_adapters(model.config, lcfg, 0))
+    tx = optax.adamw(1e-3)
+    tokens = np.arange(16, dtype=np.int32).reshape(1, 1, 16)
+    new, opt, m = make_train_step(graphdef, tx)(adapters, tx.init(adapters), model.params, tokens,
+                                                np.ones_like(tokens, bool), jax.random.key(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new))
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
+def test_bad_data_lines_name_the_file_and_line(ckpt, tmp_path):
+    tok = load_tokenizer(ckpt)
+    good = json.dumps(CONVERSATIONS[0])
+    cases = {
+        '{"messages": [oops': r"bad\.jsonl:3: not valid JSON",
+        '{"messages": [{"role": "user", "content": "hi"}]}': r"bad\.jsonl:3: no assistant message",
+        '{"messages": [{"role": "robot", "content": "hi"}]}': r"bad\.jsonl:3: message 0 has role 'robot'",
+        '{"prompt": "a", "completion": 3}': r"bad\.jsonl:3: 'completion' must be a string",
+        '{"input": "a"}': r"bad\.jsonl:3: expected 'messages', 'prompt'/'completion' or 'text'",
+        "[1, 2]": r"bad\.jsonl:3: expected a JSON object",
+    }
+    for line, pattern in cases.items():
+        f = tmp_path / "bad.jsonl"
+        f.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=pattern):
+            D.load_dataset(f, tok, seq_len=64)
+    with pytest.raises(ValueError, match=r"data\[1\]: 'messages' must be a non-empty list"):
+        D.load_dataset([CONVERSATIONS[0], {"messages": []}], tok, seq_len=64)
+    with pytest.raises(ValueError, match="missing.jsonl: cannot read data file"):
+        D.load_dataset(tmp_path / "missing.jsonl", tok, seq_len=64)
+
+
+def test_loss_mask_covers_only_the_responses(ckpt):
+    tok = load_tokenizer(ckpt)
+    ex = D.encode_record(CONVERSATIONS[3], tok)
+    assert tok.decode(ex.ids) == tok.apply_chat_template(CONVERSATIONS[3]["messages"], add_generation_prompt=False)
+    assert tok.decode(ex.ids[ex.mask]) == "Hi!<｜end▁of▁sentence｜>Hi again!<｜end▁of▁sentence｜>"
+    ex = D.encode_record(CONVERSATIONS[2], tok)
+    assert tok.decode(ex.ids[ex.mask]) == "\n    return a + b\n<｜end▁of▁sentence｜>"
+    assert ex.ids[0] == tok.bos_token_id and not ex.mask[0]
+
+
+def test_loader_is_seeded_shuffled_and_bucketed(ckpt):
+    tok = load_tokenizer(ckpt)
+    ds = D.load_dataset(CONVERSATIONS * 3, tok, seq_len=100, eval_fraction=0.25, seed=1)
+    assert len(ds.eval) == 3 and len(ds.train) == 9
+    loader = D.Loader(ds.train, batch_size=2, grad_accum=2, seq_len=100, seed=1, pad_id=1)
+    assert D.length_buckets(100) == (32, 64, 100)
+    b = loader.batch(3)
+    assert b.tokens.shape[:2] == (2, 2) and b.tokens.shape[2] in (32, 64, 100)
+    again = D.Loader(ds.train, batch_size=2, grad_accum=2, seq_len=100, seed=1, pad_id=1).batch(3)
+    np.testing.assert_array_equal(b.tokens, again.tokens)
+    # Each epoch visits every example once, in a new order.
+    epoch = [i for s in range(0, 9, 1) for i in loader.indices(s)][:9 * 4]
+    assert sorted(epoch[:9]) == list(range(9)) and epoch[:9] != epoch[9:18]
+    assert loader.position(5) == {"examples_seen": 20, "epoch": 2, "index": 2}
+
+
+def test_offloaded_model_trains_with_experts_streamed_from_host(ckpt, data_file, tmp_path):
+    """Routed experts in host memory: each step streams them forward and backward; the adapter
+    exports like any other and loads (merged) into the offloaded model for inference."""
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                       max_context=64)
+    assert model.placement.offloaded
+    # Same adapters and shapes as test_lora's gradient test (per-layer segments compiled once).
+    with pytest.warns(UserWarning, match=r"examples cut to seq_len=32"):
+        r = finetune(model, data_file, output=tmp_path, rank=3, alpha=6, targets=("attention", "shared_experts",
+                     "dense_mlp"), steps=4, batch_size=2, seq_len=32, lr=1e-2, warmup=0, eval_data=data_file,
+                     eval_every=2, progress=False)
+    assert r.steps == 4 and all(np.isfinite(h["loss"]) for h in r.history)
+    assert all(h["host_bytes"] == 2 * 2 * 8 * 3 * 32 * 64 * 4 for h in r.history)
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+    evals = [h["eval_loss"] for h in r.history if "eval_loss" in h]  # the held-out loss, every 2 steps
+    assert len(evals) == 2 and r.eval_loss == evals[-1] and np.isfinite(evals).all()
+    # Loading the adapter into an offloaded model merges it into the per-layer device weights, as a
+    # resident merge does (the offloaded forward itself is tested against the resident one elsewhere).
+    adapted = L.load_adapter(model, tmp_path)
+    resident = dict(nnx.to_flat_state(L.merge_adapter(ktjax.load(ckpt, dtype="float32"), tmp_path).params))
+    for i, j, group, path in [(0, 0, "dense_layers", ("mlp", "up_proj", "weight")),
+                              (2, 1, "moe_layers", ("self_attn", "kv_b_proj", "weight")),
+                              (1, 0, "moe_layers", ("mlp", "shared_experts", "down_proj", "weight"))]:
+        got = adapted.layers[i]
+        for p in path:
+            got = got[p]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(resident[(group, *path)][...][j]))
+        assert not np.array_equal(np.asarray(got), np.asarray(_base_layer(model, i, path)))  # it did change
+
+
+def _base_layer(model, i, path):
+    node = model.layers[i]
+    for p in path:
+        node = node[p]
+    return node
