@@ -61,7 +61,7 @@ def generation_defaults(path: str) -> dict[str, Any]:
 
 def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: bool | None = None,
          gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
-         max_context: int = 4096, expert_chunk: int = 32):
+         max_context: int = 4096, expert_chunk: int = 32, adapter: str | os.PathLike | None = None):
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
 
     gpu_memory: device memory budget ("24GiB" or bytes); routed experts that do not fit stay in
@@ -69,6 +69,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: 
         no limit on the CPU.
     placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
     max_batch, max_context: the KV cache the budget reserves room for.
+    adapter: a PEFT LoRA adapter directory to apply (merged into the weights of offloaded models).
     """
     from ktjax.offload import load_offloaded
 
@@ -83,6 +84,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: 
     model.placement = plan
     model.tokenizer = load_tokenizer(path)
     model.generation_defaults = generation_defaults(path)
+    if adapter is not None:
+        from ktjax.lora import load_adapter
+        model = load_adapter(model, adapter)
     return model
 
 

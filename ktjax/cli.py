@@ -15,7 +15,9 @@ EPILOG = """examples:
   ktjax generate --model ~/DeepSeek-V2-Lite --prompt "Hi" --max-new-tokens 64 --temperature 0.7
   echo "Once upon a time" | ktjax generate --model DIR --json
   ktjax chat --model ~/DeepSeek-R1 --thinking
-  ktjax info --model ~/DeepSeek-R1
+  ktjax info --model ~/DeepSeek-R1 --gpu-memory 24GiB
+  ktjax finetune --model DIR --data chat.jsonl --output adapter/
+  ktjax merge --model DIR --adapter adapter/ --output merged/
 """
 
 
@@ -31,6 +33,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the GPU's own limit; no limit on the CPU)")
     p.add_argument("--max-context", type=int, default=4096, metavar="N",
                    help="tokens of KV cache the budget reserves per sequence (default 4096)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -82,12 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the config summary and parameter counts and bytes by group, without "
                        "loading the weights; with --gpu-memory, the placement plan too.")
     _model_args(i)
+
+    from ktjax.finetune import add_finetune_parser, add_merge_parser
+    add_finetune_parser(sub)
+    add_merge_parser(sub)
     return parser
 
 
 def _load(args):
     import ktjax
-    model = ktjax.load(args.model, dtype=args.dtype, gpu_memory=args.gpu_memory, max_context=args.max_context)
+    model = ktjax.load(args.model, dtype=args.dtype, gpu_memory=args.gpu_memory, max_context=args.max_context,
+                       adapter=args.adapter)
     if getattr(model.placement, "offloaded", False):
         print(model.placement.table(), file=sys.stderr)
     return model
@@ -200,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ktjax.engine import enable_compilation_cache
         enable_compilation_cache()
-        return {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command](args)
+        from ktjax.finetune import cmd_finetune, cmd_merge
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "finetune": cmd_finetune,
+                    "merge": cmd_merge}
+        return commands[args.command](args)
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
         print(f"ktjax: error: {e}", file=sys.stderr)
         return 1
