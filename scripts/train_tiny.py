@@ -231,11 +231,33 @@ def sample(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.
 
 # ---- training ------------------------------------------------------------------------------
 
+def save_train_state(file: Path, params, opt_state, rng, step, total, history, best) -> None:
+    """Everything needed to continue a run (float32 weights, AdamW moments, batch RNG, step)."""
+    arrays = {"p/" + "/".join(k): np.asarray(v) for k, v in params.items()}
+    arrays.update({f"o/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))})
+    meta = dict(step=step, total=total, history=history, best=list(best), rng=rng.bit_generator.state)
+    tmp = file.with_suffix(".tmp.npz")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
+    os.replace(tmp, file)
+
+
+def load_train_state(file: Path, params, opt_state):
+    with np.load(file) as z:
+        meta = json.loads(str(z["meta"]))
+        params = {k: jnp.asarray(z["p/" + "/".join(k)]) for k in params}
+        leaves, treedef = jax.tree.flatten(opt_state)
+        opt_state = jax.tree.unflatten(treedef, [jnp.asarray(z[f"o/{i}"]) for i in range(len(leaves))])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = meta["rng"]
+    return params, opt_state, rng, meta["step"], meta["total"], meta["history"], tuple(meta["best"])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=REPO / "models" / "tiny", help="output directory (default: models/tiny/)")
-    g.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    g.add_argument("--steps", type=int, default=1600, help="optimizer steps (default: 1600)")
     g.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds of training at most: after timing the first steps, the step count (and the "
                         "cosine schedule) is cut to fit; 0 = no limit (default)")
@@ -244,6 +266,8 @@ def parse_args(argv=None):
     g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
     g.add_argument("--eval-every", type=int, default=250,
                    help="steps between held-out evaluations; the best model so far is saved (default: 250)")
+    g.add_argument("--state-dir", type=Path, default=None,
+                   help="keep a resumable training state here at each evaluation, and resume from it if present")
     g.add_argument("--max-files", type=int, default=0, help="use only the first N stdlib files (0 = all; for tests)")
     g.add_argument("--smoke", action="store_true",
                    help="a seconds-long end-to-end check: tiny model, 60 files, 30 steps (overrides sizes)")
@@ -393,22 +417,25 @@ def main(argv=None) -> None:
         return train_stream[starts[:, None] + np.arange(T)[None, :]]
 
     total = args.steps
+    history, best, step, compile_s = [], (float("inf"), -1), 0, None
+    state_file = args.state_dir / "train_state.npz" if args.state_dir else None
+    if state_file is not None and state_file.exists():
+        params, opt_state, rng, step, total, history, best = load_train_state(state_file, params, opt_state)
+        print(f"resumed from {state_file} at step {step} of {total}", flush=True)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, max(total, args.warmup + 1),
                                                   args.lr * args.min_lr_ratio)
-    history, best = [], (float("inf"), -1)
-    t0 = time.time()
-    params, opt_state, loss, gnorm, imb = train_step(params, opt_state, batch(), jnp.float32(schedule(0)))
-    loss.block_until_ready()
-    compile_s = time.time() - t0
-    print(f"compiled the train step in {compile_s:.1f} s; first loss {float(loss):.3f}", flush=True)
-    t_train, step, timed_from = time.time(), 1, None
+    t_train, timed_from, first = time.time(), None, step
     while step < total:
         params, opt_state, loss, gnorm, imb = train_step(params, opt_state, batch(), jnp.float32(schedule(step)))
         step += 1
-        if step == 5:
+        if compile_s is None:
+            loss.block_until_ready()
+            compile_s = time.time() - t_train
+            print(f"compiled the train step in {compile_s:.1f} s; first loss {float(loss):.3f}", flush=True)
+        if step == first + 5:
             loss.block_until_ready()
             timed_from = time.time()
-        if args.time_budget and step == 25:
+        if args.time_budget and step == 25 and first == 0:
             loss.block_until_ready()
             per_step = (time.time() - timed_from) / 20
             fit = int(args.time_budget * 0.92 / per_step)
@@ -432,6 +459,8 @@ def main(argv=None) -> None:
                 save_model(params)
             print(f"  held-out stdlib loss {val:.3f}  ktjax source loss {src:.3f}  (best {best[0]:.3f} at step {best[1]})",
                   flush=True)
+            if state_file is not None:
+                save_train_state(state_file, params, opt_state, rng, step, total, history, best)
     train_s = time.time() - t_train
     tokens_seen = step * args.batch_size * T
 
@@ -464,7 +493,7 @@ def main(argv=None) -> None:
         stdlib=str(root), train_files=len(train_texts), held_out_files=len(val_texts),
         train_tokens=int(len(train_stream)), vocab_size=cfg.vocab_size, parameters=n_params,
         steps=step, saved_step=best[1], batch_size=args.batch_size, seq_len=T, tokens_seen=tokens_seen,
-        epochs=round(tokens_seen / len(train_stream), 2), compile_seconds=round(compile_s, 1),
+        epochs=round(tokens_seen / len(train_stream), 2), compile_seconds=round(compile_s or 0.0, 1),
         train_seconds=round(train_s, 1), final_losses={k: round(v, 4) for k, v in final.items()},
         history=history, samples=samples, args={k: str(v) for k, v in vars(args).items()},
     )
