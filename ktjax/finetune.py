@@ -637,7 +637,6 @@ def finetune(model, data, *, output: str | os.PathLike, rank: int = 8, alpha: fl
     trainer = OffloadedTrainer(model, lcfg, sites, tc) if offloaded else None
     root_key = jax.random.key(seed)
     adapters = lora_lib.init_adapters(cfg, lcfg, jax.random.fold_in(root_key, 0x10A), sites)
-    tx = tc.optimizer()
     # Committed to the device like the step's outputs, so the first step compiles the same program.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     adapters = jax.device_put(adapters, device)

@@ -330,16 +330,9 @@ class LoRACausalLM(DeepseekForCausalLM):
     Same interface as the base model: `__call__`/`hidden`/`head`, so the engine's compiled segments
     (prefill, decode, generation) run it unchanged."""
 
-    def hidden(self, tokens_BT, start_B, cache):
-        T = tokens_BT.shape[1]
-        positions_BT = start_B[:, None] + jnp.arange(T, dtype=start_B.dtype)[None, :]
-        rope = cos_sin(self.cfg, positions_BT)
-        x_BTD = self.embed(tokens_BT)
-        cache = dict(cache)
-        for group, first, count in layer_schedule(self.cfg):
-            x_BTD, cache[group] = scan_layers(self.layers(group), x_BTD, rope, start_B, cache[group], first, count,
-                                              model_layers=group_layers(self.cfg)[group])
-        return x_BTD, cache
+    def run_group(self, group, x_BTD, rope, start_B, cache, first, count):
+        return scan_layers(self.layers(group), x_BTD, rope, start_B, cache, first, count,
+                           model_layers=group_layers(self.cfg)[group])
 
     def train_hidden(self, tokens_BT, *, remat: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
         """Hidden states of a [B, T] chunk from position 0 (no cache kept), rematerialised per layer."""

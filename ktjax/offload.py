@@ -459,7 +459,6 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
                 names = [f"model.layers.{i}.mlp.experts.{e}.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
                 mats = [ckpt.read(n) for n in names]
                 fp8 = all(m.dtype == np.dtype(jnp.float8_e4m3fn) for m in mats)
-                on_host = (i, e) in plan.host_experts
                 if fp8:
                     if block[0] != block[1]:
                         raise ValueError(f"{path}: FP8 experts need square scale blocks, got {block}")

@@ -127,8 +127,12 @@ class DeepseekForCausalLM(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         cache = dict(cache)
         for group, first, count in layer_schedule(self.cfg):
-            x_BTD, cache[group] = run_layers(self.layers(group), x_BTD, rope, start_B, cache[group], first, count)
+            x_BTD, cache[group] = self.run_group(group, x_BTD, rope, start_B, cache[group], first, count)
         return x_BTD, cache
+
+    def run_group(self, group: str, x_BTD, rope, start_B, cache: LayerCache, first: int, count: int):
+        """One run of consecutive same-kind layers (subclasses change how a layer runs, not the order)."""
+        return run_layers(self.layers(group), x_BTD, rope, start_B, cache, first, count)
 
     def __call__(self, tokens_BT: jax.Array, start_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Logits [B, T, V] (float32) of a chunk, and the updated cache."""
