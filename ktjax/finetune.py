@@ -851,24 +851,3 @@ def cmd_merge(args) -> int:
 
 __all__ = ["FinetuneResult", "OffloadedTrainer", "TrainConfig", "add_finetune_parser", "add_merge_parser", "adapter_nll",
            "cmd_finetune", "cmd_merge", "finetune", "make_train_step", "merge_to_checkpoint"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ktjax.finetune finetune|merge ...`: the two commands without the main CLI."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m ktjax.finetune")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_finetune_parser(sub)
-    add_merge_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        print(f"ktjax: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
