@@ -49,7 +49,11 @@ class ExpertWeights:
         if self.scale is None:
             return self.w.astype(dtype)
         _, F, D = self.w.shape
-        s = jnp.repeat(jnp.repeat(self.scale, self.block, axis=1)[:, :F], self.block, axis=2)[:, :, :D]
+        b = self.block
+        if F % b == 0 and D % b == 0:  # broadcast over blocks: no scale tensor the size of the weights
+            w = self.w.reshape(3, F // b, b, D // b, b).astype(jnp.float32)
+            return (w * self.scale[:, :, None, :, None]).astype(dtype).reshape(3, F, D)
+        s = jnp.repeat(jnp.repeat(self.scale, b, axis=1)[:, :F], b, axis=2)[:, :, :D]
         return (self.w.astype(jnp.float32) * s).astype(dtype)
 
 
@@ -195,6 +199,10 @@ class StepStats:
     experts_fetched: int = 0
     seconds: float = 0.0
     segment_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    # When each MoE layer's routing reached the host, in seconds from the step's start: the spacing
+    # is the per-layer time, which shows how close each layer's transfers run to the link's speed.
+    routed_at: list[float] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def host_gb_per_s(self) -> float:
@@ -261,8 +269,8 @@ class OffloadedModel:
 
     def forward(self, cache, tokens_BT, start_B):
         """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache."""
-        t0 = time.perf_counter()
         self.last_step = StepStats()
+        t0 = self.last_step.started
         cfg = self.config
         tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
         start_B = jnp.asarray(start_B, jnp.int32)
@@ -311,12 +319,11 @@ class OffloadedModel:
         return n_tokens * self.config.num_experts_per_tok >= 2 * self.config.n_routed_experts
 
     def _chunks(self, layer: int, ids: Sequence[int]) -> list[list[int]]:
-        """Device-resident experts first (no wait), then host experts in chunks of the plan's size."""
-        resident = [e for e in ids if (layer, e) not in self.placement.host_experts]
-        hosted = [e for e in ids if (layer, e) in self.placement.host_experts]
+        """Chunks of the plan's size, device-resident experts first (their compute need not wait)."""
+        hosted = self.placement.host_experts
+        ordered = [e for e in ids if (layer, e) not in hosted] + [e for e in ids if (layer, e) in hosted]
         size = self.placement.expert_chunk
-        chunks = [resident[k:k + size] for k in range(0, len(resident), size)]
-        return chunks + [hosted[k:k + size] for k in range(0, len(hosted), size)]
+        return [ordered[k:k + size] for k in range(0, len(ordered), size)]
 
     def _fetch(self, layer: int, ids: Sequence[int]):
         """Start the transfers of a chunk's host experts (asynchronous); device experts as they are."""
@@ -341,6 +348,7 @@ class OffloadedModel:
         B, T, D = x_BTD.shape
         N = B * T
         idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
+        self.last_step.routed_at.append(time.perf_counter() - self.last_step.started)
         counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
         if self._stream_all(N):
             ids = list(range(cfg.n_routed_experts))

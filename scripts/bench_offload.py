@@ -22,6 +22,62 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
+T_START = time.perf_counter()
+
+
+def log(msg: str):
+    print(f"[{time.perf_counter() - T_START:6.1f} s] {msg}", flush=True)
+
+
+def summarize_trace(trace_dir: str, out_dir: str) -> None:
+    """Busy time per GPU stream and the idle gaps of the host->device copies, from a perfetto trace."""
+    import glob
+    import gzip
+    import shutil
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        log("trace: no perfetto_trace.json.gz written")
+        return
+    if os.path.getsize(files[0]) < 15 << 20:
+        shutil.copy(files[0], os.path.join(out_dir, "decode_b1_trace.json.gz"))
+    with gzip.open(files[0]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            names[(e["name"][0], e["pid"], e.get("tid"))] = e["args"]["name"]
+    threads: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            threads.setdefault((e["pid"], e.get("tid")), []).append((float(e["ts"]), float(e["dur"]), e["name"]))
+    procs = sorted({names.get(("p", pid, None), str(pid)) for pid, _ in threads})
+    log(f"trace: {len(events)} events; processes {procs}")
+    for (pid, tid), evs in sorted(threads.items()):
+        proc, thread = names.get(("p", pid, None), str(pid)), names.get(("t", pid, tid), str(tid))
+        if "GPU" not in proc and "gpu" not in proc.lower():
+            continue
+        evs.sort()
+        busy, end, gaps = 0.0, None, []
+        for ts, dur, _ in evs:
+            if end is None or ts > end:
+                if end is not None:
+                    gaps.append((ts - end, ts))
+                busy += dur
+                end = ts + dur
+            elif ts + dur > end:
+                busy += ts + dur - end
+                end = ts + dur
+        span = end - evs[0][0]
+        totals: dict = {}
+        for _, dur, name in evs:
+            totals[name[:60]] = totals.get(name[:60], 0.0) + dur
+        top = ", ".join(f"{n} {t / 1e3:.2f} ms" for n, t in sorted(totals.items(), key=lambda kv: -kv[1])[:6])
+        big = sorted(gaps, reverse=True)[:12]
+        log(f"trace {proc} / {thread}: {len(evs)} events, busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms; top: {top}")
+        log(f"   largest gaps (ms @ offset ms): " + ", ".join(f"{g / 1e3:.2f}@{(t - evs[0][0]) / 1e3:.1f}" for g, t in big))
+
+
 def median_time(f, n=5, warm=1):
     import jax
     import numpy as np
@@ -93,7 +149,7 @@ def run_ktjax(args) -> dict:
                     max_context=max_ctx, expert_chunk=args.expert_chunk)
     print(plan.table(), flush=True)
     t = time.perf_counter()
-    model = random_offloaded_model(cfg, plan, dtype, fp8=fp8, progress=lambda s: print(s, flush=True))
+    model = random_offloaded_model(cfg, plan, dtype, fp8=fp8, progress=log)
     res["build_s"] = time.perf_counter() - t
     res["host_experts"] = len(plan.host_experts)
     res["expert_bytes"] = plan.expert_bytes
@@ -109,14 +165,30 @@ def run_ktjax(args) -> dict:
         pos = np.full((B,), ctx, np.int32)
         for _ in range(3):  # compile and warm up
             tok, cache = model.decode_and_sample(cache, tok, pos, key, zero, one, jnp.float32(1.0))
-        steps, moved = [], []
+        jax.block_until_ready(tok)
+        log(f"decode B={B}: compiled and warm")
+        steps, moved, layer_ms = [], [], []
         for s in range(args.steps):
             t = time.perf_counter()
             tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
             jax.block_until_ready(tok)
             steps.append(time.perf_counter() - t)
             moved.append(model.last_step.bytes_from_host)
+            if hasattr(model.last_step, "routed_at"):
+                layer_ms.append(np.diff(model.last_step.routed_at) * 1e3)
+        if B == 1 and args.trace and not resident:
+            trace_dir = os.path.join("/tmp", f"trace_{args.run}")
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                for s in range(2):
+                    tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
+                jax.block_until_ready(tok)
+            try:
+                summarize_trace(trace_dir, args.out)
+            except Exception as e:  # the trace is a diagnostic: never lose the numbers over it
+                log(f"trace summary failed: {e!r}")
         step = float(np.median(steps))
+        log(f"decode B={B}: steps {' '.join(f'{1e3 * t:.1f}' for t in steps)} ms; routing-to-routing per MoE layer "
+            f"(median over steps) {' '.join(f'{v:.1f}' for v in np.median(layer_ms, axis=0))} ms" if layer_ms else "")
         host_bytes = float(np.mean(moved))
         cache_bytes = cfg.num_hidden_layers * B * (ctx + 1) * cfg.cache_dim * 2
         row = {"step_s": step, "tokens_per_s": B / step, "host_bytes_per_step": host_bytes,
@@ -139,6 +211,7 @@ def run_ktjax(args) -> dict:
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
         x, cache = model.forward(cache, tokens, np.zeros(1, np.int32))  # compile + warm
         jax.block_until_ready(x)
+        log(f"prefill T={T}: compiled and warm")
         del x
         ts, moved = [], []
         for _ in range(args.prefill_reps):
@@ -288,6 +361,7 @@ def main():
     p.add_argument("--hbm-gbps", type=float, default=0.0)
     p.add_argument("--matmul-tflops", type=float, default=0.0)
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
+    p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps; summarise the GPU streams")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -304,7 +378,8 @@ def main():
         frac = parse_size(args.gpu_memory) / total
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--prefill-max", str(args.prefill_max), "--prefill-reps", str(args.prefill_reps),
-              "--expert-chunk", str(args.expert_chunk)] + (["--tiny"] if args.tiny else [])
+              "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches),
+              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else [])
     parts = [("ktjax", ["--run", "ktjax", "--experts", "bf16"], True, args.timeout),
              ("ktjax-fp8", ["--run", "ktjax-fp8", "--experts", "fp8"], True, args.timeout),
              ("resident", ["--run", "resident", "--experts", "bf16"], False, args.timeout * 2 // 3),
