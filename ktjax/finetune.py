@@ -429,7 +429,7 @@ class OffloadedTrainer:
         from ktjax.offload import combine_segment, embed_segment
         m, cfg = self.model, self.cfg
         B, T = tokens_BT.shape
-        x, rope = embed_segment(cfg, m.top["embed_tokens"], tokens_BT, jnp.zeros((B,), jnp.int32))
+        x, rope, _ = embed_segment(cfg, m.top["embed_tokens"], tokens_BT, jnp.zeros((B,), jnp.int32))
         inputs, counts = [], {}
         for i, kind in enumerate(cfg.layer_kinds):
             inputs.append(x)

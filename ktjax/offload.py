@@ -160,9 +160,11 @@ def combine_segment(x_BTD, acc_ND):
 
 @functools.partial(jax.jit, static_argnums=0)
 def embed_segment(cfg, embed_VD, tokens_BT, start_B):
+    tokens_BT = tokens_BT.reshape(tokens_BT.shape[0], -1).astype(jnp.int32)  # [B] (a decode step) or [B, T]
+    start_B = start_B.astype(jnp.int32)
     T = tokens_BT.shape[1]
     positions_BT = start_B[:, None] + jnp.arange(T, dtype=start_B.dtype)[None, :]
-    return embed_VD[tokens_BT], cos_sin(cfg, positions_BT)
+    return embed_VD[tokens_BT], cos_sin(cfg, positions_BT), start_B
 
 
 @jax.jit
@@ -175,14 +177,17 @@ def final_logits(norm_D, head_VD, eps, x_BXD):
 
 
 @jax.jit
-def head_segment(norm_D, head_VD, eps, x_BD, key, temperature, top_k, top_p):
+def head_segment(norm_D, head_VD, eps, x_BTD, last_B, key, temperature, top_k, top_p):
+    """Sample from row last_B[b] of each sequence."""
+    x_BD = jnp.take_along_axis(x_BTD, last_B.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
     logits_BV = final_logits(norm_D, head_VD, eps, x_BD)
     return sample(logits_BV, key, temperature, top_k, top_p), logits_BV
 
 
-@jax.jit
-def _take_rows(x_BTD, last_B):
-    return jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+@functools.partial(jax.jit, static_argnums=0)
+def move_segment(sharding, experts):
+    """Host experts copied to the device by a compiled program (the alternative to `jax.device_put`)."""
+    return jax.device_put(experts, sharding)
 
 
 def _pow2(n: int) -> int:
@@ -215,10 +220,19 @@ class OffloadedModel:
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict[str, jax.Array],
                  layers: list[nnx.State], experts: dict[int, list[ExpertWeights]], path: str | None = None):
         self.config, self.placement, self.dtype, self.path = config, plan, jnp.dtype(dtype), path
-        self.top, self.layers, self.experts = top, layers, experts
         self.segments = {k: LayerSegments(layer_graphdef(config, k, dtype)[0], config) for k in set(config.layer_kinds)}
         self.device = jax.devices()[0]
         self.on_device = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
+        # Device experts get the very sharding fetched ones have: a segment's compiled variant is keyed
+        # on its arguments' shardings, and a mix of kinds per step would recompile it.
+        experts = {i: [ex if (i, e) in plan.host_experts else jax.device_put(ex, self.on_device)
+                       for e, ex in enumerate(slots)] for i, slots in experts.items()}
+        self.top, self.layers, self.experts = top, layers, experts
+        self._eps = jnp.float32(config.rms_norm_eps)
+        # Decode computes the chosen experts in groups of this many, each as soon as its transfers land,
+        # so only the last group's compute is not hidden behind the link.
+        self.decode_group = 2
+        self.fetch_in_program = False  # move experts with a compiled copy program instead of jax.device_put
         self.tokenizer = None
         self.prefill_chunk = 512
         self.profile = False  # block after every segment to time it (slower: no overlap)
@@ -235,28 +249,29 @@ class OffloadedModel:
         """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
         B = tokens_BT.shape[0]
         x_BTD, cache = self.forward(cache, tokens_BT, np.zeros(B, np.int32))
-        tok, _ = self._head(_take_rows(x_BTD, jnp.asarray(lengths_B - 1)), key, temperature, top_k, top_p)
+        tok, _ = self._head(x_BTD, np.asarray(lengths_B) - 1, key, temperature, top_k, top_p)
         return tok, cache
 
     def decode_and_sample(self, cache, token_B, pos_B, key, temperature, top_k, top_p):
-        x_BTD, cache = self.forward(cache, jnp.asarray(token_B)[:, None], pos_B)
-        tok, _ = self._head(x_BTD[:, 0], key, temperature, top_k, top_p)
+        # No eager jnp work here: each would be a separate dispatch (~0.1-0.5 ms) on the step's path.
+        x_BTD, cache = self.forward(cache, token_B, pos_B)
+        tok, _ = self._head(x_BTD, np.zeros((x_BTD.shape[0],), np.int32), key, temperature, top_k, top_p)
         return tok, cache
 
     def logits(self, tokens_BT) -> jax.Array:
         """float32 logits [B, T, V] of a full forward pass (prompts up to any length)."""
-        tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+        tokens_BT = np.asarray(tokens_BT, np.int32)
         B, T = tokens_BT.shape
-        x_BTD, _ = self.forward(self.init_cache(B, T), tokens_BT, jnp.zeros((B,), jnp.int32))
-        return final_logits(self.top["norm"], self._head_weight(), jnp.float32(self.config.rms_norm_eps), x_BTD)
+        x_BTD, _ = self.forward(self.init_cache(B, T), tokens_BT, np.zeros((B,), np.int32))
+        return final_logits(self.top["norm"], self._head_weight(), self._eps, x_BTD)
 
     def _head_weight(self) -> jax.Array:
         return self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
 
     # The forward pass ------------------------------------------------------------------------
-    def _head(self, x_BD, key, temperature, top_k, top_p):
-        return self._timed("head", head_segment, self.top["norm"], self._head_weight(),
-                           jnp.float32(self.config.rms_norm_eps), x_BD, key, temperature, top_k, top_p)
+    def _head(self, x_BTD, last_B, key, temperature, top_k, top_p):
+        return self._timed("head", head_segment, self.top["norm"], self._head_weight(), self._eps, x_BTD, last_B,
+                           key, temperature, top_k, top_p)
 
     def _timed(self, name: str, fn, *args, **kwargs):
         if not self.profile:
@@ -272,10 +287,9 @@ class OffloadedModel:
         self.last_step = StepStats()
         t0 = self.last_step.started
         cfg = self.config
-        tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
-        start_B = jnp.asarray(start_B, jnp.int32)
-        B, T = tokens_BT.shape
-        x_BTD, rope = self._timed("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
+        # Token ids and positions may be host arrays; they cross to the device once, here.
+        x_BTD, rope, start_B = self._timed("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
+        T = x_BTD.shape[1]
         cache = list(cache)
         prefetched = None
         short = T <= self.prefill_chunk  # attention and what follows fit one segment
@@ -294,6 +308,7 @@ class OffloadedModel:
                 else:
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp)
                     h_ND, weights_NK, idx_NK = self._timed("route", seg.route, state, x_BTD)
+                idx_NK.copy_to_host_async()  # queued behind the routing: no host round trip before it
                 x_BTD, prefetched = self._moe(i, seg, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched)
             cache[i] = (latent, rp)
         jax.block_until_ready(x_BTD)
@@ -329,7 +344,12 @@ class OffloadedModel:
         """Start the transfers of a chunk's host experts (asynchronous); device experts as they are."""
         slots = self.experts[layer]
         hosted = [e for e in ids if (layer, e) in self.placement.host_experts]
-        moved = jax.device_put([slots[e] for e in hosted], self.on_device) if hosted else []
+        if not hosted:
+            moved = []
+        elif self.fetch_in_program:  # one program per expert, so each lands (and is usable) on its own
+            moved = [move_segment(self.on_device, slots[e]) for e in hosted]
+        else:
+            moved = jax.device_put([slots[e] for e in hosted], self.on_device)
         by_id = dict(zip(hosted, moved))
         self.last_step.experts_fetched += len(hosted)
         self.last_step.bytes_from_host += sum(slots[e].nbytes for e in hosted)
@@ -363,21 +383,25 @@ class OffloadedModel:
         x_BTD = self._timed("shared_expert", seg.shared, state, x_BTD, h_ND)
         acc = None
         nxt_prefetch = None
+        # Decode computes small groups, each as soon as its experts land; prefill whole chunks.
+        group = self.placement.expert_chunk if self._stream_all(N) else self.decode_group
         for c, ids_c in enumerate(chunks):
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
             upcoming = self._fetch(i, chunks[c + 1]) if c + 1 < len(chunks) else None
             if upcoming is None:
                 nxt_prefetch = self._next_layer_prefetch(i, N)
-            # Few static shapes: slots padded to a power of two (full chunks when there are several),
+            # Few static shapes: slots padded to a power of two (full groups when there are several),
             # capacity = every token for decode-sized batches, else the chunk's largest count.
-            size = _pow2(len(ids_c)) if len(chunks) == 1 else self.placement.expert_chunk
-            pad = size - len(ids_c)
-            ids_arr = np.array(list(ids_c) + [-1] * pad, np.int32)
-            slots = tuple(fetched) + (fetched[0],) * pad  # padding reuses a fetched array: no transfer
+            size = _pow2(len(ids_c)) if len(ids_c) <= group else group
             capacity = _pow2(N) if N <= 64 else _pow2(int(counts[list(ids_c)].max()))
-            acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, ids_arr, slots,
-                              capacity=capacity)
-            del slots  # drop this chunk's arrays, so they free once its compute is done
+            for g in range(0, len(ids_c), size):
+                ids_g, slots = list(ids_c[g:g + size]), tuple(fetched[g:g + size])
+                pad = size - len(ids_g)
+                ids_arr = np.array(ids_g + [-1] * pad, np.int32)
+                slots += (slots[0],) * pad  # padding reuses a fetched array: no transfer
+                acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, ids_arr, slots,
+                                  capacity=capacity)
+            del slots, fetched  # drop this chunk's arrays, so they free once its compute is done
             if upcoming is not None and c + 2 < len(chunks):
                 acc.block_until_ready()  # bound device memory: at most two chunks in flight
             fetched = upcoming

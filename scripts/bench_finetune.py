@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from benchparts import run_parts  # noqa: E402
 
 
 def tiny_config(moe_layers: int):
@@ -202,6 +203,7 @@ def main():
     p.add_argument("--h2d-gbps", type=float, default=0.0)
     p.add_argument("--matmul-tflops", type=float, default=0.0)
     p.add_argument("--timeout", type=int, default=540, help="seconds for each part")
+    p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -219,30 +221,15 @@ def main():
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--rank", str(args.rank), "--targets", args.targets, "--expert-chunk", str(args.expert_chunk),
               "--seq-lens", *map(str, args.seq_lens)] + (["--tiny"] if args.tiny else [])
-    results = []
-    log = open(os.path.join(args.out, "bench_finetune.log"), "w")
-    for name in args.parts:
-        env = dict(os.environ, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="110", PYTHONUNBUFFERED="1")
-        if name == "offload" and frac:
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{frac:.4f}"
-        extra = ["--run", name]
-        if results and "h2d_gbps" in results[0]:
-            extra += ["--h2d-gbps", str(results[0]["h2d_gbps"]), "--matmul-tflops", str(results[0]["matmul_tflops"])]
-        cmd = [sys.executable, os.path.abspath(__file__)] + common + extra
-        t = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or "") + \
-                f"\nTIMEOUT after {args.timeout} s"
-        log.write(f"==== {name} ({time.perf_counter() - t:.0f} s): {' '.join(cmd)}\n{out}\n")
-        log.flush()
-        found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-        results += found
-        print(f"{name}: {'ok' if found else 'FAILED'} in {time.perf_counter() - t:.0f} s", flush=True)
-        if not found:
-            print("\n".join(out.strip().splitlines()[-8:]), flush=True)
+    env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
+    me = [sys.executable, os.path.abspath(__file__)] + common
+    results = run_parts(
+        [(name, me + ["--run", name], {**env, **({"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}"}
+                                                 if name == "offload" and frac else {})}, args.timeout)
+         for name in args.parts],
+        log_path=os.path.join(args.out, "bench_finetune.log"), deadline_s=args.deadline,
+        ceiling_args=lambda c: ["--h2d-gbps", str(c["h2d_gbps"]), "--matmul-tflops", str(c["matmul_tflops"])]
+        if "h2d_gbps" in c else [])
     with open(os.path.join(args.out, "bench_finetune.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = table(results)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from benchparts import run_parts  # noqa: E402
 
 
 T_START = time.perf_counter()
@@ -39,7 +40,7 @@ def summarize_trace(trace_dir: str, out_dir: str) -> None:
         log("trace: no perfetto_trace.json.gz written")
         return
     if os.path.getsize(files[0]) < 15 << 20:
-        shutil.copy(files[0], os.path.join(out_dir, "decode_b1_trace.json.gz"))
+        shutil.copy(files[0], os.path.join(out_dir, f"decode_b1_trace_{os.path.basename(trace_dir)[6:]}.json.gz"))
     with gzip.open(files[0]) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
@@ -132,7 +133,7 @@ def run_ktjax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from fullsize import fullsize_config, plan_for, random_offloaded_model
-    from ktjax.offload import expected_unique_experts
+    from ktjax.offload import expected_unique_experts, experts_segment
     from ktjax.placement import fmt_bytes
 
     res = {"part": args.run, "experts": args.experts}
@@ -167,6 +168,7 @@ def run_ktjax(args) -> dict:
             tok, cache = model.decode_and_sample(cache, tok, pos, key, zero, one, jnp.float32(1.0))
         jax.block_until_ready(tok)
         log(f"decode B={B}: compiled and warm")
+        compiled = experts_segment._cache_size()
         steps, moved, layer_ms = [], [], []
         for s in range(args.steps):
             t = time.perf_counter()
@@ -177,7 +179,7 @@ def run_ktjax(args) -> dict:
             if hasattr(model.last_step, "routed_at"):
                 layer_ms.append(np.diff(model.last_step.routed_at) * 1e3)
         if B == 1 and args.trace and not resident:
-            trace_dir = os.path.join("/tmp", f"trace_{args.run}")
+            trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # copied to $OUT as decode_b1_trace_<part>
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 for s in range(2):
                     tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
@@ -186,6 +188,8 @@ def run_ktjax(args) -> dict:
                 summarize_trace(trace_dir, args.out)
             except Exception as e:  # the trace is a diagnostic: never lose the numbers over it
                 log(f"trace summary failed: {e!r}")
+        if experts_segment._cache_size() != compiled:
+            log(f"decode B={B}: {experts_segment._cache_size() - compiled} expert segments compiled while timed")
         step = float(np.median(steps))
         log(f"decode B={B}: steps {' '.join(f'{1e3 * t:.1f}' for t in steps)} ms; routing-to-routing per MoE layer "
             f"(median over steps) {' '.join(f'{v:.1f}' for v in np.median(layer_ms, axis=0))} ms" if layer_ms else "")
@@ -204,6 +208,30 @@ def run_ktjax(args) -> dict:
         print(f"ROW decode_b{B} " + json.dumps(row), flush=True)
         print(f"decode B={B}: {step * 1e3:.1f} ms/step, {B / step:.2f} tok/s, {fmt_bytes(host_bytes)} from host "
               f"({host_bytes / step / 1e9:.1f} GB/s)", flush=True)
+        del cache
+
+    if not resident and args.decode_variants:
+        # The two ways of moving experts (issue 4 asks to keep the faster) and the compute grouping, at B=1.
+        cache = model.init_cache(1, ctx + 64)
+        tok, pos = jnp.asarray([13], jnp.int32), np.full((1,), ctx, np.int32)
+        defaults = model.decode_group, model.fetch_in_program
+        for variant in args.decode_variants:
+            group, how = variant.split(":")
+            model.decode_group, model.fetch_in_program = int(group), how == "program"
+            for _ in range(2):
+                tok, cache = model.decode_and_sample(cache, tok, pos, key, zero, one, jnp.float32(1.0))
+            ts = []
+            for s in range(args.steps):
+                t = time.perf_counter()
+                tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
+                jax.block_until_ready(tok)
+                ts.append(time.perf_counter() - t)
+            step, moved = float(np.median(ts)), model.last_step.bytes_from_host
+            row = {"step_s": step, "tokens_per_s": 1 / step, "host_bytes_per_step": moved,
+                   "achieved_h2d_gbps": moved / step / 1e9}
+            res[f"decode_b1_{group}_{how}"] = row
+            log(f"decode B=1 group {group} fetch {how}: steps {' '.join(f'{1e3 * t:.1f}' for t in ts)} ms")
+        model.decode_group, model.fetch_in_program = defaults
         del cache
 
     for T in ([args.prefill_max // 8, args.prefill_max] if not args.tiny else [64, 256]):
@@ -360,7 +388,10 @@ def main():
     p.add_argument("--h2d-gbps", type=float, default=0.0)
     p.add_argument("--hbm-gbps", type=float, default=0.0)
     p.add_argument("--matmul-tflops", type=float, default=0.0)
-    p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
+    p.add_argument("--timeout", type=int, default=240, help="seconds for each ktjax part (2/3 of it for the others)")
+    p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
+    p.add_argument("--decode-variants", nargs="*", default=["8:put", "2:put", "1:put", "2:program"],
+                   help="B=1 decode with experts computed in groups of N, moved by device_put or a compiled program")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps; summarise the GPU streams")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -369,7 +400,6 @@ def main():
         res = run_transformers(args) if args.run == "transformers" else run_ktjax(args)
         print("RESULT " + json.dumps(res), flush=True)
         return
-    results = []
     frac = None
     if not args.tiny:
         import jax
@@ -379,37 +409,23 @@ def main():
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--prefill-max", str(args.prefill_max), "--prefill-reps", str(args.prefill_reps),
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches),
-              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else [])
+              "--out", args.out, "--decode-variants", *args.decode_variants] + (["--tiny"] if args.tiny else []) + (
+              ["--trace"] if args.trace else [])
     parts = [("ktjax", ["--run", "ktjax", "--experts", "bf16"], True, args.timeout),
              ("ktjax-fp8", ["--run", "ktjax-fp8", "--experts", "fp8"], True, args.timeout),
              ("resident", ["--run", "resident", "--experts", "bf16"], False, args.timeout * 2 // 3),
              ("transformers", ["--run", "transformers", "--peer-experts", str(args.peer_experts),
                                "--peer-steps", str(args.peer_steps)], True, args.timeout * 2 // 3)]
-    log = open(os.path.join(args.out, "bench_offload.log"), "w")
-    for name, extra, budgeted, timeout in [p for p in parts if p[0] in args.parts]:
-        env = dict(os.environ, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="110", PYTHONUNBUFFERED="1")
-        if budgeted and frac:
-            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{frac:.4f}"
-            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-        if results and "h2d_gbps" in results[0]:
-            c = results[0]
-            extra = extra + ["--h2d-gbps", str(c["h2d_gbps"]), "--hbm-gbps", str(c["hbm_gbps"]),
-                             "--matmul-tflops", str(c["matmul_tflops"])]
-        cmd = [sys.executable, os.path.abspath(__file__)] + common + extra
-        t = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-            out = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            out += f"\nTIMEOUT after {timeout} s"
-        log.write(f"==== {name} ({time.perf_counter() - t:.0f} s): {' '.join(cmd)}\n{out}\n")
-        log.flush()
-        found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-        results += found
-        print(f"{name}: {'ok' if found else 'FAILED'} in {time.perf_counter() - t:.0f} s", flush=True)
-        if not found:
-            print("\n".join(out.strip().splitlines()[-8:]), flush=True)
+    env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
+    budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
+              "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}
+    me = [sys.executable, os.path.abspath(__file__)] + common
+    results = run_parts(
+        [(name, me + extra, {**env, **(budget if budgeted else {})}, timeout)
+         for name, extra, budgeted, timeout in parts if name in args.parts],
+        log_path=os.path.join(args.out, "bench_offload.log"), deadline_s=args.deadline,
+        ceiling_args=lambda c: ["--h2d-gbps", str(c["h2d_gbps"]), "--hbm-gbps", str(c["hbm_gbps"]),
+                                "--matmul-tflops", str(c["matmul_tflops"])] if "h2d_gbps" in c else [])
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = table(results)

@@ -116,6 +116,27 @@ def test_decode_moves_only_the_chosen_experts(ckpt):
     assert step.bytes_from_host == step.experts_fetched * model.placement.expert_bytes
 
 
+@pytest.mark.parametrize("group, in_program", [(1, False), (8, False), (2, True)])
+def test_decode_groups_and_fetch_modes_give_the_resident_models_tokens(ckpt, resident, group, in_program):
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.1\.mlp\.experts\.[0-2]": "device",
+                                                          **ALL_HOST}, **SMALL)
+    model.decode_group, model.fetch_in_program = group, in_program
+    prompts = [[5, 9, 13, 2], [3, 4]]
+    want = [r.token_ids for r in ktjax.generate(resident, prompts, max_new_tokens=6)]
+    assert [r.token_ids for r in ktjax.generate(model, prompts, max_new_tokens=6)] == want
+
+
+def test_decode_steps_reuse_their_compiled_segments(ckpt):
+    """Steps that mix device and host experts in a layer, in any proportion, run the same programs."""
+    from ktjax.offload import experts_segment
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.2\.mlp\.experts\.[0-3]": "device",
+                                                          **ALL_HOST}, **SMALL)
+    ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
+    compiled = experts_segment._cache_size()
+    ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=12)
+    assert experts_segment._cache_size() == compiled
+
+
 def test_long_prefill_streams_every_host_expert_once(ckpt):
     model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, max_context=256)
     model.prefill_chunk = 16  # attention in query chunks, experts streamed once per layer
