@@ -416,6 +416,7 @@ class OffloadedTrainer:
             acc = experts_segment(acc, h_ND, w_NK, idx_NK, ids, slots, capacity=capacity)
             if bound:
                 acc.block_until_ready()
+            del slots  # before the generator fetches the next-but-one chunk: two chunks at most
         return acc
 
     # -- forward / backward -----------------------------------------------------------------------
@@ -460,6 +461,7 @@ class OffloadedTrainer:
                 dh, dw = experts_bwd_segment(dh, dw, h, w, idx, ids, slots, dacc, capacity=capacity)
                 if bound:
                     dh.block_until_ready()
+                del slots
             dx, grads[i] = moe_bwd_segment(gd, state, a, inputs[i], rope, k, cfg, dx, dh, dw)
         out = {}
         for name, group in adapters.items():
@@ -574,7 +576,8 @@ def _show_progress(progress) -> bool:
 def _load_model(model, *, dtype, gpu_memory, batch_size: int, seq_len: int):
     if isinstance(model, (str, os.PathLike)):
         import ktjax
-        return ktjax.load(model, dtype=dtype, gpu_memory=gpu_memory, max_batch=batch_size, max_context=seq_len)
+        return ktjax.load(model, dtype=dtype, gpu_memory=gpu_memory, max_batch=batch_size, max_context=seq_len,
+                          training=True)
     if model is None:
         raise ValueError("finetune: give a checkpoint directory or a loaded model")
     return model

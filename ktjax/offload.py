@@ -231,7 +231,7 @@ class OffloadedModel:
         self._eps = jnp.float32(config.rms_norm_eps)
         # Decode computes the chosen experts in groups of this many, each as soon as its transfers land,
         # so only the last group's compute is not hidden behind the link.
-        self.decode_group = 2
+        self.decode_group = 1  # measured fastest on the H200 (benchmarks/offload.md): 29.1 vs 31.6 ms for 2
         self.fetch_in_program = False  # move experts with a compiled copy program instead of jax.device_put
         self.tokenizer = None
         self.prefill_chunk = 512
@@ -291,7 +291,7 @@ class OffloadedModel:
         x_BTD, rope, start_B = self._timed("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         T = x_BTD.shape[1]
         cache = list(cache)
-        prefetched = None
+        prefetched: list = []  # the next MoE layer's first chunk, fetched ahead; a list so _moe can take it
         short = T <= self.prefill_chunk  # attention and what follows fit one segment
         for i, kind in enumerate(cfg.layer_kinds):
             seg, state = self.segments[kind], self.layers[i]
@@ -309,7 +309,7 @@ class OffloadedModel:
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp)
                     h_ND, weights_NK, idx_NK = self._timed("route", seg.route, state, x_BTD)
                 idx_NK.copy_to_host_async()  # queued behind the routing: no host round trip before it
-                x_BTD, prefetched = self._moe(i, seg, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched)
+                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched)
             cache[i] = (latent, rp)
         jax.block_until_ready(x_BTD)
         self.last_step.seconds = time.perf_counter() - t0
@@ -363,7 +363,9 @@ class OffloadedModel:
         first = self._chunks(nxt, range(self.config.n_routed_experts))[0]
         return nxt, first, self._fetch(nxt, first)
 
-    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched):
+    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched: list):
+        """The routed experts of layer i added to x. `prefetched` holds at most one (layer, ids, arrays)
+        fetched ahead; it is taken out (no reference kept) and refilled for the next MoE layer."""
         cfg = self.config
         B, T, D = x_BTD.shape
         N = B * T
@@ -375,21 +377,26 @@ class OffloadedModel:
         else:
             ids = [int(e) for e in np.flatnonzero(counts)]
         chunks = self._chunks(i, ids)
-        if prefetched is not None and prefetched[0] == i and chunks and chunks[0] == prefetched[1]:
-            fetched = prefetched[2]
+        ahead = prefetched.pop() if prefetched else None
+        if ahead is not None and ahead[0] == i and chunks and chunks[0] == ahead[1]:
+            fetched = ahead[2]
         else:
             fetched = self._fetch(i, chunks[0])
+        del ahead
         # Dispatched after the first transfer started, so the shared expert runs while it is in flight.
         x_BTD = self._timed("shared_expert", seg.shared, state, x_BTD, h_ND)
         acc = None
-        nxt_prefetch = None
         # Decode computes small groups, each as soon as its experts land; prefill whole chunks.
         group = self.placement.expert_chunk if self._stream_all(N) else self.decode_group
         for c, ids_c in enumerate(chunks):
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
             upcoming = self._fetch(i, chunks[c + 1]) if c + 1 < len(chunks) else None
-            if upcoming is None:
-                nxt_prefetch = self._next_layer_prefetch(i, N)
+            if upcoming is None and self._stream_all(N):
+                if c > 0:
+                    acc.block_until_ready()  # the previous chunk's compute done: two chunks on the device
+                nxt = self._next_layer_prefetch(i, N)
+                if nxt is not None:
+                    prefetched.append(nxt)
             # Few static shapes: slots padded to a power of two (full groups when there are several),
             # capacity = every token for decode-sized batches, else the chunk's largest count.
             size = _pow2(len(ids_c)) if len(ids_c) <= group else group
@@ -405,8 +412,7 @@ class OffloadedModel:
             if upcoming is not None and c + 2 < len(chunks):
                 acc.block_until_ready()  # bound device memory: at most two chunks in flight
             fetched = upcoming
-        x_BTD = self._timed("combine", combine_segment, x_BTD, acc)
-        return x_BTD, nxt_prefetch
+        return self._timed("combine", combine_segment, x_BTD, acc)
 
 
 # ---- building ------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def build(args, cfg, dtype, all_on_device: bool):
                          expert_chunk=args.expert_chunk)
     else:
         plan = plan_for(cfg, dtype, gpu_memory=args.gpu_memory, all_on_device=all_on_device, max_batch=1,
-                        max_context=max(args.seq_lens) + 256, expert_chunk=args.expert_chunk)
+                        max_context=max(args.seq_lens), expert_chunk=args.expert_chunk, training=True)
     print(plan.table(), flush=True)
     return plan, random_offloaded_model(cfg, plan, dtype, progress=lambda s: print(s, flush=True))
 

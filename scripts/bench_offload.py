@@ -353,7 +353,8 @@ def table(results: list[dict]) -> str:
     lines += ["| run | what | tokens/s | time | from host per step | achieved H2D | floor | floor/measured |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        name = r["part"] + (f" ({r['experts']} experts)" if "experts" in r else f" ({r.get('experts_per_layer')} experts/layer)")
+        name = r["part"] + (f" ({r['experts']} experts)" if r.get("experts") else
+                            f" ({r['experts_per_layer']} experts/layer)" if r.get("experts_per_layer") else "")
         for k, v in r.items():
             if not isinstance(v, dict):
                 continue

@@ -97,11 +97,12 @@ def random_offloaded_model(cfg: ModelConfig, plan, dtype=jnp.bfloat16, *, fp8: b
 
 
 def plan_for(cfg: ModelConfig, dtype, *, gpu_memory=None, fp8=False, all_on_device=False, max_batch=32,
-             max_context=8192 + 256, expert_chunk=32):
+             max_context=8192 + 256, expert_chunk=32, training=False):
     from ktjax.loading import abstract_model
     from ktjax.placement import plan
     _, abstract = abstract_model(cfg, dtype)
     rules = {r".*": "device"} if all_on_device else None
     p = plan(cfg, abstract, dtype, gpu_memory=None if all_on_device else gpu_memory, placement=rules,
-             fp8_experts=fp8, max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk)
+             fp8_experts=fp8, max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk,
+             training=training)
     return dataclasses.replace(p, budget=None) if all_on_device else p

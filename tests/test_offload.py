@@ -71,6 +71,18 @@ def test_budget_fills_whole_layers_in_order_and_the_rest_stays_on_the_host(ckpt)
     assert "pinned_host" in table and "did not fit" in table and fmt_bytes(budget) in table
 
 
+def test_a_training_plan_reserves_a_steps_activations_instead_of_experts(ckpt):
+    from ktjax.placement import training_nbytes
+    everything = plan_placement(ckpt, gpu_memory="1TB", max_context=256)
+    extra = training_nbytes(everything.config, 1, 256, jnp.float32)
+    # Room for every expert when serving; training's activations take the room of 10 of them.
+    budget = everything.device_bytes + (256 << 20) + extra - 10 * everything.expert_bytes
+    serve, train = (plan_placement(ckpt, gpu_memory=budget, max_context=256, training=t) for t in (False, True))
+    assert train.workspace_bytes == serve.workspace_bytes + extra
+    assert len(serve.device_experts) == 3 * 8 and len(train.device_experts) == 3 * 8 - 10
+    assert train.device_bytes <= budget
+
+
 def test_budget_too_small_for_the_core_says_how_much_is_needed(ckpt):
     with pytest.raises(PlacementError, match=r"gpu_memory=.* is too small: .* need [\d.]+ [KMG]iB"):
         ktjax.load(ckpt, gpu_memory="1MB")
@@ -143,6 +155,42 @@ def test_long_prefill_streams_every_host_expert_once(ckpt):
     tokens = np.random.default_rng(4).integers(0, 97, (1, 40))
     ktjax.logits(model, tokens)
     assert model.last_step.experts_fetched == len(model.placement.host_experts)
+
+
+def count_live_fetches(model) -> list[int]:
+    """Wrap model._fetch: before each fetch, how many experts fetched earlier are still referenced."""
+    import gc
+    import weakref
+    fetched, live = [], []
+    fetch = model._fetch
+
+    def counting(layer, ids):
+        gc.collect()
+        live.append(sum(r() is not None for r in fetched))
+        out = fetch(layer, ids)
+        fetched.extend(weakref.ref(ex.w) for ex in out)
+        return out
+
+    model._fetch = counting
+    return live
+
+
+@pytest.mark.parametrize("phase", ["prefill", "training"])
+def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase):
+    """What the plan's workspace holds: the chunk being computed and the one in flight, no more."""
+    from ktjax import lora as L
+    from ktjax.finetune import OffloadedTrainer, TrainConfig
+    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, max_context=64, expert_chunk=2)
+    live = count_live_fetches(model)
+    tokens = np.random.default_rng(6).integers(0, 97, (1, 24))
+    if phase == "prefill":
+        ktjax.logits(model, tokens)
+    else:
+        lcfg = L.LoRAConfig(rank=2)
+        sites = L.resolve_sites(model.config, lcfg.targets)
+        adapters = jax.tree.map(jnp.asarray, L.init_adapters(model.config, lcfg, 0, sites))
+        OffloadedTrainer(model, lcfg, sites, TrainConfig()).loss_and_grads(adapters, tokens, np.ones_like(tokens, bool))
+    assert len(live) >= 4 * 3 and max(live) <= 2  # one chunk of 2 experts in flight when the next is fetched
 
 
 def test_fp8_experts_stay_fp8_on_the_host_and_match_the_dequantised_model(ckpt, tmp_path):
