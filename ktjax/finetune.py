@@ -388,36 +388,13 @@ class OffloadedTrainer:
         head = top["embed_tokens"] if top.get("lm_head") is None else top["lm_head"]
         return top["norm"], head, jnp.float32(self.cfg.rms_norm_eps)
 
-    def _expert_chunks(self, i: int, counts: np.ndarray, n_tokens: int):
-        """(ids, slots, capacity, bound) for each chunk of layer i's experts, the next chunk's transfer
-        issued before the current one is yielded; bound: wait for this chunk's compute before the
-        next (at most two chunks of experts in device memory)."""
-        from ktjax.offload import _pow2
-        m = self.model
-        if m._stream_all(n_tokens):
-            ids = list(range(self.cfg.n_routed_experts))
-        else:
-            ids = [int(e) for e in np.flatnonzero(counts)]
-        chunks = m._chunks(i, ids)
-        fetched = m._fetch(i, chunks[0]) if chunks else None
-        for c, ids_c in enumerate(chunks):
-            upcoming = m._fetch(i, chunks[c + 1]) if c + 1 < len(chunks) else None
-            size = _pow2(len(ids_c)) if len(chunks) == 1 else m.placement.expert_chunk
-            pad = size - len(ids_c)
-            ids_arr = jnp.asarray(np.array(list(ids_c) + [-1] * pad, np.int32))
-            capacity = _pow2(n_tokens) if n_tokens <= 64 else _pow2(int(counts[list(ids_c)].max()))
-            yield ids_arr, tuple(fetched) + (fetched[0],) * pad, capacity, c + 2 < len(chunks)
-            fetched = upcoming
-
     def _routed(self, i, h_ND, w_NK, idx_NK, counts):
         from ktjax.offload import experts_segment
-        acc = None
-        for ids, slots, capacity, bound in self._expert_chunks(i, counts, h_ND.shape[0]):
-            acc = experts_segment(acc, h_ND, w_NK, idx_NK, ids, slots, capacity=capacity)
-            if bound:
-                acc.block_until_ready()
-            del slots  # before the generator fetches the next-but-one chunk: two chunks at most
-        return acc
+
+        def compute(acc, ids_C, slots, capacity):
+            return experts_segment(acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
+
+        return self.model.stream_experts(i, counts, h_ND.shape[0], compute, None)
 
     # -- forward / backward -----------------------------------------------------------------------
     def _key(self, key, i):
@@ -456,12 +433,11 @@ class OffloadedTrainer:
                 continue
             _, h, w, idx = moe_fwd_segment(gd, state, a, inputs[i], rope, k, cfg)
             dacc = dx.reshape(h.shape).astype(jnp.float32)
-            dh, dw = jnp.zeros_like(h), jnp.zeros_like(w)
-            for ids, slots, capacity, bound in self._expert_chunks(i, counts[i], h.shape[0]):
-                dh, dw = experts_bwd_segment(dh, dw, h, w, idx, ids, slots, dacc, capacity=capacity)
-                if bound:
-                    dh.block_until_ready()
-                del slots
+
+            def compute(dh_dw, ids_C, slots, capacity, h=h, w=w, idx=idx, dacc=dacc):
+                return experts_bwd_segment(*dh_dw, h, w, idx, ids_C, slots, dacc, capacity=capacity)
+
+            dh, dw = m.stream_experts(i, counts[i], h.shape[0], compute, (jnp.zeros_like(h), jnp.zeros_like(w)))
             dx, grads[i] = moe_bwd_segment(gd, state, a, inputs[i], rope, k, cfg, dx, dh, dw)
         out = {}
         for name, group in adapters.items():

@@ -363,56 +363,71 @@ class OffloadedModel:
         first = self._chunks(nxt, range(self.config.n_routed_experts))[0]
         return nxt, first, self._fetch(nxt, first)
 
-    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched: list):
-        """The routed experts of layer i added to x. `prefetched` holds at most one (layer, ids, arrays)
-        fetched ahead; it is taken out (no reference kept) and refilled for the next MoE layer."""
-        cfg = self.config
-        B, T, D = x_BTD.shape
-        N = B * T
-        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
-        self.last_step.routed_at.append(time.perf_counter() - self.last_step.started)
-        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
-        if self._stream_all(N):
-            ids = list(range(cfg.n_routed_experts))
-        else:
-            ids = [int(e) for e in np.flatnonzero(counts)]
+    def stream_experts(self, i: int, counts: np.ndarray, n_tokens: int, compute, acc, *,
+                       prefetched: list | None = None, started=None):
+        """acc = compute(acc, ids_C, experts, capacity) over the experts layer i needs, in groups.
+
+        Host experts are fetched one chunk ahead of the compute, and at most two chunks live on the
+        device (what the plan's workspace holds): no chunk's arrays are referenced here once its
+        compute is issued, and the chunk after next is fetched only when that compute is done.
+        Prefill-sized batches stream every expert; decode-sized ones only those routed to.
+        prefetched: a list holding at most one (layer, ids, arrays) fetched ahead; taken, and refilled
+        with the next MoE layer's first chunk (so that transfer overlaps the end of this layer).
+        started: called once the first transfer is under way (device work that need not wait for it).
+        """
+        stream_all = self._stream_all(n_tokens)
+        ids = list(range(self.config.n_routed_experts)) if stream_all else [int(e) for e in np.flatnonzero(counts)]
         chunks = self._chunks(i, ids)
         ahead = prefetched.pop() if prefetched else None
         if ahead is not None and ahead[0] == i and chunks and chunks[0] == ahead[1]:
             fetched = ahead[2]
         else:
-            fetched = self._fetch(i, chunks[0])
+            fetched = self._fetch(i, chunks[0]) if chunks else []
         del ahead
-        # Dispatched after the first transfer started, so the shared expert runs while it is in flight.
-        x_BTD = self._timed("shared_expert", seg.shared, state, x_BTD, h_ND)
-        acc = None
+        if started is not None:
+            started()
         # Decode computes small groups, each as soon as its experts land; prefill whole chunks.
-        group = self.placement.expert_chunk if self._stream_all(N) else self.decode_group
+        group = self.placement.expert_chunk if stream_all else self.decode_group
         for c, ids_c in enumerate(chunks):
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
             upcoming = self._fetch(i, chunks[c + 1]) if c + 1 < len(chunks) else None
-            if upcoming is None and self._stream_all(N):
+            if upcoming is None and stream_all and prefetched is not None:
                 if c > 0:
-                    acc.block_until_ready()  # the previous chunk's compute done: two chunks on the device
-                nxt = self._next_layer_prefetch(i, N)
+                    jax.block_until_ready(acc)  # the previous chunk's compute done: two chunks on the device
+                nxt = self._next_layer_prefetch(i, n_tokens)
                 if nxt is not None:
                     prefetched.append(nxt)
             # Few static shapes: slots padded to a power of two (full groups when there are several),
             # capacity = every token for decode-sized batches, else the chunk's largest count.
             size = _pow2(len(ids_c)) if len(ids_c) <= group else group
-            capacity = _pow2(N) if N <= 64 else _pow2(int(counts[list(ids_c)].max()))
+            capacity = _pow2(n_tokens) if n_tokens <= 64 else _pow2(int(counts[list(ids_c)].max()))
             for g in range(0, len(ids_c), size):
                 ids_g, slots = list(ids_c[g:g + size]), tuple(fetched[g:g + size])
                 pad = size - len(ids_g)
-                ids_arr = np.array(ids_g + [-1] * pad, np.int32)
                 slots += (slots[0],) * pad  # padding reuses a fetched array: no transfer
-                acc = self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, ids_arr, slots,
-                                  capacity=capacity)
+                acc = compute(acc, np.array(ids_g + [-1] * pad, np.int32), slots, capacity)
             del slots, fetched  # drop this chunk's arrays, so they free once its compute is done
             if upcoming is not None and c + 2 < len(chunks):
-                acc.block_until_ready()  # bound device memory: at most two chunks in flight
+                jax.block_until_ready(acc)  # bound device memory: at most two chunks in flight
             fetched = upcoming
-        return self._timed("combine", combine_segment, x_BTD, acc)
+        return acc
+
+    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, weights_NK, idx_NK, prefetched: list):
+        """The routed experts of layer i added to x (and the shared expert, while the first transfer runs)."""
+        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
+        self.last_step.routed_at.append(time.perf_counter() - self.last_step.started)
+        counts = np.bincount(idx_host.ravel(), minlength=self.config.n_routed_experts)
+        shared = []
+
+        def run_shared():
+            shared.append(self._timed("shared_expert", seg.shared, state, x_BTD, h_ND))
+
+        def compute(acc, ids_C, slots, capacity):
+            return self._timed("experts", experts_segment, acc, h_ND, weights_NK, idx_NK, ids_C, slots,
+                               capacity=capacity)
+
+        acc = self.stream_experts(i, counts, h_ND.shape[0], compute, None, prefetched=prefetched, started=run_shared)
+        return self._timed("combine", combine_segment, shared[0], acc)
 
 
 # ---- building ------------------------------------------------------------------------------
