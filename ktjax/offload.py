@@ -45,16 +45,18 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return self.w.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
-    def dense(self, dtype) -> jax.Array:
+    def matrix(self, k: int, dtype) -> jax.Array:
+        """Matrix k (0 gate, 1 up, 2 down^T) as [F, D] in dtype. One matrix at a time, so that the
+        FP8 dequantisation can fuse into the matmul that reads it instead of being written out."""
         if self.scale is None:
-            return self.w.astype(dtype)
+            return self.w[k].astype(dtype)
         _, F, D = self.w.shape
-        b = self.block
+        b, w, scale = self.block, self.w[k], self.scale[k]
         if F % b == 0 and D % b == 0:  # broadcast over blocks: no scale tensor the size of the weights
-            w = self.w.reshape(3, F // b, b, D // b, b).astype(jnp.float32)
-            return (w * self.scale[:, :, None, :, None]).astype(dtype).reshape(3, F, D)
-        s = jnp.repeat(jnp.repeat(self.scale, b, axis=1)[:, :F], b, axis=2)[:, :, :D]
-        return (self.w.astype(jnp.float32) * s).astype(dtype)
+            w = w.reshape(F // b, b, D // b, b).astype(jnp.float32)
+            return (w * scale[:, None, :, None]).astype(dtype).reshape(F, D)
+        s = jnp.repeat(jnp.repeat(scale, b, axis=0)[:F], b, axis=1)[:, :D]
+        return (w.astype(jnp.float32) * s).astype(dtype)
 
 
 def pack_expert(gate_FD, up_FD, down_DF, gate_scale=None, up_scale=None, down_scale=None, block=0):
@@ -143,12 +145,11 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
         match_NK = idx_NK == ids_C[c]
         tok_C = jnp.nonzero(match_NK.any(-1), size=capacity, fill_value=N)[0]
         wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), f32)])[tok_C]
-        w_3FD = ex.dense(dt)
         x_CD = h_pad[tok_C]
-        g = jnp.einsum("cd,fd->cf", x_CD, w_3FD[0], preferred_element_type=f32)
-        u = jnp.einsum("cd,fd->cf", x_CD, w_3FD[1], preferred_element_type=f32)
+        g = jnp.einsum("cd,fd->cf", x_CD, ex.matrix(0, dt), preferred_element_type=f32)
+        u = jnp.einsum("cd,fd->cf", x_CD, ex.matrix(1, dt), preferred_element_type=f32)
         a = (jax.nn.silu(g) * u).astype(dt)
-        y = jnp.einsum("cf,fd->cd", a, w_3FD[2], preferred_element_type=f32)
+        y = jnp.einsum("cf,fd->cd", a, ex.matrix(2, dt), preferred_element_type=f32)
         acc_ND = acc_ND.at[tok_C].add(y * wt_C[:, None], mode="drop")
     return acc_ND
 

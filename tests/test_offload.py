@@ -193,6 +193,18 @@ def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase
     assert len(live) >= 4 * 3 and max(live) <= 2  # one chunk of 2 experts in flight when the next is fetched
 
 
+@pytest.mark.parametrize("F, D", [(32, 64), (20, 36)])  # whole blocks, and ragged edge blocks
+def test_fp8_expert_matrices_dequantise_blockwise(F, D):
+    from ktjax.offload import ExpertWeights
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(3, F, D)).astype(jnp.float8_e4m3fn)
+    scale = rng.uniform(0.5, 2.0, size=(3, -(-F // 16), -(-D // 16))).astype(np.float32)
+    ex = ExpertWeights(jnp.asarray(w), jnp.asarray(scale), 16)
+    for k in range(3):
+        want = w[k].astype(np.float32) * np.repeat(np.repeat(scale[k], 16, 0), 16, 1)[:F, :D]
+        np.testing.assert_array_equal(np.asarray(ex.matrix(k, jnp.float32)), want)
+
+
 def test_fp8_experts_stay_fp8_on_the_host_and_match_the_dequantised_model(ckpt, tmp_path):
     fp8 = write_fp8_checkpoint(ckpt, str(tmp_path / "fp8"), block=(16, 16))
     resident = ktjax.load(fp8, dtype="float32")
