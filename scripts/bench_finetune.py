@@ -14,7 +14,8 @@ Parts (each in its own process: the budget is a process-wide allocator setting):
 
 Per sequence length (batch 1, LoRA r=8 on the attention projections, bf16 compute, f32 adapters):
 tokens/s per optimizer step, bytes from host per step, and the floor: max(bytes moved / measured
-pinned H2D bandwidth, training FLOPs / measured bf16 matmul rate), with training FLOPs taken as 3x
+pinned H2D bandwidth, 3 x weight bytes / measured HBM bandwidth, training FLOPs / measured bf16
+matmul rate): each of the three passes reads every weight once; training FLOPs are taken as 3x
 the forward's (forward, rematerialised forward, input-gradient backward; frozen weights need no
 weight gradients) over the matmuls of the active parameters plus attention. The ceilings are
 measured in the same run (bench_offload's probes). A markdown table is printed last and written,
@@ -64,6 +65,14 @@ def step_flops(cfg, T: int) -> float:
     return 3 * fwd
 
 
+def weight_bytes(cfg, dtype) -> int:
+    """Bytes of the model's weights: what each pass of a step reads from HBM at least once (every
+    expert is routed to at these lengths)."""
+    from flax import nnx
+    from ktjax.loading import abstract_model
+    return sum(v.size * v.dtype.itemsize for _, v in nnx.to_flat_state(abstract_model(cfg, dtype)[1]))
+
+
 def build(args, cfg, dtype, all_on_device: bool):
     from fullsize import plan_for, random_offloaded_model
     if args.tiny and not all_on_device:  # tiny experts always fit: put them on the host by rule
@@ -97,7 +106,7 @@ def run_part(args) -> dict:
     from ktjax.placement import fmt_bytes
 
     res = {"part": args.run}
-    if args.run == "offload":
+    if not (args.h2d_gbps and args.hbm_gbps and args.matmul_tflops):  # the first part measures them
         res.update(ceilings(args.tiny))
         print("CEILINGS " + json.dumps(res), flush=True)
     if args.tiny:
@@ -129,6 +138,7 @@ def run_part(args) -> dict:
     adapters, opt_state = jax.device_put((adapters, jax.jit(tx.init)(adapters)), device)  # as the steps leave them
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
+    weights = weight_bytes(cfg, dtype)
     for T in args.seq_lens:
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 1, T)), jnp.int32)
         mask = jnp.ones((1, 1, T), bool)
@@ -148,11 +158,12 @@ def run_part(args) -> dict:
                "host_bytes_per_step": float(np.mean(moved)), "achieved_h2d_gbps": float(np.mean(moved)) / step / 1e9,
                "flops": step_flops(cfg, T)}
         h2d = res.get("h2d_gbps", args.h2d_gbps)
+        hbm = res.get("hbm_gbps", args.hbm_gbps)
         tflops = res.get("matmul_tflops", args.matmul_tflops)
-        if h2d and tflops:
-            floor_io, floor_fl = row["host_bytes_per_step"] / (h2d * 1e9), row["flops"] / (tflops * 1e12)
-            row.update(floor_io_s=floor_io, floor_flops_s=floor_fl, floor_s=max(floor_io, floor_fl),
-                       floor_over_measured=max(floor_io, floor_fl) / step)
+        if h2d and hbm and tflops:
+            floors = {"floor_io_s": row["host_bytes_per_step"] / (h2d * 1e9),
+                      "floor_hbm_s": 3 * weights / (hbm * 1e9), "floor_flops_s": row["flops"] / (tflops * 1e12)}
+            row.update(floors, floor_s=max(floors.values()), floor_over_measured=max(floors.values()) / step)
         res[f"T{T}"] = row
         print(f"ROW T{T} " + json.dumps(row), flush=True)
         print(f"T={T}: {step * 1e3:.1f} ms/step, {T / step:.0f} tok/s, {fmt_bytes(row['host_bytes_per_step'])} "
@@ -170,15 +181,17 @@ def table(results: list[dict]) -> str:
     ceil = next((r for r in results if "h2d_gbps" in r), {})
     lines = []
     if ceil:
-        lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s, bf16 matmul "
+        lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s, HBM "
+                  f"{ceil['hbm_gbps']:.0f} GB/s, bf16 matmul "
                   f"{ceil['matmul_tflops']:.0f} TFLOP/s.", ""]
-    lines += ["| run | seq len | tokens/s | step | from host per step | achieved H2D | floor (H2D / FLOPs) | "
+    lines += ["| run | seq len | tokens/s | step | from host per step | achieved H2D | floor (H2D / HBM / FLOPs) | "
               "floor/measured |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         for k, v in r.items():
             if not (isinstance(v, dict) and k.startswith("T")):
                 continue
-            floor = (f"{v['floor_io_s'] * 1e3:.0f} / {v['floor_flops_s'] * 1e3:.0f} ms" if "floor_s" in v else "-")
+            floor = (f"{v['floor_io_s'] * 1e3:.0f} / {v['floor_hbm_s'] * 1e3:.0f} / {v['floor_flops_s'] * 1e3:.0f} ms"
+                     if "floor_s" in v else "-")
             ratio = f"{100 * v['floor_over_measured']:.0f}%" if "floor_over_measured" in v else "-"
             lines.append(f"| {r['part']} | {v['seq_len']} | {v['tokens_per_s']:.0f} | {v['step_s'] * 1e3:.0f} ms | "
                          f"{gb(v['host_bytes_per_step'])} | {v['achieved_h2d_gbps']:.1f} GB/s | {floor} | {ratio} |")
@@ -201,6 +214,7 @@ def main():
     p.add_argument("--targets", default="attention")
     p.add_argument("--expert-chunk", type=int, default=32)
     p.add_argument("--h2d-gbps", type=float, default=0.0)
+    p.add_argument("--hbm-gbps", type=float, default=0.0)
     p.add_argument("--matmul-tflops", type=float, default=0.0)
     p.add_argument("--timeout", type=int, default=540, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
@@ -214,21 +228,28 @@ def main():
         return
     frac = None
     if not args.tiny:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process only reads the GPU's size
         import jax
         from ktjax.placement import parse_size
         total = jax.devices()[0].memory_stats()["bytes_limit"] / 0.75  # the default fraction is 0.75
+        del os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]  # the parts allocate as users' processes do
         frac = parse_size(args.gpu_memory) / total
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--rank", str(args.rank), "--targets", args.targets, "--expert-chunk", str(args.expert_chunk),
               "--seq-lens", *map(str, args.seq_lens)] + (["--tiny"] if args.tiny else [])
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     me = [sys.executable, os.path.abspath(__file__)] + common
+    # The offload part gets the budget; the others most of the GPU (every expert on the device).
+    fraction = {"offload": f"{frac:.4f}" if frac else None, "device": "0.92" if frac else None}
+    ceiling_flags = (["--h2d-gbps", str(args.h2d_gbps), "--hbm-gbps", str(args.hbm_gbps), "--matmul-tflops",
+                      str(args.matmul_tflops)] if args.h2d_gbps and args.hbm_gbps and args.matmul_tflops else [])
     results = run_parts(
-        [(name, me + ["--run", name], {**env, **({"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}"}
-                                                 if name == "offload" and frac else {})}, args.timeout)
+        [(name, me + ceiling_flags + ["--run", name],
+          {**env, **({"XLA_PYTHON_CLIENT_MEM_FRACTION": fraction[name]} if fraction.get(name) else {})}, args.timeout)
          for name in args.parts],
         log_path=os.path.join(args.out, "bench_finetune.log"), deadline_s=args.deadline,
-        ceiling_args=lambda c: ["--h2d-gbps", str(c["h2d_gbps"]), "--matmul-tflops", str(c["matmul_tflops"])]
+        ceiling_args=lambda c: ["--h2d-gbps", str(c["h2d_gbps"]), "--hbm-gbps", str(c["hbm_gbps"]),
+                                "--matmul-tflops", str(c["matmul_tflops"])]
         if "h2d_gbps" in c else [])
     with open(os.path.join(args.out, "bench_finetune.json"), "w") as f:
         json.dump(results, f, indent=1)
