@@ -45,18 +45,28 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return self.w.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
-    def matrix(self, k: int, dtype) -> jax.Array:
-        """Matrix k (0 gate, 1 up, 2 down^T) as [F, D] in dtype. One matrix at a time, so that the
-        FP8 dequantisation can fuse into the matmul that reads it instead of being written out."""
+    def matrices(self, k: slice, dtype) -> jax.Array:
+        """Matrices k (0 gate, 1 up, 2 down^T) as [n, F, D] in dtype. Only the ones a matmul reads, so
+        that the FP8 dequantisation can fuse into it instead of being written out."""
+        w = self.w[k]
         if self.scale is None:
-            return self.w[k].astype(dtype)
-        _, F, D = self.w.shape
-        b, w, scale = self.block, self.w[k], self.scale[k]
+            return w.astype(dtype)
+        n, F, D = w.shape
+        b, scale = self.block, self.scale[k]
         if F % b == 0 and D % b == 0:  # broadcast over blocks: no scale tensor the size of the weights
-            w = w.reshape(F // b, b, D // b, b).astype(jnp.float32)
-            return (w * scale[:, None, :, None]).astype(dtype).reshape(F, D)
-        s = jnp.repeat(jnp.repeat(scale, b, axis=0)[:F], b, axis=1)[:, :D]
+            w = w.reshape(n, F // b, b, D // b, b).astype(jnp.float32)
+            return (w * scale[:, :, None, :, None]).astype(dtype).reshape(n, F, D)
+        s = jnp.repeat(jnp.repeat(scale, b, axis=1)[:, :F], b, axis=2)[:, :, :D]
         return (w.astype(jnp.float32) * s).astype(dtype)
+
+    def gate_up(self, dtype) -> jax.Array:
+        """[2F, D]: gate and up stacked, one matmul for both."""
+        _, F, D = self.w.shape
+        return self.matrices(slice(0, 2), dtype).reshape(2 * F, D)
+
+    def down(self, dtype) -> jax.Array:
+        """[F, D]: down, transposed."""
+        return self.matrices(slice(2, 3), dtype)[0]
 
 
 def pack_expert(gate_FD, up_FD, down_DF, gate_scale=None, up_scale=None, down_scale=None, block=0):
@@ -136,21 +146,31 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
     counts, so nothing is dropped) and computed as dense matmuls.
     """
     N, D = h_ND.shape
-    dt = h_ND.dtype
-    f32 = jnp.float32
+    K = idx_NK.shape[1]
+    dt, f32 = h_ND.dtype, jnp.float32
     if acc_ND is None:
         acc_ND = jnp.zeros((N, D), f32)
+    # Dispatch once for the chunk: a stable sort of the N*K assignments by their expert's slot lays
+    # each expert's tokens out contiguously (slot C: routed elsewhere), so each expert takes a slice.
+    hit_AC = idx_NK.reshape(-1, 1) == ids_C[None, :]
+    slot_A = jnp.where(hit_AC.any(-1), jnp.argmax(hit_AC, axis=-1), len(experts))
+    order_A = jnp.argsort(slot_A, stable=True)
+    count_C = hit_AC.sum(0)
+    start_C = jnp.cumsum(count_C) - count_C
+    pad = jnp.full((capacity,), N, order_A.dtype)
+    tok_A = jnp.concatenate([order_A // K, pad])  # token N: the zero row below
+    w_A = jnp.concatenate([weights_NK.reshape(-1)[order_A], jnp.zeros((capacity,), weights_NK.dtype)])
     h_pad = jnp.concatenate([h_ND, jnp.zeros((1, D), dt)])
     for c, ex in enumerate(experts):
-        match_NK = idx_NK == ids_C[c]
-        tok_C = jnp.nonzero(match_NK.any(-1), size=capacity, fill_value=N)[0]
-        wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), f32)])[tok_C]
+        valid_C = jnp.arange(capacity) < count_C[c]
+        tok_C = jnp.where(valid_C, jax.lax.dynamic_slice_in_dim(tok_A, start_C[c], capacity), N)
+        wt_C = jnp.where(valid_C, jax.lax.dynamic_slice_in_dim(w_A, start_C[c], capacity), 0.0)
         x_CD = h_pad[tok_C]
-        g = jnp.einsum("cd,fd->cf", x_CD, ex.matrix(0, dt), preferred_element_type=f32)
-        u = jnp.einsum("cd,fd->cf", x_CD, ex.matrix(1, dt), preferred_element_type=f32)
-        a = (jax.nn.silu(g) * u).astype(dt)
-        y = jnp.einsum("cf,fd->cd", a, ex.matrix(2, dt), preferred_element_type=f32)
-        acc_ND = acc_ND.at[tok_C].add(y * wt_C[:, None], mode="drop")
+        gu_CF = jnp.einsum("cd,fd->cf", x_CD, ex.gate_up(dt), preferred_element_type=f32)
+        g_CF, u_CF = jnp.split(gu_CF, 2, axis=-1)
+        a_CF = (jax.nn.silu(g_CF) * u_CF).astype(dt)
+        y_CD = jnp.einsum("cf,fd->cd", a_CF, ex.down(dt), preferred_element_type=f32)
+        acc_ND = acc_ND.at[tok_C].add(y_CD * wt_C[:, None], mode="drop")
     return acc_ND
 
 

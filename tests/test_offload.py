@@ -193,6 +193,29 @@ def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase
     assert len(live) >= 4 * 3 and max(live) <= 2  # one chunk of 2 experts in flight when the next is fetched
 
 
+def test_a_chunk_of_experts_adds_exactly_its_routed_tokens_weighted_contributions():
+    from ktjax.offload import ExpertWeights, experts_segment
+    rng = np.random.default_rng(9)
+    N, D, F, E, K = 40, 16, 8, 12, 3
+    h = rng.normal(size=(N, D)).astype(np.float32)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(N)]).astype(np.int32)
+    wts = rng.uniform(size=(N, K)).astype(np.float32)
+    w = rng.normal(size=(E, 3, F, D)).astype(np.float32) / 4
+    chunk = [7, 2, 11, 5]  # not in id order; a padded slot (-1) reuses expert 7's arrays
+    ids = np.array(chunk + [-1], np.int32)
+    experts = tuple(ExpertWeights(jnp.asarray(w[e])) for e in chunk + [chunk[0]])
+    capacity = int(max((idx == e).any(-1).sum() for e in chunk))
+    acc = np.ones((N, D), np.float32)  # added to, not overwritten
+    got = experts_segment(jnp.asarray(acc), jnp.asarray(h), jnp.asarray(wts), jnp.asarray(idx), jnp.asarray(ids),
+                          experts, capacity=capacity)
+    want = acc.copy()
+    for e in chunk:
+        g, u = h @ w[e, 0].T, h @ w[e, 1].T
+        y = (g / (1 + np.exp(-g)) * u) @ w[e, 2]
+        want += y * (wts * (idx == e)).sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("F, D", [(32, 64), (20, 36)])  # whole blocks, and ragged edge blocks
 def test_fp8_expert_matrices_dequantise_blockwise(F, D):
     from ktjax.offload import ExpertWeights
@@ -200,9 +223,9 @@ def test_fp8_expert_matrices_dequantise_blockwise(F, D):
     w = rng.normal(size=(3, F, D)).astype(jnp.float8_e4m3fn)
     scale = rng.uniform(0.5, 2.0, size=(3, -(-F // 16), -(-D // 16))).astype(np.float32)
     ex = ExpertWeights(jnp.asarray(w), jnp.asarray(scale), 16)
-    for k in range(3):
-        want = w[k].astype(np.float32) * np.repeat(np.repeat(scale[k], 16, 0), 16, 1)[:F, :D]
-        np.testing.assert_array_equal(np.asarray(ex.matrix(k, jnp.float32)), want)
+    want = w.astype(np.float32) * np.repeat(np.repeat(scale, 16, 1), 16, 2)[:, :F, :D]
+    np.testing.assert_array_equal(np.asarray(ex.gate_up(jnp.float32)), want[:2].reshape(2 * F, D))
+    np.testing.assert_array_equal(np.asarray(ex.down(jnp.float32)), want[2])
 
 
 def test_fp8_experts_stay_fp8_on_the_host_and_match_the_dequantised_model(ckpt, tmp_path):

@@ -1,0 +1,144 @@
+"""One chunk of routed experts (the unit that streaming and training compute at a time), timed
+against its HBM floor: `ktjax.offload.experts_segment` and its backward, beside the per-expert
+`nonzero` dispatch it replaced (kept below as `unrolled_nonzero`, the code before commit "sorted
+dispatch", so the two are measured in one run).
+
+    python3 scripts/bench_experts.py                 # on the GPU machine
+    python3 scripts/bench_experts.py --tiny          # check the script on a CPU
+
+DeepSeek-V3 sizes: 32 experts of 7168 x 2048 (bf16 and FP8 with 128-blocks), tokens routed top-8 of
+256 at random, capacity = the chunk's largest count rounded up to a power of two (as streaming
+chooses it). Floor: the chunk's weight bytes (bf16 or FP8 + scales) / measured HBM bandwidth, once
+for the forward and twice for the backward (the rematerialised forward, then the input gradient),
+or the matmul FLOPs / measured matmul rate when larger. Prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ktjax.offload import ExpertWeights, _pow2, experts_segment  # noqa: E402
+
+
+def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capacity: int):
+    """The dispatch before: one `nonzero` and one weight reduction over all tokens per expert, and
+    three separate matmuls."""
+    N, D = h_ND.shape
+    dt, f32 = h_ND.dtype, jnp.float32
+    if acc_ND is None:
+        acc_ND = jnp.zeros((N, D), f32)
+    h_pad = jnp.concatenate([h_ND, jnp.zeros((1, D), dt)])
+    for c, ex in enumerate(experts):
+        match_NK = idx_NK == ids_C[c]
+        tok_C = jnp.nonzero(match_NK.any(-1), size=capacity, fill_value=N)[0]
+        wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), f32)])[tok_C]
+        x_CD = h_pad[tok_C]
+        g = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0], preferred_element_type=f32)
+        u = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0], preferred_element_type=f32)
+        a = (jax.nn.silu(g) * u).astype(dt)
+        y = jnp.einsum("cf,fd->cd", a, ex.down(dt), preferred_element_type=f32)
+        acc_ND = acc_ND.at[tok_C].add(y * wt_C[:, None], mode="drop")
+    return acc_ND
+
+
+IMPLS = {"sorted (ktjax)": experts_segment.__wrapped__, "unrolled nonzero (before)": unrolled_nonzero}
+
+
+def timed(f, *args, reps: int) -> float:
+    jax.block_until_ready(f(*args))  # compile
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def make_experts(C, F, D, fp8: bool, key):
+    out = []
+    for c in range(C):
+        w = jax.random.normal(jax.random.fold_in(key, c), (3, F, D), jnp.float32) * D ** -0.5
+        if fp8:
+            from fullsize import quantize_fp8_blocks
+            q, s = quantize_fp8_blocks(w)
+            out.append(ExpertWeights(q, s, 128))
+        else:
+            out.append(ExpertWeights(w.astype(jnp.bfloat16)))
+    return tuple(jax.block_until_ready(out))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    C, F, D, E, K = (4, 64, 128, 16, 4) if args.tiny else (32, 2048, 7168, 256, 8)
+    tokens = [64, 128] if args.tiny else args.tokens
+    from bench_offload import ceilings
+    ceil = ceilings(args.tiny)
+    hbm, tflops = ceil["hbm_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
+    print("CEILINGS " + json.dumps(ceil), flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for fp8 in (False, True):
+        experts = make_experts(C, F, D, fp8, jax.random.key(1))
+        nbytes = sum(ex.nbytes for ex in experts)
+        ids = jnp.arange(C, dtype=jnp.int32)
+        for N in tokens:
+            idx = np.stack([rng.choice(E, K, replace=False) for _ in range(N)]).astype(np.int32)
+            capacity = _pow2(int(np.bincount(idx.ravel(), minlength=E)[:C].max()))
+            h = jax.random.normal(jax.random.key(2), (N, D), jnp.bfloat16)
+            w = jnp.asarray(rng.uniform(size=(N, K)), jnp.float32)
+            idx_j = jnp.asarray(idx)
+            dacc = jax.random.normal(jax.random.key(3), (N, D), jnp.float32)
+            routed = int((idx < C).sum())
+            flops = 2 * routed * 3 * F * D
+            for name, impl in IMPLS.items():
+                fwd = jax.jit(lambda h, w, i, ex, impl=impl, cap=capacity: impl(None, h, w, i, ids, ex, capacity=cap))
+
+                @jax.jit
+                def bwd(h, w, i, ex, dacc, impl=impl, cap=capacity):
+                    _, vjp = jax.vjp(lambda h, w: impl(None, h, w, i, ids, ex, capacity=cap), h, w)
+                    return vjp(dacc)
+
+                reps = 3 if args.tiny else 20
+                t_f = timed(fwd, h, w, idx_j, experts, reps=reps)
+                t_b = timed(bwd, h, w, idx_j, experts, dacc, reps=reps)
+                floor_f = max(nbytes / hbm, flops / tflops)
+                floor_b = max(2 * nbytes / hbm, 2 * flops / tflops)
+                row = dict(experts="fp8" if fp8 else "bf16", tokens=N, capacity=capacity, impl=name,
+                           fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, floor_fwd_ms=floor_f * 1e3, floor_bwd_ms=floor_b * 1e3)
+                rows.append(row)
+                print("ROW " + json.dumps(row), flush=True)
+    lines = [f"Ceilings: HBM {ceil['hbm_gbps']:.0f} GB/s, bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s. "
+             f"One chunk: {C} experts of {F} x {D}.", "",
+             "| experts | tokens | capacity | dispatch | forward | floor/fwd | backward | floor/bwd |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['experts']} | {r['tokens']} | {r['capacity']} | {r['impl']} | {r['fwd_ms']:.2f} ms | "
+                     f"{100 * r['floor_fwd_ms'] / r['fwd_ms']:.0f}% | {r['bwd_ms']:.2f} ms | "
+                     f"{100 * r['floor_bwd_ms'] / r['bwd_ms']:.0f}% |")
+    md = "\n".join(lines)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_experts.json"), "w") as f:
+        json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "bench_experts.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
