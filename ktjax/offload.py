@@ -147,9 +147,9 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
     """
     N, D = h_ND.shape
     K = idx_NK.shape[1]
-    dt, f32 = h_ND.dtype, jnp.float32
+    dt = h_ND.dtype
     if acc_ND is None:
-        acc_ND = jnp.zeros((N, D), f32)
+        acc_ND = jnp.zeros((N, D), jnp.float32)
     # Dispatch once for the chunk: a stable sort of the N*K assignments by their expert's slot lays
     # each expert's tokens out contiguously (slot C: routed elsewhere), so each expert takes a slice.
     hit_AC = idx_NK.reshape(-1, 1) == ids_C[None, :]
@@ -165,13 +165,16 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
         valid_C = jnp.arange(capacity) < count_C[c]
         tok_C = jnp.where(valid_C, jax.lax.dynamic_slice_in_dim(tok_A, start_C[c], capacity), N)
         wt_C = jnp.where(valid_C, jax.lax.dynamic_slice_in_dim(w_A, start_C[c], capacity), 0.0)
-        x_CD = h_pad[tok_C]
-        gu_CF = jnp.einsum("cd,fd->cf", x_CD, ex.gate_up(dt), preferred_element_type=f32)
-        g_CF, u_CF = jnp.split(gu_CF, 2, axis=-1)
-        a_CF = (jax.nn.silu(g_CF) * u_CF).astype(dt)
-        y_CD = jnp.einsum("cf,fd->cd", a_CF, ex.down(dt), preferred_element_type=f32)
+        y_CD = expert_ffn(h_pad[tok_C], ex)
         acc_ND = acc_ND.at[tok_C].add(y_CD * wt_C[:, None], mode="drop")
     return acc_ND
+
+
+def expert_ffn(x_CD, ex: ExpertWeights):
+    """down(silu(gate x) * up x) in float32, with gate and up in one matmul."""
+    dt, f32 = x_CD.dtype, jnp.float32
+    g_CF, u_CF = jnp.split(jnp.einsum("cd,fd->cf", x_CD, ex.gate_up(dt), preferred_element_type=f32), 2, axis=-1)
+    return jnp.einsum("cf,fd->cd", (jax.nn.silu(g_CF) * u_CF).astype(dt), ex.down(dt), preferred_element_type=f32)
 
 
 @jax.jit

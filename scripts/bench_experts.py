@@ -1,7 +1,7 @@
 """One chunk of routed experts (the unit that streaming and training compute at a time), timed
-against its HBM floor: `ktjax.offload.experts_segment` and its backward, beside the per-expert
-`nonzero` dispatch it replaced (kept below as `unrolled_nonzero`, the code before commit "sorted
-dispatch", so the two are measured in one run).
+against its HBM floor: `ktjax.offload.experts_segment` and its backward, beside the variants it is
+chosen from: the token dispatch (one stable sort per chunk, or a `nonzero` per expert as before,
+kept below as `unrolled_nonzero`) x the expert FFN (gate and up in one matmul, or two as before).
 
     python3 scripts/bench_experts.py                 # on the GPU machine
     python3 scripts/bench_experts.py --tiny          # check the script on a CPU
@@ -16,6 +16,8 @@ or the matmul FLOPs / measured matmul rate when larger. Prints a markdown table 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import sys
@@ -27,31 +29,45 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ktjax.offload import ExpertWeights, _pow2, experts_segment  # noqa: E402
+from ktjax import offload  # noqa: E402
+from ktjax.offload import ExpertWeights, _pow2  # noqa: E402
 
 
 def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capacity: int):
-    """The dispatch before: one `nonzero` and one weight reduction over all tokens per expert, and
-    three separate matmuls."""
+    """The dispatch before: one `nonzero` and one weight reduction over all tokens per expert."""
     N, D = h_ND.shape
-    dt, f32 = h_ND.dtype, jnp.float32
     if acc_ND is None:
-        acc_ND = jnp.zeros((N, D), f32)
-    h_pad = jnp.concatenate([h_ND, jnp.zeros((1, D), dt)])
+        acc_ND = jnp.zeros((N, D), jnp.float32)
+    h_pad = jnp.concatenate([h_ND, jnp.zeros((1, D), h_ND.dtype)])
     for c, ex in enumerate(experts):
         match_NK = idx_NK == ids_C[c]
         tok_C = jnp.nonzero(match_NK.any(-1), size=capacity, fill_value=N)[0]
-        wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), f32)])[tok_C]
-        x_CD = h_pad[tok_C]
-        g = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0], preferred_element_type=f32)
-        u = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0], preferred_element_type=f32)
-        a = (jax.nn.silu(g) * u).astype(dt)
-        y = jnp.einsum("cf,fd->cd", a, ex.down(dt), preferred_element_type=f32)
-        acc_ND = acc_ND.at[tok_C].add(y * wt_C[:, None], mode="drop")
+        wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), jnp.float32)])[tok_C]
+        acc_ND = acc_ND.at[tok_C].add(offload.expert_ffn(h_pad[tok_C], ex) * wt_C[:, None], mode="drop")
     return acc_ND
 
 
-IMPLS = {"sorted (ktjax)": experts_segment.__wrapped__, "unrolled nonzero (before)": unrolled_nonzero}
+def separate_ffn(x_CD, ex: ExpertWeights):
+    """The FFN before: gate and up as two matmuls, each matrix dequantised on its own."""
+    dt, f32 = x_CD.dtype, jnp.float32
+    g = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0], preferred_element_type=f32)
+    u = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0], preferred_element_type=f32)
+    return jnp.einsum("cf,fd->cd", (jax.nn.silu(g) * u).astype(dt), ex.down(dt), preferred_element_type=f32)
+
+
+DISPATCH = {"sorted": offload.experts_segment.__wrapped__, "nonzero": unrolled_nonzero}
+FFN = {"gate+up fused": offload.expert_ffn, "separate": separate_ffn}
+
+
+@contextlib.contextmanager
+def ffn_variant(name: str):
+    """Trace with `offload.expert_ffn` swapped for the variant (jit reads it while tracing)."""
+    keep = offload.expert_ffn
+    offload.expert_ffn = FFN[name]
+    try:
+        yield
+    finally:
+        offload.expert_ffn = keep
 
 
 def timed(f, *args, reps: int) -> float:
@@ -82,17 +98,21 @@ def make_experts(C, F, D, fp8: bool, key):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, as DISPATCH:FFN")
+    p.add_argument("--trace", action="store_true", help="profile the first backward; print its top GPU kernels")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     C, F, D, E, K = (4, 64, 128, 16, 4) if args.tiny else (32, 2048, 7168, 256, 8)
     tokens = [64, 128] if args.tiny else args.tokens
-    from bench_offload import ceilings
+    skip = {tuple(v.split(":")) for v in args.skip}
+    from bench_offload import ceilings, summarize_trace
     ceil = ceilings(args.tiny)
     hbm, tflops = ceil["hbm_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
     print("CEILINGS " + json.dumps(ceil), flush=True)
+    os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(0)
-    rows = []
+    rows, traced = [], False
     for fp8 in (False, True):
         experts = make_experts(C, F, D, fp8, jax.random.key(1))
         nbytes = sum(ex.nbytes for ex in experts)
@@ -104,9 +124,12 @@ def main():
             w = jnp.asarray(rng.uniform(size=(N, K)), jnp.float32)
             idx_j = jnp.asarray(idx)
             dacc = jax.random.normal(jax.random.key(3), (N, D), jnp.float32)
-            routed = int((idx < C).sum())
-            flops = 2 * routed * 3 * F * D
-            for name, impl in IMPLS.items():
+            flops = 2 * int((idx < C).sum()) * 3 * F * D
+            floor_f = max(nbytes / hbm, flops / tflops)
+            floor_b = max(2 * nbytes / hbm, 2 * flops / tflops)
+            for (dispatch, impl), ffn in itertools.product(DISPATCH.items(), FFN):
+                if (dispatch, ffn) in skip:
+                    continue
                 fwd = jax.jit(lambda h, w, i, ex, impl=impl, cap=capacity: impl(None, h, w, i, ids, ex, capacity=cap))
 
                 @jax.jit
@@ -115,24 +138,29 @@ def main():
                     return vjp(dacc)
 
                 reps = 3 if args.tiny else 20
-                t_f = timed(fwd, h, w, idx_j, experts, reps=reps)
-                t_b = timed(bwd, h, w, idx_j, experts, dacc, reps=reps)
-                floor_f = max(nbytes / hbm, flops / tflops)
-                floor_b = max(2 * nbytes / hbm, 2 * flops / tflops)
-                row = dict(experts="fp8" if fp8 else "bf16", tokens=N, capacity=capacity, impl=name,
+                with ffn_variant(ffn):
+                    t_f = timed(fwd, h, w, idx_j, experts, reps=reps)
+                    t_b = timed(bwd, h, w, idx_j, experts, dacc, reps=reps)
+                    if args.trace and not traced:
+                        traced = True
+                        trace_dir = os.path.join(args.out, "trace_bwd")
+                        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                            jax.block_until_ready(bwd(h, w, idx_j, experts, dacc))
+                        print(f"trace of one backward ({'fp8' if fp8 else 'bf16'}, N={N}, {dispatch}, {ffn}):")
+                        summarize_trace(trace_dir, args.out)
+                row = dict(experts="fp8" if fp8 else "bf16", tokens=N, capacity=capacity, dispatch=dispatch, ffn=ffn,
                            fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, floor_fwd_ms=floor_f * 1e3, floor_bwd_ms=floor_b * 1e3)
                 rows.append(row)
                 print("ROW " + json.dumps(row), flush=True)
     lines = [f"Ceilings: HBM {ceil['hbm_gbps']:.0f} GB/s, bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s. "
              f"One chunk: {C} experts of {F} x {D}.", "",
-             "| experts | tokens | capacity | dispatch | forward | floor/fwd | backward | floor/bwd |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| experts | tokens | capacity | dispatch | FFN | forward | floor/fwd | backward | floor/bwd |",
+             "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['experts']} | {r['tokens']} | {r['capacity']} | {r['impl']} | {r['fwd_ms']:.2f} ms | "
-                     f"{100 * r['floor_fwd_ms'] / r['fwd_ms']:.0f}% | {r['bwd_ms']:.2f} ms | "
+        lines.append(f"| {r['experts']} | {r['tokens']} | {r['capacity']} | {r['dispatch']} | {r['ffn']} | "
+                     f"{r['fwd_ms']:.2f} ms | {100 * r['floor_fwd_ms'] / r['fwd_ms']:.0f}% | {r['bwd_ms']:.2f} ms | "
                      f"{100 * r['floor_bwd_ms'] / r['bwd_ms']:.0f}% |")
     md = "\n".join(lines)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_experts.json"), "w") as f:
         json.dump({"ceilings": ceil, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "bench_experts.md"), "w") as f:
