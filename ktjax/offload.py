@@ -26,6 +26,7 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.models.deepseek import DecoderLayer
+from ktjax.models.layers import matmul
 from ktjax.models.moe import route
 from ktjax.models.rope import cos_sin
 from ktjax.placement import PlacementPlan
@@ -171,10 +172,11 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
 
 
 def expert_ffn(x_CD, ex: ExpertWeights):
-    """down(silu(gate x) * up x) in float32, with gate and up in one matmul."""
+    """down(silu(gate x) * up x) as float32, with gate and up in one matmul (outputs rounded to x's
+    dtype, so that the backward's matmuls stay in it: see `layers.matmul`)."""
     dt, f32 = x_CD.dtype, jnp.float32
-    g_CF, u_CF = jnp.split(jnp.einsum("cd,fd->cf", x_CD, ex.gate_up(dt), preferred_element_type=f32), 2, axis=-1)
-    return jnp.einsum("cf,fd->cd", (jax.nn.silu(g_CF) * u_CF).astype(dt), ex.down(dt), preferred_element_type=f32)
+    g_CF, u_CF = jnp.split(matmul("cd,fd->cf", x_CD, ex.gate_up(dt)).astype(f32), 2, axis=-1)
+    return matmul("cf,fd->cd", (jax.nn.silu(g_CF) * u_CF).astype(dt), ex.down(dt)).astype(f32)
 
 
 @jax.jit

@@ -19,6 +19,7 @@ from flax import nnx
 from ktjax.config import ModelConfig
 from ktjax.loading import abstract_model
 from ktjax.models import DeepseekForCausalLM, layer_schedule
+from ktjax.models.layers import matmul
 from ktjax.models.moe import route, routed_experts
 from ktjax.models.rope import cos_sin
 
@@ -75,10 +76,10 @@ def moe_forward(moe: Any, cfg: ModelConfig, x_BTD: jax.Array, *, dense_experts: 
     if dense_experts:
         dt, f32 = x_ND.dtype, jnp.float32
         combine_NE = jnp.zeros((N, E), f32).at[jnp.arange(N)[:, None], idx_NK].add(weights_NK)
-        g = jnp.einsum("nd,efd->nef", x_ND, gate_EFD.astype(dt), preferred_element_type=f32)
-        u = jnp.einsum("nd,efd->nef", x_ND, up_EFD.astype(dt), preferred_element_type=f32)
+        g = matmul("nd,efd->nef", x_ND, gate_EFD).astype(f32)
+        u = matmul("nd,efd->nef", x_ND, up_EFD).astype(f32)
         h = ((jax.nn.silu(g) * u) * combine_NE[:, :, None]).astype(dt)
-        y_ND = jnp.einsum("nef,edf->nd", h, down_EDF.astype(dt), preferred_element_type=f32).astype(dt)
+        y_ND = matmul("nef,edf->nd", h, down_EDF)
     else:
         y_ND = routed_experts(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
     y_BTD = y_ND.reshape(B, T, D)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from ktjax import kernels
 from ktjax.config import ModelConfig
-from ktjax.models.layers import Dtype, Linear, RMSNorm
+from ktjax.models.layers import Dtype, Linear, RMSNorm, matmul
 from ktjax.models.rope import apply_rope
 
 
@@ -81,8 +81,7 @@ class MLAttention(nnx.Module):
         else:
             # Prefill: expand the cached latents into full heads (compute-bound; cheaper than absorbing).
             latent_BSL = latent_cache_BSL.astype(x_BTD.dtype)
-            kv_BSHX = jnp.einsum("bsl,hxl->bshx", latent_BSL, w_kv_b,
-                                 preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+            kv_BSHX = matmul("bsl,hxl->bshx", latent_BSL, w_kv_b)
             S = latent_BSL.shape[1]
             k_rope_BSHR = jnp.broadcast_to(rope_cache_BSR.astype(x_BTD.dtype)[:, :, None], (B, S, H, Dr))
             k_BSHK = jnp.concatenate([kv_BSHX[..., :Dn], k_rope_BSHR], axis=-1)

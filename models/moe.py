@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.models.layers import MLP, Dtype, normal_init
+from ktjax.models.layers import MLP, Dtype, matmul, normal_init
 
 
 def route(x_ND: jax.Array, gate_ED: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -53,10 +53,10 @@ def experts_gathered(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> ja
     """Per-token gather of the chosen experts' weights: the decode path (N*K small)."""
     dt = x_ND.dtype
     f32 = jnp.float32
-    g = jnp.einsum("nd,nkfd->nkf", x_ND, gate_EFD[idx_NK].astype(dt), preferred_element_type=f32)
-    u = jnp.einsum("nd,nkfd->nkf", x_ND, up_EFD[idx_NK].astype(dt), preferred_element_type=f32)
+    g = matmul("nd,nkfd->nkf", x_ND, gate_EFD[idx_NK]).astype(f32)
+    u = matmul("nd,nkfd->nkf", x_ND, up_EFD[idx_NK]).astype(f32)
     h = (jax.nn.silu(g) * u).astype(dt)
-    y = jnp.einsum("nkf,nkdf->nkd", h, down_EDF[idx_NK].astype(dt), preferred_element_type=f32)
+    y = matmul("nkf,nkdf->nkd", h, down_EDF[idx_NK]).astype(f32)
     return jnp.einsum("nkd,nk->nd", y, weights_NK).astype(dt)
 
 
@@ -70,10 +70,11 @@ def experts_sorted(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.
     token_of_pair = order // K
     xs_PD = x_ND[token_of_pair]
     sizes_E = jnp.bincount(idx_NK.reshape(-1), length=E).astype(jnp.int32)
-    g = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(gate_EFD, 1, 2).astype(dt), sizes_E, preferred_element_type=f32)
-    u = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(up_EFD, 1, 2).astype(dt), sizes_E, preferred_element_type=f32)
+    # Outputs in dt, then float32: the backward's matmuls stay in dt (see `layers.matmul`).
+    g = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(gate_EFD, 1, 2).astype(dt), sizes_E).astype(f32)
+    u = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(up_EFD, 1, 2).astype(dt), sizes_E).astype(f32)
     h = (jax.nn.silu(g) * u).astype(dt)
-    y_PD = jax.lax.ragged_dot(h, jnp.swapaxes(down_EDF, 1, 2).astype(dt), sizes_E, preferred_element_type=f32)
+    y_PD = jax.lax.ragged_dot(h, jnp.swapaxes(down_EDF, 1, 2).astype(dt), sizes_E).astype(f32)
     y_PD = y_PD * weights_NK.reshape(-1)[order][:, None]
     return jnp.zeros((N, x_ND.shape[1]), f32).at[token_of_pair].add(y_PD).astype(dt)
 

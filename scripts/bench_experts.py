@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ktjax import offload  # noqa: E402
+from ktjax.models.layers import matmul  # noqa: E402
 from ktjax.offload import ExpertWeights, _pow2  # noqa: E402
 
 
@@ -48,11 +49,11 @@ def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capaci
 
 
 def separate_ffn(x_CD, ex: ExpertWeights):
-    """The FFN before: gate and up as two matmuls, each matrix dequantised on its own."""
+    """Gate and up as two matmuls, each matrix dequantised on its own."""
     dt, f32 = x_CD.dtype, jnp.float32
-    g = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0], preferred_element_type=f32)
-    u = jnp.einsum("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0], preferred_element_type=f32)
-    return jnp.einsum("cf,fd->cd", (jax.nn.silu(g) * u).astype(dt), ex.down(dt), preferred_element_type=f32)
+    g = matmul("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0]).astype(f32)
+    u = matmul("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0]).astype(f32)
+    return matmul("cf,fd->cd", (jax.nn.silu(g) * u).astype(dt), ex.down(dt)).astype(f32)
 
 
 DISPATCH = {"sorted": offload.experts_segment.__wrapped__, "nonzero": unrolled_nonzero}

@@ -252,3 +252,43 @@ def _base_layer(model, i, path):
     for p in path:
         node = node[p]
     return node
+
+
+def _matmul_operand_dtypes(jaxpr) -> list[tuple]:
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "ragged_dot_general"):
+            out.append(tuple(str(v.aval.dtype) for v in eqn.invars[:2]))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else [p]:
+                if hasattr(sub, "eqns"):
+                    out += _matmul_operand_dtypes(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    out += _matmul_operand_dtypes(sub.jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("block", ["linear", "offloaded experts", "gathered experts", "sorted experts"])
+def test_bfloat16_backward_matmuls_stay_bfloat16(block):
+    # A float32 cotangent meeting a bf16 weight makes XLA upcast the weight and run a float32 matmul
+    # (measured on the H200: over half of an expert chunk's backward). Small float32 x float32
+    # combines of activations (routing weights) are fine.
+    from ktjax.models.layers import linear
+    from ktjax.models.moe import experts_gathered, experts_sorted
+    from ktjax.offload import ExpertWeights, experts_segment
+    bf16 = jnp.bfloat16
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 8)), bf16)
+    w = jnp.asarray(rng.normal(size=(3, 4, 16, 8)), bf16)  # [E, 3, F, D]
+    idx = jnp.array([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]], jnp.int32)
+    wts = jnp.full((6, 2), 0.5, jnp.float32)
+    gate, up, down = w[:, 0], w[:, 1], jnp.swapaxes(w[:, 2], 1, 2)
+    f = {"linear": lambda x: linear(x, w[0, 0]),
+         "offloaded experts": lambda x: experts_segment.__wrapped__(
+             None, x, wts, idx, jnp.arange(4, dtype=jnp.int32), tuple(ExpertWeights(w[e]) for e in range(4)),
+             capacity=4),
+         "gathered experts": lambda x: experts_gathered(x, wts, idx, gate, up, down),
+         "sorted experts": lambda x: experts_sorted(x, wts, idx, gate, up, down)}[block]
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))(x).jaxpr
+    pairs = _matmul_operand_dtypes(jaxpr)
+    assert pairs.count(("bfloat16", "bfloat16")) >= 2 and all(a == b for a, b in pairs), pairs
