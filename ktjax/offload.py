@@ -172,10 +172,22 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
 
 
 def expert_ffn(x_CD, ex: ExpertWeights):
-    """down(silu(gate x) * up x) as float32, with gate and up in one matmul (outputs rounded to x's
-    dtype, so that the backward's matmuls stay in it: see `layers.matmul`)."""
+    """down(silu(gate x) * up x) as float32. Matmul outputs are rounded to x's dtype, so that the
+    backward's matmuls stay in it (see `layers.matmul`). Measured on the H200 (benchmarks/experts.md):
+    gate and up as one matmul is faster for bf16 experts, as two for FP8 ones (each dequantised alone)."""
+    return (ffn_separate if ex.scale is not None else ffn_fused)(x_CD, ex)
+
+
+def ffn_fused(x_CD, ex: ExpertWeights):
     dt, f32 = x_CD.dtype, jnp.float32
     g_CF, u_CF = jnp.split(matmul("cd,fd->cf", x_CD, ex.gate_up(dt)).astype(f32), 2, axis=-1)
+    return matmul("cf,fd->cd", (jax.nn.silu(g_CF) * u_CF).astype(dt), ex.down(dt)).astype(f32)
+
+
+def ffn_separate(x_CD, ex: ExpertWeights):
+    dt, f32 = x_CD.dtype, jnp.float32
+    g_CF = matmul("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0]).astype(f32)
+    u_CF = matmul("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0]).astype(f32)
     return matmul("cf,fd->cd", (jax.nn.silu(g_CF) * u_CF).astype(dt), ex.down(dt)).astype(f32)
 
 

@@ -30,7 +30,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ktjax import offload  # noqa: E402
-from ktjax.models.layers import matmul  # noqa: E402
 from ktjax.offload import ExpertWeights, _pow2  # noqa: E402
 
 
@@ -48,16 +47,8 @@ def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capaci
     return acc_ND
 
 
-def separate_ffn(x_CD, ex: ExpertWeights):
-    """Gate and up as two matmuls, each matrix dequantised on its own."""
-    dt, f32 = x_CD.dtype, jnp.float32
-    g = matmul("cd,fd->cf", x_CD, ex.matrices(slice(0, 1), dt)[0]).astype(f32)
-    u = matmul("cd,fd->cf", x_CD, ex.matrices(slice(1, 2), dt)[0]).astype(f32)
-    return matmul("cf,fd->cd", (jax.nn.silu(g) * u).astype(dt), ex.down(dt)).astype(f32)
-
-
 DISPATCH = {"sorted": offload.experts_segment.__wrapped__, "nonzero": unrolled_nonzero}
-FFN = {"gate+up fused": offload.expert_ffn, "separate": separate_ffn}
+FFN = {"gate+up fused": offload.ffn_fused, "separate": offload.ffn_separate}
 
 
 @contextlib.contextmanager

@@ -193,7 +193,8 @@ def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase
     assert len(live) >= 4 * 3 and max(live) <= 2  # one chunk of 2 experts in flight when the next is fetched
 
 
-def test_a_chunk_of_experts_adds_exactly_its_routed_tokens_weighted_contributions():
+@pytest.mark.parametrize("fp8", [False, True])  # gate and up in one matmul; FP8: in two
+def test_a_chunk_of_experts_adds_exactly_its_routed_tokens_weighted_contributions(fp8):
     from ktjax.offload import ExpertWeights, experts_segment
     rng = np.random.default_rng(9)
     N, D, F, E, K = 40, 16, 8, 12, 3
@@ -201,9 +202,14 @@ def test_a_chunk_of_experts_adds_exactly_its_routed_tokens_weighted_contribution
     idx = np.stack([rng.choice(E, K, replace=False) for _ in range(N)]).astype(np.int32)
     wts = rng.uniform(size=(N, K)).astype(np.float32)
     w = rng.normal(size=(E, 3, F, D)).astype(np.float32) / 4
+    scale = rng.uniform(0.5, 2.0, size=(E, 3, 1, 2)).astype(np.float32)  # blocks of 8
+    if fp8:
+        q = w.astype(jnp.float8_e4m3fn)
+        w = q.astype(np.float32) * np.repeat(np.repeat(scale, 8, 2), 8, 3)
     chunk = [7, 2, 11, 5]  # not in id order; a padded slot (-1) reuses expert 7's arrays
     ids = np.array(chunk + [-1], np.int32)
-    experts = tuple(ExpertWeights(jnp.asarray(w[e])) for e in chunk + [chunk[0]])
+    experts = tuple(ExpertWeights(jnp.asarray(q[e]), jnp.asarray(scale[e]), 8) if fp8
+                    else ExpertWeights(jnp.asarray(w[e])) for e in chunk + [chunk[0]])
     capacity = int(max((idx == e).any(-1).sum() for e in chunk))
     acc = np.ones((N, D), np.float32)  # added to, not overwritten
     got = experts_segment(jnp.asarray(acc), jnp.asarray(h), jnp.asarray(wts), jnp.asarray(idx), jnp.asarray(ids),
