@@ -34,7 +34,7 @@ def _experts_are_fp8(path: str, cfg: ModelConfig) -> bool:
 
 def plan_placement(path: str, *, dtype: Any = None, gpu_memory: str | int | None = None,
                    placement: Mapping[str, str] | None = None, max_batch: int = 1, max_context: int = 4096,
-                   expert_chunk: int = 32, training: bool = False) -> placing.PlacementPlan:
+                   expert_chunk: int = 32, training: int = 0) -> placing.PlacementPlan:
     """Where every parameter of the checkpoint would live, computed from its config and headers only."""
     cfg = ModelConfig.from_json(path)
     dtype = loading.resolve_dtype(dtype, cfg)
@@ -62,7 +62,7 @@ def generation_defaults(path: str) -> dict[str, Any]:
 def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: bool | None = None,
          gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
          max_context: int = 4096, expert_chunk: int = 32, adapter: str | os.PathLike | None = None,
-         training: bool = False):
+         training: int = 0):
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
 
     gpu_memory: device memory budget ("24GiB" or bytes); routed experts that do not fit stay in
@@ -70,7 +70,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: 
         no limit on the CPU.
     placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
     max_batch, max_context: the KV cache the budget reserves room for.
-    training: also reserve room for LoRA training steps of max_batch x max_context tokens.
+    training: also reserve room for LoRA training steps of that many micro-batches (True: one) of
+    max_batch x max_context tokens.
     adapter: a PEFT LoRA adapter directory to apply (merged into the weights of offloaded models).
     """
     from ktjax.offload import load_offloaded

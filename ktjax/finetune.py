@@ -356,6 +356,11 @@ class OffloadedTrainer:
     take each chunk's vjp (d h, d routing weights), then one segment for the vjp of attention +
     router + shared expert, which gives d x and the layer's adapter gradients. Each segment is a
     static-shape jitted program, as in inference. Routed-expert adapters are not supported here.
+
+    Gradient accumulation is layer-major: a step's micro-batches go through each layer together,
+    so each expert chunk, once on the device, serves all of them. The link carries the experts
+    twice per step whatever the number of micro-batches; the micro-batches' layer inputs are held
+    (the training plan reserves them).
     """
 
     def __init__(self, model, lcfg: LoRAConfig, sites, tc: TrainConfig):
@@ -388,57 +393,73 @@ class OffloadedTrainer:
         head = top["embed_tokens"] if top.get("lm_head") is None else top["lm_head"]
         return top["norm"], head, jnp.float32(self.cfg.rms_norm_eps)
 
-    def _routed(self, i, h_ND, w_NK, idx_NK, counts):
-        from ktjax.offload import experts_segment
-
-        def compute(acc, ids_C, slots, capacity):
-            return experts_segment(acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
-
-        return self.model.stream_experts(i, counts, h_ND.shape[0], compute, None)
+    def _stream(self, i: int, counts: list[np.ndarray], n_tokens: int, compute, accs: list) -> list:
+        """One pass over layer i's experts serving every micro-batch: each chunk, once on the device,
+        is computed for all of them. Capacity comes from the largest count over the micro-batches."""
+        return self.model.stream_experts(i, np.max(counts, axis=0), n_tokens, compute, accs)
 
     # -- forward / backward -----------------------------------------------------------------------
     def _key(self, key, i):
         # No key without dropout: one compiled variant of each segment for training and evaluation.
-        return lora_lib.layer_key(key, i) if self.lcfg.dropout > 0 else None
+        return lora_lib.layer_key(key, i) if self.lcfg.dropout > 0 and key is not None else None
 
-    def forward(self, layer_adapters: list[dict], tokens_BT, key=None):
-        """Hidden states after the last layer, and what the backward pass needs (layer inputs, rope,
-        expert counts per MoE layer). layer_adapters: `per_layer(adapters)`."""
-        from ktjax.offload import combine_segment, embed_segment
+    def forward(self, layer_adapters: list[dict], tokens: list, keys: list):
+        """Hidden states after the last layer for each micro-batch ([B, T] token arrays), and what
+        the backward pass needs (each layer's inputs, rope, expert counts per MoE layer). Layer by
+        layer over all micro-batches, so each host expert crosses the link once per pass whatever
+        their number. layer_adapters: `per_layer(adapters)`; keys: one per micro-batch (or None)."""
+        from ktjax.offload import combine_segment, embed_segment, experts_segment
         m, cfg = self.model, self.cfg
-        B, T = tokens_BT.shape
-        x, rope, _ = embed_segment(cfg, m.top["embed_tokens"], tokens_BT, jnp.zeros((B,), jnp.int32))
+        xs, rope = [], None
+        for t in tokens:
+            x, rope, _ = embed_segment(cfg, m.top["embed_tokens"], t, jnp.zeros((t.shape[0],), jnp.int32))
+            xs.append(x)
         inputs, counts = [], {}
         for i, kind in enumerate(cfg.layer_kinds):
-            inputs.append(x)
-            a, k = layer_adapters[i], self._key(key, i)
+            inputs.append(xs)
+            gd, state, a = self.graphdefs[kind], m.layers[i], layer_adapters[i]
+            ks = [self._key(k, i) for k in keys]
             if kind == "dense":
-                x = dense_fwd_segment(self.graphdefs[kind], m.layers[i], a, x, rope, k)
-            else:
-                y, h, w, idx = moe_fwd_segment(self.graphdefs[kind], m.layers[i], a, x, rope, k, cfg)
-                counts[i] = np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts)
-                x = combine_segment(y, self._routed(i, h, w, idx, counts[i]))
-        return x, (inputs, rope, counts)
+                xs = [dense_fwd_segment(gd, state, a, x, rope, k) for x, k in zip(xs, ks)]
+                continue
+            outs = [moe_fwd_segment(gd, state, a, x, rope, k, cfg) for x, k in zip(xs, ks)]
+            counts[i] = [np.bincount(np.asarray(idx).ravel(), minlength=cfg.n_routed_experts) for *_, idx in outs]
 
-    def backward(self, adapters, layer_adapters, saved, dx, key=None):
-        """Adapter gradients (stacked like `adapters`) given d loss / d (last hidden states)."""
+            def compute(accs, ids_C, slots, capacity, outs=outs):
+                return [experts_segment(acc, h, w, idx, ids_C, slots, capacity=capacity)
+                        for acc, (_, h, w, idx) in zip(accs, outs)]
+
+            accs = self._stream(i, counts[i], outs[0][1].shape[0], compute, [None] * len(outs))
+            xs = [combine_segment(y, acc) for (y, *_), acc in zip(outs, accs)]
+        return xs, (inputs, rope, counts)
+
+    def backward(self, adapters, layer_adapters, saved, dxs: list, keys: list):
+        """Adapter gradients (stacked like `adapters`, summed over the micro-batches) given each
+        micro-batch's d loss / d (last hidden states)."""
         m, cfg = self.model, self.cfg
         inputs, rope, counts = saved
         grads: dict[int, dict] = {}
         for i in reversed(range(len(cfg.layer_kinds))):
             kind = cfg.layer_kinds[i]
-            gd, state, a, k = self.graphdefs[kind], m.layers[i], layer_adapters[i], self._key(key, i)
+            gd, state, a = self.graphdefs[kind], m.layers[i], layer_adapters[i]
+            ks = [self._key(k, i) for k in keys]
             if kind == "dense":
-                dx, grads[i] = dense_bwd_segment(gd, state, a, inputs[i], rope, k, dx)
-                continue
-            _, h, w, idx = moe_fwd_segment(gd, state, a, inputs[i], rope, k, cfg)
-            dacc = dx.reshape(h.shape).astype(jnp.float32)
+                res = [dense_bwd_segment(gd, state, a, x, rope, k, dx) for x, k, dx in zip(inputs[i], ks, dxs)]
+            else:
+                outs = [moe_fwd_segment(gd, state, a, x, rope, k, cfg) for x, k in zip(inputs[i], ks)]
+                daccs = [dx.reshape(h.shape).astype(jnp.float32) for dx, (_, h, _, _) in zip(dxs, outs)]
 
-            def compute(dh_dw, ids_C, slots, capacity, h=h, w=w, idx=idx, dacc=dacc):
-                return experts_bwd_segment(*dh_dw, h, w, idx, ids_C, slots, dacc, capacity=capacity)
+                def compute(dh_dw, ids_C, slots, capacity, outs=outs, daccs=daccs):
+                    return [experts_bwd_segment(*d, h, w, idx, ids_C, slots, dacc, capacity=capacity)
+                            for d, (_, h, w, idx), dacc in zip(dh_dw, outs, daccs)]
 
-            dh, dw = m.stream_experts(i, counts[i], h.shape[0], compute, (jnp.zeros_like(h), jnp.zeros_like(w)))
-            dx, grads[i] = moe_bwd_segment(gd, state, a, inputs[i], rope, k, cfg, dx, dh, dw)
+                zeros = [(jnp.zeros_like(h), jnp.zeros_like(w)) for _, h, w, _ in outs]
+                dhdw = self._stream(i, counts[i], outs[0][1].shape[0], compute, zeros)
+                del outs, daccs
+                res = [moe_bwd_segment(gd, state, a, x, rope, k, cfg, dx, dh, dw)
+                       for x, k, dx, (dh, dw) in zip(inputs[i], ks, dxs, dhdw)]
+            dxs = [dx for dx, _ in res]
+            grads[i] = functools.reduce(_tree_add, [g for _, g in res])
         out = {}
         for name, group in adapters.items():
             g = {v: k for k, v in lora_lib.GROUP_ATTR.items()}[name]
@@ -447,15 +468,24 @@ class OffloadedTrainer:
         return out
 
     @_with_reference_attention
-    def loss_and_grads(self, adapters, tokens_BT, mask_BT, key=None):
-        """(NLL sum, target count, d NLL-sum / d adapters) for one batch."""
+    def micro_loss_and_grads(self, adapters, tokens_MBT, mask_MBT, keys):
+        """(NLL sum, target count, d NLL-sum / d adapters), summed over M micro-batches that share
+        each expert transfer. keys: one per micro-batch, or None."""
         from ktjax.offload import StepStats
         self.model.last_step = StepStats()
-        tokens_BT, mask_BT = jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(mask_BT)
+        tokens = [jnp.asarray(t, jnp.int32) for t in tokens_MBT]
+        masks = [jnp.asarray(mk) for mk in mask_MBT]
+        keys = list(keys) if keys is not None else [None] * len(tokens)
         layer_adapters = self.per_layer(adapters)
-        x, saved = self.forward(layer_adapters, tokens_BT, key)
-        s, n, dx = head_bwd_segment(*self._head(), x, tokens_BT, mask_BT, self.tc.loss_chunk)
-        return s, n, self.backward(adapters, layer_adapters, saved, dx, key)
+        xs, saved = self.forward(layer_adapters, tokens, keys)
+        head = [head_bwd_segment(*self._head(), x, t, mk, self.tc.loss_chunk) for x, t, mk in zip(xs, tokens, masks)]
+        del xs
+        s, n = sum(h[0] for h in head), sum(h[1] for h in head)
+        return s, n, self.backward(adapters, layer_adapters, saved, [h[2] for h in head], keys)
+
+    def loss_and_grads(self, adapters, tokens_BT, mask_BT, key=None):
+        """(NLL sum, target count, d NLL-sum / d adapters) for one batch."""
+        return self.micro_loss_and_grads(adapters, [tokens_BT], [mask_BT], [key])
 
     def _apply_update(self, adapters, opt_state, grad_sum, n):
         grads = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), grad_sum)
@@ -463,24 +493,22 @@ class OffloadedTrainer:
         return optax.apply_updates(adapters, updates), opt_state, _tree_norm(grads)
 
     def step(self, adapters, opt_state, base, tokens_MBT, mask_MBT, key):
-        """The same contract as `make_train_step`'s step (base is unused: the model holds it)."""
+        """The same contract as `make_train_step`'s step (base is unused: the model holds it). The
+        micro-batches go through each layer together: the experts cross the link twice per step, not
+        twice per micro-batch."""
         adapters, opt_state = jax.device_put((adapters, opt_state), self.model.on_device)  # one compiled update
-        s_tot, n_tot, g_tot, host = 0.0, 0.0, None, 0
-        for mb in range(tokens_MBT.shape[0]):
-            s, n, g = self.loss_and_grads(adapters, tokens_MBT[mb], mask_MBT[mb], jax.random.fold_in(key, mb))
-            g_tot = g if g_tot is None else _tree_add(g_tot, g)
-            s_tot, n_tot = s_tot + s, n_tot + n
-            host += self.model.last_step.bytes_from_host
-        n_tot = jnp.maximum(n_tot, 1.0)
-        adapters, opt_state, gnorm = self._update(adapters, opt_state, g_tot, n_tot)
-        self.bytes_from_host = host
-        return adapters, opt_state, {"loss": s_tot / n_tot, "grad_norm": gnorm, "targets": n_tot}
+        keys = [jax.random.fold_in(key, mb) for mb in range(tokens_MBT.shape[0])]
+        s, n, g = self.micro_loss_and_grads(adapters, tokens_MBT, mask_MBT, keys)
+        n = jnp.maximum(n, 1.0)
+        adapters, opt_state, gnorm = self._update(adapters, opt_state, g, n)
+        self.bytes_from_host = self.model.last_step.bytes_from_host
+        return adapters, opt_state, {"loss": s / n, "grad_norm": gnorm, "targets": n}
 
     @_with_reference_attention
     def eval_nll(self, adapters, base, tokens_BT, mask_BT):
         tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
-        x, _ = self.forward(self.per_layer(adapters), tokens_BT, None)
-        return head_loss_segment(*self._head(), x, tokens_BT, jnp.asarray(mask_BT), self.tc.loss_chunk)
+        xs, _ = self.forward(self.per_layer(adapters), [tokens_BT], [None])
+        return head_loss_segment(*self._head(), xs[0], tokens_BT, jnp.asarray(mask_BT), self.tc.loss_chunk)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -549,11 +577,11 @@ def _show_progress(progress) -> bool:
     return show(progress)
 
 
-def _load_model(model, *, dtype, gpu_memory, batch_size: int, seq_len: int):
+def _load_model(model, *, dtype, gpu_memory, batch_size: int, seq_len: int, grad_accum: int):
     if isinstance(model, (str, os.PathLike)):
         import ktjax
         return ktjax.load(model, dtype=dtype, gpu_memory=gpu_memory, max_batch=batch_size, max_context=seq_len,
-                          training=True)
+                          training=grad_accum)
     if model is None:
         raise ValueError("finetune: give a checkpoint directory or a loaded model")
     return model
@@ -600,7 +628,8 @@ def finetune(model, data, *, output: str | os.PathLike, rank: int = 8, alpha: fl
         tokenizer, vocab = getattr(model, "tokenizer", None), model.config.vocab_size
     ds = data_lib.load_dataset(data, tokenizer, seq_len=seq_len, eval_fraction=eval_fraction, eval_data=eval_data,
                                seed=seed, vocab_size=vocab)
-    model = _load_model(model, dtype=dtype, gpu_memory=gpu_memory, batch_size=batch_size, seq_len=seq_len)
+    model = _load_model(model, dtype=dtype, gpu_memory=gpu_memory, batch_size=batch_size, seq_len=seq_len,
+                        grad_accum=grad_accum)
     offloaded = is_offloaded(model)
     cfg = model.config
     if ds.truncated or ds.dropped:

@@ -130,17 +130,20 @@ def workspace_nbytes(cfg: ModelConfig, batch: int, max_len: int, prefill_chunk: 
     return 2 * expert_chunk * expert_bytes + scores + expanded_kv + hidden + (64 << 20)
 
 
-def training_nbytes(cfg: ModelConfig, batch: int, seq_len: int, dtype) -> int:
+def training_nbytes(cfg: ModelConfig, batch: int, seq_len: int, dtype, micro_batches: int = 1) -> int:
     """Device memory a LoRA training step needs on top of inference's workspace: every layer's saved
-    input, and one layer's backward over the whole sequence (f32 attention scores, probabilities and
-    their gradients; projections and MLP activations with their gradients)."""
+    input for each micro-batch (they go through each layer together), the routed-expert operands and
+    accumulators of each micro-batch for one layer, and one micro-batch's layer backward over the
+    whole sequence (f32 attention scores, probabilities and their gradients; projections and MLP
+    activations with their gradients)."""
     it = np.dtype(dtype).itemsize
-    B, T, H = batch, seq_len, cfg.num_attention_heads
-    saved = cfg.num_hidden_layers * B * T * cfg.hidden_size * it
+    M, B, T, H = micro_batches, batch, seq_len, cfg.num_attention_heads
+    saved = M * cfg.num_hidden_layers * B * T * cfg.hidden_size * it
+    routed = M * B * T * cfg.hidden_size * (3 * it + 2 * 4)  # layer output and h; f32 acc and d h
     attention = 4 * B * H * T * T * 4
     activations = B * T * (3 * H * (cfg.qk_head_dim + cfg.v_head_dim) + 6 * cfg.hidden_size
                            + 4 * cfg.intermediate_size) * 4
-    return saved + attention + activations
+    return saved + routed + attention + activations
 
 
 def device_memory_limit() -> int | None:
@@ -155,10 +158,11 @@ def device_memory_limit() -> int | None:
 def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int | None = None,
          placement: Mapping[str, str] | None = None, fp8_experts: bool = False, max_batch: int = 1,
          max_context: int = 4096, prefill_chunk: int = 512, expert_chunk: int = 32,
-         training: bool = False) -> PlacementPlan:
+         training: int = 0) -> PlacementPlan:
     """Decide where every routed expert lives. Without a budget or rules, everything stays on the
     device unless the device reports a memory limit (GPUs), which then is the budget. training:
-    also reserve a LoRA training step's activations over max_batch x max_context tokens."""
+    also reserve a LoRA training step's activations: `training` micro-batches (True: one) of
+    max_batch x max_context tokens."""
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     if budget is None and placement is None:
         limit = device_memory_limit()
@@ -194,7 +198,7 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
     else:
         workspace = workspace_nbytes(cfg, max_batch, max_context, prefill_chunk, e_bytes, expert_chunk, dtype)
         if training:
-            workspace += training_nbytes(cfg, max_batch, max_context, dtype)
+            workspace += training_nbytes(cfg, max_batch, max_context, dtype, int(training))
     fixed = sum(core.values()) + cache + workspace
     if budget is not None and fixed + sum(e_bytes for k in forced.values() if k == DEVICE) > budget:
         raise PlacementError(

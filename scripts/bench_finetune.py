@@ -12,7 +12,8 @@ Parts (each in its own process: the budget is a process-wide allocator setting):
   resident-jit  the resident path: one jitted step (lax.scan over layers, jax.checkpoint per layer);
                 needs the whole model on the device, so use few MoE layers.
 
-Per sequence length (batch 1, LoRA r=8 on the attention projections, bf16 compute, f32 adapters):
+Per sequence length (batch 1 per micro-batch, --grad-accum micro-batches per step, LoRA r=8 on the
+attention projections, bf16 compute, f32 adapters):
 tokens/s per optimizer step, bytes from host per step, and the floor: max(bytes moved / measured
 pinned H2D bandwidth, 3 x weight bytes / measured HBM bandwidth, training FLOPs / measured bf16
 matmul rate): each of the three passes reads every weight once; training FLOPs are taken as 3x
@@ -83,7 +84,7 @@ def build(args, cfg, dtype, all_on_device: bool):
                          expert_chunk=args.expert_chunk)
     else:
         plan = plan_for(cfg, dtype, gpu_memory=args.gpu_memory, all_on_device=all_on_device, max_batch=1,
-                        max_context=max(args.seq_lens), expert_chunk=args.expert_chunk, training=True)
+                        max_context=max(args.seq_lens), expert_chunk=args.expert_chunk, training=args.grad_accum)
     print(plan.table(), flush=True)
     return plan, random_offloaded_model(cfg, plan, dtype, progress=lambda s: print(s, flush=True))
 
@@ -140,8 +141,9 @@ def run_part(args) -> dict:
     rng = np.random.default_rng(0)
     weights = weight_bytes(cfg, dtype)
     for T in args.seq_lens:
-        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 1, T)), jnp.int32)
-        mask = jnp.ones((1, 1, T), bool)
+        M = args.grad_accum
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (M, 1, T)), jnp.int32)
+        mask = jnp.ones((M, 1, T), bool)
         t = time.perf_counter()
         adapters, opt_state, m = step_fn(adapters, opt_state, base, tokens, mask, key)  # compile + warm up
         float(m["loss"])
@@ -154,9 +156,9 @@ def run_part(args) -> dict:
             ts.append(time.perf_counter() - t)
             moved.append(host_bytes())
         step = float(np.median(ts))
-        row = {"seq_len": T, "step_s": step, "tokens_per_s": T / step, "first_step_s": first,
+        row = {"seq_len": T, "micro_batches": M, "step_s": step, "tokens_per_s": M * T / step, "first_step_s": first,
                "host_bytes_per_step": float(np.mean(moved)), "achieved_h2d_gbps": float(np.mean(moved)) / step / 1e9,
-               "flops": step_flops(cfg, T)}
+               "flops": M * step_flops(cfg, T)}
         h2d = res.get("h2d_gbps", args.h2d_gbps)
         hbm = res.get("hbm_gbps", args.hbm_gbps)
         tflops = res.get("matmul_tflops", args.matmul_tflops)
@@ -166,8 +168,8 @@ def run_part(args) -> dict:
             row.update(floors, floor_s=max(floors.values()), floor_over_measured=max(floors.values()) / step)
         res[f"T{T}"] = row
         print(f"ROW T{T} " + json.dumps(row), flush=True)
-        print(f"T={T}: {step * 1e3:.1f} ms/step, {T / step:.0f} tok/s, {fmt_bytes(row['host_bytes_per_step'])} "
-              f"from host ({row['achieved_h2d_gbps']:.1f} GB/s)", flush=True)
+        print(f"T={T} x {M}: {step * 1e3:.1f} ms/step, {M * T / step:.0f} tok/s, "
+              f"{fmt_bytes(row['host_bytes_per_step'])} from host ({row['achieved_h2d_gbps']:.1f} GB/s)", flush=True)
     stats = jax.devices()[0].memory_stats() or {}
     res["peak_device_bytes"] = stats.get("peak_bytes_in_use")
     res["device_bytes_limit"] = stats.get("bytes_limit")
@@ -184,8 +186,8 @@ def table(results: list[dict]) -> str:
         lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s, HBM "
                   f"{ceil['hbm_gbps']:.0f} GB/s, bf16 matmul "
                   f"{ceil['matmul_tflops']:.0f} TFLOP/s.", ""]
-    lines += ["| run | seq len | tokens/s | step | from host per step | achieved H2D | floor (H2D / HBM / FLOPs) | "
-              "floor/measured |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| run | micro-batches x seq len | tokens/s | step | from host per step | achieved H2D | "
+              "floor (H2D / HBM / FLOPs) | floor/measured |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         for k, v in r.items():
             if not (isinstance(v, dict) and k.startswith("T")):
@@ -193,8 +195,8 @@ def table(results: list[dict]) -> str:
             floor = (f"{v['floor_io_s'] * 1e3:.0f} / {v['floor_hbm_s'] * 1e3:.0f} / {v['floor_flops_s'] * 1e3:.0f} ms"
                      if "floor_s" in v else "-")
             ratio = f"{100 * v['floor_over_measured']:.0f}%" if "floor_over_measured" in v else "-"
-            lines.append(f"| {r['part']} | {v['seq_len']} | {v['tokens_per_s']:.0f} | {v['step_s'] * 1e3:.0f} ms | "
-                         f"{gb(v['host_bytes_per_step'])} | {v['achieved_h2d_gbps']:.1f} GB/s | {floor} | {ratio} |")
+            lines.append(f"| {r['part']} | {v.get('micro_batches', 1)} x {v['seq_len']} | {v['tokens_per_s']:.0f} | "
+                         f"{v['step_s'] * 1e3:.0f} ms | {gb(v['host_bytes_per_step'])} | {v['achieved_h2d_gbps']:.1f} GB/s | {floor} | {ratio} |")
         if r.get("peak_device_bytes"):
             lines.append(f"| {r['part']} | peak GPU memory | | | {gb(r['peak_device_bytes'])} of "
                          f"{gb(r['device_bytes_limit'])} | | | |")
@@ -210,6 +212,8 @@ def main():
     p.add_argument("--gpu-memory", default="24GiB", help="the GPU budget of the offload part (allocator-enforced)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--steps", type=int, default=3, help="timed steps per sequence length")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches of one sequence per step (they share each expert transfer)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="attention")
     p.add_argument("--expert-chunk", type=int, default=32)
@@ -235,6 +239,7 @@ def main():
         del os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]  # the parts allocate as users' processes do
         frac = parse_size(args.gpu_memory) / total
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
+              "--grad-accum", str(args.grad_accum),
               "--rank", str(args.rank), "--targets", args.targets, "--expert-chunk", str(args.expert_chunk),
               "--seq-lens", *map(str, args.seq_lens)] + (["--tiny"] if args.tiny else [])
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}

@@ -97,7 +97,7 @@ def random_offloaded_model(cfg: ModelConfig, plan, dtype=jnp.bfloat16, *, fp8: b
 
 
 def plan_for(cfg: ModelConfig, dtype, *, gpu_memory=None, fp8=False, all_on_device=False, max_batch=32,
-             max_context=8192 + 256, expert_chunk=32, training=False):
+             max_context=8192 + 256, expert_chunk=32, training=0):
     from ktjax.loading import abstract_model
     from ktjax.placement import plan
     _, abstract = abstract_model(cfg, dtype)

@@ -247,6 +247,35 @@ def test_offloaded_model_trains_with_experts_streamed_from_host(ckpt, data_file,
         assert not np.array_equal(np.asarray(got), np.asarray(_base_layer(model, i, path)))  # it did change
 
 
+def test_offloaded_micro_batches_share_each_expert_transfer(ckpt):
+    """Gradient accumulation on an offloaded model runs the micro-batches through each layer
+    together: the step moves the host experts as often as one micro-batch does (twice), and sums
+    the same gradients as the micro-batches taken one at a time."""
+    from ktjax.finetune import OffloadedTrainer, TrainConfig
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                       max_context=64)
+    lcfg = L.LoRAConfig(rank=2, targets=("attention",))
+    sites = L.resolve_sites(model.config, lcfg.targets)
+    adapters = jax.tree.map(lambda x: jnp.asarray(x) + 0.01, L.init_adapters(model.config, lcfg, 0, sites))
+    trainer = OffloadedTrainer(model, lcfg, sites, TrainConfig())
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 97, (3, *TOKENS.shape))
+    mask = rng.random(tokens.shape) < 0.7
+
+    s, n, grads = trainer.micro_loss_and_grads(adapters, tokens, mask, None)
+    together = model.last_step.bytes_from_host
+    one_by_one = []
+    for t, mk in zip(tokens, mask):
+        one_by_one.append(trainer.loss_and_grads(adapters, t, mk))
+        assert model.last_step.bytes_from_host == together
+    assert together == 2 * 2 * 8 * 3 * 32 * 64 * 4  # two MoE layers of 8 experts, forward and backward
+    np.testing.assert_allclose(float(s), sum(float(r[0]) for r in one_by_one), rtol=1e-6)
+    assert float(n) == sum(float(r[1]) for r in one_by_one)
+    summed = jax.tree.map(lambda *g: sum(np.asarray(x) for x in g), *[r[2] for r in one_by_one])
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(summed)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7)
+
+
 def _base_layer(model, i, path):
     node = model.layers[i]
     for p in path:

@@ -81,6 +81,11 @@ def test_a_training_plan_reserves_a_steps_activations_instead_of_experts(ckpt):
     assert train.workspace_bytes == serve.workspace_bytes + extra
     assert len(serve.device_experts) == 3 * 8 and len(train.device_experts) == 3 * 8 - 10
     assert train.device_bytes <= budget
+    # Micro-batches go through each layer together: each one's saved inputs are held at once.
+    three = plan_placement(ckpt, gpu_memory="1TB", max_context=256, training=3)
+    assert three.workspace_bytes == everything.workspace_bytes + training_nbytes(everything.config, 1, 256,
+                                                                                  jnp.float32, 3)
+    assert training_nbytes(everything.config, 1, 256, jnp.float32, 3) > extra
 
 
 def test_budget_too_small_for_the_core_says_how_much_is_needed(ckpt):
