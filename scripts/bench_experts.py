@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchparts import best_of  # noqa: E402
 from ktjax import offload  # noqa: E402
 from ktjax.offload import ExpertWeights, _pow2  # noqa: E402
 
@@ -64,14 +64,7 @@ def ffn_variant(name: str):
 
 def timed(f, *args, reps: int) -> float:
     jax.block_until_ready(f(*args))  # compile
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            out = f(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
+    return best_of(f, *args, reps=reps)
 
 
 def make_experts(C, F, D, fp8: bool, key):

@@ -32,6 +32,7 @@ if "ktjax" not in sys.modules:
     _pkg = types.ModuleType("ktjax")
     _pkg.__path__ = [str(ROOT / "ktjax"), str(ROOT)]  # ROOT: ktjax.kernels -> kernels/ (pyproject's package-dir)
     sys.modules["ktjax"] = _pkg
+from benchparts import best_of  # noqa: E402
 from ktjax import kernels  # noqa: E402
 from ktjax.kernels import mla_decode_pallas, mla_decode_reference, mla_prefill_pallas, mla_prefill_reference  # noqa: E402
 
@@ -52,14 +53,7 @@ def bench(f, *args, iters=None, min_time=0.3):
     jax.block_until_ready(f(*args))
     one = max(time.perf_counter() - t, 1e-6)
     n = iters or max(1, min(200, int(min_time / one)))
-    best = float("inf")
-    for _ in range(3 if not ARGS.smoke else 1):
-        t = time.perf_counter()
-        for _ in range(n):
-            out = f(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t) / n)
-    return best
+    return best_of(f, *args, reps=n, rounds=3 if not ARGS.smoke else 1)
 
 
 def bench_looped(f, *args, n=20):

@@ -1,5 +1,6 @@
 """Run a benchmark's parts, each in its own process (the GPU budget is a process-wide allocator
-setting), under a deadline; keep what a part printed even when it ran out of time.
+setting), under a deadline; keep what a part printed even when it ran out of time. Also the
+benchmarks' shared timer (`best_of`).
 
 A part prints `CEILINGS {json}` and `ROW name {json}` lines as it goes and `RESULT {json}` at the end.
 A part cut off by its timeout still contributes its ceilings and finished rows, marked partial.
@@ -11,6 +12,19 @@ import json
 import os
 import subprocess
 import time
+
+
+def best_of(f, *args, reps: int, rounds: int = 3) -> float:
+    """Seconds per call of f(*args) (already compiled): reps back-to-back calls, best of rounds."""
+    import jax
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
 
 
 def salvage(out: str, part: str) -> list[dict]:
