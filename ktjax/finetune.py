@@ -455,7 +455,6 @@ class OffloadedTrainer:
 
                 zeros = [(jnp.zeros_like(h), jnp.zeros_like(w)) for _, h, w, _ in outs]
                 dhdw = self._stream(i, counts[i], outs[0][1].shape[0], compute, zeros)
-                del outs, daccs
                 res = [moe_bwd_segment(gd, state, a, x, rope, k, cfg, dx, dh, dw)
                        for x, k, dx, (dh, dw) in zip(inputs[i], ks, dxs, dhdw)]
             dxs = [dx for dx, _ in res]
