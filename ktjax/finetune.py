@@ -586,6 +586,18 @@ def _load_model(model, *, dtype, gpu_memory, batch_size: int, seq_len: int, grad
     return model
 
 
+def _check_training_room(plan, dtype, batch_size: int, seq_len: int, grad_accum: int) -> None:
+    """Warn when an offloaded model's plan did not reserve a step's activations (it was loaded for
+    serving, or for smaller steps): the step may then run out of device memory mid-run."""
+    from ktjax.placement import fmt_bytes, training_nbytes
+    need = training_nbytes(plan.config, batch_size, seq_len, dtype, grad_accum)
+    if plan.budget is not None and plan.training_bytes < need:
+        warnings.warn(f"the model's placement reserves {fmt_bytes(plan.training_bytes)} for training, but a step of "
+                      f"{grad_accum} x {batch_size} x {seq_len} tokens needs {fmt_bytes(need)}: load it with "
+                      f"ktjax.load(..., training={grad_accum}, max_batch={batch_size}, max_context={seq_len}) "
+                      f"(or pass its path) to keep experts out of that room", stacklevel=3)
+
+
 def _fmt_rate(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
@@ -642,6 +654,8 @@ def finetune(model, data, *, output: str | os.PathLike, rank: int = 8, alpha: fl
     sites = lora_lib.resolve_sites(cfg, lcfg.targets)
     graphdef, _ = lora_lib.lora_graph(cfg, model.dtype, lcfg, sites)
     trainer = OffloadedTrainer(model, lcfg, sites, tc) if offloaded else None
+    if offloaded:
+        _check_training_room(model.placement, model.dtype, batch_size, seq_len, grad_accum)
     root_key = jax.random.key(seed)
     adapters = lora_lib.init_adapters(cfg, lcfg, jax.random.fold_in(root_key, 0x10A), sites)
     # Committed to the device like the step's outputs, so the first step compiles the same program.

@@ -60,6 +60,7 @@ class PlacementPlan:
     device_experts: frozenset[tuple[int, int]]  # (layer, expert) pairs resident on the device
     host_experts: frozenset[tuple[int, int]]
     expert_chunk: int  # experts fetched per segment when streaming
+    training_bytes: int = 0  # the part of the workspace reserved for LoRA training steps
 
     @property
     def offloaded(self) -> bool:
@@ -197,8 +198,8 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
         workspace = 0
     else:
         workspace = workspace_nbytes(cfg, max_batch, max_context, prefill_chunk, e_bytes, expert_chunk, dtype)
-        if training:
-            workspace += training_nbytes(cfg, max_batch, max_context, dtype, int(training))
+    train = training_nbytes(cfg, max_batch, max_context, dtype, int(training)) if training and workspace else 0
+    workspace += train
     fixed = sum(core.values()) + cache + workspace
     if budget is not None and fixed + sum(e_bytes for k in forced.values() if k == DEVICE) > budget:
         raise PlacementError(
@@ -218,9 +219,9 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
             device.add(key)
             free = None if free is None else free - e_bytes
     host = frozenset(k for k in all_experts if k not in device)
-    if not host:
-        workspace = 0 if budget is None else workspace
-    return PlacementPlan(cfg, budget, core, cache, workspace, e_bytes, frozenset(device), host, expert_chunk)
+    if not host and budget is None:
+        workspace = train = 0
+    return PlacementPlan(cfg, budget, core, cache, workspace, e_bytes, frozenset(device), host, expert_chunk, train)
 
 
 def _core_names(cfg: ModelConfig) -> list[str]:

@@ -88,6 +88,19 @@ def test_a_training_plan_reserves_a_steps_activations_instead_of_experts(ckpt):
     assert training_nbytes(everything.config, 1, 256, jnp.float32, 3) > extra
 
 
+def test_finetuning_a_model_planned_for_serving_warns_that_its_steps_may_not_fit(ckpt):
+    import warnings
+    from ktjax.finetune import _check_training_room
+    serving = plan_placement(ckpt, dtype="float32", gpu_memory="1GB", max_context=64)
+    with pytest.warns(UserWarning, match=r"load it with ktjax.load\(\.\.\., training=2, max_batch=2, max_context=64\)"):
+        _check_training_room(serving, jnp.float32, 2, 64, 2)
+    training = plan_placement(ckpt, dtype="float32", gpu_memory="1GB", max_batch=2, max_context=64, training=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_training_room(training, jnp.float32, 2, 64, 2)
+        _check_training_room(plan_placement(ckpt, dtype="float32", max_context=64), jnp.float32, 2, 64, 2)  # no budget
+
+
 def test_budget_too_small_for_the_core_says_how_much_is_needed(ckpt):
     with pytest.raises(PlacementError, match=r"gpu_memory=.* is too small: .* need [\d.]+ [KMG]iB"):
         ktjax.load(ckpt, gpu_memory="1MB")
