@@ -47,8 +47,9 @@ class ExpertWeights:
         return self.w.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
     def matrices(self, k: slice, dtype) -> jax.Array:
-        """Matrices k (0 gate, 1 up, 2 down^T) as [n, F, D] in dtype. Only the ones a matmul reads, so
-        that the FP8 dequantisation can fuse into it instead of being written out."""
+        """Matrices k (0 gate, 1 up, 2 down^T) as [n, F, D] in dtype: FP8 ones dequantised with their
+        block scales, only those a matmul reads (XLA still writes them out as bf16 before the matmul:
+        benchmarks/experts.md)."""
         w = self.w[k]
         if self.scale is None:
             return w.astype(dtype)
