@@ -196,7 +196,8 @@ def table(results: list[dict]) -> str:
                      if "floor_s" in v else "-")
             ratio = f"{100 * v['floor_over_measured']:.0f}%" if "floor_over_measured" in v else "-"
             lines.append(f"| {r['part']} | {v.get('micro_batches', 1)} x {v['seq_len']} | {v['tokens_per_s']:.0f} | "
-                         f"{v['step_s'] * 1e3:.0f} ms | {gb(v['host_bytes_per_step'])} | {v['achieved_h2d_gbps']:.1f} GB/s | {floor} | {ratio} |")
+                         f"{v['step_s'] * 1e3:.0f} ms | {gb(v['host_bytes_per_step'])} | "
+                         f"{v['achieved_h2d_gbps']:.1f} GB/s | {floor} | {ratio} |")
         if r.get("peak_device_bytes"):
             lines.append(f"| {r['part']} | peak GPU memory | | | {gb(r['peak_device_bytes'])} of "
                          f"{gb(r['device_bytes_limit'])} | | | |")
