@@ -816,8 +816,9 @@ def add_finetune_parser(subparsers):
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1); with experts in host "
-                   "memory they share each expert transfer, so more tokens per step cost little extra time")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (default 1); with experts in host memory they share "
+                   "each expert transfer, so more tokens per step cost little extra time")
     p.add_argument("--seq-len", type=int, default=1024, help="longest sequence; longer examples are cut (default 1024)")
     p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of steps, at most 100)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
