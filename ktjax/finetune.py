@@ -359,8 +359,12 @@ class OffloadedTrainer:
 
     Gradient accumulation is layer-major: a step's micro-batches go through each layer together,
     so each expert chunk, once on the device, serves all of them. The link carries the experts
-    twice per step whatever the number of micro-batches; the micro-batches' layer inputs are held
-    (the training plan reserves them).
+    twice per step whatever the number of micro-batches.
+
+    The layer inputs saved for the backward pass wait in pinned host memory, so device memory
+    holds one layer's worth, not every layer's: at 2K tokens, 61 layers x 28 MiB per micro-batch
+    (DeepSeek-V3). That costs 28 MiB each way per layer and micro-batch on the link, next to the
+    gigabytes of experts that cross it per layer.
     """
 
     def __init__(self, model, lcfg: LoRAConfig, sites, tc: TrainConfig):
@@ -374,6 +378,7 @@ class OffloadedTrainer:
         self.position = {i: (g, j) for g, idx in group_layers(self.cfg).items() for j, i in enumerate(idx)}
         self.tx = tc.optimizer()
         self._update = jax.jit(self._apply_update, donate_argnums=(0, 1))
+        self.saved_memory = jax.sharding.SingleDeviceSharding(model.device, memory_kind="pinned_host")
 
     # -- pieces --------------------------------------------------------------------------------
     def per_layer(self, adapters: Mapping) -> list[dict]:
@@ -416,7 +421,7 @@ class OffloadedTrainer:
             xs.append(x)
         inputs, counts = [], {}
         for i, kind in enumerate(cfg.layer_kinds):
-            inputs.append(xs)
+            inputs.append(jax.device_put(xs, self.saved_memory))
             gd, state, a = self.graphdefs[kind], m.layers[i], layer_adapters[i]
             ks = [self._key(k, i) for k in keys]
             if kind == "dense":
@@ -443,10 +448,11 @@ class OffloadedTrainer:
             kind = cfg.layer_kinds[i]
             gd, state, a = self.graphdefs[kind], m.layers[i], layer_adapters[i]
             ks = [self._key(k, i) for k in keys]
+            xs = jax.device_put(inputs[i], m.on_device)
             if kind == "dense":
-                res = [dense_bwd_segment(gd, state, a, x, rope, k, dx) for x, k, dx in zip(inputs[i], ks, dxs)]
+                res = [dense_bwd_segment(gd, state, a, x, rope, k, dx) for x, k, dx in zip(xs, ks, dxs)]
             else:
-                outs = [moe_fwd_segment(gd, state, a, x, rope, k, cfg) for x, k in zip(inputs[i], ks)]
+                outs = [moe_fwd_segment(gd, state, a, x, rope, k, cfg) for x, k in zip(xs, ks)]
                 daccs = [dx.reshape(h.shape).astype(jnp.float32) for dx, (_, h, _, _) in zip(dxs, outs)]
 
                 def compute(dh_dw, ids_C, slots, capacity, outs=outs, daccs=daccs):
@@ -456,7 +462,7 @@ class OffloadedTrainer:
                 zeros = [(jnp.zeros_like(h), jnp.zeros_like(w)) for _, h, w, _ in outs]
                 dhdw = self._stream(i, counts[i], outs[0][1].shape[0], compute, zeros)
                 res = [moe_bwd_segment(gd, state, a, x, rope, k, cfg, dx, dh, dw)
-                       for x, k, dx, (dh, dw) in zip(inputs[i], ks, dxs, dhdw)]
+                       for x, k, dx, (dh, dw) in zip(xs, ks, dxs, dhdw)]
             dxs = [dx for dx, _ in res]
             grads[i] = functools.reduce(_tree_add, [g for _, g in res])
         out = {}

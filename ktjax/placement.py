@@ -132,14 +132,15 @@ def workspace_nbytes(cfg: ModelConfig, batch: int, max_len: int, prefill_chunk: 
 
 
 def training_nbytes(cfg: ModelConfig, batch: int, seq_len: int, dtype, micro_batches: int = 1) -> int:
-    """Device memory a LoRA training step needs on top of inference's workspace: every layer's saved
-    input for each micro-batch (they go through each layer together), the routed-expert operands and
+    """Device memory an offloaded LoRA training step needs on top of inference's workspace, with its
+    micro-batches going through each layer together: two layers' inputs for each micro-batch (the
+    saved inputs of the others wait in pinned host memory), the routed-expert operands and
     accumulators of each micro-batch for one layer, and one micro-batch's layer backward over the
     whole sequence (f32 attention scores, probabilities and their gradients; projections and MLP
     activations with their gradients)."""
     it = np.dtype(dtype).itemsize
     M, B, T, H = micro_batches, batch, seq_len, cfg.num_attention_heads
-    saved = M * cfg.num_hidden_layers * B * T * cfg.hidden_size * it
+    saved = M * 2 * B * T * cfg.hidden_size * it
     routed = M * B * T * cfg.hidden_size * (3 * it + 2 * 4)  # layer output and h; f32 acc and d h
     attention = 4 * B * H * T * T * 4
     activations = B * T * (3 * H * (cfg.qk_head_dim + cfg.v_head_dim) + 6 * cfg.hidden_size

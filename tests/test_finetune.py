@@ -250,7 +250,8 @@ def test_offloaded_model_trains_with_experts_streamed_from_host(ckpt, data_file,
 def test_offloaded_micro_batches_share_each_expert_transfer(ckpt):
     """Gradient accumulation on an offloaded model runs the micro-batches through each layer
     together: the step moves the host experts as often as one micro-batch does (twice), and sums
-    the same gradients as the micro-batches taken one at a time."""
+    the same gradients as the micro-batches taken one at a time. The layer inputs saved for the
+    backward pass wait in host memory."""
     from ktjax.finetune import OffloadedTrainer, TrainConfig
     model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
                        max_context=64)
@@ -261,6 +262,9 @@ def test_offloaded_micro_batches_share_each_expert_transfer(ckpt):
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, 97, (3, *TOKENS.shape))
     mask = rng.random(tokens.shape) < 0.7
+
+    _, (saved, _, _) = trainer.forward(trainer.per_layer(adapters), list(jnp.asarray(tokens)), [None] * 3)
+    assert len(saved) == 3 and {x.sharding.memory_kind for layer in saved for x in layer} == {"pinned_host"}
 
     s, n, grads = trainer.micro_loss_and_grads(adapters, tokens, mask, None)
     together = model.last_step.bytes_from_host
