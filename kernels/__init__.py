@@ -20,7 +20,7 @@ from ktjax.kernels import mla_decode as _decode_mod
 from ktjax.kernels import mla_prefill as _prefill_mod
 from ktjax.kernels.mla_decode import mla_decode_pallas
 from ktjax.kernels.mla_prefill import mla_prefill_pallas
-from ktjax.kernels.reference import mla_decode_reference, mla_prefill_reference
+from ktjax.kernels.reference import mla_decode_reference, mla_prefill_blocked, mla_prefill_reference
 
 def _setting() -> bool | None:
     """KTJAX_PALLAS: 0 -> off, 1 -> forced on, unset -> automatic."""
@@ -85,10 +85,10 @@ def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, interpret=False)
     """Causal chunked-prefill attention; see `mla_prefill_reference` for the contract."""
     path = prefill_path(q_BTHK, v_BSHV, interpret=interpret)
     if path == "reference":
-        return mla_prefill_reference(q_BTHK, k_BSHK, v_BSHV, q_start_B, sm_scale=sm_scale)
+        return mla_prefill_blocked(q_BTHK, k_BSHK, v_BSHV, q_start_B, sm_scale=sm_scale)
     return mla_prefill_pallas(q_BTHK, k_BSHK, v_BSHV, q_start_B, sm_scale=float(sm_scale),
                               interpret=path == "interpret")
 
 
-__all__ = ["mla_decode", "mla_prefill", "mla_decode_reference", "mla_prefill_reference", "mla_decode_pallas",
-           "mla_prefill_pallas", "use_pallas", "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]
+__all__ = ["mla_decode", "mla_prefill", "mla_decode_reference", "mla_prefill_reference", "mla_prefill_blocked",
+           "mla_decode_pallas", "mla_prefill_pallas", "use_pallas", "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]

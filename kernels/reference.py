@@ -53,3 +53,28 @@ def mla_prefill_reference(
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bhts,bshv->bthv", p.astype(v_BSHV.dtype), v_BSHV, preferred_element_type=f32)
     return o.astype(q_BTHK.dtype)
+
+
+PREFILL_BLOCK_Q = 512  # queries per block of `mla_prefill_blocked`
+
+
+def mla_prefill_blocked(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale: float,
+                        block_q: int = PREFILL_BLOCK_Q) -> jax.Array:
+    """`mla_prefill_reference` over blocks of block_q queries, each block rematerialised in the
+    backward pass: one block's [H, block_q, S] scores live at a time instead of all T x S, which at
+    4K tokens and 128 heads is 32 GiB for a training step's backward. Same values; where the Pallas
+    kernel has no backward pass (training), this is the attention."""
+    B, T, H, K = q_BTHK.shape
+    if T <= block_q:
+        return mla_prefill_reference(q_BTHK, k_BSHK, v_BSHV, q_start_B, sm_scale=sm_scale)
+    n = -(-T // block_q)
+    q_NBQHK = jnp.pad(q_BTHK, ((0, 0), (0, n * block_q - T), (0, 0), (0, 0)))
+    q_NBQHK = q_NBQHK.reshape(B, n, block_q, H, K).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def block(args):
+        q_BQHK, first = args
+        return mla_prefill_reference(q_BQHK, k_BSHK, v_BSHV, q_start_B + first, sm_scale=sm_scale)
+
+    o_NBQHV = jax.lax.map(block, (q_NBQHK, jnp.arange(n, dtype=q_start_B.dtype) * block_q))
+    return o_NBQHV.swapaxes(0, 1).reshape(B, n * block_q, H, -1)[:, :T]

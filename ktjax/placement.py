@@ -20,6 +20,7 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.inspection import GROUPS, param_group
+from ktjax.kernels.reference import PREFILL_BLOCK_Q
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -136,13 +137,14 @@ def training_nbytes(cfg: ModelConfig, batch: int, seq_len: int, dtype, micro_bat
     micro-batches going through each layer together: two layers' inputs for each micro-batch (the
     saved inputs of the others wait in pinned host memory), the routed-expert operands and
     accumulators of each micro-batch for one layer, and one micro-batch's layer backward over the
-    whole sequence (f32 attention scores, probabilities and their gradients; projections and MLP
-    activations with their gradients)."""
+    whole sequence (f32 attention scores, probabilities and their gradients for one block of
+    queries: training's attention is `kernels.mla_prefill_blocked`; projections and MLP activations
+    with their gradients)."""
     it = np.dtype(dtype).itemsize
     M, B, T, H = micro_batches, batch, seq_len, cfg.num_attention_heads
     saved = M * 2 * B * T * cfg.hidden_size * it
     routed = M * B * T * cfg.hidden_size * (3 * it + 2 * 4)  # layer output and h; f32 acc and d h
-    attention = 4 * B * H * T * T * 4
+    attention = 4 * B * H * min(T, PREFILL_BLOCK_Q) * T * 4
     activations = B * T * (3 * H * (cfg.qk_head_dim + cfg.v_head_dim) + 6 * cfg.hidden_size
                            + 4 * cfg.intermediate_size) * 4
     return saved + routed + attention + activations

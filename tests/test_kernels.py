@@ -116,6 +116,35 @@ def test_mla_prefill(dtype, q_start, T, S):
     assert _rel_err(out, prefill_np(q, k, v, q_start, scale)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("q_start,T,S", [([0], 37, 37), ([5, 40], 40, 88)])
+def test_blocked_prefill_gives_the_references_values_and_gradients_with_one_blocks_scores(q_start, T, S):
+    rng = np.random.default_rng(next(_seed))
+    B, H, K, V = len(q_start), 3, 8, 8  # head dims no larger than a block: the scores are the big values
+    q, k, v = (_rand(rng, shape, jnp.float32) for shape in ((B, T, H, K), (B, S, H, K), (B, S, H, V)))
+    start = jnp.asarray(q_start, jnp.int32)
+    blocked = functools.partial(kernels.mla_prefill_blocked, q_start_B=start, sm_scale=0.3, block_q=8)
+    reference = functools.partial(kernels.mla_prefill_reference, q_start_B=start, sm_scale=0.3)
+    np.testing.assert_allclose(blocked(q, k, v), reference(q, k, v), rtol=1e-6, atol=1e-6)
+    do = _rand(rng, (B, T, H, V), jnp.float32)
+    grads = [jax.vjp(f, q, k, v)[1](do) for f in (blocked, reference)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def largest_array(f):  # elements of the biggest value the gradient program computes
+        jaxpr = jax.make_jaxpr(lambda q, k, v: jax.vjp(f, q, k, v)[1](do))(q, k, v)
+        sizes, todo = [], [jaxpr.jaxpr]
+        while todo:
+            j = todo.pop()
+            for eqn in j.eqns:
+                sizes += [int(np.prod(o.aval.shape)) for o in eqn.outvars if hasattr(o.aval, "shape")]
+                todo += [p.jaxpr if hasattr(p, "jaxpr") else p for p in eqn.params.values()
+                         if hasattr(p, "eqns") or hasattr(getattr(p, "jaxpr", None), "eqns")]
+        return max(sizes)
+
+    assert largest_array(reference) == B * H * T * S  # every score at once
+    assert largest_array(blocked) * 4 <= largest_array(reference)  # one block's scores, or the padded queries
+
+
 def test_dispatch(monkeypatch):
     rng = np.random.default_rng(next(_seed))
     ql, qr = _rand(rng, (2, 16, 32), jnp.float32), _rand(rng, (2, 16, 16), jnp.float32)
