@@ -83,7 +83,10 @@ class PlacementPlan:
             rows.append((f"routed_experts ({n_dev})", DEVICE, n_dev * self.expert_bytes))
         if n_host:
             rows.append((f"routed_experts ({n_host})", "pinned_host", n_host * self.expert_bytes))
-        rows += [("kv_cache", DEVICE, self.cache_bytes), ("workspace", DEVICE, self.workspace_bytes)]
+        rows += [("kv_cache", DEVICE, self.cache_bytes),
+                 ("workspace", DEVICE, self.workspace_bytes - self.training_bytes)]
+        if self.training_bytes:
+            rows.append(("training_activations", DEVICE, self.training_bytes))
         lines = [f"{'group':<28}{'memory':<14}{'bytes':>14}"]
         lines += [f"{g:<28}{kind:<14}{fmt_bytes(b):>14}" for g, kind, b in rows]
         lines.append(f"{'device total':<28}{'':<14}{fmt_bytes(self.device_bytes):>14}"

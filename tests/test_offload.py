@@ -78,7 +78,8 @@ def test_a_training_plan_reserves_a_steps_activations_instead_of_experts(ckpt):
     # Room for every expert when serving; training's activations take the room of 10 of them.
     budget = everything.device_bytes + (256 << 20) + extra - 10 * everything.expert_bytes
     serve, train = (plan_placement(ckpt, gpu_memory=budget, max_context=256, training=t) for t in (False, True))
-    assert train.workspace_bytes == serve.workspace_bytes + extra
+    assert train.workspace_bytes == serve.workspace_bytes + extra and train.training_bytes == extra
+    assert "training_activations" in train.table() and "training_activations" not in serve.table()
     assert len(serve.device_experts) == 3 * 8 and len(train.device_experts) == 3 * 8 - 10
     assert train.device_bytes <= budget
     # Micro-batches go through each layer together: each one's saved inputs are held at once.
