@@ -408,11 +408,12 @@ class OffloadedTrainer:
         # No key without dropout: one compiled variant of each segment for training and evaluation.
         return lora_lib.layer_key(key, i) if self.lcfg.dropout > 0 and key is not None else None
 
-    def forward(self, layer_adapters: list[dict], tokens: list, keys: list):
+    def forward(self, layer_adapters: list[dict], tokens: list, keys: list, *, save: bool = True):
         """Hidden states after the last layer for each micro-batch ([B, T] token arrays), and what
-        the backward pass needs (each layer's inputs, rope, expert counts per MoE layer). Layer by
-        layer over all micro-batches, so each host expert crosses the link once per pass whatever
-        their number. layer_adapters: `per_layer(adapters)`; keys: one per micro-batch (or None)."""
+        the backward pass needs (each layer's inputs, rope, expert counts per MoE layer; no layer
+        inputs without `save`). Layer by layer over all micro-batches, so each host expert crosses
+        the link once per pass whatever their number. layer_adapters: `per_layer(adapters)`; keys:
+        one per micro-batch (or None)."""
         from ktjax.offload import combine_segment, embed_segment, experts_segment
         m, cfg = self.model, self.cfg
         xs, rope = [], None
@@ -421,7 +422,8 @@ class OffloadedTrainer:
             xs.append(x)
         inputs, counts = [], {}
         for i, kind in enumerate(cfg.layer_kinds):
-            inputs.append(jax.device_put(xs, self.saved_memory))
+            if save:
+                inputs.append(jax.device_put(xs, self.saved_memory))
             gd, state, a = self.graphdefs[kind], m.layers[i], layer_adapters[i]
             ks = [self._key(k, i) for k in keys]
             if kind == "dense":
@@ -512,7 +514,7 @@ class OffloadedTrainer:
     @_with_reference_attention
     def eval_nll(self, adapters, base, tokens_BT, mask_BT):
         tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
-        xs, _ = self.forward(self.per_layer(adapters), [tokens_BT], [None])
+        xs, _ = self.forward(self.per_layer(adapters), [tokens_BT], [None], save=False)
         return head_loss_segment(*self._head(), xs[0], tokens_BT, jnp.asarray(mask_BT), self.tc.loss_chunk)
 
 
