@@ -1,0 +1,70 @@
+"""The routed experts a step chose, computed on the host CPU from their packed int8/int4 buffers.
+
+`HostExperts.compute` takes the chosen experts' base addresses (their buffers stay where they
+are: pinned host memory shared with the link) and, for each, the tokens routed to it with their
+routing weights, and returns the weighted sum of the experts' outputs per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ktjax.experts import host_kernels as hk
+from ktjax.experts.packed import PackedLayout
+
+
+class HostExperts:
+    """Host-CPU compute for experts of one layout (format and sizes)."""
+
+    def __init__(self, layout: PackedLayout):
+        self.layout = layout
+        mats = layout.matrices
+        self.gate_up, self.down = mats["gate_up"], mats["down"]
+        self.gate_up_offsets = layout.offsets("gate_up")
+        self.down_offsets = layout.offsets("down")
+
+    def _matvec(self, matrix, offsets, bases_K, x_KTC, ntok_K, out_KTR):
+        addr = [bases_K + off for off in offsets]
+        if matrix.fmt == "int8":
+            hk.matvec_int8(addr[0], addr[1], matrix.rows, matrix.padded_cols, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
+        else:
+            xsum = np.zeros(x_KTC.shape[:2] + (matrix.groups,), np.float32)
+            hk.group_sums(x_KTC, ntok_K, xsum)
+            hk.matvec_int4(*addr, matrix.rows, matrix.padded_cols, x_KTC, xsum, ntok_K, out_KTR)
+
+    def compute(self, bases_K: np.ndarray, tok_KT: np.ndarray, ntok_K: np.ndarray, weight_KT: np.ndarray,
+                x_ND: np.ndarray) -> np.ndarray:
+        """sum over chosen experts k of weight[k, t] * expert_k(x[tok[k, t]]), float32 [N, D].
+
+        bases_K: int64 addresses of the chosen experts' buffers; tok_KT / weight_KT: the tokens
+        routed to each (the first ntok[k] entries count) and their routing weights."""
+        K, T = tok_KT.shape
+        N, D = x_ND.shape
+        F = self.layout.F
+        x_KTC = np.zeros((K, T, self.gate_up.padded_cols), np.float32)
+        x_KTC[:, :, :D] = x_ND[tok_KT]
+        gu_KTR = np.empty((K, T, 2 * F), np.float32)
+        self._matvec(self.gate_up, self.gate_up_offsets, bases_K, x_KTC, ntok_K, gu_KTR)
+        h_KTC = np.zeros((K, T, self.down.padded_cols), np.float32)
+        hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
+        y_KTD = np.empty((K, T, D), np.float32)
+        self._matvec(self.down, self.down_offsets, bases_K, h_KTC, ntok_K, y_KTD)
+        out_ND = np.zeros((N, D), np.float32)
+        hk.scatter_add(y_KTD, weight_KT.astype(np.float32), tok_KT.astype(np.int64), ntok_K, out_ND)
+        return out_ND
+
+
+def assignments(idx_NK: np.ndarray, weights_NK: np.ndarray, experts: np.ndarray):
+    """For each expert in `experts`: the tokens routed to it and their weights, padded to the
+    largest count (tok_KT, weight_KT, ntok_K)."""
+    hits = [np.nonzero(idx_NK == e) for e in experts]
+    T = max((len(n) for n, _ in hits), default=0)
+    K = len(experts)
+    tok = np.zeros((K, max(T, 1)), np.int64)
+    weight = np.zeros((K, max(T, 1)), np.float32)
+    ntok = np.zeros(K, np.int64)
+    for k, (n, j) in enumerate(hits):
+        tok[k, :len(n)] = n
+        weight[k, :len(n)] = weights_NK[n, j]
+        ntok[k] = len(n)
+    return tok, weight, ntok

@@ -1,0 +1,172 @@
+"""Routed experts computed on the host CPU, where int8/int4 experts live: numba kernels that read
+the chosen experts' quantized bytes in place (no copy, no dequantized weights).
+
+Why numba and not XLA:CPU: XLA's integer dots reach the memory bound only with one scale per row
+and with the experts stacked in one array; per-group scales (what GGUF's blocks need) and experts
+chosen at run time from separate buffers fall to a few GB/s there (DESIGN.md). Here each chosen
+expert is addressed through a table of pointers, so one parallel loop runs over every row of every
+chosen expert and reads each weight byte once.
+
+Arithmetic is float32: int8 and int4 values convert exactly, and LLVM vectorises float lanes
+where numba would widen integer products to 64 bits (measured: int4 nibbles unpacked as floats
+run twice as fast as integer masks and shifts). Each row keeps a 32-lane accumulator across its
+groups (the group's scale multiplies the activations), so no horizontal sum runs per group; the
+accumulator lives on the stack, where LLVM keeps it in registers (a heap array went through
+memory on every group: 55 against ~140 GB/s expected on the H200 machine's 16 cores).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ktjax.experts.quant import GROUP, SUPER
+
+ROWS = 16  # rows per parallel work item
+
+
+@intrinsic
+def _voidptr(typingctx, address):
+    """An integer address as a void pointer, for `numba.carray` over a chosen expert's buffer."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(address), codegen
+
+
+@intrinsic
+def _stack_f32(typingctx, n):
+    """A float32 buffer of literal size n on the stack (registers, once LLVM promotes it)."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=n.literal_value)
+    return types.CPointer(types.float32)(n), codegen
+
+
+@njit(inline="always")
+def _zero(acc):
+    for l in range(GROUP):
+        acc[l] = 0
+
+
+@njit(inline="always")
+def _total(acc):
+    t = np.float32(0.0)
+    for l in range(GROUP):
+        t += acc[l]
+    return t
+
+
+# float16 -> float32 without float16 in numba: value = mantissa * 2^(exponent - 25), with the
+# implicit bit added for normal numbers (exponent 0: subnormals, 2^-24 per step). Exact.
+F16_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)
+
+
+@njit(inline="always")
+def _f16(bits, pow2):
+    b = np.int32(bits)
+    e = (b >> 10) & 31
+    m = b & 1023
+    if e != 0:
+        m += 1024
+    v = np.float32(m) * pow2[e]
+    return -v if b & 0x8000 else v
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")
+def matvec_int8(q_addr, s_addr, R, C, x_KTC, ntok_K, out_KTR, pow2):
+    """out[k, t, r] = sum_c w_k[r, c] x[k, t, c] for the first ntok[k] vectors t of chosen matrix k.
+
+    w_k: int8 q [R, C] at address q_addr[k], float16 scales (raw bits) [R, C/32] at s_addr[k]."""
+    K = q_addr.shape[0]
+    G = C // GROUP
+    blocks = (R + ROWS - 1) // ROWS
+    for job in prange(K * blocks):
+        k = job // blocks
+        r0 = (job % blocks) * ROWS
+        q = numba.carray(_voidptr(q_addr[k]), (R, C), np.int8)
+        s = numba.carray(_voidptr(s_addr[k]), (R, G), np.uint16)
+        acc = numba.carray(_stack_f32(32), (GROUP,))
+        for r in range(r0, min(R, r0 + ROWS)):
+            qr = q[r]
+            for t in range(ntok_K[k]):
+                x = x_KTC[k, t]
+                _zero(acc)
+                for g in range(G):
+                    sg = _f16(s[r, g], pow2)
+                    for l in range(GROUP):
+                        acc[l] += np.float32(qr[g * GROUP + l]) * (x[g * GROUP + l] * sg)
+                out_KTR[k, t, r] = _total(acc)
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")
+def matvec_int4(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, x_KTC, xsum_KTG, ntok_K, out_KTR):
+    """As `matvec_int8` for int4 matrices: w = d*sc*q - dmin*mn, so each group adds
+    d*sc * sum(q x) - dmin*mn * sum(x) (xsum: the activations' sum per group of 32)."""
+    K = q_addr.shape[0]
+    G = C // GROUP
+    S = C // SUPER
+    blocks = (R + ROWS - 1) // ROWS
+    for job in prange(K * blocks):
+        k = job // blocks
+        r0 = (job % blocks) * ROWS
+        q = numba.carray(_voidptr(q_addr[k]), (R, C // 2), np.uint8)
+        sc = numba.carray(_voidptr(sc_addr[k]), (R, G), np.uint8)
+        mn = numba.carray(_voidptr(mn_addr[k]), (R, G), np.uint8)
+        d = numba.carray(_voidptr(d_addr[k]), (R, S), np.float32)
+        dmin = numba.carray(_voidptr(dmin_addr[k]), (R, S), np.float32)
+        acc = numba.carray(_stack_f32(32), (GROUP,))
+        for r in range(r0, min(R, r0 + ROWS)):
+            qr = q[r]
+            for t in range(ntok_K[k]):
+                x = x_KTC[k, t]
+                xsum = xsum_KTG[k, t]
+                _zero(acc)
+                offset = np.float32(0.0)
+                for p in range(G // 2):  # a pair of groups: 32 bytes, low nibbles then high nibbles
+                    g = 2 * p
+                    s0 = d[r, g // 8] * np.float32(sc[r, g])
+                    s1 = d[r, g // 8] * np.float32(sc[r, g + 1])
+                    offset += dmin[r, g // 8] * (np.float32(mn[r, g]) * xsum[g] + np.float32(mn[r, g + 1]) * xsum[g + 1])
+                    base = g * GROUP
+                    for l in range(GROUP):
+                        b = np.float32(qr[p * GROUP + l])
+                        hi = np.floor(b * np.float32(0.0625))
+                        acc[l] += (b - np.float32(16.0) * hi) * (x[base + l] * s0) + hi * (x[base + GROUP + l] * s1)
+                out_KTR[k, t, r] = _total(acc) - offset
+
+
+@njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+def group_sums(x_KTC, ntok_K, out_KTG):
+    for k in range(x_KTC.shape[0]):
+        for t in range(ntok_K[k]):
+            for g in range(out_KTG.shape[2]):
+                s = np.float32(0.0)
+                for l in range(GROUP):
+                    s += x_KTC[k, t, g * GROUP + l]
+                out_KTG[k, t, g] = s
+
+
+@njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+def swiglu(gu_KTR, ntok_K, F, h_KTC):
+    """h = silu(gate) * up from the gate_up products [.., 2F] (h's padding columns stay zero)."""
+    for k in range(gu_KTR.shape[0]):
+        for t in range(ntok_K[k]):
+            for f in range(F):
+                g = gu_KTR[k, t, f]
+                h_KTC[k, t, f] = g / (np.float32(1.0) + np.exp(-g)) * gu_KTR[k, t, F + f]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def scatter_add(y_KTD, weight_KT, tok_KT, ntok_K, out_ND):
+    """out[token] += routing weight * expert output, for each chosen expert's tokens."""
+    for k in range(y_KTD.shape[0]):
+        for t in range(ntok_K[k]):
+            n = tok_KT[k, t]
+            w = weight_KT[k, t]
+            for c in range(out_ND.shape[1]):
+                out_ND[n, c] += w * y_KTD[k, t, c]

@@ -1,0 +1,104 @@
+"""One routed expert of an int8/int4 model as a single byte buffer: gate_up [2F, D] and down [D, F]
+quantized (`ktjax.experts.quant`), every array at a fixed, aligned offset. One buffer per expert
+is one contiguous transfer on the link and one base address for the host kernels; the GPU reads
+the arrays back out of it after the transfer and dequantizes them there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.experts.quant import GROUP, QuantMatrix, dequantize, quantize
+
+ALIGN = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Where each array of an expert's two matrices lies in its buffer."""
+
+    fmt: str  # "int8" or "int4"
+    F: int  # moe_intermediate_size
+    D: int  # hidden_size
+
+    @property
+    def matrices(self) -> dict[str, QuantMatrix]:
+        return {"gate_up": QuantMatrix(self.fmt, 2 * self.F, self.D), "down": QuantMatrix(self.fmt, self.D, self.F)}
+
+    @functools.cached_property
+    def sections(self) -> dict[tuple[str, str], tuple[int, np.dtype, tuple[int, ...]]]:
+        """(matrix, array) -> (byte offset, dtype, shape)."""
+        out, offset = {}, 0
+        for m_name, m in self.matrices.items():
+            for a_name, (dtype, shape) in m.arrays().items():
+                out[(m_name, a_name)] = (offset, dtype, shape)
+                offset += -(-(dtype.itemsize * math.prod(shape)) // ALIGN) * ALIGN
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        offset, dtype, shape = list(self.sections.values())[-1]
+        return offset + dtype.itemsize * math.prod(shape)
+
+    def offsets(self, matrix: str) -> np.ndarray:
+        """Byte offsets of one matrix's arrays, in `QuantMatrix.arrays()` order (the kernels' argument order)."""
+        return np.array([off for (m, _), (off, _, _) in self.sections.items() if m == matrix], np.int64)
+
+    # ---- host (numpy) ---------------------------------------------------------------------
+    def pack(self, gate_FD: np.ndarray, up_FD: np.ndarray, down_DF: np.ndarray) -> np.ndarray:
+        """Quantize one expert's float matrices into its buffer (uint8 [nbytes])."""
+        buf = np.zeros(self.nbytes, np.uint8)
+        mats = {"gate_up": np.concatenate([np.asarray(gate_FD, np.float32), np.asarray(up_FD, np.float32)]),
+                "down": np.asarray(down_DF, np.float32)}
+        for m_name, w in mats.items():
+            for a_name, arr in quantize(w, self.fmt).items():
+                offset, dtype, shape = self.sections[(m_name, a_name)]
+                buf[offset:offset + arr.nbytes] = np.ascontiguousarray(arr, dtype).view(np.uint8).ravel()
+        return buf
+
+    def arrays(self, buf: np.ndarray, matrix: str) -> dict[str, np.ndarray]:
+        """Zero-copy numpy views of one matrix's arrays in a buffer."""
+        out = {}
+        for (m_name, a_name), (offset, dtype, shape) in self.sections.items():
+            if m_name == matrix:
+                out[a_name] = buf[offset:offset + dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape)
+        return out
+
+    def dequantize(self, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 gate_up [2F, D] and down [D, F]: the reference the device and host paths are checked against."""
+        return (dequantize(self.arrays(buf, "gate_up"), self.fmt, self.D),
+                dequantize(self.arrays(buf, "down"), self.fmt, self.F))
+
+    # ---- device (jax, inside a compiled segment) ------------------------------------------------
+    def _device_array(self, buf: jax.Array, matrix: str, name: str) -> jax.Array:
+        offset, dtype, shape = self.sections[(matrix, name)]
+        raw = jax.lax.slice_in_dim(buf, offset, offset + dtype.itemsize * math.prod(shape))
+        if dtype.itemsize > 1:
+            raw = raw.reshape(-1, dtype.itemsize)
+        return jax.lax.bitcast_convert_type(raw, jnp.dtype(dtype)).reshape(shape)
+
+    def device_matrix(self, buf: jax.Array, matrix: str, dtype) -> jax.Array:
+        """One matrix dequantized from a buffer on the device: gate_up [2F, D] or down [D, F] in dtype."""
+        m = self.matrices[matrix]
+        a = functools.partial(self._device_array, buf, matrix)
+        R, C, G = m.rows, m.padded_cols, m.groups
+        f32 = jnp.float32
+        if self.fmt == "int8":
+            scale = jax.lax.bitcast_convert_type(a("scale"), jnp.float16).astype(f32)
+            w = a("q").reshape(R, G, GROUP).astype(f32) * scale[..., None]
+        else:
+            p = a("q").reshape(R, C // 64, 1, 32)
+            q = jnp.concatenate([p & 15, p >> 4], axis=2).reshape(R, G, GROUP).astype(f32)
+            step = jnp.repeat(a("d"), 8, axis=1) * a("sc").astype(f32)
+            offset = jnp.repeat(a("dmin"), 8, axis=1) * a("mn").astype(f32)
+            w = q * step[..., None] - offset[..., None]
+        return w.reshape(R, C)[:, :m.cols].astype(dtype)
+
+
+__all__ = ["ALIGN", "GROUP", "PackedLayout"]

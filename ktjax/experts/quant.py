@@ -1,0 +1,149 @@
+"""Integer formats for routed experts held in host memory: int8 and int4, quantized along each
+weight's input dimension in groups of 32, laid out so that GGUF's blocks map into them exactly.
+
+int8 (GGUF Q8_0): w[o, i] = scale[o, g] * q[o, i] with g = i // 32; q int8 in [-127, 127], scale
+    float16 (kept as its raw bits, uint16, so kernels without float16 read it).
+int4 (GGUF Q4_K): w[o, i] = (d[o, s] * sc[o, g]) * q[o, i] - dmin[o, s] * mn[o, g], q in 0..15,
+    per group of 32 an 8-bit scale sc and minimum mn, per super-block of 256 (s = i // 256) float32
+    d and dmin. Two values per byte: in each run of 64 values (32 bytes), byte l holds value l in
+    its low nibble and value 32 + l in its high nibble, as Q4_K's `qs` does, so a Q4_K block is
+    copied, not re-packed, and its 6-bit scales and minimums fit the 8-bit ones.
+
+Rows are padded with zeros to whole groups (int8) or super-blocks (int4); the activations they
+meet are zero-padded too, so padding never contributes. Dequantization follows GGUF's order of float32 operations, so a block
+dequantizes here bit for bit as `gguf.quants.dequantize` does it.
+
+All functions here take and return numpy arrays: quantizing happens on the host, while loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+GROUP = 32  # values per scale
+SUPER = 256  # values per int4 super-block (8 groups share d and dmin)
+FORMATS = ("int8", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantMatrix:
+    """One quantized [rows, cols] weight (cols: the input dimension, padded to `padded_cols`)."""
+
+    fmt: str
+    rows: int
+    cols: int
+
+    @property
+    def padded_cols(self) -> int:
+        unit = GROUP if self.fmt == "int8" else SUPER
+        return -(-self.cols // unit) * unit
+
+    @property
+    def groups(self) -> int:
+        return self.padded_cols // GROUP
+
+    def arrays(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """The arrays of this matrix: name -> (dtype, shape)."""
+        R, C, G = self.rows, self.padded_cols, self.groups
+        if self.fmt == "int8":
+            return {"q": (np.dtype(np.int8), (R, C)), "scale": (np.dtype(np.uint16), (R, G))}
+        S = C // SUPER
+        return {"q": (np.dtype(np.uint8), (R, C // 2)), "sc": (np.dtype(np.uint8), (R, G)),
+                "mn": (np.dtype(np.uint8), (R, G)), "d": (np.dtype(np.float32), (R, S)),
+                "dmin": (np.dtype(np.float32), (R, S))}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(dt.itemsize * math.prod(shape) for dt, shape in self.arrays().values())
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+
+def _groups(w_RC: np.ndarray, padded: int) -> np.ndarray:
+    """float32 [R, G, 32]: the rows padded with zeros and split into groups."""
+    R, C = w_RC.shape
+    w = np.zeros((R, padded), np.float32)
+    w[:, :C] = w_RC
+    return w.reshape(R, padded // GROUP, GROUP)
+
+
+def quantize_int8(w_RC: np.ndarray) -> dict[str, np.ndarray]:
+    m = QuantMatrix("int8", *w_RC.shape)
+    w = _groups(np.asarray(w_RC, np.float32), m.padded_cols)
+    scale16 = (np.abs(w).max(-1) / 127.0).astype(np.float16)
+    scale = scale16.astype(np.float32)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    q = np.clip(np.rint(w * inv[..., None]), -127, 127).astype(np.int8)
+    return {"q": q.reshape(m.rows, -1), "scale": scale16.view(np.uint16)}
+
+
+def dequantize_int8(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
+    R, C = a["q"].shape
+    scale = a["scale"].view(np.float16).astype(np.float32)
+    w = a["q"].reshape(R, C // GROUP, GROUP).astype(np.float32) * scale[..., None]
+    return w.reshape(R, C)[:, :cols]
+
+
+# ---- int4 ------------------------------------------------------------------------------------
+
+def pack_nibbles(q_RC: np.ndarray) -> np.ndarray:
+    """uint8 [R, C/2] from values 0..15 [R, C] (C a multiple of 64), Q4_K's order."""
+    R, C = q_RC.shape
+    q = q_RC.reshape(R, C // 64, 2, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(R, C // 2)
+
+
+def unpack_nibbles(p_RH: np.ndarray) -> np.ndarray:
+    R, H = p_RH.shape
+    p = p_RH.reshape(R, H // 32, 1, 32)
+    return np.concatenate([p & 15, p >> 4], axis=2).reshape(R, 2 * H)
+
+
+def quantize_int4(w_RC: np.ndarray) -> dict[str, np.ndarray]:
+    m = QuantMatrix("int4", *w_RC.shape)
+    R, S = m.rows, m.padded_cols // SUPER
+    w = _groups(np.asarray(w_RC, np.float32), m.padded_cols)  # [R, G, 32]
+    lo = np.minimum(w.min(-1), 0.0)  # as Q4_K: the minimum is never above zero
+    hi = w.max(-1)
+    scale_g = (hi - lo) / 15.0  # [R, G]
+    min_g = -lo
+    # Second level: per super-block a float32 base, per group an 8-bit multiple of it.
+    d = scale_g.reshape(R, S, 8).max(-1) / 255.0
+    dmin = min_g.reshape(R, S, 8).max(-1) / 255.0
+
+    def level(x_RG, base_RS):
+        b = np.repeat(base_RS, 8, axis=1)
+        return np.clip(np.rint(np.divide(x_RG, b, out=np.zeros_like(x_RG), where=b > 0)), 0, 255).astype(np.uint8)
+
+    sc, mn = level(scale_g, d), level(min_g, dmin)
+    d, dmin = d.astype(np.float32), dmin.astype(np.float32)
+    step = np.repeat(d, 8, axis=1) * sc.astype(np.float32)  # the scale dequantization will use
+    offset = np.repeat(dmin, 8, axis=1) * mn.astype(np.float32)
+    inv = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
+    q = np.clip(np.rint((w + offset[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+    return {"q": pack_nibbles(q.reshape(R, -1)), "sc": sc, "mn": mn, "d": d, "dmin": dmin}
+
+
+def dequantize_int4(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
+    q = unpack_nibbles(a["q"]).astype(np.float32)
+    R, C = q.shape
+    step = np.repeat(a["d"], 8, axis=1) * a["sc"].astype(np.float32)  # float32, as GGUF: d * sc
+    offset = np.repeat(a["dmin"], 8, axis=1) * a["mn"].astype(np.float32)
+    w = q.reshape(R, C // GROUP, GROUP) * step[..., None] - offset[..., None]
+    return w.reshape(R, C)[:, :cols]
+
+
+def quantize(w_RC: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
+    """The arrays of `QuantMatrix(fmt, *w.shape)` for a float matrix [rows, cols]."""
+    if fmt == "int8":
+        return quantize_int8(w_RC)
+    if fmt == "int4":
+        return quantize_int4(w_RC)
+    raise ValueError(f"unknown quantized format {fmt!r} (use one of {FORMATS})")
+
+
+def dequantize(a: dict[str, np.ndarray], fmt: str, cols: int) -> np.ndarray:
+    return dequantize_int8(a, cols) if fmt == "int8" else dequantize_int4(a, cols)

@@ -1,0 +1,96 @@
+"""int8/int4 expert formats: quantization against a plain numpy reference written from GGUF's
+definitions (Q8_0, Q4_K), the packed expert buffer, and the host-CPU kernels against float math."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax.experts import quant
+from ktjax.experts.host import HostExperts, assignments
+from ktjax.experts.packed import PackedLayout
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("cols", [32, 100, 300])
+def test_int8_is_q8_0_blocks_with_ragged_rows_padded(cols):
+    w = np.random.default_rng(cols).standard_normal((5, cols)).astype(np.float32)
+    a = quant.quantize_int8(w)
+    assert a["q"].shape == (5, -(-cols // 32) * 32) and a["scale"].shape == (5, -(-cols // 32))
+    # Q8_0 by its definition: each block of 32 has d = amax / 127 (stored as float16), q = round(x / d).
+    for r in range(5):
+        for g in range(-(-cols // 32)):
+            block = w[r, 32 * g:32 * g + 32]
+            d = np.float16(np.abs(block).max() / 127)
+            assert a["scale"][r, g] == d.view(np.uint16)
+            q = np.clip(np.rint(block / np.float32(d)), -127, 127)
+            np.testing.assert_array_equal(a["q"][r, 32 * g:32 * g + len(block)], q)
+            np.testing.assert_array_equal(a["q"][r, 32 * g + len(block):32 * g + 32], 0)  # padding
+    back = quant.dequantize_int8(a, cols)
+    assert back.shape == w.shape
+    assert rel(back, w) < 1 / 127  # half a step of the largest block
+
+
+@pytest.mark.parametrize("cols", [256, 300, 600])
+def test_int4_is_q4_k_blocks_with_ragged_rows_padded(cols):
+    w = np.random.default_rng(cols).standard_normal((3, cols)).astype(np.float32) + 0.3
+    a = quant.quantize_int4(w)
+    C = -(-cols // 256) * 256
+    assert a["q"].shape == (3, C // 2) and a["sc"].shape == (3, C // 32) and a["d"].shape == (3, C // 256)
+    # Q4_K's nibble order: in each 32-byte run, low nibbles are values 0..31, high nibbles 32..63.
+    q = np.zeros((3, C), np.uint8)
+    for r in range(3):
+        for j in range(C // 64):
+            run = a["q"][r, 32 * j:32 * j + 32]
+            q[r, 64 * j:64 * j + 32], q[r, 64 * j + 32:64 * j + 64] = run & 15, run >> 4
+    np.testing.assert_array_equal(quant.unpack_nibbles(a["q"]), q)
+    # Value = d * sc * q - dmin * mn, in float32 with GGUF's order of operations.
+    step = np.repeat(a["d"], 8, axis=1) * a["sc"].astype(np.float32)
+    offset = np.repeat(a["dmin"], 8, axis=1) * a["mn"].astype(np.float32)
+    ref = (q.reshape(3, -1, 32).astype(np.float32) * step[..., None] - offset[..., None]).reshape(3, C)
+    np.testing.assert_array_equal(quant.dequantize_int4(a, cols), ref[:, :cols])
+    step_size = (w.max() - min(w.min(), 0)) / 15
+    assert np.abs(ref[:, :cols] - w).max() < step_size  # within a step of the coarsest group
+
+
+def test_an_expert_buffer_holds_both_matrices_and_the_device_reads_them_back():
+    rng = np.random.default_rng(0)
+    for fmt in quant.FORMATS:
+        layout = PackedLayout(fmt, 40, 72)
+        gate, up, down = rng.standard_normal((40, 72)), rng.standard_normal((40, 72)), rng.standard_normal((72, 40))
+        buf = layout.pack(gate, up, down)
+        assert buf.shape == (layout.nbytes,) and buf.dtype == np.uint8
+        gu, dn = layout.dequantize(buf)
+        np.testing.assert_array_equal(gu, quant.dequantize(quant.quantize(np.concatenate([gate, up]), fmt), fmt, 72))
+        np.testing.assert_array_equal(dn, quant.dequantize(quant.quantize(down, fmt), fmt, 40))
+        on_device = jax.jit(lambda b: (layout.device_matrix(b, "gate_up", jnp.float32),
+                                       layout.device_matrix(b, "down", jnp.float32)))(jnp.asarray(buf))
+        # The device may fuse d*sc*q - dmin*mn into one multiply-add: one rounding instead of two.
+        np.testing.assert_allclose(np.asarray(on_device[0]), gu, rtol=0, atol=2e-7 * np.abs(gu).max())
+        np.testing.assert_allclose(np.asarray(on_device[1]), dn, rtol=0, atol=2e-7 * np.abs(dn).max())
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("F, D", [(32, 64), (40, 300)])
+def test_host_kernels_compute_the_routed_sum_of_the_dequantized_experts(fmt, F, D):
+    rng = np.random.default_rng(F + D)
+    layout = PackedLayout(fmt, F, D)
+    E, N, K = 6, 5, 3
+    bufs = [layout.pack(*(0.1 * rng.standard_normal(s) for s in ((F, D), (F, D), (D, F)))) for _ in range(E)]
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(N)])
+    weights = rng.random((N, K)).astype(np.float32)
+    chosen = np.unique(idx)[1:]  # one expert left to another path: its tokens get nothing from here
+    tok, wt, ntok = assignments(idx, weights, chosen)
+    out = HostExperts(layout).compute(np.array([bufs[e].ctypes.data for e in chosen], np.int64), tok, ntok, wt, x)
+    ref = np.zeros((N, D))
+    for n in range(N):
+        for j in range(K):
+            if idx[n, j] in chosen:
+                gu, dn = (m.astype(np.float64) for m in layout.dequantize(bufs[idx[n, j]]))
+                g, u = gu[:F] @ x[n], gu[F:] @ x[n]
+                ref[n] += weights[n, j] * (dn @ (g / (1 + np.exp(-g)) * u))
+    assert rel(out, ref) < 1e-5
