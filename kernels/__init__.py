@@ -1,10 +1,18 @@
-"""Attention kernels for MLA. `mla_decode` / `mla_prefill` pick, per call at trace time, the Pallas
-kernel on the GPU and the pure-JAX reference elsewhere; this is the one switch.
+"""Attention kernels for MLA. `mla_decode` / `mla_prefill` take the implementation as an explicit, static
+argument `impl`, one of IMPLS:
 
-`KTJAX_PALLAS=0` in the environment turns the kernels off for debugging, `KTJAX_PALLAS=1` forces them
-(even where the reference is faster); unset is automatic. It is read at trace time, so it applies to
-programs compiled after it is set. `interpret=True` runs the Pallas kernel in the Pallas interpreter on
-any backend (how CI tests the kernels on the CPU).
+- "auto": the compiled Pallas kernel where it runs and pays (a GPU backend, shapes the tiles cover, and for
+  decode a cache of at least DECODE_MIN_SLOTS slots), else the pure-JAX reference.
+- "pallas": the compiled kernel wherever the tiles cover the shapes, else the reference.
+- "reference": the pure-JAX reference; for prefill `mla_prefill_blocked`, which is differentiable and bounded
+  in memory (training needs this: the kernels have no backward pass).
+- "interpret": the Pallas kernel in the Pallas interpreter where the tiles cover the shapes, else the
+  reference: how CI tests the kernels on the CPU.
+
+`impl=None` means DEFAULT_IMPL, fixed once at import from the environment variable KTJAX_PALLAS ("0"/false/
+off/no -> "reference", "1"/true/on/yes -> "pallas", an IMPLS name -> that, unset -> "auto"). Nothing reads
+the environment later, so a program's attention depends only on its arguments. `decode_path` /
+`prefill_path` say which path a call takes ("pallas", "reference" or "interpret").
 
 The functions `mla_decode` / `mla_prefill` shadow the submodules of the same name as attributes of this
 package: reach the modules with `from ktjax.kernels.mla_decode import ...` (not `import ... as`).
@@ -22,37 +30,51 @@ from ktjax.kernels.mla_decode import mla_decode_pallas
 from ktjax.kernels.mla_prefill import mla_prefill_pallas
 from ktjax.kernels.reference import mla_decode_reference, mla_prefill_blocked, mla_prefill_reference
 
-def _setting() -> bool | None:
-    """KTJAX_PALLAS: 0 -> off, 1 -> forced on, unset -> automatic."""
-    value = os.environ.get("KTJAX_PALLAS", "").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return False
-    if value in ("1", "true", "on", "yes"):
-        return True
-    return None
+IMPLS = ("auto", "pallas", "reference", "interpret")
+
+_ENV_SPELLINGS = {
+    **dict.fromkeys(("0", "false", "off", "no"), "reference"),
+    **dict.fromkeys(("1", "true", "on", "yes"), "pallas"),
+    **{impl: impl for impl in IMPLS},
+    "": "auto",  # unset
+}
 
 
-def use_pallas(*arrays) -> bool:
-    """Whether the compiled (non-interpreted) kernels should run for these arrays."""
-    setting = _setting()
-    if setting is not None:
-        return setting
-    # Concrete arrays know their device; inside jit (tracers) the default backend decides.
-    for x in arrays:
-        try:
-            devices = x.devices()  # raises for tracers
-        except Exception:
-            continue
-        return all(d.platform in ("gpu", "cuda", "rocm") for d in devices)
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+def impl_from_env(value: str | None) -> str:
+    """The implementation a KTJAX_PALLAS value names; a value that names none is an error, not a silent "auto"."""
+    key = (value or "").strip().lower()
+    if key not in _ENV_SPELLINGS:
+        raise ValueError(f"KTJAX_PALLAS={value!r}: expected 0/false/off/no, 1/true/on/yes or one of {IMPLS}")
+    return _ENV_SPELLINGS[key]
 
 
-def _path(kernel_ok: bool, interpret: bool, *arrays) -> str:
-    if not kernel_ok:
-        return "reference"  # shapes the Triton tiles cannot cover, or no Triton backend in this jax
-    if interpret:
-        return "interpret"
-    return "pallas" if use_pallas(*arrays) else "reference"
+DEFAULT_IMPL = impl_from_env(os.environ.get("KTJAX_PALLAS"))
+
+
+def _resolve(impl: str | None) -> str:
+    impl = DEFAULT_IMPL if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS} (or None for DEFAULT_IMPL)")
+    return impl
+
+
+def on_gpu(x) -> bool:
+    """Whether x lives on a GPU: a concrete array knows its devices; inside jit (a tracer) the default
+    backend decides."""
+    try:
+        devices = x.devices()  # raises for tracers
+    except Exception:
+        return jax.default_backend() in ("gpu", "cuda", "rocm")
+    return all(d.platform in ("gpu", "cuda", "rocm") for d in devices)
+
+
+def _path(impl: str | None, kernel_covers: bool, kernel_pays: bool, x) -> str:
+    impl = _resolve(impl)
+    if impl == "reference" or not kernel_covers:  # shapes the tiles cannot cover, or no Triton in this jax
+        return "reference"
+    if impl == "auto":
+        return "pallas" if kernel_pays and on_gpu(x) else "reference"
+    return impl
 
 
 # Below this many cache slots (B x T, static) the XLA reference wins on an H200: the split-K kernel plus its
@@ -60,30 +82,30 @@ def _path(kernel_ok: bool, interpret: bool, *arrays) -> str:
 DECODE_MIN_SLOTS = 16384
 
 
-def decode_path(q_latent_BHL, q_rope_BHR, kv_latent_BTL, *, interpret: bool = False) -> str:
-    path = _path(_decode_mod.supported(q_latent_BHL, q_rope_BHR, kv_latent_BTL), interpret, kv_latent_BTL)
-    small = kv_latent_BTL.shape[0] * kv_latent_BTL.shape[1] < DECODE_MIN_SLOTS
-    if path == "pallas" and small and _setting() is None:  # KTJAX_PALLAS=1 still forces the kernel
-        return "reference"
-    return path
+def decode_path(q_latent_BHL, q_rope_BHR, kv_latent_BTL, *, impl: str | None = None) -> str:
+    """The path `mla_decode` takes for these arguments: "pallas", "reference" or "interpret"."""
+    large_cache = kv_latent_BTL.shape[0] * kv_latent_BTL.shape[1] >= DECODE_MIN_SLOTS
+    return _path(impl, _decode_mod.supported(q_latent_BHL, q_rope_BHR, kv_latent_BTL), large_cache, kv_latent_BTL)
 
 
-def prefill_path(q_BTHK, v_BSHV, *, interpret: bool = False) -> str:
-    return _path(_prefill_mod.supported(q_BTHK, v_BSHV), interpret, v_BSHV)
+def prefill_path(q_BTHK, v_BSHV, *, impl: str | None = None) -> str:
+    """The path `mla_prefill` takes for these arguments: "pallas", "reference" or "interpret"."""
+    return _path(impl, _prefill_mod.supported(q_BTHK, v_BSHV), True, v_BSHV)
 
 
-def mla_decode(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B, *, sm_scale, interpret=False):
-    """Absorbed-form MLA decode; see `mla_decode_reference` for the contract."""
-    path = decode_path(q_latent_BHL, q_rope_BHR, kv_latent_BTL, interpret=interpret)
+def mla_decode(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B, *, sm_scale,
+               impl: str | None = None):
+    """Absorbed-form MLA decode; see `mla_decode_reference` for the contract and IMPLS for `impl`."""
+    path = decode_path(q_latent_BHL, q_rope_BHR, kv_latent_BTL, impl=impl)
     if path == "reference":
         return mla_decode_reference(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B, sm_scale=sm_scale)
     return mla_decode_pallas(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B,
                              sm_scale=float(sm_scale), interpret=path == "interpret")
 
 
-def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, interpret=False):
-    """Causal chunked-prefill attention; see `mla_prefill_reference` for the contract."""
-    path = prefill_path(q_BTHK, v_BSHV, interpret=interpret)
+def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, impl: str | None = None):
+    """Causal chunked-prefill attention; see `mla_prefill_reference` for the contract and IMPLS for `impl`."""
+    path = prefill_path(q_BTHK, v_BSHV, impl=impl)
     if path == "reference":
         return mla_prefill_blocked(q_BTHK, k_BSHK, v_BSHV, q_start_B, sm_scale=sm_scale)
     return mla_prefill_pallas(q_BTHK, k_BSHK, v_BSHV, q_start_B, sm_scale=float(sm_scale),
@@ -91,4 +113,5 @@ def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, interpret=False)
 
 
 __all__ = ["mla_decode", "mla_prefill", "mla_decode_reference", "mla_prefill_reference", "mla_prefill_blocked",
-           "mla_decode_pallas", "mla_prefill_pallas", "use_pallas", "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]
+           "mla_decode_pallas", "mla_prefill_pallas", "IMPLS", "DEFAULT_IMPL", "impl_from_env", "on_gpu",
+           "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]

@@ -7,7 +7,7 @@ Backend choice: Pallas *Triton* (`jax.experimental.pallas.triton`), not Mosaic G
   between releases and whose interpreter covers far less.
 - The same source compiles on the GPU machine (jax 0.11.2), where the Triton backend is
   deprecated but present, and Triton emits wgmma on Hopper by itself. If a later jax drops it,
-  `ktjax.kernels.use_pallas()` sees the failed import and every call takes the reference path.
+  `supported()` sees the failed import and every call takes the reference path.
 
 Shapes (suffixes): B batch, H query heads (all share one latent KV head), L latent dim (512),
 R rope dim (64), T cache length, S number of context splits, h/k the head/key block sizes.
@@ -47,16 +47,27 @@ except (ImportError, AttributeError):  # pragma: no cover
     plgpu = CompilerParams = None
 
 LOG2E = math.log2(math.e)
+MIN_TILE = 16  # Triton dot operands are at least 16 wide in every dimension
 
 
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+def _pow2_floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
 def supported(q_latent_BHL, q_rope_BHR, kv_latent_BTL) -> bool:
-    """Triton tiles must be powers of two and dot operands at least 16 wide; else the reference."""
-    L, R = q_latent_BHL.shape[-1], q_rope_BHR.shape[-1]
-    return plgpu is not None and _pow2(L) and _pow2(R) and L >= 16 and R >= 16 and kv_latent_BTL.shape[1] >= 1
+    """Whether the kernel covers these shapes; the callers take the reference for every other shape.
+
+    Triton tiles are powers of two, dot operands at least MIN_TILE wide: L and R must be such, and the
+    cache must hold one whole key block (block_k <= T, so T >= MIN_TILE). Any non-empty batch, any head
+    count (the query is padded to whole head blocks) and any valid lengths (clipped to 0..T) work.
+    """
+    L, R, T = q_latent_BHL.shape[-1], q_rope_BHR.shape[-1], kv_latent_BTL.shape[1]
+    return (plgpu is not None and q_latent_BHL.size > 0 and _pow2(L) and _pow2(R)
+            and min(L, R, T) >= MIN_TILE)
 
 
 def _num_sms() -> int:
@@ -161,12 +172,14 @@ def mla_decode_pallas(
     B, H, L = q_latent_BHL.shape
     T, R = kv_latent_BTL.shape[1], q_rope_BHR.shape[-1]
     # Heads: pad the (small) query up to a whole head block; never pad the (large) cache.
-    block_h = min(block_h, max(16, pl.next_power_of_2(H)))
+    block_h = min(block_h, max(MIN_TILE, pl.next_power_of_2(H)))
     Hp = pl.cdiv(H, block_h) * block_h
     if Hp != H:
         q_latent_BHL = jnp.pad(q_latent_BHL, ((0, 0), (0, Hp - H), (0, 0)))
         q_rope_BHR = jnp.pad(q_rope_BHR, ((0, 0), (0, Hp - H), (0, 0)))
-    block_k = min(block_k, max(16, pl.next_power_of_2(T)))
+    # A key block never exceeds the cache: the interpreter traces the unmasked block loads even where
+    # they never run, and refuses a slice longer than the array.
+    block_k = min(block_k, _pow2_floor(T))
     n_hb = Hp // block_h
     if num_splits is None:
         # Fill the SMs once: split the context only when batch x head-blocks leaves SMs idle, and keep

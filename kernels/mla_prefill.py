@@ -10,7 +10,8 @@ rows of the causal triangle start first and the short ones fill the tail of the 
 
 Tiling limits (Triton tiles are powers of two, dot operands >= 16 wide): qk dim K must be a multiple
 of 16 (it is split into power-of-two pieces: 192 = 128 + 64, one dot each), v dim V a power of two
->= 16. Other shapes (e.g. the tiny test model, K = 12) go to the reference; see `supported`.
+>= 16, and the cache must hold one whole key block (S >= 16). Other shapes (e.g. the tiny test model,
+K = 12) go to the reference; see `supported`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ktjax.kernels.mla_decode import LOG2E, CompilerParams, _dot, _dot_t, _pow2, plgpu
+from ktjax.kernels.mla_decode import LOG2E, MIN_TILE, CompilerParams, _dot, _dot_t, _pow2, _pow2_floor, plgpu
 
 
 def _k_chunks(K: int) -> tuple[tuple[int, int], ...]:
@@ -36,8 +37,11 @@ def _k_chunks(K: int) -> tuple[tuple[int, int], ...]:
 
 
 def supported(q_BTHK, v_BSHV) -> bool:
-    K, V = q_BTHK.shape[-1], v_BSHV.shape[-1]
-    return plgpu is not None and K % 16 == 0 and len(_k_chunks(K)) <= 3 and _pow2(V) and V >= 16
+    """Whether the kernel covers these shapes (the limits above); the callers take the reference elsewhere.
+    Any non-empty batch, head count and chunk length T (query blocks are masked) work."""
+    K, S, V = q_BTHK.shape[-1], v_BSHV.shape[1], v_BSHV.shape[-1]
+    return (plgpu is not None and q_BTHK.size > 0 and K % MIN_TILE == 0 and len(_k_chunks(K)) <= 3
+            and _pow2(V) and min(K, V, S) >= MIN_TILE)
 
 
 def _prefill_kernel(qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block_q, block_k, chunks, n_qb):
@@ -121,8 +125,8 @@ def mla_prefill_pallas(
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     B, T, H, K = q_BTHK.shape
     S, V = k_BSHK.shape[1], v_BSHV.shape[-1]
-    block_q = min(block_q, max(16, pl.next_power_of_2(T)))
-    block_k = min(block_k, max(16, pl.next_power_of_2(S)))
+    block_q = min(block_q, max(MIN_TILE, pl.next_power_of_2(T)))  # may exceed T: query loads/stores are masked
+    block_k = min(block_k, _pow2_floor(S))  # never exceeds the cache: see mla_decode_pallas
     n_qb = pl.cdiv(T, block_q)
     kernel = functools.partial(_prefill_kernel, scale=sm_scale * LOG2E, block_q=block_q, block_k=block_k,
                                chunks=_k_chunks(K), n_qb=n_qb)

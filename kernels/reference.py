@@ -19,15 +19,16 @@ def mla_decode_reference(
     """Absorbed-form MLA decode: one latent KV head shared by all H query heads.
 
     Returns o_latent [B, H, L] = softmax(q_latent.kv_latent + q_rope.k_rope) @ kv_latent over the
-    first lengths[b] cache entries of each row. Accumulates in float32; returns the query dtype.
+    first lengths[b] cache entries of each row (lengths past T count as T). A row with no entry
+    (lengths[b] <= 0: an empty batch slot) returns zeros, not the NaN of a softmax over nothing; the
+    kernel does the same. Accumulates in float32; returns the query dtype.
     """
     f32 = jnp.float32
     s = jnp.einsum("bhl,btl->bht", q_latent_BHL, kv_latent_BTL, preferred_element_type=f32)
     s = s + jnp.einsum("bhr,btr->bht", q_rope_BHR, k_rope_BTR, preferred_element_type=f32)
     s = s * sm_scale
     valid_BT = jnp.arange(kv_latent_BTL.shape[1])[None, :] < lengths_B[:, None]
-    s = jnp.where(valid_BT[:, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
+    p = jax.nn.softmax(s, axis=-1, where=valid_BT[:, None, :])  # 0 outside `where`, so all-0 for an empty row
     o = jnp.einsum("bht,btl->bhl", p.astype(kv_latent_BTL.dtype), kv_latent_BTL, preferred_element_type=f32)
     return o.astype(q_latent_BHL.dtype)
 

@@ -2,16 +2,15 @@
 
 __version__ = "0.1.0"
 
-from ktjax.api import load
-from ktjax.checkpoint import CheckpointError
+from ktjax.api import apply_adapter, finetune, load, load_adapter, logits, merge_adapter, plan_placement
 from ktjax.config import ConfigError, ModelConfig
-from ktjax.engine import logits
-from ktjax.finetune import FinetuneResult, finetune
-from ktjax.generation import GenerationResult, GenerationStats, chat, generate, stream
-from ktjax.loading import Model
-from ktjax.lora import LoRAConfig, load_adapter, merge_adapter
-from ktjax.placement import PlacementError
+from ktjax.io.checkpoint import CheckpointError
+from ktjax.lora.config import LoRAConfig
+from ktjax.runtime.generation import GenerationResult, GenerationStats, chat, generate, stream
+from ktjax.runtime.model import LoadedModel
+from ktjax.runtime.placement import PlacementError
+from ktjax.train.finetune import FinetuneResult
 
 __all__ = ["CheckpointError", "ConfigError", "FinetuneResult", "GenerationResult", "GenerationStats", "LoRAConfig",
-           "Model", "ModelConfig", "PlacementError", "__version__", "chat", "finetune", "generate", "load",
-           "load_adapter", "logits", "merge_adapter", "stream"]
+           "LoadedModel", "ModelConfig", "PlacementError", "__version__", "apply_adapter", "chat", "finetune", "generate",
+           "load", "load_adapter", "logits", "merge_adapter", "plan_placement", "stream"]

@@ -1,47 +1,71 @@
-"""The public entry points: `ktjax.load` and friends."""
+"""The public entry points: `ktjax.load` and what takes the model it returns."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 
-from ktjax import loading
-from ktjax import placement as placing
-from ktjax.checkpoint import Checkpoint
-from ktjax.config import ModelConfig
-from ktjax.tokenizer import load_tokenizer
+from ktjax import kernels, models
+from ktjax.config import ModelConfig, resolve_dtype
+from ktjax.experts.weights import FLOAT_FORMATS, FORMATS, ExpertFormat
+from ktjax.io.checkpoint import Checkpoint
+from ktjax.io.experts import stored_fp8
+from ktjax.io.load import abstract_params, load_params
+from ktjax.io.peft import read_adapter
+from ktjax.lora.config import LoRAConfig
+from ktjax.runtime import placement as placing
+from ktjax.runtime.model import LoadedModel
+from ktjax.runtime.offload.build import load_offloaded
+from ktjax.runtime.resident import ResidentExecutor
+from ktjax.text import load_tokenizer
+from ktjax.train import finetune as finetuning
+
+EXPERT_ALIASES = {"bfloat16": "bf16", "fp32": "float32"}
 
 
 def default_model_path() -> str:
     """The embedded default model shipped in the package (models/tiny)."""
-    import ktjax.models
-    return os.path.join(os.path.dirname(os.path.abspath(ktjax.models.__file__)), "tiny")
+    return os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "tiny")
 
 
-def _experts_are_fp8(path: str, cfg: ModelConfig) -> bool:
-    moe = next((i for i, k in enumerate(cfg.layer_kinds) if k == "moe"), None)
-    if moe is None or cfg.fp8_block_size is None:
-        return False
-    name = f"model.layers.{moe}.mlp.experts.0.gate_proj.weight"
-    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        return True  # a config alone (planning before download): trust its quantization_config
-    ckpt = Checkpoint(path)
-    return name in ckpt and ckpt.info(name).dtype == "F8_E4M3"
+def resolve_path(path: str | os.PathLike | None) -> str:
+    """A checkpoint path as given (~ expanded), or the embedded model for None."""
+    return default_model_path() if path is None else os.path.expanduser(os.fspath(path))
 
 
-def plan_placement(path: str, *, dtype: Any = None, gpu_memory: str | int | None = None,
-                   placement: Mapping[str, str] | None = None, max_batch: int = 1, max_context: int = 4096,
-                   expert_chunk: int = 32, training: int = 0) -> placing.PlacementPlan:
+def expert_format(path: str, cfg: ModelConfig, dtype, experts: str | None) -> ExpertFormat:
+    """The format routed experts are kept in: as asked, else FP8 where the checkpoint stores them so,
+    else the model dtype. A directory with a config alone (planning a download) trusts its
+    quantization_config."""
+    F, D = cfg.moe_intermediate_size, cfg.hidden_size
+    block = (cfg.fp8_block_size or (128, 128))[0]
+    if experts is None:
+        configured_only = not any(f.endswith(".safetensors") for f in os.listdir(path))
+        fp8 = bool(cfg.fp8_block_size) if configured_only else stored_fp8(Checkpoint(path), cfg)
+        experts = "fp8" if fp8 else ("bf16" if np.dtype(dtype).name == "bfloat16" else "float32")
+    experts = EXPERT_ALIASES.get(experts, experts)
+    if experts not in FORMATS:
+        raise ValueError(f"experts={experts!r} is not an expert format (use one of {', '.join(FORMATS)})")
+    return ExpertFormat(experts, F, D, block)
+
+
+def plan_placement(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: str | None = None,
+                   gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None,
+                   max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32,
+                   training: int = 0) -> placing.PlacementPlan:
     """Where every parameter of the checkpoint would live, computed from its config and headers only."""
+    path = resolve_path(path)
     cfg = ModelConfig.from_json(path)
-    dtype = loading.resolve_dtype(dtype, cfg)
-    _, abstract = loading.abstract_model(cfg, dtype)
-    return placing.plan(cfg, abstract, dtype, gpu_memory=gpu_memory, placement=placement,
-                          fp8_experts=_experts_are_fp8(path, cfg), max_batch=max_batch, max_context=max_context,
-                          expert_chunk=expert_chunk, training=training)
+    dtype = resolve_dtype(dtype, cfg)
+    _, abstract = abstract_params(cfg, dtype)
+    return placing.plan(cfg, abstract, dtype, expert_format(path, cfg, dtype, experts), gpu_memory=gpu_memory,
+                        placement=placement, max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk,
+                        training=training)
 
 
 def generation_defaults(path: str) -> dict[str, Any]:
@@ -59,38 +83,90 @@ def generation_defaults(path: str) -> dict[str, Any]:
     return {k: cfg[k] for k in ("temperature", "top_p", "top_k") if cfg.get(k) is not None}
 
 
-def load(path: str | os.PathLike | None = None, *, dtype: Any = None, progress: bool | None = None,
-         gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
-         max_context: int = 4096, expert_chunk: int = 32, adapter: str | os.PathLike | None = None,
-         training: int = 0):
+def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: str | None = None,
+         expert_compute: str = "auto", gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None,
+         max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
+         adapter: str | os.PathLike | None = None, training: int = 0, progress: bool | None = None) -> LoadedModel:
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
 
+    dtype: compute dtype, "bfloat16" or "float32" (default: the checkpoint's).
+    experts: the format routed experts are kept in: "bf16", "float32", "fp8", "int8" or "int4"
+        (default: the checkpoint's own precision); int8/int4 quantize while loading.
+    expert_compute: where experts in host memory are computed: "auto" (the host CPU or the GPU,
+        whichever the measured rates favour per step; int8/int4 only), "gpu" (streamed over the
+        link), "cpu" (on the host CPU where they live; int8/int4).
     gpu_memory: device memory budget ("24GiB" or bytes); routed experts that do not fit stay in
-        pinned host memory and are streamed in as needed. Default: the device's own limit on GPUs,
-        no limit on the CPU.
+        pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
     placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
-    max_batch, max_context: the KV cache the budget reserves room for.
+    max_batch, max_context: the largest generation the KV cache and workspace are sized for;
+        generation refuses larger ones.
+    attention: the MLA kernels, one of ktjax.kernels.IMPLS (default: KTJAX_PALLAS's, else "auto").
     training: also reserve room for LoRA training steps of that many micro-batches (True: one) of
-    max_batch x max_context tokens.
+        max_batch x max_context tokens.
     adapter: a PEFT LoRA adapter directory to apply (merged into the weights of offloaded models).
     """
-    from ktjax.offload import load_offloaded
-
-    path = default_model_path() if path is None else os.fspath(path)
-    plan = plan_placement(path, dtype=dtype, gpu_memory=gpu_memory, placement=placement, max_batch=max_batch,
-                          max_context=max_context, expert_chunk=expert_chunk, training=training)
-    if plan.offloaded:
-        cfg = plan.config
-        model = load_offloaded(path, cfg, loading.resolve_dtype(dtype, cfg), plan, progress=progress)
+    path = resolve_path(path)
+    cfg = ModelConfig.from_json(path)
+    dtype = resolve_dtype(dtype, cfg)
+    attention = kernels.DEFAULT_IMPL if attention is None else attention
+    plan = plan_placement(path, dtype=dtype, experts=experts, gpu_memory=gpu_memory, placement=placement,
+                          max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training)
+    fmt = plan.expert_format
+    experts_in_model_dtype = fmt.name in FLOAT_FORMATS and np.dtype(FLOAT_FORMATS[fmt.name]) == dtype
+    if not plan.offloaded and experts_in_model_dtype and expert_compute != "cpu":
+        graphdef, params = load_params(path, cfg, dtype, progress=progress, attention=attention)
+        executor = ResidentExecutor(cfg, graphdef, params, attention=attention)
     else:
-        model = loading.load(path, dtype=dtype, progress=progress)
-    model.placement = plan
-    model.tokenizer = load_tokenizer(path)
-    model.generation_defaults = generation_defaults(path)
+        executor = load_offloaded(path, cfg, dtype, plan, progress=progress, attention=attention,
+                                  expert_compute=expert_compute)
+    model = LoadedModel(cfg, executor, plan, tokenizer=load_tokenizer(path), generation_defaults=generation_defaults(path),
+                        path=path)
     if adapter is not None:
-        from ktjax.lora import load_adapter
         model = load_adapter(model, adapter)
     return model
 
 
-__all__ = ["default_model_path", "load", "plan_placement"]
+def logits(model: LoadedModel, token_ids) -> Any:
+    """float32 logits [B, T, V] of a full forward pass over a [B, T] array of token ids."""
+    tokens = np.asarray(token_ids)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"token_ids must be a rectangular [batch, length] array of integers, got "
+                         f"{'shape ' + str(tokens.shape) if tokens.dtype != object else 'ragged rows'}")
+    bad = tokens[(tokens < 0) | (tokens >= model.config.vocab_size)]
+    if bad.size:
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{model.config.vocab_size - 1})")
+    with model.lock:
+        return model.executor.logits(tokens.astype(np.int32))
+
+
+def apply_adapter(model: LoadedModel, adapters: Mapping, lora: LoRAConfig) -> LoadedModel:
+    """`model` computing with `adapters`: beside the base weights on a resident model (exactly PEFT's
+    forward), merged into the core weights of an offloaded one."""
+    return dataclasses.replace(model, executor=model.executor.with_adapter(adapters, lora),
+                               adapter=(dict(adapters), lora))
+
+
+def load_adapter(model: LoadedModel, path: str | os.PathLike, *, merge: bool | None = None) -> LoadedModel:
+    """`model` with the PEFT adapter in directory `path` applied (see `apply_adapter`); merge=True
+    merges it on a resident model too."""
+    adapters, lora = read_adapter(os.path.expanduser(os.fspath(path)), model.config)
+    if merge:
+        return dataclasses.replace(model, executor=model.executor.with_adapter(adapters, lora, merge=True),
+                                   adapter=(adapters, lora))
+    return apply_adapter(model, adapters, lora)
+
+
+def merge_adapter(model: LoadedModel) -> LoadedModel:
+    """The applied adapter's deltas added into the base weights (W + s B A in float32, cast back)."""
+    if model.adapter is None:
+        raise ValueError("merge_adapter: the model has no adapter applied; load one with ktjax.load(..., adapter=DIR)")
+    adapters, lora = model.adapter
+    return dataclasses.replace(model, executor=model.executor.with_adapter(adapters, lora, merge=True))
+
+
+def finetune(model: LoadedModel | str | os.PathLike | None, data, **kwargs) -> finetuning.FinetuneResult:
+    """LoRA fine-tuning (`ktjax.train.finetune.finetune`); a path or None is loaded with room for
+    the training steps."""
+    if not isinstance(model, LoadedModel):
+        model = resolve_path(model)
+    return finetuning.finetune(model, data, load=load, **kwargs)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}  # compute dtypes a model can load in
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
 
@@ -85,9 +90,37 @@ class ModelConfig:
             and i % self.moe_layer_freq == 0
         )
 
-    @property
+    @functools.cached_property
     def layer_kinds(self) -> tuple[str, ...]:
+        """"dense" or "moe" for each decoder layer."""
         return tuple("moe" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers))
+
+    @functools.cached_property
+    def moe_layers(self) -> tuple[int, ...]:
+        return self.layer_groups["moe"]
+
+    @functools.cached_property
+    def layer_groups(self) -> dict[str, tuple[int, ...]]:
+        """The decoder layers of each kind, in order: the stacks the model keeps them in."""
+        return {g: tuple(i for i, k in enumerate(self.layer_kinds) if k == g) for g in ("dense", "moe")}
+
+    @functools.cached_property
+    def layer_runs(self) -> tuple[tuple[str, int, int], ...]:
+        """Runs of consecutive same-kind layers: (group, first index within its stack, count)."""
+        runs: list[tuple[str, int, int]] = []
+        seen = {"dense": 0, "moe": 0}
+        for kind in self.layer_kinds:
+            if runs and runs[-1][0] == kind:
+                g, first, n = runs[-1]
+                runs[-1] = (g, first, n + 1)
+            else:
+                runs.append((kind, seen[kind], 1))
+            seen[kind] += 1
+        return tuple(runs)
+
+    def stack_index(self, layer: int) -> int:
+        """Where decoder layer `layer` sits in its kind's stack."""
+        return self.layer_groups[self.layer_kinds[layer]].index(layer)
 
     @property
     def softmax_scale(self) -> float:
@@ -167,6 +200,20 @@ _DEFAULTS = {
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "moe_intermediate_size")
+
+
+def resolve_dtype(dtype: Any, cfg: ModelConfig) -> np.dtype:
+    """The compute dtype: as given ("float32"/"bfloat16" or a dtype), else config.json's
+    torch_dtype, else bfloat16 for FP8 checkpoints and float32 otherwise."""
+    if dtype is None:
+        dtype = cfg.torch_dtype if cfg.torch_dtype in DTYPES else "bfloat16" if cfg.fp8_block_size else "float32"
+    try:
+        resolved = np.dtype(ml_dtypes.bfloat16 if dtype in ("bfloat16", "bf16") else dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported (use 'float32' or 'bfloat16')")
+    return resolved
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

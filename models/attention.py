@@ -19,9 +19,14 @@ def write_cache(cache_BSD: jax.Array, new_BTD: jax.Array, start_B: jax.Array) ->
 
 
 class MLAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs):
+    """impl: which attention kernels run (`ktjax.kernels.IMPLS`), a static part of the module's
+    structure: "auto" on a GPU picks the Pallas kernels, training needs "reference" (no backward
+    pass in the kernels)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs, impl: str = "auto"):
         D, H = cfg.hidden_size, cfg.num_attention_heads
         self.cfg = cfg
+        self.impl = impl
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(D, H * cfg.qk_head_dim, dtype=dtype, rngs=rngs)
         else:
@@ -75,7 +80,7 @@ class MLAttention(nnx.Module):
             q_latent_BHL = q_latent_HBL.transpose(1, 0, 2)
             o_latent_BHL = kernels.mla_decode(
                 q_latent_BHL, q_rope_BTHR[:, 0], latent_cache_BSL.astype(x_BTD.dtype),
-                rope_cache_BSR.astype(x_BTD.dtype), start_B + 1, sm_scale=cfg.softmax_scale)
+                rope_cache_BSR.astype(x_BTD.dtype), start_B + 1, sm_scale=cfg.softmax_scale, impl=self.impl)
             o_BTHV = jnp.einsum("bhl,hvl->bhv", o_latent_BHL, w_uv_HVL,
                                 preferred_element_type=jnp.float32).astype(x_BTD.dtype)[:, None]
         else:
@@ -86,6 +91,7 @@ class MLAttention(nnx.Module):
             k_rope_BSHR = jnp.broadcast_to(rope_cache_BSR.astype(x_BTD.dtype)[:, :, None], (B, S, H, Dr))
             k_BSHK = jnp.concatenate([kv_BSHX[..., :Dn], k_rope_BSHR], axis=-1)
             q_BTHK = jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1)
-            o_BTHV = kernels.mla_prefill(q_BTHK, k_BSHK, kv_BSHX[..., Dn:], start_B, sm_scale=cfg.softmax_scale)
+            o_BTHV = kernels.mla_prefill(q_BTHK, k_BSHK, kv_BSHX[..., Dn:], start_B, sm_scale=cfg.softmax_scale,
+                                         impl=self.impl)
         out_BTD = self.o_proj(o_BTHV.reshape(B, T, H * Dv))
         return out_BTD, latent_cache_BSL, rope_cache_BSR

@@ -38,16 +38,25 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # Same rounding order as the reference: normalise in f32, cast, then scale.
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype: Dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # Same rounding order as the reference: normalise in f32, cast, then scale.
-        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """The feed-forward's activation, silu(gate) * up: one definition for dense MLPs, shared and routed experts."""
+    return jax.nn.silu(gate) * up
 
 
 class MLP(nnx.Module):
@@ -59,4 +68,4 @@ class MLP(nnx.Module):
         self.down_proj = Linear(intermediate, hidden, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

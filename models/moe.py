@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.models.layers import MLP, Dtype, matmul, normal_init
+from ktjax.models.layers import MLP, Dtype, matmul, normal_init, swiglu
 
 
 def route(x_ND: jax.Array, gate_ED: jax.Array, bias_E: jax.Array | None, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -55,8 +55,7 @@ def experts_gathered(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> ja
     f32 = jnp.float32
     g = matmul("nd,nkfd->nkf", x_ND, gate_EFD[idx_NK]).astype(f32)
     u = matmul("nd,nkfd->nkf", x_ND, up_EFD[idx_NK]).astype(f32)
-    h = (jax.nn.silu(g) * u).astype(dt)
-    y = matmul("nkf,nkdf->nkd", h, down_EDF[idx_NK]).astype(f32)
+    y = matmul("nkf,nkdf->nkd", swiglu(g, u).astype(dt), down_EDF[idx_NK]).astype(f32)
     return jnp.einsum("nkd,nk->nd", y, weights_NK).astype(dt)
 
 
@@ -73,17 +72,34 @@ def experts_sorted(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.
     # Outputs in dt, then float32: the backward's matmuls stay in dt (see `layers.matmul`).
     g = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(gate_EFD, 1, 2).astype(dt), sizes_E).astype(f32)
     u = jax.lax.ragged_dot(xs_PD, jnp.swapaxes(up_EFD, 1, 2).astype(dt), sizes_E).astype(f32)
-    h = (jax.nn.silu(g) * u).astype(dt)
-    y_PD = jax.lax.ragged_dot(h, jnp.swapaxes(down_EDF, 1, 2).astype(dt), sizes_E).astype(f32)
+    y_PD = jax.lax.ragged_dot(swiglu(g, u).astype(dt), jnp.swapaxes(down_EDF, 1, 2).astype(dt), sizes_E).astype(f32)
     y_PD = y_PD * weights_NK.reshape(-1)[order][:, None]
     return jnp.zeros((N, x_ND.shape[1]), f32).at[token_of_pair].add(y_PD).astype(dt)
 
 
-def routed_experts(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.Array:
-    # Gathering moves N*K experts' weights; past E of them, grouping by expert is cheaper.
-    if idx_NK.size <= gate_EFD.shape[0]:
-        return experts_gathered(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
-    return experts_sorted(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
+def experts_dense(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF) -> jax.Array:
+    """Every expert on every token, weighted by the (mostly zero) routing weights: E/K times the
+    FLOPs, but plain batched matmuls, which for a tiny model on a GPU beat sorting by expert."""
+    N, E = x_ND.shape[0], gate_EFD.shape[0]
+    dt, f32 = x_ND.dtype, jnp.float32
+    combine_NE = jnp.zeros((N, E), f32).at[jnp.arange(N)[:, None], idx_NK].add(weights_NK)
+    g = matmul("nd,efd->nef", x_ND, gate_EFD).astype(f32)
+    u = matmul("nd,efd->nef", x_ND, up_EFD).astype(f32)
+    h = (swiglu(g, u) * combine_NE[:, :, None]).astype(dt)
+    return matmul("nef,edf->nd", h, down_EDF)
+
+
+DISPATCHES = ("auto", "gathered", "sorted", "dense")
+
+
+def routed_experts(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF, dispatch: str = "auto") -> jax.Array:
+    """The weighted sum of the chosen experts' outputs [N, D]; dispatch picks how tokens meet their
+    experts (same function each way). auto: gathering moves N*K experts' weights, so past E of
+    them grouping by expert (sorted) is cheaper."""
+    if dispatch == "auto":
+        dispatch = "gathered" if idx_NK.size <= gate_EFD.shape[0] else "sorted"
+    fn = {"gathered": experts_gathered, "sorted": experts_sorted, "dense": experts_dense}[dispatch]
+    return fn(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
 
 
 class Router(nnx.Module):
@@ -105,22 +121,39 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs):
+    """The MoE block as three phases that executors call separately (routing read on the host,
+    experts fetched or computed elsewhere in between) and `__call__` composes: route, shared,
+    routed. Executors that hold the routed experts apart build the block with experts=None."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs, dispatch: str = "auto"):
         self.cfg = cfg
+        self.dispatch = dispatch
         self.gate = Router(cfg, rngs=rngs)
         self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype, rngs=rngs)
             if cfg.n_shared_experts else None)
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(B * T, D)
+    def route(self, h_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Routing weights [N, K] (float32) and chosen expert ids [N, K]."""
         bias = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
-        weights_NK, idx_NK = route(x_ND, self.gate.weight[...], bias, self.cfg)
-        y_ND = routed_experts(x_ND, weights_NK, idx_NK, self.experts.gate_proj[...], self.experts.up_proj[...],
-                              self.experts.down_proj[...])
-        y_BTD = y_ND.reshape(B, T, D)
-        if self.shared_experts is not None:
-            y_BTD = y_BTD + self.shared_experts(x_BTD)
-        return y_BTD
+        return route(h_ND, self.gate.weight[...], bias, self.cfg)
+
+    def shared(self, h_ND: jax.Array) -> jax.Array | None:
+        return None if self.shared_experts is None else self.shared_experts(h_ND)
+
+    def routed(self, h_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array) -> jax.Array:
+        ex = self.experts
+        return routed_experts(h_ND, weights_NK, idx_NK, ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...],
+                              self.dispatch)
+
+    def __call__(self, h_BTD: jax.Array) -> jax.Array:
+        B, T, D = h_BTD.shape
+        h_ND = h_BTD.reshape(B * T, D)
+        return combine(None, self.shared(h_ND), self.routed(h_ND, *self.route(h_ND))).reshape(B, T, D)
+
+
+def combine(x_ND: jax.Array | None, shared_ND: jax.Array | None, routed_ND: jax.Array) -> jax.Array:
+    """The residual plus the MoE block's output, routed + shared, summed in the reference's order."""
+    y_ND = routed_ND if shared_ND is None else routed_ND.astype(shared_ND.dtype) + shared_ND
+    return y_ND if x_ND is None else x_ND + y_ND.astype(x_ND.dtype)

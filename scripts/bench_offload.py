@@ -1,9 +1,11 @@
-"""Offload benchmark: DeepSeek-V3 full-size layers with random weights, experts in pinned host
-memory, under a GPU budget the allocator enforces. Measures the ceilings and the floor in the
-same run, then ktjax (bf16 and FP8 experts), the same model all on the device, and transformers +
-accelerate with the experts offloaded to the CPU.
+"""Offload benchmark: DeepSeek-V3 full-size layers with random weights, routed experts in pinned host
+memory, under a GPU budget the allocator enforces. In one run: the ceilings (host->device copies,
+HBM, matmul, the host-CPU expert kernels, the CPU and the link at once), then ktjax with bf16, FP8,
+int8 and int4 experts (int8/int4 on both paths: host CPU and link, chosen per step, or forced),
+the same model all on the device, and optionally transformers + accelerate.
 
     python3 scripts/bench_offload.py --all --moe-layers 4 --gpu-memory 24GiB   # on the GPU machine
+    python scripts/bench_offload.py --all --tiny                                # a laptop check
 
 Each part runs in its own process (the budget is a process-wide allocator setting); the driver
 prints a markdown table last and writes it, with the raw JSON, under $OUT (or --out).
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,61 +25,12 @@ sys.path.insert(0, HERE)
 
 from benchparts import run_parts  # noqa: E402
 
-
 T_START = time.perf_counter()
+FORMAT_OF_PART = {"bf16": "bf16", "fp8": "fp8", "int8": "int8", "int4": "int4", "resident": "bf16"}
 
 
 def log(msg: str):
     print(f"[{time.perf_counter() - T_START:6.1f} s] {msg}", flush=True)
-
-
-def summarize_trace(trace_dir: str, out_dir: str) -> None:
-    """Busy time per GPU stream and the idle gaps of the host->device copies, from a perfetto trace."""
-    import glob
-    import gzip
-    import shutil
-    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not files:
-        log("trace: no perfetto_trace.json.gz written")
-        return
-    if os.path.getsize(files[0]) < 15 << 20:
-        shutil.copy(files[0], os.path.join(out_dir, f"decode_b1_trace_{os.path.basename(trace_dir)[6:]}.json.gz"))
-    with gzip.open(files[0]) as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
-            names[(e["name"][0], e["pid"], e.get("tid"))] = e["args"]["name"]
-    threads: dict = {}
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            threads.setdefault((e["pid"], e.get("tid")), []).append((float(e["ts"]), float(e["dur"]), e["name"]))
-    procs = sorted({names.get(("p", pid, None), str(pid)) for pid, _ in threads})
-    log(f"trace: {len(events)} events; processes {procs}")
-    for (pid, tid), evs in sorted(threads.items()):
-        proc, thread = names.get(("p", pid, None), str(pid)), names.get(("t", pid, tid), str(tid))
-        if "GPU" not in proc and "gpu" not in proc.lower():
-            continue
-        evs.sort()
-        busy, end, gaps = 0.0, None, []
-        for ts, dur, _ in evs:
-            if end is None or ts > end:
-                if end is not None:
-                    gaps.append((ts - end, ts))
-                busy += dur
-                end = ts + dur
-            elif ts + dur > end:
-                busy += ts + dur - end
-                end = ts + dur
-        span = end - evs[0][0]
-        totals: dict = {}
-        for _, dur, name in evs:
-            totals[name[:60]] = totals.get(name[:60], 0.0) + dur
-        top = ", ".join(f"{n} {t / 1e3:.2f} ms" for n, t in sorted(totals.items(), key=lambda kv: -kv[1])[:6])
-        big = sorted(gaps, reverse=True)[:12]
-        log(f"trace {proc} / {thread}: {len(evs)} events, busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms; top: {top}")
-        log(f"   largest gaps (ms @ offset ms): " + ", ".join(f"{g / 1e3:.2f}@{(t - evs[0][0]) / 1e3:.1f}" for g, t in big))
 
 
 def median_time(f, n=5, warm=1):
@@ -93,17 +47,20 @@ def median_time(f, n=5, warm=1):
 
 
 def ceilings(tiny: bool) -> dict:
-    """Pinned host->device and HBM bandwidth, and the two ways of fetching 8 experts."""
+    """Pinned host->device (one 1 GiB copy, and 8 experts at a time), HBM, bf16 matmul, and the
+    host-CPU expert kernels alone and with the link streaming at the same time."""
     import jax
     import jax.numpy as jnp
-    from jax import lax
+    import numpy as np
+
+    from ktjax.experts.host import HostExperts, assignments
+    from ktjax.experts.packed import PackedLayout
     d = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(d, memory_kind="pinned_host")
     dev = jax.sharding.SingleDeviceSharding(d, memory_kind="device")
     n = (1 << 20) if tiny else (1 << 29)  # 1 GiB of bf16
     a = jax.device_put(jnp.ones((n,), jnp.bfloat16), host)
-    t = median_time(lambda: jax.device_put(a, dev))
-    out = {"h2d_gbps": a.nbytes / t / 1e9}
+    out = {"h2d_gbps": a.nbytes / median_time(lambda: jax.device_put(a, dev)) / 1e9}
     x = jax.random.normal(jax.random.key(0), (2 * n,), jnp.bfloat16)
     f = jax.jit(lambda x: x * 1.0001)
     out["hbm_gbps"] = 2 * x.nbytes / median_time(lambda: f(x), n=10) / 1e9
@@ -111,21 +68,113 @@ def ceilings(tiny: bool) -> dict:
     b = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     g = jax.jit(lambda b: b @ b)
     out["matmul_tflops"] = 2 * m**3 / median_time(lambda: g(b), n=10) / 1e12
-    E, F, D = (16, 64, 128) if tiny else (32, 2048, 7168)
-    stack = jax.device_put(jnp.ones((E, 3, F, D), jnp.bfloat16), host)
-    singles = [jax.device_put(jnp.ones((3, F, D), jnp.bfloat16), host) for _ in range(E)]
-    idx = jnp.array([3, 17 % E, 9, 30 % E, 5, 11, 22 % E, 1], jnp.int32)
+    del a, x, b
+    F, D = (64, 256) if tiny else (2048, 7168)
+    rng = np.random.default_rng(0)
+    for fmt in ("int8", "int4"):
+        L = PackedLayout(fmt, F, D)
+        proto = L.pack(*(rng.standard_normal(s).astype(np.float32) * 0.02 for s in ((F, D), (F, D), (D, F))))
+        bufs = [jax.device_put(np.roll(proto, e), host) for e in range(24)]
+        jax.block_until_ready(bufs)
+        views = [np.asarray(v) for v in bufs]
+        kernels = HostExperts(L)
+        xs = rng.standard_normal((1, D)).astype(np.float32)
 
-    @jax.jit
-    def in_program(stack, idx):
-        return [jax.device_put(lax.dynamic_index_in_dim(stack, idx[k], keepdims=False), dev) for k in range(8)]
+        def cpu(start=0):
+            chosen = np.arange(start, start + 8)
+            tok, w, nt = assignments(chosen[None, :], np.full((1, 8), 0.125, np.float32), chosen)
+            kernels.compute(np.array([views[e].ctypes.data for e in chosen], np.int64), tok, nt, w, xs)
 
-    ex_bytes = 8 * 3 * F * D * 2
-    out["fetch8_in_program_gbps"] = ex_bytes / median_time(lambda: in_program(stack, idx)) / 1e9
-    ids = [int(i) for i in idx]
-    out["fetch8_device_put_gbps"] = ex_bytes / median_time(lambda: jax.device_put([singles[i] for i in ids], dev)) / 1e9
-    del a, x, stack, singles
+        def link(start=8):
+            jax.block_until_ready(jax.device_put(bufs[start:start + 8], dev))
+
+        out[f"{fmt}_cpu_gbps"] = 8 * L.nbytes / median_time(lambda: (cpu(), np.zeros(1))[1], n=7, warm=2) / 1e9
+        out[f"{fmt}_link_gbps"] = 8 * L.nbytes / median_time(lambda: (link(), np.zeros(1))[1], n=7, warm=2) / 1e9
+        stop, moved = threading.Event(), [0]
+
+        def stream():
+            k = 0
+            while not stop.is_set():
+                link(8 + 8 * (k % 2))
+                moved[0] += 8 * L.nbytes
+                k += 1
+
+        th = threading.Thread(target=stream)
+        th.start()
+        time.sleep(0.1)
+        m0, t0, n_cpu = moved[0], time.perf_counter(), 0
+        while time.perf_counter() - t0 < (0.3 if tiny else 1.5):
+            cpu()
+            n_cpu += 1
+        dt = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        out[f"{fmt}_both_cpu_gbps"] = n_cpu * 8 * L.nbytes / dt / 1e9
+        out[f"{fmt}_both_link_gbps"] = (moved[0] - m0) / dt / 1e9
+        del bufs, views
     return out
+
+
+def decode_steps(model, B: int, ctx: int, steps: int, sampling):
+    """Warm, then time `steps` decode steps at batch B after a `ctx`-token context: per-step times
+    and stats."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    ex = model
+    cfg = ex.config
+    cache = ex.init_cache(B, ctx + steps + 8)
+    tok = jnp.asarray((np.arange(B) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
+    pos = np.full((B,), ctx, np.int32)
+    key = jax.random.key(0)
+    for s in range(3):  # compile and warm up
+        tok, cache, _ = ex.decode(cache, tok, pos + s, key, sampling)
+    jax.block_until_ready(tok)
+    times, stats = [], []
+    for s in range(steps):
+        t = time.perf_counter()
+        tok, cache, st = ex.decode(cache, tok, pos + 3 + s, key, sampling)
+        jax.block_until_ready(tok)
+        times.append(time.perf_counter() - t)
+        stats.append(st)
+    return times, stats
+
+
+def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int) -> dict:
+    """One decode measurement against its floors: link only (host bytes moved over the measured
+    link) and dual path (the host experts' bytes over the CPU and link rates measured at once)."""
+    import numpy as np
+    step = float(np.median(times))
+    n_moe = len(cfg.moe_layers)
+    link_bytes = float(np.mean([s.bytes_from_host for s in stats]))
+    per_path = {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
+                (("device", "experts_on_device"), ("link", "experts_fetched"), ("host_cpu", "experts_on_host_cpu"))}
+    host_experts = per_path["link"] + per_path["host_cpu"]
+    core_read = sum(v for k, v in plan.core_bytes.items() if k != "embeddings")
+    cache_bytes = cfg.num_hidden_layers * B * (ctx + 1) * cfg.cache_dim * 2
+    device_s = (core_read + cache_bytes + per_path["device"] * plan.expert_bytes) / (ceil["hbm_gbps"] * 1e9)
+    row = {"step_s": step, "tokens_per_s": B / step, "steps_ms": [round(t * 1e3, 2) for t in times],
+           "experts_per_step": per_path, "host_bytes_per_step": link_bytes,
+           "achieved_h2d_gbps": link_bytes / step / 1e9,
+           "layer_spacing_ms": [round(float(v), 3) for v in np.median([np.diff(s.routed_at) * 1e3 for s in stats], 0)]
+           if n_moe > 1 else []}
+    fmt = plan.expert_format.name
+    h2d = max(ceil["h2d_gbps"], ceil.get(f"{fmt}_link_gbps", 0))
+    row["link_floor_s"] = host_experts * plan.expert_bytes / (h2d * 1e9) + device_s
+    if f"{fmt}_both_cpu_gbps" in ceil:
+        both = ceil[f"{fmt}_both_cpu_gbps"] + ceil[f"{fmt}_both_link_gbps"]
+        row["dual_floor_s"] = host_experts * plan.expert_bytes / (both * 1e9) + device_s
+    row["floor_s"] = row.get("dual_floor_s", row["link_floor_s"])
+    row["floor_over_measured"] = row["floor_s"] / step
+    cpu_s = [float(np.sum(s.host_cpu_seconds)) for s in stats]
+    link_s = [float(np.sum(s.link_bytes)) / (h2d * 1e9) for s in stats]
+    # Time outside the experts' own transfer/compute: the step minus, per layer, the slower path's work.
+    expert_s = [sum(max(c, lb / (h2d * 1e9)) for c, lb in zip(s.host_cpu_seconds + [0.0] * n_moe, s.link_bytes))
+                for s in stats]
+    row["host_cpu_s_per_step"] = float(np.median(cpu_s))
+    row["link_s_per_step"] = float(np.median(link_s))
+    row["outside_experts_share"] = float(np.median([(t - e) / t for t, e in zip(times, expert_s)]))
+    return row
 
 
 def run_ktjax(args) -> dict:
@@ -133,136 +182,82 @@ def run_ktjax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from fullsize import fullsize_config, plan_for, random_offloaded_model
-    from ktjax.offload import expected_unique_experts, experts_segment
-    from ktjax.placement import fmt_bytes
 
-    res = {"part": args.run, "experts": args.experts}
-    if args.run == "ktjax":
-        res.update(ceilings(args.tiny))
+    from ktjax.runtime.model import Sampling
+    from ktjax.runtime.offload.scheduler import PathRates
+
+    fmt = FORMAT_OF_PART[args.run]
+    res = {"part": args.run, "experts": fmt}
+    ceil = {k: getattr(args, k) for k in ("h2d_gbps", "hbm_gbps", "matmul_tflops") if getattr(args, k)}
+    ceil.update(json.loads(args.path_rates) if args.path_rates else {})
+    if not ceil:
+        ceil = ceilings(args.tiny)
+        res.update(ceil)
         print("CEILINGS " + json.dumps(res), flush=True)
     cfg = fullsize_config(args.moe_layers) if not args.tiny else tiny_config(args.moe_layers)
-    fp8 = args.experts == "fp8"
     dtype = jnp.bfloat16
     resident = args.run == "resident"
     max_ctx = (args.prefill_max if not args.tiny else 512) + 256
-    # The budget holds the larger of the two phases measured: one 8K prompt, or 32 rows at 1K context.
-    plan = plan_for(cfg, dtype, gpu_memory=args.gpu_memory, fp8=fp8, all_on_device=resident, max_batch=1,
-                    max_context=max_ctx, expert_chunk=args.expert_chunk)
+    # On a laptop (--tiny) the budget holds every tiny expert: put the odd ones in host memory instead.
+    rules = {r".*\.experts\.\d*[13579]": "host"} if args.tiny and not resident else None
+    plan = plan_for(cfg, dtype, experts=fmt, gpu_memory=args.gpu_memory, all_on_device=resident, rules=rules,
+                    max_batch=max(args.batches), max_context=max_ctx, expert_chunk=args.expert_chunk)
     print(plan.table(), flush=True)
+    rates = None
+    if f"{fmt}_both_cpu_gbps" in ceil:  # the split's cost model, from this machine's measurement
+        rates = PathRates(link_gbps=ceil[f"{fmt}_both_link_gbps"], cpu_gbps=ceil[f"{fmt}_both_cpu_gbps"])
+        res["rates"] = {"link_gbps": rates.link_gbps, "cpu_gbps": rates.cpu_gbps}
     t = time.perf_counter()
-    model = random_offloaded_model(cfg, plan, dtype, fp8=fp8, progress=log)
+    model = random_offloaded_model(cfg, plan, dtype, progress=log, rates=rates)
     res["build_s"] = time.perf_counter() - t
-    res["host_experts"] = len(plan.host_experts)
-    res["expert_bytes"] = plan.expert_bytes
-    n_moe = cfg.layer_kinds.count("moe")
-    core_read = sum(v for k, v in plan.core_bytes.items() if k != "embeddings")  # bytes a decode step reads
-    key = jax.random.key(0)
-    zero, one = jnp.float32(0.0), jnp.int32(0)
-
+    res.update(host_experts=len(plan.host_experts), device_experts=len(plan.device_experts),
+               expert_bytes=plan.expert_bytes)
+    sampling = Sampling.of(0.0, 0, 1.0)
     ctx = 1024 if not args.tiny else 64
+    modes = args.modes if fmt in ("int8", "int4") else ["gpu"]
     for B in args.batches:
-        cache = model.init_cache(B, ctx + 64)
-        tok = jnp.asarray((np.arange(B) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
-        pos = np.full((B,), ctx, np.int32)
-        for _ in range(3):  # compile and warm up
-            tok, cache = model.decode_and_sample(cache, tok, pos, key, zero, one, jnp.float32(1.0))
-        jax.block_until_ready(tok)
-        log(f"decode B={B}: compiled and warm")
-        compiled = experts_segment._cache_size()
-        steps, moved, layer_ms = [], [], []
-        for s in range(args.steps):
-            t = time.perf_counter()
-            tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
-            jax.block_until_ready(tok)
-            steps.append(time.perf_counter() - t)
-            moved.append(model.last_step.bytes_from_host)
-            if hasattr(model.last_step, "routed_at"):
-                layer_ms.append(np.diff(model.last_step.routed_at) * 1e3)
-        if B == 1 and args.trace and not resident:
-            trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # copied to $OUT as decode_b1_trace_<part>
-            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                for s in range(2):
-                    tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
-                jax.block_until_ready(tok)
-            try:
-                summarize_trace(trace_dir, args.out)
-            except Exception as e:  # the trace is a diagnostic: never lose the numbers over it
-                log(f"trace summary failed: {e!r}")
-        if experts_segment._cache_size() != compiled:
-            log(f"decode B={B}: {experts_segment._cache_size() - compiled} expert segments compiled while timed")
-        step = float(np.median(steps))
-        log(f"decode B={B}: steps {' '.join(f'{1e3 * t:.1f}' for t in steps)} ms; routing-to-routing per MoE layer "
-            f"(median over steps) {' '.join(f'{v:.1f}' for v in np.median(layer_ms, axis=0))} ms" if layer_ms else "")
-        host_bytes = float(np.mean(moved))
-        cache_bytes = cfg.num_hidden_layers * B * (ctx + 1) * cfg.cache_dim * 2
-        row = {"step_s": step, "tokens_per_s": B / step, "host_bytes_per_step": host_bytes,
-               "achieved_h2d_gbps": host_bytes / step / 1e9,
-               "expected_unique_experts_per_layer": expected_unique_experts(cfg, B)}
-        if "h2d_gbps" in res or args.h2d_gbps:
-            h2d, hbm = res.get("h2d_gbps", args.h2d_gbps), res.get("hbm_gbps", args.hbm_gbps)
-            floor = host_bytes / (h2d * 1e9) + (core_read + cache_bytes) / (hbm * 1e9)
-            row.update(floor_s=floor, floor_over_measured=floor / step)
-        # Per-token time for 61 layers: MoE layers scale with their count, the rest is fixed.
-        row["extrapolated_61_layers_s"] = step * (61 - 3 + 0.0) / n_moe if n_moe else None
-        res[f"decode_b{B}"] = row
-        print(f"ROW decode_b{B} " + json.dumps(row), flush=True)
-        print(f"decode B={B}: {step * 1e3:.1f} ms/step, {B / step:.2f} tok/s, {fmt_bytes(host_bytes)} from host "
-              f"({host_bytes / step / 1e9:.1f} GB/s)", flush=True)
-        del cache
-
-    if not resident and args.decode_variants:
-        # The two ways of moving experts (issue 4 asks to keep the faster) and the compute grouping, at B=1.
-        cache = model.init_cache(1, ctx + 64)
-        tok, pos = jnp.asarray([13], jnp.int32), np.full((1,), ctx, np.int32)
-        defaults = model.decode_group, model.fetch_in_program
-        for variant in args.decode_variants:
-            group, how = variant.split(":")
-            model.decode_group, model.fetch_in_program = int(group), how == "program"
-            for _ in range(2):
-                tok, cache = model.decode_and_sample(cache, tok, pos, key, zero, one, jnp.float32(1.0))
-            ts = []
-            for s in range(args.steps):
-                t = time.perf_counter()
-                tok, cache = model.decode_and_sample(cache, tok, pos + 1 + s, key, zero, one, jnp.float32(1.0))
-                jax.block_until_ready(tok)
-                ts.append(time.perf_counter() - t)
-            step, moved = float(np.median(ts)), model.last_step.bytes_from_host
-            row = {"step_s": step, "tokens_per_s": 1 / step, "host_bytes_per_step": moved,
-                   "achieved_h2d_gbps": moved / step / 1e9}
-            res[f"decode_b1_{group}_{how}"] = row
-            log(f"decode B=1 group {group} fetch {how}: steps {' '.join(f'{1e3 * t:.1f}' for t in ts)} ms")
-        model.decode_group, model.fetch_in_program = defaults
-        del cache
-
-    for T in ([args.prefill_max // 8, args.prefill_max] if not args.tiny else [64, 256]):
-        cache = model.init_cache(1, T)
+        for mode in (modes if B == 1 else modes[:1]):
+            times, stats = decode_steps(model.with_expert_compute(mode), B, ctx, args.steps, sampling)
+            row = decode_row(cfg, plan, times, stats, ceil, B, ctx)
+            name = f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
+            n_moe = len(cfg.moe_layers)
+            spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
+            # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
+            row["r1_extrapolated_s"] = spacing * 58 + max(0.0, row["step_s"] - spacing * n_moe)
+            res[name] = row
+            print(f"ROW {name} " + json.dumps(row), flush=True)
+            log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
+                f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms ({100 * row['floor_over_measured']:.0f}%), "
+                f"outside experts {100 * row['outside_experts_share']:.0f}%")
+    model = model.with_expert_compute(modes[0])
+    if args.trace and not resident:
+        trace_dir = os.path.join("/tmp", f"trace_{args.run}")
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            decode_steps(model, 1, ctx, 2, sampling)
+    for T in ([] if resident else [args.prefill_max // 8, args.prefill_max] if not args.tiny else [64, 256]):
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
-        x, cache = model.forward(cache, tokens, np.zeros(1, np.int32))  # compile + warm
-        jax.block_until_ready(x)
-        log(f"prefill T={T}: compiled and warm")
-        del x
+        lengths = np.array([T], np.int32)
+        for _ in range(2):  # compile and warm
+            tok, _, st = model.prefill(model.init_cache(1, T), tokens, lengths, jax.random.key(0), sampling)
+            jax.block_until_ready(tok)
         ts, moved = [], []
         for _ in range(args.prefill_reps):
             cache = model.init_cache(1, T)
             t = time.perf_counter()
-            x, cache = model.forward(cache, tokens, np.zeros(1, np.int32))
-            jax.block_until_ready(x)
+            tok, _, st = model.prefill(cache, tokens, lengths, jax.random.key(0), sampling)
+            jax.block_until_ready(tok)
             ts.append(time.perf_counter() - t)
-            moved.append(model.last_step.bytes_from_host)
-            del x
-        step = float(np.median(ts))
-        host_bytes = float(np.mean(moved))
+            moved.append(st.bytes_from_host)
+        step, host_bytes = float(np.median(ts)), float(np.mean(moved))
+        flops = 2 * T * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size * len(cfg.moe_layers)
+        h2d = max(ceil["h2d_gbps"], ceil.get(f"{fmt}_link_gbps", 0))
+        floor = max(host_bytes / (h2d * 1e9), flops / (ceil["matmul_tflops"] * 1e12))
         row = {"seconds": step, "tokens_per_s": T / step, "host_bytes": host_bytes,
-               "achieved_h2d_gbps": host_bytes / step / 1e9}
-        if "h2d_gbps" in res or args.h2d_gbps:
-            h2d = res.get("h2d_gbps", args.h2d_gbps)
-            flops = 2 * T * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size * n_moe
-            floor = max(host_bytes / (h2d * 1e9), flops / (res.get("matmul_tflops", args.matmul_tflops) * 1e12))
-            row.update(floor_s=floor, floor_over_measured=floor / step)
+               "achieved_h2d_gbps": host_bytes / step / 1e9, "floor_s": floor, "floor_over_measured": floor / step}
         res[f"prefill_{T}"] = row
-        print(f"prefill T={T}: {step:.2f} s, {T / step:.0f} tok/s, {fmt_bytes(host_bytes)} from host "
-              f"({host_bytes / step / 1e9:.1f} GB/s)", flush=True)
-        del cache
+        print(f"ROW prefill_{T} " + json.dumps(row), flush=True)
+        log(f"prefill T={T}: {step:.3f} s, {T / step:.0f} tok/s, {host_bytes / 1e9:.2f} GB from host "
+            f"({100 * floor / step:.0f}% of floor)")
     stats = jax.devices()[0].memory_stats() or {}
     res["peak_device_bytes"] = stats.get("peak_bytes_in_use")
     res["device_bytes_limit"] = stats.get("bytes_limit")
@@ -272,7 +267,7 @@ def run_ktjax(args) -> dict:
 def tiny_config(moe_layers: int):
     from ktjax.config import ModelConfig
     return ModelConfig.from_dict(dict(
-        model_type="deepseek_v3", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        model_type="deepseek_v3", vocab_size=512, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
         num_hidden_layers=1 + moe_layers, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1,
         num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=4096))
@@ -332,12 +327,13 @@ def run_transformers(args) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    gen_time(1)
+    gen_time(2)  # warm: kernels, allocator, dispatch hooks
     t1, tn = gen_time(1), gen_time(1 + args.peer_steps)
     per_token = (tn - t1) / args.peer_steps
     return {"part": "transformers", "experts_per_layer": E, "decode_b1": {
         "step_s": per_token, "tokens_per_s": 1 / per_token, "host_bytes_per_step": expert_bytes,
-        "achieved_h2d_gbps": expert_bytes / per_token / 1e9},
+        "achieved_h2d_gbps": expert_bytes / per_token / 1e9,
+        "per_expert_byte_s": per_token / expert_bytes},
         "prefill_1k_s": t1, "transformers": transformers.__version__, "accelerate": accelerate.__version__}
 
 
@@ -346,41 +342,48 @@ def table(results: list[dict]) -> str:
     ceil = next((r for r in results if "h2d_gbps" in r), {})
     lines = []
     if ceil:
-        lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s, HBM "
-                  f"{ceil['hbm_gbps']:.0f} GB/s (read+write), bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s; "
-                  f"fetching 8 experts: per-expert device_put {ceil['fetch8_device_put_gbps']:.1f} GB/s, in-program "
-                  f"dynamic slice {ceil['fetch8_in_program_gbps']:.1f} GB/s.", ""]
-    lines += ["| run | what | tokens/s | time | from host per step | achieved H2D | floor | floor/measured |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s (1 GiB copy), HBM "
+                  f"{ceil['hbm_gbps']:.0f} GB/s (read+write), bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s."]
+        for fmt in ("int8", "int4"):
+            if f"{fmt}_cpu_gbps" in ceil:
+                lines.append(f"{fmt} experts, 8 at a time: host CPU {ceil[f'{fmt}_cpu_gbps']:.1f} GB/s, link "
+                             f"{ceil[f'{fmt}_link_gbps']:.1f} GB/s; both at once {ceil[f'{fmt}_both_cpu_gbps']:.1f} + "
+                             f"{ceil[f'{fmt}_both_link_gbps']:.1f} GB/s.")
+        lines.append("")
+    lines += ["| part | what | tokens/s | time | experts/step device / link / CPU | from host | floor | floor/measured "
+              "| outside experts |",
+              "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in results:
-        name = r["part"] + (f" ({r['experts']} experts)" if r.get("experts") else
-                            f" ({r['experts_per_layer']} experts/layer)" if r.get("experts_per_layer") else "")
+        name = r["part"] + (f" ({r['experts_per_layer']} experts/layer)" if r.get("experts_per_layer") else "")
         for k, v in r.items():
-            if not isinstance(v, dict):
+            if not isinstance(v, dict) or "tokens_per_s" not in v:
                 continue
+            paths = v.get("experts_per_step")
+            paths = f"{paths['device']:.1f} / {paths['link']:.1f} / {paths['host_cpu']:.1f}" if paths else "-"
             floor = f"{v['floor_s'] * 1e3:.1f} ms" if "floor_s" in v else "-"
             ratio = f"{100 * v['floor_over_measured']:.0f}%" if "floor_over_measured" in v else "-"
+            outside = f"{100 * v['outside_experts_share']:.0f}%" if "outside_experts_share" in v else "-"
             t = v.get("step_s", v.get("seconds"))
-            lines.append(f"| {name} | {k} | {v['tokens_per_s']:.2f} | {t * 1e3:.1f} ms | "
-                         f"{gb(v.get('host_bytes_per_step', v.get('host_bytes')))} | {v['achieved_h2d_gbps']:.1f} GB/s | "
-                         f"{floor} | {ratio} |")
+            lines.append(f"| {name} | {k} | {v['tokens_per_s']:.2f} | {t * 1e3:.1f} ms | {paths} | "
+                         f"{gb(v.get('host_bytes_per_step', v.get('host_bytes')))} | {floor} | {ratio} | {outside} |")
         if r.get("peak_device_bytes"):
-            lines.append(f"| {name} | peak GPU memory | | | {gb(r['peak_device_bytes'])} of {gb(r['device_bytes_limit'])} "
-                         f"limit | | | |")
+            lines.append(f"| {name} | peak GPU memory | | | | {gb(r['peak_device_bytes'])} of "
+                         f"{gb(r['device_bytes_limit'])} limit | | | |")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="run every part, each in its own process, and print the table")
-    p.add_argument("--parts", nargs="+", default=["ktjax", "ktjax-fp8", "resident", "transformers"],
-                   help="which parts --all runs")
-    p.add_argument("--run", choices=("ktjax", "ktjax-fp8", "resident", "transformers"), default="ktjax")
-    p.add_argument("--experts", choices=("bf16", "fp8"), default="bf16")
+    p.add_argument("--parts", nargs="+", default=["int8", "int4", "fp8", "bf16", "resident"],
+                   help="which parts --all runs, in order (also: transformers)")
+    p.add_argument("--run", choices=("bf16", "fp8", "int8", "int4", "resident", "transformers"), default="int8")
     p.add_argument("--moe-layers", type=int, default=4, help="MoE layers after the one dense layer (host RAM bound)")
     p.add_argument("--gpu-memory", default="24GiB", help="the GPU budget, enforced through the allocator")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--steps", type=int, default=5, help="timed decode steps per batch size")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--modes", nargs="+", default=["auto", "cpu", "gpu"],
+                   help="expert_compute modes measured at B=1 for int8/int4 (the first also at larger batches)")
+    p.add_argument("--steps", type=int, default=7, help="timed decode steps per batch size")
     p.add_argument("--prefill-max", type=int, default=8192)
     p.add_argument("--prefill-reps", type=int, default=2)
     p.add_argument("--expert-chunk", type=int, default=32)
@@ -389,11 +392,10 @@ def main():
     p.add_argument("--h2d-gbps", type=float, default=0.0)
     p.add_argument("--hbm-gbps", type=float, default=0.0)
     p.add_argument("--matmul-tflops", type=float, default=0.0)
-    p.add_argument("--timeout", type=int, default=240, help="seconds for each ktjax part (2/3 of it for the others)")
+    p.add_argument("--path-rates", default="", help="JSON of the host-kernel ceilings (passed between parts)")
+    p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
-    p.add_argument("--decode-variants", nargs="*", default=["8:put", "2:put", "1:put", "2:program"],
-                   help="B=1 decode with experts computed in groups of N, moved by device_put or a compiled program")
-    p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps; summarise the GPU streams")
+    p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -405,28 +407,29 @@ def main():
     if not args.tiny:
         import jax
         total = jax.devices()[0].memory_stats()["bytes_limit"] / 0.75  # the default fraction is 0.75
-        from ktjax.placement import parse_size
+        from ktjax.runtime.placement import parse_size
         frac = parse_size(args.gpu_memory) / total
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--prefill-max", str(args.prefill_max), "--prefill-reps", str(args.prefill_reps),
-              "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches),
-              "--out", args.out, "--decode-variants", *args.decode_variants] + (["--tiny"] if args.tiny else []) + (
-              ["--trace"] if args.trace else [])
-    parts = [("ktjax", ["--run", "ktjax", "--experts", "bf16"], True, args.timeout),
-             ("ktjax-fp8", ["--run", "ktjax-fp8", "--experts", "fp8"], True, args.timeout),
-             ("resident", ["--run", "resident", "--experts", "bf16"], False, args.timeout * 2 // 3),
-             ("transformers", ["--run", "transformers", "--peer-experts", str(args.peer_experts),
-                               "--peer-steps", str(args.peer_steps)], True, args.timeout * 2 // 3)]
+              "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
+              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else [])
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}
     me = [sys.executable, os.path.abspath(__file__)] + common
-    results = run_parts(
-        [(name, me + extra, {**env, **(budget if budgeted else {})}, timeout)
-         for name, extra, budgeted, timeout in parts if name in args.parts],
-        log_path=os.path.join(args.out, "bench_offload.log"), deadline_s=args.deadline,
-        ceiling_args=lambda c: ["--h2d-gbps", str(c["h2d_gbps"]), "--hbm-gbps", str(c["hbm_gbps"]),
-                                "--matmul-tflops", str(c["matmul_tflops"])] if "h2d_gbps" in c else [])
+    parts = []
+    for name in args.parts:
+        extra = ["--run", name] + (["--peer-experts", str(args.peer_experts), "--peer-steps", str(args.peer_steps)]
+                                   if name == "transformers" else [])
+        parts.append((name, me + extra, {**env, **(budget if name != "resident" else {})}, args.timeout))
+
+    def ceiling_args(c):
+        rates = {k: v for k, v in c.items() if k.startswith(("int8_", "int4_"))}
+        return ["--h2d-gbps", str(c["h2d_gbps"]), "--hbm-gbps", str(c["hbm_gbps"]), "--matmul-tflops",
+                str(c["matmul_tflops"]), "--path-rates", json.dumps(rates)] if "h2d_gbps" in c else []
+
+    results = run_parts(parts, log_path=os.path.join(args.out, "bench_offload.log"), deadline_s=args.deadline,
+                        ceiling_args=ceiling_args)
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = table(results)

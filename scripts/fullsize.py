@@ -1,12 +1,15 @@
-"""DeepSeek-V3 layers at full size with random weights, built cheaply on the device.
+"""DeepSeek-V3 layers at full size with random weights, built cheaply on the device, in any expert
+format (bf16, FP8, int8, int4).
 
-Filling ~90 GB on the host with numpy takes many minutes; generating each tensor on the GPU and
-copying experts to pinned host memory one at a time takes seconds. Shared by the benchmarks.
+Filling ~90 GB on the host with numpy takes many minutes; generating each tensor on the GPU (and
+quantizing it there) and copying experts to pinned host memory one at a time takes seconds.
+Shared by the benchmarks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -15,7 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.offload import ExpertWeights, OffloadedModel, layer_graphdef
+from ktjax.experts.weights import ExpertFormat, float_expert, fp8_expert, packed_expert
+from ktjax.io.experts import fp8_blocks
+from ktjax.io.load import abstract_params
+from ktjax.models import layer_structure
+from ktjax.runtime.offload import OffloadedExecutor
+from ktjax.runtime.placement import plan
 
 # A copy of shared/reference/deepseek-v3/config_671B.json, so the benchmarks travel with the repository.
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseek_v3_671B_config.json")
@@ -41,18 +49,6 @@ def _normal(key, shape, dtype, scale):
 _normal_jit = jax.jit(_normal, static_argnums=(1, 2, 3))
 
 
-@jax.jit
-def quantize_fp8_blocks(w_3FD: jax.Array, block: int = 128):
-    """float -> (float8_e4m3fn values, float32 per-block scales) as DeepSeek's FP8 checkpoints store them."""
-    _, F, D = w_3FD.shape
-    fb, db = -(-F // block), -(-D // block)
-    padded = jnp.pad(w_3FD.astype(jnp.float32), ((0, 0), (0, fb * block - F), (0, db * block - D)))
-    blocks = padded.reshape(3, fb, block, db, block)
-    scale = jnp.max(jnp.abs(blocks), axis=(2, 4)) / 448.0 + 1e-12
-    q = (blocks / scale[:, :, None, :, None]).reshape(3, fb * block, db * block)[:, :F, :D]
-    return q.astype(jnp.float8_e4m3fn), scale
-
-
 def random_state(abstract: nnx.State, key, dtype) -> nnx.State:
     flat = []
     for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
@@ -67,42 +63,51 @@ def random_state(abstract: nnx.State, key, dtype) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
-def random_offloaded_model(cfg: ModelConfig, plan, dtype=jnp.bfloat16, *, fp8: bool = False, seed: int = 0,
-                           progress=print) -> OffloadedModel:
+@functools.partial(jax.jit, static_argnums=(1,))
+def random_expert(key, fmt: ExpertFormat):
+    """One expert in `fmt`, generated and (for quantized formats) quantized on the device."""
+    F, D = fmt.F, fmt.D
+    gate, up, down = (_normal(jax.random.fold_in(key, k), s, jnp.float32, D ** -0.5 if k < 2 else F ** -0.5)
+                      for k, s in enumerate(((F, D), (F, D), (D, F))))
+    if fmt.name == "fp8":
+        (g, gs), (u, us), (d, ds) = (fp8_blocks(m, fmt.block) for m in (gate, up, down))
+        return fp8_expert(g, u, d, gs, us, ds, fmt)
+    if fmt.packed is not None:
+        return packed_expert(fmt.packed.pack(gate, up, down), fmt)
+    return float_expert(gate, up, down, fmt)
+
+
+def random_offloaded_model(cfg: ModelConfig, placement, dtype=jnp.bfloat16, *, seed: int = 0, progress=print,
+                           expert_compute: str = "auto", attention: str = "auto", rates=None) -> OffloadedExecutor:
     key = jax.random.key(seed)
-    dev = jax.devices()[0]
-    host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     D, V = cfg.hidden_size, cfg.vocab_size
     top = {"embed_tokens": _normal_jit(jax.random.fold_in(key, 1), (V, D), dtype, 1.0),
            "norm": jnp.ones((D,), dtype),
            "lm_head": _normal_jit(jax.random.fold_in(key, 2), (V, D), dtype, D ** -0.5)}
-    layers = [nnx.to_pure_dict(random_state(layer_graphdef(cfg, kind, dtype)[1], jax.random.fold_in(key, 100 + i),
-                                            dtype)) for i, kind in enumerate(cfg.layer_kinds)]
+    layers = [nnx.to_pure_dict(random_state(layer_structure(cfg, kind, dtype, with_experts=False)[1],
+                                            jax.random.fold_in(key, 100 + i), dtype))
+              for i, kind in enumerate(cfg.layer_kinds)]
     experts = {}
-    F = cfg.moe_intermediate_size
-    for i, kind in enumerate(cfg.layer_kinds):
-        if kind != "moe":
-            continue
+    for i in cfg.moe_layers:
         slots = []
         for e in range(cfg.n_routed_experts):
-            w = _normal_jit(jax.random.fold_in(key, 10_000 * i + e), (3, F, D), dtype, D ** -0.5)
-            ex = ExpertWeights(*quantize_fp8_blocks(w), 128) if fp8 else ExpertWeights(w)
-            if (i, e) in plan.host_experts:
+            ex = random_expert(jax.random.fold_in(key, 10_000 * i + e), placement.expert_format)
+            if (i, e) in placement.host_experts:
                 ex = jax.device_put(ex, host)
                 jax.block_until_ready(ex)  # one expert in flight: device memory stays bounded
             slots.append(ex)
         experts[i] = slots
-        progress(f"layer {i}: {cfg.n_routed_experts} experts built")
-    return OffloadedModel(cfg, plan, dtype, top, layers, experts)
+        progress(f"layer {i}: {cfg.n_routed_experts} experts built ({placement.expert_format.name})")
+    return OffloadedExecutor(cfg, placement, dtype, top, layers, experts, attention=attention,
+                             expert_compute=expert_compute, rates=rates)
 
 
-def plan_for(cfg: ModelConfig, dtype, *, gpu_memory=None, fp8=False, all_on_device=False, max_batch=32,
-             max_context=8192 + 256, expert_chunk=32, training=0):
-    from ktjax.loading import abstract_model
-    from ktjax.placement import plan
-    _, abstract = abstract_model(cfg, dtype)
-    rules = {r".*": "device"} if all_on_device else None
-    p = plan(cfg, abstract, dtype, gpu_memory=None if all_on_device else gpu_memory, placement=rules,
-             fp8_experts=fp8, max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk,
-             training=training)
+def plan_for(cfg: ModelConfig, dtype, *, experts: str = "bf16", gpu_memory=None, all_on_device=False,
+             rules=None, max_batch=32, max_context=8192 + 256, expert_chunk=32, training=0):
+    _, abstract = abstract_params(cfg, dtype)
+    rules = {r".*": "device"} if all_on_device else rules
+    fmt = ExpertFormat(experts, cfg.moe_intermediate_size, cfg.hidden_size)
+    p = plan(cfg, abstract, dtype, fmt, gpu_memory=None if all_on_device else gpu_memory, placement=rules,
+             max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training)
     return dataclasses.replace(p, budget=None) if all_on_device else p

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ktjax import __version__
-from ktjax.cli import main
+from ktjax.cli.main import main
 from reference import make_reference, save_reference
 from tokenizer_fixtures import vocab_size, write_tokenizer
 
@@ -68,8 +68,8 @@ def test_chat_keeps_history_and_resets(ckpt, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent/config.json"),
-    (["info", "--model", "/nonexistent"], "/nonexistent/config.json"),
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "--model /nonexistent: no such checkpoint directory"),
+    (["info", "--model", "/nonexistent"], "--model /nonexistent: no such checkpoint directory"),
 ])
 def test_bad_input_is_one_line_naming_the_file(argv, needle, capsys):
     assert main(argv) == 1
@@ -96,9 +96,9 @@ def test_budget_too_small_is_one_line_saying_what_is_needed(ckpt, capsys):
 
 
 def test_generate_profile_and_trace_on_an_offloaded_model(ckpt, capsys, tmp_path, monkeypatch):
-    import ktjax.api
-    real_load = ktjax.api.load
-    monkeypatch.setattr(ktjax, "load", lambda path, **kw: real_load(
+    import ktjax.cli.common
+    real_load = ktjax.cli.common.load
+    monkeypatch.setattr(ktjax.cli.common, "load", lambda path, **kw: real_load(
         path, **{**kw, "placement": {r".*\.mlp\.experts\..*": "host"}, "gpu_memory": None}))
     assert main(["generate", "--model", ckpt, "--prompt", "hi", "--max-new-tokens", "3", "--profile",
                  "--trace", str(tmp_path / "trace"), "--max-context", "64"]) == 0

@@ -13,10 +13,17 @@ import pytest
 from flax import nnx
 
 import ktjax
-from ktjax import data as D
-from ktjax import lora as L
-from ktjax.finetune import add_finetune_parser, add_merge_parser, finetune, make_train_step
-from ktjax.tokenizer import load_tokenizer
+from ktjax import finetune
+from ktjax.cli import finetune as finetune_command
+from ktjax.cli import merge as merge_command
+from ktjax.experts.weights import ExpertFormat, float_expert
+from ktjax.lora.config import LoRAConfig, flatten, resolve_sites
+from ktjax.lora.modules import init_adapters, lora_graph
+from ktjax.runtime.model import StepStats
+from ktjax.text import load_tokenizer
+from ktjax.train import data as D
+from ktjax.train.config import TrainConfig
+from ktjax.train.resident import make_train_step
 from reference import make_reference, save_reference
 from tokenizer_fixtures import vocab_size, write_tokenizer
 
@@ -32,7 +39,7 @@ CONVERSATIONS = [
 # The shape test_lora's logits use (same model config): forward passes compile once for both files.
 TOKENS = np.random.default_rng(0).integers(0, 97, (2, 9))
 # One configuration for the runs below, so they share the compiled step.
-RUN = dict(rank=4, alpha=8, dropout=0.05, lr=2e-2, steps=12, batch_size=2, grad_accum=2, seq_len=64, warmup=2,
+RUN = dict(rank=4, alpha=8, dropout=0.05, lr=2e-2, thinking=False, steps=12, batch_size=2, grad_accum=2, seq_len=64, warmup=2,
            targets=("attention", "shared_experts"), seed=3, progress=False)
 
 
@@ -61,7 +68,7 @@ def data_file(tmp_path_factory):
 def runs(ckpt, data_file, tmp_path_factory):
     """An uninterrupted run, and the same run stopped (Ctrl-C) after step 5 and resumed."""
     model = ktjax.load(ckpt, dtype="float32")
-    before = [np.array(x) for x in jax.tree.leaves(model.params)]
+    before = [np.array(x) for x in jax.tree.leaves(model.executor.params)]
     full = finetune(model, data_file, output=tmp_path_factory.mktemp("full"), **RUN)
 
     out = tmp_path_factory.mktemp("resumed")
@@ -86,7 +93,7 @@ def test_loss_falls_on_a_memorisation_set(runs):
 
 def test_base_weights_stay_bit_for_bit_unchanged(runs):
     model, before, _, _ = runs
-    after = jax.tree.leaves(model.params)
+    after = jax.tree.leaves(model.executor.params)
     assert len(after) == len(before)
     for a, b in zip(after, before):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -96,16 +103,16 @@ def test_resumed_run_continues_identically(runs):
     _, _, full, resumed = runs
     assert resumed.start_step == 5 and resumed.steps == 12
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
-    for (p, a), (_, b) in zip(sorted(L._flatten(full.adapters).items()), sorted(L._flatten(resumed.adapters).items())):
+    for (p, a), (_, b) in zip(sorted(flatten(full.adapters).items()), sorted(flatten(resumed.adapters).items())):
         np.testing.assert_array_equal(a, b, err_msg=str(p))
 
 
 def test_exported_adapter_reloads_as_the_trained_model(runs):
     model, _, full, _ = runs
     tokens = TOKENS
-    trained = ktjax.logits(full.apply(model), tokens)
+    trained = ktjax.logits(ktjax.apply_adapter(model, full.adapters, full.lora), tokens)
     assert not np.allclose(trained, ktjax.logits(model, tokens), atol=1e-3)
-    np.testing.assert_allclose(ktjax.logits(L.load_adapter(model, full.output), tokens), trained, atol=1e-5)
+    np.testing.assert_allclose(ktjax.logits(ktjax.load_adapter(model, full.output), tokens), trained, atol=1e-5)
     with open(f"{full.output}/finetune_summary.json") as f:
         summary = json.load(f)
     assert summary["steps"] == 12 and summary["lora"]["rank"] == 4
@@ -115,18 +122,18 @@ def test_cli_finetune_then_merge_gives_the_adapted_logits(runs, ckpt, data_file,
     model, _, full, _ = runs
     parser = argparse.ArgumentParser(prog="ktjax")
     sub = parser.add_subparsers(dest="command")
-    add_finetune_parser(sub)
-    add_merge_parser(sub)
+    finetune_command.add_parser(sub)
+    merge_command.add_parser(sub)
     out = tmp_path / "adapter"
     args = parser.parse_args(["finetune", "--model", ckpt, "--data", str(data_file), "--output", str(out),
-                              "--dtype", "float32", "--rank", "4", "--alpha", "8", "--dropout", "0.05", "--lr", "2e-2",
+                              "--dtype", "float32", "--rank", "4", "--alpha", "8", "--dropout", "0.05", "--lr", "2e-2", "--no-thinking",
                               "--steps", "12", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "64",
                               "--warmup", "2", "--targets", "attention,shared_experts", "--seed", "3"])
     assert args.func(args) == 0
-    adapted = L.load_adapter(model, out)
+    adapted = ktjax.load_adapter(model, out)
     tokens = TOKENS
     # Same data, seed and settings as the API run: the same adapter.
-    np.testing.assert_allclose(ktjax.logits(adapted, tokens), ktjax.logits(full.apply(model), tokens), atol=1e-6)
+    np.testing.assert_allclose(ktjax.logits(adapted, tokens), ktjax.logits(ktjax.apply_adapter(model, full.adapters, full.lora), tokens), atol=1e-6)
 
     args = parser.parse_args(["merge", "--model", ckpt, "--adapter", str(out), "--output", str(tmp_path / "merged")])
     assert args.func(args) == 0
@@ -139,9 +146,9 @@ def test_cli_finetune_then_merge_gives_the_adapted_logits(runs, ckpt, data_file,
 def test_gradient_accumulation_equals_one_larger_batch(small):
     """M micro-batches of B rows give the update of one batch of M*B rows (token-weighted mean)."""
     model = ktjax.load(small, dtype="float32")
-    lcfg = L.LoRAConfig(rank=2, targets=("q_b_proj", "o_proj"))
-    graphdef, _ = L.lora_graph(model.config, model.dtype, lcfg)
-    adapters = jax.tree.map(lambda x: x + 0.01, L.init_adapters(model.config, lcfg, 0))
+    lcfg = LoRAConfig(rank=2, targets=("q_b_proj", "o_proj"))
+    graphdef, _ = lora_graph(model.config, model.dtype, lcfg)
+    adapters = jax.tree.map(lambda x: x + 0.01, init_adapters(model.config, lcfg, 0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, (2, 16)).astype(np.int32)
     mask = np.zeros((2, 16), bool)
@@ -149,8 +156,8 @@ def test_gradient_accumulation_equals_one_larger_batch(small):
     mask[1, 10:] = True  # different target counts per row: a plain mean of micro-batch means would differ
     step = make_train_step(graphdef, optax.sgd(1.0), loss_chunk=8)
     key = jax.random.key(0)
-    one, _, m1 = step(adapters, optax.sgd(1.0).init(adapters), model.params, tokens[None], mask[None], key)
-    two, _, m2 = step(adapters, optax.sgd(1.0).init(adapters), model.params, tokens[:, None], mask[:, None], key)
+    one, _, m1 = step(adapters, optax.sgd(1.0).init(adapters), model.executor.base_params, tokens[None], mask[None], key)
+    two, _, m2 = step(adapters, optax.sgd(1.0).init(adapters), model.executor.base_params, tokens[:, None], mask[:, None], key)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -158,12 +165,12 @@ def test_gradient_accumulation_equals_one_larger_batch(small):
 
 def test_bfloat16_compute_keeps_float32_adapters(small):
     model = ktjax.load(small, dtype="bfloat16")
-    lcfg = L.LoRAConfig(rank=2, targets=("kv_b_proj", "o_proj"))
-    graphdef, _ = L.lora_graph(model.config, model.dtype, lcfg)
-    adapters = jax.tree.map(jnp.asarray, L.init_adapters(model.config, lcfg, 0))
+    lcfg = LoRAConfig(rank=2, targets=("kv_b_proj", "o_proj"))
+    graphdef, _ = lora_graph(model.config, model.dtype, lcfg)
+    adapters = jax.tree.map(jnp.asarray, init_adapters(model.config, lcfg, 0))
     tx = optax.adamw(1e-3)
     tokens = np.arange(16, dtype=np.int32).reshape(1, 1, 16)
-    new, opt, m = make_train_step(graphdef, tx)(adapters, tx.init(adapters), model.params, tokens,
+    new, opt, m = make_train_step(graphdef, tx)(adapters, tx.init(adapters), model.executor.base_params, tokens,
                                                 np.ones_like(tokens, bool), jax.random.key(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
@@ -193,17 +200,19 @@ def test_bad_data_lines_name_the_file_and_line(ckpt, tmp_path):
 
 def test_loss_mask_covers_only_the_responses(ckpt):
     tok = load_tokenizer(ckpt)
-    ex = D.encode_record(CONVERSATIONS[3], tok)
-    assert tok.decode(ex.ids) == tok.apply_chat_template(CONVERSATIONS[3]["messages"], add_generation_prompt=False)
-    assert tok.decode(ex.ids[ex.mask]) == "Hi!<｜end▁of▁sentence｜>Hi again!<｜end▁of▁sentence｜>"
-    ex = D.encode_record(CONVERSATIONS[2], tok)
+    # R1's template: each assistant turn its own example, its context exactly what chat feeds the model.
+    first, second = D.encode_record(CONVERSATIONS[3], tok)
+    assert tok.decode(first.ids[first.mask]) == "\n</think>\n\nHi!<｜end▁of▁sentence｜>"
+    assert tok.decode(second.ids[~second.mask]) == tok.apply_chat_template(CONVERSATIONS[3]["messages"][:3])
+    assert tok.decode(second.ids[second.mask]) == "\n</think>\n\nHi again!<｜end▁of▁sentence｜>"
+    [ex] = D.encode_record(CONVERSATIONS[2], tok)
     assert tok.decode(ex.ids[ex.mask]) == "\n    return a + b\n<｜end▁of▁sentence｜>"
     assert ex.ids[0] == tok.bos_token_id and not ex.mask[0]
 
 
 def test_loader_is_seeded_shuffled_and_bucketed(ckpt):
     tok = load_tokenizer(ckpt)
-    ds = D.load_dataset(CONVERSATIONS * 3, tok, seq_len=100, eval_fraction=0.25, seed=1)
+    ds = D.load_dataset(CONVERSATIONS * 3, tok, seq_len=100, eval_fraction=0.25, seed=1, thinking=False)
     assert len(ds.eval) == 3 and len(ds.train) == 9
     loader = D.Loader(ds.train, batch_size=2, grad_accum=2, seq_len=100, seed=1, pad_id=1)
     assert D.length_buckets(100) == (32, 64, 100)
@@ -217,17 +226,17 @@ def test_loader_is_seeded_shuffled_and_bucketed(ckpt):
     assert loader.position(5) == {"examples_seen": 20, "epoch": 2, "index": 2}
 
 
-def test_offloaded_model_trains_with_experts_streamed_from_host(ckpt, data_file, tmp_path):
+def test_offloaded_model_trains_with_experts_streamed_from_host(ckpt, data_file, tmp_path, capsys):
     """Routed experts in host memory: each step streams them forward and backward; the adapter
     exports like any other and loads (merged) into the offloaded model for inference."""
     model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
                        max_context=64)
     assert model.placement.offloaded
     # Same adapters and shapes as test_lora's gradient test (per-layer segments compiled once).
-    with pytest.warns(UserWarning, match=r"examples cut to seq_len=32"):
-        r = finetune(model, data_file, output=tmp_path, rank=3, alpha=6, targets=("attention", "shared_experts",
-                     "dense_mlp"), steps=4, batch_size=2, seq_len=32, lr=1e-2, warmup=0, eval_data=data_file,
-                     eval_every=2, progress=False)
+    r = finetune(model, data_file, output=tmp_path, rank=3, alpha=6, targets=("attention", "shared_experts",
+                 "dense_mlp"), steps=4, batch_size=2, seq_len=32, lr=1e-2, warmup=0, eval_data=data_file,
+                 eval_every=2, progress=False)
+    assert "examples cut to seq_len=32" in capsys.readouterr().err
     assert r.steps == 4 and all(np.isfinite(h["loss"]) for h in r.history)
     assert all(h["host_bytes"] == 2 * 2 * 8 * 3 * 32 * 64 * 4 for h in r.history)
     assert r.history[-1]["loss"] < r.history[0]["loss"]
@@ -235,12 +244,13 @@ def test_offloaded_model_trains_with_experts_streamed_from_host(ckpt, data_file,
     assert len(evals) == 2 and r.eval_loss == evals[-1] and np.isfinite(evals).all()
     # Loading the adapter into an offloaded model merges it into the per-layer device weights, as a
     # resident merge does (the offloaded forward itself is tested against the resident one elsewhere).
-    adapted = L.load_adapter(model, tmp_path)
-    resident = dict(nnx.to_flat_state(L.merge_adapter(ktjax.load(ckpt, dtype="float32"), tmp_path).params))
+    adapted = ktjax.load_adapter(model, tmp_path)
+    resident = dict(nnx.to_flat_state(ktjax.load_adapter(ktjax.load(ckpt, dtype="float32"), tmp_path,
+                                                          merge=True).executor.params))
     for i, j, group, path in [(0, 0, "dense_layers", ("mlp", "up_proj", "weight")),
                               (2, 1, "moe_layers", ("self_attn", "kv_b_proj", "weight")),
                               (1, 0, "moe_layers", ("mlp", "shared_experts", "down_proj", "weight"))]:
-        got = adapted.layers[i]
+        got = adapted.executor.layers[i]
         for p in path:
             got = got[p]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(resident[(group, *path)][...][j]))
@@ -252,26 +262,25 @@ def test_offloaded_micro_batches_share_each_expert_transfer(ckpt):
     together: the step moves the host experts as often as one micro-batch does (twice), and sums
     the same gradients as the micro-batches taken one at a time. The layer inputs saved for the
     backward pass wait in host memory."""
-    from ktjax.finetune import OffloadedTrainer, TrainConfig
     model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
                        max_context=64)
-    lcfg = L.LoRAConfig(rank=2, targets=("attention",))
-    sites = L.resolve_sites(model.config, lcfg.targets)
-    adapters = jax.tree.map(lambda x: jnp.asarray(x) + 0.01, L.init_adapters(model.config, lcfg, 0, sites))
-    trainer = OffloadedTrainer(model, lcfg, sites, TrainConfig())
+    lcfg = LoRAConfig(rank=2, targets=("attention",))
+    sites = resolve_sites(model.config, lcfg.targets)
+    adapters = jax.tree.map(lambda x: jnp.asarray(x) + 0.01, init_adapters(model.config, lcfg, 0, sites))
+    trainer = model.executor.trainer(lcfg, sites, TrainConfig())
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, 97, (3, *TOKENS.shape))
     mask = rng.random(tokens.shape) < 0.7
 
-    _, (saved, _, _) = trainer.forward(trainer.per_layer(adapters), list(jnp.asarray(tokens)), [None] * 3)
+    _, (saved, _, _) = trainer.forward(trainer.per_layer(adapters), list(jnp.asarray(tokens)), [None] * 3, StepStats())
     assert len(saved) == 3 and {x.sharding.memory_kind for layer in saved for x in layer} == {"pinned_host"}
 
-    s, n, grads = trainer.micro_loss_and_grads(adapters, tokens, mask, None)
-    together = model.last_step.bytes_from_host
+    s, n, grads, stats = trainer.micro_loss_and_grads(adapters, tokens, mask, None)
+    together = stats.bytes_from_host
     one_by_one = []
     for t, mk in zip(tokens, mask):
-        one_by_one.append(trainer.loss_and_grads(adapters, t, mk))
-        assert model.last_step.bytes_from_host == together
+        one_by_one.append(trainer.micro_loss_and_grads(adapters, t[None], mk[None], None))
+        assert one_by_one[-1][3].bytes_from_host == together
     assert together == 2 * 2 * 8 * 3 * 32 * 64 * 4  # two MoE layers of 8 experts, forward and backward
     np.testing.assert_allclose(float(s), sum(float(r[0]) for r in one_by_one), rtol=1e-6)
     assert float(n) == sum(float(r[1]) for r in one_by_one)
@@ -281,7 +290,7 @@ def test_offloaded_micro_batches_share_each_expert_transfer(ckpt):
 
 
 def _base_layer(model, i, path):
-    node = model.layers[i]
+    node = model.executor.layers[i]
     for p in path:
         node = node[p]
     return node
@@ -308,7 +317,7 @@ def test_bfloat16_backward_matmuls_stay_bfloat16(block):
     # combines of activations (routing weights) are fine.
     from ktjax.models.layers import linear
     from ktjax.models.moe import experts_gathered, experts_sorted
-    from ktjax.offload import ExpertWeights, experts_segment
+    from ktjax.experts.device import experts_segment
     bf16 = jnp.bfloat16
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(6, 8)), bf16)
@@ -318,7 +327,8 @@ def test_bfloat16_backward_matmuls_stay_bfloat16(block):
     gate, up, down = w[:, 0], w[:, 1], jnp.swapaxes(w[:, 2], 1, 2)
     f = {"linear": lambda x: linear(x, w[0, 0]),
          "offloaded experts": lambda x: experts_segment.__wrapped__(
-             None, x, wts, idx, jnp.arange(4, dtype=jnp.int32), tuple(ExpertWeights(w[e]) for e in range(4)),
+             None, x, wts, idx, jnp.arange(4, dtype=jnp.int32),
+             tuple(float_expert(w[e, 0], w[e, 1], w[e, 2].T, ExpertFormat("bf16", 16, 8)) for e in range(4)),
              capacity=4),
          "gathered experts": lambda x: experts_gathered(x, wts, idx, gate, up, down),
          "sorted experts": lambda x: experts_sorted(x, wts, idx, gate, up, down)}[block]

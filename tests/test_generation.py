@@ -1,6 +1,8 @@
-"""Generation: token-for-token equal to transformers' greedy generate, static shapes, sampling."""
+"""Generation: token-for-token equal to transformers' greedy generate on every executor, static
+shapes, sampling, the limits a model was loaded for, and models shared between threads."""
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -9,16 +11,30 @@ import pytest
 import torch
 
 import ktjax
-from ktjax import engine
-from ktjax.sampling import sample
+from ktjax.runtime import resident
+from ktjax.runtime.sampling import sample
 from reference import make_reference, save_reference
+
+ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
+EXECUTORS = {"resident": {}, "offloaded": dict(placement=ALL_HOST)}
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     ref = make_reference("v3", seed=11)
-    model = ktjax.load(save_reference(ref, tmp_path_factory.mktemp("gen")), dtype="float32")
-    return ref, model
+    return ref, save_reference(ref, tmp_path_factory.mktemp("gen"))
+
+
+def no_eos(model):
+    """The model without an end-of-sentence id, so it generates every token asked for, as the
+    reference does with eos_token_id=None."""
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_id=None))
+
+
+@pytest.fixture(scope="module", params=list(EXECUTORS))
+def pair(request, checkpoint):
+    ref, path = checkpoint
+    return ref, no_eos(ktjax.load(path, dtype="float32", max_batch=4, max_context=256, **EXECUTORS[request.param]))
 
 
 def hf_greedy(ref, prompt, n):
@@ -32,8 +48,8 @@ def test_greedy_equals_transformers(pair):
     ref, model = pair
     prompt = [5, 9, 13, 2, 7, 44, 3]
     result = ktjax.generate(model, prompt, max_new_tokens=12)
-    assert result.token_ids == hf_greedy(ref, prompt, 12)[: len(result.token_ids)]
-    assert result.stats.prompt_tokens == 7 and result.stats.new_tokens == len(result.token_ids)
+    assert result.token_ids == hf_greedy(ref, prompt, 12)
+    assert result.stats.prompt_tokens == 7 and result.stats.new_tokens == 12
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(pair):
@@ -42,12 +58,13 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(pair):
     results = ktjax.generate(model, prompts, max_new_tokens=8)
     assert len(results) == 3
     for prompt, result in zip(prompts, results):
-        assert result.token_ids == hf_greedy(ref, prompt, 8)[: len(result.token_ids)]
+        assert result.token_ids == hf_greedy(ref, prompt, 8)
 
 
 def test_eos_ends_a_row(pair):
     _, model = pair
     first = ktjax.generate(model, [5, 9, 13], max_new_tokens=6).token_ids
+    assert len(set(first[:3])) == 3  # the id made eos below first appears at index 2
     eos = first[2]
     model2 = dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_id=eos))
     result = ktjax.generate(model2, [5, 9, 13], max_new_tokens=6)
@@ -55,25 +72,66 @@ def test_eos_ends_a_row(pair):
     assert result.stats.finish_reason == "eos"
 
 
-def test_generating_again_in_the_same_buckets_compiles_nothing(pair):
-    _, model = pair
+def test_generating_again_in_the_same_buckets_compiles_nothing(checkpoint):
+    model = ktjax.load(checkpoint[1], dtype="float32")
     ktjax.generate(model, [1, 2, 3], max_new_tokens=4)
-    sizes = (engine.prefill_and_sample._cache_size(), engine.decode_and_sample._cache_size())
+    compiled = (resident.prefill_chunk._cache_size(), resident.decode_segment._cache_size())
     ktjax.generate(model, [4, 5, 6, 7, 8, 9], max_new_tokens=20, temperature=0.7, top_k=5, top_p=0.9, seed=3)
     ktjax.generate(model, [9, 8], max_new_tokens=9, temperature=1.0, seed=4)
-    assert (engine.prefill_and_sample._cache_size(), engine.decode_and_sample._cache_size()) == sizes
+    assert (resident.prefill_chunk._cache_size(), resident.decode_segment._cache_size()) == compiled
 
 
-def test_sampling_is_reproducible_by_seed_and_varies_across_seeds(pair):
+def test_a_seed_samples_the_same_tokens_wherever_the_experts_live(checkpoint):
+    # Prompts that end in different prefill chunks: each row's first token is still drawn once, with the seed.
+    prompts = [list(range(1, 21)), [5, 9, 13]]
+    kw = dict(max_new_tokens=8, temperature=1.3, top_k=20, seed=5)
+    runs = {name: [r.token_ids for r in ktjax.generate(ktjax.load(checkpoint[1], dtype="float32", max_batch=2, **opts),
+                                                        prompts, **kw)] for name, opts in EXECUTORS.items()}
+    assert runs["resident"] == runs["offloaded"]
+
+
+def test_generation_beyond_what_the_model_was_loaded_for_is_refused(checkpoint):
+    model = ktjax.load(checkpoint[1], dtype="float32", max_batch=2, max_context=32)
+    with pytest.raises(ValueError, match=r"exceed the batch the model was loaded for \(2\).*max_batch=3"):
+        ktjax.generate(model, [[1, 2], [3, 4], [5, 6]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"exceeds the context the model was loaded for \(32\).*max_context=35"):
+        ktjax.generate(model, [1, 2, 3, 4, 5], max_new_tokens=30)
+    wide = ktjax.load(checkpoint[1], dtype="float32", max_context=4096)
+    with pytest.raises(ValueError, match=r"exceeds the model's 256 positions \(max_position_embeddings\)"):
+        ktjax.generate(wide, [1, 2, 3], max_new_tokens=300)
+    assert len(ktjax.generate(model, [1, 2], max_new_tokens=30).token_ids) <= 30  # exactly at the limit: runs
+
+
+def test_threads_sharing_a_model_each_get_their_own_tokens_and_stats(pair):
     _, model = pair
+    prompts = [[5, 9, 13, 2], [7, 3], [11, 4, 8, 1, 6], [2]]
+    alone = [ktjax.generate(model, p, max_new_tokens=6 + i) for i, p in enumerate(prompts)]
+    results = [None] * len(prompts)
+
+    def work(i):
+        results[i] = ktjax.generate(model, prompts[i], max_new_tokens=6 + i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, r, p in zip(alone, results, prompts):
+        assert r.token_ids == a.token_ids
+        assert r.stats.prompt_tokens == len(p) and r.stats.new_tokens == len(a.token_ids)
+        assert r.stats.decode_host_bytes_per_step == a.stats.decode_host_bytes_per_step
+
+
+def test_sampling_is_reproducible_by_seed_and_varies_across_seeds(checkpoint):
+    model = ktjax.load(checkpoint[1], dtype="float32")
     kw = dict(max_new_tokens=10, temperature=1.5)
     a = ktjax.generate(model, [5, 9, 13], seed=1, **kw).token_ids
     assert a == ktjax.generate(model, [5, 9, 13], seed=1, **kw).token_ids
     assert any(ktjax.generate(model, [5, 9, 13], seed=s, **kw).token_ids != a for s in (2, 3, 4))
 
 
-def test_max_new_tokens_and_bad_prompts(pair):
-    _, model = pair
+def test_max_new_tokens_and_bad_prompts(checkpoint):
+    model = ktjax.load(checkpoint[1], dtype="float32")
     assert len(ktjax.generate(model, [5], max_new_tokens=3).token_ids) == 3
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ktjax.generate(model, [5, 1000], max_new_tokens=3)
@@ -141,7 +199,7 @@ def test_stop_string_ends_generation_and_is_cut_from_the_text(text_model):
 
 
 def test_chat_renders_the_template_and_generates(text_model):
-    from ktjax.generation import chat_prompt
+    from ktjax.runtime.generation import chat_prompt
     messages = [{"role": "user", "content": "What is 2+2?"}]
     prompt = chat_prompt(text_model, messages)
     expected = text_model.tokenizer.encode(text_model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
@@ -150,7 +208,7 @@ def test_chat_renders_the_template_and_generates(text_model):
         ktjax.generate(text_model, prompt, max_new_tokens=4).token_ids
 
 
-def test_text_prompt_without_tokenizer_names_the_missing_file(pair):
-    _, model = pair
+def test_text_prompt_without_tokenizer_names_the_missing_file(checkpoint):
+    model = ktjax.load(checkpoint[1], dtype="float32")
     with pytest.raises(ValueError, match="tokenizer.json: missing"):
         ktjax.generate(model, "some text", max_new_tokens=2)

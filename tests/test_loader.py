@@ -19,10 +19,11 @@ import safetensors.numpy
 from flax import nnx
 
 import ktjax
-from ktjax.checkpoint import Checkpoint, CheckpointError, Fp8Array, dequantize_fp8, leaf_source, tensor_names
 from ktjax.config import ConfigError, ModelConfig
-from ktjax.loading import abstract_model, read_leaf
-from ktjax.models import group_layers
+from ktjax.experts.weights import ExpertFormat
+from ktjax.io.checkpoint import Checkpoint, CheckpointError, dequantize_fp8, tensor_names
+from ktjax.io.experts import read_expert
+from ktjax.io.load import abstract_params
 from tests.fp8 import dequantize_reference, read_tensors, write_dequantized_twin, write_fp8_checkpoint
 from tests.reference import make_reference, reference_logits, save_reference
 
@@ -30,11 +31,16 @@ BLOCK = (16, 16)  # small blocks so the tiny model's 24- and 20-row weights get 
 TOKENS = np.array([[3, 17, 42, 5, 88, 1, 60, 23], [9, 9, 71, 30, 2, 45, 13, 96]])
 
 
-def leaves(model: ktjax.Model) -> dict[tuple[str, ...], np.ndarray]:
-    return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(model.params)}
+def leaves(model: ktjax.LoadedModel) -> dict[tuple[str, ...], np.ndarray]:
+    return {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(model.executor.params)}
 
 
-def assert_same_params(a: ktjax.Model, b: ktjax.Model) -> None:
+def dequantized(path: str, dtype: str) -> ktjax.LoadedModel:
+    """A checkpoint loaded with every weight (experts included) in float: FP8 dequantised on loading."""
+    return ktjax.load(path, dtype=dtype, experts=dtype)
+
+
+def assert_same_params(a: ktjax.LoadedModel, b: ktjax.LoadedModel) -> None:
     la, lb = leaves(a), leaves(b)
     assert la.keys() == lb.keys()
     for path in la:
@@ -88,7 +94,7 @@ def twin_dir(fp8_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_f32(ckpt_dir) -> ktjax.Model:
+def model_f32(ckpt_dir) -> ktjax.LoadedModel:
     return ktjax.load(ckpt_dir, dtype="float32")
 
 
@@ -100,23 +106,35 @@ def test_fp8_checkpoint_gives_the_logits_of_its_dequantized_twin(fp8_dir, twin_d
     assert "model.layers.1.self_attn.q_a_proj.weight" in fp8_names and "model.layers.2.mlp.experts.7.down_proj.weight" in fp8_names
     assert ckpt.info("model.embed_tokens.weight").dtype == "F32"  # FP8-ness is per tensor, read from the file
 
-    fp8, twin = ktjax.load(fp8_dir, dtype="float32"), ktjax.load(twin_dir, dtype="float32")
+    fp8, twin = dequantized(fp8_dir, "float32"), ktjax.load(twin_dir, dtype="float32")
     assert_same_params(fp8, twin)
     np.testing.assert_array_equal(np.asarray(ktjax.logits(fp8, TOKENS)), np.asarray(ktjax.logits(twin, TOKENS)))
+    # Kept as FP8 (the default for FP8 experts), on the device or in host memory: the same function.
+    for placement in (None, {r".*\.experts\..*": "host"}):
+        kept = ktjax.load(fp8_dir, dtype="float32", placement=placement)
+        assert kept.placement.expert_format.name == "fp8"
+        np.testing.assert_allclose(np.asarray(ktjax.logits(kept, TOKENS)), np.asarray(ktjax.logits(twin, TOKENS)),
+                                   rtol=0, atol=1e-5 * np.abs(np.asarray(ktjax.logits(twin, TOKENS))).max())
 
 
 def test_fp8_and_float_tensors_mixed_in_one_leaf(ckpt_dir, tmp_path):
-    # Only half the experts (and no attention) in FP8: each tensor is read as the file says.
+    # Half the experts, and in one expert only its down matrix, in FP8: each tensor is read as the file says.
     fp8 = write_fp8_checkpoint(ckpt_dir, str(tmp_path / "mixed"), block=BLOCK,
-                               quantized=re.compile(r"experts\.[0-3]\.(gate|up|down)_proj\.weight$"))
+                               quantized=re.compile(r"experts\.([0-3]\.(gate|up|down)|5\.down)_proj\.weight$"))
     twin = write_dequantized_twin(fp8, str(tmp_path / "twin"))
     assert Checkpoint(fp8).info("model.layers.1.mlp.experts.4.up_proj.weight").dtype == "F32"
-    assert_same_params(ktjax.load(fp8, dtype="float32"), ktjax.load(twin, dtype="float32"))
+    assert Checkpoint(fp8).info("model.layers.1.mlp.experts.5.down_proj.weight").dtype == "F8_E4M3"
+    reference = ktjax.load(twin, dtype="float32")
+    assert_same_params(ktjax.load(fp8, dtype="float32"), reference)
+    # Held apart in host memory, an expert not wholly FP8 keeps each matrix's own scales.
+    offloaded = ktjax.load(fp8, dtype="float32", placement={r".*\.experts\..*": "host"})
+    want = np.asarray(ktjax.logits(reference, TOKENS))
+    np.testing.assert_allclose(np.asarray(ktjax.logits(offloaded, TOKENS)), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_fp8_dequantization_is_bit_exact(fp8_dir):
     raw = read_tensors(fp8_dir)
-    f32, bf16 = leaves(ktjax.load(fp8_dir, dtype="float32")), leaves(ktjax.load(fp8_dir, dtype="bfloat16"))
+    f32, bf16 = leaves(dequantized(fp8_dir, "float32")), leaves(dequantized(fp8_dir, "bfloat16"))
     # [24, 64] and [20, 64]: partial row blocks; [48, 24]: partial column blocks; [32, 64] experts: whole blocks.
     cases = [(("moe_layers", "self_attn", "q_a_proj", "weight"), "model.layers.2.self_attn.q_a_proj.weight", (1,)),
              (("dense_layers", "self_attn", "kv_a_proj_with_mqa", "weight"), "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", (0,)),
@@ -130,27 +148,20 @@ def test_fp8_dequantization_is_bit_exact(fp8_dir):
         np.testing.assert_array_equal(bits(bf16[path][index]), bits(want.astype(ml_dtypes.bfloat16)), err_msg=name)
 
 
-def test_read_leaf_keeps_fp8_with_stacked_scales(fp8_dir):
+def test_an_fp8_expert_stays_fp8_with_its_scales(fp8_dir):
     cfg = ModelConfig.from_json(fp8_dir)
     ckpt = Checkpoint(fp8_dir)
     raw = read_tensors(fp8_dir)
-    L, E, F, D = 2, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-    src = leaf_source(ckpt, cfg, ("moe_layers", "mlp", "experts", "down_proj"), (L, E, D, F), np.float32, group_layers(cfg))
-    assert src.fp8 and src.block == BLOCK
-    leaf = read_leaf(ckpt, src, keep_fp8=True)
-    assert isinstance(leaf, Fp8Array)
-    assert leaf.weight.shape == (L, E, D, F) and leaf.weight.dtype == ml_dtypes.float8_e4m3fn
-    assert leaf.scale.shape == (L, E, D // 16, F // 16) and leaf.scale.dtype == np.float32
-    name = "model.layers.2.mlp.experts.6.down_proj.weight"
-    np.testing.assert_array_equal(bits(leaf.weight[1, 6]), bits(raw[name]))
-    np.testing.assert_array_equal(np.asarray(leaf.scale[1, 6]), raw[name + "_scale_inv"])
-    want = dequantize_reference(raw[name], raw[name + "_scale_inv"], BLOCK)
-    np.testing.assert_array_equal(bits(leaf.dequantize()[1, 6]), bits(want))
-    np.testing.assert_array_equal(bits(dequantize_fp8(raw[name], raw[name + "_scale_inv"], BLOCK)), bits(want))  # numpy in, numpy out
-    # A leaf not stored as FP8 comes back as a plain array, keep_fp8 or not.
-    src = leaf_source(ckpt, cfg, ("embed_tokens",), (cfg.vocab_size, D), np.float32, group_layers(cfg))
-    assert not src.fp8
-    np.testing.assert_array_equal(np.asarray(read_leaf(ckpt, src, keep_fp8=True)), raw["model.embed_tokens.weight"])
+    F, D = cfg.moe_intermediate_size, cfg.hidden_size
+    names = [f"model.layers.2.mlp.experts.6.{p}_proj.weight" for p in ("gate", "up", "down")]
+    ex = read_expert(ckpt, [(n, n + "_scale_inv") for n in names], ExpertFormat("fp8", F, D, 16), BLOCK)
+    assert ex.w.dtype == ml_dtypes.float8_e4m3fn and ex.w.shape == (3, F, D) and ex.scale.shape == (3, F // 16, D // 16)
+    np.testing.assert_array_equal(bits(ex.w[0]), bits(raw[names[0]]))
+    np.testing.assert_array_equal(bits(ex.w[2]), bits(raw[names[2]].T))  # down stored transposed: [F, D]
+    want = dequantize_reference(raw[names[2]], raw[names[2] + "_scale_inv"], BLOCK)
+    np.testing.assert_array_equal(bits(np.asarray(ex.down(np.float32))), bits(want))
+    np.testing.assert_array_equal(bits(dequantize_fp8(raw[names[2]], raw[names[2] + "_scale_inv"], BLOCK)),
+                                  bits(want))  # numpy in, numpy out
 
 
 # ---- layouts and dtypes --------------------------------------------------------------------
@@ -288,11 +299,11 @@ def write_big_checkpoint(path: str) -> int:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f)
-    _, abstract = abstract_model(cfg, jnp.bfloat16)
+    _, abstract = abstract_params(cfg, jnp.bfloat16)
     tensors, nbytes = {}, 0
     for leaf_path, var in nnx.to_flat_state(abstract):
         nbytes += var.size * var.dtype.itemsize
-        for name, index in tensor_names(cfg, leaf_path, group_layers(cfg)):
+        for name, index in tensor_names(cfg, leaf_path):
             tensors[name] = np.full(var.shape[len(index):], 0.01, var.dtype)
     safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"))
     return nbytes

@@ -1,12 +1,16 @@
-"""ktjax's DeepSeek model is the same function as transformers' DeepseekV3/V2ForCausalLM."""
+"""ktjax's DeepSeek model is the same function as transformers' DeepseekV3/V2ForCausalLM, on every
+executor: all parameters on the device (one scanned program), and routed experts held apart in host
+memory (per-layer segments, experts streamed or computed on the host CPU)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ktjax
-from ktjax import engine
 from reference import make_reference, reference_logits, save_reference
+
+ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
+EXECUTORS = {"resident": {}, "offloaded": dict(placement=ALL_HOST, max_context=64, max_batch=4)}
 
 YARN = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0}
@@ -32,13 +36,20 @@ def rel_err(a, ref):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory):
+def reference(request, tmp_path_factory):
     kind, overrides = CASES[request.param]
     ref = make_reference(kind, seed=len(request.param), **overrides)
     path = save_reference(ref, tmp_path_factory.mktemp(request.param))
-    model = ktjax.load(path, dtype="float32")
     tokens = np.random.default_rng(1).integers(0, ref.config.vocab_size, (2, 7))  # batch 2, odd length
-    return ref, model, tokens, reference_logits(ref, tokens)
+    return ref, path, tokens, reference_logits(ref, tokens)
+
+
+@pytest.fixture(scope="module", params=list(EXECUTORS))
+def case(request, reference):
+    ref, path, tokens, expected = reference
+    model = ktjax.load(path, dtype="float32", **EXECUTORS[request.param])
+    assert model.placement.offloaded == (request.param == "offloaded")
+    return ref, model, tokens, expected
 
 
 def test_prefill_logits_match_reference(case):
@@ -51,52 +62,49 @@ def test_prefill_logits_match_reference(case):
 def test_token_by_token_decode_reproduces_prefill(case):
     _, model, tokens, expected = case
     B, T = tokens.shape
-    cache = model.module.init_cache(B, T + 3)
+    cache = model.executor.init_cache(B, T + 3)
     for t in range(T):
-        logits, cache = engine.decode_step(model.graphdef, model.params, cache, jnp.asarray(tokens[:, t], jnp.int32),
-                                           jnp.full((B,), t, jnp.int32))
-        assert rel_err(logits, expected[:, t]) < 1e-4, f"position {t}"
+        logits, cache = model.executor.chunk_logits(cache, tokens[:, t:t + 1], np.full((B,), t))
+        assert rel_err(logits[:, 0], expected[:, t]) < 1e-4, f"position {t}"
 
 
 def test_chunked_prefill_then_decode_reproduces_prefill(case):
     _, model, tokens, expected = case
     B, T = tokens.shape
-    cache = model.module.init_cache(B, 16)
-    logits, cache = engine.prefill(model.graphdef, model.params, cache, jnp.asarray(tokens[:, :3], jnp.int32),
-                                   jnp.zeros((B,), jnp.int32), jnp.full((B,), 2, jnp.int32))
-    assert rel_err(logits, expected[:, 2]) < 1e-4
-    logits, cache = engine.prefill(model.graphdef, model.params, cache, jnp.asarray(tokens[:, 3:5], jnp.int32),
-                                   jnp.full((B,), 3, jnp.int32), jnp.full((B,), 1, jnp.int32))
-    assert rel_err(logits, expected[:, 4]) < 1e-4
+    cache = model.executor.init_cache(B, 16)
+    logits, cache = model.executor.chunk_logits(cache, tokens[:, :3], np.zeros((B,)))
+    assert rel_err(logits, expected[:, :3]) < 1e-4
+    logits, cache = model.executor.chunk_logits(cache, tokens[:, 3:5], np.full((B,), 3))
+    assert rel_err(logits, expected[:, 3:5]) < 1e-4
     for t in range(5, T):
-        logits, cache = engine.decode_step(model.graphdef, model.params, cache, jnp.asarray(tokens[:, t], jnp.int32),
-                                           jnp.full((B,), t, jnp.int32))
-        assert rel_err(logits, expected[:, t]) < 1e-4, f"position {t}"
+        logits, cache = model.executor.chunk_logits(cache, tokens[:, t:t + 1], np.full((B,), t))
+        assert rel_err(logits[:, 0], expected[:, t]) < 1e-4, f"position {t}"
 
 
-def test_rows_at_different_positions_decode_independently(tmp_path):
+@pytest.mark.parametrize("executor", list(EXECUTORS))
+def test_rows_at_different_positions_decode_independently(tmp_path, executor):
     ref = make_reference("v3", seed=3)
-    model = ktjax.load(save_reference(ref, tmp_path))
+    model = ktjax.load(save_reference(ref, tmp_path), **EXECUTORS[executor])
     a, b = np.array([[5, 9, 13, 2, 7]]), np.array([[11, 4, 8]])
     exp_a, exp_b = reference_logits(ref, a)[0], reference_logits(ref, b)[0]
-    cache = model.module.init_cache(2, 8)
+    cache = model.executor.init_cache(2, 8)
     for t in range(5):  # row 1 starts two steps later than row 0
-        tok = [a[0, t], b[0, t - 2] if t >= 2 else 0]
+        tok = [[a[0, t]], [b[0, t - 2] if t >= 2 else 0]]
         pos = [t, max(t - 2, 0)]
-        logits, cache = engine.decode_step(model.graphdef, model.params, cache, jnp.asarray(tok, jnp.int32),
-                                           jnp.asarray(pos, jnp.int32))
-        assert rel_err(logits[0], exp_a[t]) < 1e-4
+        logits, cache = model.executor.chunk_logits(cache, np.asarray(tok), np.asarray(pos))
+        assert rel_err(logits[0, 0], exp_a[t]) < 1e-4
         if t >= 2:
-            assert rel_err(logits[1], exp_b[t - 2]) < 1e-4
+            assert rel_err(logits[1, 0], exp_b[t - 2]) < 1e-4
 
 
-def test_routing_is_not_degenerate(case):
+def test_routing_is_not_degenerate(reference):
     """Guard on the fixture: different tokens must pick different experts, or the MoE test proves little."""
     from ktjax.models.moe import route
-    ref, model, tokens, _ = case
+    _, path, _, _ = reference
+    model = ktjax.load(path, dtype="float32")
     cfg = model.config
     x = np.random.default_rng(0).standard_normal((64, cfg.hidden_size)).astype(np.float32)
-    moe = model.params["moe_layers"]["mlp"]["gate"]
+    moe = model.executor.params["moe_layers"]["mlp"]["gate"]
     bias = moe.get("e_score_correction_bias")
     _, idx = route(jnp.asarray(x), moe["weight"][...][0], None if bias is None else bias[...][0], cfg)
     idx = np.sort(np.asarray(idx), axis=1)
@@ -112,3 +120,30 @@ def test_bfloat16_model_tracks_float32(tmp_path):
     bf16 = ktjax.logits(ktjax.load(path, dtype="bfloat16"), tokens)
     assert bf16.dtype == jnp.float32
     assert rel_err(bf16, f32) < 5e-2
+
+
+@pytest.mark.parametrize("executor", list(EXECUTORS))
+def test_interleaved_dense_and_moe_layers_match_a_reference_built_that_way(tmp_path, executor):
+    """moe_layer_freq > 1 (which transformers' config ignores): the reference is transformers'
+    model with a dense DeepseekV3MLP put in the place of every layer the frequency skips."""
+    import json
+
+    import torch
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
+
+    ref = make_reference("v3", seed=13, num_hidden_layers=5, first_k_dense_replace=1)
+    for i in (1, 3):  # with moe_layer_freq=2 layers 1 and 3 are dense, 2 and 4 MoE
+        ref.model.layers[i].mlp = DeepseekV3MLP(ref.config)
+        with torch.no_grad():
+            for p in ref.model.layers[i].mlp.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) / p.shape[-1] ** 0.5)
+    path = save_reference(ref, tmp_path)
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    config["moe_layer_freq"] = 2
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(config, f)
+    model = ktjax.load(path, dtype="float32", **EXECUTORS[executor])
+    assert model.config.layer_kinds == ("dense", "dense", "moe", "dense", "moe")
+    tokens = np.random.default_rng(6).integers(0, 97, (2, 7))
+    assert rel_err(ktjax.logits(model, tokens), reference_logits(ref, tokens)) < 1e-4

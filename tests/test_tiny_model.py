@@ -1,4 +1,4 @@
-"""The embedded default model (models/tiny/), `ktjax.saving.save`, and the training losses."""
+"""The embedded default model (models/tiny/), saving parameters as a checkpoint, and the training losses."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import ktjax
 import ktjax.models
 from ktjax.config import ModelConfig
-from ktjax.loading import Model, load
+from ktjax.io.save import save_params
 from ktjax.models import DeepseekForCausalLM
-from ktjax.saving import save
-from ktjax.training import forward_with_loads, next_token_loss, params_loss
+from ktjax.models.moe import DISPATCHES
+from ktjax.train.loss import next_token_loss, params_loss
 
 TINY = Path(ktjax.models.__file__).parent / "tiny"
 BOS = "<｜begin▁of▁sentence｜>"
@@ -32,12 +33,15 @@ def small_config(**overrides) -> ModelConfig:
     return ModelConfig.from_dict({**d, **overrides})
 
 
-def random_model(cfg: ModelConfig, dtype=jnp.float32, seed: int = 1) -> Model:
+def random_params(cfg: ModelConfig, dtype=jnp.float32, seed: int = 1) -> tuple[nnx.GraphDef, nnx.State]:
     graphdef, params = nnx.split(DeepseekForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
     # A nonzero routing bias, so that the round trip covers it.
     flat = [(p, v.replace(jax.random.normal(jax.random.key(7), v.shape, v.dtype) * 0.1)
              if p[-1] == "e_score_correction_bias" else v) for p, v in nnx.to_flat_state(params)]
-    return Model(cfg, graphdef, nnx.from_flat_state(flat))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+
 
 
 def leaves(params) -> dict:
@@ -56,13 +60,14 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_save_load_round_trip_is_exact(tmp_path, dtype):
     cfg = small_config()
-    model = random_model(cfg, jnp.dtype(dtype))
-    save(model, tmp_path)
+    _, params = random_params(cfg, jnp.dtype(dtype))
+    save_params(cfg, params, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["torch_dtype"] == dtype and config["model_type"] == "deepseek_v3"
-    back = load(tmp_path)  # torch_dtype says which dtype
+    assert "quantization_config" not in config  # float weights written: no quantization declared
+    back = ktjax.load(tmp_path)  # torch_dtype says which dtype
     assert back.dtype == jnp.dtype(dtype)
-    assert_bitwise_equal(leaves(model.params), leaves(back.params))
+    assert_bitwise_equal(leaves(params), leaves(back.executor.params))
 
     from safetensors import safe_open
     with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
@@ -77,11 +82,11 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype):
 
 def test_save_casts_to_bfloat16_but_keeps_router_float32(tmp_path):
     cfg = small_config()
-    model = random_model(cfg, jnp.float32)
-    save(model, tmp_path, dtype="bfloat16")
-    back = load(tmp_path)
+    _, params = random_params(cfg, jnp.float32)
+    save_params(cfg, params, tmp_path, dtype="bfloat16")
+    back = ktjax.load(tmp_path)
     assert back.dtype == jnp.bfloat16
-    src, got = leaves(model.params), leaves(back.params)
+    src, got = leaves(params), leaves(back.executor.params)
     for k in src:
         if k[:3] == ("moe_layers", "mlp", "gate"):
             assert got[k].dtype == np.float32 and np.array_equal(got[k], src[k]), k
@@ -93,38 +98,46 @@ def test_save_casts_to_bfloat16_but_keeps_router_float32(tmp_path):
 
 def test_next_token_loss_masks_targets_and_differentiates():
     cfg = small_config()
-    model = random_model(cfg)
-    graphdef = model.graphdef
+    graphdef, params = random_params(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, cfg.vocab_size)
 
     @jax.jit
     def run(params, tokens, mask):
         module = nnx.merge(graphdef, params)
         logits, _ = module(tokens, jnp.zeros((2,), jnp.int32), module.init_cache(2, 10))
-        dense, loads = forward_with_loads(module, tokens, dense_experts=True)
-        ragged, _ = forward_with_loads(module, tokens, dense_experts=False)
-        return logits, dense, ragged, loads, next_token_loss(module, tokens), next_token_loss(module, tokens, mask)
+        return logits, next_token_loss(module, tokens), next_token_loss(module, tokens, mask)
 
     mask = np.zeros((2, 10), np.float32)
     mask[0, 4:] = 1  # row 0: targets 4..9 ("response tokens"); row 1: none
-    logits, dense, ragged, loads, loss_all, loss_masked = run(model.params, tokens, mask)
+    logits, loss_all, loss_masked = run(params, tokens, mask)
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     t = np.asarray(tokens)
     nll = -np.array([[logp[b, i, t[b, i + 1]] for i in range(9)] for b in range(2)])
     np.testing.assert_allclose(loss_all, nll.mean(), rtol=1e-5)
     np.testing.assert_allclose(loss_masked, nll[0, 3:].mean(), rtol=1e-5)
-    # The training forward (layer by layer, either expert dispatch) is the model's own forward.
-    np.testing.assert_allclose(dense, logits, atol=2e-5)
-    np.testing.assert_allclose(ragged, logits, atol=2e-5)
-    assert loads.shape == (2, cfg.n_routed_experts)
-    np.testing.assert_allclose(loads.sum(-1), 1.0, rtol=1e-6)
 
-    value, grads = jax.jit(jax.value_and_grad(params_loss), static_argnums=1)(model.params, graphdef, tokens, mask)
+    value, grads = jax.jit(jax.value_and_grad(params_loss), static_argnums=1)(params, graphdef, tokens, mask)
     np.testing.assert_allclose(value, nll[0, 3:].mean(), rtol=1e-5)
     g = leaves(grads)
     assert all(np.isfinite(x).all() for x in g.values())
     assert np.abs(g[("moe_layers", "mlp", "experts", "gate_proj")]).sum() > 0
     assert np.abs(g[("moe_layers", "mlp", "gate", "weight")]).sum() > 0
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_every_expert_dispatch_computes_the_same_model(dispatch):
+    """How tokens meet their experts is a static choice of the model (gathered weights, sorted
+    tokens, or every expert on every token): the logits do not depend on it."""
+    cfg = small_config()
+    _, params = random_params(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, cfg.vocab_size)
+
+    def logits(dispatch):
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0), dispatch=dispatch)))
+        module = nnx.merge(graphdef, params)
+        return module(tokens, jnp.zeros((2,), jnp.int32), module.init_cache(2, 10))[0]
+
+    np.testing.assert_allclose(np.asarray(logits(dispatch)), np.asarray(logits("gathered")), atol=2e-5)
 
 
 # ---- the embedded model ----------------------------------------------------------------------
@@ -166,10 +179,10 @@ def heldout_windows(tok, length: int = 256, count: int = 8) -> np.ndarray:
 
 def test_tiny_model_predicts_unseen_python_far_better_than_untrained(record_property):
     from tokenizers import Tokenizer
-    model = load(TINY, dtype="float32")
+    model = ktjax.load(TINY, dtype="float32")
     tokens = jnp.asarray(heldout_windows(Tokenizer.from_file(str(TINY / "tokenizer.json"))))
-    loss = jax.jit(lambda params, t: next_token_loss(nnx.merge(model.graphdef, params), t))
-    trained = float(loss(model.params, tokens))
+    loss = jax.jit(lambda params, t: next_token_loss(nnx.merge(model.executor.graphdef, params), t))
+    trained = float(loss(model.executor.params, tokens))
     _, untrained_params = nnx.split(DeepseekForCausalLM(model.config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     untrained = float(loss(untrained_params, tokens))
     record_property("trained_loss", trained)
@@ -184,8 +197,8 @@ def test_tiny_model_predicts_unseen_python_far_better_than_untrained(record_prop
 
 
 def test_tiny_model_save_reproduces_the_shipped_tensors(tmp_path):
-    model = load(TINY)
-    save(model, tmp_path)
+    model = ktjax.load(TINY)
+    save_params(model.config, model.executor.params, tmp_path)
     from safetensors.numpy import load_file
     shipped, written = load_file(str(TINY / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
     assert shipped.keys() == written.keys()

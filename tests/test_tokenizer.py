@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ktjax.tokenizer import (
+from ktjax.text import (
     StreamDecoder,
     Tokenizer,
     TokenizerError,

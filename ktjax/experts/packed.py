@@ -50,17 +50,19 @@ class PackedLayout:
         """Byte offsets of one matrix's arrays, in `QuantMatrix.arrays()` order (the kernels' argument order)."""
         return np.array([off for (m, _), (off, _, _) in self.sections.items() if m == matrix], np.int64)
 
-    # ---- host (numpy) ---------------------------------------------------------------------
-    def pack(self, gate_FD: np.ndarray, up_FD: np.ndarray, down_DF: np.ndarray) -> np.ndarray:
-        """Quantize one expert's float matrices into its buffer (uint8 [nbytes])."""
-        buf = np.zeros(self.nbytes, np.uint8)
-        mats = {"gate_up": np.concatenate([np.asarray(gate_FD, np.float32), np.asarray(up_FD, np.float32)]),
-                "down": np.asarray(down_DF, np.float32)}
+    def pack(self, gate_FD, up_FD, down_DF):
+        """Quantize one expert's float matrices into its buffer (uint8 [nbytes]); numpy arrays on
+        the host, or jax arrays (a jitted caller quantizes on the device)."""
+        xp = np if isinstance(gate_FD, np.ndarray) else jnp
+        mats = {"gate_up": xp.concatenate([gate_FD, up_FD]).astype(xp.float32), "down": down_DF.astype(xp.float32)}
+        pieces, end = [], 0
         for m_name, w in mats.items():
             for a_name, arr in quantize(w, self.fmt).items():
                 offset, dtype, shape = self.sections[(m_name, a_name)]
-                buf[offset:offset + arr.nbytes] = np.ascontiguousarray(arr, dtype).view(np.uint8).ravel()
-        return buf
+                raw = _bytes(arr.astype(dtype))
+                pieces += [xp.zeros(offset - end, xp.uint8), raw]
+                end = offset + raw.shape[0]
+        return xp.concatenate(pieces)
 
     def arrays(self, buf: np.ndarray, matrix: str) -> dict[str, np.ndarray]:
         """Zero-copy numpy views of one matrix's arrays in a buffer."""
@@ -75,7 +77,7 @@ class PackedLayout:
         return (dequantize(self.arrays(buf, "gate_up"), self.fmt, self.D),
                 dequantize(self.arrays(buf, "down"), self.fmt, self.F))
 
-    # ---- device (jax, inside a compiled segment) ------------------------------------------------
+    # ---- device (jax, inside a compiled segment) --------------------------------------------
     def _device_array(self, buf: jax.Array, matrix: str, name: str) -> jax.Array:
         offset, dtype, shape = self.sections[(matrix, name)]
         raw = jax.lax.slice_in_dim(buf, offset, offset + dtype.itemsize * math.prod(shape))
@@ -99,6 +101,13 @@ class PackedLayout:
             offset = jnp.repeat(a("dmin"), 8, axis=1) * a("mn").astype(f32)
             w = q * step[..., None] - offset[..., None]
         return w.reshape(R, C)[:, :m.cols].astype(dtype)
+
+
+def _bytes(a):
+    """An array's bytes, flat uint8 (numpy: a view; jax: a bitcast)."""
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a).view(np.uint8).ravel()
+    return jax.lax.bitcast_convert_type(a, jnp.uint8).ravel()
 
 
 __all__ = ["ALIGN", "GROUP", "PackedLayout"]

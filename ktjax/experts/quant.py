@@ -13,7 +13,8 @@ Rows are padded with zeros to whole groups (int8) or super-blocks (int4); the ac
 meet are zero-padded too, so padding never contributes. Dequantization follows GGUF's order of float32 operations, so a block
 dequantizes here bit for bit as `gguf.quants.dequantize` does it.
 
-All functions here take and return numpy arrays: quantizing happens on the host, while loading.
+The quantizers take numpy arrays (on the host) or jax arrays (on a GPU, where a full-size expert
+quantizes in milliseconds instead of a second); dequantization here is the numpy reference.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 GROUP = 32  # values per scale
@@ -62,22 +65,36 @@ class QuantMatrix:
 
 # ---- int8 ------------------------------------------------------------------------------------
 
-def _groups(w_RC: np.ndarray, padded: int) -> np.ndarray:
+def _xp(a):
+    return np if isinstance(a, np.ndarray) else jnp
+
+
+def _groups(w_RC, padded: int):
     """float32 [R, G, 32]: the rows padded with zeros and split into groups."""
+    xp = _xp(w_RC)
     R, C = w_RC.shape
-    w = np.zeros((R, padded), np.float32)
-    w[:, :C] = w_RC
+    w = xp.pad(w_RC.astype(xp.float32), ((0, 0), (0, padded - C)))
     return w.reshape(R, padded // GROUP, GROUP)
 
 
-def quantize_int8(w_RC: np.ndarray) -> dict[str, np.ndarray]:
+def _inverse(x):
+    """1 / x where x > 0, else 0 (an all-zero group quantizes to zeros)."""
+    xp = _xp(x)
+    positive = x > 0
+    return xp.where(positive, 1.0 / xp.where(positive, x, 1.0), 0.0).astype(xp.float32)
+
+
+def _bits16(x):
+    return x.view(np.uint16) if isinstance(x, np.ndarray) else jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def quantize_int8(w_RC) -> dict:
+    xp = _xp(w_RC)
     m = QuantMatrix("int8", *w_RC.shape)
-    w = _groups(np.asarray(w_RC, np.float32), m.padded_cols)
-    scale16 = (np.abs(w).max(-1) / 127.0).astype(np.float16)
-    scale = scale16.astype(np.float32)
-    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    q = np.clip(np.rint(w * inv[..., None]), -127, 127).astype(np.int8)
-    return {"q": q.reshape(m.rows, -1), "scale": scale16.view(np.uint16)}
+    w = _groups(w_RC, m.padded_cols)
+    scale16 = (xp.abs(w).max(-1) / 127.0).astype(xp.float16)
+    q = xp.clip(xp.rint(w * _inverse(scale16.astype(xp.float32))[..., None]), -127, 127).astype(xp.int8)
+    return {"q": q.reshape(m.rows, -1), "scale": _bits16(scale16)}
 
 
 def dequantize_int8(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
@@ -89,10 +106,10 @@ def dequantize_int8(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
 
 # ---- int4 ------------------------------------------------------------------------------------
 
-def pack_nibbles(q_RC: np.ndarray) -> np.ndarray:
+def pack_nibbles(q_RC):
     """uint8 [R, C/2] from values 0..15 [R, C] (C a multiple of 64), Q4_K's order."""
     R, C = q_RC.shape
-    q = q_RC.reshape(R, C // 64, 2, 32).astype(np.uint8)
+    q = q_RC.reshape(R, C // 64, 2, 32).astype(_xp(q_RC).uint8)
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(R, C // 2)
 
 
@@ -102,28 +119,26 @@ def unpack_nibbles(p_RH: np.ndarray) -> np.ndarray:
     return np.concatenate([p & 15, p >> 4], axis=2).reshape(R, 2 * H)
 
 
-def quantize_int4(w_RC: np.ndarray) -> dict[str, np.ndarray]:
+def quantize_int4(w_RC) -> dict:
+    xp = _xp(w_RC)
     m = QuantMatrix("int4", *w_RC.shape)
     R, S = m.rows, m.padded_cols // SUPER
-    w = _groups(np.asarray(w_RC, np.float32), m.padded_cols)  # [R, G, 32]
-    lo = np.minimum(w.min(-1), 0.0)  # as Q4_K: the minimum is never above zero
-    hi = w.max(-1)
-    scale_g = (hi - lo) / 15.0  # [R, G]
+    w = _groups(w_RC, m.padded_cols)  # [R, G, 32]
+    lo = xp.minimum(w.min(-1), 0.0)  # as Q4_K: the minimum is never above zero
+    scale_g = (w.max(-1) - lo) / 15.0  # [R, G]
     min_g = -lo
     # Second level: per super-block a float32 base, per group an 8-bit multiple of it.
-    d = scale_g.reshape(R, S, 8).max(-1) / 255.0
-    dmin = min_g.reshape(R, S, 8).max(-1) / 255.0
+    d = (scale_g.reshape(R, S, 8).max(-1) / 255.0).astype(xp.float32)
+    dmin = (min_g.reshape(R, S, 8).max(-1) / 255.0).astype(xp.float32)
 
     def level(x_RG, base_RS):
-        b = np.repeat(base_RS, 8, axis=1)
-        return np.clip(np.rint(np.divide(x_RG, b, out=np.zeros_like(x_RG), where=b > 0)), 0, 255).astype(np.uint8)
+        inv = xp.repeat(_inverse(base_RS), 8, axis=1)
+        return xp.clip(xp.rint(x_RG * inv), 0, 255).astype(xp.uint8)
 
     sc, mn = level(scale_g, d), level(min_g, dmin)
-    d, dmin = d.astype(np.float32), dmin.astype(np.float32)
-    step = np.repeat(d, 8, axis=1) * sc.astype(np.float32)  # the scale dequantization will use
-    offset = np.repeat(dmin, 8, axis=1) * mn.astype(np.float32)
-    inv = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
-    q = np.clip(np.rint((w + offset[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+    step = xp.repeat(d, 8, axis=1) * sc.astype(xp.float32)  # the scale dequantization will use
+    offset = xp.repeat(dmin, 8, axis=1) * mn.astype(xp.float32)
+    q = xp.clip(xp.rint((w + offset[..., None]) * _inverse(step)[..., None]), 0, 15).astype(xp.uint8)
     return {"q": pack_nibbles(q.reshape(R, -1)), "sc": sc, "mn": mn, "d": d, "dmin": dmin}
 
 
@@ -136,7 +151,7 @@ def dequantize_int4(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
     return w.reshape(R, C)[:, :cols]
 
 
-def quantize(w_RC: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
+def quantize(w_RC, fmt: str) -> dict:
     """The arrays of `QuantMatrix(fmt, *w.shape)` for a float matrix [rows, cols]."""
     if fmt == "int8":
         return quantize_int8(w_RC)

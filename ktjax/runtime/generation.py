@@ -1,13 +1,13 @@
-"""Text generation: padded static-shape prefill, a jitted decode step per token, sampling, stops.
+"""Text generation: padded static-shape prefill, a compiled decode step per token, sampling, stop
+strings, and the limits the model was loaded for. Works with any executor (`ktjax.runtime.model`).
 
-Shapes are bucketed (batch, prompt chunk, cache length) so that generating never recompiles
-once a bucket has been seen.
+A generation holds the model's lock from prefill to its last step: the KV cache and each step's
+expert chunks are what the placement plan budgets for one generation at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,14 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ktjax import engine
-
-PROMPT_BUCKETS = (16, 64, 256, 1024)  # the largest is also the prefill chunk for longer prompts
-CACHE_ROUND = 256
-
-
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    return next((b for b in buckets if b >= n), buckets[-1])
+from ktjax.runtime.model import LoadedModel, Sampling, StepStats
+from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_length
+from ktjax.text import require_tokenizer
 
 
 @dataclasses.dataclass
@@ -34,10 +29,11 @@ class GenerationStats:
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     finish_reason: str = "length"  # "eos", "stop" or "length"
-    # Offloaded models: transfers from host memory, and where the time went.
+    # Offloaded models: transfers from host memory, where experts ran, and where the time went.
     prefill_host_bytes: int = 0
     decode_host_bytes_per_step: float = 0.0
     decode_host_gb_per_s: float = 0.0
+    decode_experts_per_step: dict[str, float] = dataclasses.field(default_factory=dict)  # by path
     segment_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # with profiling on
     device_memory_bytes: int | None = None  # in use at the end (GPUs report it)
     peak_device_memory_bytes: int | None = None
@@ -73,17 +69,13 @@ class SamplingOptions:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def _tokenizer(model, needed: bool):
-    tok = getattr(model, "tokenizer", None)
-    if needed:
-        from ktjax.tokenizer import require_tokenizer
-        return require_tokenizer(tok, model.path)
-    return tok
+def tokenizer_of(model: LoadedModel, needed: bool):
+    return require_tokenizer(model.tokenizer, model.path) if needed else model.tokenizer
 
 
-def _encode(model, prompt: str | Sequence[int]) -> list[int]:
+def encode(model: LoadedModel, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
-        return list(_tokenizer(model, True).encode(prompt))
+        return list(tokenizer_of(model, True).encode(prompt))
     ids = [int(t) for t in prompt]
     if not ids:
         raise ValueError("prompt is empty")
@@ -93,8 +85,8 @@ def _encode(model, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def _stop_ids(model) -> set[int]:
-    tok = _tokenizer(model, False)
+def _stop_ids(model: LoadedModel) -> set[int]:
+    tok = model.tokenizer
     if tok is not None and tok.eos_token_ids:
         return set(tok.eos_token_ids)
     eos = model.config.eos_token_id
@@ -105,22 +97,28 @@ def _is_batch(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
 
 
-def prefill_chunks(length: int) -> list[tuple[int, int]]:
-    """(start, padded length) of each prefill segment: buckets, at most the largest at a time."""
-    chunks, start = [], 0
-    while start < length:
-        T = bucket(length - start, PROMPT_BUCKETS)
-        chunks.append((start, T))
-        start += T
-    return chunks
+def check_limits(model: LoadedModel, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+    """One clear error for a generation the model was not loaded for (batch, context, positions)."""
+    plan, cfg = model.placement, model.config
+    if len(prompt_lengths) > plan.max_batch:
+        raise ValueError(f"{len(prompt_lengths)} prompts exceed the batch the model was loaded for ({plan.max_batch}); "
+                         f"load it with max_batch={len(prompt_lengths)} (--max-batch)")
+    longest = max(prompt_lengths) + max_new_tokens
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({max(prompt_lengths)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's {cfg.max_position_embeddings} positions (max_position_embeddings)")
+    if longest > plan.max_context:
+        raise ValueError(f"prompt ({max(prompt_lengths)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"context the model was loaded for ({plan.max_context}); load it with "
+                         f"max_context={longest} (--max-context) or ask for fewer tokens")
 
 
-class _Row:
+class Row:
     """Per-prompt state: new tokens, incremental text, stop detection."""
 
     def __init__(self, model, prompt_ids: list[int], opts: SamplingOptions, stop_ids: set[int]):
         self.prompt_ids, self.opts, self.stop_ids = prompt_ids, opts, stop_ids
-        tok = _tokenizer(model, bool(opts.stop))
+        tok = tokenizer_of(model, bool(opts.stop))
         self.decoder = tok.stream_decoder(skip_special_tokens=True) if tok is not None else None
         self.ids: list[int] = []
         self.text = "" if tok is not None else None
@@ -166,30 +164,33 @@ class _Row:
         return piece
 
 
-def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[list[_Row]]:
-    """Runs generation, yielding the rows after the prefill and after every decode step."""
+def _steps(model: LoadedModel, prompts: list[list[int]], opts: SamplingOptions, profile: bool = False
+           ) -> Iterator[list[Row]]:
+    """Runs generation under the model's lock, yielding the rows after the prefill and after every
+    decode step."""
+    check_limits(model, [len(p) for p in prompts], opts.max_new_tokens)
+    with model.lock:
+        yield from _generate(model, prompts, opts, profile)
+
+
+def _generate(model: LoadedModel, prompts: list[list[int]], opts: SamplingOptions, profile: bool) -> Iterator[list[Row]]:
     t0 = time.perf_counter()
-    first_step = len(getattr(model, "history", ()))
+    ex = model.executor
     stop_ids = _stop_ids(model)
-    rows = [_Row(model, p, opts, stop_ids) for p in prompts]
-    n = len(rows)
-    B = 1 << (n - 1).bit_length()  # batch padded to a power of two
-    lengths = np.array([len(p) for p in prompts] + [1] * (B - n), np.int32)
-    chunks = prefill_chunks(int(lengths.max()))
-    padded = chunks[-1][0] + chunks[-1][1]
-    need = max(int(lengths.max()) + opts.max_new_tokens, padded)
-    max_len = int(math.ceil(need / CACHE_ROUND) * CACHE_ROUND)
-    run = engine.runner(model)
-    cache = run.init_cache(B, max_len)
+    rows = [Row(model, p, opts, stop_ids) for p in prompts]
+    B = batch_bucket(len(rows))
+    lengths = np.array([len(p) for p in prompts] + [1] * (B - len(rows)), np.int32)
+    padded = padded_prompt_length(int(lengths.max()))
+    max_len = cache_length(int(lengths.max()), opts.max_new_tokens)
+    cache = ex.init_cache(B, max_len)
     key = jax.random.key(opts.seed)
-    temperature = jnp.float32(opts.temperature)
-    top_k, top_p = jnp.int32(opts.top_k), jnp.float32(opts.top_p)
+    sampling = Sampling.of(opts.temperature, opts.top_k, opts.top_p)
 
     tokens = np.zeros((B, padded), np.int32)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p
     key, sub = jax.random.split(key)
-    next_B, cache = run.prefill(cache, tokens, lengths, sub, temperature, top_k, top_p)
+    next_B, cache, prefill = ex.prefill(cache, tokens, lengths, sub, sampling, profile=profile)
     next_B = np.asarray(next_B)
     t_first = time.perf_counter()
     for b, row in enumerate(rows):
@@ -197,11 +198,12 @@ def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[l
         row.stats.time_to_first_token_s = t_first - t0
     yield rows
 
+    steps: list[StepStats] = []
     pos = lengths.copy()
     while not all(r.done for r in rows):
         key, sub = jax.random.split(key)
-        sampled, cache = run.decode_and_sample(cache, jnp.asarray(next_B), jnp.asarray(pos), sub, temperature, top_k,
-                                               top_p)
+        sampled, cache, stats = ex.decode(cache, jnp.asarray(next_B), jnp.asarray(pos), sub, sampling, profile=profile)
+        steps.append(stats)
         next_B = np.asarray(sampled)
         pos = np.minimum(pos + 1, max_len - 1)
         for b, row in enumerate(rows):
@@ -210,37 +212,38 @@ def _steps(model, prompts: list[list[int]], opts: SamplingOptions) -> Iterator[l
         yield rows
 
     t_end = time.perf_counter()
-    transfers = _transfer_stats(model, first_step)
+    summary = _step_summary(prefill, steps)
     for row in rows:
         row.stats.new_tokens = len(row.ids)
         row.stats.total_s = t_end - t0
         decode_tokens = len(row.ids) - 1
         row.stats.decode_tokens_per_s = decode_tokens / (t_end - t_first) if decode_tokens and t_end > t_first else 0.0
-        for k, v in transfers.items():
+        for k, v in summary.items():
             setattr(row.stats, k, v)
 
 
-def _transfer_stats(model, first_step: int) -> dict:
-    """Host->device traffic of the offloaded segments since `first_step`, and device memory in use."""
-    out = {}
+def _step_summary(prefill: StepStats, decode: list[StepStats]) -> dict[str, Any]:
+    """Host->device traffic and expert paths of a generation's steps, and device memory in use."""
+    out: dict[str, Any] = {"prefill_host_bytes": prefill.bytes_from_host}
     try:
         mem = jax.devices()[0].memory_stats() or {}
         out.update(device_memory_bytes=mem.get("bytes_in_use"), peak_device_memory_bytes=mem.get("peak_bytes_in_use"))
     except Exception:  # backends without memory statistics
         pass
-    history = getattr(model, "history", None)
-    if not history or len(history) <= first_step:
-        return out
-    prefill, decode = history[first_step], history[first_step + 1:]
-    seconds = sum(s.seconds for s in decode)
-    moved = sum(s.bytes_from_host for s in decode)
     segments: dict[str, float] = {}
-    for s in history[first_step:]:
+    for s in [prefill, *decode]:
         for k, v in s.segment_seconds.items():
             segments[k] = segments.get(k, 0.0) + v
-    out.update(prefill_host_bytes=prefill.bytes_from_host,
-               decode_host_bytes_per_step=moved / len(decode) if decode else 0.0,
-               decode_host_gb_per_s=moved / seconds / 1e9 if seconds else 0.0, segment_seconds=segments)
+    out["segment_seconds"] = segments
+    if decode:
+        seconds = sum(s.seconds for s in decode)
+        moved = sum(s.bytes_from_host for s in decode)
+        out.update(decode_host_bytes_per_step=moved / len(decode),
+                   decode_host_gb_per_s=moved / seconds / 1e9 if seconds else 0.0,
+                   decode_experts_per_step={
+                       "device": sum(s.experts_on_device for s in decode) / len(decode),
+                       "link": sum(s.experts_fetched for s in decode) / len(decode),
+                       "host_cpu": sum(s.experts_on_host_cpu for s in decode) / len(decode)})
     return out
 
 
@@ -249,27 +252,28 @@ def _options(max_new_tokens, temperature, top_p, top_k, seed, stop) -> SamplingO
     return SamplingOptions(max_new_tokens, temperature, top_p, top_k, seed, stop)
 
 
-def generate(model, prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None):
-    """Generate from a string, a list of token ids, or a list of either (a batch -> list of results)."""
+def generate(model: LoadedModel, prompt, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None, profile: bool = False):
+    """Generate from a string, a list of token ids, or a list of either (a batch -> list of results).
+    profile: time every segment (waits after each, so it runs slower; offloaded models)."""
     opts = _options(max_new_tokens, temperature, top_p, top_k, seed, stop)
     batch = _is_batch(prompt)
-    prompts = [_encode(model, p) for p in (prompt if batch else [prompt])]
+    prompts = [encode(model, p) for p in (prompt if batch else [prompt])]
     rows = None
-    for rows in _steps(model, prompts, opts):
+    for rows in _steps(model, prompts, opts, profile):
         pass
     results = [GenerationResult(r.text, r.ids, r.stats) for r in rows]
     return results if batch else results[0]
 
 
-def stream(model, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
+def stream(model: LoadedModel, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None,
-           stats: GenerationStats | None = None) -> Iterator[str]:
+           stats: GenerationStats | None = None, profile: bool = False) -> Iterator[str]:
     """Yield text pieces of one prompt as they are generated (needs the model's tokenizer)."""
-    _tokenizer(model, True)
+    tokenizer_of(model, True)
     opts = _options(max_new_tokens, temperature, top_p, top_k, seed, stop)
     rows = None
-    for rows in _steps(model, [_encode(model, prompt)], opts):
+    for rows in _steps(model, [encode(model, prompt)], opts, profile):
         piece = rows[0].ready_text()
         if piece:
             yield piece
@@ -278,12 +282,13 @@ def stream(model, prompt: str | Sequence[int], *, max_new_tokens: int = 128, tem
             setattr(stats, f.name, getattr(rows[0].stats, f.name))
 
 
-def chat_prompt(model, messages: Sequence[dict[str, str]], *, thinking: bool | None = None) -> list[int]:
-    tok = _tokenizer(model, True)
+def chat_prompt(model: LoadedModel, messages: Sequence[dict[str, str]], *, thinking: bool | None = None) -> list[int]:
+    tok = tokenizer_of(model, True)
     text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, thinking=thinking)
     return list(tok.encode(text, add_special_tokens=False))
 
 
-def chat(model, messages: Sequence[dict[str, str]], *, thinking: bool | None = None, **kwargs) -> GenerationResult:
+def chat(model: LoadedModel, messages: Sequence[dict[str, str]], *, thinking: bool | None = None, **kwargs
+         ) -> GenerationResult:
     """Generate the assistant's reply to a conversation, rendered with the model's chat template."""
     return generate(model, chat_prompt(model, messages, thinking=thinking), **kwargs)

@@ -7,6 +7,14 @@ import jax
 import jax.numpy as jnp
 
 
+def sample_rows(logits_BV: jax.Array, key: jax.Array, sampling) -> jax.Array:
+    """`sample` with the settings of a `ktjax.runtime.model.Sampling`."""
+    return sample(logits_BV, key, sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+sample_segment = jax.jit(sample_rows)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """Token ids [B]. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""

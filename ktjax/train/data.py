@@ -2,10 +2,16 @@
 
 Record forms (one JSON object per line; blank lines are skipped):
   {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
-      rendered with the model's chat template (tokenizer_config.json's `chat_template`); the loss
-      counts the assistant turns only: the tokens after each turn's generation prompt up to and
-      including its end-of-sentence token. (DeepSeek-R1's template drops an assistant message's
-      reasoning up to "</think>", so R1 trains on the answers of its messages, as it renders them.)
+      rendered with the model's chat template (tokenizer_config.json's `chat_template`) exactly as
+      chat inference renders it: each assistant turn's context is the prompt `chat_prompt` builds
+      for the messages before it (R1's ends with "<think>\n"), and the loss counts only the reply
+      the model should generate after that prompt, end-of-sentence token included (see
+      ktjax.text.chat_turns). An assistant message's reasoning (`reasoning_content`, or R1's inline
+      "<think>...</think>" block) is trained only with keep_reasoning; R1's replies then read
+      "{reasoning}\n</think>\n\n{answer}" after the prompt, and "\n</think>\n\n{answer}" without it.
+      Turns whose prompts continue one token sequence (V3's) share an example; R1's history shows an
+      earlier reply without the `<think>` block its turn was trained with, so each R1 turn is an
+      example of its own.
   {"prompt": "...", "completion": "..."}
       BOS + prompt + completion + EOS, loss on the completion and EOS.
   {"text": "..."}
@@ -24,6 +30,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from ktjax.text import assistant_turns
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -120,89 +128,91 @@ def check_record(rec: Any, where: str) -> str:
                      f"(got keys {', '.join(sorted(map(str, rec))) or 'none'})")
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def encode_chat(messages: Sequence[dict], tokenizer, where: str = "messages", *, keep_reasoning: bool = False,
+                thinking: bool | None = None) -> list[Example]:
+    """The assistant turns of a conversation as examples: context tokens are exactly the prompt chat
+    inference feeds the model before each reply, target tokens exactly the reply.
 
-
-def encode_chat(messages: Sequence[dict], tokenizer, where: str = "messages") -> Example:
-    """Render a conversation turn by turn with the chat template; mask the assistant replies.
-
-    Each turn's text is what the template adds to the rendering of the turns before it. For an
-    assistant turn, the part its generation prompt already gives (e.g. "<｜Assistant｜>") is
-    context; the rest (reply and end-of-sentence) is target.
+    keep_reasoning: train the messages' reasoning too. thinking: what chat inference passes
+    (`chat_prompt(..., thinking=)`), so that training sees the same generation prompt.
     """
+    try:
+        turns = assistant_turns(tokenizer, messages, keep_reasoning=keep_reasoning, thinking=thinking)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not turns:
+        raise ValueError(f"{where}: no assistant message after another message, so nothing to learn")
+    return pack_turns([(tokenizer.encode(t.prompt, add_special_tokens=False),
+                        tokenizer.encode(t.reply, add_special_tokens=False)) for t in turns])
+
+
+def pack_turns(turns: Sequence[tuple[list[int], list[int]]]) -> list[Example]:
+    """Examples from (context, target) ids in conversation order: a turn whose context starts with the
+    whole example so far extends it; any other starts a new example. Every target's context stays
+    exactly its own context."""
+    examples: list[Example] = []
     ids: list[int] = []
     mask: list[bool] = []
-
-    def add(text: str, target: bool) -> None:
-        if text:
-            t = tokenizer.encode(text, add_special_tokens=False)
-            ids.extend(t)
-            mask.extend([target] * len(t))
-
-    prev = ""
-    for i, msg in enumerate(messages):
-        try:
-            text = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False)
-            gen = (tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True)
-                   if msg["role"] == "assistant" and i > 0 else "")
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{where}: {e}") from None
-        if not text.startswith(prev):
-            raise ValueError(f"{where}: the chat template does not render turn {i} as an extension of the turns "
-                             "before it; cannot tell the assistant tokens apart")
-        if msg["role"] == "assistant":
-            start = max(len(prev), _common_prefix(gen, text))
-            add(text[len(prev):start], False)
-            add(text[start:], True)
-        else:
-            add(text[len(prev):], False)
-        prev = text
-    return Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
+    for context, target in turns:
+        if context[:len(ids)] != ids:
+            examples.append(Example(np.asarray(ids, np.int32), np.asarray(mask, bool)))
+            ids, mask = [], []
+        mask += [False] * (len(context) - len(ids)) + [True] * len(target)
+        ids = context + target
+    examples.append(Example(np.asarray(ids, np.int32), np.asarray(mask, bool)))
+    return examples
 
 
-def encode_record(rec: dict, tokenizer, where: str = "record") -> Example:
+def encode_record(rec: dict, tokenizer, where: str = "record", *, keep_reasoning: bool = False,
+                  thinking: bool | None = None) -> list[Example]:
+    """The examples of one record (several only for a conversation whose turns cannot share one)."""
     form = check_record(rec, where)
     if form == "messages":
-        return encode_chat(rec["messages"], tokenizer, where)
+        return encode_chat(rec["messages"], tokenizer, where, keep_reasoning=keep_reasoning, thinking=thinking)
     if form == "prompt":
         p = tokenizer.encode(rec["prompt"], add_special_tokens=True) if rec["prompt"] else (
             [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [])
         c = tokenizer.encode(rec["completion"], add_special_tokens=False)
         eos = list(tokenizer.eos_token_ids[:1])
-        return Example(np.asarray(p + c + eos, np.int32), np.asarray([False] * len(p) + [True] * (len(c) + len(eos))))
+        return [Example(np.asarray(p + c + eos, np.int32),
+                        np.asarray([False] * len(p) + [True] * (len(c) + len(eos))))]
     t = tokenizer.encode(rec["text"], add_special_tokens=True)
-    return Example(np.asarray(t, np.int32), np.asarray([False] + [True] * (len(t) - 1)))
+    return [Example(np.asarray(t, np.int32), np.asarray([False] + [True] * (len(t) - 1)))]
 
 
 def load_dataset(data: str | os.PathLike | Sequence[dict], tokenizer, *, seq_len: int, eval_fraction: float = 0.0,
                  eval_data: str | os.PathLike | Sequence[dict] | None = None, seed: int = 0,
-                 vocab_size: int | None = None) -> Dataset:
+                 vocab_size: int | None = None, keep_reasoning: bool = False,
+                 thinking: bool | None = None) -> Dataset:
     """Read, check and tokenize every record (errors name the file and line), truncate to seq_len,
-    and split off a held-out set: `eval_data` if given, else a seeded `eval_fraction` of the records."""
+    and split off a held-out set: `eval_data` if given, else a seeded `eval_fraction` of the records
+    (whole records: the turns of one conversation share their context, so they stay on one side).
+
+    keep_reasoning, thinking: as for `encode_chat`; pass the `thinking` chat inference will use."""
     if tokenizer is None:
         raise ValueError("fine-tuning needs the model's tokenizer (tokenizer.json in the checkpoint directory)")
-    train, trunc, drop, source = _encode_all(data, tokenizer, seq_len, vocab_size)
+    options = dict(seq_len=seq_len, vocab_size=vocab_size, keep_reasoning=keep_reasoning, thinking=thinking)
+    records, trunc, drop, source = _encode_all(data, tokenizer, **options)
     if eval_data is not None:
-        ev, t2, d2, _ = _encode_all(eval_data, tokenizer, seq_len, vocab_size)
+        held_out, t2, d2, _ = _encode_all(eval_data, tokenizer, **options)
         trunc, drop = trunc + t2, drop + d2
-    elif eval_fraction > 0 and len(train) >= 2:
-        n_eval = min(len(train) - 1, max(1, round(eval_fraction * len(train))))
-        held = set(np.random.default_rng(seed).permutation(len(train))[:n_eval].tolist())
-        ev = [ex for k, ex in enumerate(train) if k in held]
-        train = [ex for k, ex in enumerate(train) if k not in held]
+    elif eval_fraction > 0 and len(records) >= 2:
+        n_eval = min(len(records) - 1, max(1, round(eval_fraction * len(records))))
+        held = set(np.random.default_rng(seed).permutation(len(records))[:n_eval].tolist())
+        held_out = [r for k, r in enumerate(records) if k in held]
+        records = [r for k, r in enumerate(records) if k not in held]
     else:
-        ev = []
+        held_out = []
+    train = [ex for record in records for ex in record]
     if not train:
         raise ValueError(f"{source}: no training examples with a target token within seq_len={seq_len}")
-    return Dataset(train, ev, source, trunc, drop)
+    return Dataset(train, [ex for record in held_out for ex in record], source, trunc, drop)
 
 
-def _encode_all(data, tokenizer, seq_len: int, vocab_size: int | None):
+def _encode_all(data, tokenizer, *, seq_len: int, vocab_size: int | None, keep_reasoning: bool,
+                thinking: bool | None) -> tuple[list[list[Example]], int, int, str]:
+    """(each record's examples that keep a target within seq_len, examples truncated, examples
+    dropped, source name); records left without examples are left out."""
     if isinstance(data, (str, os.PathLike)):
         source = os.fspath(data)
         records = [(_where(source, n), rec) for n, rec in read_jsonl(source)]
@@ -213,18 +223,21 @@ def _encode_all(data, tokenizer, seq_len: int, vocab_size: int | None):
             raise ValueError("data: no records")
     out, truncated, dropped = [], 0, 0
     for where, rec in records:
-        ex = encode_record(rec, tokenizer, where)
-        if vocab_size is not None and len(ex) and int(ex.ids.max()) >= vocab_size:
-            raise ValueError(f"{where}: token id {int(ex.ids.max())} is outside the model's vocabulary "
-                             f"({vocab_size}); is this the model's tokenizer?")
-        if len(ex) > seq_len:
-            ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
-            truncated += 1
-        ex.mask[:1] = False  # the first token is never predicted
-        if not ex.mask.any():
-            dropped += 1
-            continue
-        out.append(ex)
+        kept = []
+        for ex in encode_record(rec, tokenizer, where, keep_reasoning=keep_reasoning, thinking=thinking):
+            if vocab_size is not None and len(ex) and int(ex.ids.max()) >= vocab_size:
+                raise ValueError(f"{where}: token id {int(ex.ids.max())} is outside the model's vocabulary "
+                                 f"({vocab_size}); is this the model's tokenizer?")
+            if len(ex) > seq_len:
+                ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
+                truncated += 1
+            ex.mask[:1] = False  # the first token is never predicted
+            if ex.mask.any():
+                kept.append(ex)
+            else:
+                dropped += 1
+        if kept:
+            out.append(kept)
     return out, truncated, dropped, source
 
 
@@ -318,4 +331,4 @@ def pad_id_of(tokenizer) -> int:
 
 
 __all__ = ["Batch", "Dataset", "Example", "Loader", "bucket", "check_record", "encode_chat", "encode_record",
-           "eval_batches", "length_buckets", "load_dataset", "pad_id_of", "read_jsonl"]
+           "eval_batches", "length_buckets", "load_dataset", "pack_turns", "pad_id_of", "read_jsonl"]

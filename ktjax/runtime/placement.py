@@ -3,14 +3,17 @@ weight is loaded.
 
 Core parameters (attention, norms, router, shared experts, dense MLPs, embeddings, LM head), the KV
 cache and the workspace of the compiled segments always live on the device. Routed experts live,
-one expert of one layer at a time, either on the device or in `pinned_host` memory. Rules match
-expert names as the checkpoint spells them, `model.layers.{i}.mlp.experts.{e}`; first match wins.
+one expert of one layer at a time, either on the device or in `pinned_host` memory, in the expert
+format the model keeps them in (what the plan counts is what is loaded). Rules match expert names
+as the checkpoint spells them, `model.layers.{i}.mlp.experts.{e}`; first match wins. Experts the
+budget still has room for fill it in order of preference: most used first where routing counts
+are known, else spread evenly over the layers (the host-CPU and link paths of a layer run side by
+side, so each layer should keep a similar share of its experts on the device).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 
@@ -19,12 +22,29 @@ import numpy as np
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.inspection import GROUPS, param_group
+from ktjax.experts.weights import ExpertFormat
 from ktjax.kernels.reference import PREFILL_BLOCK_Q
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 HOST, DEVICE = "host", "device"
+QUERY_CHUNK = 512  # queries per attention segment of a long offloaded prefill (bounds its scores)
+# Parameter groups, in the order tables print them; `param_group` maps a leaf path to one.
+GROUPS = ("embeddings", "attention", "norms", "dense_mlp", "router", "shared_experts", "routed_experts", "lm_head")
+
+
+def param_group(path: tuple[str, ...]) -> str:
+    if path[0] == "embed_tokens":
+        return "embeddings"
+    if path[0] == "lm_head":
+        return "lm_head"
+    if path[0] == "norm" or path[-2].endswith("layernorm"):
+        return "norms"
+    if "self_attn" in path:
+        return "attention"
+    if path[0] == "dense_layers":
+        return "dense_mlp"
+    return {"gate": "router", "shared_experts": "shared_experts", "experts": "routed_experts"}[path[2]]
 
 
 class PlacementError(ValueError):
@@ -44,7 +64,8 @@ def parse_size(size: str | int | float) -> int:
 
 
 def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """Human units that fit the size: 1.50 GiB, 3.20 MiB, 512 B."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:,.2f} {unit}"
     return f"{int(n)} B"
@@ -57,15 +78,22 @@ class PlacementPlan:
     core_bytes: dict[str, int]  # per parameter group, all on the device
     cache_bytes: int
     workspace_bytes: int
-    expert_bytes: int  # one routed expert of one layer, as stored (FP8 with scales, or the model dtype)
+    expert_format: ExpertFormat  # how every routed expert is stored, on the device and in host memory
     device_experts: frozenset[tuple[int, int]]  # (layer, expert) pairs resident on the device
     host_experts: frozenset[tuple[int, int]]
     expert_chunk: int  # experts fetched per segment when streaming
+    max_batch: int = 1  # the largest generation batch the cache and workspace are sized for
+    max_context: int = 4096  # the longest sequence (prompt plus new tokens) they are sized for
     training_bytes: int = 0  # the part of the workspace reserved for LoRA training steps
 
     @property
     def offloaded(self) -> bool:
         return bool(self.host_experts)
+
+    @property
+    def expert_bytes(self) -> int:
+        """One routed expert of one layer, as stored."""
+        return self.expert_format.nbytes
 
     @property
     def device_bytes(self) -> int:
@@ -79,10 +107,11 @@ class PlacementPlan:
     def table(self) -> str:
         rows = [(g, DEVICE, b) for g, b in self.core_bytes.items() if b]
         n_dev, n_host = len(self.device_experts), len(self.host_experts)
+        fmt = self.expert_format.name
         if n_dev:
-            rows.append((f"routed_experts ({n_dev})", DEVICE, n_dev * self.expert_bytes))
+            rows.append((f"routed_experts ({n_dev}, {fmt})", DEVICE, n_dev * self.expert_bytes))
         if n_host:
-            rows.append((f"routed_experts ({n_host})", "pinned_host", n_host * self.expert_bytes))
+            rows.append((f"routed_experts ({n_host}, {fmt})", "pinned_host", n_host * self.expert_bytes))
         rows += [("kv_cache", DEVICE, self.cache_bytes),
                  ("workspace", DEVICE, self.workspace_bytes - self.training_bytes)]
         if self.training_bytes:
@@ -94,7 +123,7 @@ class PlacementPlan:
         if n_host:
             layers = self.expert_layers(HOST)
             lines.append(f"did not fit on the device: {n_host} experts ({fmt_bytes(n_host * self.expert_bytes)}) of "
-                         f"{len(layers)} MoE layers, streamed from host memory as needed")
+                         f"{len(layers)} MoE layers, in host memory")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -108,14 +137,6 @@ def core_group_bytes(cfg: ModelConfig, abstract: nnx.State) -> dict[str, int]:
         if g != "routed_experts":
             out[g] += int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
     return out
-
-
-def expert_nbytes(cfg: ModelConfig, dtype, fp8: bool) -> int:
-    F, D = cfg.moe_intermediate_size, cfg.hidden_size
-    if fp8:
-        b0, b1 = cfg.fp8_block_size or (128, 128)
-        return 3 * F * D + 3 * 4 * math.ceil(F / b0) * math.ceil(D / b1)
-    return 3 * F * D * np.dtype(dtype).itemsize
 
 
 def cache_nbytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
@@ -162,21 +183,27 @@ def device_memory_limit() -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int | None = None,
-         placement: Mapping[str, str] | None = None, fp8_experts: bool = False, max_batch: int = 1,
-         max_context: int = 4096, prefill_chunk: int = 512, expert_chunk: int = 32,
-         training: int = 0) -> PlacementPlan:
+def spread_over_layers(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """Every (layer, expert), expert-major: the default order experts fill the device in."""
+    return [(i, e) for e in range(cfg.n_routed_experts) for i in cfg.moe_layers]
+
+
+def plan(cfg: ModelConfig, abstract: nnx.State, dtype, expert_format: ExpertFormat, *,
+         gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
+         max_context: int = 4096, expert_chunk: int = 32, training: int = 0,
+         preference: list[tuple[int, int]] | None = None) -> PlacementPlan:
     """Decide where every routed expert lives. Without a budget or rules, everything stays on the
     device unless the device reports a memory limit (GPUs), which then is the budget. training:
     also reserve a LoRA training step's activations: `training` micro-batches (True: one) of
-    max_batch x max_context tokens."""
+    max_batch x max_context tokens. preference: the order experts fill the device's free room
+    (most used first); default `spread_over_layers`."""
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     if budget is None and placement is None:
         limit = device_memory_limit()
         budget = int(limit * 0.95) if limit else None
     core = core_group_bytes(cfg, abstract)
-    e_bytes = expert_nbytes(cfg, dtype, fp8_experts)
-    moe_layers = [i for i, k in enumerate(cfg.layer_kinds) if k == "moe"]
+    e_bytes = expert_format.nbytes
+    moe_layers = cfg.moe_layers
     E = cfg.n_routed_experts
     expert_chunk = max(1, min(expert_chunk, E))
     cache = cache_nbytes(cfg, max_batch, max_context, dtype)
@@ -203,7 +230,7 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
     if budget is None and not need_host:
         workspace = 0
     else:
-        workspace = workspace_nbytes(cfg, max_batch, max_context, prefill_chunk, e_bytes, expert_chunk, dtype)
+        workspace = workspace_nbytes(cfg, max_batch, max_context, QUERY_CHUNK, e_bytes, expert_chunk, dtype)
     train = training_nbytes(cfg, max_batch, max_context, dtype, int(training)) if training and workspace else 0
     workspace += train
     fixed = sum(core.values()) + cache + workspace
@@ -217,8 +244,7 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
     # Headroom for the allocator's fragmentation and library workspaces (cuBLAS, autotuning).
     reserve = 0 if budget is None else max(budget // 20, 256 << 20)
     free = None if budget is None else budget - reserve - fixed - len(device) * e_bytes
-    # Whole layers first, in order: a layer served entirely from the device needs no transfer at all.
-    for key in all_experts:
+    for key in preference or spread_over_layers(cfg):
         if key in forced:
             continue
         if free is None or free >= e_bytes:
@@ -227,7 +253,8 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, *, gpu_memory: str | int 
     host = frozenset(k for k in all_experts if k not in device)
     if not host and budget is None:
         workspace = train = 0
-    return PlacementPlan(cfg, budget, core, cache, workspace, e_bytes, frozenset(device), host, expert_chunk, train)
+    return PlacementPlan(cfg, budget, core, cache, workspace, expert_format, frozenset(device), host, expert_chunk,
+                         max_batch, max_context, train)
 
 
 def _core_names(cfg: ModelConfig) -> list[str]:

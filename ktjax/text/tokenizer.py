@@ -2,8 +2,8 @@
 
 Reads `tokenizer.json` with the `tokenizers` library, the special tokens from `tokenizer_config.json`
 and `generation_config.json`, and renders the checkpoint's own Jinja chat template the way
-transformers' `apply_chat_template` renders it (same sandbox, options, globals and input clean-up),
-so a prompt built here is the prompt the model was trained on.
+transformers' `apply_chat_template` renders it (ktjax.text.chat_template), so a prompt built here
+is the prompt the model was trained on.
 
 A checkpoint without `tokenizer.json` still loads: `load_tokenizer` returns None, the token-id APIs
 work, and the text APIs call `require_tokenizer`, which raises `TokenizerMissingError` naming the file.
@@ -11,39 +11,28 @@ work, and the text APIs call `require_tokenizer`, which raises `TokenizerMissing
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
 
-__all__ = [
-    "StreamDecoder",
-    "Tokenizer",
-    "TokenizerError",
-    "TokenizerMissingError",
-    "load_tokenizer",
-    "require_tokenizer",
-]
+from ktjax.text.chat_template import compile_template, plain, render_template
+from ktjax.text.reasoning import THINK_OPEN, THINK_TAG
+from ktjax.text.stream import StreamDecoder
+
+__all__ = ["Tokenizer", "TokenizerError", "TokenizerMissingError", "load_tokenizer", "require_tokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 saves the template here; it wins over the config's
-THINK_OPEN = "<think>\n"  # how DeepSeek-R1 opens its reasoning block
 # The named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Names a message's reasoning may come under; transformers fills the first two from any of them.
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 class TokenizerError(ValueError):
@@ -85,139 +74,6 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Chat template environment: a copy of transformers' (utils/chat_template_utils.py), so templates
-# render identically without importing transformers.
-
-
-class _TemplateDict:
-    # `dict(...)` inside templates, without exposing the dict type itself to the sandbox.
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    # Namespaces refuse dunder/underscore attributes, which could reach CPython internals.
-    def __init__(*args: Any, **kwargs: Any):  # noqa: N805 - Jinja's signature trick, keeps namespace(self=...) working
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}."
-            )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    # transformers' `{% generation %}...{% endgeneration %}` marks assistant text for training masks;
-    # here it only has to parse and render its body unchanged.
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    # Jinja's own tojson escapes HTML characters, which would change the prompt.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(source)
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template inputs from plain JSON types, as transformers does before rendering.
-
-    Objects with methods the sandbox does not know (arrays, images, enums) become inert
-    placeholders, and dataclasses / pydantic models become dicts.
-    """
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return _plain(value.item())  # numpy scalars: np.bool_(False) must stay falsy
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _to_dict(value: Any) -> Any:
-    # Messages may be dataclasses or pydantic models (e.g. OpenAI SDK messages).
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return value.model_dump()
-    return value
-
-
-def _prepare_messages(messages: Sequence[Any]) -> list[dict]:
-    """transformers' message clean-up: dicts only, None-valued keys dropped, reasoning aliased."""
-    out = []
-    for message in messages:
-        message = _to_dict(message)
-        if not isinstance(message, Mapping):
-            raise TypeError(f"chat messages must be dicts, got {message!r}")
-        # Templates crash or print "None" on `content=None`, but handle a missing key.
-        message = _plain({k: v for k, v in message.items() if v is not None})
-        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        out.append(message)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 class Tokenizer:
     """A checkpoint's tokenizer: encode/decode, special token ids and its chat template.
 
@@ -227,7 +83,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        tokenizer: _HFTokenizer,
+        tokenizer: HFTokenizer,
         *,
         special_tokens: Mapping[str, str] | None = None,
         eos_token_ids: Iterable[int] = (),
@@ -247,7 +103,7 @@ class Tokenizer:
         self._template: jinja2.Template | None = None
         if chat_template is not None:
             try:
-                self._template = _compile_template(chat_template)
+                self._template = compile_template(chat_template)
             except jinja2.TemplateSyntaxError as e:
                 raise TokenizerError(
                     f"{template_source}: bad chat template: {e.message} (template line {e.lineno})"
@@ -280,7 +136,7 @@ class Tokenizer:
         if not tok_file.is_file():
             raise TokenizerMissingError.for_file(tok_file)
         try:
-            tok = _HFTokenizer.from_file(str(tok_file))
+            tok = HFTokenizer.from_file(str(tok_file))
         except Exception as e:  # the Rust side raises a bare Exception
             raise TokenizerError(f"{tok_file}: cannot read tokenizer ({_one_line(e)})") from None
 
@@ -397,19 +253,14 @@ class Tokenizer:
                     raise TypeError(f"tools must be JSON schemas (dicts), got {tool!r}")
         if thinking is not None:
             kwargs["thinking"] = thinking
-        variables = {**self.special_tokens, **_plain(kwargs)}  # caller's kwargs override the special tokens
+        variables = {**self.special_tokens, **plain(kwargs)}  # caller's kwargs override the special tokens
         try:
-            text = self._template.render(
-                messages=_prepare_messages(messages),
-                tools=_plain(list(tools)) if tools is not None else None,
-                documents=_plain(list(documents)) if documents is not None else None,
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+            text = render_template(self._template, messages, add_generation_prompt=add_generation_prompt,
+                                   tools=tools, documents=documents, variables=variables)
         except (jinja2.TemplateError, TypeError, KeyError, IndexError) as e:
             raise TokenizerError(f"{self._template_source}: chat template failed: {_one_line(e)}") from None
         if add_generation_prompt and thinking is True:
-            if not text.endswith(("<think>", THINK_OPEN)):
+            if not text.endswith((THINK_TAG, THINK_OPEN)):
                 text += THINK_OPEN
         elif add_generation_prompt and thinking is False and text.endswith(THINK_OPEN):
             text = text[: -len(THINK_OPEN)]
@@ -420,11 +271,9 @@ class Tokenizer:
                 f"eos_token_ids={self.eos_token_ids}, chat_template={self._template is not None})")
 
 
-def _add_config_tokens(tok: _HFTokenizer, config: Mapping[str, Any], special: Mapping[str, str]) -> None:
+def _add_config_tokens(tok: HFTokenizer, config: Mapping[str, Any], special: Mapping[str, str]) -> None:
     # transformers adds the special and extra tokens named in tokenizer_config.json when
     # tokenizer.json lacks them; do the same so both tokenize alike.
-    from tokenizers import AddedToken
-
     wanted: list[tuple[str, bool]] = [(t, True) for t in special.values()]
     decoder = config.get("added_tokens_decoder")
     if isinstance(decoder, Mapping):
@@ -483,58 +332,3 @@ def require_tokenizer(tokenizer: Tokenizer | None, path: str | os.PathLike | Non
     if tokenizer is None:
         raise TokenizerMissingError.for_file(Path(path or ".") / TOKENIZER_FILE)
     return tokenizer
-
-
-class StreamDecoder:
-    """Turns token ids, one at a time, into text pieces for streaming.
-
-    Byte-level BPE tokens can end in the middle of a UTF-8 character, and some decoders change a
-    token's text depending on what precedes it (e.g. leading-space stripping). So each step decodes
-    a short window of ids starting at the last point that was emitted cleanly, and emits what the
-    newest ids added; while the window's text ends in an incomplete character (U+FFFD) it waits.
-    The pieces, with `flush()` at the end, join to exactly `tokenizer.decode(all_ids)`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
-        self.ids: list[int] = []
-        self._prefix = 0  # window start: a clean character boundary, already emitted up to _read
-        self._read = 0  # ids before this are emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
-
-    def _advance(self, final: bool) -> str:
-        prefix_text = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
-        if not final and (text.endswith("\ufffd") or len(text) <= len(prefix_text)):
-            return ""  # an incomplete character (or nothing new) so far: wait for the next id
-        piece = text[len(prefix_text):]
-        self._prefix, self._read = self._read, len(self.ids)
-        return piece
-
-    def push(self, token_id: int) -> str:
-        """Add one id; return the text it completes ("" while a character is still incomplete)."""
-        self.ids.append(int(token_id))
-        return self._advance(final=False)
-
-    def extend(self, token_ids: Iterable[int]) -> str:
-        """Add several ids at once; return the text they complete."""
-        self.ids.extend(int(i) for i in token_ids)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """The text still held back (call at the end of generation; may contain U+FFFD if the
-        model stopped inside a character, exactly as `decode` would show it)."""
-        return self._advance(final=True) if self._read < len(self.ids) else ""
-
-    def __call__(self, token_ids: Iterable[int]) -> Iterator[str]:
-        """Yield the non-empty pieces of a stream of ids, the held-back tail included."""
-        for token_id in token_ids:
-            piece = self.push(token_id)
-            if piece:
-                yield piece
-        tail = self.flush()
-        if tail:
-            yield tail

@@ -4,12 +4,11 @@
 memory-maps one tensor at a time. `leaf_source` maps a parameter leaf of the model to the tensors
 that fill it and checks them from the headers alone, so every bad input is found before any data
 is read. `check_unexpected` finds tensors no leaf consumes. Reading the data into arrays is
-`ktjax.loading.read_leaf`.
+`ktjax.io.load.read_leaf`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import mmap
@@ -19,7 +18,6 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -167,7 +165,7 @@ class Checkpoint:
 
 # ---- names ---------------------------------------------------------------------------------
 
-def tensor_names(cfg: ModelConfig, path: tuple[str, ...], group_layers: dict[str, list[int]]) -> list[tuple[str, tuple[int, ...]]]:
+def tensor_names(cfg: ModelConfig, path: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
     """Checkpoint tensors that fill one parameter leaf, each with its index inside the leaf.
 
     Leaf paths mirror the checkpoint names: ('moe_layers', 'self_attn', 'q_a_proj', 'weight') is
@@ -183,7 +181,7 @@ def tensor_names(cfg: ModelConfig, path: tuple[str, ...], group_layers: dict[str
     group = {"dense_layers": "dense", "moe_layers": "moe"}[path[0]]
     rest = path[1:]
     out = []
-    for j, i in enumerate(group_layers[group]):
+    for j, i in enumerate(cfg.layer_groups[group]):
         if rest[:2] == ("mlp", "experts"):
             out += [(f"model.layers.{i}.mlp.experts.{e}.{rest[2]}.weight", (j, e)) for e in range(cfg.n_routed_experts)]
         else:
@@ -217,27 +215,6 @@ def dequantize_fp8(w_RC, scale_rc, block: tuple[int, int], dtype=jnp.float32):
     return (w_RC.astype(xp.float32) * s_RC).astype(dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class Fp8Array:
-    """An FP8 leaf kept as stored: float8_e4m3fn values [..., R, C] and float32 per-block scales."""
-
-    weight: jax.Array  # float8_e4m3fn, the leaf's shape
-    scale: jax.Array  # float32 [..., ceil(R/b0), ceil(C/b1)]; the file's `weight_scale_inv`
-    block: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.weight.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes + self.scale.nbytes
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return dequantize_fp8(self.weight, self.scale, self.block, dtype)
-
-
 # ---- leaves --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -252,11 +229,6 @@ class LeafSource:
     stored_nbytes: int  # bytes read from the files, scales included
 
     @property
-    def fp8(self) -> bool:
-        """Every tensor is FP8, so the leaf can be kept as an `Fp8Array`."""
-        return bool(self.tensors) and all(scale is not None for _, _, scale in self.tensors)
-
-    @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
 
@@ -267,12 +239,12 @@ class LeafSource:
 
 
 def leaf_source(ckpt: Checkpoint, cfg: ModelConfig, leaf_path: tuple[str, ...], shape: tuple[int, ...],
-                dtype, group_layers: dict[str, list[int]]) -> LeafSource:
+                dtype) -> LeafSource:
     """Map a leaf to its tensors and check them from the headers: present, right shape, float, FP8 with scales."""
     block = cfg.fp8_block_size or DEFAULT_FP8_BLOCK
     tensors = []
     stored = 0
-    for name, index in tensor_names(cfg, leaf_path, group_layers):
+    for name, index in tensor_names(cfg, leaf_path):
         t = ckpt.info(name)
         want = tuple(shape[len(index):])
         if t.shape != want:

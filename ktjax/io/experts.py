@@ -1,0 +1,81 @@
+"""Routed experts read from a checkpoint one at a time, into the expert format the model keeps them
+in (`ktjax.experts.weights`): as stored (bf16, FP8), or quantized while loading (int8, int4, or
+FP8 blocks from float weights). One expert's matrices are in host memory at a time; quantizing
+runs on the GPU when there is one (milliseconds per full-size expert, against a second in numpy).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ktjax.config import ModelConfig
+from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, float_expert, fp8_expert, packed_expert
+from ktjax.io.checkpoint import FP8_DTYPE, Checkpoint, LeafSource, dequantize_fp8
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+Tensor = tuple[str, str | None]  # (name, FP8 scale name or None)
+
+
+def expert_tensors(cfg: ModelConfig, sources: dict[tuple[str, ...], LeafSource]) -> dict[tuple[int, int], list[Tensor]]:
+    """(layer, expert) -> its gate, up and down tensors, from the checked sources of the stacked expert leaves."""
+    moe = cfg.layer_groups["moe"]
+    out: dict[tuple[int, int], list[Tensor]] = {}
+    for proj in PROJECTIONS:
+        for name, (j, e), scale in sources[("moe_layers", "mlp", "experts", proj)].tensors:
+            out.setdefault((moe[j], e), []).append((name, scale))
+    return out
+
+
+def stored_fp8(ckpt: Checkpoint, cfg: ModelConfig) -> bool:
+    """Every routed expert matrix of the checkpoint is FP8 (headers only)."""
+    names = [f"model.layers.{i}.mlp.experts.{e}.{p}.weight"
+             for i in cfg.moe_layers for e in range(cfg.n_routed_experts) for p in PROJECTIONS]
+    return bool(names) and all(n in ckpt and ckpt.info(n).dtype == FP8_DTYPE for n in names)
+
+
+def fp8_blocks(w_RC, block: int):
+    """float -> (float8_e4m3fn values, float32 per-block scales), as DeepSeek's FP8 checkpoints store
+    weights (the inverse of `dequantize_fp8`)."""
+    xp = np if isinstance(w_RC, np.ndarray) else jnp
+    R, C = w_RC.shape
+    rb, cb = -(-R // block), -(-C // block)
+    padded = xp.pad(w_RC.astype(xp.float32), ((0, rb * block - R), (0, cb * block - C)))
+    blocks = padded.reshape(rb, block, cb, block)
+    scale = xp.abs(blocks).max(axis=(1, 3)) / 448.0
+    scale = xp.where(scale > 0, scale, 1.0).astype(xp.float32)
+    q = (blocks / scale[:, None, :, None]).reshape(rb * block, cb * block)[:R, :C]
+    return q.astype(ml_dtypes.float8_e4m3fn if xp is np else jnp.float8_e4m3fn), scale
+
+
+@functools.cache
+def _device_pack(fmt: ExpertFormat):
+    return jax.jit(fmt.packed.pack)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: tuple[int, int]) -> ExpertWeights:
+    """One expert in `fmt`: host numpy arrays, or arrays on the GPU where it quantized them.
+    block: the checkpoint's FP8 scale block."""
+    raw = [ckpt.read(name) for name, _ in mats]
+    if fmt.name == "fp8" and all(scale is not None for _, scale in mats):
+        return fp8_expert(*raw, *[ckpt.read(scale) for _, scale in mats], fmt)
+    # Every other case starts from float values, each FP8 matrix dequantised with its own scales.
+    w = [np.asarray(m, np.float32) if scale is None else dequantize_fp8(m, ckpt.read(scale), block, np.float32)
+         for m, (_, scale) in zip(raw, mats)]
+    if fmt.name in FLOAT_FORMATS:
+        return float_expert(*w, fmt)
+    if fmt.name == "fp8":
+        (g, gs), (u, us), (d, ds) = (fp8_blocks(m, fmt.block) for m in w)
+        return fp8_expert(g, u, d, gs, us, ds, fmt)
+    if _on_gpu():
+        return packed_expert(_device_pack(fmt)(*(jnp.asarray(m) for m in w)), fmt)
+    return packed_expert(fmt.packed.pack(*w), fmt)
+

@@ -1,0 +1,126 @@
+"""The one loaded-model type and the protocol of the executors behind it.
+
+A `LoadedModel` is data: config, placement plan, tokenizer, generation defaults, adapter, and an
+`Executor` that runs the model's compiled segments where its parameters live:
+
+    ResidentExecutor   every parameter on the device; one scanned program per step
+                       (`ktjax.runtime.resident`)
+    OffloadedExecutor  core parameters on the device, routed experts apart (on the device, in
+                       host memory streamed over the link, or computed on the host CPU), one
+                       segment per layer phase (`ktjax.runtime.offload`)
+
+Executors keep no per-call state: each call returns its own `StepStats`. A generation holds the
+model's lock from its prefill to its last step (its KV cache and each step's expert chunks are
+what the plan budgets for one), so threads may share a model: their generations take turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.config import ModelConfig
+from ktjax.models import KVCache
+from ktjax.runtime.placement import PlacementPlan, fmt_bytes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Traced sampling settings (changing them never recompiles): temperature 0 is greedy."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def of(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Sampling:
+        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What one prefill or decode step moved and where its time went (returned with each call)."""
+
+    bytes_from_host: int = 0
+    experts_fetched: int = 0  # streamed over the link
+    experts_on_host_cpu: int = 0  # computed where they live
+    experts_on_device: int = 0  # resident in device memory
+    seconds: float = 0.0
+    segment_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # with profiling on
+    # When each MoE layer's routing reached the host, in seconds from the step's start: the spacing
+    # is the per-layer time.
+    routed_at: list[float] = dataclasses.field(default_factory=list)
+    # Per MoE layer: seconds the host CPU spent on its experts, and bytes its link path moved.
+    host_cpu_seconds: list[float] = dataclasses.field(default_factory=list)
+    link_bytes: list[int] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
+
+    def finish(self) -> StepStats:
+        self.seconds = time.perf_counter() - self.started
+        return self
+
+
+class Executor(Protocol):
+    """What generation, evaluation and training drive; both executors implement it."""
+
+    config: ModelConfig
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache: ...
+
+    def prefill(self, cache: KVCache, tokens_BT: np.ndarray, lengths_B: np.ndarray, key: jax.Array,
+                sampling: Sampling) -> tuple[jax.Array, KVCache, StepStats]:
+        """The (padded) prompts from position 0; the next token of each row, sampled from the
+        logits at its last prompt position with `key`."""
+
+    def decode(self, cache: KVCache, token_B: jax.Array, pos_B: jax.Array, key: jax.Array,
+               sampling: Sampling) -> tuple[jax.Array, KVCache, StepStats]:
+        """One token per row at position pos_B; the next token of each row."""
+
+    def logits(self, tokens_BT: np.ndarray) -> jax.Array:
+        """float32 logits [B, T, V] of a full forward pass from position 0."""
+
+    def chunk_logits(self, cache: KVCache, tokens_BT: np.ndarray, start_B: np.ndarray) -> tuple[jax.Array, KVCache]:
+        """float32 logits [B, T, V] of a chunk at positions start[b] + t, and the updated cache."""
+
+    def trainer(self, lora, sites, train_config) -> Any:
+        """The LoRA training step for this executor (`ktjax.train`)."""
+
+    def with_adapter(self, adapters, lora, *, merge: bool | None = None) -> Executor:
+        """This executor computing with a LoRA adapter (merge=None: the executor's own way)."""
+
+    @property
+    def dtype(self): ...
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: `ktjax.load` returns one, everything in the public API takes one."""
+
+    config: ModelConfig
+    executor: Executor
+    placement: PlacementPlan
+    tokenizer: Any = None
+    generation_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adapter: Any = None  # the applied LoRA adapter (adapters, LoRAConfig), if any
+    path: str | None = None
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def dtype(self):
+        return self.executor.dtype
+
+    def __repr__(self) -> str:
+        cfg, plan = self.config, self.placement
+        where = (f"{len(plan.host_experts)} of {len(plan.host_experts) + len(plan.device_experts)} experts in host "
+                 f"memory" if plan.offloaded else "all on the device")
+        adapter = ", LoRA adapter" if self.adapter is not None else ""
+        return (f"LoadedModel({self.path or 'in memory'}: {cfg.model_type}, {cfg.num_hidden_layers} layers, "
+                f"{cfg.n_routed_experts} experts/layer as {plan.expert_format.name}, {jnp.dtype(self.dtype).name}, "
+                f"{where}, {fmt_bytes(plan.device_bytes)} on the device{adapter})")

@@ -1,0 +1,229 @@
+"""The offloaded executor: core parameters on the device, routed experts apart (on the device, or in
+pinned host memory), one segment per layer phase scheduled from Python.
+
+Each MoE layer's chosen experts take one of three paths: resident on the device (no transfer),
+streamed over the link and computed on the GPU, or, for int8/int4 experts, computed on the host
+CPU where they live (`HostPath`); `scheduler.split` divides a step's host experts between the last
+two so both finish together. Prefill-sized batches stream whole layers instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.config import ModelConfig
+from ktjax.experts.device import experts_segment
+from ktjax.experts.weights import ExpertWeights
+from ktjax.lora.merge import merge_layers
+from ktjax.models import KVCache, LayerCache, layer_structure
+from ktjax.runtime.model import Sampling, StepStats
+from ktjax.runtime.offload.host_path import HostPath
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, split
+from ktjax.runtime.offload.segments import (LayerSegments, combine_segment, embed_segment, head_segment,
+                                            logits_segment)
+from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, streams_everything
+from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
+from ktjax.train.offloaded import OffloadedTrainer
+
+
+class Segments:
+    """Runs compiled segments; with profiling on, waits for each and adds its time to the step's stats."""
+
+    def __init__(self, stats: StepStats, profile: bool):
+        self.stats, self.profile = stats, profile
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        if not self.profile:
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        seg = self.stats.segment_seconds
+        seg[name] = seg.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+
+class OffloadedExecutor:
+    """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
+    decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
+    expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`)."""
+
+    def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
+                 experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
+                 rates: PathRates | None = None):
+        if expert_compute not in MODES:
+            raise ValueError(f"expert_compute={expert_compute!r}: use one of {', '.join(MODES)}")
+        fmt = plan.expert_format
+        if expert_compute == "cpu" and not fmt.host_computable:
+            raise ValueError(f"expert_compute='cpu' needs int8 or int4 experts, not {fmt.name} "
+                             "(load with experts='int8' or 'int4')")
+        self.config, self.plan, self.attention = config, plan, attention
+        self._dtype = jnp.dtype(dtype)
+        self.top, self.layers = top, layers
+        self.segments = {k: LayerSegments(layer_structure(config, k, dtype, attention=attention, with_experts=False)[0],
+                                          config) for k in set(config.layer_kinds)}
+        self.store = ExpertStore(config, plan, experts, jax.devices()[0])
+        self.expert_compute = expert_compute
+        hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts}
+        self.host = HostPath(fmt, hosted) if fmt.host_computable and hosted and expert_compute != "gpu" else None
+        # One worker runs the host kernels (they release the GIL), so this thread keeps dispatching
+        # the layer's GPU work meanwhile; one at a time, as numba's parallel loops require.
+        self.host_worker = ThreadPoolExecutor(1, thread_name_prefix="ktjax-host-experts") if self.host else None
+        self.rates = rates or DEFAULT_RATES.get(fmt.name)
+        self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def head_weight(self) -> jax.Array:
+        return self.top["embed_tokens"] if self.top.get("lm_head") is None else self.top["lm_head"]
+
+    # ---- the executor protocol -------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.zeros(self.config, batch, max_len, self._dtype)
+
+    def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling, *, profile: bool = False):
+        """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
+        stats = StepStats()
+        run = Segments(stats, profile)
+        x_BTD, cache = self.forward(cache, tokens_BT, np.zeros(tokens_BT.shape[0], np.int32), stats, run)
+        token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
+                      np.asarray(lengths_B, np.int32) - 1, key, sampling)
+        return token_B, cache, stats.finish()
+
+    def decode(self, cache, token_B, pos_B, key, sampling: Sampling, *, profile: bool = False):
+        # No eager jnp work here: each would be a separate dispatch (~0.1-0.5 ms) on the step's path.
+        stats = StepStats()
+        run = Segments(stats, profile)
+        x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run)
+        token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
+                      np.zeros(x_BTD.shape[0], np.int32), key, sampling)
+        return token_B, cache, stats.finish()
+
+    def logits(self, tokens_BT) -> jax.Array:
+        B, T = np.shape(tokens_BT)
+        return self.chunk_logits(self.init_cache(B, T), tokens_BT, np.zeros((B,), np.int32))[0]
+
+    def chunk_logits(self, cache, tokens_BT, start_B):
+        stats = StepStats()
+        x_BTD, cache = self.forward(cache, np.asarray(tokens_BT, np.int32), np.asarray(start_B, np.int32), stats,
+                                    Segments(stats, False))
+        return logits_segment(self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD), cache
+
+    def trainer(self, lora, sites, train_config) -> OffloadedTrainer:
+        return OffloadedTrainer(self, lora, sites, train_config)
+
+    def with_expert_compute(self, mode: str) -> OffloadedExecutor:
+        """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""
+        if mode not in MODES or (mode != "gpu" and self.host is None and self.plan.offloaded
+                                 and self.plan.expert_format.host_computable):
+            raise ValueError(f"expert_compute={mode!r}: use one of {', '.join(MODES)} (the model was loaded with "
+                             f"expert_compute={self.expert_compute!r})")
+        out = copy.copy(self)
+        out.expert_compute = mode
+        return out
+
+    def with_adapter(self, adapters, lcfg, *, merge: bool | None = None) -> OffloadedExecutor:
+        """This model with a LoRA adapter merged into its core weights (the experts are shared)."""
+        if merge is False:
+            raise ValueError("an offloaded model takes adapters merged only (merge=True or None)")
+        out = copy.copy(self)
+        out.layers = merge_layers(self.config, self.layers, adapters, lcfg)
+        return out
+
+    # ---- the forward pass ------------------------------------------------------------------
+    def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments):
+        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache."""
+        cfg = self.config
+        # Token ids and positions may be host arrays; they cross to the device once, here.
+        x_BTD, rope, start_B = run("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
+        short = x_BTD.shape[1] <= QUERY_CHUNK  # attention and what follows fit one segment
+        groups = dict(cache.groups)
+        prefetched: list[Prefetch] = []  # the next MoE layer's first chunk, fetched ahead
+        for i, kind in enumerate(cfg.layer_kinds):
+            seg, state, j = self.segments[kind], self.layers[i], self._stack_index[i]
+            latent, rp = groups[kind]
+            if kind == "dense" and short:
+                x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
+            elif kind == "dense":
+                x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
+                x_BTD = run("dense_mlp", seg.dense_mlp, state, x_BTD)
+            else:
+                if short:
+                    x_BTD, h_ND, w_NK, idx_NK, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,
+                                                                rope, start_B, latent, rp, j)
+                else:
+                    x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
+                    h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
+                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+            groups[kind] = LayerCache(latent, rp)
+        jax.block_until_ready(x_BTD)
+        return x_BTD, KVCache(groups)
+
+    def _attention(self, seg: LayerSegments, state, x_BTD, rope, start_B, latent, rp, j, run: Segments):
+        """Attention over query chunks, so prefill activations stay bounded for long prompts."""
+        T = x_BTD.shape[1]
+        outs = []
+        for q0 in range(0, T, QUERY_CHUNK):
+            q1 = min(T, q0 + QUERY_CHUNK)
+            rope_q = (rope[0][:, q0:q1], rope[1][:, q0:q1])
+            out, latent, rp = run("attention", seg.attention, state, x_BTD[:, q0:q1], rope_q, start_B + q0, latent, rp, j)
+            outs.append(out)
+        return jnp.concatenate(outs, axis=1), latent, rp
+
+    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list,
+             stats: StepStats, run: Segments):
+        """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
+        experts on their paths, and the combine."""
+        cfg = self.config
+        N = h_ND.shape[0]
+        everything = streams_everything(cfg, N) and self.expert_compute != "cpu"
+        host = None if everything else self.host
+        for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
+            a.copy_to_host_async()  # queued behind the routing: no host round trip before it
+        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
+        stats.routed_at.append(time.perf_counter() - stats.started)
+        moved_before = stats.bytes_from_host
+        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
+        shared = []
+
+        def run_shared():
+            shared.append(run("shared_expert", seg.shared, state, h_ND))
+
+        def compute(acc, ids_C, slots, capacity):
+            return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
+
+        if host is None:
+            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared),)
+        else:
+            chosen = [int(e) for e in np.flatnonzero(counts)]
+            hosted = [e for e in chosen if self.store.is_hosted(i, e)]
+            cpu_ids, link_ids = split(hosted, counts[hosted], self.plan.expert_bytes, self.rates, self.expert_compute)
+            gpu_ids = [e for e in chosen if not self.store.is_hosted(i, e)] + link_ids
+            on_cpu = (self.host_worker.submit(_timed, host.compute, i, cpu_ids, idx_host, np.asarray(w_NK),
+                                              np.asarray(h_ND)) if cpu_ids else None)
+            parts = ()
+            if gpu_ids:
+                parts += (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared),)
+            else:
+                run_shared()
+            if on_cpu is not None:
+                out_ND, seconds = on_cpu.result()
+                stats.experts_on_host_cpu += len(cpu_ids)
+                stats.host_cpu_seconds.append(seconds)
+                parts += (jax.device_put(out_ND, self.store.on_device),)
+        stats.link_bytes.append(stats.bytes_from_host - moved_before)
+        return run("combine", combine_segment, x_BTD, shared[0], parts)
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t

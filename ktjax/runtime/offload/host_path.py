@@ -1,0 +1,26 @@
+"""The host-CPU path of the offloaded executor: chosen int8/int4 experts computed where they live,
+reading the same pinned host buffers the link streams from (zero-copy numpy views), so only
+activations cross the link."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ktjax.experts.host import HostExperts, assignments
+from ktjax.experts.weights import ExpertFormat, ExpertWeights
+
+
+class HostPath:
+    def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights]):
+        self.kernels = HostExperts(fmt.packed)
+        # Views keep their buffers alive; their addresses are what the kernels read.
+        self.views = {key: np.asarray(ex.w) for key, ex in hosted.items()}
+        self.bases = {key: v.ctypes.data for key, v in self.views.items()}
+
+    def compute(self, layer: int, ids: list[int], idx_NK: np.ndarray, weights_NK: np.ndarray,
+                h_ND: np.ndarray) -> np.ndarray:
+        """float32 [N, D]: the chosen experts' routed contributions to each token."""
+        experts = np.asarray(ids, np.int64)
+        tok, weight, ntok = assignments(idx_NK, weights_NK, experts)
+        bases = np.array([self.bases[(layer, e)] for e in ids], np.int64)
+        return self.kernels.compute(bases, tok, ntok, weight, np.asarray(h_ND, np.float32))

@@ -1,0 +1,122 @@
+"""Which path computes each chosen host expert: the host CPU, where it lives, or the GPU after the
+link carries it over. Both paths run at once and share host memory, so the cost model uses rates
+measured while the other path runs, and splits each layer's host experts so that both finish
+together.
+
+The host kernels' time grows with the tokens an expert serves (they are compute-bound per token,
+`benchmarks/host_experts.md`), the link's does not: experts with few tokens go to the CPU first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+
+MODES = ("auto", "gpu", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathRates:
+    """Bytes per second of each path into host experts, each measured while the other runs."""
+
+    link_gbps: float  # pinned host -> device copies of whole experts
+    cpu_gbps: float  # host kernels reading an expert's bytes, per token it serves
+    cpu_call_s: float = 2e-4  # fixed cost of one host call (Python, quantities, result to the device)
+
+    def cpu_seconds(self, nbytes: int, tokens: np.ndarray) -> np.ndarray:
+        return nbytes * np.asarray(tokens, np.float64) / (self.cpu_gbps * 1e9)
+
+    def link_seconds(self, nbytes: int) -> float:
+        return nbytes / (self.link_gbps * 1e9)
+
+    def max_cpu_tokens(self) -> int:
+        """The most tokens per expert at which the host CPU beats the link for that expert."""
+        return max(0, int(self.cpu_gbps / self.link_gbps))
+
+
+# Measured on the H200 machine (16 Sapphire Rapids cores, PCIe gen5), both paths at once:
+# scripts/bench_host_experts.py, benchmarks/host_experts.md. Used where no measurement is cached.
+DEFAULT_RATES = {"int8": PathRates(link_gbps=45.5, cpu_gbps=46.8), "int4": PathRates(link_gbps=41.8, cpu_gbps=29.0)}
+
+
+def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, mode: str) -> tuple[list[int], list[int]]:
+    """(experts for the host CPU, experts for the link) among a layer's chosen host experts.
+
+    tokens[k]: how many tokens expert hosted[k] serves this step. mode: "cpu" or "gpu" send every
+    expert one way; "auto" gives the CPU the k experts with the fewest tokens, k minimising the
+    later of the two paths' finishing times."""
+    if mode == "cpu" or not hosted:
+        return list(hosted), []
+    if mode == "gpu":
+        return [], list(hosted)
+    order = np.argsort(tokens, kind="stable")
+    cpu_time = np.concatenate([[0.0], rates.cpu_call_s + np.cumsum(rates.cpu_seconds(nbytes, np.asarray(tokens)[order]))])
+    link_time = rates.link_seconds(nbytes) * (len(hosted) - np.arange(len(hosted) + 1))
+    k = int(np.argmin(np.maximum(cpu_time, link_time)))
+    chosen = [hosted[j] for j in order[:k]]
+    return chosen, [e for e in hosted if e not in set(chosen)]
+
+
+def _cache_file() -> str:
+    root = os.environ.get("KTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ktjax")
+    return os.path.join(root, "path_rates.json")
+
+
+def _machine_key(fmt: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        cpu = "cpu"
+    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}"
+
+
+def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: float = 0.3) -> PathRates:
+    """Both paths at once for `seconds`: the link in a thread, the CPU here (each call moves or
+    reads the given bytes)."""
+    stop, moved = threading.Event(), [0]
+
+    def stream():
+        while not stop.is_set():
+            link_call()
+            moved[0] += nbytes_link
+
+    cpu_call()
+    link_call()  # compile and warm up both
+    th = threading.Thread(target=stream)
+    th.start()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        cpu_call()
+        n += 1
+    dt = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    return PathRates(link_gbps=moved[0] / dt / 1e9, cpu_gbps=n * nbytes_cpu / dt / 1e9)
+
+
+def cached_rates(fmt: str, measure_fn) -> PathRates:
+    """The rates measured on this machine for this format, measuring (and caching) them once."""
+    key, file = _machine_key(fmt), _cache_file()
+    try:
+        with open(file) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return PathRates(**known[key])
+    rates = measure_fn()
+    known[key] = dataclasses.asdict(rates)
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        with open(file, "w") as f:
+            json.dump(known, f, indent=1)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return rates

@@ -1,0 +1,109 @@
+"""The compiled segments of the offloaded executor: a decoder layer's phases (`ktjax.models.decoder`)
+grouped into the few programs that run between expert transfers.
+
+Why per-layer segments: measured on the H200 (DESIGN.md), host->device transfers overlap compute
+only across separately dispatched programs, not inside one. So each MoE layer is: attention and
+routing (one program), the shared expert (issued once the first transfer is under way), the routed
+experts in chunks as they land (`ktjax.experts.device.experts_segment`), then the combine.
+
+The layer compositions below are pure functions of a merged layer; the training path differentiates
+the same functions (`ktjax.train.offloaded`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ktjax.config import ModelConfig
+from ktjax.models.decoder import DecoderLayer, final_logits
+from ktjax.models.deepseek import positions
+from ktjax.models.moe import combine
+from ktjax.models.rope import cos_sin
+from ktjax.runtime.sampling import sample_rows
+
+
+def attend_cached(layer: DecoderLayer, x_BTD, rope, start_B, latent_LBSD, rope_LBSD, j):
+    """Attention with the layer's cache held in its group's stack (slice j, updated in place)."""
+    x_BTD, latent, rp = layer.attend(x_BTD, rope, start_B, latent_LBSD[j], rope_LBSD[j])
+    return (x_BTD, jax.lax.dynamic_update_index_in_dim(latent_LBSD, latent, j, 0),
+            jax.lax.dynamic_update_index_in_dim(rope_LBSD, rp, j, 0))
+
+
+def attend_fresh(layer: DecoderLayer, x_BTD, rope):
+    """Attention of a chunk from position 0 with a cache of its own (training)."""
+    B, T, _ = x_BTD.shape
+    cfg = layer.self_attn.cfg
+    x_BTD, _, _ = layer.attend(x_BTD, rope, jnp.zeros((B,), jnp.int32), jnp.zeros((B, T, cfg.kv_lora_rank), x_BTD.dtype),
+                               jnp.zeros((B, T, cfg.qk_rope_head_dim), x_BTD.dtype))
+    return x_BTD
+
+
+def dense_mlp(layer: DecoderLayer, x_BTD):
+    return x_BTD + layer.mlp(layer.mlp_in(x_BTD)).reshape(x_BTD.shape)
+
+
+def route(layer: DecoderLayer, x_BTD):
+    """(h [N, D], routing weights [N, K], expert ids [N, K]) of the MoE block's input."""
+    h_ND = layer.mlp_in(x_BTD)
+    return (h_ND, *layer.mlp.route(h_ND))
+
+
+def shared(layer: DecoderLayer, h_ND):
+    return layer.mlp.shared(h_ND)
+
+
+@jax.jit
+def combine_segment(x_BTD, shared_ND, routed_ND):
+    """x + routed + shared; routed: the experts' f32 sums (a tuple of parts computed in different places)."""
+    total_ND = sum(routed_ND[1:], routed_ND[0])
+    return combine(x_BTD.reshape(total_ND.shape), shared_ND, total_ND).reshape(x_BTD.shape)
+
+
+class LayerSegments:
+    """The compiled programs of one layer kind, with its structure bound in (no per-call hashing of
+    the graph); layer parameters travel as plain dicts of arrays, which flatten fast. Cache arrays
+    are a group's stacks [L, B, S, .] donated and updated at slice j."""
+
+    def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig):
+        merge = functools.partial(nnx.merge, graphdef)
+
+        def attention(state, x_BTD, rope, start_B, latent, rp, j):
+            return attend_cached(merge(state), x_BTD, rope, start_B, latent, rp, j)
+
+        def dense_layer(state, x_BTD, rope, start_B, latent, rp, j):
+            layer = merge(state)
+            x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
+            return dense_mlp(layer, x_BTD), latent, rp
+
+        def attention_route(state, x_BTD, rope, start_B, latent, rp, j):
+            layer = merge(state)
+            x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
+            return (x_BTD, *route(layer, x_BTD), latent, rp)
+
+        self.attention = jax.jit(attention, donate_argnums=(4, 5))
+        self.dense_layer = jax.jit(dense_layer, donate_argnums=(4, 5))
+        self.attention_route = jax.jit(attention_route, donate_argnums=(4, 5))
+        self.dense_mlp = jax.jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
+        self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
+        self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_segment(cfg: ModelConfig, embed_VD, tokens_BT, start_B):
+    tokens_BT = tokens_BT.reshape(tokens_BT.shape[0], -1).astype(jnp.int32)  # [B] (a decode step) or [B, T]
+    start_B = start_B.astype(jnp.int32)
+    return embed_VD[tokens_BT], cos_sin(cfg, positions(start_B, tokens_BT.shape[1])), start_B
+
+
+logits_segment = jax.jit(final_logits, static_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def head_segment(norm_D, head_VD, eps: float, x_BTD, last_B, key, sampling):
+    """Sample from row last_B[b] of each sequence."""
+    x_BD = jnp.take_along_axis(x_BTD, last_B.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
+    return sample_rows(final_logits(norm_D, head_VD, eps, x_BD), key, sampling)

@@ -1,0 +1,132 @@
+"""Routed experts held apart from the model: where each lives, and the link path that streams host
+experts to the device in chunks, one chunk ahead of their compute.
+
+Prefill-sized batches route to nearly every expert, so they stream whole layers, continuing into
+the next MoE layer's first chunk while the current one finishes; decode-sized batches stream only
+the experts chosen, computing each as soon as it lands. At most two chunks of experts are on the
+device at a time (what the placement plan's workspace holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from ktjax.config import ModelConfig
+from ktjax.experts.weights import ExpertWeights
+from ktjax.runtime.model import StepStats
+from ktjax.runtime.placement import PlacementPlan
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def streams_everything(cfg: ModelConfig, n_tokens: int) -> bool:
+    """Prefill-sized chunks route to nearly every expert: stream whole layers, ahead of routing."""
+    return n_tokens * cfg.num_experts_per_tok >= 2 * cfg.n_routed_experts
+
+
+@dataclasses.dataclass
+class Prefetch:
+    """A chunk of the next MoE layer fetched ahead (its transfer overlaps the end of this layer)."""
+
+    layer: int
+    ids: list[int]
+    arrays: list[ExpertWeights]
+
+
+class ExpertStore:
+    """Every routed expert of the model (`experts[layer][e]`), on the device or in pinned host memory
+    as the plan says, and the link path over them."""
+
+    def __init__(self, cfg: ModelConfig, plan: PlacementPlan, experts: dict[int, list[ExpertWeights]],
+                 device: jax.Device):
+        self.cfg, self.plan = cfg, plan
+        self.on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+        self.on_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+        # Device experts get the very sharding fetched ones have: a segment's compiled variant is keyed
+        # on its arguments' shardings, and a mix of kinds per step would recompile it.
+        self.experts = {i: [ex if (i, e) in plan.host_experts else jax.device_put(ex, self.on_device)
+                            for e, ex in enumerate(slots)] for i, slots in experts.items()}
+
+    def is_hosted(self, layer: int, e: int) -> bool:
+        return (layer, e) in self.plan.host_experts
+
+    def chunks(self, layer: int, ids: Sequence[int]) -> list[list[int]]:
+        """Chunks of the plan's size, device-resident experts first (their compute need not wait)."""
+        ordered = [e for e in ids if not self.is_hosted(layer, e)] + [e for e in ids if self.is_hosted(layer, e)]
+        size = self.plan.expert_chunk
+        return [ordered[k:k + size] for k in range(0, len(ordered), size)]
+
+    def fetch(self, layer: int, ids: Sequence[int], stats: StepStats) -> list[ExpertWeights]:
+        """Start the transfers of a chunk's host experts (asynchronous); device experts as they are."""
+        slots = self.experts[layer]
+        hosted = [e for e in ids if self.is_hosted(layer, e)]
+        moved = jax.device_put([slots[e] for e in hosted], self.on_device) if hosted else []
+        by_id = dict(zip(hosted, moved))
+        stats.experts_fetched += len(hosted)
+        stats.experts_on_device += len(ids) - len(hosted)
+        stats.bytes_from_host += sum(slots[e].nbytes for e in hosted)
+        return [by_id.get(e, slots[e]) for e in ids]
+
+    def _next_moe_layer(self, layer: int) -> int | None:
+        return next((j for j in self.cfg.moe_layers if j > layer), None)
+
+    def stream(self, layer: int, counts: np.ndarray, n_tokens: int, compute: Callable, acc, stats: StepStats, *,
+               ids: Sequence[int] | None = None, group: int = 1, prefetched: list[Prefetch] | None = None,
+               started: Callable[[], None] | None = None):
+        """acc = compute(acc, ids_C, experts, capacity) over the experts of `layer` that `ids` lists
+        (default: every expert for a prefill-sized batch, else those routed to), in groups.
+
+        Host experts are fetched one chunk ahead of the compute, and at most two chunks live on the
+        device: no chunk's arrays are referenced here once its compute is issued, and the chunk after
+        next is fetched only when that compute is done. Decode computes groups of `group` experts as
+        they land; prefill whole chunks.
+        prefetched: a list holding at most one `Prefetch`; taken, and refilled with the next MoE
+        layer's first chunk. started: called once the first transfer is under way.
+        """
+        stream_all = streams_everything(self.cfg, n_tokens)
+        if ids is None:
+            ids = range(self.cfg.n_routed_experts) if stream_all else np.flatnonzero(counts)
+        chunks = self.chunks(layer, [int(e) for e in ids])
+        ahead = prefetched.pop() if prefetched else None
+        if ahead is not None and ahead.layer == layer and chunks and chunks[0] == ahead.ids:
+            fetched = ahead.arrays
+        else:
+            fetched = self.fetch(layer, chunks[0], stats) if chunks else []
+        del ahead
+        if started is not None:
+            started()
+        group = self.plan.expert_chunk if stream_all else group
+        for c, ids_c in enumerate(chunks):
+            # Decode: experts already on the device are computed together at once; fetched ones in
+            # groups as they land. Prefill: whole chunks.
+            resident = 0 if stream_all else sum(not self.is_hosted(layer, e) for e in ids_c)
+            # Issue the next transfer before this chunk's compute, so the copy engine never idles.
+            upcoming = self.fetch(layer, chunks[c + 1], stats) if c + 1 < len(chunks) else None
+            nxt = self._next_moe_layer(layer)
+            if upcoming is None and stream_all and prefetched is not None and nxt is not None:
+                if c > 0:
+                    jax.block_until_ready(acc)  # the previous chunk's compute done: two chunks on the device
+                first = self.chunks(nxt, range(self.cfg.n_routed_experts))[0]
+                prefetched.append(Prefetch(nxt, first, self.fetch(nxt, first, stats)))
+            # Few static shapes: slots padded to a power of two (full groups when there are several),
+            # capacity = every token for decode-sized batches, else the chunk's largest count.
+            capacity = pow2(n_tokens) if n_tokens <= 64 else pow2(int(counts[list(ids_c)].max()))
+            groups = [(0, resident)] if resident else []
+            size = pow2(len(ids_c)) if len(ids_c) <= group else group
+            groups += [(g, min(g + size, len(ids_c))) for g in range(resident, len(ids_c), size)]
+            for g0, g1 in groups:
+                ids_g, slots = list(ids_c[g0:g1]), tuple(fetched[g0:g1])
+                pad = pow2(len(ids_g)) - len(ids_g)
+                slots += (slots[0],) * pad  # padding reuses a fetched array: no transfer
+                acc = compute(acc, np.array(ids_g + [-1] * pad, np.int32), slots, capacity)
+            del slots, fetched  # drop this chunk's arrays, so they free once its compute is done
+            if upcoming is not None and c + 2 < len(chunks):
+                jax.block_until_ready(acc)  # bound device memory: at most two chunks in flight
+            fetched = upcoming
+        return acc

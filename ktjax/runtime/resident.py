@@ -1,0 +1,114 @@
+"""The resident executor: every parameter on the device, each step one compiled program (the
+scanned model), pure functions of (params, cache, inputs) jitted with static shapes."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktjax.config import ModelConfig
+from ktjax.io.load import abstract_params
+from ktjax.lora.merge import merge_stacked, with_lora_params
+from ktjax.models import DeepseekForCausalLM, KVCache
+from ktjax.runtime.model import Sampling, StepStats
+from ktjax.runtime.sampling import sample_rows, sample_segment
+from ktjax.runtime.shapes import prefill_chunks
+from ktjax.train.resident import ResidentTrainer
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens_BT: jax.Array,
+            start_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Logits [B, T, V] of a chunk at positions start[b] + t, and the updated cache."""
+    return nnx.merge(graphdef, params)(tokens_BT, start_B, cache)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 6))
+def prefill_chunk(graphdef, params, cache, tokens_BT, start_B, last_B, kept_BV, ends_here_B):
+    """Write a (padded) chunk into the cache; the logits at row b's position last_B[b] replace
+    kept_BV[b] where the row's prompt ends in this chunk."""
+    module = nnx.merge(graphdef, params)
+    x_BTD, cache = module.hidden(tokens_BT, start_B, cache)
+    x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+    logits_BV = module.head(x_B1D)[:, 0]
+    return jnp.where(ends_here_B[:, None], logits_BV, kept_BV), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def decode_segment(graphdef, params, cache, token_B, pos_B, key, sampling: Sampling):
+    logits_B1V, cache = nnx.merge(graphdef, params)(token_B[:, None], pos_B, cache)
+    return sample_rows(logits_B1V[:, 0], key, sampling), cache
+
+
+class ResidentExecutor:
+    """All parameters in one nnx state on the device (graphdef: the module's structure, a LoRA graph
+    when an adapter rides along unmerged; base_params: the model's own parameters then)."""
+
+    def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, *,
+                 base_params: nnx.State | None = None, attention: str = "auto"):
+        self.config, self.graphdef, self.params = config, graphdef, params
+        self.base_params = params if base_params is None else base_params
+        self.attention = attention
+
+    @property
+    def module(self) -> DeepseekForCausalLM:
+        return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def dtype(self):
+        return self.params["embed_tokens"][...].dtype
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.zeros(self.config, batch, max_len, self.dtype)
+
+    def prefill(self, cache, tokens_BT, lengths_B, key, sampling, *, profile: bool = False):
+        """The padded prompts chunk by chunk; each row's logits from the chunk its prompt ends in,
+        sampled once at the end (so a seed samples what any executor samples)."""
+        stats = StepStats()
+        B = tokens_BT.shape[0]
+        kept = jnp.zeros((B, self.config.vocab_size), jnp.float32)
+        for start, T in prefill_chunks(tokens_BT.shape[1]):
+            last = np.clip(lengths_B - 1 - start, 0, T - 1).astype(np.int32)
+            ends_here = (lengths_B - 1 >= start) & (lengths_B - 1 < start + T)
+            kept, cache = prefill_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens_BT[:, start:start + T]),
+                                        jnp.full((B,), start, jnp.int32), jnp.asarray(last), kept,
+                                        jnp.asarray(ends_here))
+        token_B = sample_segment(kept, key, sampling)
+        if profile:
+            jax.block_until_ready(token_B)
+            stats.segment_seconds["prefill"] = time.perf_counter() - stats.started
+        return token_B, cache, stats.finish()
+
+    def decode(self, cache, token_B, pos_B, key, sampling, *, profile: bool = False):
+        stats = StepStats()
+        token_B, cache = decode_segment(self.graphdef, self.params, cache, token_B, pos_B, key, sampling)
+        if profile:
+            jax.block_until_ready(token_B)
+            stats.segment_seconds["decode_step"] = time.perf_counter() - stats.started
+        return token_B, cache, stats
+
+    def logits(self, tokens_BT) -> jax.Array:
+        B, T = np.shape(tokens_BT)
+        return self.chunk_logits(self.init_cache(B, T), tokens_BT, np.zeros((B,), np.int32))[0]
+
+    def chunk_logits(self, cache, tokens_BT, start_B):
+        return forward(self.graphdef, self.params, cache, jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(start_B, jnp.int32))
+
+    def trainer(self, lora, sites, train_config) -> ResidentTrainer:
+        return ResidentTrainer(self, lora, sites, train_config)
+
+    def with_adapter(self, adapters, lcfg, *, merge: bool | None = None) -> ResidentExecutor:
+        """This model with a LoRA adapter: beside the base weights (exactly PEFT's forward; the
+        default), or merged into them."""
+        if merge:
+            graphdef = abstract_params(self.config, self.dtype, attention=self.attention)[0]
+            return ResidentExecutor(self.config, graphdef, merge_stacked(self.base_params, adapters, lcfg),
+                                    attention=self.attention)
+        graphdef, params = with_lora_params(self.config, self.dtype, self.base_params, adapters, lcfg,
+                                            attention=self.attention)
+        return ResidentExecutor(self.config, graphdef, params, base_params=self.base_params, attention=self.attention)

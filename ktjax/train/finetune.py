@@ -1,0 +1,238 @@
+"""LoRA fine-tuning: `ktjax.finetune(...)`, read top to bottom like a training script: set up
+(model, data, adapters, optimizer, resume), loop (step, log, evaluate, checkpoint), export.
+
+The step itself belongs to the executor (`model.executor.trainer`): one jitted program for a
+resident model (`ktjax.train.resident`), per-layer segments with experts streamed twice for an
+offloaded one (`ktjax.train.offloaded`). Compute runs in the model's dtype, adapters and optimizer
+state in float32. Checkpoints hold adapters, optimizer state, step and data position, and a
+resumed run continues exactly as an uninterrupted one; Ctrl-C saves the last finished step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ktjax.io.peft import save_adapter
+from ktjax.lora.config import DEFAULT_TARGETS, LoRAConfig, resolve_sites
+from ktjax.lora.modules import init_adapters
+from ktjax.runtime.model import LoadedModel
+from ktjax.runtime.placement import fmt_bytes, training_nbytes
+from ktjax.train import data as data_lib
+from ktjax.train.checkpoints import Checkpoints
+from ktjax.train.config import TrainConfig, optimizer_init
+from ktjax.train.progress import Reporter, StepBoundary
+
+CHECKPOINTS = "checkpoints"
+SUMMARY = "finetune_summary.json"
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    output: str  # the PEFT adapter directory (adapter_model.safetensors, adapter_config.json)
+    steps: int  # steps done in total
+    start_step: int  # where this call started (non-zero when it resumed)
+    train_loss: float | None  # mean loss over the last logged steps of this call
+    eval_loss: float | None  # held-out loss at the end (None without a held-out set)
+    tokens: int  # non-padding tokens trained on in total
+    seconds: float  # wall time of this call
+    history: list[dict]  # per-step metrics of the whole run
+    adapters: dict = dataclasses.field(repr=False)
+    lora: LoRAConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a checkpoint holds: the state after `step` optimizer steps (replaced as a whole, so it
+    is never half updated)."""
+
+    adapters: Any
+    opt_state: Any
+    step: int
+    tokens: int
+    history: tuple
+
+
+def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str | os.PathLike, rank: int = 8,
+             alpha: float = 16.0, dropout: float = 0.0, lr: float = 2e-4, steps: int = 1000, batch_size: int = 4,
+             seq_len: int = 1024, grad_accum: int = 1, warmup: int | None = None,
+             targets: Sequence[str] | str = DEFAULT_TARGETS, seed: int = 0, gpu_memory: str | int | None = None,
+             resume: bool = True, progress: bool | None = None, dtype: Any = None, eval_data=None,
+             eval_fraction: float = 0.0, eval_every: int | None = None, save_every: int = 100,
+             max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, min_lr_ratio: float = 0.0,
+             remat: bool = True, keep_reasoning: bool = False,
+             thinking: bool | None = None, callback: Callable[[dict], None] | None = None,
+             load: Callable | None = None) -> FinetuneResult:
+    """LoRA-fine-tune a DeepSeek model on JSONL conversations and write a PEFT adapter to `output`.
+
+    model: a loaded model, a checkpoint directory (loaded with dtype, gpu_memory and room for the
+        training steps), or None for the embedded model.
+    data: JSONL file ({"messages": [...]}, {"prompt", "completion"} or {"text"} per line; see
+        ktjax.train.data) or a list of such dicts. eval_data / eval_fraction: the held-out set.
+        keep_reasoning: train on the reasoning (`reasoning_content`) of assistant messages too;
+        thinking: the chat template's thinking setting, as you will chat with it (`ktjax.chat`).
+    rank, alpha, dropout, targets: the adapters (see ktjax.lora.config.resolve_sites for targets).
+    steps, batch_size (rows per micro-batch), grad_accum (micro-batches per step), seq_len (longest
+        example; longer ones are cut), lr (peak; linear warmup over `warmup` steps, then cosine).
+    output: the adapter directory; checkpoints go to output/checkpoints every `save_every` steps,
+        at the end and on Ctrl-C, and resume=True continues from the latest one.
+    progress: a progress bar (default: when stderr is a terminal; else a log line every 10 steps).
+    callback(metrics): called after every step (step, loss, grad_norm, lr, tokens, seconds, ...).
+    load: the loader for a model given by path (`ktjax.load`).
+    """
+    t_start = time.perf_counter()
+    output = os.path.expanduser(os.fspath(output))
+    lcfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup=warmup,
+                     min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
+                     remat=remat)
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
+
+    # -- set-up: model, data, adapters, optimizer ---------------------------------------------------
+    if not isinstance(model, LoadedModel):
+        model = load(model, dtype=dtype, gpu_memory=gpu_memory, max_batch=batch_size, max_context=seq_len,
+                     training=grad_accum)
+    cfg = model.config
+    ds = data_lib.load_dataset(data, model.tokenizer, seq_len=seq_len, eval_fraction=eval_fraction, eval_data=eval_data,
+                               seed=seed, vocab_size=cfg.vocab_size, keep_reasoning=keep_reasoning,
+                               thinking=thinking)
+    report = Reporter(steps, 0, progress)
+    if ds.truncated or ds.dropped:
+        report.say(f"finetune: {ds.source}: {ds.truncated} examples cut to seq_len={seq_len}, {ds.dropped} dropped "
+                   "(no target token left)")
+    check_training_room(model.placement, model.dtype, batch_size, seq_len, grad_accum, report.say)
+    pad_id = data_lib.pad_id_of(model.tokenizer)
+    loader = data_lib.Loader(ds.train, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed,
+                             pad_id=pad_id)
+    trainer = model.executor.trainer(lcfg, resolve_sites(cfg, lcfg.targets), tc)
+    root_key = jax.random.key(seed)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # where the step's outputs live: one compile
+    adapters = jax.device_put(init_adapters(cfg, lcfg, jax.random.fold_in(root_key, 0x10A)), device)
+    state = TrainState(adapters, jax.device_put(optimizer_init(tc)(adapters), device), 0, 0, ())
+
+    # -- resume ---------------------------------------------------------------------------------------
+    os.makedirs(output, exist_ok=True)
+    ckpt_dir = os.path.join(output, CHECKPOINTS)
+    if not resume and os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+    ckpts = Checkpoints(ckpt_dir)
+    run_meta = {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc), "data": ds.fingerprint(), "model": model.path}
+    latest = ckpts.latest_step() if resume else None
+    if latest is not None:
+        changed = resume_changes(ckpts.meta(latest), run_meta, ckpt_dir)
+        adapters, opt_state, meta = ckpts.restore(latest, state.adapters, state.opt_state)
+        state = TrainState(*jax.device_put((adapters, opt_state), device), int(meta["step"]), int(meta.get("tokens", 0)),
+                           tuple(meta.get("history", [])))
+        report.say(f"finetune: resuming {ckpt_dir} at step {state.step} of {steps}"
+                   + (f" with changed settings ({', '.join(changed)}): the run will differ from an uninterrupted one"
+                      if changed else ""))
+    start = state.step
+    report.start_at(start)
+
+    def save(s: TrainState) -> None:
+        meta = dict(run_meta, step=s.step, position=loader.position(s.step), tokens=s.tokens, history=list(s.history))
+        ckpts.save(s.step, s.adapters, s.opt_state, meta)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    eval_every = eval_every or max(1, steps // 5)
+    schedule = tc.schedule()
+    boundary = StepBoundary(report.say)
+    try:
+        for step in range(start, steps):
+            batch = loader.batch(step)
+            with boundary.deferred():  # Ctrl-C lands after the state below is committed
+                t0 = time.perf_counter()
+                adapters, opt_state, m = trainer.step(state.adapters, state.opt_state, jnp.asarray(batch.tokens),
+                                                      jnp.asarray(batch.mask), jax.random.fold_in(root_key, step))
+                loss = float(m["loss"])  # waits for the step
+                dt = time.perf_counter() - t0
+                rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step)),
+                       "tokens": batch.real_tokens, "targets": batch.targets, "seq_len": int(batch.tokens.shape[-1]),
+                       "seconds": dt, "tokens_per_s": batch.real_tokens / dt if dt else 0.0}
+                if "host_bytes" in m:
+                    rec["host_bytes"] = int(m["host_bytes"])
+                state = TrainState(adapters, opt_state, step + 1, state.tokens + batch.real_tokens,
+                                   state.history + (rec,))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower the learning rate (--lr)")
+            if ds.eval and (state.step % eval_every == 0 or state.step == steps):
+                rec["eval_loss"] = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id)
+            report.step(rec)
+            if state.step % save_every == 0 or state.step == steps:
+                save(state)
+            if callback is not None:
+                callback(dict(rec))
+    except KeyboardInterrupt:
+        if state.step > start and ckpts.latest_step() != state.step:
+            save(state)
+        report.say(f"finetune: stopped after step {state.step}; checkpoint saved in {ckpt_dir}")
+        raise
+    finally:
+        ckpts.close()
+        report.close()
+
+    # -- export -----------------------------------------------------------------------------------------
+    save_adapter(output, cfg, state.adapters, lcfg, base_model_name_or_path=model.path)
+    history = list(state.history)
+    new = history[len(history) - (state.step - start):]
+    eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
+    if ds.eval and (not history or "eval_loss" not in history[-1]):
+        eval_loss = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id)
+    result = FinetuneResult(output=output, steps=state.step, start_step=start,
+                            train_loss=float(np.mean([h["loss"] for h in new[-10:]])) if new else None,
+                            eval_loss=eval_loss, tokens=state.tokens, seconds=time.perf_counter() - t_start,
+                            history=history, adapters=jax.tree.map(np.asarray, state.adapters), lora=lcfg)
+    with open(os.path.join(output, SUMMARY), "w", encoding="utf-8") as f:
+        json.dump({f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                   if f.name not in ("adapters", "lora")} | {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc)},
+                  f, indent=1)
+    return result
+
+
+def evaluate_loss(trainer, adapters, examples, batch_size: int, seq_len: int, pad_id: int) -> float | None:
+    """Mean NLL per target token over the held-out examples."""
+    s_tot, n_tot = 0.0, 0.0
+    for tokens, mask in data_lib.eval_batches(examples, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id):
+        s, n = trainer.eval_nll(adapters, jnp.asarray(tokens), jnp.asarray(mask))
+        s_tot += float(s)
+        n_tot += float(n)
+    return s_tot / max(n_tot, 1.0)
+
+
+def resume_changes(meta: dict, run: dict, where: str) -> list[str]:
+    """The settings a resumed run changes (it then differs from an uninterrupted one); raises for
+    those that shape the saved state, which cannot change."""
+    fixed = [("lora", "rank"), ("lora", "targets"), ("train", "max_grad_norm")]
+    for part, k in fixed:
+        a, b = meta[part].get(k), run[part].get(k)
+        if a != b and not (k == "max_grad_norm" and bool(a) == bool(b)):
+            raise ValueError(f"{where}: the checkpoint has {k}={a!r}, this run {b!r}; use another output "
+                             "directory or resume=False (--no-resume)")
+    changed = [k for k in ("batch_size", "grad_accum", "seq_len", "seed", "steps", "lr", "warmup", "min_lr_ratio",
+                           "weight_decay", "max_grad_norm") if meta["train"].get(k) != run["train"].get(k)]
+    changed += [k for k in ("alpha", "dropout") if meta["lora"].get(k) != run["lora"].get(k)]
+    if meta.get("data") != run["data"]:
+        changed.append("data")
+    return changed
+
+
+def check_training_room(plan, dtype, batch_size: int, seq_len: int, grad_accum: int, say) -> None:
+    """Say so when an offloaded model's plan did not reserve a step's activations (it was loaded for
+    serving, or for smaller steps): the step may then run out of device memory mid-run."""
+    need = training_nbytes(plan.config, batch_size, seq_len, dtype, grad_accum)
+    if plan.offloaded and plan.budget is not None and plan.training_bytes < need:
+        say(f"finetune: the model's placement reserves {fmt_bytes(plan.training_bytes)} for training, but a step of "
+            f"{grad_accum} x {batch_size} x {seq_len} tokens needs {fmt_bytes(need)}: load it with "
+            f"ktjax.load(..., training={grad_accum}, max_batch={batch_size}, max_context={seq_len}) "
+            f"(or pass its path) to keep experts out of that room")
