@@ -200,8 +200,10 @@ def run_ktjax(args) -> dict:
     max_ctx = (args.prefill_max if not args.tiny else 512) + 256
     # On a laptop (--tiny) the budget holds every tiny expert: put the odd ones in host memory instead.
     rules = {r".*\.experts\.\d*[13579]": "host"} if args.tiny and not resident else None
+    # The budget holds the larger of the phases measured: one 8K prompt (decode batches of 1K-token rows
+    # need less), as in the earlier runs this one is compared with.
     plan = plan_for(cfg, dtype, experts=fmt, gpu_memory=args.gpu_memory, all_on_device=resident, rules=rules,
-                    max_batch=max(args.batches), max_context=max_ctx, expert_chunk=args.expert_chunk)
+                    max_batch=1, max_context=max_ctx, expert_chunk=args.expert_chunk)
     print(plan.table(), flush=True)
     rates = None
     if f"{fmt}_both_cpu_gbps" in ceil:  # the split's cost model, from this machine's measurement
