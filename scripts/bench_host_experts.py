@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -92,6 +93,13 @@ def main():
 
         for k in (1, 2, 4, 8):
             rows.append((fmt, f"cpu: {k} experts, 1 token", median_s(lambda: cpu(k)), k * L.nbytes))
+        # As the executor calls them: from one worker thread (the main thread dispatches GPU work meanwhile).
+        worker = ThreadPoolExecutor(1)
+        for k in (2, 4):
+            rows.append((fmt, f"cpu: {k} experts, 1 token, from a worker thread",
+                         median_s(lambda: worker.submit(cpu, k).result()), k * L.nbytes))
+        worker.shutdown()
+        res["numba_threading_layer"] = numba.threading_layer()
         rows.append((fmt, "cpu: 8 experts, 8 tokens (each expert 8)", median_s(lambda: cpu(8, 8)), 8 * L.nbytes))
         for n in args.threads:
             numba.set_num_threads(n)

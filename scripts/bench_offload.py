@@ -123,17 +123,18 @@ def decode_steps(model, B: int, ctx: int, steps: int, sampling):
     import numpy as np
     ex = model
     cfg = ex.config
-    cache = ex.init_cache(B, ctx + steps + 8)
+    cache = ex.init_cache(B, ctx + steps + 16)
     tok = jnp.asarray((np.arange(B) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
     pos = np.full((B,), ctx, np.int32)
     key = jax.random.key(0)
-    for s in range(3):  # compile and warm up
+    warm = 8  # compile and warm up: the segments' variants (experts per path) appear over several steps
+    for s in range(warm):
         tok, cache, _ = ex.decode(cache, tok, pos + s, key, sampling)
     jax.block_until_ready(tok)
     times, stats = [], []
     for s in range(steps):
         t = time.perf_counter()
-        tok, cache, st = ex.decode(cache, tok, pos + 3 + s, key, sampling)
+        tok, cache, st = ex.decode(cache, tok, pos + warm + s, key, sampling)
         jax.block_until_ready(tok)
         times.append(time.perf_counter() - t)
         stats.append(st)

@@ -68,13 +68,11 @@ F16_POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)
 
 @njit(inline="always")
 def _f16(bits, pow2):
+    # Branch-free, so a row's scales convert in one vectorised loop.
     b = np.int32(bits)
     e = (b >> 10) & 31
-    m = b & 1023
-    if e != 0:
-        m += 1024
-    v = np.float32(m) * pow2[e]
-    return -v if b & 0x8000 else v
+    m = (b & 1023) + 1024 * np.int32(e != 0)
+    return np.float32(m) * pow2[e] * np.float32(1 - 2 * ((b >> 15) & 1))
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")

@@ -103,9 +103,6 @@ class ExpertStore:
             started()
         group = self.plan.expert_chunk if stream_all else group
         for c, ids_c in enumerate(chunks):
-            # Decode: experts already on the device are computed together at once; fetched ones in
-            # groups as they land. Prefill: whole chunks.
-            resident = 0 if stream_all else sum(not self.is_hosted(layer, e) for e in ids_c)
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
             upcoming = self.fetch(layer, chunks[c + 1], stats) if c + 1 < len(chunks) else None
             nxt = self._next_moe_layer(layer)
@@ -117,12 +114,10 @@ class ExpertStore:
             # Few static shapes: slots padded to a power of two (full groups when there are several),
             # capacity = every token for decode-sized batches, else the chunk's largest count.
             capacity = pow2(n_tokens) if n_tokens <= 64 else pow2(int(counts[list(ids_c)].max()))
-            groups = [(0, resident)] if resident else []
             size = pow2(len(ids_c)) if len(ids_c) <= group else group
-            groups += [(g, min(g + size, len(ids_c))) for g in range(resident, len(ids_c), size)]
-            for g0, g1 in groups:
-                ids_g, slots = list(ids_c[g0:g1]), tuple(fetched[g0:g1])
-                pad = pow2(len(ids_g)) - len(ids_g)
+            for g in range(0, len(ids_c), size):
+                ids_g, slots = list(ids_c[g:g + size]), tuple(fetched[g:g + size])
+                pad = size - len(ids_g)
                 slots += (slots[0],) * pad  # padding reuses a fetched array: no transfer
                 acc = compute(acc, np.array(ids_g + [-1] * pad, np.int32), slots, capacity)
             del slots, fetched  # drop this chunk's arrays, so they free once its compute is done
