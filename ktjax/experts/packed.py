@@ -102,31 +102,6 @@ class PackedLayout:
             w = q * step[..., None] - offset[..., None]
         return w.reshape(R, C)[:, :m.cols].astype(dtype)
 
-    def device_matvec(self, buf: jax.Array, matrix: str, x_TC: jax.Array) -> jax.Array:
-        """x @ W^T as float32 [T, R] for a few rows of x, W read from the buffer in its quantized form:
-        products and group sums in one pass over the bytes (XLA fuses the conversion into the
-        reduction), no dequantized copy of W. For decode, where the weight read is the whole cost."""
-        m = self.matrices[matrix]
-        a = functools.partial(self._device_array, buf, matrix)
-        R, C, G = m.rows, m.padded_cols, m.groups
-        f32 = jnp.float32
-        x = jnp.pad(x_TC.astype(f32), ((0, 0), (0, C - x_TC.shape[1])))
-        # Written as multiply-and-sum, not einsum: a dot would hand XLA a converted copy of W to multiply.
-        if self.fmt == "int8":
-            scale = jax.lax.bitcast_convert_type(a("scale"), jnp.float16).astype(f32)
-            q = a("q").reshape(1, R, G, GROUP).astype(f32)
-            sums = (q * x.reshape(-1, 1, G, GROUP)).sum(-1)  # [T, R, G]
-            return (sums * scale).sum(-1)
-        p = a("q").reshape(1, R, G // 2, GROUP)
-        xp = x.reshape(-1, 1, G // 2, 2, GROUP)
-        lo = ((p & 15).astype(f32) * xp[:, :, :, 0]).sum(-1)
-        hi = ((p >> 4).astype(f32) * xp[:, :, :, 1]).sum(-1)
-        sums = jnp.stack([lo, hi], axis=-1).reshape(-1, R, G)  # groups in order: 2p, 2p + 1
-        step = jnp.repeat(a("d"), 8, axis=1) * a("sc").astype(f32)
-        offset = jnp.repeat(a("dmin"), 8, axis=1) * a("mn").astype(f32)
-        xsum = x.reshape(-1, 1, G, GROUP).sum(-1)  # [T, 1, G]
-        return (sums * step - xsum * offset).sum(-1)
-
 
 def _bytes(a):
     """An array's bytes, flat uint8 (numpy: a view; jax: a bitcast)."""
