@@ -26,6 +26,7 @@ with the raw JSON, under $OUT (or --out).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -70,31 +71,24 @@ def weight_bytes(cfg, dtype) -> int:
     """Bytes of the model's weights: what each pass of a step reads from HBM at least once (every
     expert is routed to at these lengths)."""
     from flax import nnx
-    from ktjax.loading import abstract_model
-    return sum(v.size * v.dtype.itemsize for _, v in nnx.to_flat_state(abstract_model(cfg, dtype)[1]))
+    from ktjax.io.load import abstract_params
+    return sum(v.size * v.dtype.itemsize for _, v in nnx.to_flat_state(abstract_params(cfg, dtype)[1]))
 
 
 def build(args, cfg, dtype, all_on_device: bool):
     from fullsize import plan_for, random_offloaded_model
-    if args.tiny and not all_on_device:  # tiny experts always fit: put them on the host by rule
-        from ktjax.loading import abstract_model
-        from ktjax.placement import plan as make_plan
-        plan = make_plan(cfg, abstract_model(cfg, dtype)[1], dtype, max_batch=1, max_context=max(args.seq_lens) + 256,
-                         placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
-                         expert_chunk=args.expert_chunk)
-    else:
-        plan = plan_for(cfg, dtype, gpu_memory=args.gpu_memory, all_on_device=all_on_device, max_batch=1,
-                        max_context=max(args.seq_lens), expert_chunk=args.expert_chunk, training=args.grad_accum)
+    rules = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"} if args.tiny and not all_on_device else None
+    plan = plan_for(cfg, dtype, gpu_memory=args.gpu_memory, all_on_device=all_on_device, rules=rules, max_batch=1,
+                    max_context=max(args.seq_lens) + 256 * args.tiny, expert_chunk=args.expert_chunk,
+                    training=args.grad_accum)
     print(plan.table(), flush=True)
     return plan, random_offloaded_model(cfg, plan, dtype, progress=lambda s: print(s, flush=True))
 
 
-def resident_model(cfg, dtype):
+def resident_params(cfg, dtype):
     from flax import nnx
-    from ktjax.loading import Model
     from ktjax.models import DeepseekForCausalLM
-    graphdef, params = nnx.split(DeepseekForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))  # random, on the device
-    return Model(cfg, graphdef, params)
+    return nnx.split(DeepseekForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), attention="reference"))[1]  # random
 
 
 def run_part(args) -> dict:
@@ -102,9 +96,11 @@ def run_part(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from bench_offload import ceilings
-    from ktjax import lora as L
-    from ktjax.finetune import OffloadedTrainer, TrainConfig, make_train_step
-    from ktjax.placement import fmt_bytes
+    from ktjax.lora.config import LoRAConfig, resolve_sites
+    from ktjax.lora.modules import init_adapters, lora_graph
+    from ktjax.runtime.placement import fmt_bytes
+    from ktjax.train.config import TrainConfig
+    from ktjax.train.resident import make_train_step
 
     res = {"part": args.run}
     if not (args.h2d_gbps and args.hbm_gbps and args.matmul_tflops):  # the first part measures them
@@ -116,24 +112,20 @@ def run_part(args) -> dict:
         from fullsize import fullsize_config
         cfg = fullsize_config(args.moe_layers)
     dtype = jnp.bfloat16
-    lcfg = L.LoRAConfig(rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))
-    sites = L.resolve_sites(cfg, lcfg.targets)
+    lcfg = LoRAConfig(rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))
+    sites = resolve_sites(cfg, lcfg.targets)
     tc = TrainConfig(steps=1000, batch_size=1, seq_len=max(args.seq_lens), lr=1e-4, warmup=10)
-    adapters = jax.tree.map(jnp.asarray, L.init_adapters(cfg, lcfg, 0, sites))
+    adapters = jax.tree.map(jnp.asarray, init_adapters(cfg, lcfg, 0, sites))
     tx = tc.optimizer()
     t = time.perf_counter()
     if args.run == "resident-jit":
-        model = resident_model(cfg, dtype)
-        graphdef, _ = L.lora_graph(cfg, dtype, lcfg, sites)
-        step_fn = make_train_step(graphdef, tx, remat=True, loss_chunk=tc.loss_chunk)
-        base = model.params
-        host_bytes = lambda: 0  # noqa: E731
+        graphdef, _ = lora_graph(cfg, dtype, lcfg, sites, attention="reference")
+        step_fn = functools.partial(make_train_step(graphdef, tx, remat=True, loss_chunk=tc.loss_chunk),
+                                    base=resident_params(cfg, dtype))
     else:
         plan, model = build(args, cfg, dtype, all_on_device=args.run == "device")
         res["host_experts"] = len(plan.host_experts)
-        trainer = OffloadedTrainer(model, lcfg, sites, tc)
-        step_fn, base = trainer.step, None
-        host_bytes = lambda: trainer.bytes_from_host  # noqa: E731
+        step_fn = model.trainer(lcfg, sites, tc).step
     res["build_s"] = time.perf_counter() - t
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     adapters, opt_state = jax.device_put((adapters, jax.jit(tx.init)(adapters)), device)  # as the steps leave them
@@ -145,16 +137,17 @@ def run_part(args) -> dict:
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (M, 1, T)), jnp.int32)
         mask = jnp.ones((M, 1, T), bool)
         t = time.perf_counter()
-        adapters, opt_state, m = step_fn(adapters, opt_state, base, tokens, mask, key)  # compile + warm up
+        adapters, opt_state, m = step_fn(adapters, opt_state, tokens_MBT=tokens, mask_MBT=mask, key=key)  # compile
         float(m["loss"])
         first = time.perf_counter() - t
         ts, moved = [], []
         for s in range(args.steps):
             t = time.perf_counter()
-            adapters, opt_state, m = step_fn(adapters, opt_state, base, tokens, mask, jax.random.fold_in(key, s))
+            adapters, opt_state, m = step_fn(adapters, opt_state, tokens_MBT=tokens, mask_MBT=mask,
+                                             key=jax.random.fold_in(key, s))
             float(m["loss"])
             ts.append(time.perf_counter() - t)
-            moved.append(host_bytes())
+            moved.append(int(m.get("host_bytes", 0)))
         step = float(np.median(ts))
         row = {"seq_len": T, "micro_batches": M, "step_s": step, "tokens_per_s": M * T / step, "first_step_s": first,
                "host_bytes_per_step": float(np.mean(moved)), "achieved_h2d_gbps": float(np.mean(moved)) / step / 1e9,
@@ -178,7 +171,7 @@ def run_part(args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    from ktjax.placement import fmt_bytes
+    from ktjax.runtime.placement import fmt_bytes
     gb = lambda b: fmt_bytes(int(b)) if b is not None else "-"  # noqa: E731
     ceil = next((r for r in results if "h2d_gbps" in r), {})
     lines = []
@@ -235,7 +228,7 @@ def main():
     if not args.tiny:
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process only reads the GPU's size
         import jax
-        from ktjax.placement import parse_size
+        from ktjax.runtime.placement import parse_size
         total = jax.devices()[0].memory_stats()["bytes_limit"] / 0.75  # the default fraction is 0.75
         del os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]  # the parts allocate as users' processes do
         frac = parse_size(args.gpu_memory) / total
