@@ -1,5 +1,5 @@
 """One chunk of routed experts (the unit that streaming and training compute at a time), timed
-against its HBM floor: `ktjax.offload.experts_segment` and its backward, beside the variants it is
+against its HBM floor: `ktjax.experts.device.experts_segment` and its backward, beside the variants it is
 chosen from: the token dispatch (one stable sort per chunk, or a `nonzero` per expert as before,
 kept below as `unrolled_nonzero`) x the expert FFN (gate and up in one matmul, or two as before).
 
@@ -28,9 +28,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchparts import best_of  # noqa: E402
-from ktjax import offload  # noqa: E402
-from ktjax.offload import ExpertWeights, _pow2  # noqa: E402
+from benchparts import best_of, summarize_trace  # noqa: E402
+from fullsize import random_expert  # noqa: E402
+from ktjax.experts import device  # noqa: E402
+from ktjax.experts.weights import ExpertFormat  # noqa: E402
+from ktjax.models.layers import matmul, swiglu  # noqa: E402
+from ktjax.runtime.offload.streaming import pow2  # noqa: E402
 
 
 def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capacity: int):
@@ -43,23 +46,38 @@ def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capaci
         match_NK = idx_NK == ids_C[c]
         tok_C = jnp.nonzero(match_NK.any(-1), size=capacity, fill_value=N)[0]
         wt_C = jnp.concatenate([(weights_NK * match_NK).sum(-1), jnp.zeros((1,), jnp.float32)])[tok_C]
-        acc_ND = acc_ND.at[tok_C].add(offload.expert_ffn(h_pad[tok_C], ex) * wt_C[:, None], mode="drop")
+        acc_ND = acc_ND.at[tok_C].add(device.expert_ffn(h_pad[tok_C], ex) * wt_C[:, None], mode="drop")
     return acc_ND
 
 
-DISPATCH = {"sorted": offload.experts_segment.__wrapped__, "nonzero": unrolled_nonzero}
-FFN = {"gate+up fused": offload.ffn_fused, "separate": offload.ffn_separate}
+def ffn_fused(x_CD, ex):
+    """Gate and up as one [2F, D] matmul."""
+    dt, f32 = x_CD.dtype, jnp.float32
+    g_CF, u_CF = jnp.split(matmul("cd,fd->cf", x_CD, ex.gate_up(dt)).astype(f32), 2, axis=-1)
+    return matmul("cf,df->cd", swiglu(g_CF, u_CF).astype(dt), ex.down(dt)).astype(f32)
+
+
+def ffn_separate(x_CD, ex):
+    """Gate and up as two [F, D] matmuls, each matrix dequantised alone."""
+    dt, f32 = x_CD.dtype, jnp.float32
+    gate, up = ex.gate_and_up(dt)
+    g_CF, u_CF = matmul("cd,fd->cf", x_CD, gate).astype(f32), matmul("cd,fd->cf", x_CD, up).astype(f32)
+    return matmul("cf,df->cd", swiglu(g_CF, u_CF).astype(dt), ex.down(dt)).astype(f32)
+
+
+DISPATCH = {"sorted": device.experts_segment.__wrapped__, "nonzero": unrolled_nonzero}
+FFN = {"gate+up fused": ffn_fused, "separate": ffn_separate}
 
 
 @contextlib.contextmanager
 def ffn_variant(name: str):
-    """Trace with `offload.expert_ffn` swapped for the variant (jit reads it while tracing)."""
-    keep = offload.expert_ffn
-    offload.expert_ffn = FFN[name]
+    """Trace with `device.expert_ffn` swapped for the variant (jit reads it while tracing)."""
+    keep = device.expert_ffn
+    device.expert_ffn = FFN[name]
     try:
         yield
     finally:
-        offload.expert_ffn = keep
+        device.expert_ffn = keep
 
 
 def timed(f, *args, reps: int) -> float:
@@ -68,16 +86,8 @@ def timed(f, *args, reps: int) -> float:
 
 
 def make_experts(C, F, D, fp8: bool, key):
-    out = []
-    for c in range(C):
-        w = jax.random.normal(jax.random.fold_in(key, c), (3, F, D), jnp.float32) * D ** -0.5
-        if fp8:
-            from fullsize import quantize_fp8_blocks
-            q, s = quantize_fp8_blocks(w)
-            out.append(ExpertWeights(q, s, 128))
-        else:
-            out.append(ExpertWeights(w.astype(jnp.bfloat16)))
-    return tuple(jax.block_until_ready(out))
+    fmt = ExpertFormat("fp8" if fp8 else "bf16", F, D)
+    return tuple(jax.block_until_ready([random_expert(jax.random.fold_in(key, c), fmt) for c in range(C)]))
 
 
 def main():
@@ -91,7 +101,7 @@ def main():
     C, F, D, E, K = (4, 64, 128, 16, 4) if args.tiny else (32, 2048, 7168, 256, 8)
     tokens = [64, 128] if args.tiny else args.tokens
     skip = {tuple(v.split(":")) for v in args.skip}
-    from bench_offload import ceilings, summarize_trace
+    from bench_offload import ceilings
     ceil = ceilings(args.tiny)
     hbm, tflops = ceil["hbm_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12
     print("CEILINGS " + json.dumps(ceil), flush=True)
@@ -104,7 +114,7 @@ def main():
         ids = jnp.arange(C, dtype=jnp.int32)
         for N in tokens:
             idx = np.stack([rng.choice(E, K, replace=False) for _ in range(N)]).astype(np.int32)
-            capacity = _pow2(int(np.bincount(idx.ravel(), minlength=E)[:C].max()))
+            capacity = pow2(int(np.bincount(idx.ravel(), minlength=E)[:C].max()))
             h = jax.random.normal(jax.random.key(2), (N, D), jnp.bfloat16)
             w = jnp.asarray(rng.uniform(size=(N, K)), jnp.float32)
             idx_j = jnp.asarray(idx)

@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from benchparts import run_parts  # noqa: E402
+from benchparts import run_parts, summarize_trace  # noqa: E402
 
 T_START = time.perf_counter()
 FORMAT_OF_PART = {"bf16": "bf16", "fp8": "fp8", "int8": "int8", "int4": "int4", "resident": "bf16"}
@@ -234,9 +234,10 @@ def run_ktjax(args) -> dict:
                 f"outside experts {100 * row['outside_experts_share']:.0f}%")
     model = model.with_expert_compute(modes[0])
     if args.trace and not resident:
-        trace_dir = os.path.join("/tmp", f"trace_{args.run}")
+        trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # summarised, and copied to $OUT if small
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             decode_steps(model, 1, ctx, 2, sampling)
+        summarize_trace(trace_dir, args.out)
     for T in ([] if resident else [args.prefill_max // 8, args.prefill_max] if not args.tiny else [64, 256]):
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
         lengths = np.array([T], np.int32)

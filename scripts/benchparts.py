@@ -8,8 +8,11 @@ A part cut off by its timeout still contributes its ceilings and finished rows, 
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -77,3 +80,49 @@ def run_parts(parts: list[tuple[str, list[str], dict, int]], *, log_path: str, d
             if state != "ok":
                 print("\n".join(out.strip().splitlines()[-8:]), flush=True)
     return results
+
+
+def summarize_trace(trace_dir: str, out_dir: str) -> None:
+    """Busy time per GPU stream and the idle gaps of the host->device copies, from a perfetto trace."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        print("trace: no perfetto_trace.json.gz written")
+        return
+    if os.path.getsize(files[0]) < 15 << 20:
+        shutil.copy(files[0], os.path.join(out_dir, f"decode_b1_trace_{os.path.basename(trace_dir)[6:]}.json.gz"))
+    with gzip.open(files[0]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            names[(e["name"][0], e["pid"], e.get("tid"))] = e["args"]["name"]
+    threads: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            threads.setdefault((e["pid"], e.get("tid")), []).append((float(e["ts"]), float(e["dur"]), e["name"]))
+    procs = sorted({names.get(("p", pid, None), str(pid)) for pid, _ in threads})
+    print(f"trace: {len(events)} events; processes {procs}")
+    for (pid, tid), evs in sorted(threads.items()):
+        proc, thread = names.get(("p", pid, None), str(pid)), names.get(("t", pid, tid), str(tid))
+        if "GPU" not in proc and "gpu" not in proc.lower():
+            continue
+        evs.sort()
+        busy, end, gaps = 0.0, None, []
+        for ts, dur, _ in evs:
+            if end is None or ts > end:
+                if end is not None:
+                    gaps.append((ts - end, ts))
+                busy += dur
+                end = ts + dur
+            elif ts + dur > end:
+                busy += ts + dur - end
+                end = ts + dur
+        span = end - evs[0][0]
+        totals: dict = {}
+        for _, dur, name in evs:
+            totals[name[:60]] = totals.get(name[:60], 0.0) + dur
+        top = ", ".join(f"{n} {t / 1e3:.2f} ms" for n, t in sorted(totals.items(), key=lambda kv: -kv[1])[:6])
+        big = sorted(gaps, reverse=True)[:12]
+        print(f"trace {proc} / {thread}: {len(evs)} events, busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms; top: {top}")
+        print(f"   largest gaps (ms @ offset ms): " + ", ".join(f"{g / 1e3:.2f}@{(t - evs[0][0]) / 1e3:.1f}" for g, t in big))

@@ -1,5 +1,6 @@
-"""Host-side cost of one decode step of the offload engine, on a tiny random model (CPU is fine):
-the Python and dispatch overhead that per-layer segments add, against the scanned resident model.
+"""Host-side cost of one decode step: the offloaded executor's per-layer segments against the
+resident executor's one scanned program, on a tiny random model (CPU is fine: what is measured is
+Python and dispatch, not the device).
 
     python scripts/time_dispatch.py
 """
@@ -13,9 +14,9 @@ from flax import nnx
 
 import ktjax
 from ktjax.config import ModelConfig
-from ktjax.engine import runner
+from ktjax.io.save import save_params
 from ktjax.models import DeepseekForCausalLM
-from ktjax.saving import save
+from ktjax.runtime.model import Sampling
 
 CONFIG = dict(model_type="deepseek_v3", vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, n_shared_experts=1,
@@ -24,25 +25,24 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=97, hidden_size=64, intermedi
 
 
 def ms_per_step(model, steps: int = 30) -> float:
-    run = runner(model)
-    cache = run.init_cache(1, 64)
-    tok, key = jnp.zeros((1,), jnp.int32), jax.random.key(0)
-    args = (key, jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    ex = model.executor
+    cache = ex.init_cache(1, 64)
+    tok, key, sampling = jnp.zeros((1,), jnp.int32), jax.random.key(0), Sampling.of()
     for s in range(3):
-        tok, cache = run.decode_and_sample(cache, tok, jnp.asarray([s]), *args)
+        tok, cache, _ = ex.decode(cache, tok, jnp.asarray([s]), key, sampling)
     jax.block_until_ready(tok)
     t = time.perf_counter()
     for s in range(steps):
-        tok, cache = run.decode_and_sample(cache, tok, jnp.asarray([3 + s]), *args)
+        tok, cache, _ = ex.decode(cache, tok, jnp.asarray([3 + s]), key, sampling)
     jax.block_until_ready(tok)
     return (time.perf_counter() - t) / steps * 1e3
 
 
 def main() -> None:
     cfg = ModelConfig.from_dict(CONFIG)
-    graphdef, params = nnx.split(DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    _, params = nnx.split(DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0)))
     with tempfile.TemporaryDirectory() as path:
-        save(ktjax.Model(cfg, graphdef, params), path)
+        save_params(cfg, params, path)
         offloaded = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=64)
         resident = ktjax.load(path)
         print(f"offloaded (per-layer segments): {ms_per_step(offloaded):.2f} ms/step")

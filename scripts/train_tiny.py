@@ -40,15 +40,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+import ktjax
 import ktjax.kernels
 import ktjax.models
 from ktjax.config import ModelConfig
-from ktjax.engine import logits as model_logits
-from ktjax.loading import load
+from ktjax.io.save import save_params
 from ktjax.models import DeepseekForCausalLM
-from ktjax.saving import save
-from ktjax.training import (cast_params, float32_leaves, forward_with_loads, next_token_loss,
-                            next_token_loss_from_logits)
+from ktjax.models.deepseek import positions
+from ktjax.models.moe import combine
+from ktjax.models.rope import cos_sin
+from ktjax.runtime.offload.segments import attend_fresh
+from ktjax.train.loss import cast_params, float32_leaves, next_token_loss, next_token_loss_from_logits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,7 +223,7 @@ def sample(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.
     buf[0, : len(ids)] = ids
     n, key, eos, new = len(ids), jax.random.key(seed), tok.token_to_id(EOS), []
     for _ in range(max_new_tokens):
-        row = np.asarray(model_logits(model, buf)[0, n - 1])
+        row = np.asarray(ktjax.logits(model, buf)[0, n - 1])
         if temperature <= 0:
             nxt = int(np.argmax(row))
         else:
@@ -236,6 +238,33 @@ def sample(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.
 
 
 # ---- training ------------------------------------------------------------------------------
+
+def forward_with_loads(module: DeepseekForCausalLM, tokens_BT):
+    """Logits [B, T, V] of a chunk from position 0 and each MoE layer's expert loads [L, E] (the
+    fraction of token-expert assignments each expert got): the model's own forward, run layer by
+    layer through the decoder's phases so the routing can be read on the way (DeepSeek-V3's
+    auxiliary-loss-free balancing steers the routing bias with it)."""
+    cfg = module.cfg
+    B, T = tokens_BT.shape
+    rope = cos_sin(cfg, positions(jnp.zeros((B,), jnp.int32), T))
+    x_BTD = module.embed(tokens_BT)
+    loads = []
+    for group, first, count in cfg.layer_runs:
+        graphdef, state = nnx.split(module.layers(group))
+        for j in range(first, first + count):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+            x_BTD = attend_fresh(layer, x_BTD, rope)
+            h_ND = layer.mlp_in(x_BTD)
+            if group == "moe":
+                weights_NK, idx_NK = layer.mlp.route(h_ND)
+                loads.append(jnp.zeros((cfg.n_routed_experts,), jnp.float32).at[idx_NK.reshape(-1)].add(1.0)
+                             / idx_NK.size)
+                y_ND = combine(x_BTD.reshape(h_ND.shape), layer.mlp.shared(h_ND), layer.mlp.routed(h_ND, weights_NK, idx_NK))
+            else:
+                y_ND = x_BTD.reshape(h_ND.shape) + layer.mlp(h_ND)
+            x_BTD = y_ND.reshape(x_BTD.shape)
+    return module.head(x_BTD), (jnp.stack(loads) if loads else None)
+
 
 def save_train_state(file: Path, params, opt_state, rng, step, total, history, best, seconds) -> None:
     """Everything needed to continue a run (float32 weights, AdamW moments, batch RNG, step)."""
@@ -325,9 +354,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # Gradients need the pure-JAX attention (the Pallas kernels have no autodiff rules), and the
-    # training run should not depend on kernel work: use the reference path throughout.
-    os.environ.setdefault("KTJAX_PALLAS", "0")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -355,7 +381,9 @@ def main(argv=None) -> None:
           f"tokenizer {tok.get_vocab_size()} tokens in {time.time() - t_start:.1f} s", flush=True)
 
     cfg = model_config(args, max(args.vocab_size, tok.get_vocab_size()))
-    module = DeepseekForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+    # Reference attention (the Pallas kernels have no backward pass); dense expert dispatch unless asked.
+    module = DeepseekForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed), attention="reference",
+                                 dispatch="sorted" if args.sorted_experts else "dense")
     graphdef, state = nnx.split(module)
     template = dict(nnx.to_flat_state(state))
     n_params = sum(int(np.prod(v.shape)) for v in template.values())
@@ -385,7 +413,7 @@ def main(argv=None) -> None:
     opt_state = tx.init(params)
 
     def loss_fn(params, tokens_BT):
-        logits_BTV, loads = forward_with_loads(compute_module(params), tokens_BT, dense_experts=not args.sorted_experts)
+        logits_BTV, loads = forward_with_loads(compute_module(params), tokens_BT)
         return next_token_loss_from_logits(logits_BTV, tokens_BT), loads
 
     @jax.jit
@@ -411,12 +439,8 @@ def main(argv=None) -> None:
         return float(np.mean(losses))
 
     def save_model(params) -> None:
-        save(ktjax_model(params), out, dtype=args.save_dtype)
+        save_params(cfg, to_state(params), out, dtype=args.save_dtype)
         write_tokenizer_files(tok, out, cfg)
-
-    def ktjax_model(params):
-        from ktjax.loading import Model
-        return Model(cfg, graphdef, to_state(params))
 
     rng = np.random.default_rng(args.seed)
 
@@ -474,16 +498,16 @@ def main(argv=None) -> None:
     tokens_seen = step * args.batch_size * T
 
     # What ships is what was saved: reload it and report its numbers.
-    model = load(out)
-    eval_loaded = jax.jit(lambda p, t: next_token_loss(nnx.merge(model.graphdef, p), t))
+    model = ktjax.load(out, max_context=args.seq_len + args.preview_tokens + 64)
+    eval_loaded = jax.jit(lambda p, t: next_token_loss(nnx.merge(model.executor.graphdef, p), t))
     final = {}
     for name, wins in (("held_out_stdlib", val_windows), ("ktjax_source", src_windows)):
         bs = max(1, min(len(wins), args.batch_size))
-        final[name] = float(np.mean([float(eval_loaded(model.params, wins[i:i + bs]))
+        final[name] = float(np.mean([float(eval_loaded(model.executor.params, wins[i:i + bs]))
                                      for i in range(0, len(wins) - bs + 1, bs)]))
     train_eval = windows(train_stream, T, 64)
     bs = max(1, min(len(train_eval), args.batch_size))
-    final["train_stdlib"] = float(np.mean([float(eval_loaded(model.params, train_eval[i:i + bs]))
+    final["train_stdlib"] = float(np.mean([float(eval_loaded(model.executor.params, train_eval[i:i + bs]))
                                            for i in range(0, len(train_eval) - bs + 1, bs)]))
     print(f"saved model (step {best[1]}, {model.dtype}): losses " +
           ", ".join(f"{k} {v:.3f}" for k, v in final.items()), flush=True)
