@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from ktjax import kernels, models
@@ -19,8 +20,9 @@ from ktjax.io.load import abstract_params, load_params
 from ktjax.io.peft import read_adapter
 from ktjax.lora.config import LoRAConfig
 from ktjax.runtime import placement as placing
-from ktjax.runtime.model import LoadedModel
+from ktjax.runtime.model import LoadedModel, Sampling
 from ktjax.runtime.offload.build import load_offloaded
+from ktjax.runtime.offload.scheduler import cached_rates
 from ktjax.runtime.resident import ResidentExecutor
 from ktjax.text import load_tokenizer
 from ktjax.train import finetune as finetuning
@@ -86,7 +88,8 @@ def generation_defaults(path: str) -> dict[str, Any]:
 def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: str | None = None,
          expert_compute: str = "auto", gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None,
          max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
-         adapter: str | os.PathLike | None = None, training: int = 0, progress: bool | None = None) -> LoadedModel:
+         adapter: str | os.PathLike | None = None, training: int = 0, hot_experts: str | Sequence[int] | None = None,
+         progress: bool | None = None) -> LoadedModel:
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
 
     dtype: compute dtype, "bfloat16" or "float32" (default: the checkpoint's).
@@ -104,6 +107,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     training: also reserve room for LoRA training steps of that many micro-batches (True: one) of
         max_batch x max_context tokens.
     adapter: a PEFT LoRA adapter directory to apply (merged into the weights of offloaded models).
+    hot_experts: a calibration prompt (text or token ids): the experts its tokens route to most fill
+        the device's free room (the hot-expert cache); default: experts spread evenly over the layers.
     """
     path = resolve_path(path)
     cfg = ModelConfig.from_json(path)
@@ -119,11 +124,43 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     else:
         executor = load_offloaded(path, cfg, dtype, plan, progress=progress, attention=attention,
                                   expert_compute=expert_compute)
+        if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
+            # The split's cost model, measured once per machine and format as decode steps use the paths.
+            executor = executor.with_rates(cached_rates(fmt.name, executor.measure_rates))
     model = LoadedModel(cfg, executor, plan, tokenizer=load_tokenizer(path), generation_defaults=generation_defaults(path),
                         path=path)
+    if hot_experts is not None and plan.offloaded:
+        model = place_hot_experts(model, hot_experts)
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model
+
+
+def routing_counts(model: LoadedModel, prompt: str | Sequence[int]) -> dict[int, np.ndarray]:
+    """How many tokens of `prompt` chose each routed expert, per MoE layer (a prefill of it)."""
+    ids = list(model.tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
+    tokens = np.asarray([ids], np.int32)
+    with model.lock:
+        ex = model.executor
+        _, _, stats = ex.prefill(ex.init_cache(1, len(ids)), tokens, np.asarray([len(ids)], np.int32),
+                                 jax.random.key(0), Sampling.of())
+    return stats.expert_counts
+
+
+def place_hot_experts(model: LoadedModel, prompt: str | Sequence[int]) -> LoadedModel:
+    """`model` with the experts `prompt` routes to most filling the device's free room (an offloaded
+    model; the plan's budget and format unchanged)."""
+    counts = routing_counts(model, prompt)
+    spread = placing.spread_over_layers(model.config)
+    preference = sorted(spread, key=lambda key: -int(counts[key[0]][key[1]]) if key[0] in counts else 0)
+    plan = model.placement
+    if plan.budget is None:
+        raise ValueError("hot_experts fills a gpu_memory budget's free room: give gpu_memory too")
+    _, abstract = abstract_params(model.config, model.dtype)
+    hot = placing.plan(model.config, abstract, model.dtype, plan.expert_format, gpu_memory=plan.budget,
+                       max_batch=plan.max_batch, max_context=plan.max_context, expert_chunk=plan.expert_chunk,
+                       training=plan.training, preference=preference)
+    return dataclasses.replace(model, executor=model.executor.with_placement(hot), placement=hot)
 
 
 def logits(model: LoadedModel, token_ids) -> Any:

@@ -57,6 +57,8 @@ class StepStats:
     # When each MoE layer's routing reached the host, in seconds from the step's start: the spacing
     # is the per-layer time.
     routed_at: list[float] = dataclasses.field(default_factory=list)
+    # Per MoE layer: how many tokens chose each expert (what a hot-expert placement is chosen from).
+    expert_counts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     # Per MoE layer: seconds the host CPU spent on its experts, and bytes its link path moved.
     host_cpu_seconds: list[float] = dataclasses.field(default_factory=list)
     link_bytes: list[int] = dataclasses.field(default_factory=list)

@@ -85,6 +85,7 @@ class PlacementPlan:
     max_batch: int = 1  # the largest generation batch the cache and workspace are sized for
     max_context: int = 4096  # the longest sequence (prompt plus new tokens) they are sized for
     training_bytes: int = 0  # the part of the workspace reserved for LoRA training steps
+    training: int = 0  # the micro-batches of training steps that room was reserved for
 
     @property
     def offloaded(self) -> bool:
@@ -254,7 +255,7 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, expert_format: ExpertForm
     if not host and budget is None:
         workspace = train = 0
     return PlacementPlan(cfg, budget, core, cache, workspace, expert_format, frozenset(device), host, expert_chunk,
-                         max_batch, max_context, train)
+                         max_batch, max_context, train, int(training))
 
 
 def _core_names(cfg: ModelConfig) -> list[str]:

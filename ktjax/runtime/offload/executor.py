@@ -24,7 +24,7 @@ from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, split
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure, split
 from ktjax.runtime.offload.segments import (LayerSegments, combine_segment, embed_segment, head_segment,
                                             logits_segment)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, streams_everything
@@ -120,6 +120,46 @@ class OffloadedExecutor:
     def trainer(self, lora, sites, train_config) -> OffloadedTrainer:
         return OffloadedTrainer(self, lora, sites, train_config)
 
+    def measure_rates(self, experts_per_call: int = 3, seconds: float = 0.3) -> PathRates:
+        """Both paths into host experts at once, as decode steps use them: the host kernels on a few
+        experts per call from their worker thread, the link streaming other experts meanwhile."""
+        by_layer: dict[int, list[int]] = {}
+        for i, e in sorted(self.plan.host_experts):
+            by_layer.setdefault(i, []).append(e)
+        layer, hosted = max(by_layer.items(), key=lambda kv: len(kv[1]))
+        n = max(1, min(experts_per_call, len(hosted) // 2))
+        on_cpu, on_link = hosted[:n], hosted[n:2 * n] or hosted[:n]
+        idx = np.asarray([on_cpu], np.int64)
+        weights, h = np.full(idx.shape, 1.0 / n, np.float32), np.zeros((1, self.config.hidden_size), np.float32)
+
+        def cpu_call():
+            self.host_worker.submit(self.host.compute, layer, on_cpu, idx, weights, h).result()
+
+        def link_call():
+            jax.block_until_ready(jax.device_put([self.store.experts[layer][e] for e in on_link], self.store.on_device))
+
+        nbytes = self.plan.expert_bytes
+        return measure(cpu_call, link_call, n * nbytes, len(on_link) * nbytes, seconds)
+
+    def with_rates(self, rates: PathRates) -> OffloadedExecutor:
+        out = copy.copy(self)
+        out.rates = rates
+        return out
+
+    def with_placement(self, plan: PlacementPlan) -> OffloadedExecutor:
+        """This model with its experts moved where another plan (same format) puts them: experts
+        leaving the device go to host memory first, so device memory never holds both sets."""
+        old = self.plan
+        leaving = sorted(old.device_experts & plan.host_experts)
+        arriving = sorted(old.host_experts & plan.device_experts)
+        experts = {i: list(slots) for i, slots in self.store.experts.items()}
+        for i, e in leaving:
+            experts[i][e] = jax.block_until_ready(jax.device_put(experts[i][e], self.store.on_host))
+        for i, e in arriving:
+            experts[i][e] = jax.block_until_ready(jax.device_put(experts[i][e], self.store.on_device))
+        return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
+                                 attention=self.attention, expert_compute=self.expert_compute, rates=self.rates)
+
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""
         if mode not in MODES or (mode != "gpu" and self.host is None and self.plan.offloaded
@@ -192,6 +232,7 @@ class OffloadedExecutor:
         stats.routed_at.append(time.perf_counter() - stats.started)
         moved_before = stats.bytes_from_host
         counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
+        stats.expert_counts[i] = counts
         shared = []
 
         def run_shared():

@@ -1,0 +1,105 @@
+"""Experts where they live: int8/int4 experts computed on the host CPU, streamed over the link, or
+resident on the device give the same model; the scheduler's split between the CPU and the link;
+prefill-sized batches stream; the hot-expert cache holds the experts a calibration prompt uses most."""
+
+import numpy as np
+import pytest
+
+import ktjax
+from ktjax.api import plan_placement, routing_counts
+from ktjax.runtime.offload.scheduler import PathRates, split
+from reference import make_reference, save_reference
+
+ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
+SOME_ON_DEVICE = {r"model\.layers\.2\.mlp\.experts\.[0-3]": "device", **ALL_HOST}
+TOKENS = np.random.default_rng(3).integers(0, 97, (2, 9))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_reference(make_reference("v3", seed=31, num_hidden_layers=4, first_k_dense_replace=1),
+                          tmp_path_factory.mktemp("host_experts"))
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_the_cpu_takes_the_experts_with_fewest_tokens_until_both_paths_finish_together():
+    rates = PathRates(link_gbps=40.0, cpu_gbps=40.0, cpu_call_s=0.0)
+    nbytes = 40_000_000  # 1 ms per expert on the link, and per token on the CPU
+    hosted, tokens = [5, 9, 11, 20], np.array([3, 1, 1, 1])
+    cpu, link = split(hosted, tokens, nbytes, rates, "auto")
+    assert cpu == [9, 11] and link == [5, 20]  # CPU 2 ms (two 1-token experts), link 2 ms
+    assert split(hosted, tokens, nbytes, rates, "cpu") == (hosted, [])
+    assert split(hosted, tokens, nbytes, rates, "gpu") == ([], hosted)
+    slow_cpu = PathRates(link_gbps=40.0, cpu_gbps=10.0)
+    assert split(hosted, tokens, nbytes, slow_cpu, "auto")[0] == []  # 4 ms per CPU expert: the link alone wins
+    assert split([], np.array([]), nbytes, rates, "auto") == ([], [])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_every_path_computes_the_same_model(ckpt, fmt):
+    """The same quantized experts on the device, streamed to it, or computed on the host CPU."""
+    on_device = np.asarray(ktjax.logits(ktjax.load(ckpt, dtype="float32", experts=fmt), TOKENS))
+    for mode in ("gpu", "cpu", "auto"):
+        model = ktjax.load(ckpt, dtype="float32", experts=fmt, placement=SOME_ON_DEVICE, expert_compute=mode,
+                           max_context=64)
+        assert rel_err(ktjax.logits(model, TOKENS), on_device) < 1e-5, mode
+
+
+@pytest.mark.parametrize("mode", ["gpu", "cpu", "auto"])
+def test_forced_splits_generate_the_same_tokens(ckpt, mode):
+    reference = ktjax.generate(ktjax.load(ckpt, dtype="float32", experts="int8", placement=SOME_ON_DEVICE,
+                                          expert_compute="gpu", max_context=64), [5, 9, 13, 2], max_new_tokens=6)
+    model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=SOME_ON_DEVICE, expert_compute=mode,
+                       max_context=64)
+    result = ktjax.generate(model, [5, 9, 13, 2], max_new_tokens=6)
+    assert result.token_ids == reference.token_ids
+    paths = result.stats.decode_experts_per_step
+    assert paths["device"] > 0 and paths["host_cpu"] + paths["link"] > 0
+    if mode != "auto":  # forced: every host expert on the one path
+        assert (paths["host_cpu"] > 0) == (mode == "cpu") and (paths["link"] > 0) == (mode == "gpu")
+
+
+def test_a_large_prefill_streams_to_the_gpu_and_decode_uses_the_cpu(ckpt):
+    class Always:  # a cost model in which the CPU always wins a decode step's experts
+        link_gbps, cpu_gbps, cpu_call_s = 1.0, 1e6, 0.0
+
+        def cpu_seconds(self, nbytes, tokens):
+            return nbytes * np.asarray(tokens, np.float64) / 1e15
+
+        def link_seconds(self, nbytes):
+            return 1.0
+
+    model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=ALL_HOST, max_context=256)
+    model = ktjax.LoadedModel(model.config, model.executor.with_rates(Always()), model.placement, path=model.path)
+    prompt = np.random.default_rng(4).integers(0, 97, 40).tolist()  # 40 tokens x 3 experts >= 2 x 8 experts
+    stats = ktjax.generate(model, prompt, max_new_tokens=3).stats
+    hosted = len(model.placement.host_experts)
+    assert stats.prefill_host_bytes == hosted * model.placement.expert_bytes  # every host expert streamed once
+    assert stats.decode_experts_per_step["host_cpu"] == 3 * 3 and stats.decode_experts_per_step["link"] == 0
+
+
+def test_the_hot_expert_cache_holds_the_experts_a_calibration_prompt_uses_most(ckpt):
+    everything = plan_placement(ckpt, dtype="float32", gpu_memory="1TB", max_context=64)
+    fixed = everything.device_bytes - len(everything.device_experts) * everything.expert_bytes
+    budget = fixed + (256 << 20) + 6 * everything.expert_bytes + 1  # room for 6 of the 24 experts
+    prompt = np.random.default_rng(5).integers(0, 97, 48).tolist()
+    model = ktjax.load(ckpt, dtype="float32", gpu_memory=budget, max_context=64, hot_experts=prompt)
+    assert len(model.placement.device_experts) == 6
+    counts = routing_counts(model, prompt)
+    on_device = [counts[i][e] for i, e in model.placement.device_experts]
+    in_host = [counts[i][e] for i, e in model.placement.host_experts]
+    assert min(on_device) >= max(in_host) and max(on_device) > min(in_host)
+    spread = ktjax.load(ckpt, dtype="float32", gpu_memory=budget, max_context=64)
+    assert model.placement.device_experts != spread.placement.device_experts
+    assert rel_err(ktjax.logits(model, TOKENS), ktjax.logits(spread, TOKENS)) < 1e-5  # the same model
+    with pytest.raises(ValueError, match="gpu_memory"):
+        ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, max_context=64, hot_experts=prompt)
+
+
+def test_the_paths_can_be_measured_where_the_model_runs(ckpt):
+    model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=ALL_HOST, max_context=64)
+    rates = model.executor.measure_rates(experts_per_call=2, seconds=0.05)
+    assert rates.cpu_gbps > 0 and rates.link_gbps > 0
