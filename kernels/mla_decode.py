@@ -32,31 +32,13 @@ warpgroups ping-ponging), i.e. a Mosaic GPU kernel: the planned next step, behin
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # The Triton backend is deprecated in jax 0.11 and may disappear: callers fall back.
-    from jax.experimental.pallas import triton as plgpu
-
-    CompilerParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-except (ImportError, AttributeError):  # pragma: no cover
-    plgpu = CompilerParams = None
-
-LOG2E = math.log2(math.e)
-MIN_TILE = 16  # Triton dot operands are at least 16 wide in every dimension
-
-
-def _pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (n.bit_length() - 1)
-
+from ktjax.kernels.tiles import LOG2E, MIN_TILE, CompilerParams, dot, dot_t, is_pow2, plgpu, pow2_floor
 
 def supported(q_latent_BHL, q_rope_BHR, kv_latent_BTL) -> bool:
     """Whether the kernel covers these shapes; the callers take the reference for every other shape.
@@ -66,7 +48,7 @@ def supported(q_latent_BHL, q_rope_BHR, kv_latent_BTL) -> bool:
     count (the query is padded to whole head blocks) and any valid lengths (clipped to 0..T) work.
     """
     L, R, T = q_latent_BHL.shape[-1], q_rope_BHR.shape[-1], kv_latent_BTL.shape[1]
-    return (plgpu is not None and q_latent_BHL.size > 0 and _pow2(L) and _pow2(R)
+    return (plgpu is not None and q_latent_BHL.size > 0 and is_pow2(L) and is_pow2(R)
             and min(L, R, T) >= MIN_TILE)
 
 
@@ -75,20 +57,6 @@ def _num_sms() -> int:
         return int(getattr(jax.devices()[0], "core_count", 0)) or 132
     except Exception:  # pragma: no cover
         return 132
-
-
-def _precision(a):
-    # f32 inputs must stay f32 (IEEE): jax 0.11's Triton lowering otherwise picks TF32 (2e-4 error on an H200).
-    return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-
-
-def _dot_t(a, b):
-    """a @ b.T, accumulated in f32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a), preferred_element_type=jnp.float32)
 
 
 def _decode_kernel(len_ref, ql_ref, qr_ref, kvl_ref, kr_ref, o_ref, *lse_ref, scale, block_k, num_splits):
@@ -114,7 +82,7 @@ def _decode_kernel(len_ref, ql_ref, qr_ref, kvl_ref, kr_ref, o_ref, *lse_ref, sc
         else:
             kv_kL = kvl_ref[pl.ds(start, block_k), :]
             kr_kR = kr_ref[pl.ds(start, block_k), :]
-        s_hk = (_dot_t(ql_hL, kv_kL) + _dot_t(qr_hR, kr_kR)) * scale  # log2 domain: exp2 below
+        s_hk = (dot_t(ql_hL, kv_kL) + dot_t(qr_hR, kr_kR)) * scale  # log2 domain: exp2 below
         if masked:
             s_hk = jnp.where(valid_k[None, :], s_hk, -jnp.inf)
         # Every block processed holds >= 1 valid key, so m_new is finite and exp2 never sees inf-inf.
@@ -122,7 +90,7 @@ def _decode_kernel(len_ref, ql_ref, qr_ref, kvl_ref, kr_ref, o_ref, *lse_ref, sc
         alpha_h = jnp.exp2(m_h - m_new)
         p_hk = jnp.exp2(s_hk - m_new[:, None])
         l_h = l_h * alpha_h + jnp.sum(p_hk, axis=1)
-        acc_hL = acc_hL * alpha_h[:, None] + _dot(p_hk.astype(kv_kL.dtype), kv_kL)
+        acc_hL = acc_hL * alpha_h[:, None] + dot(p_hk.astype(kv_kL.dtype), kv_kL)
         return acc_hL, m_new, l_h
 
     carry = (jnp.zeros((h, L), jnp.float32), jnp.full((h,), -jnp.inf, jnp.float32), jnp.zeros((h,), jnp.float32))
@@ -179,7 +147,7 @@ def mla_decode_pallas(
         q_rope_BHR = jnp.pad(q_rope_BHR, ((0, 0), (0, Hp - H), (0, 0)))
     # A key block never exceeds the cache: the interpreter traces the unmasked block loads even where
     # they never run, and refuses a slice longer than the array.
-    block_k = min(block_k, _pow2_floor(T))
+    block_k = min(block_k, pow2_floor(T))
     n_hb = Hp // block_h
     if num_splits is None:
         # Fill the SMs once: split the context only when batch x head-blocks leaves SMs idle, and keep

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ktjax.kernels.mla_decode import LOG2E, MIN_TILE, CompilerParams, _dot, _dot_t, _pow2, _pow2_floor, plgpu
+from ktjax.kernels.tiles import LOG2E, MIN_TILE, CompilerParams, dot, dot_t, is_pow2, plgpu, pow2_floor
 
 
 def _k_chunks(K: int) -> tuple[tuple[int, int], ...]:
@@ -41,7 +41,7 @@ def supported(q_BTHK, v_BSHV) -> bool:
     Any non-empty batch, head count and chunk length T (query blocks are masked) work."""
     K, S, V = q_BTHK.shape[-1], v_BSHV.shape[1], v_BSHV.shape[-1]
     return (plgpu is not None and q_BTHK.size > 0 and K % MIN_TILE == 0 and len(_k_chunks(K)) <= 3
-            and _pow2(V) and min(K, V, S) >= MIN_TILE)
+            and is_pow2(V) and min(K, V, S) >= MIN_TILE)
 
 
 def _prefill_kernel(qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block_q, block_k, chunks, n_qb):
@@ -73,9 +73,9 @@ def _prefill_kernel(qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block_q, block
         else:
             ks = [k_ref[pl.ds(k0, block_k), pl.ds(c0, c)] for c0, c in chunks]
             v_kV = v_ref[pl.ds(k0, block_k), :]
-        s_qk = _dot_t(qs[0], ks[0])
+        s_qk = dot_t(qs[0], ks[0])
         for q_, k_ in zip(qs[1:], ks[1:]):
-            s_qk += _dot_t(q_, k_)
+            s_qk += dot_t(q_, k_)
         s_qk *= scale  # log2 domain
         if masked:
             s_qk = jnp.where(pos_k[None, :] <= pos_q[:, None], s_qk, -jnp.inf)
@@ -84,7 +84,7 @@ def _prefill_kernel(qs_ref, q_ref, k_ref, v_ref, o_ref, *, scale, block_q, block
         alpha_q = jnp.exp2(m_q - m_new)
         p_qk = jnp.exp2(s_qk - m_new[:, None])
         l_q = l_q * alpha_q + jnp.sum(p_qk, axis=1)
-        acc_qV = acc_qV * alpha_q[:, None] + _dot(p_qk.astype(v_kV.dtype), v_kV)
+        acc_qV = acc_qV * alpha_q[:, None] + dot(p_qk.astype(v_kV.dtype), v_kV)
         return acc_qV, m_new, l_q
 
     V = v_ref.shape[-1]
@@ -126,7 +126,7 @@ def mla_prefill_pallas(
     B, T, H, K = q_BTHK.shape
     S, V = k_BSHK.shape[1], v_BSHV.shape[-1]
     block_q = min(block_q, max(MIN_TILE, pl.next_power_of_2(T)))  # may exceed T: query loads/stores are masked
-    block_k = min(block_k, _pow2_floor(S))  # never exceeds the cache: see mla_decode_pallas
+    block_k = min(block_k, pow2_floor(S))  # never exceeds the cache: see mla_decode_pallas
     n_qb = pl.cdiv(T, block_q)
     kernel = functools.partial(_prefill_kernel, scale=sm_scale * LOG2E, block_q=block_q, block_k=block_k,
                                chunks=_k_chunks(K), n_qb=n_qb)
