@@ -121,3 +121,22 @@ def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
     assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "6", "--json",
                  "--temperature", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == ktjax.generate(model, "abc", max_new_tokens=6).token_ids
+
+
+def test_import_works_from_a_plain_checkout(tmp_path):
+    """`import ktjax` from the repository root, with no install in the way: models/ and kernels/
+    sit beside ktjax/ there, and the package still finds them."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ktjax_file())))
+    for folder in ("ktjax", "models", "kernels"):
+        shutil.copytree(os.path.join(root, folder), tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            "import ktjax, ktjax.models, ktjax.kernels; print(ktjax.models.__file__, ktjax.kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(tmp_path / "models" / "__init__.py"), str(tmp_path / "kernels" / "__init__.py")]
+
+
+def ktjax_file() -> str:
+    import ktjax
+    return ktjax.__file__
