@@ -33,13 +33,22 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
     acc_ND (None: start from zeros).
 
     Tokens routed to each expert are gathered up to `capacity` (chosen on the host from the real
-    counts, so nothing is dropped) and computed as dense matmuls.
+    counts, so nothing is dropped) and computed as dense matmuls; with capacity >= N every token is
+    computed, weighted.
     """
     N, D = h_ND.shape
     K = idx_NK.shape[1]
     dt = h_ND.dtype
     if acc_ND is None:
         acc_ND = jnp.zeros((N, D), jnp.float32)
+    if capacity >= N:
+        # Decode-sized: every token goes through each expert, weighted by its routing weight (zero
+        # where not routed). Same FLOPs as gathering `capacity` rows, without the dispatch's sort,
+        # gathers and scatter: at batch 1 those small kernels cost more than the expert's matmuls.
+        for c, ex in enumerate(experts):
+            wt_N = jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1)
+            acc_ND = acc_ND + expert_ffn(h_ND, ex) * wt_N[:, None]
+        return acc_ND
     # Dispatch once for the chunk: a stable sort of the N*K assignments by their expert's slot lays
     # each expert's tokens out contiguously (slot C: routed elsewhere), so each expert takes a slice.
     hit_AC = idx_NK.reshape(-1, 1) == ids_C[None, :]

@@ -71,9 +71,9 @@ class OffloadedExecutor:
         self.expert_compute = expert_compute
         hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts}
         self.host = HostPath(fmt, hosted) if fmt.host_computable and hosted and expert_compute != "gpu" else None
-        # One worker runs the host kernels (they release the GIL), so this thread keeps dispatching
-        # the layer's GPU work meanwhile; one at a time, as numba's parallel loops require.
-        self.host_worker = ThreadPoolExecutor(1, thread_name_prefix="ktjax-host-experts") if self.host else None
+        # While the host kernels run on the calling thread (they release the GIL), one worker thread
+        # dispatches the layer's GPU work.
+        self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
         self.rates = rates or DEFAULT_RATES.get(fmt.name)
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
 
@@ -122,7 +122,7 @@ class OffloadedExecutor:
 
     def measure_rates(self, experts_per_call: int = 3, seconds: float = 0.3) -> PathRates:
         """Both paths into host experts at once, as decode steps use them: the host kernels on a few
-        experts per call from their worker thread, the link streaming other experts meanwhile."""
+        experts per call, the link streaming other experts meanwhile."""
         by_layer: dict[int, list[int]] = {}
         for i, e in sorted(self.plan.host_experts):
             by_layer.setdefault(i, []).append(e)
@@ -133,7 +133,7 @@ class OffloadedExecutor:
         weights, h = np.full(idx.shape, 1.0 / n, np.float32), np.zeros((1, self.config.hidden_size), np.float32)
 
         def cpu_call():
-            self.host_worker.submit(self.host.compute, layer, on_cpu, idx, weights, h).result()
+            self.host.compute(layer, on_cpu, idx, weights, h)
 
         def link_call():
             jax.block_until_ready(jax.device_put([self.store.experts[layer][e] for e in on_link], self.store.on_device))
@@ -248,20 +248,27 @@ class OffloadedExecutor:
             hosted = [e for e in chosen if self.store.is_hosted(i, e)]
             cpu_ids, link_ids = split(hosted, counts[hosted], self.plan.expert_bytes, self.rates, self.expert_compute)
             gpu_ids = [e for e in chosen if not self.store.is_hosted(i, e)] + link_ids
-            on_cpu = (self.host_worker.submit(_timed, host.compute, i, cpu_ids, idx_host, np.asarray(w_NK),
-                                              np.asarray(h_ND)) if cpu_ids else None)
-            parts = ()
-            if gpu_ids:
-                parts += (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared),)
-            else:
-                run_shared()
-            if on_cpu is not None:
-                out_ND, seconds = on_cpu.result()
+            # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
+            # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
+            # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
+            on_gpu = self.dispatcher.submit(self._gpu_part, i, counts, N, compute, stats, gpu_ids, run_shared)
+            if cpu_ids:
+                out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
                 stats.experts_on_host_cpu += len(cpu_ids)
                 stats.host_cpu_seconds.append(seconds)
+            parts = on_gpu.result()
+            if cpu_ids:
                 parts += (jax.device_put(out_ND, self.store.on_device),)
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return run("combine", combine_segment, x_BTD, shared[0], parts)
+
+    def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared) -> tuple:
+        """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
+        that are resident or streamed."""
+        if not gpu_ids:
+            run_shared()
+            return ()
+        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared),)
 
 
 def _timed(fn, *args):
