@@ -214,6 +214,19 @@ def run_ktjax(args) -> dict:
     t = time.perf_counter()
     model = random_offloaded_model(cfg, plan, dtype, progress=log, rates=rates)
     res["build_s"] = time.perf_counter() - t
+    if model.host is not None:
+        # The split's rates as ktjax.load measures them (a few experts per call, both paths at once),
+        # for each host-kernel thread count asked for; the best pair is used.
+        import numba
+        measured = {}
+        for n in args.host_threads or [numba.config.NUMBA_NUM_THREADS]:
+            r = model.with_host_threads(n).measure_rates()
+            measured[n] = r
+            log(f"in-situ rates, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link {r.link_gbps:.1f} GB/s")
+        best = max(measured, key=lambda n: measured[n].cpu_gbps + measured[n].link_gbps)
+        model = model.with_host_threads(best).with_rates(measured[best])
+        res["rates_in_situ"] = {str(n): {"cpu_gbps": r.cpu_gbps, "link_gbps": r.link_gbps} for n, r in measured.items()}
+        res["host_threads"] = best
     res.update(host_experts=len(plan.host_experts), device_experts=len(plan.device_experts),
                expert_bytes=plan.expert_bytes)
     sampling = Sampling.of(0.0, 0, 1.0)
@@ -422,6 +435,8 @@ def main():
     p.add_argument("--path-rates", default="", help="JSON of the host-kernel ceilings (passed between parts)")
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
+    p.add_argument("--host-threads", type=int, nargs="*", default=[],
+                   help="host-kernel thread counts to measure the split's rates with (the best is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -439,7 +454,8 @@ def main():
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--prefill-max", str(args.prefill_max), "--prefill-reps", str(args.prefill_reps),
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
-              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else [])
+              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (
+        ["--host-threads", *map(str, args.host_threads)] if args.host_threads else [])
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

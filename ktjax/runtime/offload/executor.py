@@ -141,6 +141,14 @@ class OffloadedExecutor:
         nbytes = self.plan.expert_bytes
         return measure(cpu_call, link_call, n * nbytes, len(on_link) * nbytes, seconds)
 
+    def with_host_threads(self, threads: int | None) -> OffloadedExecutor:
+        """This model running its host kernels on `threads` threads (None: every core)."""
+        out = copy.copy(self)
+        if self.host is not None:
+            out.host = copy.copy(self.host)
+            out.host.threads = threads
+        return out
+
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates

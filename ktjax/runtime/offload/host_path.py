@@ -4,6 +4,7 @@ activations cross the link."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ktjax.experts.host import HostExperts, assignments
@@ -11,8 +12,13 @@ from ktjax.experts.weights import ExpertFormat, ExpertWeights
 
 
 class HostPath:
-    def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights]):
+    """threads: the host kernels' parallel threads (default: numba's, every core). Fewer can be
+    faster while other threads of the process (GPU dispatch, XLA's runtime) need a core: a parallel
+    loop waits for its slowest thread."""
+
+    def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights], threads: int | None = None):
         self.kernels = HostExperts(fmt.packed)
+        self.threads = threads
         # Views keep their buffers alive; their addresses are what the kernels read.
         self.views = {key: np.asarray(ex.w) for key, ex in hosted.items()}
         self.bases = {key: v.ctypes.data for key, v in self.views.items()}
@@ -23,4 +29,5 @@ class HostPath:
         experts = np.asarray(ids, np.int64)
         tok, weight, ntok = assignments(idx_NK, weights_NK, experts)
         bases = np.array([self.bases[(layer, e)] for e in ids], np.int64)
+        numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
         return self.kernels.compute(bases, tok, ntok, weight, np.asarray(h_ND, np.float32))
