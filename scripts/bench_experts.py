@@ -65,7 +65,7 @@ def ffn_separate(x_CD, ex):
     return matmul("cf,df->cd", swiglu(g_CF, u_CF).astype(dt), ex.down(dt)).astype(f32)
 
 
-DISPATCH = {"sorted": device.experts_segment.__wrapped__, "nonzero": unrolled_nonzero}
+DISPATCH = {"sorted": device.add_experts, "nonzero": unrolled_nonzero}
 FFN = {"gate+up fused": ffn_fused, "separate": ffn_separate}
 
 

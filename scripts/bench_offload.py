@@ -232,27 +232,29 @@ def run_ktjax(args) -> dict:
     sampling = Sampling.of(0.0, 0, 1.0)
     ctx = 1024 if not args.tiny else 64
     modes = args.modes if fmt in ("int8", "int4") else ["gpu"]
-    for B in args.batches:
-        for mode in (modes if B == 1 else modes[:1]):
-            times, stats = decode_steps(model.with_expert_compute(mode), B, ctx, args.steps, sampling)
-            row = decode_row(cfg, plan, times, stats, ceil, B, ctx)
-            name = f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
-            n_moe = len(cfg.moe_layers)
-            spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
-            # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
-            row["r1_extrapolated_s"] = spacing * 58 + max(0.0, row["step_s"] - spacing * n_moe)
-            res[name] = row
-            print(f"ROW {name} " + json.dumps(row), flush=True)
-            log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
-                f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms ({100 * row['floor_over_measured']:.0f}%), "
-                f"outside experts {100 * row['outside_experts_share']:.0f}%")
-    model = model.with_expert_compute(modes[0])
+    for B, mode, group in [(B, mode, g) for B in args.batches for mode in (modes if B == 1 else modes[:1])
+                           for g in (args.decode_groups if B == 1 else args.decode_groups[:1])]:
+        times, stats = decode_steps(model.with_expert_compute(mode).with_decode_group(group), B, ctx, args.steps,
+                                    sampling)
+        row = decode_row(cfg, plan, times, stats, ceil, B, ctx)
+        name = f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "") + (f"_g{group}" if group > 1 else "")
+        n_moe = len(cfg.moe_layers)
+        spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
+        # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
+        row["r1_extrapolated_s"] = spacing * 58 + max(0.0, row["step_s"] - spacing * n_moe)
+        res[name] = row
+        print(f"ROW {name} " + json.dumps(row), flush=True)
+        log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
+            f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms ({100 * row['floor_over_measured']:.0f}%), "
+            f"outside experts {100 * row['outside_experts_share']:.0f}%")
+    model = model.with_expert_compute(modes[0]).with_decode_group(args.decode_groups[0])
     if args.trace and not resident:
         trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # summarised, and copied to $OUT if small
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             decode_steps(model, 1, ctx, 2, sampling)
         summarize_trace(trace_dir, args.out)
-    for T in ([] if resident else [args.prefill_max // 8, args.prefill_max] if not args.tiny else [64, 256]):
+    for T in ([] if resident or not args.prefill_max else [args.prefill_max // 8, args.prefill_max] if not args.tiny
+              else [64, 256]):
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
         lengths = np.array([T], np.int32)
         for _ in range(2):  # compile and warm
@@ -435,6 +437,8 @@ def main():
     p.add_argument("--path-rates", default="", help="JSON of the host-kernel ceilings (passed between parts)")
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
+    p.add_argument("--decode-groups", type=int, nargs="+", default=[1],
+                   help="streamed experts per program in B=1 decode, each measured (the first also at larger batches)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part")
@@ -455,7 +459,8 @@ def main():
               "--prefill-max", str(args.prefill_max), "--prefill-reps", str(args.prefill_reps),
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (
-        ["--host-threads", *map(str, args.host_threads)] if args.host_threads else [])
+        ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
+        "--decode-groups", *map(str, args.decode_groups)]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

@@ -3,13 +3,13 @@ or just fetched from host memory) applied to the tokens routed to them."""
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from ktjax.experts.weights import ExpertWeights
 from ktjax.models.layers import matmul, swiglu
+from ktjax.runtime.compilation_cache import segment_jit
 
 
 def expert_ffn(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
@@ -27,8 +27,7 @@ def expert_ffn(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
     return matmul("cf,df->cd", swiglu(g_CF, u_CF).astype(dt), ex.down(dt)).astype(f32)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=0)
-def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWeights, ...], *, capacity: int):
+def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWeights, ...], *, capacity: int):
     """Add the contribution of a chunk of experts (ids_C[c] uses experts[c]; id -1 is padding) to
     acc_ND (None: start from zeros).
 
@@ -67,3 +66,7 @@ def experts_segment(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[Expe
         y_CD = expert_ffn(h_pad[tok_C], ex)
         acc_ND = acc_ND.at[tok_C].add(y_CD * wt_C[:, None], mode="drop")
     return acc_ND
+
+
+# The compiled form, run on its own between transfers (inside another program, call add_experts).
+experts_segment = segment_jit(add_experts, static_argnames=("capacity",), donate_argnums=0)

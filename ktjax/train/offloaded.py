@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ktjax.experts.device import experts_segment
+from ktjax.experts.device import add_experts, experts_segment
 from ktjax.lora.config import GROUP_ATTR, LoRAConfig
 from ktjax.lora.modules import inject_layer, layer_key, prepare_layer
 from ktjax.models import DecoderLayer, final_logits
@@ -101,7 +101,7 @@ def combine_bwd_segment(dy_BTD, shared_ND):
 @functools.partial(jax.jit, static_argnames=("capacity",), donate_argnums=(0, 1))
 def experts_bwd_segment(dh_ND, dw_NK, h_ND, weights_NK, idx_NK, ids_C, experts, dacc_ND, *, capacity: int):
     """Add a chunk of streamed experts' contribution to d h and d routing-weights (the experts are frozen)."""
-    _, vjp = jax.vjp(lambda h, w: experts_segment(None, h, w, idx_NK, ids_C, experts, capacity=capacity),
+    _, vjp = jax.vjp(lambda h, w: add_experts(None, h, w, idx_NK, ids_C, experts, capacity=capacity),
                      h_ND, weights_NK)
     dh, dw = vjp(dacc_ND)
     return dh_ND + dh.astype(dh_ND.dtype), dw_NK + dw

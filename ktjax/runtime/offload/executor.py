@@ -51,11 +51,13 @@ class Segments:
 class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
-    expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`)."""
+    expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`).
+    decode_group: streamed experts computed per program in decode (1: each as soon as it lands;
+    more: fewer launches, each waiting for its group's transfers)."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
-                 rates: PathRates | None = None):
+                 rates: PathRates | None = None, decode_group: int = 1):
         if expert_compute not in MODES:
             raise ValueError(f"expert_compute={expert_compute!r}: use one of {', '.join(MODES)}")
         fmt = plan.expert_format
@@ -75,6 +77,7 @@ class OffloadedExecutor:
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
         self.rates = rates or DEFAULT_RATES.get(fmt.name)
+        self.decode_group = decode_group
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
 
     @property
@@ -149,6 +152,11 @@ class OffloadedExecutor:
             out.host.threads = threads
         return out
 
+    def with_decode_group(self, group: int) -> OffloadedExecutor:
+        out = copy.copy(self)
+        out.decode_group = group
+        return out
+
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates
@@ -166,7 +174,8 @@ class OffloadedExecutor:
         for i, e in arriving:
             experts[i][e] = jax.block_until_ready(jax.device_put(experts[i][e], self.store.on_device))
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
-                                 attention=self.attention, expert_compute=self.expert_compute, rates=self.rates)
+                                 attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
+                                 decode_group=self.decode_group)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""
@@ -250,7 +259,8 @@ class OffloadedExecutor:
             return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
 
         if host is None:
-            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared),)
+            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
+                                       group=self.decode_group),)
         else:
             chosen = [int(e) for e in np.flatnonzero(counts)]
             hosted = [e for e in chosen if self.store.is_hosted(i, e)]
@@ -276,7 +286,8 @@ class OffloadedExecutor:
         if not gpu_ids:
             run_shared()
             return ()
-        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared),)
+        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
+                                  group=self.decode_group),)
 
 
 def _timed(fn, *args):
