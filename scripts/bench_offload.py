@@ -217,9 +217,9 @@ def run_ktjax(args) -> dict:
     if model.host is not None:
         # The split's rates as ktjax.load measures them (a few experts per call, both paths at once),
         # for each host-kernel thread count asked for; the best pair is used.
-        import numba
+        from ktjax.runtime.offload.host_path import default_threads
         measured = {}
-        for n in args.host_threads or [numba.config.NUMBA_NUM_THREADS]:
+        for n in args.host_threads or [default_threads()]:
             r = model.with_host_threads(n).measure_rates()
             measured[n] = r
             log(f"in-situ rates, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link {r.link_gbps:.1f} GB/s")

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from ktjax.experts.weights import ExpertWeights
 from ktjax.models.layers import matmul, swiglu
-from ktjax.runtime.compilation_cache import segment_jit
 
 
 def expert_ffn(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
@@ -69,4 +68,4 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
 
 
 # The compiled form, run on its own between transfers (inside another program, call add_experts).
-experts_segment = segment_jit(add_experts, static_argnames=("capacity",), donate_argnums=0)
+experts_segment = jax.jit(add_experts, static_argnames=("capacity",), donate_argnums=0)

@@ -12,9 +12,10 @@ from ktjax.experts.weights import ExpertFormat, ExpertWeights
 
 
 class HostPath:
-    """threads: the host kernels' parallel threads (default: numba's, every core). Fewer can be
-    faster while other threads of the process (GPU dispatch, XLA's runtime) need a core: a parallel
-    loop waits for its slowest thread."""
+    """threads: the host kernels' parallel threads. By default all cores but two: the link's copies
+    and the GPU dispatch need CPU time too, and a parallel loop waits for its slowest thread.
+    Measured on the H200 machine's 16 cores, both paths at once (benchmarks/offload.md, run 8):
+    16 threads 41.5 + 34.0 GB/s (CPU + link, int8) against 46.0 + 42.8 with 14."""
 
     def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights], threads: int | None = None):
         self.kernels = HostExperts(fmt.packed)
@@ -29,5 +30,10 @@ class HostPath:
         experts = np.asarray(ids, np.int64)
         tok, weight, ntok = assignments(idx_NK, weights_NK, experts)
         bases = np.array([self.bases[(layer, e)] for e in ids], np.int64)
-        numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(self.threads or default_threads(), numba.config.NUMBA_NUM_THREADS))
         return self.kernels.compute(bases, tok, ntok, weight, np.asarray(h_ND, np.float32))
+
+
+def default_threads() -> int:
+    cores = numba.config.NUMBA_NUM_THREADS
+    return cores - 2 if cores > 4 else cores

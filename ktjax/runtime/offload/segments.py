@@ -23,7 +23,6 @@ from ktjax.models.decoder import DecoderLayer, final_logits
 from ktjax.models.deepseek import positions
 from ktjax.models.moe import combine
 from ktjax.models.rope import cos_sin
-from ktjax.runtime.compilation_cache import segment_jit
 from ktjax.runtime.sampling import sample_rows
 
 
@@ -57,7 +56,7 @@ def shared(layer: DecoderLayer, h_ND):
     return layer.mlp.shared(h_ND)
 
 
-@segment_jit
+@jax.jit
 def combine_segment(x_BTD, shared_ND, routed_ND):
     """x + routed + shared; routed: the experts' f32 sums (a tuple of parts computed in different places)."""
     total_ND = sum(routed_ND[1:], routed_ND[0])
@@ -85,25 +84,25 @@ class LayerSegments:
             x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
             return (x_BTD, *route(layer, x_BTD), latent, rp)
 
-        self.attention = segment_jit(attention, donate_argnums=(4, 5))
-        self.dense_layer = segment_jit(dense_layer, donate_argnums=(4, 5))
-        self.attention_route = segment_jit(attention_route, donate_argnums=(4, 5))
-        self.dense_mlp = segment_jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
-        self.route = segment_jit(lambda state, x_BTD: route(merge(state), x_BTD))
-        self.shared = segment_jit(lambda state, h_ND: shared(merge(state), h_ND))
+        self.attention = jax.jit(attention, donate_argnums=(4, 5))
+        self.dense_layer = jax.jit(dense_layer, donate_argnums=(4, 5))
+        self.attention_route = jax.jit(attention_route, donate_argnums=(4, 5))
+        self.dense_mlp = jax.jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
+        self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
+        self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
 
 
-@functools.partial(segment_jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def embed_segment(cfg: ModelConfig, embed_VD, tokens_BT, start_B):
     tokens_BT = tokens_BT.reshape(tokens_BT.shape[0], -1).astype(jnp.int32)  # [B] (a decode step) or [B, T]
     start_B = start_B.astype(jnp.int32)
     return embed_VD[tokens_BT], cos_sin(cfg, positions(start_B, tokens_BT.shape[1])), start_B
 
 
-logits_segment = segment_jit(final_logits, static_argnums=2)
+logits_segment = jax.jit(final_logits, static_argnums=2)
 
 
-@functools.partial(segment_jit, static_argnums=2)
+@functools.partial(jax.jit, static_argnums=2)
 def head_segment(norm_D, head_VD, eps: float, x_BTD, last_B, key, sampling):
     """Sample from row last_B[b] of each sequence."""
     x_BD = jnp.take_along_axis(x_BTD, last_B.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
