@@ -37,6 +37,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -58,6 +59,7 @@ import numpy as np  # noqa: E402
 
 import ktjax  # noqa: E402
 from ktjax.api import default_model_path  # noqa: E402
+from ktjax.experts import quant  # noqa: E402
 from ktjax.train.loss import next_token_loss_from_logits  # noqa: E402
 
 QUANTIZED = ("int8", "int4")
@@ -105,6 +107,46 @@ def greedy_sequences(model, prompts_BP: np.ndarray, new_tokens: int, eos: int | 
     return tokens, counted
 
 
+def routing_changes(torch_model, tokens_BT: np.ndarray, fmt: str) -> dict:
+    """Where the quantization error comes from, seen in the reference implementation alone: transformers
+    (float32) with its routed experts quantized and dequantized by ktjax's numpy quantizer (tests/
+    test_fidelity.py checks ktjax computes exactly that model) against the original weights. Which
+    positions choose a different expert set in some MoE layer, and the logits error (per position,
+    max over the vocabulary, relative to the largest |logit|) on positions whose routing held and
+    on those where it changed."""
+    import torch
+    from reference import reference_logits
+
+    def run(model):
+        chosen = {}
+        hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out, k=k: chosen.__setitem__(k, out[-1]))
+                 for k, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+        logits = reference_logits(model, tokens_BT)
+        for h in hooks:
+            h.remove()
+        sets_LBTK = np.stack([np.sort(chosen[k].numpy().reshape(*tokens_BT.shape, -1), -1) for k in sorted(chosen)])
+        return logits, sets_LBTK
+
+    ref, ref_sets = run(torch_model)
+    quantized = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        for layer in quantized.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                for stacked in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                    for e in range(stacked.shape[0]):
+                        w = stacked[e].numpy()
+                        stacked[e] = torch.from_numpy(quant.dequantize(quant.quantize(w, fmt), fmt, w.shape[1]))
+    logits, sets = run(quantized)
+    changed_BT = (sets != ref_sets).any(-1).any(0)
+    err_BT = np.abs(logits - ref).max(-1) / np.abs(ref).max()
+    held = err_BT[~changed_BT]
+    moved = err_BT[changed_BT]
+    return dict(positions_with_routing_change=float(changed_BT.mean()),
+                err_where_routing_held_mean=float(held.mean()), err_where_routing_held_max=float(held.max()),
+                err_where_routing_changed_mean=float(moved.mean()) if moved.size else None,
+                err_where_routing_changed_max=float(moved.max()) if moved.size else None)
+
+
 def tiny_config_rows(kind: str, args, workdir: str) -> list[dict]:
     from reference import make_reference, reference_logits, save_reference
 
@@ -135,6 +177,8 @@ def tiny_config_rows(kind: str, args, workdir: str) -> list[dict]:
                              seconds=round(time.time() - t, 1)))
             print(f"  {kind} {fmt} {compute}: max {rows[-1]['max_rel']:.2e} mean {rows[-1]['mean_rel']:.2e} "
                   f"agreement {rows[-1]['greedy_agreement']:.4f}", flush=True)
+        rows.append(dict(common, experts=fmt, path="routing (transformers, float32)",
+                         **routing_changes(torch_model, tokens, fmt)))
     return rows
 
 
@@ -224,9 +268,18 @@ def markdown(tiny: list[dict], embedded: list[dict], info: dict | None) -> str:
     if tiny:
         lines += ["| config | experts | path | max logits error | mean logits error | greedy agreement |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for r in tiny:
+        for r in (r for r in tiny if "max_rel" in r):
             lines.append(f"| {r['config']} | {r['experts']} | {r['path']} | {r['max_rel']:.2e} | {r['mean_rel']:.2e} "
                          f"| {r['greedy_agreement']:.4f} ({r['counted_positions']} positions) |")
+        lines += ["", "Where the error comes from (transformers, float32, experts quantized by ktjax.experts.quant; "
+                  "per-position max logits error relative to the largest |logit|):", "",
+                  "| config | experts | positions whose routing changed | error where routing held: mean / max "
+                  "| where it changed: mean / max |", "| --- | --- | --- | --- | --- |"]
+        for r in (r for r in tiny if "positions_with_routing_change" in r):
+            moved = (f"{r['err_where_routing_changed_mean']:.2e} / {r['err_where_routing_changed_max']:.2e}"
+                     if r["err_where_routing_changed_mean"] is not None else "-")
+            lines.append(f"| {r['config']} | {r['experts']} | {r['positions_with_routing_change']:.4f} "
+                         f"| {r['err_where_routing_held_mean']:.2e} / {r['err_where_routing_held_max']:.2e} | {moved} |")
         lines.append("")
     if embedded:
         lines += [f"Held-out loss, embedded model, {info['windows']} windows x {info['seq_len']} tokens "
