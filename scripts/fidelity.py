@@ -237,9 +237,9 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
             reference = logits
         if reference is not None and label != "bf16":
             kl, agree = zip(*(divergence(lg, ref) for lg, ref in zip(logits, reference)))
-            sizes_ = [len(b) for b in batches]
-            row.update(kl_from_bf16=float(np.average(kl, weights=sizes_)),
-                       top1_agreement_with_bf16=float(np.average(agree, weights=sizes_)))
+            per_batch = [len(b) for b in batches]
+            row.update(kl_from_bf16=float(np.average(kl, weights=per_batch)),
+                       top1_agreement_with_bf16=float(np.average(agree, weights=per_batch)))
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
         print(f"  embedded {label} {compute}: held-out loss {row['loss']:.4f}", flush=True)
@@ -254,7 +254,8 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
         diff = np.asarray(r["window_losses"]) - base  # paired: the same windows
         r["increase_over_bf16"] = r["loss"] / rows[0]["loss"] - 1
         # Windows are the independent units (tokens within one are correlated).
-        r["increase_standard_error"] = float(diff.std(ddof=1) / np.sqrt(len(diff)) / rows[0]["loss"]) if len(diff) > 1 else None
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        r["increase_standard_error"] = float(se / rows[0]["loss"])
         if r["experts"] in TARGETS:
             r["target"] = TARGETS[r["experts"]]
             r["meets_target"] = bool(r["increase_over_bf16"] <= TARGETS[r["experts"]])
@@ -290,7 +291,7 @@ def markdown(tiny: list[dict], embedded: list[dict], info: dict | None) -> str:
         for r in embedded:
             target = f"<= +{100 * r['target']:.1f}%" if "target" in r else "-"
             met = ("yes" if r["meets_target"] else "**no**") if "target" in r else "-"
-            se = f" ± {100 * r['increase_standard_error']:.3f}%" if r.get("increase_standard_error") else ""
+            se = f" ± {100 * r['increase_standard_error']:.3f}%" if r["increase_standard_error"] > 0 else ""
             kl = f"{r['kl_from_bf16']:.2e}" if "kl_from_bf16" in r else "-"
             top1 = f"{r['top1_agreement_with_bf16']:.4f}" if "top1_agreement_with_bf16" in r else "-"
             lines.append(f"| {r['experts']} | {r['path']} | {r['loss']:.4f} | {100 * r['increase_over_bf16']:+.3f}%{se} "
