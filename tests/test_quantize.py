@@ -16,12 +16,13 @@ import ktjax
 from fp8 import dequantize_reference, read_tensors, write_fp8_checkpoint
 from ktjax.api import default_model_path
 from ktjax.cli.main import main
+from ktjax.config import ModelConfig
 from ktjax.experts import packed, quant
 from reference import make_reference, reference_logits, save_reference
 
 FORMATS = ("int8", "int4")
 TOKENS = np.random.default_rng(12).integers(0, 97, (2, 9))
-EXPERT = r"model.layers.{i}.mlp.experts.{e}.{p}"
+EXPERT = "model.layers.{i}.mlp.experts.{e}.{p}"
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 STORED = {"int8": {"q": np.int8, "scale": np.float16},
           "int4": {"q": np.uint8, "sc": np.uint8, "mn": np.uint8, "d": np.float32, "dmin": np.float32}}
@@ -98,6 +99,7 @@ def test_the_files_hold_the_quantizers_arrays_and_copy_everything_else(src, writ
     source, stored, cfg = read_tensors(src), read_tensors(written[fmt]), config_of(written[fmt])
     assert cfg["quantization_config"] == {"quant_method": "ktjax", "experts": fmt, "group_size": 32}
     assert {k: v for k, v in cfg.items() if k != "quantization_config"} == config_of(src)
+    assert ModelConfig.from_json(written[fmt]).to_dict()["quantization_config"] == cfg["quantization_config"]
     with open(os.path.join(written[fmt], "model.safetensors.index.json"), encoding="utf-8") as f:
         assert set(json.load(f)["weight_map"]) == set(stored)
     experts = expert_weights(cfg)
@@ -148,7 +150,7 @@ def test_loading_runs_no_quantizer_and_gives_the_model_quantized_while_loading(s
     assert fidelity(got, reference_logits(reference, TOKENS)) < FIDELITY[fmt]
 
 
-def test_other_formats_come_from_the_dequantized_values(src, written, reference):
+def test_other_formats_come_from_the_dequantized_values(src, written, reference, tmp_path):
     # A float format dequantizes (here through the resident loader: every parameter on the device).
     model = ktjax.load(written["int4"], experts="float32")
     assert model.placement.expert_format.name == "float32" and not model.placement.offloaded
@@ -162,6 +164,11 @@ def test_other_formats_come_from_the_dequantized_values(src, written, reference)
                       for p, cols in zip(PROJECTIONS, (D, D, F)))
     np.testing.assert_array_equal(buffer, packed.PackedLayout("int4", F, D).pack(gate, up, down))
     assert fidelity(ktjax.logits(model, TOKENS), reference_logits(reference, TOKENS)) < FIDELITY["int4"]
+    # Quantizing a quantized checkpoint again into its own format changes nothing.
+    again = ktjax.quantize(written["int8"], experts="int8", output=tmp_path / "again")
+    assert read_tensors(again).keys() == stored.keys()
+    for name, value in read_tensors(again).items():
+        np.testing.assert_array_equal(value, stored[name], err_msg=name)
 
 
 def test_an_fp8_checkpoint_keeps_its_fp8_weights_and_scales(src, tmp_path):
