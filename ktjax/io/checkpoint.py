@@ -280,7 +280,8 @@ class LeafSource:
 
 def leaf_source(ckpt: Checkpoint, cfg: ModelConfig, leaf_path: tuple[str, ...], shape: tuple[int, ...],
                 dtype) -> LeafSource:
-    """Map a leaf to its tensors and check them from the headers: present, right shape, float, FP8 with scales."""
+    """Map a leaf to its tensors and check them from the headers: present, right shape, float, FP8 with
+    scales; routed experts of a `ktjax quantize` checkpoint (cfg.expert_quant) as their integer arrays."""
     block = cfg.fp8_block_size or DEFAULT_FP8_BLOCK
     quant = cfg.expert_quant if leaf_path[1:3] == ("mlp", "experts") else None
     tensors = []

@@ -1,7 +1,8 @@
 """Routed experts read from a checkpoint one at a time, into the expert format the model keeps them
 in (`ktjax.experts.weights`): as stored (bf16, FP8, or the int8/int4 arrays of a `ktjax quantize`
-checkpoint), or quantized while loading (int8, int4, or FP8 blocks from float weights). One expert's matrices are in host memory at a time; quantizing
-runs on the GPU when there is one (milliseconds per full-size expert, against a second in numpy).
+checkpoint), or quantized while loading (int8, int4, or FP8 blocks from float weights). One expert's
+matrices are in host memory at a time; quantizing runs on the GPU when there is one (milliseconds per
+full-size expert, against a second in numpy).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def _on_gpu() -> bool:
 
 def stored_nbytes(ckpt: Checkpoint, mats: list[Tensor], stored: str | None = None) -> int:
     """Bytes of one expert's tensors in the files (scales included)."""
-    names = [n for name, _ in mats for n in quantized_names(name, stored).values()] if stored else \
-        [n for name, scale in mats for n in (name, scale) if n]
+    if stored is not None:
+        names = [n for name, _ in mats for n in quantized_names(name, stored).values()]
+    else:
+        names = [n for name, scale in mats for n in (name, scale) if n]
     return sum(ckpt.info(n).nbytes for n in names)
 
 
@@ -75,12 +78,12 @@ def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: 
     block: the checkpoint's FP8 scale block; stored: the integer format the checkpoint stores the
     experts in (`ktjax quantize`), or None for float/FP8 weights."""
     if stored is not None:
-        (g, u, d) = (read_quantized(ckpt, name, stored) for name, _ in mats)
+        gate, up, down = (read_quantized(ckpt, name, stored) for name, _ in mats)
         if fmt.name == stored:  # the stored arrays are the buffer's: placed, never quantized again
-            return packed_expert(fmt.packed.place({"gate_up": {a: np.concatenate([g[a], u[a]]) for a in g},
-                                                   "down": d}), fmt)
+            gate_up = {a: np.concatenate([gate[a], up[a]]) for a in gate}  # per-row arrays stack as rows
+            return packed_expert(fmt.packed.place({"gate_up": gate_up, "down": down}), fmt)
         # Another format: from the dequantized values (an int8 <-> int4 conversion compounds both errors).
-        w = [dequantize(g, stored, fmt.D), dequantize(u, stored, fmt.D), dequantize(d, stored, fmt.F)]
+        w = [dequantize(gate, stored, fmt.D), dequantize(up, stored, fmt.D), dequantize(down, stored, fmt.F)]
     else:
         raw = [ckpt.read(name) for name, _ in mats]
         if fmt.name == "fp8" and all(scale is not None for _, scale in mats):
