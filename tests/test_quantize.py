@@ -239,6 +239,16 @@ def test_bad_output_format_or_files_are_one_line_errors(src, written, tmp_path, 
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     err = one_line_error(["generate", "--model", str(bad), "--prompt", "hi"], capsys)
     assert "tensor model.layers.2.mlp.experts.5.up_proj.scale is missing" in err
+    # A config that says int4 over int8 tensors.
+    liar = shutil.copytree(written["int8"], tmp_path / "liar")
+    cfg = config_of(liar)
+    cfg["quantization_config"]["experts"] = "int4"
+    (liar / "config.json").write_text(json.dumps(cfg))
+    err = one_line_error(["generate", "--model", str(liar), "--prompt", "hi"], capsys)
+    assert "tensor model.layers.1.mlp.experts.0.down_proj.q is I8 [64, 32], expected U8 [64, 128]" in err
+    cfg["quantization_config"]["experts"] = "int3"
+    (liar / "config.json").write_text(json.dumps(cfg))
+    assert "quantization_config.experts' 'int3'" in one_line_error(["info", "--model", str(liar)], capsys)
     cut = shutil.copytree(written["int4"], tmp_path / "truncated")
     shard = cut / "model-00001-of-00001.safetensors"
     os.truncate(shard, os.path.getsize(shard) - 100)
@@ -254,3 +264,17 @@ def test_an_interrupted_run_leaves_nothing(src, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quantized, "write_expert", interrupt)
     assert main(["quantize", "--model", src, "--experts", "int4", "--output", str(tmp_path / "out")]) == 130
     assert os.listdir(tmp_path) == []
+
+
+def test_shards_stay_under_their_size_and_the_index_finds_every_tensor(src, written, tmp_path):
+    from ktjax.io.quantized import quantize_checkpoint
+
+    out = quantize_checkpoint(src, str(tmp_path / "sharded"), "int8", shard_bytes=100_000)
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) > 2 and all(os.path.getsize(os.path.join(out, f)) < 100_000 + 70_000 for f in shards)
+    with open(os.path.join(out, "model.safetensors.index.json"), encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    whole = read_tensors(written["int8"])
+    assert weight_map.keys() == whole.keys()
+    for name, file in weight_map.items():
+        np.testing.assert_array_equal(safetensors.numpy.load_file(os.path.join(out, file))[name], whole[name])
