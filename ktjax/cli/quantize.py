@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="source checkpoint directory in transformers format (default: the embedded tiny model)")
     p.add_argument("--experts", metavar="{" + ",".join(EXPERT_QUANT_FORMATS) + "}", required=True,
-                   help="the format the routed experts are stored in: int8 (about half of bf16's bytes, error "
-                        "under 1/254 of each group's largest value) or int4 (about a quarter, coarser)")
+                   help="the format the routed experts are stored in: int8 (about half of bf16's bytes; each "
+                        "weight within about 1/254 of its group's largest magnitude) or int4 (under a third of "
+                        "bf16's bytes; within 1/15 of its group's range)")
     p.add_argument("--output", metavar="DIR", required=True,
                    help="where to write the quantized checkpoint (must not exist, or be an empty directory)")
     p.set_defaults(func=run)
