@@ -12,7 +12,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "models")) and _os.path.isfile(
         _os.path.join(_checkout, "models", "decoder.py")):
     __path__.append(_checkout)
 
-from ktjax.api import apply_adapter, finetune, load, load_adapter, logits, merge_adapter, plan_placement
+from ktjax.api import apply_adapter, finetune, load, load_adapter, logits, merge_adapter, plan_placement, quantize
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.io.checkpoint import CheckpointError
 from ktjax.lora.config import LoRAConfig
@@ -23,4 +23,4 @@ from ktjax.train.finetune import FinetuneResult
 
 __all__ = ["CheckpointError", "ConfigError", "FinetuneResult", "GenerationResult", "GenerationStats", "LoRAConfig",
            "LoadedModel", "ModelConfig", "PlacementError", "__version__", "apply_adapter", "chat", "finetune", "generate",
-           "load", "load_adapter", "logits", "merge_adapter", "plan_placement", "stream"]
+           "load", "load_adapter", "logits", "merge_adapter", "plan_placement", "quantize", "stream"]

@@ -18,6 +18,7 @@ from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.experts import stored_fp8
 from ktjax.io.load import abstract_params, load_params
 from ktjax.io.peft import read_adapter
+from ktjax.io.quantized import quantize_checkpoint
 from ktjax.lora.config import LoRAConfig
 from ktjax.runtime import placement as placing
 from ktjax.runtime.model import LoadedModel, Sampling
@@ -41,11 +42,13 @@ def resolve_path(path: str | os.PathLike | None) -> str:
 
 
 def expert_format(path: str, cfg: ModelConfig, dtype, experts: str | None) -> ExpertFormat:
-    """The format routed experts are kept in: as asked, else FP8 where the checkpoint stores them so,
-    else the model dtype. A directory with a config alone (planning a download) trusts its
-    quantization_config."""
+    """The format routed experts are kept in: as asked, else the integer format of a `ktjax quantize`
+    checkpoint, else FP8 where the checkpoint stores them so, else the model dtype. A directory with a
+    config alone (planning a download) trusts its quantization_config."""
     F, D = cfg.moe_intermediate_size, cfg.hidden_size
     block = (cfg.fp8_block_size or (128, 128))[0]
+    if experts is None and cfg.expert_quant is not None:  # a `ktjax quantize` checkpoint: as it stores them
+        experts = cfg.expert_quant
     if experts is None:
         configured_only = not any(f.endswith(".safetensors") for f in os.listdir(path))
         fp8 = bool(cfg.fp8_block_size) if configured_only else stored_fp8(Checkpoint(path), cfg)
@@ -94,7 +97,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
 
     dtype: compute dtype, "bfloat16" or "float32" (default: the checkpoint's).
     experts: the format routed experts are kept in: "bf16", "float32", "fp8", "int8" or "int4"
-        (default: the checkpoint's own precision); int8/int4 quantize while loading.
+        (default: the checkpoint's own precision); int8/int4 quantize while loading, except from a
+        `ktjax.quantize` checkpoint in that format, whose arrays load as written (the other integer
+        format is re-quantized from its dequantized values; a float format dequantizes).
     expert_compute: where experts in host memory are computed: "auto" (the host CPU or the GPU,
         whichever the measured rates favour per step; int8/int4 only), "gpu" (streamed over the
         link), "cpu" (on the host CPU where they live; int8/int4).
@@ -134,6 +139,15 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model
+
+
+def quantize(path: str | os.PathLike | None = None, *, experts: str, output: str | os.PathLike,
+             progress: bool | None = None) -> str:
+    """Write the checkpoint at `path` (the embedded tiny model if None) to the new directory `output`
+    with its routed experts stored as `experts` ("int8" or "int4"), the layout of
+    docs/quantized_checkpoints.md; `ktjax.load(output)` then keeps them so without quantizing.
+    Streamed (bounded memory); the output appears only once complete. Returns the output path."""
+    return quantize_checkpoint(resolve_path(path), os.path.expanduser(os.fspath(output)), experts, progress=progress)
 
 
 def routing_counts(model: LoadedModel, prompt: str | Sequence[int]) -> dict[int, np.ndarray]:

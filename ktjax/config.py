@@ -72,6 +72,8 @@ class ModelConfig:
     torch_dtype: str | None = None
     # FP8 block size of the checkpoint's quantised weights, or None for float checkpoints.
     fp8_block_size: tuple[int, int] | None = None
+    # The integer format ("int8"/"int4") routed experts are stored in (a `ktjax quantize` checkpoint), or None.
+    expert_quant: str | None = None
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -159,6 +161,7 @@ class ModelConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("rope_scaling")
         d.pop("fp8_block_size")
+        d.pop("expert_quant")
         d["architectures"] = [_ARCH[self.model_type]]
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
@@ -166,7 +169,9 @@ class ModelConfig:
                 del d["rope_scaling"]["attention_factor"]
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
-        if self.fp8_block_size is not None:
+        if self.expert_quant is not None:
+            d["quantization_config"] = quantization_config(self.expert_quant, self.fp8_block_size)
+        elif self.fp8_block_size is not None:
             d["quantization_config"] = {
                 "quant_method": "fp8",
                 "fmt": "e4m3",
@@ -269,6 +274,49 @@ def _rope(d: dict) -> tuple[float, YarnScaling | None]:
     )
 
 
+# `ktjax quantize` checkpoints: routed experts in an integer format of `ktjax.experts.quant`
+# (docs/quantized_checkpoints.md), everything else as the source stored it (float, or FP8 blocks).
+KTJAX_QUANT_METHOD = "ktjax"
+EXPERT_QUANT_FORMATS = ("int8", "int4")
+EXPERT_QUANT_GROUP = 32  # values per scale along the input dimension (ktjax.experts.quant.GROUP)
+
+
+def quantization_config(expert_quant: str, fp8_block: tuple[int, int] | None) -> dict[str, Any]:
+    """config.json's quantization_config of a `ktjax quantize` checkpoint."""
+    q = {"quant_method": KTJAX_QUANT_METHOD, "experts": expert_quant, "group_size": EXPERT_QUANT_GROUP}
+    if fp8_block is not None:  # the other linear weights stay FP8, with their block scales
+        q["fp8_weight_block_size"] = list(fp8_block)
+    return q
+
+
+def _block(quant: dict, key: str) -> tuple[int, int]:
+    block = tuple(int(x) for x in quant.get(key, (128, 128)))
+    if len(block) != 2:
+        raise ConfigError(f"field 'quantization_config.{key}' must have 2 entries, got {block}")
+    return block
+
+
+def _quantization(quant: Any) -> tuple[tuple[int, int] | None, str | None]:
+    """(FP8 block size or None, expert integer format or None) from quantization_config."""
+    if quant is None:
+        return None, None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "fp8":
+        return _block(quant, "weight_block_size"), None
+    if method != KTJAX_QUANT_METHOD:
+        raise ConfigError(f"field 'quantization_config.quant_method' {method!r} is not supported "
+                          f"(use 'fp8' or {KTJAX_QUANT_METHOD!r})")
+    experts = quant.get("experts")
+    if experts not in EXPERT_QUANT_FORMATS:
+        raise ConfigError(f"field 'quantization_config.experts' {experts!r} is not supported "
+                          f"(use one of {', '.join(EXPERT_QUANT_FORMATS)})")
+    if quant.get("group_size", EXPERT_QUANT_GROUP) != EXPERT_QUANT_GROUP:
+        raise ConfigError(f"field 'quantization_config.group_size' {quant.get('group_size')!r} is not supported "
+                          f"(only {EXPERT_QUANT_GROUP})")
+    fp8 = _block(quant, "fp8_weight_block_size") if "fp8_weight_block_size" in quant else None
+    return fp8, experts
+
+
 def _parse(d: dict[str, Any]) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -293,14 +341,7 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
     scoring_func = s("scoring_func")
     n_group = i("n_group") or 1
     topk_group = i("topk_group") or 1
-    quant = d.get("quantization_config")
-    fp8_block = None
-    if quant is not None:
-        if quant.get("quant_method") != "fp8":
-            raise ConfigError(f"field 'quantization_config.quant_method' {quant.get('quant_method')!r} is not supported (only 'fp8')")
-        fp8_block = tuple(int(x) for x in quant.get("weight_block_size", (128, 128)))
-        if len(fp8_block) != 2:
-            raise ConfigError(f"field 'quantization_config.weight_block_size' must have 2 entries, got {fp8_block}")
+    fp8_block, expert_quant = _quantization(d.get("quantization_config"))
     eos = d.get("eos_token_id")
     cfg = ModelConfig(
         model_type=model_type,
@@ -338,6 +379,7 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         torch_dtype=d.get("torch_dtype") or d.get("dtype"),
         fp8_block_size=fp8_block,
+        expert_quant=expert_quant,
     )
     _validate(cfg)
     return cfg

@@ -11,7 +11,7 @@ from flax import nnx
 
 from ktjax.api import expert_format, plan_placement, resolve_path
 from ktjax.cli.common import check_model_args, model_args
-from ktjax.config import ModelConfig, resolve_dtype
+from ktjax.config import EXPERT_QUANT_GROUP, ModelConfig, resolve_dtype
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.load import abstract_params
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES
@@ -57,7 +57,8 @@ def describe(path: str, dtype=None, experts: str | None = None) -> str:
             f"YaRN x{cfg.rope_scaling.factor:g} from {cfg.rope_scaling.original_max_position_embeddings}"
             if cfg.rope_scaling else "no scaling") + f", max positions {cfg.max_position_embeddings}",
         f"weights     {'FP8 e4m3 blocks ' + str(cfg.fp8_block_size) + ' in the checkpoint, ' if cfg.fp8_block_size else ''}"
-        f"{np.dtype(dtype).name} when loaded",
+        f"{np.dtype(dtype).name} when loaded" + (f"; routed experts stored as {cfg.expert_quant} (ktjax quantize, "
+                                                 f"groups of {EXPERT_QUANT_GROUP})" if cfg.expert_quant else ""),
         "",
         f"{'group':<16}{'parameters':>18}{'share':>8}{'bytes as loaded':>20}",
     ]

@@ -55,13 +55,20 @@ class PackedLayout:
         the host, or jax arrays (a jitted caller quantizes on the device)."""
         xp = np if isinstance(gate_FD, np.ndarray) else jnp
         mats = {"gate_up": xp.concatenate([gate_FD, up_FD]).astype(xp.float32), "down": down_DF.astype(xp.float32)}
+        return self.place({m_name: quantize(w, self.fmt) for m_name, w in mats.items()})
+
+    def place(self, arrays: dict[str, dict]):
+        """The buffer of already quantized arrays ({"gate_up": {...}, "down": {...}}, as `quantize`
+        returns them): how a stored int8/int4 checkpoint loads without quantizing again."""
+        xp = np if isinstance(arrays["down"]["q"], np.ndarray) else jnp
         pieces, end = [], 0
-        for m_name, w in mats.items():
-            for a_name, arr in quantize(w, self.fmt).items():
-                offset, dtype, shape = self.sections[(m_name, a_name)]
-                raw = _bytes(arr.astype(dtype))
-                pieces += [xp.zeros(offset - end, xp.uint8), raw]
-                end = offset + raw.shape[0]
+        for (m_name, a_name), (offset, dtype, shape) in self.sections.items():
+            arr = arrays[m_name][a_name]
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{self.fmt} {m_name}.{a_name}: shape {list(arr.shape)}, expected {list(shape)}")
+            raw = _bytes(arr.astype(dtype))
+            pieces += [xp.zeros(offset - end, xp.uint8), raw]
+            end = offset + raw.shape[0]
         return xp.concatenate(pieces)
 
     def arrays(self, buf: np.ndarray, matrix: str) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from ktjax.config import ModelConfig
+from ktjax.experts.quant import QuantMatrix
 
 # safetensors dtype codes -> numpy dtypes (ml_dtypes supplies bfloat16 and float8).
 DTYPES = {
@@ -215,6 +216,41 @@ def dequantize_fp8(w_RC, scale_rc, block: tuple[int, int], dtype=jnp.float32):
     return (w_RC.astype(xp.float32) * s_RC).astype(dtype)
 
 
+# ---- int8/int4 routed experts (`ktjax quantize`) ------------------------------------------
+
+# float16 scales are kept as their bits (uint16) in memory and stored as F16, so files read as floats.
+STORED_DTYPE = {np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.uint16): "F16",
+                np.dtype(np.float32): "F32"}
+
+
+def quantized_names(name: str, fmt: str) -> dict[str, str]:
+    """Array -> tensor name of a weight stored in an integer format: `...gate_proj.weight` is
+    `...gate_proj.q`, `...gate_proj.scale` (int8) or `.q`, `.sc`, `.mn`, `.d`, `.dmin` (int4)."""
+    base = name.removesuffix(".weight")
+    return {a: f"{base}.{a}" for a in QuantMatrix(fmt, 1, 1).arrays()}
+
+
+def check_quantized(ckpt: Checkpoint, name: str, fmt: str, shape: tuple[int, int]) -> int:
+    """Check from the headers that weight `name` [rows, cols] is stored as `fmt`'s arrays; their bytes."""
+    stored = 0
+    for a, (dtype, want) in QuantMatrix(fmt, *shape).arrays().items():
+        t = ckpt.info(quantized_names(name, fmt)[a])
+        if t.dtype != STORED_DTYPE[dtype] or t.shape != want:
+            raise CheckpointError(f"{t.file}: tensor {t.name} is {t.dtype} {list(t.shape)}, expected "
+                                  f"{STORED_DTYPE[dtype]} {list(want)} ({fmt} experts of {list(shape)} weights)")
+        stored += t.nbytes
+    return stored
+
+
+def read_quantized(ckpt: Checkpoint, name: str, fmt: str) -> dict[str, np.ndarray]:
+    """The arrays of weight `name` stored in `fmt`, as `ktjax.experts.quant` holds them (read-only views)."""
+    out = {}
+    for a, tensor in quantized_names(name, fmt).items():
+        arr = ckpt.read(tensor)
+        out[a] = arr.view(np.uint16) if arr.dtype == np.float16 else arr
+    return out
+
+
 # ---- leaves --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -227,6 +263,8 @@ class LeafSource:
     tensors: tuple[tuple[str, tuple[int, ...], str | None], ...]  # (name, index in the leaf, FP8 scale name or None)
     block: tuple[int, int]  # FP8 block size (rows, columns)
     stored_nbytes: int  # bytes read from the files, scales included
+    # "int8"/"int4": each tensor is stored as that format's arrays (`quantized_names`), not as `name`.
+    quant: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -235,18 +273,26 @@ class LeafSource:
     @property
     def names(self) -> list[str]:
         """Every checkpoint tensor this leaf consumes, scales included."""
+        if self.quant is not None:
+            return [n for name, _, _ in self.tensors for n in quantized_names(name, self.quant).values()]
         return [name for name, _, _ in self.tensors] + [scale for _, _, scale in self.tensors if scale]
 
 
 def leaf_source(ckpt: Checkpoint, cfg: ModelConfig, leaf_path: tuple[str, ...], shape: tuple[int, ...],
                 dtype) -> LeafSource:
-    """Map a leaf to its tensors and check them from the headers: present, right shape, float, FP8 with scales."""
+    """Map a leaf to its tensors and check them from the headers: present, right shape, float, FP8 with
+    scales; routed experts of a `ktjax quantize` checkpoint (cfg.expert_quant) as their integer arrays."""
     block = cfg.fp8_block_size or DEFAULT_FP8_BLOCK
+    quant = cfg.expert_quant if leaf_path[1:3] == ("mlp", "experts") else None
     tensors = []
     stored = 0
     for name, index in tensor_names(cfg, leaf_path):
-        t = ckpt.info(name)
         want = tuple(shape[len(index):])
+        if quant is not None:
+            stored += check_quantized(ckpt, name, quant, want)
+            tensors.append((name, index, None))
+            continue
+        t = ckpt.info(name)
         if t.shape != want:
             raise CheckpointError(f"{t.file}: tensor {name} has shape {list(t.shape)}, expected {list(want)}")
         stored += t.nbytes
@@ -268,7 +314,7 @@ def leaf_source(ckpt: Checkpoint, cfg: ModelConfig, leaf_path: tuple[str, ...], 
             raise CheckpointError(f"{t.file}: tensor {name}: unsupported dtype {t.dtype} for a parameter "
                                   f"(use one of {', '.join(FLOAT_DTYPES + (FP8_DTYPE,))})")
         tensors.append((name, index, scale_name))
-    return LeafSource(tuple(leaf_path), tuple(shape), jnp.dtype(dtype), tuple(tensors), block, stored)
+    return LeafSource(tuple(leaf_path), tuple(shape), jnp.dtype(dtype), tuple(tensors), block, stored, quant)
 
 
 def check_unexpected(ckpt: Checkpoint, cfg: ModelConfig, consumed: Iterable[str]) -> None:

@@ -1,7 +1,8 @@
 """Routed experts read from a checkpoint one at a time, into the expert format the model keeps them
-in (`ktjax.experts.weights`): as stored (bf16, FP8), or quantized while loading (int8, int4, or
-FP8 blocks from float weights). One expert's matrices are in host memory at a time; quantizing
-runs on the GPU when there is one (milliseconds per full-size expert, against a second in numpy).
+in (`ktjax.experts.weights`): as stored (bf16, FP8, or the int8/int4 arrays of a `ktjax quantize`
+checkpoint), or quantized while loading (int8, int4, or FP8 blocks from float weights). One expert's
+matrices are in host memory at a time; quantizing runs on the GPU when there is one (milliseconds per
+full-size expert, against a second in numpy).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 
 from ktjax.config import ModelConfig
 from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, float_expert, fp8_expert, packed_expert
-from ktjax.io.checkpoint import FP8_DTYPE, Checkpoint, LeafSource, dequantize_fp8
+from ktjax.experts.quant import dequantize
+from ktjax.io.checkpoint import FP8_DTYPE, Checkpoint, LeafSource, dequantize_fp8, quantized_names, read_quantized
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 Tensor = tuple[str, str | None]  # (name, FP8 scale name or None)
@@ -61,15 +63,34 @@ def _on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
-def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: tuple[int, int]) -> ExpertWeights:
+def stored_nbytes(ckpt: Checkpoint, mats: list[Tensor], stored: str | None = None) -> int:
+    """Bytes of one expert's tensors in the files (scales included)."""
+    if stored is not None:
+        names = [n for name, _ in mats for n in quantized_names(name, stored).values()]
+    else:
+        names = [n for name, scale in mats for n in (name, scale) if n]
+    return sum(ckpt.info(n).nbytes for n in names)
+
+
+def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: tuple[int, int],
+                stored: str | None = None) -> ExpertWeights:
     """One expert in `fmt`: host numpy arrays, or arrays on the GPU where it quantized them.
-    block: the checkpoint's FP8 scale block."""
-    raw = [ckpt.read(name) for name, _ in mats]
-    if fmt.name == "fp8" and all(scale is not None for _, scale in mats):
-        return fp8_expert(*raw, *[ckpt.read(scale) for _, scale in mats], fmt)
-    # Every other case starts from float values, each FP8 matrix dequantised with its own scales.
-    w = [np.asarray(m, np.float32) if scale is None else dequantize_fp8(m, ckpt.read(scale), block, np.float32)
-         for m, (_, scale) in zip(raw, mats)]
+    block: the checkpoint's FP8 scale block; stored: the integer format the checkpoint stores the
+    experts in (`ktjax quantize`), or None for float/FP8 weights."""
+    if stored is not None:
+        gate, up, down = (read_quantized(ckpt, name, stored) for name, _ in mats)
+        if fmt.name == stored:  # the stored arrays are the buffer's: placed, never quantized again
+            gate_up = {a: np.concatenate([gate[a], up[a]]) for a in gate}  # per-row arrays stack as rows
+            return packed_expert(fmt.packed.place({"gate_up": gate_up, "down": down}), fmt)
+        # Another format: from the dequantized values (an int8 <-> int4 conversion compounds both errors).
+        w = [dequantize(gate, stored, fmt.D), dequantize(up, stored, fmt.D), dequantize(down, stored, fmt.F)]
+    else:
+        raw = [ckpt.read(name) for name, _ in mats]
+        if fmt.name == "fp8" and all(scale is not None for _, scale in mats):
+            return fp8_expert(*raw, *[ckpt.read(scale) for _, scale in mats], fmt)
+        # Every other case starts from float values, each FP8 matrix dequantised with its own scales.
+        w = [np.asarray(m, np.float32) if scale is None else dequantize_fp8(m, ckpt.read(scale), block, np.float32)
+             for m, (_, scale) in zip(raw, mats)]
     if fmt.name in FLOAT_FORMATS:
         return float_expert(*w, fmt)
     if fmt.name == "fp8":

@@ -21,7 +21,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from ktjax.config import ModelConfig
-from ktjax.io.checkpoint import Checkpoint, LeafSource, check_unexpected, dequantize_fp8, leaf_source
+from ktjax.experts.quant import dequantize
+from ktjax.io.checkpoint import Checkpoint, LeafSource, check_unexpected, dequantize_fp8, leaf_source, read_quantized
 from ktjax.models import DeepseekForCausalLM
 
 LeafPath = tuple[str, ...]
@@ -77,7 +78,7 @@ def _set_piece_fn(sharding: jax.sharding.Sharding, block: tuple[int, int]) -> Ca
 def read_leaf(ckpt: Checkpoint, source: LeafSource, *, sharding: jax.sharding.Sharding | None = None,
               on_tensor: Callable[[int], None] | None = None) -> jax.Array:
     """One parameter leaf, read tensor by tensor into its final array on `sharding` (default: the
-    first device), FP8 tensors dequantised with their own block scales.
+    first device), FP8 tensors dequantised with their own block scales, int8/int4 ones with theirs.
     on_tensor(stored_bytes) is called after each tensor is dispatched (progress)."""
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -85,9 +86,14 @@ def read_leaf(ckpt: Checkpoint, source: LeafSource, *, sharding: jax.sharding.Sh
     leaf = _zeros_fn(source.shape, source.dtype, sharding)()
     pending = 0
     for name, index, scale_name in source.tensors:
-        w = ckpt.read(name)
-        s = None if scale_name is None else ckpt.read(scale_name)
-        nbytes = w.nbytes + (0 if s is None else s.nbytes)
+        if source.quant is not None:  # int8/int4 experts read as floats: dequantized on the host (numpy)
+            arrays = read_quantized(ckpt, name, source.quant)
+            w, s = dequantize(arrays, source.quant, source.shape[-1]), None
+            nbytes = sum(a.nbytes for a in arrays.values())
+        else:
+            w = ckpt.read(name)
+            s = None if scale_name is None else ckpt.read(scale_name)
+            nbytes = w.nbytes + (0 if s is None else s.nbytes)
         leaf = set_piece(leaf, index, w, s)
         del w, s  # unmaps the tensor once its transfer is done
         pending += nbytes

@@ -10,10 +10,12 @@ dtype and drops the quantization from the config. The output appears only once c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -84,18 +86,16 @@ def merge_checkpoint(model_dir: str, adapter_dir: str, output: str, *, dtype: st
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(OUTPUT_DTYPES)} (or none to keep the checkpoint's)")
     cfg = ModelConfig.from_json(model_dir)
+    if dtype is not None and cfg.expert_quant is not None:
+        raise ValueError(f"{model_dir}: its routed experts are stored {cfg.expert_quant}; merging into it keeps them "
+                         "so (leave dtype unset)")
     ckpt = Checkpoint(model_dir)
     adapters, lcfg = read_adapter(adapter_dir, cfg)
     deltas = lora_deltas(cfg, adapters, lcfg)
     missing = sorted(set(deltas) - set(ckpt.tensors))
     if missing:
         raise ValueError(f"{ckpt.where}: tensor {missing[0]} is missing (the adapter {adapter_dir} changes it)")
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise ValueError(f"{output}: exists and is not an empty directory; choose a new output directory")
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-    try:
+    with staged_output(output, ".merge-") as staging:
         writer = ShardWriter(staging, shard_bytes)
         keep_fp8 = dtype is None
         for name, info in ckpt.tensors.items():
@@ -120,22 +120,46 @@ def merge_checkpoint(model_dir: str, adapter_dir: str, output: str, *, dtype: st
             else:
                 writer.add(name, w32.astype(OUTPUT_DTYPES[dtype] if dtype else w.dtype))
         writer.close()
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)  # the published config, every field kept
+        config = read_config(model_dir)  # the published config, every field kept
         if not keep_fp8:
             config.pop("quantization_config", None)
             config["torch_dtype"] = dtype
-        with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        for name in COPIED_FILES:
-            src = os.path.join(model_dir, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(staging, name))
+        finish_checkpoint(model_dir, staging, config)
+    return output
+
+
+def read_config(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def finish_checkpoint(model_dir: str, directory: str, config: dict) -> None:
+    """config.json, and the tokenizer and generation files copied from model_dir."""
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    for name in COPIED_FILES:
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(directory, name))
+
+
+@contextlib.contextmanager
+def staged_output(output: str, prefix: str) -> Iterator[str]:
+    """A fresh directory beside `output` to write into, renamed to `output` when the block completes and
+    removed when it fails or is interrupted: the output appears whole or not at all. `output` must
+    not exist, or be an empty directory."""
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ValueError(f"{output}: exists and is not an empty directory; choose a new output directory")
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the files in it are 0o644
         if os.path.exists(output):
             os.rmdir(output)
         os.replace(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output

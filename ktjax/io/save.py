@@ -53,7 +53,7 @@ def save_params(cfg: ModelConfig, params: nnx.State, path: str | os.PathLike, *,
             tensors[name] = np.ascontiguousarray(arr[index])
 
     os.makedirs(path, exist_ok=True)
-    d = dataclasses.replace(cfg, fp8_block_size=None).to_dict()
+    d = dataclasses.replace(cfg, fp8_block_size=None, expert_quant=None).to_dict()
     d["torch_dtype"] = jnp.dtype(main).name
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(d, f, indent=2, ensure_ascii=False)

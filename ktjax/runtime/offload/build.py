@@ -10,7 +10,7 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.io.checkpoint import Checkpoint, check_unexpected
-from ktjax.io.experts import expert_tensors, read_expert
+from ktjax.io.experts import expert_tensors, read_expert, stored_nbytes
 from ktjax.io.load import abstract_params, is_routed_expert, plan_leaves, progress_bar, read_leaves
 from ktjax.runtime.offload.executor import OffloadedExecutor
 from ktjax.runtime.placement import PlacementPlan
@@ -58,9 +58,9 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
         del flat
         experts: dict[int, list] = {}
         for (i, e), mats in sorted(tensors.items()):
-            ex = read_expert(ckpt, mats, fmt, block)
+            ex = read_expert(ckpt, mats, fmt, block, stored=cfg.expert_quant)
             target = on_host if (i, e) in plan.host_experts else on_device
             experts.setdefault(i, []).append(jax.block_until_ready(jax.device_put(ex, target)))
-            bar.update(sum(ckpt.info(n).nbytes + (ckpt.info(s).nbytes if s else 0) for n, s in mats))
+            bar.update(stored_nbytes(ckpt, mats, cfg.expert_quant))
     return OffloadedExecutor(cfg, plan, dtype, top, layers, experts, attention=attention,
                              expert_compute=expert_compute, rates=rates)
