@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ from ktjax.config import ModelConfig, resolve_dtype
 from ktjax.experts.weights import FLOAT_FORMATS, FORMATS, ExpertFormat
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.experts import stored_fp8
-from ktjax.io.load import abstract_params, load_params
+from ktjax.io.gguf import GGUFCheckpoint, is_gguf
+from ktjax.io.load import abstract_params, load_params, model_config
 from ktjax.io.peft import read_adapter
 from ktjax.lora.config import LoRAConfig
 from ktjax.runtime import placement as placing
@@ -25,6 +27,7 @@ from ktjax.runtime.offload.build import load_offloaded
 from ktjax.runtime.offload.scheduler import cached_rates
 from ktjax.runtime.resident import ResidentExecutor
 from ktjax.text import load_tokenizer
+from ktjax.text.gguf_vocab import gguf_tokenizer
 from ktjax.train import finetune as finetuning
 
 EXPERT_ALIASES = {"bfloat16": "bf16", "fp32": "float32"}
@@ -46,6 +49,10 @@ def expert_format(path: str, cfg: ModelConfig, dtype, experts: str | None) -> Ex
     quantization_config."""
     F, D = cfg.moe_intermediate_size, cfg.hidden_size
     block = (cfg.fp8_block_size or (128, 128))[0]
+    if is_gguf(path):  # what the stored blocks map into (printed where not exactly)
+        experts, notes = GGUFCheckpoint(path).expert_format(EXPERT_ALIASES.get(experts, experts), dtype)
+        for line in notes:
+            print(line, file=sys.stderr)
     if experts is None:
         configured_only = not any(f.endswith(".safetensors") for f in os.listdir(path))
         fp8 = bool(cfg.fp8_block_size) if configured_only else stored_fp8(Checkpoint(path), cfg)
@@ -62,7 +69,7 @@ def plan_placement(path: str | os.PathLike | None = None, *, dtype: Any = None, 
                    training: int = 0) -> placing.PlacementPlan:
     """Where every parameter of the checkpoint would live, computed from its config and headers only."""
     path = resolve_path(path)
-    cfg = ModelConfig.from_json(path)
+    cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
     _, abstract = abstract_params(cfg, dtype)
     return placing.plan(cfg, abstract, dtype, expert_format(path, cfg, dtype, experts), gpu_memory=gpu_memory,
@@ -90,7 +97,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
          max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
          adapter: str | os.PathLike | None = None, training: int = 0, hot_experts: str | Sequence[int] | None = None,
          progress: bool | None = None) -> LoadedModel:
-    """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
+    """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None), or
+    a DeepSeek GGUF file as llama.cpp writes it (one .gguf, the first of a split set, or their directory).
 
     dtype: compute dtype, "bfloat16" or "float32" (default: the checkpoint's).
     experts: the format routed experts are kept in: "bf16", "float32", "fp8", "int8" or "int4"
@@ -111,7 +119,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         the device's free room (the hot-expert cache); default: experts spread evenly over the layers.
     """
     path = resolve_path(path)
-    cfg = ModelConfig.from_json(path)
+    cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
     attention = kernels.DEFAULT_IMPL if attention is None else attention
     plan = plan_placement(path, dtype=dtype, experts=experts, gpu_memory=gpu_memory, placement=placement,
@@ -127,7 +135,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
             # The split's cost model, measured once per machine and format as decode steps use the paths.
             executor = executor.with_rates(cached_rates(fmt.name, executor.measure_rates))
-    model = LoadedModel(cfg, executor, plan, tokenizer=load_tokenizer(path), generation_defaults=generation_defaults(path),
+    tokenizer = gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
+    model = LoadedModel(cfg, executor, plan, tokenizer=tokenizer, generation_defaults=generation_defaults(path),
                         path=path)
     if hot_experts is not None and plan.offloaded:
         model = place_hot_experts(model, hot_experts)

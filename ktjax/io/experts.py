@@ -64,6 +64,10 @@ def _on_gpu() -> bool:
 def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: tuple[int, int]) -> ExpertWeights:
     """One expert in `fmt`: host numpy arrays, or arrays on the GPU where it quantized them.
     block: the checkpoint's FP8 scale block."""
+    if hasattr(ckpt, "read_expert"):  # a GGUF model: quantized blocks the format holds are copied, not requantized
+        exact = ckpt.read_expert(mats, fmt)
+        if exact is not None:
+            return exact
     raw = [ckpt.read(name) for name, _ in mats]
     if fmt.name == "fp8" and all(scale is not None for _, scale in mats):
         return fp8_expert(*raw, *[ckpt.read(scale) for _, scale in mats], fmt)

@@ -1,0 +1,257 @@
+"""DeepSeek GGUF files (llama.cpp's `deepseek2`): config, tensors, quantized experts, tokenizer, errors.
+
+The GGUF files are written here with the `gguf` package's writer from transformers-built checkpoints,
+by `write_gguf`, which follows llama.cpp's converter: convert_hf_to_gguf.py's `DeepseekV2Model`
+(ggml-org/llama.cpp conversion/deepseek.py at 7bca1fd9, with `TextModel.set_gguf_parameters` of
+conversion/base.py at 2bbcf7fc): experts stacked [E, out, in], kv_b_proj split into k_b (transposed
+per head) and v_b, e_score_correction_bias renamed to exp_probs_b.bias, MTP layers skipped, names from
+gguf's TensorNameMap, and the metadata keys of `set_gguf_parameters`. `split_kv_b=False` writes the
+layout of files converted before llama.cpp's MLA change (one attn_kv_b, per-head key/value lengths).
+
+References: transformers' DeepSeek-V2/V3 on the same weights (the GGUF's, dequantized by
+`gguf.quants.dequantize`), `gguf.quants.dequantize` for the expert blocks, and the checkpoint's own
+tokenizer.json for the tokenizer.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import gguf
+import ktjax
+from ktjax.cli.main import main
+from ktjax.experts.quant import dequantize as dequantize_quant
+from ktjax.experts.weights import ExpertFormat
+from ktjax.io.checkpoint import CheckpointError
+from ktjax.io.gguf import GGUFCheckpoint, expert_arrays
+from reference import make_reference, reference_logits, save_reference
+from tokenizer_fixtures import vocab_size, write_tokenizer
+
+Q = gguf.GGMLQuantizationType
+TOKENS = np.array([[5, 17, 3, 42, 8, 1, 60, 33, 9, 2, 71, 12]])
+
+
+# ---- the writer: llama.cpp's converter, for the tensors and metadata a DeepSeek checkpoint has ----
+
+def hf_tensors(path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        out.update({k: np.asarray(v, np.float32) for k, v in safetensors.numpy.load_file(f).items()})
+    return out
+
+
+def write_metadata(w: gguf.GGUFWriter, h: dict, *, split_kv_b: bool) -> None:
+    """`TextModel.set_gguf_parameters` then `DeepseekV2Model.set_gguf_parameters`."""
+    w.add_block_count(h["num_hidden_layers"])
+    w.add_context_length(h["max_position_embeddings"])
+    w.add_embedding_length(h["hidden_size"])
+    w.add_feed_forward_length(h["intermediate_size"])
+    w.add_head_count(h["num_attention_heads"])
+    w.add_head_count_kv(1)  # MLA as MQA
+    rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
+    w.add_rope_freq_base(rope.get("rope_theta", h.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(h["rms_norm_eps"])
+    w.add_expert_count(h["n_routed_experts"])
+    w.add_expert_used_count(h["num_experts_per_tok"])
+    w.add_expert_group_count(h["n_group"])
+    w.add_expert_group_used_count(h["topk_group"])
+    if h.get("scoring_func") == "sigmoid":
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    elif h.get("scoring_func") == "softmax":
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    if rope.get("rope_type", rope.get("type")) == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast), ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(rope[key])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_leading_dense_block_count(h["first_k_dense_replace"])
+    w.add_vocab_size(h["vocab_size"])
+    if h.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(h["q_lora_rank"])
+    kv, nope, rope_dim, v = h["kv_lora_rank"], h["qk_nope_head_dim"], h["qk_rope_head_dim"], h["v_head_dim"]
+    w.add_kv_lora_rank(kv)
+    if split_kv_b:
+        w.add_key_length(kv + rope_dim)
+        w.add_value_length(kv)
+        w.add_key_length_mla(nope + rope_dim)
+        w.add_value_length_mla(v)
+    else:  # before llama.cpp's MLA change: the per-head sizes
+        w.add_key_length(nope + rope_dim)
+        w.add_value_length(v)
+    w.add_expert_feed_forward_length(h["moe_intermediate_size"])
+    w.add_expert_shared_count(h["n_shared_experts"])
+    w.add_expert_weights_scale(h["routed_scaling_factor"])
+    if h.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(rope_dim)
+    if rope.get("mscale_all_dim") is not None:
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+
+
+def write_vocab(w: gguf.GGUFWriter, tokenizer_dir) -> None:
+    """`TextModel._set_vocab_gpt2` with gguf's SpecialVocab (merges, special ids, chat template)."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    reverse = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.get_added_vocab()
+    tokens, types = [], []
+    for i in range(max(reverse) + 1):
+        t = reverse.get(i, f"[PAD{i}]")
+        tokens.append(t)
+        if i not in reverse:
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            types.append(gguf.TokenType.CONTROL if tok.added_tokens_decoder[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("deepseek-v3")  # what get_vocab_base_pre answers for DeepSeek-V3's pre-tokenizer
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(tokenizer_dir, load_merges=True).add_to_gguf(w)
+
+
+def write_gguf(out, hf_dir, tensors: dict[str, np.ndarray], *, raw: dict | None = None, split_kv_b: bool = True,
+               tokenizer_dir=None, hparams: dict | None = None) -> str:
+    """A deepseek2 GGUF from transformers-named float tensors; `raw` overrides a tensor with stored
+    blocks (name -> (uint8 [..., bytes per row], GGML type))."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        h = {**json.load(f), **(hparams or {})}
+    h.setdefault("n_routed_experts", h.get("num_local_experts"))
+    raw = dict(raw or {})
+    n_layers = h["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, n_layers)
+    w = gguf.GGUFWriter(out, "deepseek2")
+    write_metadata(w, h, split_kv_b=split_kv_b)
+    if tokenizer_dir is not None:
+        write_vocab(w, tokenizer_dir)
+
+    def add(hf_name: str, data: np.ndarray, qtype=None) -> None:
+        name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
+        base, suffix = name.rsplit(".", 1)
+        gname = names.get_name(base) + "." + suffix
+        if qtype is None:
+            w.add_tensor(gname, data.astype(np.float32))
+        else:
+            w.add_tensor(gname, data, raw_dtype=qtype)
+
+    for name, data in tensors.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if layer is not None and layer >= n_layers:
+            continue  # MTP
+        if ".mlp.experts." in name:
+            if name.endswith(".0.gate_proj.weight"):  # once per layer: merge the experts into 3-D stacks
+                for proj in ("down_proj", "gate_proj", "up_proj"):
+                    parts = [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for e in range(h["n_routed_experts"])]
+                    if parts[0] in raw:
+                        qtype = raw[parts[0]][1]
+                        add(f"model.layers.{layer}.mlp.experts.{proj}.weight", np.stack([raw[p][0] for p in parts]), qtype)
+                    else:
+                        add(f"model.layers.{layer}.mlp.experts.{proj}.weight", np.stack([tensors[p] for p in parts]))
+            continue
+        if name.endswith("kv_b_proj.weight") and split_kv_b:
+            H, nope, v = h["num_attention_heads"], h["qk_nope_head_dim"], h["v_head_dim"]
+            kv_b = data.reshape(H, nope + v, data.shape[-1])
+            add(name.replace("kv_b_proj", "k_b_proj"), np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
+            add(name.replace("kv_b_proj", "v_b_proj"), np.ascontiguousarray(kv_b[:, nope:]))
+            continue
+        if name in raw:
+            add(name, *raw[name])
+        else:
+            add(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(out)
+
+
+def reference_from(tensors: dict[str, np.ndarray], hf_dir, out_dir) -> transformers.PreTrainedModel:
+    """transformers' model with these weights (a checkpoint directory written and loaded back)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = f.read()
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        f.write(config)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    cls = type(transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(out_dir)))
+    return cls.from_pretrained(out_dir, dtype=torch.float32).eval()
+
+
+def assert_logits_match(model, reference) -> None:
+    ours = np.asarray(ktjax.logits(model, TOKENS))
+    ref = reference_logits(reference, TOKENS)
+    scale = np.abs(ref).max()
+    assert np.abs(ours - ref).max() <= 1e-4 * scale, np.abs(ours - ref).max() / scale
+
+
+# ---- quantized blocks -------------------------------------------------------------------------
+
+def random_blocks(qtype, rows: int, cols: int, rng, *, tame: bool = True) -> np.ndarray:
+    """uint8 [rows, bytes per row] of random blocks; `tame` keeps the float16 scales small and finite
+    (weights of a usable size), else every byte is random."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    if tame:
+        scale_bytes = {Q.Q8_0: [(0, 2)], Q.Q4_0: [(0, 2)], Q.Q5_0: [(0, 2)], Q.Q4_K: [(0, 2), (2, 4)],
+                       Q.Q3_K: [(108, 110)]}[qtype]
+        unit = {Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q5_0: 1 / 16, Q.Q4_K: 1 / 15 / 32, Q.Q3_K: 1 / 4 / 32}[qtype]
+        for lo, hi in scale_bytes:
+            d = (rng.uniform(0.5, 1.0, (rows, cols // block)) * unit / np.sqrt(cols)).astype(np.float16)
+            b[..., lo:hi] = d.view(np.uint8).reshape(rows, cols // block, 2)
+    return b.reshape(rows, -1)
+
+
+def dequantized(raw: np.ndarray, qtype, shape) -> np.ndarray:
+    return np.asarray(gguf.quants.dequantize(raw, qtype), np.float32).reshape(shape)
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v3")
+    # hidden and expert sizes of whole Q4_K super-blocks (256); YaRN on, as DeepSeek-V3's config.
+    model = make_reference("v3", seed=3, vocab_size=vocab_size() + 7, hidden_size=256, moe_intermediate_size=256,
+                           intermediate_size=256, rope_scaling=dict(rope_type="yarn", factor=4.0,
+                           original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+                           mscale_all_dim=1.0))
+    save_reference(model, path)
+    write_tokenizer(path, template="r1")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def v2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v2")
+    save_reference(make_reference("v2", seed=4), path)
+    return str(path)
+
+
+# ---- float files: every name, layout and metadata key ---------------------------------------------
+
+def test_v3_logits_equal_transformers(v3_dir, tmp_path):
+    tensors = hf_tensors(v3_dir)
+    file = write_gguf(tmp_path / "v3.gguf", v3_dir, tensors, tokenizer_dir=v3_dir, hparams={"scoring_func": "sigmoid"})
+    model = ktjax.load(file, dtype="float32")
+    assert model.config.model_type == "deepseek_v3" and model.config.rope_scaling.factor == 4.0
+    assert_logits_match(model, reference_from(tensors, v3_dir, tmp_path / "ref"))
+
+
+def test_v2_with_whole_kv_b_logits_equal_transformers(v2_dir, tmp_path):
+    tensors = hf_tensors(v2_dir)
+    file = write_gguf(tmp_path / "v2.gguf", v2_dir, tensors, split_kv_b=False)
+    model = ktjax.load(file, dtype="float32")
+    assert model.config.model_type == "deepseek_v2" and model.config.q_lora_rank is None
+    assert_logits_match(model, reference_from(tensors, v2_dir, tmp_path / "ref"))
