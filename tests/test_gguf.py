@@ -255,3 +255,99 @@ def test_v2_with_whole_kv_b_logits_equal_transformers(v2_dir, tmp_path):
     model = ktjax.load(file, dtype="float32")
     assert model.config.model_type == "deepseek_v2" and model.config.q_lora_rank is None
     assert_logits_match(model, reference_from(tensors, v2_dir, tmp_path / "ref"))
+
+
+# ---- quantized experts: copied, not requantized ----------------------------------------------------
+
+def quantize_checkpoint(tensors: dict[str, np.ndarray], expert_type, rng, *, others=None):
+    """(the dequantized weights transformers computes with, the stored blocks): experts as random
+    `expert_type` blocks; with `others`, every other matrix whose rows are whole blocks quantized by gguf."""
+    tensors, raw = dict(tensors), {}
+    for name, w in tensors.items():
+        if ".mlp.experts." in name:
+            b = random_blocks(expert_type, *w.shape, rng)
+        elif others is not None and w.ndim == 2 and w.shape[1] % 32 == 0 and "kv_b_proj" not in name:
+            b = gguf.quants.quantize(w, others)
+        else:
+            continue
+        raw[name] = (b, expert_type if ".mlp.experts." in name else others)
+        tensors[name] = dequantized(b, raw[name][1], w.shape)
+    return tensors, raw
+
+
+@pytest.mark.parametrize("qtype, fmt", [(Q.Q8_0, "int8"), (Q.Q4_K, "int4")])
+def test_quantized_experts_are_kept_bit_exact_and_logits_equal_transformers(v3_dir, tmp_path, qtype, fmt):
+    rng = np.random.default_rng(int(qtype))
+    tensors, raw = quantize_checkpoint(hf_tensors(v3_dir), qtype, rng, others=Q.Q8_0)
+    file = write_gguf(tmp_path / f"{qtype.name}.gguf", v3_dir, tensors, raw=raw, hparams={"scoring_func": "sigmoid"})
+    model = ktjax.load(file, dtype="float32", expert_compute="gpu")
+    assert model.placement.expert_format.name == fmt
+    # Every expert's buffer decodes to the GGUF blocks' values, bit for bit.
+    cfg = model.config
+    for layer in cfg.moe_layers:
+        for e in (0, cfg.n_routed_experts - 1):
+            ex = model.executor.store.experts[layer][e]
+            gate_up, down = ex.fmt.packed.dequantize(np.asarray(ex.w))
+            names = [f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+            want_gate_up = np.concatenate([tensors[names[0]], tensors[names[1]]])
+            assert np.array_equal(gate_up, want_gate_up) and np.array_equal(down, tensors[names[2]])
+    assert_logits_match(model, reference_from(tensors, v3_dir, tmp_path / "ref"))
+
+
+def test_types_without_an_exact_format_become_bf16_saying_so(v3_dir, tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    tensors, raw = hf_tensors(v3_dir), {}
+    for name, w in tensors.items():
+        if ".mlp.experts." in name:
+            b = rng.integers(0, 256, (w.shape[0], w.shape[1] // 256, 210), dtype=np.uint8)
+            d = (rng.uniform(0.5, 1, b.shape[:2]) / 32 / 128 / np.sqrt(w.shape[1])).astype(np.float16)
+            b[..., 208:210] = d.view(np.uint8).reshape(*b.shape[:2], 2)
+            raw[name] = (b.reshape(w.shape[0], -1), Q.Q6_K)
+            # bf16 experts in a float32 model: the values transformers must use are rounded to bf16 too
+            tensors[name] = torch.from_numpy(dequantized(raw[name][0], Q.Q6_K, w.shape)).bfloat16().float().numpy()
+    file = write_gguf(tmp_path / "q6k.gguf", v3_dir, tensors, raw=raw, hparams={"scoring_func": "sigmoid"})
+    model = ktjax.load(file, dtype="float32", expert_compute="gpu")
+    err = capsys.readouterr().err
+    assert model.placement.expert_format.name == "bf16"
+    assert "routed-expert tensors in Q6_K: dequantized to bf16" in err
+    assert_logits_match(model, reference_from(tensors, v3_dir, tmp_path / "ref"))
+
+
+EXACT_TYPES = [(Q.Q8_0, "int8"), (Q.Q4_0, "int8"), (Q.Q5_0, "int8"), (Q.Q3_K, "int8"), (Q.Q4_K, "int4")]
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """float32 arrays equal bit for bit, NaNs where NaNs are and a zero's sign aside."""
+    a, b = np.asarray(a, np.float32) + 0.0, np.asarray(b, np.float32) + 0.0
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32)))
+
+
+@pytest.mark.parametrize("qtype, fmt", EXACT_TYPES, ids=[t.name for t, _ in EXACT_TYPES])
+def test_random_blocks_decode_bit_exactly_as_gguf_decodes_them(qtype, fmt):
+    rng = np.random.default_rng(int(qtype))
+    R, C = 8, 512
+    raw = random_blocks(qtype, R, C, rng, tame=False)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.dequantize(raw, qtype)
+        ours = dequantize_quant(expert_arrays(raw, qtype.name, C), fmt, C)
+    assert same_bits(ours, ref)
+
+
+@pytest.mark.parametrize("qtype, fmt", EXACT_TYPES, ids=[t.name for t, _ in EXACT_TYPES])
+def test_a_packed_expert_from_blocks_decodes_as_gguf_on_the_device_too(qtype, fmt):
+    rng = np.random.default_rng(100 + int(qtype))
+    F, D = 256, 512
+    layout = ExpertFormat(fmt, F, D).packed
+    gate, up, down = (random_blocks(qtype, r, c, rng) for r, c in ((F, D), (F, D), (D, F)))
+    arrays = [expert_arrays(b, qtype.name, c) for b, c in ((gate, D), (up, D), (down, F))]
+    from ktjax.io.gguf import pack_arrays
+    buf = pack_arrays(ExpertFormat(fmt, F, D), {"gate_up": {a: np.concatenate([arrays[0][a], arrays[1][a]]) for a in arrays[0]},
+                                                "down": arrays[2]})
+    want_gate_up = np.concatenate([dequantized(gate, qtype, (F, D)), dequantized(up, qtype, (F, D))])
+    want_down = dequantized(down, qtype, (D, F))
+    gate_up, d = layout.dequantize(buf)
+    assert same_bits(gate_up, want_gate_up) and same_bits(d, want_down)
+    import jax.numpy as jnp
+    on_device = np.asarray(layout.device_matrix(jnp.asarray(buf), "gate_up", jnp.float32))
+    assert np.allclose(on_device, want_gate_up, rtol=0, atol=1e-6 * np.abs(want_gate_up).max())

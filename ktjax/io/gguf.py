@@ -490,7 +490,7 @@ def _q3_k_int8(b: np.ndarray) -> dict[str, np.ndarray]:
     -d and -q' instead (in [-128, 124]). Every product is exact in float32, so the values match."""
     R, nb = b.shape[:2]
     hmask, qs, scales, d = b[..., :32], b[..., 32:96], b[..., 96:108], b[..., 108:110]
-    low = (scales[..., :8, None] >> np.array([0, 4], np.uint8)).reshape(R, nb, 16) & 15
+    low = (scales[..., None, :8] >> np.array([[0], [4]], np.uint8)).reshape(R, nb, 16) & 15
     high = (scales[..., 8:, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 1, 3, 2).reshape(R, nb, 16) & 3
     s = (low | (high << 4)).astype(np.int16) - 32  # [R, nb, 16]
     ql = (qs.reshape(R, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
