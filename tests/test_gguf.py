@@ -351,3 +351,57 @@ def test_a_packed_expert_from_blocks_decodes_as_gguf_on_the_device_too(qtype, fm
     import jax.numpy as jnp
     on_device = np.asarray(layout.device_matrix(jnp.asarray(buf), "gate_up", jnp.float32))
     assert np.allclose(on_device, want_gate_up, rtol=0, atol=1e-6 * np.abs(want_gate_up).max())
+
+
+# ---- bad input: one line naming the file and what is wrong -----------------------------------------
+
+@pytest.fixture(scope="module")
+def small_gguf(v2_dir, tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("small") / "v2.gguf", v2_dir, hf_tensors(v2_dir), split_kv_b=False)
+
+
+def one_line_error(path, capsys) -> str:
+    assert main(["info", "--model", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_truncated_file_is_one_line(small_gguf, tmp_path, capsys):
+    cut = tmp_path / "cut.gguf"
+    data = open(small_gguf, "rb").read()
+    cut.write_bytes(data[: len(data) - 1000])
+    err = one_line_error(cut, capsys)
+    assert str(cut) in err and "file is truncated" in err
+
+
+def test_an_unknown_tensor_type_is_one_line(small_gguf, tmp_path, capsys):
+    # The type field follows the tensor's name, dimension count and dimensions in its info record.
+    data = bytearray(open(small_gguf, "rb").read())
+    name = b"blk.1.attn_q.weight"
+    at = data.index(name) + len(name)
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    at += 4 + 8 * n_dims
+    data[at:at + 4] = (99).to_bytes(4, "little")
+    bad = tmp_path / "bad_type.gguf"
+    bad.write_bytes(bytes(data))
+    err = one_line_error(bad, capsys)
+    assert str(bad) in err and "unknown GGML tensor type 99" in err
+
+
+def test_an_unknown_architecture_is_one_line(tmp_path, capsys):
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    err = one_line_error(path, capsys)
+    assert str(path) in err and "architecture 'llama' is not supported" in err
+
+
+def test_a_missing_tensor_is_one_line_naming_it(v2_dir, tmp_path, capsys):
+    tensors = hf_tensors(v2_dir)
+    del tensors["model.layers.2.self_attn.o_proj.weight"]
+    path = write_gguf(tmp_path / "missing.gguf", v2_dir, tensors, split_kv_b=False)
+    err = one_line_error(path, capsys)
+    assert path in err and "tensor blk.2.attn_output.weight is missing" in err

@@ -84,10 +84,13 @@ def _open(file: str) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(file)
     except ValueError as e:
-        m = re.match(r"(\d+) is not a valid GGMLQuantizationType", str(e))
+        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
         if m:
             raise CheckpointError(f"{file}: unknown GGML tensor type {m.group(1)} (not a type gguf "
                                   f"{_gguf_version()} knows)") from None
+        if "cannot reshape array" in str(e):  # the reader maps each tensor's extent: one ran past the end
+            raise CheckpointError(f"{file}: file is truncated ({os.path.getsize(file)} bytes; tensor data runs "
+                                  "past its end)") from None
         raise CheckpointError(f"{file}: corrupt or truncated GGUF ({e})") from None
     except (IndexError, OverflowError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
@@ -239,6 +242,41 @@ class Piece:
         except NotImplementedError:
             raise CheckpointError(f"{self.file}: tensor {self.tensor.name}: GGML type {self.type_name} cannot be "
                                   f"dequantized by gguf {_gguf_version()}") from None
+
+
+def _conversion(type_name: str, fmt: str, dtype) -> str:
+    """How routed experts stored as `type_name` become `fmt`."""
+    if type_name in FLOAT_TYPES:
+        return "as stored" if type_name == {"bf16": "BF16", "float32": "F32"}.get(fmt) else "converted"
+    if exact_format(type_name, dtype) == fmt:
+        return "blocks copied"
+    return "dequantized" if fmt in FLOAT_FORMATS else "requantized"
+
+
+GROUP_ORDER = ("embedding", "attention", "norms", "dense MLP", "router", "shared experts", "routed experts",
+               "lm_head", "other")
+
+
+def _group(gguf_name: str) -> str:
+    """The tensor group of a GGUF tensor name, for `ktjax info`."""
+    base = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else gguf_name.split(".")[0]
+    if base == "token_embd":
+        return "embedding"
+    if base == "output":
+        return "lm_head"
+    if "norm" in base:
+        return "norms"
+    if base.startswith("attn_"):
+        return "attention"
+    if base.endswith("_exps"):
+        return "routed experts"
+    if base.endswith("_shexp"):
+        return "shared experts"
+    if base in ("ffn_gate_inp", "exp_probs_b"):
+        return "router"
+    if base in ("ffn_gate", "ffn_up", "ffn_down"):
+        return "dense MLP"
+    return "other"
 
 
 def _shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
@@ -425,6 +463,26 @@ class GGUFCheckpoint:
             why = "no expert format holds it exactly" if exact[t] is None else f"it maps exactly into {exact[t]} only"
             notes.append(f"{self.where}: {n} routed-expert tensors in {t}: {how} to {experts} ({why})")
         return experts, notes
+
+    def type_table(self, dtype, experts: str | None = None) -> list[str]:
+        """Lines: the GGML types of each tensor group and the format each becomes when loaded."""
+        fmt, _ = self.expert_format(experts, dtype)
+        groups: dict[str, Counter] = {}
+        for name, (_, t) in self.raw.items():
+            groups.setdefault(_group(name), Counter())[t.tensor_type.name] += 1
+        dtype_name = np.dtype(dtype).name
+        lines = [f"{'GGUF tensors':<16}{'stored as':<34}becomes"]
+        for group in GROUP_ORDER:
+            if group not in groups:
+                continue
+            stored = ", ".join(f"{t} x{n}" for t, n in sorted(groups[group].items()))
+            if group == "routed experts":
+                ways = {_conversion(t, fmt, dtype) for t in groups[group]}
+                becomes = f"{fmt} ({', '.join(sorted(ways))})"
+            else:
+                becomes = f"{dtype_name} (dequantized)" if set(groups[group]) - {"F32"} else dtype_name
+            lines.append(f"{group:<16}{stored:<34}{becomes}")
+        return lines
 
     def read_expert(self, mats: list[tuple[str, str | None]], fmt: ExpertFormat) -> ExpertWeights | None:
         """One expert (its gate, up and down tensors) in `fmt`: blocks copied where the format holds
