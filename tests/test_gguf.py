@@ -233,6 +233,13 @@ def v3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def v3_gguf(v3_dir, tmp_path_factory):
+    """The V3 checkpoint as a float GGUF with its tokenizer and chat template, alone in its directory."""
+    return write_gguf(tmp_path_factory.mktemp("v3_gguf") / "model.gguf", v3_dir, hf_tensors(v3_dir),
+                      tokenizer_dir=v3_dir, hparams={"scoring_func": "sigmoid"})
+
+
+@pytest.fixture(scope="module")
 def v2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("v2")
     save_reference(make_reference("v2", seed=4), path)
@@ -241,10 +248,9 @@ def v2_dir(tmp_path_factory):
 
 # ---- float files: every name, layout and metadata key ---------------------------------------------
 
-def test_v3_logits_equal_transformers(v3_dir, tmp_path):
+def test_v3_logits_equal_transformers(v3_dir, v3_gguf, tmp_path):
     tensors = hf_tensors(v3_dir)
-    file = write_gguf(tmp_path / "v3.gguf", v3_dir, tensors, tokenizer_dir=v3_dir, hparams={"scoring_func": "sigmoid"})
-    model = ktjax.load(file, dtype="float32")
+    model = ktjax.load(v3_gguf, dtype="float32")
     assert model.config.model_type == "deepseek_v3" and model.config.rope_scaling.factor == 4.0
     assert_logits_match(model, reference_from(tensors, v3_dir, tmp_path / "ref"))
 
@@ -405,3 +411,45 @@ def test_a_missing_tensor_is_one_line_naming_it(v2_dir, tmp_path, capsys):
     path = write_gguf(tmp_path / "missing.gguf", v2_dir, tensors, split_kv_b=False)
     err = one_line_error(path, capsys)
     assert path in err and "tensor blk.2.attn_output.weight is missing" in err
+
+
+# ---- tokenizer and chat template from the file alone -------------------------------------------------
+
+TEXTS = ["Hello, world! 1234567", "def fibonacci(n):\n    return n", "世界你好，今天天气很好。日本語のテキスト",
+         "Emoji 🙂🚀 and crème brûlée", "<｜User｜>hi<｜Assistant｜><think>\nok</think>", "  spaces\n\n\tand tabs  "]
+
+
+def test_tokenizer_from_the_gguf_encodes_as_the_checkpoints_own(v3_dir, v3_gguf):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ktjax.text.gguf_vocab import gguf_tokenizer
+
+    ours, ref = gguf_tokenizer(v3_gguf), HFTokenizer.from_file(os.path.join(v3_dir, "tokenizer.json"))
+    for text in TEXTS:
+        ids = ref.encode(text).ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False) and ours.decode(ids[1:]) == text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert (ours.bos_token_id, ours.eos_token_ids) == (0, (1,))
+
+
+def test_chat_template_from_the_gguf_renders_as_transformers(v3_dir, v3_gguf):
+    from ktjax.text.gguf_vocab import gguf_tokenizer
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "<think>\nadd</think>4"}, {"role": "user", "content": "And 3 + 3?"}]
+    ref = transformers.AutoTokenizer.from_pretrained(v3_dir).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert gguf_tokenizer(v3_gguf).apply_chat_template(messages) == ref
+
+
+def test_cli_generate_and_chat_run_on_the_gguf_alone(v3_dir, v3_gguf, capsys, monkeypatch):
+    assert os.listdir(os.path.dirname(v3_gguf)) == ["model.gguf"]
+    args = ["--prompt", "def fibonacci(n):", "--max-new-tokens", "6", "--temperature", "0", "--json"]
+    assert main(["generate", "--model", v3_gguf, *args]) == 0
+    from_gguf = json.loads(capsys.readouterr().out)
+    assert main(["generate", "--model", v3_dir, *args]) == 0
+    from_safetensors = json.loads(capsys.readouterr().out)
+    assert from_gguf["token_ids"] == from_safetensors["token_ids"] and from_gguf["text"] == from_safetensors["text"]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hi\n/quit\n"))
+    assert main(["chat", "--model", v3_gguf, "--max-new-tokens", "3"]) == 0
