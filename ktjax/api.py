@@ -17,7 +17,7 @@ from ktjax.config import ModelConfig, resolve_dtype
 from ktjax.experts.weights import FLOAT_FORMATS, FORMATS, ExpertFormat
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.experts import stored_fp8
-from ktjax.io.gguf import GGUFCheckpoint, is_gguf
+from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, load_params, model_config
 from ktjax.io.peft import read_adapter
 from ktjax.lora.config import LoRAConfig
@@ -50,7 +50,7 @@ def expert_format(path: str, cfg: ModelConfig, dtype, experts: str | None) -> Ex
     F, D = cfg.moe_intermediate_size, cfg.hidden_size
     block = (cfg.fp8_block_size or (128, 128))[0]
     if is_gguf(path):  # what the stored blocks map into (printed where not exactly)
-        experts, notes = GGUFCheckpoint(path).expert_format(EXPERT_ALIASES.get(experts, experts), dtype)
+        experts, notes = open_gguf(path).expert_format(EXPERT_ALIASES.get(experts, experts), dtype)
         for line in notes:
             print(line, file=sys.stderr)
     if experts is None:

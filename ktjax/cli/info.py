@@ -13,7 +13,7 @@ from ktjax.api import expert_format, plan_placement, resolve_path
 from ktjax.cli.common import check_model_args, model_args
 from ktjax.config import resolve_dtype
 from ktjax.io.checkpoint import Checkpoint
-from ktjax.io.gguf import GGUFCheckpoint, is_gguf
+from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
@@ -34,7 +34,7 @@ def describe(path: str, dtype=None, experts: str | None = None) -> str:
     _, abstract = abstract_params(cfg, dtype)
     gguf_lines = []
     if is_gguf(path):  # every tensor found and its shape checked, and what each type becomes
-        ckpt = GGUFCheckpoint(path)
+        ckpt = open_gguf(path)
         plan_leaves(ckpt, cfg, abstract)
         gguf_lines = ckpt.type_table(dtype, experts)
     elif any(f.endswith(".safetensors") for f in os.listdir(path)):

@@ -26,6 +26,8 @@ expert format chosen by `expert_format`: blocks that an expert format holds exac
 
 from __future__ import annotations
 
+import functools
+import mmap
 import os
 import re
 from collections import Counter
@@ -222,6 +224,7 @@ class Piece:
     file: str
     tensor: gguf.ReaderTensor
     expert: int | None = None
+    mm: mmap.mmap | None = None  # the file's mapping (the reader's), to release pages once read
 
     @property
     def type_name(self) -> str:
@@ -234,6 +237,18 @@ class Piece:
     @property
     def nbytes(self) -> int:
         return self.tensor.n_bytes // (1 if self.expert is None else int(self.tensor.shape[-1]))
+
+    def release(self) -> None:
+        """Drop this piece's pages from the process (touched again, they are read from the file again):
+        the reader maps whole files, and every page read would otherwise stay counted in the process's
+        memory until the model is closed."""
+        if self.mm is None:
+            return
+        start = self.tensor.data_offset + (0 if self.expert is None else self.expert * self.nbytes)
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + self.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def dequantize(self) -> np.ndarray:
         """float32, in the checkpoint's shape order."""
@@ -300,6 +315,7 @@ class GGUFCheckpoint:
         self.files = gguf_files(self.path)
         self.where = self.files[0]
         readers = [(f, _open(f)) for f in self.files]
+        self._mmaps = {f: getattr(r.data, "_mmap", None) for f, r in readers}
         self.meta = Metadata(readers[0][1], self.files[0])
         self.raw: dict[str, tuple[str, gguf.ReaderTensor]] = {}
         for f, r in readers:
@@ -351,7 +367,7 @@ class GGUFCheckpoint:
                 if len(stack) != 3 or stack[0] != cfg.n_routed_experts:
                     raise CheckpointError(f"{file}: tensor {g} has shape {list(stack)}, expected "
                                           f"[{cfg.n_routed_experts}, out, in] (expert_count stacked experts)")
-                p = Piece(file, t, int(e))
+                p = Piece(file, t, int(e), self._mmaps[file])
                 self._add(hf, stack[1:], lambda p=p, shape=stack[1:]: p.dequantize().reshape(shape), p.nbytes, p)
                 self.consumed.add(g)
             elif hf.endswith("kv_b_proj.weight") and gguf_name(hf) not in self.raw:
@@ -360,7 +376,7 @@ class GGUFCheckpoint:
                 g = gguf_name(hf)
                 if g in self.raw:
                     file, t = self.raw[g]
-                    p, shape = Piece(file, t), _shape(t)
+                    p, shape = Piece(file, t, None, self._mmaps[file]), _shape(t)
                     self._add(hf, shape, lambda p=p, shape=shape: p.dequantize().reshape(shape), t.n_bytes, p)
                     self.consumed.add(g)
         # Tensors the model does not use: multi-token-prediction layers (not in the main forward),
@@ -434,9 +450,13 @@ class GGUFCheckpoint:
         """float32, dequantized with gguf.quants.dequantize, in the transformers shape."""
         self.info(name)
         try:
-            return self._sources[name]()
+            value = self._sources[name]()
         except (ValueError, OSError) as e:
             raise CheckpointError(f"{self.tensors[name].file}: tensor {name}: cannot read ({e})") from None
+        piece = self.pieces.get(name)
+        if piece is not None and not np.may_share_memory(value, piece.raw):  # dequantized: the pages can go
+            piece.release()
+        return value
 
     # -- routed experts -----------------------------------------------------------------------------
     def expert_types(self) -> Counter:
@@ -493,7 +513,23 @@ class GGUFCheckpoint:
         F, D = fmt.F, fmt.D
         gate, up, down = (expert_arrays(p.raw, p.type_name, cols) for p, cols in zip(pieces, (D, D, F)))
         gate_up = {a: np.concatenate([gate[a], up[a]]) for a in gate}
-        return packed_expert(pack_arrays(fmt, {"gate_up": gate_up, "down": down}), fmt)
+        buf = pack_arrays(fmt, {"gate_up": gate_up, "down": down})
+        for p in pieces:
+            p.release()
+        return packed_expert(buf, fmt)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """The GGUF model at `path`, parsed once while its files are unchanged: gguf's reader takes seconds
+    over a full vocabulary, and a load asks for the config, the expert format, the tensors and the tokenizer."""
+    files = gguf_files(path)
+    stamp = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+    return _open_cached(os.fspath(path), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: str, stamp: tuple) -> GGUFCheckpoint:
+    return GGUFCheckpoint(path)
 
 
 # ---- blocks into the integer expert formats --------------------------------------------------
@@ -575,4 +611,4 @@ def pack_arrays(fmt: ExpertFormat, arrays: dict[str, dict[str, np.ndarray]]) -> 
     return buf
 
 
-__all__ = ["GGUFCheckpoint", "expert_arrays", "exact_format", "gguf_files", "is_gguf", "pack_arrays"]
+__all__ = ["GGUFCheckpoint", "expert_arrays", "exact_format", "gguf_files", "is_gguf", "open_gguf", "pack_arrays"]

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ktjax.config import ModelConfig
 from ktjax.io.checkpoint import Checkpoint, LeafSource, check_unexpected, dequantize_fp8, leaf_source
-from ktjax.io.gguf import GGUFCheckpoint, is_gguf
+from ktjax.io.gguf import GGUFCheckpoint, is_gguf, open_gguf
 from ktjax.models import DeepseekForCausalLM
 
 LeafPath = tuple[str, ...]
@@ -30,12 +30,12 @@ LeafPath = tuple[str, ...]
 
 def open_checkpoint(path: str) -> Checkpoint | GGUFCheckpoint:
     """A safetensors checkpoint directory, or a GGUF model (a .gguf file, a split set, a directory of them)."""
-    return GGUFCheckpoint(path) if is_gguf(path) else Checkpoint(path)
+    return open_gguf(path) if is_gguf(path) else Checkpoint(path)
 
 
 def model_config(path: str) -> ModelConfig:
     """config.json's, or the GGUF metadata's."""
-    return GGUFCheckpoint(path).config if is_gguf(path) else ModelConfig.from_json(path)
+    return open_gguf(path).config if is_gguf(path) else ModelConfig.from_json(path)
 
 
 def abstract_params(cfg: ModelConfig, dtype, *, attention: str = "auto", dispatch: str = "auto"

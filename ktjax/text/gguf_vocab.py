@@ -104,7 +104,7 @@ def tokenizer_from_metadata(meta, where: str) -> Tokenizer | None:
 
 def gguf_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     """The tokenizer stored in the GGUF model at `path` (None if it stores none)."""
-    from ktjax.io.gguf import GGUFCheckpoint
+    from ktjax.io.gguf import open_gguf
 
-    ckpt = GGUFCheckpoint(path)
+    ckpt = open_gguf(path)
     return tokenizer_from_metadata(ckpt.meta, ckpt.where)
