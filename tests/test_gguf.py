@@ -315,8 +315,34 @@ def test_types_without_an_exact_format_become_bf16_saying_so(v3_dir, tmp_path, c
     model = ktjax.load(file, dtype="float32", expert_compute="gpu")
     err = capsys.readouterr().err
     assert model.placement.expert_format.name == "bf16"
-    assert "routed-expert tensors in Q6_K: dequantized to bf16" in err
+    assert "routed experts stored in Q6_K" in err and "dequantized to bf16 (no expert format holds it exactly)" in err
     assert_logits_match(model, reference_from(tensors, v3_dir, tmp_path / "ref"))
+
+
+def test_a_q4_k_m_file_keeps_q4_k_blocks_and_requantizes_the_rest_saying_so(v3_dir, tmp_path, capsys):
+    # Q4_K_M: gate and up in Q4_K, down in Q6_K (in some layers): int4 holds most bytes exactly.
+    rng = np.random.default_rng(7)
+    tensors, raw = quantize_checkpoint(hf_tensors(v3_dir), Q.Q4_K, rng)
+    for name, w in tensors.items():
+        if name.endswith("down_proj.weight") and ".mlp.experts." in name:
+            b = rng.integers(0, 256, (w.shape[0], w.shape[1] // 256, 210), dtype=np.uint8)
+            d = (rng.uniform(0.5, 1, b.shape[:2]) / 32 / 128 / np.sqrt(w.shape[1])).astype(np.float16)
+            b[..., 208:210] = d.view(np.uint8).reshape(*b.shape[:2], 2)
+            raw[name] = (b.reshape(w.shape[0], -1), Q.Q6_K)
+            tensors[name] = dequantized(raw[name][0], Q.Q6_K, w.shape)
+    file = write_gguf(tmp_path / "q4_k_m.gguf", v3_dir, tensors, raw=raw, hparams={"scoring_func": "sigmoid"})
+    model = ktjax.load(file, dtype="float32", expert_compute="gpu")
+    err = capsys.readouterr().err
+    assert model.placement.expert_format.name == "int4"
+    assert "routed experts stored in Q6_K" in err and "requantized (not exact) to int4" in err
+    layer = model.config.moe_layers[0]
+    ex = model.executor.store.experts[layer][3]
+    gate_up, down = ex.fmt.packed.dequantize(np.asarray(ex.w))
+    names = [f"model.layers.{layer}.mlp.experts.3.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert np.array_equal(gate_up, np.concatenate([tensors[names[0]], tensors[names[1]]]))
+    want = tensors[names[2]]
+    step = np.abs(want).max() / 15  # within a 4-bit step of the Q6_K values, not equal to them
+    assert np.abs(down - want).max() <= step and not np.array_equal(down, want)
 
 
 EXACT_TYPES = [(Q.Q8_0, "int8"), (Q.Q4_0, "int8"), (Q.Q5_0, "int8"), (Q.Q3_K, "int8"), (Q.Q4_K, "int4")]

@@ -460,28 +460,41 @@ class GGUFCheckpoint:
 
     # -- routed experts -----------------------------------------------------------------------------
     def expert_types(self) -> Counter:
-        """GGML type name -> number of expert stacks (layer x projection) stored in it."""
-        seen = {}
-        for name, p in self.pieces.items():
-            if p.expert is not None:
-                seen[p.tensor.name] = p.type_name
-        return Counter(seen.values())
+        """GGML type name -> bytes of the routed-expert stacks stored in it."""
+        stacks = {p.tensor.name: p.tensor for p in self.pieces.values() if p.expert is not None}
+        out: Counter = Counter()
+        for t in stacks.values():
+            out[t.tensor_type.name] += int(t.n_bytes)
+        return out
 
     def expert_format(self, experts: str | None, dtype) -> tuple[str, list[str]]:
         """(the format routed experts are kept in, lines saying how stored types become it).
-        Default: the one format every stored type maps into exactly, else bf16 (dequantized)."""
+
+        Default: the one format every stored type maps into exactly; else, when an integer format
+        holds most of the bytes exactly (a Q4_K_M file: Q4_K with some Q6_K), that format with the
+        rest requantized into it; else bf16, dequantized."""
         types = self.expert_types()
         exact = {t: exact_format(t, dtype) for t in types}
         if experts is None:
-            targets = set(exact.values())
-            experts = targets.pop() if len(targets) == 1 and None not in targets else "bf16"
+            share = Counter()
+            for t, n in types.items():
+                share[exact[t]] += n
+            best, n = share.most_common(1)[0] if share else ("bf16", 0)
+            if len(share) == 1 and best is not None:
+                experts = best
+            elif best in ("int8", "int4") and 2 * n >= sum(types.values()):
+                experts = best
+            else:
+                experts = "bf16"
         notes = []
-        for t, n in sorted(types.items()):
+        for t in sorted(types):
             if exact[t] == experts or (t in FLOAT_TYPES and experts in FLOAT_FORMATS):
                 continue
-            how = "dequantized" if experts in FLOAT_FORMATS else "requantized"
-            why = "no expert format holds it exactly" if exact[t] is None else f"it maps exactly into {exact[t]} only"
-            notes.append(f"{self.where}: {n} routed-expert tensors in {t}: {how} to {experts} ({why})")
+            how = "dequantized" if experts in FLOAT_FORMATS else "requantized (not exact)"
+            why = "no expert format holds it exactly" if exact[t] is None else f"it maps exactly into {exact[t]}"
+            hint = "" if experts in FLOAT_FORMATS else "; experts='int8' keeps more of it, 'bf16' all of it"
+            notes.append(f"{self.where}: routed experts stored in {t} ({types[t] / 1e9:.2f} GB): {how} to "
+                         f"{experts} ({why}{hint})")
         return experts, notes
 
     def type_table(self, dtype, experts: str | None = None) -> list[str]:
@@ -505,18 +518,33 @@ class GGUFCheckpoint:
         return lines
 
     def read_expert(self, mats: list[tuple[str, str | None]], fmt: ExpertFormat) -> ExpertWeights | None:
-        """One expert (its gate, up and down tensors) in `fmt`: blocks copied where the format holds
-        them exactly; None where they must be converted from float values (the caller's path)."""
+        """One expert (its gate, up and down tensors) in an int8/int4 `fmt`: the blocks copied where the
+        format holds them exactly, else requantized from their values; None for the other formats
+        (the caller converts the float values `read` gives)."""
         pieces = [self.pieces.get(name) for name, _ in mats]
-        if fmt.packed is None or any(p is None or EXACT.get(p.type_name) != fmt.name for p in pieces):
+        if fmt.packed is None or any(p is None for p in pieces):
             return None
-        F, D = fmt.F, fmt.D
-        gate, up, down = (expert_arrays(p.raw, p.type_name, cols) for p, cols in zip(pieces, (D, D, F)))
-        gate_up = {a: np.concatenate([gate[a], up[a]]) for a in gate}
-        buf = pack_arrays(fmt, {"gate_up": gate_up, "down": down})
+        arrays = []
+        for p, cols in zip(pieces, (fmt.D, fmt.D, fmt.F)):
+            if EXACT.get(p.type_name) == fmt.name:
+                arrays.append(expert_arrays(p.raw, p.type_name, cols))
+            else:
+                arrays.append({k: np.asarray(v) for k, v in _quantizer(fmt.name)(p.dequantize()).items()})
+        gate, up, down = arrays
+        buf = pack_arrays(fmt, {"gate_up": {a: np.concatenate([gate[a], up[a]]) for a in gate}, "down": down})
         for p in pieces:
             p.release()
         return packed_expert(buf, fmt)
+
+
+@functools.cache
+def _quantizer(fmt: str) -> Callable:
+    """`ktjax.experts.quant.quantize` compiled (on a GPU a full-size matrix takes milliseconds, in numpy a second)."""
+    import jax
+
+    from ktjax.experts.quant import quantize
+
+    return jax.jit(lambda w: quantize(w, fmt))
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
