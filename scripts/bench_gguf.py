@@ -185,6 +185,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["auto", "gpu", "cpu"])
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--baseline", action="store_true", help="also a bf16 safetensors checkpoint quantized on load")
+    p.add_argument("--baseline-only", action="store_true", help="only the safetensors checkpoint (a separate run)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--dir", default="/tmp/bench_gguf")
     args = p.parse_args()
@@ -203,14 +204,14 @@ def main() -> None:
         cfg = fullsize_config(args.moe_layers, n_routed_experts=args.experts)
     os.makedirs(args.dir, exist_ok=True)
     rows = []
-    for type_name in args.types:
+    for type_name in ([] if args.baseline_only else args.types):
         path = os.path.join(args.dir, f"model-{type_name}.gguf")
         t = time.perf_counter()
         write_gguf(path, cfg, gguf.GGMLQuantizationType[type_name], np.random.default_rng(0))
         log(f"wrote {path}: {os.path.getsize(path) / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
         rows.append(measure(f"gguf {type_name}", path, args, None))
         os.remove(path)
-    if args.baseline:
+    if args.baseline or args.baseline_only:
         path = os.path.join(args.dir, "bf16")
         t = time.perf_counter()
         write_safetensors(path, cfg)

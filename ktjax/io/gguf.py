@@ -492,7 +492,8 @@ class GGUFCheckpoint:
                 continue
             how = "dequantized" if experts in FLOAT_FORMATS else "requantized (not exact)"
             why = "no expert format holds it exactly" if exact[t] is None else f"it maps exactly into {exact[t]}"
-            hint = "" if experts in FLOAT_FORMATS else "; experts='int8' keeps more of it, 'bf16' all of it"
+            hint = {"int4": "; experts='int8' keeps more of it, 'bf16' all of it", "int8": "; experts='bf16' keeps all of it"
+                    }.get(experts, "")
             notes.append(f"{self.where}: routed experts stored in {t} ({types[t] / 1e9:.2f} GB): {how} to "
                          f"{experts} ({why}{hint})")
         return experts, notes
