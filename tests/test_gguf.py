@@ -122,16 +122,17 @@ def write_vocab(w: gguf.GGUFWriter, tokenizer_dir) -> None:
 
 
 def write_gguf(out, hf_dir, tensors: dict[str, np.ndarray], *, raw: dict | None = None, split_kv_b: bool = True,
-               tokenizer_dir=None, hparams: dict | None = None) -> str:
+               tokenizer_dir=None, hparams: dict | None = None, split_max_tensors: int = 0) -> str:
     """A deepseek2 GGUF from transformers-named float tensors; `raw` overrides a tensor with stored
-    blocks (name -> (uint8 [..., bytes per row], GGML type))."""
+    blocks (name -> (uint8 [..., bytes per row], GGML type)); split_max_tensors > 0 writes a split set
+    (name-00001-of-0000N.gguf, as llama.cpp's --split-max-tensors)."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         h = {**json.load(f), **(hparams or {})}
     h.setdefault("n_routed_experts", h.get("num_local_experts"))
     raw = dict(raw or {})
     n_layers = h["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, n_layers)
-    w = gguf.GGUFWriter(out, "deepseek2")
+    w = gguf.GGUFWriter(out, "deepseek2", split_max_tensors=split_max_tensors)
     write_metadata(w, h, split_kv_b=split_kv_b)
     if tokenizer_dir is not None:
         write_vocab(w, tokenizer_dir)
@@ -263,6 +264,19 @@ def test_v2_with_whole_kv_b_logits_equal_transformers(v2_dir, tmp_path):
     assert_logits_match(model, reference_from(tensors, v2_dir, tmp_path / "ref"))
 
 
+def test_a_split_set_loads_from_its_first_file_or_its_directory(v2_dir, tmp_path):
+    tensors = hf_tensors(v2_dir)
+    write_gguf(tmp_path / "v2.gguf", v2_dir, tensors, split_kv_b=False, split_max_tensors=10)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) > 2 and files[0] == f"v2-00001-of-{len(files):05d}.gguf"
+    reference = reference_from(tensors, v2_dir, tmp_path.parent / "ref_split")
+    assert_logits_match(ktjax.load(tmp_path / files[0], dtype="float32"), reference)
+    assert_logits_match(ktjax.load(tmp_path, dtype="float32"), reference)
+    os.remove(tmp_path / files[-1])
+    with pytest.raises(CheckpointError, match=f"{files[-1]}: missing"):
+        ktjax.load(tmp_path / files[0])
+
+
 # ---- quantized experts: copied, not requantized ----------------------------------------------------
 
 def quantize_checkpoint(tensors: dict[str, np.ndarray], expert_type, rng, *, others=None):
@@ -298,6 +312,17 @@ def test_quantized_experts_are_kept_bit_exact_and_logits_equal_transformers(v3_d
             want_gate_up = np.concatenate([tensors[names[0]], tensors[names[1]]])
             assert np.array_equal(gate_up, want_gate_up) and np.array_equal(down, tensors[names[2]])
     assert_logits_match(model, reference_from(tensors, v3_dir, tmp_path / "ref"))
+
+
+def test_info_shows_the_stored_types_per_group_and_what_they_become(v3_dir, tmp_path, capsys):
+    tensors, raw = quantize_checkpoint(hf_tensors(v3_dir), Q.Q4_K, np.random.default_rng(8), others=Q.Q8_0)
+    file = write_gguf(tmp_path / "info.gguf", v3_dir, tensors, raw=raw, hparams={"scoring_func": "sigmoid"})
+    assert main(["info", "--model", file]) == 0
+    rows = {line.split()[0] + (" " + line.split()[1] if line.split()[1] in ("MLP", "experts") else ""): line
+            for line in capsys.readouterr().out.splitlines()[-9:] if line.strip()}
+    assert "Q4_K x6" in rows["routed experts"] and rows["routed experts"].endswith("int4 (blocks copied)")
+    assert "F32 x" in rows["attention"] and "Q8_0 x" in rows["attention"] and rows["attention"].endswith("(dequantized)")
+    assert rows["norms"].split()[-1] in ("bfloat16", "float32") and "Q8_0" not in rows["norms"]
 
 
 def test_types_without_an_exact_format_become_bf16_saying_so(v3_dir, tmp_path, capsys):
