@@ -356,7 +356,7 @@ class GGUFCheckpoint:
             suffix = ".bias" if hf.endswith("_bias") else ".weight"
             return names.get_name(_hf_base(hf)) + suffix
 
-        for hf, _ in self._expected_shapes():
+        for hf in self._expected_names():
             if ".mlp.experts." in hf:
                 layer, e, proj = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight", hf).groups()
                 g = gguf_name(f"model.layers.{layer}.mlp.experts.{proj}.weight")
@@ -413,16 +413,17 @@ class GGUFCheckpoint:
         self._add(hf, shape, read, kt.n_bytes + vt.n_bytes, None)
         self.consumed |= {kb_name, vb_name}
 
-    def _expected_shapes(self):
-        """(transformers name, shape) of every tensor a model of this config reads."""
+    def _expected_names(self):
+        """The transformers name of every tensor a model of this config reads."""
+        from flax import nnx
+
         from ktjax.io.checkpoint import tensor_names
         from ktjax.io.load import abstract_params
 
         _, abstract = abstract_params(self.config, np.float32)
-        from flax import nnx
-        for leaf_path, var in nnx.to_flat_state(abstract):
-            for name, index in tensor_names(self.config, leaf_path):
-                yield name, tuple(var.shape[len(index):])
+        for leaf_path, _ in nnx.to_flat_state(abstract):
+            for name, _ in tensor_names(self.config, leaf_path):
+                yield name
 
     # -- the Checkpoint interface ----------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
