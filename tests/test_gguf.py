@@ -31,7 +31,7 @@ from ktjax.cli.main import main
 from ktjax.experts.quant import dequantize as dequantize_quant
 from ktjax.experts.weights import ExpertFormat
 from ktjax.io.checkpoint import CheckpointError
-from ktjax.io.gguf import GGUFCheckpoint, expert_arrays
+from ktjax.io.gguf import expert_arrays, expert_buffer
 from reference import make_reference, reference_logits, save_reference
 from tokenizer_fixtures import vocab_size, write_tokenizer
 
@@ -397,10 +397,7 @@ def test_a_packed_expert_from_blocks_decodes_as_gguf_on_the_device_too(qtype, fm
     F, D = 256, 512
     layout = ExpertFormat(fmt, F, D).packed
     gate, up, down = (random_blocks(qtype, r, c, rng) for r, c in ((F, D), (F, D), (D, F)))
-    arrays = [expert_arrays(b, qtype.name, c) for b, c in ((gate, D), (up, D), (down, F))]
-    from ktjax.io.gguf import pack_arrays
-    buf = pack_arrays(ExpertFormat(fmt, F, D), {"gate_up": {a: np.concatenate([arrays[0][a], arrays[1][a]]) for a in arrays[0]},
-                                                "down": arrays[2]})
+    buf = expert_buffer(ExpertFormat(fmt, F, D), [(gate, qtype.name), (up, qtype.name), (down, qtype.name)])
     want_gate_up = np.concatenate([dequantized(gate, qtype, (F, D)), dequantized(up, qtype, (F, D))])
     want_down = dequantized(down, qtype, (D, F))
     gate_up, d = layout.dequantize(buf)

@@ -40,6 +40,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGML
 
 from ktjax.config import ConfigError, ModelConfig
+from ktjax.experts.quant import QuantMatrix
 from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, packed_expert
 from ktjax.io.checkpoint import CheckpointError, TensorInfo
 
@@ -526,14 +527,11 @@ class GGUFCheckpoint:
         pieces = [self.pieces.get(name) for name, _ in mats]
         if fmt.packed is None or any(p is None for p in pieces):
             return None
-        arrays = []
-        for p, cols in zip(pieces, (fmt.D, fmt.D, fmt.F)):
-            if EXACT.get(p.type_name) == fmt.name:
-                arrays.append(expert_arrays(p.raw, p.type_name, cols))
-            else:
-                arrays.append({k: np.asarray(v) for k, v in _quantizer(fmt.name)(p.dequantize()).items()})
-        gate, up, down = arrays
-        buf = pack_arrays(fmt, {"gate_up": {a: np.concatenate([gate[a], up[a]]) for a in gate}, "down": down})
+        try:
+            buf = expert_buffer(fmt, [(p.raw, p.type_name) for p in pieces])
+        except NotImplementedError:
+            raise CheckpointError(f"{pieces[0].file}: GGML types {sorted({p.type_name for p in pieces})} of "
+                                  f"{pieces[0].tensor.name}: not dequantized by gguf {_gguf_version()}") from None
         for p in pieces:
             p.release()
         return packed_expert(buf, fmt)
@@ -565,50 +563,52 @@ def _open_cached(path: str, stamp: tuple) -> GGUFCheckpoint:
 # ---- blocks into the integer expert formats --------------------------------------------------
 
 def _blocks(raw_RB: np.ndarray, type_name: str) -> np.ndarray:
-    """uint8 [R, nblocks, bytes per block] of a quantized [R, ...] tensor's rows."""
+    """uint8 [R, nblocks, bytes per block] of a quantized [R, ...] tensor's rows (a view of the file)."""
     _, type_size = gguf.GGML_QUANT_SIZES[GGML[type_name]]
-    R = raw_RB.shape[0]
-    return np.ascontiguousarray(raw_RB).reshape(R, -1, type_size)
+    return raw_RB.reshape(raw_RB.shape[0], -1, type_size)
 
 
 def _f16_bits(b: np.ndarray) -> np.ndarray:
-    """uint16 from two little-endian bytes in the last axis."""
-    return np.ascontiguousarray(b).view(np.uint16)[..., 0]
+    """uint16 [..., nb] from the two little-endian bytes in b's last axis."""
+    return b.view(np.uint16)[..., 0]
 
 
-def _nibbles32(qs: np.ndarray) -> np.ndarray:
-    """32 values from 16 bytes (Q4_0/Q5_0 order: low nibbles are values 0-15, high ones 16-31)."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
-
-
-def expert_arrays(raw_RB: np.ndarray, type_name: str, cols: int) -> dict[str, np.ndarray]:
-    """The arrays of `ktjax.experts.quant.QuantMatrix` (int8 or int4) for a GGUF tensor's rows,
-    holding the same values: w = scale * q for int8; Q4_K's fields as they are for int4."""
+def write_blocks(out: dict[str, np.ndarray], raw_RB: np.ndarray, type_name: str) -> None:
+    """Fill the arrays of an int8/int4 `ktjax.experts.quant.QuantMatrix` (`out`, e.g. views of an
+    expert's buffer) from a GGUF tensor's rows, holding the same values: w = scale * q for int8;
+    Q4_K's fields as they are for int4. Each byte is copied once, straight from the file's pages."""
     b = _blocks(raw_RB, type_name)
     R, nb = b.shape[:2]
-    if type_name == "Q8_0":  # 2 bytes f16 d, 32 int8
-        return {"q": b[..., 2:].view(np.int8).reshape(R, nb * 32), "scale": _f16_bits(b[..., :2])}
-    if type_name == "Q4_0":  # d, 16 bytes of nibbles; w = d * (q - 8)
-        q = _nibbles32(b[..., 2:]).astype(np.int8) - 8
-        return {"q": q.reshape(R, nb * 32), "scale": _f16_bits(b[..., :2])}
-    if type_name == "Q5_0":  # d, 4 bytes of high bits, 16 bytes of nibbles; w = d * (q - 16)
-        qh = b[..., 2:6].copy().view(np.uint32)  # [R, nb, 1]
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-        q = (_nibbles32(b[..., 6:]) | (high << 4)).astype(np.int8) - 16
-        return {"q": q.reshape(R, nb * 32), "scale": _f16_bits(b[..., :2])}
-    if type_name == "Q3_K":
-        return _q3_k_int8(b)
+    if type_name in ("Q8_0", "Q4_0", "Q5_0"):  # an f16 d per 32 values, then the values: w = d * q
+        out["scale"].reshape(R, nb)[...] = _f16_bits(b[..., :2])
+        q = out["q"].reshape(R, nb, 2, 16)
+        if type_name == "Q8_0":
+            q[...] = b[..., 2:].view(np.int8).reshape(R, nb, 2, 16)
+            return
+        qs = b[..., -16:]  # low nibbles are values 0-15, high nibbles 16-31
+        high = 0 if type_name == "Q4_0" else np.unpackbits(b[..., 2:6], axis=-1, bitorder="little").reshape(R, nb, 2, 16) << 4
+        offset = 8 if type_name == "Q4_0" else 16
+        q[...] = ((np.stack([qs & 15, qs >> 4], axis=2) | high).astype(np.int16) - offset).astype(np.int8)
+        return
     if type_name == "Q4_K":  # f16 d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        sc, mn = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(R * nb, 12))
-        # Q4_K's qs is the int4 format's nibble order: no re-packing.
-        return {"q": np.ascontiguousarray(b[..., 16:]).reshape(R, nb * 128), "sc": sc.reshape(R, nb * 8),
-                "mn": mn.reshape(R, nb * 8), "d": d, "dmin": dmin}
+        out["d"][...] = b[..., 0:2].view(np.float16)[..., 0]
+        out["dmin"][...] = b[..., 2:4].view(np.float16)[..., 0]
+        # The 6-bit scales and mins (gguf.quants.Q4_K.get_scale_min), four bytes at a time.
+        w = b[..., 4:16].view(np.uint32)
+        sc, mn = out["sc"].reshape(R, nb, 8).view(np.uint32), out["mn"].reshape(R, nb, 8).view(np.uint32)
+        sc[..., 0] = w[..., 0] & 0x3F3F3F3F
+        sc[..., 1] = (w[..., 2] & 0x0F0F0F0F) | ((w[..., 0] >> 2) & 0x30303030)
+        mn[..., 0] = w[..., 1] & 0x3F3F3F3F
+        mn[..., 1] = ((w[..., 2] >> 4) & 0x0F0F0F0F) | ((w[..., 1] >> 2) & 0x30303030)
+        out["q"].reshape(R, nb, 128)[...] = b[..., 16:]  # Q4_K's qs is the int4 format's nibble order
+        return
+    if type_name == "Q3_K":
+        _q3_k_int8(out, b)
+        return
     raise ValueError(f"GGML type {type_name} has no exact integer expert format")
 
 
-def _q3_k_int8(b: np.ndarray) -> dict[str, np.ndarray]:
+def _q3_k_int8(out: dict[str, np.ndarray], b: np.ndarray) -> None:
     """Q3_K: per 256 values an f16 d, per 16 a 6-bit signed scale s, 3-bit q in [-4, 3]: w = d * s * q.
     As int8, per group of 32: scale d and q' = s * q in [-124, 128]; a group reaching 128 stores
     -d and -q' instead (in [-128, 124]). Every product is exact in float32, so the values match."""
@@ -622,23 +622,36 @@ def _q3_k_int8(b: np.ndarray) -> dict[str, np.ndarray]:
     q = ql.reshape(R, nb, 16, 16).astype(np.int16) - ((qh.reshape(R, nb, 16, 16) ^ 1).astype(np.int16) << 2)
     q8 = (s[..., None] * q).reshape(R, nb, 8, 32)
     flip = (q8 == 128).any(-1)  # [R, nb, 8]
-    q8 = np.where(flip[..., None], -q8, q8).astype(np.int8)
+    out["q"].reshape(R, nb, 8, 32)[...] = np.where(flip[..., None], -q8, q8)
     d_bits = np.repeat(_f16_bits(d)[..., None], 8, axis=-1)
-    scale = np.where(flip, d_bits ^ np.uint16(0x8000), d_bits)
-    return {"q": q8.reshape(R, nb * 256), "scale": scale.reshape(R, nb * 8)}
+    out["scale"].reshape(R, nb, 8)[...] = np.where(flip, d_bits ^ np.uint16(0x8000), d_bits)
 
 
-def pack_arrays(fmt: ExpertFormat, arrays: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
-    """One expert's buffer (`ktjax.experts.packed.PackedLayout`) from its matrices' arrays."""
+def expert_arrays(raw_RB: np.ndarray, type_name: str, cols: int) -> dict[str, np.ndarray]:
+    """The arrays of `ktjax.experts.quant.QuantMatrix` for a GGUF tensor's rows (`write_blocks`)."""
+    m = QuantMatrix(EXACT[type_name], raw_RB.shape[0], cols)
+    out = {name: np.empty(shape, dtype) for name, (dtype, shape) in m.arrays().items()}
+    write_blocks(out, raw_RB, type_name)
+    return out
+
+
+def expert_buffer(fmt: ExpertFormat, mats: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    """One int8/int4 expert's buffer (`ktjax.experts.packed.PackedLayout`) from its gate, up and down
+    GGUF rows (raw, GGML type name): blocks the format holds exactly are copied into it, others are
+    dequantized and requantized."""
     layout = fmt.packed
     buf = np.zeros(layout.nbytes, np.uint8)
-    for (m, a), (offset, dtype, shape) in layout.sections.items():
-        value = np.ascontiguousarray(arrays[m][a], dtype=dtype)
-        if value.shape != shape:
-            raise CheckpointError(f"expert {m}.{a}: shape {list(value.shape)} from the GGUF blocks, "
-                                  f"expected {list(shape)}")
-        buf[offset:offset + value.nbytes] = value.view(np.uint8).ravel()
+    gate_up, down = layout.arrays(buf, "gate_up"), layout.arrays(buf, "down")
+    targets = [{k: v[:fmt.F] for k, v in gate_up.items()}, {k: v[fmt.F:] for k, v in gate_up.items()}, down]
+    for (raw, type_name), out in zip(mats, targets):
+        if EXACT.get(type_name) == fmt.name:
+            write_blocks(out, raw, type_name)
+        else:
+            values = np.asarray(gguf.quants.dequantize(raw, GGML[type_name]), np.float32)
+            for k, v in _quantizer(fmt.name)(values).items():
+                out[k][...] = np.asarray(v)
     return buf
 
 
-__all__ = ["GGUFCheckpoint", "expert_arrays", "exact_format", "gguf_files", "is_gguf", "open_gguf", "pack_arrays"]
+__all__ = ["GGUFCheckpoint", "exact_format", "expert_arrays", "expert_buffer", "gguf_files", "is_gguf", "open_gguf",
+           "write_blocks"]
