@@ -78,7 +78,10 @@ def plan_placement(path: str | os.PathLike | None = None, *, dtype: Any = None, 
 
 
 def generation_defaults(path: str) -> dict[str, Any]:
-    """The checkpoint's recommended sampling settings (generation_config.json), as generate() arguments."""
+    """The checkpoint's recommended sampling settings (generation_config.json, or a GGUF's
+    general.sampling.*), as generate() arguments."""
+    if is_gguf(path):
+        return open_gguf(path).generation_defaults()
     file = os.path.join(path, "generation_config.json")
     if not os.path.exists(file):
         return {}

@@ -136,6 +136,14 @@ def write_gguf(out, hf_dir, tensors: dict[str, np.ndarray], *, raw: dict | None 
     write_metadata(w, h, split_kv_b=split_kv_b)
     if tokenizer_dir is not None:
         write_vocab(w, tokenizer_dir)
+        generation = os.path.join(tokenizer_dir, "generation_config.json")
+        if os.path.exists(generation):  # gguf.Metadata's general.sampling.* from generation_config.json
+            with open(generation) as f:
+                g = json.load(f)
+            for key, add in (("temperature", w.add_sampling_temp), ("top_p", w.add_sampling_top_p),
+                             ("top_k", w.add_sampling_top_k)):
+                if g.get(key) is not None:
+                    add(g[key])
 
     def add(hf_name: str, data: np.ndarray, qtype=None) -> None:
         name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
@@ -479,6 +487,13 @@ def test_tokenizer_from_the_gguf_encodes_as_the_checkpoints_own(v3_dir, v3_gguf)
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False) and ours.decode(ids[1:]) == text
         assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
     assert (ours.bos_token_id, ours.eos_token_ids) == (0, (1,))
+
+
+def test_sampling_defaults_come_from_the_gguf(v3_dir, v3_gguf):
+    with open(os.path.join(v3_dir, "generation_config.json")) as f:
+        g = json.load(f)
+    model = ktjax.load(v3_gguf, dtype="float32")
+    assert model.generation_defaults == {"temperature": g["temperature"], "top_p": g["top_p"]}
 
 
 def test_chat_template_from_the_gguf_renders_as_transformers(v3_dir, v3_gguf):

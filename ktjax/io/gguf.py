@@ -426,6 +426,16 @@ class GGUFCheckpoint:
             for name, _ in tensor_names(self.config, leaf_path):
                 yield name
 
+    def generation_defaults(self) -> dict:
+        """Recommended sampling settings (general.sampling.*, written from generation_config.json), as
+        generate() arguments."""
+        out = {}
+        for key, name, kind in (("temp", "temperature", float), ("top_p", "top_p", float), ("top_k", "top_k", int)):
+            value = self.meta.get(f"general.sampling.{key}")
+            if value is not None:
+                out[name] = round(float(value), 6) if kind is float else int(value)
+        return out
+
     # -- the Checkpoint interface ----------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
