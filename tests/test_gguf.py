@@ -516,3 +516,19 @@ def test_cli_generate_and_chat_run_on_the_gguf_alone(v3_dir, v3_gguf, capsys, mo
     assert from_gguf["token_ids"] == from_safetensors["token_ids"] and from_gguf["text"] == from_safetensors["text"]
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("hi\n/quit\n"))
     assert main(["chat", "--model", v3_gguf, "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("pre", ["deepseek-v3", "deepseek-llm", "deepseek-coder", "gpt-2"])
+def test_each_deepseek_pre_tokenizer_builds(pre):
+    from ktjax.text.gguf_vocab import pre_tokenizer
+
+    words = [w for w, _ in pre_tokenizer(pre, "m.gguf").pre_tokenize_str("Hello world, 12345!")]
+    assert "".join(words).replace("Ġ", " ") == "Hello world, 12345!"
+
+
+def test_an_unknown_pre_tokenizer_is_one_line():
+    from ktjax.text import TokenizerError
+    from ktjax.text.gguf_vocab import pre_tokenizer
+
+    with pytest.raises(TokenizerError, match="m.gguf: tokenizer.ggml.pre 'qwen2' is not supported"):
+        pre_tokenizer("qwen2", "m.gguf")
