@@ -206,7 +206,8 @@ def config_dict(meta: Metadata, tensors: dict[str, gguf.ReaderTensor]) -> dict:
 
 # ---- tensors -------------------------------------------------------------------------------
 
-# Expert blocks an expert format holds bit for bit (see `expert_arrays`).
+DEQUANTIZE_CHUNK = 64 << 20  # stored bytes dequantized at a time
+# Expert blocks an expert format holds bit for bit (see `write_blocks`).
 EXACT = {"Q8_0": "int8", "Q4_0": "int8", "Q5_0": "int8", "Q3_K": "int8", "Q4_K": "int4"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
@@ -253,8 +254,20 @@ class Piece:
 
     def dequantize(self) -> np.ndarray:
         """float32, in the checkpoint's shape order."""
+        qtype, raw = self.tensor.tensor_type, self.raw
         try:
-            return np.asarray(gguf.quants.dequantize(self.raw, self.tensor.tensor_type), np.float32)
+            if raw.ndim < 2 or raw.nbytes <= DEQUANTIZE_CHUNK:
+                return np.asarray(gguf.quants.dequantize(raw, qtype), np.float32)
+            # In runs of rows into the result: gguf's dequantize holds its pieces and the result at once,
+            # twice a large tensor's float32 size (an embedding of DeepSeek-V3: 7.4 GB).
+            rows = raw.reshape(-1, raw.shape[-1])
+            step = max(1, DEQUANTIZE_CHUNK // rows.shape[1])
+            first = np.asarray(gguf.quants.dequantize(rows[:step], qtype), np.float32)
+            out = np.empty((rows.shape[0], first.shape[-1]), np.float32)
+            out[:step] = first
+            for start in range(step, rows.shape[0], step):
+                out[start:start + step] = gguf.quants.dequantize(rows[start:start + step], qtype)
+            return out.reshape(*raw.shape[:-1], first.shape[-1])
         except NotImplementedError:
             raise CheckpointError(f"{self.file}: tensor {self.tensor.name}: GGML type {self.type_name} cannot be "
                                   f"dequantized by gguf {_gguf_version()}") from None
