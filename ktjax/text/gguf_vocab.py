@@ -82,7 +82,9 @@ def tokenizer_from_metadata(meta, where: str) -> Tokenizer | None:
     eos_id, eos = token("tokenizer.ggml.eos_token_id")
     eot_id, _ = token("tokenizer.ggml.eot_token_id")
     _, pad = token("tokenizer.ggml.padding_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    # Files that do not say (converted before the key existed): DeepSeek's tokenizers add BOS.
+    pre = meta.get("tokenizer.ggml.pre") or ""
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre.startswith("deepseek"))) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
         first, last = (f"{bos}:0 " if add_bos else ""), (f" {eos}:0" if add_eos else "")
