@@ -20,8 +20,14 @@ conversion/deepseek.py since 2026):
 of `ktjax.io.checkpoint.Checkpoint`: non-expert tensors are dequantized with `gguf.quants.dequantize`
 and converted to the model dtype on their target. Routed experts are built by `read_expert` in the
 expert format chosen by `expert_format`: blocks that an expert format holds exactly are copied into it
-(Q8_0, Q4_0, Q5_0, Q3_K -> int8; Q4_K -> int4), float ones take the model dtype, and the rest
-(Q2_K, Q5_K, Q6_K, IQ*, TQ*, ...) are dequantized to bf16 with one printed line saying so.
+(Q8_0, Q4_0, Q5_0, Q3_K -> int8; Q4_K -> int4), float ones take the model dtype. In a mixed file
+(Q4_K_M: Q4_K with some Q6_K) the format holding most bytes exactly is kept and the rest requantized
+into it; where none does (Q2_K, Q5_K, Q6_K, IQ*, TQ*, ...) experts are dequantized to bf16. Each
+conversion that is not exact is one printed line.
+
+Metadata the converter does not write is taken as llama.cpp takes it: no expert_gating_func means
+softmax (sigmoid where a score-correction bias is stored), no expert_group_count means no group
+limit, and YaRN's mscale equals mscale_all_dim (only 0.1 * mscale_all_dim is stored).
 """
 
 from __future__ import annotations
