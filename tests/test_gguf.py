@@ -385,6 +385,19 @@ def test_a_q4_k_m_file_keeps_q4_k_blocks_and_requantizes_the_rest_saying_so(v3_d
     assert np.abs(down - want).max() <= step and not np.array_equal(down, want)
 
 
+def test_experts_that_would_not_fit_dequantized_are_refused_in_one_line(v3_dir, tmp_path, monkeypatch):
+    rng = np.random.default_rng(9)
+    tensors, raw = hf_tensors(v3_dir), {}
+    for name, w in tensors.items():
+        if ".mlp.experts." in name:  # Q6_K: no integer format holds it exactly, so bf16
+            raw[name] = (rng.integers(0, 256, (w.shape[0], w.shape[1] // 256 * 210), dtype=np.uint8), Q.Q6_K)
+    file = write_gguf(tmp_path / "big.gguf", v3_dir, tensors, raw=raw, hparams={"scoring_func": "sigmoid"})
+    monkeypatch.setattr("ktjax.io.gguf.host_memory_bytes", lambda: 1_000_000)  # a machine of 1 MB
+    with pytest.raises(CheckpointError, match="big.gguf: routed experts stored in Q6_K have no integer format") as e:
+        ktjax.load(file)
+    assert len(str(e.value).splitlines()) == 1 and "more than this machine's 0 GB of memory" in str(e.value)
+
+
 EXACT_TYPES = [(Q.Q8_0, "int8"), (Q.Q4_0, "int8"), (Q.Q5_0, "int8"), (Q.Q3_K, "int8"), (Q.Q4_K, "int4")]
 
 

@@ -517,6 +517,8 @@ class GGUFCheckpoint:
                 experts = best
             else:
                 experts = "bf16"
+        if experts in FLOAT_FORMATS and set(types) - set(FLOAT_TYPES):
+            self._check_fits(experts, types)
         notes = []
         for t in sorted(types):
             if exact[t] == experts or (t in FLOAT_TYPES and experts in FLOAT_FORMATS):
@@ -528,6 +530,18 @@ class GGUFCheckpoint:
             notes.append(f"{self.where}: routed experts stored in {t} ({types[t] / 1e9:.2f} GB): {how} to "
                          f"{experts} ({why}{hint})")
         return experts, notes
+
+    def _check_fits(self, experts: str, types: Counter) -> None:
+        """Dequantized experts must fit this machine's memory: refuse in one line rather than run out."""
+        cfg = self.config
+        need = len(cfg.moe_layers) * cfg.n_routed_experts * ExpertFormat(experts, cfg.moe_intermediate_size,
+                                                                          cfg.hidden_size).nbytes
+        have = host_memory_bytes()
+        if need > have:
+            stored = ", ".join(sorted(types))
+            raise CheckpointError(f"{self.where}: routed experts stored in {stored} have no integer format that holds "
+                                  f"them; as {experts} they need {need / 1e9:.0f} GB, more than this machine's "
+                                  f"{have / 1e9:.0f} GB of memory (a Q4_K or Q8_0 file loads quantized)")
 
     def type_table(self, dtype, experts: str | None = None) -> list[str]:
         """Lines: the GGML types of each tensor group and the format each becomes when loaded."""
@@ -574,6 +588,11 @@ def _quantizer(fmt: str) -> Callable:
     from ktjax.experts.quant import quantize
 
     return jax.jit(lambda w: quantize(w, fmt))
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
