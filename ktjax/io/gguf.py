@@ -664,15 +664,19 @@ def _q3_k_int8(out: dict[str, np.ndarray], b: np.ndarray) -> None:
     hmask, qs, scales, d = b[..., :32], b[..., 32:96], b[..., 96:108], b[..., 108:110]
     low = (scales[..., None, :8] >> np.array([[0], [4]], np.uint8)).reshape(R, nb, 16) & 15
     high = (scales[..., 8:, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 1, 3, 2).reshape(R, nb, 16) & 3
-    s = (low | (high << 4)).astype(np.int16) - 32  # [R, nb, 16]
+    s_raw = low | (high << 4)  # s + 32, in 0..63, per 16 values
     ql = (qs.reshape(R, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
     qh = (hmask.reshape(R, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
-    q = ql.reshape(R, nb, 16, 16).astype(np.int16) - ((qh.reshape(R, nb, 16, 16) ^ 1).astype(np.int16) << 2)
-    q8 = (s[..., None] * q).reshape(R, nb, 8, 32)
-    flip = (q8 == 128).any(-1)  # [R, nb, 8]
+    q_raw = ql.reshape(R, nb, 16, 16) | (qh.reshape(R, nb, 16, 16) << 2)  # q + 4, in 0..7
+    # s * q through a table of all 64 x 8 products; only s = -32 with q = -4 reaches 128.
+    q8 = _Q3_PRODUCTS[(s_raw[..., None].astype(np.uint16) << 3) | q_raw].reshape(R, nb, 8, 32)
+    flip = ((s_raw == 0)[..., None] & (q_raw == 0)).reshape(R, nb, 8, 32).any(-1)  # [R, nb, 8]
     out["q"].reshape(R, nb, 8, 32)[...] = np.where(flip[..., None], -q8, q8)
     d_bits = np.repeat(_f16_bits(d)[..., None], 8, axis=-1)
     out["scale"].reshape(R, nb, 8)[...] = np.where(flip, d_bits ^ np.uint16(0x8000), d_bits)
+
+
+_Q3_PRODUCTS = ((np.arange(64)[:, None] - 32) * (np.arange(8)[None, :] - 4)).astype(np.int16).ravel()
 
 
 def expert_arrays(raw_RB: np.ndarray, type_name: str, cols: int) -> dict[str, np.ndarray]:
