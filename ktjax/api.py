@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ from ktjax.config import ModelConfig, resolve_dtype
 from ktjax.experts.weights import FLOAT_FORMATS, FORMATS, ExpertFormat
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.experts import stored_fp8
-from ktjax.io.load import abstract_params, load_params
+from ktjax.io.gguf import is_gguf, open_gguf
+from ktjax.io.load import abstract_params, load_params, model_config
 from ktjax.io.peft import read_adapter
 from ktjax.io.quantized import quantize_checkpoint
 from ktjax.lora.config import LoRAConfig
@@ -26,6 +28,7 @@ from ktjax.runtime.offload.build import load_offloaded
 from ktjax.runtime.offload.scheduler import cached_rates
 from ktjax.runtime.resident import ResidentExecutor
 from ktjax.text import load_tokenizer
+from ktjax.text.gguf_vocab import gguf_tokenizer
 from ktjax.train import finetune as finetuning
 
 EXPERT_ALIASES = {"bfloat16": "bf16", "fp32": "float32"}
@@ -47,7 +50,11 @@ def expert_format(path: str, cfg: ModelConfig, dtype, experts: str | None) -> Ex
     config alone (planning a download) trusts its quantization_config."""
     F, D = cfg.moe_intermediate_size, cfg.hidden_size
     block = (cfg.fp8_block_size or (128, 128))[0]
-    if experts is None and cfg.expert_quant is not None:  # a `ktjax quantize` checkpoint: as it stores them
+    if is_gguf(path):  # what the stored blocks map into (printed where not exactly)
+        experts, notes = open_gguf(path).expert_format(EXPERT_ALIASES.get(experts, experts), dtype)
+        for line in notes:
+            print(line, file=sys.stderr)
+    elif experts is None and cfg.expert_quant is not None:  # a `ktjax quantize` checkpoint: as it stores them
         experts = cfg.expert_quant
     if experts is None:
         configured_only = not any(f.endswith(".safetensors") for f in os.listdir(path))
@@ -65,7 +72,7 @@ def plan_placement(path: str | os.PathLike | None = None, *, dtype: Any = None, 
                    training: int = 0) -> placing.PlacementPlan:
     """Where every parameter of the checkpoint would live, computed from its config and headers only."""
     path = resolve_path(path)
-    cfg = ModelConfig.from_json(path)
+    cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
     _, abstract = abstract_params(cfg, dtype)
     return placing.plan(cfg, abstract, dtype, expert_format(path, cfg, dtype, experts), gpu_memory=gpu_memory,
@@ -74,7 +81,10 @@ def plan_placement(path: str | os.PathLike | None = None, *, dtype: Any = None, 
 
 
 def generation_defaults(path: str) -> dict[str, Any]:
-    """The checkpoint's recommended sampling settings (generation_config.json), as generate() arguments."""
+    """The checkpoint's recommended sampling settings (generation_config.json, or a GGUF's
+    general.sampling.*), as generate() arguments."""
+    if is_gguf(path):
+        return open_gguf(path).generation_defaults()
     file = os.path.join(path, "generation_config.json")
     if not os.path.exists(file):
         return {}
@@ -93,7 +103,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
          max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
          adapter: str | os.PathLike | None = None, training: int = 0, hot_experts: str | Sequence[int] | None = None,
          progress: bool | None = None) -> LoadedModel:
-    """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None).
+    """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None), or
+    a DeepSeek GGUF file as llama.cpp writes it (one .gguf, the first of a split set, or their directory).
 
     dtype: compute dtype, "bfloat16" or "float32" (default: the checkpoint's).
     experts: the format routed experts are kept in: "bf16", "float32", "fp8", "int8" or "int4"
@@ -116,7 +127,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         the device's free room (the hot-expert cache); default: experts spread evenly over the layers.
     """
     path = resolve_path(path)
-    cfg = ModelConfig.from_json(path)
+    cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
     attention = kernels.DEFAULT_IMPL if attention is None else attention
     plan = plan_placement(path, dtype=dtype, experts=experts, gpu_memory=gpu_memory, placement=placement,
@@ -132,7 +143,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
             # The split's cost model, measured once per machine and format as decode steps use the paths.
             executor = executor.with_rates(cached_rates(fmt.name, executor.measure_rates))
-    model = LoadedModel(cfg, executor, plan, tokenizer=load_tokenizer(path), generation_defaults=generation_defaults(path),
+    tokenizer = gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
+    model = LoadedModel(cfg, executor, plan, tokenizer=tokenizer, generation_defaults=generation_defaults(path),
                         path=path)
     if hot_experts is not None and plan.offloaded:
         model = place_hot_experts(model, hot_experts)

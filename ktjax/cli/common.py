@@ -55,8 +55,9 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
 
 def check_model_args(args) -> None:
     """Bad options fail in one line before any weight is read."""
-    if args.model is not None and not os.path.isdir(os.path.expanduser(args.model)):
-        raise ValueError(f"--model {args.model}: no such checkpoint directory")
+    model = None if args.model is None else os.path.expanduser(args.model)
+    if model is not None and not os.path.isdir(model) and not (model.endswith(".gguf") and os.path.isfile(model)):
+        raise ValueError(f"--model {args.model}: no such checkpoint directory (or .gguf file)")
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory)
     for name in ("max_context", "max_batch"):

@@ -11,9 +11,10 @@ from flax import nnx
 
 from ktjax.api import expert_format, plan_placement, resolve_path
 from ktjax.cli.common import check_model_args, model_args
-from ktjax.config import EXPERT_QUANT_GROUP, ModelConfig, resolve_dtype
+from ktjax.config import EXPERT_QUANT_GROUP, resolve_dtype
 from ktjax.io.checkpoint import Checkpoint
-from ktjax.io.load import abstract_params
+from ktjax.io.gguf import is_gguf, open_gguf
+from ktjax.io.load import abstract_params, model_config, plan_leaves
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 
@@ -28,11 +29,16 @@ def add_parser(sub) -> None:
 
 
 def describe(path: str, dtype=None, experts: str | None = None) -> str:
-    cfg = ModelConfig.from_json(path)
+    cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
-    if any(f.endswith(".safetensors") for f in os.listdir(path)):
-        Checkpoint(path)  # every header parsed and every tensor's extent checked against its file
     _, abstract = abstract_params(cfg, dtype)
+    gguf_lines = []
+    if is_gguf(path):  # every tensor found and its shape checked, and what each type becomes
+        ckpt = open_gguf(path)
+        plan_leaves(ckpt, cfg, abstract)
+        gguf_lines = ckpt.type_table(dtype, experts)
+    elif any(f.endswith(".safetensors") for f in os.listdir(path)):
+        Checkpoint(path)  # every header parsed and every tensor's extent checked against its file
     fmt = expert_format(path, cfg, dtype, experts)
     counts, nbytes = defaultdict(int), defaultdict(int)
     for leaf_path, var in nnx.to_flat_state(abstract):
@@ -66,6 +72,8 @@ def describe(path: str, dtype=None, experts: str | None = None) -> str:
         if counts[g]:
             lines.append(f"{g:<16}{counts[g]:>18,}{100 * counts[g] / total:>7.1f}%{fmt_bytes(nbytes[g]):>20}")
     lines.append(f"{'total':<16}{total:>18,}{100.0:>7.1f}%{fmt_bytes(sum(nbytes.values())):>20}")
+    if gguf_lines:
+        lines += [""] + gguf_lines
     return "\n".join(lines)
 
 

@@ -77,6 +77,10 @@ def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: 
     """One expert in `fmt`: host numpy arrays, or arrays on the GPU where it quantized them.
     block: the checkpoint's FP8 scale block; stored: the integer format the checkpoint stores the
     experts in (`ktjax quantize`), or None for float/FP8 weights."""
+    if hasattr(ckpt, "read_expert"):  # a GGUF model: quantized blocks the format holds are copied, not requantized
+        exact = ckpt.read_expert(mats, fmt)
+        if exact is not None:
+            return exact
     if stored is not None:
         gate, up, down = (read_quantized(ckpt, name, stored) for name, _ in mats)
         if fmt.name == stored:  # the stored arrays are the buffer's: placed, never quantized again

@@ -23,9 +23,20 @@ from tqdm import tqdm
 from ktjax.config import ModelConfig
 from ktjax.experts.quant import dequantize
 from ktjax.io.checkpoint import Checkpoint, LeafSource, check_unexpected, dequantize_fp8, leaf_source, read_quantized
+from ktjax.io.gguf import GGUFCheckpoint, is_gguf, open_gguf
 from ktjax.models import DeepseekForCausalLM
 
 LeafPath = tuple[str, ...]
+
+
+def open_checkpoint(path: str) -> Checkpoint | GGUFCheckpoint:
+    """A safetensors checkpoint directory, or a GGUF model (a .gguf file, a split set, a directory of them)."""
+    return open_gguf(path) if is_gguf(path) else Checkpoint(path)
+
+
+def model_config(path: str) -> ModelConfig:
+    """config.json's, or the GGUF metadata's."""
+    return open_gguf(path).config if is_gguf(path) else ModelConfig.from_json(path)
 
 
 def abstract_params(cfg: ModelConfig, dtype, *, attention: str = "auto", dispatch: str = "auto"
@@ -145,7 +156,7 @@ def load_params(path: str, cfg: ModelConfig, dtype, *, progress: bool | None = N
     dequantised to `dtype`). Raises `ConfigError`/`CheckpointError` (one line naming the file and
     tensor) before reading any data."""
     graphdef, abstract = abstract_params(cfg, dtype, attention=attention)
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     plan, consumed = plan_leaves(ckpt, cfg, abstract)
     check_unexpected(ckpt, cfg, consumed)
     with progress_bar(path, sum(src.stored_nbytes for _, src in plan), progress) as bar:

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
-from ktjax.io.checkpoint import Checkpoint, check_unexpected
+from ktjax.io.checkpoint import check_unexpected
 from ktjax.io.experts import expert_tensors, read_expert, stored_nbytes
-from ktjax.io.load import abstract_params, is_routed_expert, plan_leaves, progress_bar, read_leaves
+from ktjax.io.load import abstract_params, is_routed_expert, open_checkpoint, plan_leaves, progress_bar, read_leaves
 from ktjax.runtime.offload.executor import OffloadedExecutor
 from ktjax.runtime.placement import PlacementPlan
 
@@ -36,7 +36,7 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
     """Every tensor is checked from the headers before any is read; host memory holds one expert
     at a time beyond the loaded parameters."""
     _, abstract = abstract_params(cfg, dtype)
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     sources, consumed = plan_leaves(ckpt, cfg, abstract)
     check_unexpected(ckpt, cfg, consumed)
     core = [(p, src) for p, src in sources if not is_routed_expert(p)]
