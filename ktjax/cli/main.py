@@ -1,4 +1,4 @@
-"""The `ktjax` command line: one module per command (generate, chat, info, finetune, merge)."""
+"""The `ktjax` command line: one module per command (generate, chat, info, finetune, merge, serve)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ktjax import __version__
-from ktjax.cli import chat, finetune, generate, info, merge
+from ktjax.cli import chat, finetune, generate, info, merge, serve
 from ktjax.runtime.compilation_cache import enable_compilation_cache
 
 EPILOG = """examples:
@@ -18,6 +18,7 @@ EPILOG = """examples:
   ktjax info --model ~/DeepSeek-R1 --gpu-memory 24GiB --experts int8
   ktjax finetune --data chat.jsonl --output adapter/      # the embedded model
   ktjax merge --model DIR --adapter adapter/ --output merged/
+  ktjax serve --model ~/DeepSeek-R1 --gpu-memory 24GiB --max-batch 16 --port 8000   # OpenAI-compatible API
 """
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ktjax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (generate, chat, info, finetune, merge):
+    for command in (generate, chat, info, finetune, merge, serve):
         command.add_parser(sub)
     return parser
 
