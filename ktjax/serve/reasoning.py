@@ -25,25 +25,28 @@ class ReasoningSplitter:
     def __init__(self):
         self.thinking = True
         self._pending = ""  # reasoning text held back
-        self._answer_started = False
+        self._reasoning_started = self._answer_started = False
 
     def feed(self, piece: str) -> tuple[str, str]:
         if not self.thinking:
             return "", self._answer(piece)
         self._pending += piece
+        if not self._reasoning_started:
+            self._pending = self._pending.lstrip("\n")
+            self._reasoning_started = bool(self._pending)
         end = self._pending.find(THINK_CLOSE)
         if end >= 0:
             reasoning, rest = self._pending[:end].rstrip("\n"), self._pending[end + len(THINK_CLOSE):]
             self.thinking, self._pending = False, ""
             return reasoning, self._answer(rest)
-        keep = _held_back(self._pending)
-        cut = len(self._pending) - keep
+        cut = len(self._pending) - _held_back(self._pending)
         reasoning, self._pending = self._pending[:cut], self._pending[cut:]
         return reasoning, ""
 
     def finish(self) -> tuple[str, str]:
-        """The text still held back, when the reply ends (an unfinished reasoning block stays reasoning)."""
-        reasoning, self._pending = self._pending, ""
+        """The text still held back, when the reply ends (an unfinished reasoning block is reasoning, cut
+        as if it closed there)."""
+        reasoning, self._pending = self._pending.rstrip("\n"), ""
         return reasoning, ""
 
     def _answer(self, piece: str) -> str:

@@ -125,9 +125,11 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{self.max_batch} requests are generating and {len(self._waiting)} are waiting "
-                                f"(the queue's bound, --max-queue); retry later")
+            # The bound counts requests that will wait behind full slots, not ones about to take a free slot.
+            free = sum(r is None for r in self._slots)
+            if len(self._waiting) >= self.max_queue + free:
+                raise QueueFull(f"all {self.max_batch} slots are busy and {len(self._waiting) - free} requests are "
+                                f"waiting (the bound, --max-queue); retry later")
             self._waiting.append(request)
             self._cond.notify_all()
 
