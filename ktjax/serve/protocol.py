@@ -34,13 +34,21 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
     """(one line naming the field at fault, the field) of a body that did not validate."""
-    err = e.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
+    # A union's members each report an error; the deepest one says most (`content.0.type`, not "not a string").
+    err = max(e.errors(include_url=False), key=lambda err: len(err["loc"]))
+    param = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or None
     if err["type"] == "json_invalid":
         return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})", None
     if param is None:
         return f"the request body: {err['msg']}", None
     return f"{param}: {err['msg']}", param
+
+
+def _is_type_tag(part) -> bool:
+    """Whether part of an error's location names a union member's type (`str`, `list[TextPart]`)
+    rather than a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
+                                      or part[:1].isupper() or part.startswith("function-"))
 
 
 Strict = ConfigDict(strict=True, extra="allow")
