@@ -276,3 +276,16 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["serve", "--port", "70000"], "--port must be in 1..65535, got 70000"),
+    (["serve", "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    (["serve", "--model", "/nonexistent"], "--model /nonexistent: no such checkpoint directory"),
+    (["serve", "--api-key", " "], "--api-key is empty"),
+])
+def test_bad_serve_options_are_one_line_before_loading(argv, needle, capsys):
+    from ktjax.cli.main import main
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
