@@ -243,6 +243,8 @@ def prepare_completion(model: LoadedModel, scheduler: Scheduler, body: Completio
         ids = encode(model, body.the_prompt())
     except ValueError as e:
         raise APIError(400, f"prompt: {e}", param="prompt") from None
+    if not ids:
+        raise APIError(400, "prompt: empty (it encodes to no tokens)", param="prompt")
     n = max_new_tokens(scheduler, body.max_tokens, len(ids), 16)  # OpenAI's documented default for completions
     return Prepared(ids, sampling_options(model, body, n), body.stream, include_usage(body))
 
