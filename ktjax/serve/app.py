@@ -29,6 +29,7 @@ from ktjax.serve.scheduler import Event, QueueFull, Request, Scheduler, Shutting
 from ktjax.text.reasoning import THINK_OPEN
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+MAX_BODY_BYTES = 32 << 20  # far above any context's worth of text; a bigger body is refused unread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        await asyncio.to_thread(scheduler.start)
         try:
             yield
         finally:
@@ -88,7 +89,11 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
 
     async def parse(request: HTTPRequest, kind):
         authorize(request)
-        body = await request.body()
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB")
         try:
             parsed = kind.model_validate_json(body)
         except ValidationError as e:

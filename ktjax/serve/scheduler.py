@@ -101,12 +101,16 @@ class Scheduler:
         self._slots: list[Request | None] = [None] * self.max_batch
         self._cond = threading.Condition()
         self._stopping = False
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ktjax-serve-scheduler", daemon=True)
 
     # --- any thread ---
 
     def start(self) -> Scheduler:
+        """Start the model's thread; returns once its decode step is compiled (the first request
+        then waits only for its prompt's prefill)."""
         self._thread.start()
+        self._ready.wait()
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -151,6 +155,14 @@ class Scheduler:
 
     def _run(self) -> None:
         batch = None
+        try:
+            with self.model.lock:
+                batch = DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
+                batch.decode()  # compiles the step; free rows' positions are reset as requests take them
+        except Exception:  # reported; requests will retry building the batch and fail with the reason
+            traceback.print_exc(file=sys.stderr)
+            batch = None
+        self._ready.set()
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not any(self._slots):
