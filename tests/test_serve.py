@@ -206,6 +206,28 @@ def test_reasoning_splitter_matches_split_reasoning_at_any_piece_boundaries():
         assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (reference, answer["content"])
 
 
+def test_a_batch_samples_each_row_with_its_own_settings_and_key():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from ktjax.runtime.sampling import sample
+
+    logits_BV = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+    keys_B = jax.random.split(jax.random.key(1), 4)
+    temperature_B, top_k_B, top_p_B = jnp.array([0.0, 1.0, 1.0, 0.7]), jnp.array([0, 1, 3, 0]), jnp.ones(4)
+    draws = np.stack([np.asarray(sample(logits_BV, jax.random.split(k, 4), temperature_B, top_k_B, top_p_B))
+                      for k in jax.random.split(jax.random.key(2), 200)])
+    logits = np.asarray(logits_BV)
+    assert set(draws[:, 0]) == {logits[0].argmax()}  # greedy row
+    assert set(draws[:, 1]) == {logits[1].argmax()}  # top-1 row
+    assert set(draws[:, 2]) <= set(np.argsort(-logits[2])[:3]) and len(set(draws[:, 2])) > 1
+    # Row b samples as a batch of one would with key b.
+    batch_B = sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
+    for b in range(4):
+        alone = sample(logits_BV[b:b + 1], keys_B[b], temperature_B[b], top_k_B[b], top_p_B[b])
+        assert int(alone[0]) == int(batch_B[b])
+
+
 def raw_post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers, method="POST")

@@ -8,8 +8,8 @@ rows. Every decode step then advances all slots at their own positions, with the
 settings and keys (inactive rows compute a throw-away token at position 0). A request leaves its
 slot when it finishes or its client goes away.
 
-One admission per step boundary: a new prompt's prefill delays the others by one prefill, never by
-a queue of them.
+One admission per step boundary while other slots decode: a new prompt's prefill delays them by one
+prefill, never by a queue of them (an idle batch admits as many as it has slots).
 """
 
 from __future__ import annotations
@@ -171,17 +171,19 @@ class Scheduler:
                     break
                 self._drop_cancelled()
                 free = [b for b, r in enumerate(self._slots) if r is None]
-                admit = self._waiting.popleft() if free and self._waiting else None
+                # One prefill per step while others decode; with nobody decoding, nobody waits on them.
+                n_admit = min(len(free), len(self._waiting), 1 if len(free) < self.max_batch else len(free))
+                admit = [self._waiting.popleft() for _ in range(n_admit)]
             try:
                 with self.model.lock:
                     batch = batch or DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
-                    if admit is not None:
-                        self._admit(batch, admit, free[0])
+                    for request, slot in zip(admit, free):
+                        self._admit(batch, request, slot)
                     if any(self._slots):
                         self._step(batch)
             except Exception as e:  # a failed step fails its requests, never the server
                 traceback.print_exc(file=sys.stderr)
-                failed = [r for r in self._slots if r is not None] + ([admit] if admit is not None else [])
+                failed = [r for r in self._slots if r is not None] + admit
                 for r in dict.fromkeys(failed):
                     r.send(Event(error=f"generation failed: {type(e).__name__}: {e}"))
                 self._slots = [None] * self.max_batch
