@@ -291,9 +291,15 @@ def test_queue_bound_then_disconnects_free_every_slot_for_reuse(server, client, 
     assert texts == [solo[p].text for p in PROMPTS[:SLOTS]]
 
 
-def test_ctrl_c_stops_the_server_cleanly(server):
+def test_ctrl_c_ends_open_streams_and_stops_the_server_cleanly(server, client):
     proc, _, log = server
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
+    chunks = iter(stream)
+    next(chunks)
     proc.send_signal(signal.SIGINT)
+    with pytest.raises(openai.APIError, match="shutting down"):
+        for _ in chunks:
+            pass
     assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
     assert "Traceback" not in log.read_text()
 

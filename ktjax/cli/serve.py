@@ -3,7 +3,6 @@ batched into the decode steps. Ctrl-C stops it: open requests end, the model's t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -58,6 +57,7 @@ def run(args) -> int:
     import uvicorn  # imported here: the other commands need no web stack
 
     from ktjax.serve.app import ServeConfig, create_app
+    from ktjax.serve.scheduler import Scheduler
 
     model = load_model(args)
     if model.tokenizer is None:
@@ -67,6 +67,14 @@ def run(args) -> int:
     print(f"ktjax serve: {config.model_id} at http://{args.host}:{args.port}/v1 "
           f"({model.placement.max_batch} slots, {min(model.placement.max_context, model.config.max_position_embeddings)}"
           f" tokens of context)", file=sys.stderr)
-    uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    scheduler = Scheduler(model, max_queue=config.max_queue)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Open streams end now (with an error saying why) instead of holding the shutdown.
+            scheduler.stop_soon()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(create_app(model, config, scheduler), host=args.host, port=args.port,
+                          log_level=args.log_level, timeout_graceful_shutdown=5)).run()
     return 0

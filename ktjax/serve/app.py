@@ -135,8 +135,8 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
 
     async def respond(request: HTTPRequest, prepared: Prepared, fmt):
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Request(prepared.prompt_ids, prepared.opts, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        events = Events(request)
+        job = Request(prepared.prompt_ids, prepared.opts, lambda e: loop.call_soon_threadsafe(events.put, e))
         try:
             scheduler.submit(job)
         except QueueFull as e:
@@ -152,28 +152,26 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(await collect(request, job, events, fmt, usage))
 
-    async def collect(request: HTTPRequest, job: Request, events: asyncio.Queue, fmt, usage) -> dict[str, Any] | None:
+    async def collect(request: HTTPRequest, job: Request, events: Events, fmt, usage) -> dict[str, Any] | None:
         pieces = []
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None  # nobody to answer; the slot is freed below
-                    continue
+                event = await events.next()
+                if event is None:
+                    return None  # nobody to answer; the slot is freed below
                 if event.error is not None:
-                    raise APIError(500, event.error, type="server_error")
+                    raise APIError(503 if scheduler.stopping else 500, event.error, type="server_error")
                 pieces.append(event.text)
                 if event.final:
                     break
         finally:
+            events.close()
             scheduler.cancel(job)  # no-op once finished; frees the slot of a client that left
         usage.update(completion_tokens=event.completion_tokens,
                      total_tokens=usage["prompt_tokens"] + event.completion_tokens)
         return fmt.whole("".join(pieces), event.finish_reason, usage)
 
-    async def stream_events(job: Request, events: asyncio.Queue, fmt, usage, include_usage: bool
+    async def stream_events(job: Request, events: Events, fmt, usage, include_usage: bool
                             ) -> AsyncIterator[str]:
         def sse(payload: dict[str, Any]) -> str:
             if include_usage:
@@ -181,10 +179,15 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         try:
-            for chunk in fmt.opening():
+            opening = fmt.opening()
+            for chunk in opening:
                 yield sse(chunk)
+            if not opening:
+                yield ": accepted\n\n"  # an SSE comment: the response starts now, not at the first token
             while True:
-                event = await events.get()
+                event = await events.next()
+                if event is None:
+                    return  # the client went away while its request waited or ran
                 if event.error is not None:
                     yield sse(error_body(event.error, type="server_error"))
                     break
@@ -199,9 +202,39 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
                     break
             yield "data: [DONE]\n\n"
         finally:
+            events.close()
             scheduler.cancel(job)  # a client that disconnects frees its slot at the next step
 
     return app
+
+
+class Events:
+    """A request's events as the scheduler's thread sends them, and whether its client is still there
+    (a waiting request sends nothing, so a client that left is noticed by asking, every
+    DISCONNECT_POLL_S)."""
+
+    def __init__(self, request: HTTPRequest):
+        self._request = request
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._get: asyncio.Future | None = None  # kept across polls: cancelling a get could drop an event
+
+    def put(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
+    async def next(self) -> Event | None:
+        """The next event, or None once the client has disconnected."""
+        while True:
+            self._get = self._get or asyncio.ensure_future(self._queue.get())
+            done, _ = await asyncio.wait({self._get}, timeout=DISCONNECT_POLL_S)
+            if done:
+                event, self._get = self._get.result(), None
+                return event
+            if await self._request.is_disconnected():
+                return None
+
+    def close(self) -> None:
+        if self._get is not None:
+            self._get.cancel()
 
 
 def model_card(model_id: str, created: int) -> dict[str, Any]:

@@ -113,10 +113,15 @@ class Scheduler:
         self._ready.wait()
         return self
 
-    def stop(self, timeout: float | None = 30.0) -> None:
+    def stop_soon(self) -> None:
+        """Take no new requests, and end the open ones at the next step boundary (safe in a signal
+        handler: the condition's lock is reentrant)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self.stop_soon()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -142,6 +147,10 @@ class Scheduler:
         request.cancelled = True
         with self._cond:
             self._cond.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def active(self) -> int:
@@ -174,6 +183,8 @@ class Scheduler:
                 # One prefill per step while others decode; with nobody decoding, nobody waits on them.
                 n_admit = min(len(free), len(self._waiting), 1 if len(free) < self.max_batch else len(free))
                 admit = [self._waiting.popleft() for _ in range(n_admit)]
+                for request, slot in zip(admit, free):
+                    self._slots[slot] = request  # taken now: submit() must not count it as free
             try:
                 with self.model.lock:
                     batch = batch or DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
@@ -200,9 +211,7 @@ class Scheduler:
 
     def _admit(self, batch: DecodeBatch, request: Request, slot: int) -> None:
         request.row = Row(self.model, request.prompt_ids, request.opts, self._stop_ids)
-        first = batch.prefill_into(slot, request.prompt_ids, request.opts)
-        self._slots[slot] = request
-        self._push(slot, first)
+        self._push(slot, batch.prefill_into(slot, request.prompt_ids, request.opts))
 
     def _step(self, batch: DecodeBatch) -> None:
         sampled_B = batch.decode()
