@@ -109,6 +109,7 @@ def stream_completion(client, prompt: str, **kw) -> tuple[str, list]:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
     assert get(server[1], "/health")["status"] == "ok"
 
 
