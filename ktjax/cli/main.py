@@ -1,4 +1,4 @@
-"""The `ktjax` command line: one module per command (generate, chat, info, finetune, merge, quantize)."""
+"""The `ktjax` command line: one module per command (generate, chat, info, finetune, merge, quantize, serve)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ktjax import __version__
-from ktjax.cli import chat, finetune, generate, info, merge, quantize
+from ktjax.cli import chat, finetune, generate, info, merge, quantize, serve
 from ktjax.runtime.compilation_cache import enable_compilation_cache
 
 EPILOG = """examples:
@@ -19,6 +19,7 @@ EPILOG = """examples:
   ktjax finetune --data chat.jsonl --output adapter/      # the embedded model
   ktjax merge --model DIR --adapter adapter/ --output merged/
   ktjax quantize --model ~/DeepSeek-R1 --experts int4 --output ~/DeepSeek-R1-int4   # loads without quantizing
+  ktjax serve --model ~/DeepSeek-R1 --gpu-memory 24GiB --max-batch 16 --port 8000   # OpenAI-compatible API
 """
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ktjax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (generate, chat, info, finetune, merge, quantize):
+    for command in (generate, chat, info, finetune, merge, quantize, serve):
         command.add_parser(sub)
     return parser
 

@@ -85,7 +85,8 @@ def encode(model: LoadedModel, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def _stop_ids(model: LoadedModel) -> set[int]:
+def stop_token_ids(model: LoadedModel) -> set[int]:
+    """The token ids that end a generation: the tokenizer's end-of-sequence ids, else the config's."""
     tok = model.tokenizer
     if tok is not None and tok.eos_token_ids:
         return set(tok.eos_token_ids)
@@ -176,7 +177,7 @@ def _steps(model: LoadedModel, prompts: list[list[int]], opts: SamplingOptions, 
 def _generate(model: LoadedModel, prompts: list[list[int]], opts: SamplingOptions, profile: bool) -> Iterator[list[Row]]:
     t0 = time.perf_counter()
     ex = model.executor
-    stop_ids = _stop_ids(model)
+    stop_ids = stop_token_ids(model)
     rows = [Row(model, p, opts, stop_ids) for p in prompts]
     B = batch_bucket(len(rows))
     lengths = np.array([len(p) for p in prompts] + [1] * (B - len(rows)), np.int32)

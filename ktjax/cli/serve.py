@@ -1,0 +1,80 @@
+"""`ktjax serve`: the model behind an OpenAI-compatible HTTP API (uvicorn), concurrent requests
+batched into the decode steps. Ctrl-C stops it: open requests end, the model's thread stops."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ktjax.cli.common import check_model_args, load_model, model_args
+
+EMBEDDED_MODEL_ID = "ktjax-tiny"
+DEFAULT_MAX_BATCH = 8
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve the model over an OpenAI-compatible HTTP API: GET /v1/models, POST "
+                       "/v1/chat/completions and /v1/completions (streamed or not), GET /health. Concurrent "
+                       f"requests share the decode batch (--max-batch slots, default {DEFAULT_MAX_BATCH} here); "
+                       "up to --max-queue more wait, beyond that requests get 429. Ctrl-C stops the server.")
+    model_args(s)
+    s.set_defaults(max_batch=DEFAULT_MAX_BATCH)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    s.add_argument("--api-key", default=os.environ.get("KTJAX_API_KEY"), metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 requests (default: $KTJAX_API_KEY, else none)")
+    s.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a free slot; more get HTTP 429 (default 64)")
+    s.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients ask for (default: the checkpoint directory's name; "
+                        f"{EMBEDDED_MODEL_ID} for the embedded model)")
+    s.add_argument("--reasoning", choices=("separate", "inline"), default="separate",
+                   help="DeepSeek-R1's reasoning: as `reasoning_content` beside `content` (separate, the default) "
+                        "or inline in `content` as <think>...</think>; a request may choose with "
+                        "`separate_reasoning`")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default info)")
+    s.set_defaults(func=run)
+
+
+def model_id(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return EMBEDDED_MODEL_ID
+    return os.path.basename(os.path.normpath(os.path.expanduser(args.model)))
+
+
+def run(args) -> int:
+    check_model_args(args)
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty")
+    import uvicorn  # imported here: the other commands need no web stack
+
+    from ktjax.serve.app import ServeConfig, create_app
+    from ktjax.serve.scheduler import Scheduler
+
+    model = load_model(args)
+    if model.tokenizer is None:
+        raise ValueError(f"--model {args.model}: no tokenizer files; the server needs them to read and write text")
+    config = ServeConfig(model_id(args), api_key=args.api_key, separate_reasoning=args.reasoning == "separate",
+                         max_queue=args.max_queue)
+    print(f"ktjax serve: {config.model_id} at http://{args.host}:{args.port}/v1 "
+          f"({model.placement.max_batch} slots, {min(model.placement.max_context, model.config.max_position_embeddings)}"
+          f" tokens of context)", file=sys.stderr)
+    scheduler = Scheduler(model, max_queue=config.max_queue)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Open streams end now (with an error saying why) instead of holding the shutdown.
+            scheduler.stop_soon()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(create_app(model, config, scheduler), host=args.host, port=args.port,
+                          log_level=args.log_level, timeout_graceful_shutdown=5)).run()
+    return 0

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: HTTP API (app), continuous batching (scheduler)."""

@@ -1,0 +1,318 @@
+"""`ktjax serve` against the official `openai` client: one real server process on the embedded model
+for the module (8 slots, 8 more may wait), references from `ktjax.generate` in this process and the
+tokenizer counts from transformers.
+
+Both sides run in float32: in bfloat16, XLA's matmuls at batch 8 round differently from batch 1 (so
+does `ktjax.generate` with a batch), and a near-tie can then pick another greedy token."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+import ktjax
+from ktjax.api import default_model_path
+from ktjax.runtime.generation import chat_prompt
+from ktjax.serve.reasoning import ReasoningSplitter
+from ktjax.text.reasoning import THINK_OPEN, split_reasoning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-test-serve"
+MODEL = "ktjax-tiny"
+SLOTS, QUEUE = 8, 8
+PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def", "for i in range(10):", "x = [", "def main():\n",
+           "# sort a list\n", "print(", "with open(path) as f:", "try:\n    import", "while True:", "return self.",
+           "if __name__ ==", "raise ValueError(", "from collections import", "assert len("]
+N = 10  # new tokens per request: enough to cross many token boundaries, cheap on a shared CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(url + path, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [sys.executable, "-m", "ktjax.cli.main", "serve", "--port", str(port), "--max-batch", str(SLOTS),
+           "--max-queue", str(QUEUE), "--max-context", "256", "--dtype", "float32", "--api-key", KEY, "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    request.getfixturevalue("solo")  # the references, computed while the server starts
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            get(url, "/health")
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.3)
+    yield proc, url, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ktjax.load(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def solo(model):
+    """Each prompt's greedy continuation from `ktjax.generate`, alone."""
+    return {p: ktjax.generate(model, p, max_new_tokens=N) for p in PROMPTS}
+
+
+def finish_reason(result) -> str:
+    return "length" if result.stats.finish_reason == "length" else "stop"
+
+
+def stream_completion(client, prompt: str, **kw) -> tuple[str, list]:
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0, stream=True,
+                                            **kw))
+    return "".join(c.choices[0].text for c in chunks if c.choices), chunks
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert get(server[1], "/health")["status"] == "ok"
+
+
+def test_completion_equals_generate_with_the_tokenizers_usage(client, solo, hf_tokenizer):
+    prompt = PROMPTS[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0)
+    ref = solo[prompt]
+    assert r.choices[0].text == ref.text
+    assert r.choices[0].finish_reason == finish_reason(ref)
+    assert r.usage.prompt_tokens == len(hf_tokenizer(prompt).input_ids)
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_completion_equals_generate_and_ends_once(client, solo, hf_tokenizer):
+    prompt = PROMPTS[1]
+    text, chunks = stream_completion(client, prompt, stream_options={"include_usage": True})
+    assert text == solo[prompt].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [finish_reason(solo[prompt])]
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(solo[prompt].token_ids)
+    assert chunks[-1].usage.prompt_tokens == len(hf_tokenizer(prompt).input_ids)
+
+
+def test_chat_equals_generate_on_the_templates_prompt(client, model, hf_tokenizer):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    prompt_ids = list(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+    ref = ktjax.generate(model, prompt_ids, max_new_tokens=N)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=N, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == len(ref.token_ids)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=N, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant" and all(d.role is None for d in deltas[1:])
+    assert "".join(d.content or "" for d in deltas) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [r.choices[0].finish_reason]
+    assert chunks[-1].usage.model_dump() == r.usage.model_dump()
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_result(client, solo):
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        texts = list(pool.map(lambda p: stream_completion(client, p)[0], PROMPTS))
+    assert texts == [solo[p].text for p in PROMPTS]
+
+
+def test_seeded_sampling_matches_generate_with_that_seed(client, model):
+    # top_k (an extension) given: left out, it would be the checkpoint's generation_config.json's.
+    prompt, kw = PROMPTS[2], dict(max_tokens=N, temperature=1.2, top_p=0.9, seed=7, extra_body={"top_k": 5})
+    ref = ktjax.generate(model, prompt, max_new_tokens=N, temperature=1.2, top_p=0.9, top_k=5, seed=7)
+    assert client.completions.create(model=MODEL, prompt=prompt, **kw).choices[0].text == ref.text
+
+
+def test_stop_strings_across_token_boundaries(client, model, solo):
+    prompt = PROMPTS[0]
+    ref = solo[prompt]
+    tok = model.tokenizer
+    # A stop string made of the end of one token and the start of the next.
+    boundary = len(tok.decode(ref.token_ids[:3], skip_special_tokens=True))
+    stop = ref.text[boundary - 2:boundary + 2]
+    assert len(stop) == 4 and ref.text.find(stop) >= 0
+    expected = ref.text[:ref.text.find(stop)]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0, stop=[stop, "NEVER"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
+    text, chunks = stream_completion(client, prompt, stop=stop)
+    assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_reasoning_apart_or_inline(client, model):
+    messages = [{"role": "user", "content": "Think about lists."}]
+    ref = ktjax.generate(model, chat_prompt(model, messages, thinking=True), max_new_tokens=N).text
+    kw = dict(model=MODEL, messages=messages, max_tokens=N, temperature=0,
+              extra_body={"chat_template_kwargs": {"thinking": True}})
+    apart = client.chat.completions.create(**kw)
+    message = apart.choices[0].message.model_dump()
+    # An unfinished block is all reasoning, as if it closed where the reply ends.
+    reasoning, answer = split_reasoning({"content": THINK_OPEN + ref + ("" if "</think>" in ref else "\n</think>")})
+    assert (message["reasoning_content"], message["content"]) == (reasoning, answer["content"])
+    kw["extra_body"] = {**kw["extra_body"], "separate_reasoning": False}
+    assert client.chat.completions.create(**kw).choices[0].message.content == THINK_OPEN + ref
+
+
+def test_reasoning_splitter_matches_split_reasoning_at_any_piece_boundaries():
+    reply = "plan: sort,\nthen merge\n</think>\n\nanswer: <b>merged</b>\n"
+    reference, answer = split_reasoning({"content": THINK_OPEN + reply})
+    for size in (1, 2, 3, 5, 8, len(reply)):
+        splitter, parts = ReasoningSplitter(), []
+        for i in range(0, len(reply), size):
+            parts.append(splitter.feed(reply[i:i + size]))
+        parts.append(splitter.finish())
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (reference, answer["content"])
+
+
+def test_a_batch_samples_each_row_with_its_own_settings_and_key():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from ktjax.runtime.sampling import sample
+
+    logits_BV = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+    keys_B = jax.random.split(jax.random.key(1), 4)
+    temperature_B, top_k_B, top_p_B = jnp.array([0.0, 1.0, 1.0, 0.7]), jnp.array([0, 1, 3, 0]), jnp.ones(4)
+    sample_jit = jax.jit(sample)
+    batch_B = np.asarray(sample_jit(logits_BV, keys_B, temperature_B, top_k_B, top_p_B))
+    logits = np.asarray(logits_BV)
+    assert batch_B[0] == logits[0].argmax() and batch_B[1] == logits[1].argmax()  # greedy; top-1
+    assert batch_B[2] in np.argsort(-logits[2])[:3]
+    # Row b samples as a batch of one would with key b.
+    for b in range(4):
+        alone = sample_jit(logits_BV[b:b + 1], keys_B[b], temperature_B[b], top_k_B[b], top_p_B[b])
+        assert int(alone[0]) == int(batch_B[b])
+
+
+def raw_post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "ktjax-tiny", "messages": [', None),  # malformed JSON
+    (b'[1, 2]', None),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "ktjax-tiny", "messages": []}', "messages"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "wizard", "content": "hi"}]}', "messages.0.role"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+     "messages.0.content.0.type"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', "max_tokens"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}',
+     "stop"),
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
+     "max_tokens"),  # prompt plus max_tokens over the context
+    (b'{"model": "ktjax-tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 1e400}', "seed"),
+])
+def test_bad_requests_get_400_with_the_field_named(server, body, param):
+    status, answer = raw_post(server[1], body)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["param"] == param and answer["error"]["message"]
+
+
+def test_openai_client_errors(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=300)  # over the 256 of context
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server[1] + "/v1", api_key="wrong", max_retries=0).models.list()
+    status, answer = raw_post(server[1], b"{}", key=None)  # no key at all (the client insists on one)
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert get(server[1], "/health")["status"] == "ok"
+
+
+def test_queue_bound_then_disconnects_free_every_slot_for_reuse(server, client, solo):
+    streams = [client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0,
+                                         stream=True) for _ in range(SLOTS + QUEUE)]
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4)
+    for s in streams[:SLOTS]:
+        next(iter(s))  # generating: every slot is taken
+    for s in streams:
+        s.close()  # the clients go away mid-stream
+    deadline = time.monotonic() + 30
+    while (h := get(server[1], "/health"))["active"] + h["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert h["active"] == h["waiting"] == 0
+    with concurrent.futures.ThreadPoolExecutor(SLOTS) as pool:
+        texts = list(pool.map(lambda p: stream_completion(client, p)[0], PROMPTS[:SLOTS]))
+    assert texts == [solo[p].text for p in PROMPTS[:SLOTS]]
+
+
+def test_ctrl_c_ends_open_streams_and_stops_the_server_cleanly(server, client):
+    proc, _, log = server
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    proc.send_signal(signal.SIGINT)
+    with pytest.raises(openai.APIError, match="shutting down"):
+        for _ in chunks:
+            pass
+    assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["serve", "--port", "70000"], "--port must be in 1..65535, got 70000"),
+    (["serve", "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    (["serve", "--model", "/nonexistent"], "--model /nonexistent: no such checkpoint directory"),
+    (["serve", "--api-key", " "], "--api-key is empty"),
+])
+def test_bad_serve_options_are_one_line_before_loading(argv, needle, capsys):
+    from ktjax.cli.main import main
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
