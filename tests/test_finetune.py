@@ -4,11 +4,15 @@ the CLI writes a PEFT adapter and `ktjax merge` gives the adapted model's logits
 
 import argparse
 import json
+import os
+import signal
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -335,3 +339,120 @@ def test_bfloat16_backward_matmuls_stay_bfloat16(block):
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))(x).jaxpr
     pairs = _matmul_operand_dtypes(jaxpr)
     assert pairs.count(("bfloat16", "bfloat16")) >= 2 and all(a == b for a, b in pairs), pairs
+
+
+# -- Ctrl-C at every point of a step ----------------------------------------------------------------
+#
+# A checkpoint must hold exactly the state of the step it names, wherever in a step the interrupt
+# lands. The points are found, not guessed: a line tracer (sys.settrace, deterministic) lists every
+# line ktjax.train executes during step 2 of a run (drawing the batch, dispatching the step, waiting
+# on its loss, committing the state, logging, writing the checkpoint, the callback) and points spread
+# over orbax's writing of the checkpoint; the run is then repeated with a real SIGINT delivered at
+# each point (and, where the first one is deferred to the end of the step, a second SIGINT there,
+# which stops at once), resumed, and compared with the uninterrupted run.
+
+INTERRUPT_RUN = dict(rank=2, alpha=4, dropout=0.1, lr=1e-2, steps=3, batch_size=1, grad_accum=2, seq_len=32,
+                     warmup=0, save_every=2, targets=("q_b_proj", "o_proj"), seed=1, thinking=False, progress=False)
+TRAIN_DIR = os.path.dirname(os.path.abspath(ktjax.train.finetune.__file__)) + os.sep
+ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
+ORBAX_POINTS = 8  # orbax runs ~8k lines writing a checkpoint: that many of them, evenly spread
+# The loop, its state changes and checkpoints, the step (drawing a batch, in data.py, is one point:
+# the loop's line that calls it).
+TRACED = {"finetune.py", "progress.py", "checkpoints.py", "resident.py", "offloaded.py"}
+
+
+class StepTracer:
+    """Follows the lines executed in ktjax.train (and orbax) while step `step` runs, from the end of
+    the previous step's callback to the end of its own. Records them as points (file, line, n-th
+    time), or at one point delivers `presses` SIGINTs, as a terminal's Ctrl-C does. Tracing starts
+    in the callback (as pdb.set_trace does), so the steps before run at full speed."""
+
+    def __init__(self, step: int, point: tuple | None = None, presses: int = 1):
+        self.step, self.point, self.presses = step, point, presses
+        self.armed = False
+        self.seen: dict[tuple, int] = {}
+        self.points: list[tuple] = []  # (file, line, n, SIGINT deferred there)
+        self.fired = False
+
+    def callback(self, metrics: dict) -> None:
+        self.armed = metrics["step"] == self.step - 1
+        if self.armed:
+            frame = sys._getframe().f_back
+            while frame is not None:
+                if self._traced(frame.f_code.co_filename):
+                    frame.f_trace = self._line
+                frame = frame.f_back
+            sys.settrace(self._global)
+        else:
+            sys.settrace(None)
+
+    def _traced(self, file: str) -> bool:
+        return file.startswith(TRAIN_DIR) and os.path.basename(file) in TRACED or file.startswith(ORBAX_DIR)
+
+    def _global(self, frame, event, arg):
+        return self._line if self._traced(frame.f_code.co_filename) else None
+
+    def _line(self, frame, event, arg):
+        if event != "line" or not self.armed or self.fired:
+            return self._line
+        where = (frame.f_code.co_filename, frame.f_lineno)
+        n = self.seen[where] = self.seen.get(where, 0) + 1
+        if self.point is None:
+            self.points.append((*where, n, signal.getsignal(signal.SIGINT) is not signal.default_int_handler))
+        elif (*where, n) == self.point:
+            self.fired = True
+            for _ in range(self.presses):
+                signal.raise_signal(signal.SIGINT)  # the handler in force runs here, as for a real Ctrl-C
+        return self._line
+
+    def run(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, callback=self.callback, **kwargs)
+        finally:
+            sys.settrace(None)
+
+
+def points_to_interrupt(recorded: list[tuple]) -> list[tuple[tuple, int]]:
+    """Every ktjax.train line once pressed; twice where the first press waits for the step's end;
+    a spread of orbax's lines (the checkpoint being written)."""
+    ours = [p for p in recorded if p[0].startswith(TRAIN_DIR)]
+    theirs = [p for p in recorded if p[0].startswith(ORBAX_DIR)]
+    theirs = theirs[::max(1, len(theirs) // ORBAX_POINTS)]
+    return ([(p[:3], 1) for p in ours + theirs]
+            + [(p[:3], 2) for p in ours + theirs if p[3]])
+
+
+@pytest.fixture(scope="module")
+def interrupt_model(tmp_path_factory):
+    """One dense layer and a tokenizer: a step compiles in seconds and runs in milliseconds."""
+    ref = make_reference("v3", seed=4, num_hidden_layers=1, first_k_dense_replace=1, vocab_size=vocab_size())
+    path = save_reference(ref, tmp_path_factory.mktemp("one_layer"))
+    write_tokenizer(path)
+    return ktjax.load(path, dtype="float32")
+
+
+def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path):
+    model = interrupt_model
+    tracer = StepTracer(step=2)
+    full = tracer.run(finetune, model, CONVERSATIONS, output=tmp_path / "full", **INTERRUPT_RUN)
+    points = points_to_interrupt(tracer.points)
+    files = {os.path.basename(p[0]) for (p, _) in points}
+    assert {"finetune.py", "progress.py", "checkpoints.py", "resident.py"} <= files, files
+    assert any(presses == 2 for _, presses in points)  # the step itself defers the first press
+
+    wrong = []
+    for k, (point, presses) in enumerate(points):
+        out = tmp_path / f"run{k}"
+        stopped = StepTracer(step=2, point=point, presses=presses)
+        with pytest.raises(KeyboardInterrupt):
+            stopped.run(finetune, model, CONVERSATIONS, output=out, **INTERRUPT_RUN)
+        assert stopped.fired, point
+        resumed = finetune(model, CONVERSATIONS, output=out, **INTERRUPT_RUN)
+        losses = [h["loss"] for h in resumed.history]
+        same_adapters = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.adapters),
+                                                                   jax.tree.leaves(resumed.adapters)))
+        if losses != [h["loss"] for h in full.history] or not same_adapters:
+            wrong.append(f"{os.path.basename(point[0])}:{point[1]} "
+                         f"(time {point[2]}, {presses} press{'es' if presses > 1 else ''}): resumed at step "
+                         f"{resumed.start_step}, losses {losses}")
+    assert not wrong, f"{len(wrong)} of {len(points)} interrupts resumed differently:\n" + "\n".join(wrong)

@@ -148,6 +148,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     eval_every = eval_every or max(1, steps // 5)
     schedule = tc.schedule()
     boundary = StepBoundary(report.say)
+    writing = False
     try:
         for step in range(start, steps):
             batch = loader.batch(step)
@@ -170,13 +171,19 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
                 rec["eval_loss"] = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id)
             report.step(rec)
             if state.step % save_every == 0 or state.step == steps:
-                save(state)
+                with boundary.deferred():  # Ctrl-C lands after the checkpoint is complete
+                    writing = True
+                    save(state)
+                    writing = False
             if callback is not None:
                 callback(dict(rec))
     except KeyboardInterrupt:
-        if state.step > start and ckpts.latest_step() != state.step:
+        # A second Ctrl-C stops at once: inside a step whose inputs are already donated to it (the
+        # committed state's arrays are gone), or inside a checkpoint being written. Then the step is
+        # not saved: the latest checkpoint still names exactly the state it holds.
+        if state.step > start and ckpts.latest_step() != state.step and not writing and intact(state):
             save(state)
-        report.say(f"finetune: stopped after step {state.step}; checkpoint saved in {ckpt_dir}")
+        report.say(stop_note(state.step, ckpts.latest_step(), ckpt_dir))
         raise
     finally:
         ckpts.close()
@@ -198,6 +205,22 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
                    if f.name not in ("adapters", "lora")} | {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc)},
                   f, indent=1)
     return result
+
+
+def stop_note(step: int, latest: int | None, ckpt_dir: str) -> str:
+    if latest == step:
+        return f"finetune: stopped after step {step}; checkpoint saved in {ckpt_dir}"
+    if step == 0:
+        return "finetune: stopped before the first step finished; nothing saved"
+    return (f"finetune: stopped at once, step {step} unsaved; "
+            + (f"the latest checkpoint in {ckpt_dir} is step {latest}" if latest is not None else "no checkpoint saved"))
+
+
+def intact(state: TrainState) -> bool:
+    """Whether the state's arrays still exist: a step's inputs are donated to it (deleted) when it
+    is dispatched, until its outputs are committed as the next state."""
+    return not any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves((state.adapters,
+                                                                                         state.opt_state)))
 
 
 def evaluate_loss(trainer, adapters, examples, batch_size: int, seq_len: int, pad_id: int) -> float | None:
