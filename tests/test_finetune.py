@@ -20,6 +20,7 @@ import ktjax
 from ktjax import finetune
 from ktjax.cli import finetune as finetune_command
 from ktjax.cli import merge as merge_command
+from ktjax.cli.main import main as cli_main
 from ktjax.experts.weights import ExpertFormat, float_expert
 from ktjax.lora.config import LoRAConfig, flatten, resolve_sites
 from ktjax.lora.modules import init_adapters, lora_graph
@@ -460,3 +461,85 @@ def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_mod
                          f"{resumed.start_step}, losses {losses}")
     assert not wrong, (f"{len(wrong)} of {len(points)} interrupts resumed differently from the uninterrupted run "
                        f"(losses {[h['loss'] for h in full.history]}):\n" + "\n".join(wrong))
+
+
+# -- first contact: `ktjax finetune` as a new user meets it --------------------------------------------
+
+def finetune_cli(*args) -> int:
+    return cli_main(["finetune", *map(str, args)])
+
+
+CLI_RUN = ("--dtype", "float32", "--rank", "2", "--steps", "4", "--batch-size", "1", "--seq-len", "32", "--lr", "1e-2",
+           "--warmup", "0", "--no-thinking", "--targets", "q_b_proj")
+
+
+def test_finetune_cli_logs_resumes_and_warns_in_one_line_each(ckpt, data_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is this directory
+    (tmp_path / "chat.jsonl").write_text(data_file.read_text())
+    assert finetune_cli("--model", ckpt, "--data", "~/chat.jsonl", "--output", "~/adapter", "--log-every", "2",
+                        *CLI_RUN) == 0
+    err = capsys.readouterr().err.splitlines()
+    # stderr is not a terminal here: no bar, a log line every 2 steps
+    assert [line.split(",")[0] for line in err if line.startswith("finetune: step")] == ["finetune: step 2/4",
+                                                                                         "finetune: step 4/4"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert err[-1].startswith(f"adapter written to {tmp_path / 'adapter'} (4 steps")
+
+    # Run again with other data: it resumes, says so once, and names what changed, in one line.
+    (tmp_path / "other.jsonl").write_text(json.dumps(CONVERSATIONS[0]) + "\n")
+    assert finetune_cli("--model", ckpt, "--data", "~/other.jsonl", "--output", "~/adapter", *CLI_RUN) == 0
+    err = capsys.readouterr().err
+    resumed = [line for line in err.splitlines() if line.startswith("finetune: resum")]
+    assert resumed == [f"finetune: resuming {tmp_path / 'adapter' / 'checkpoints'} at step 4 of 4 with changed "
+                       "settings (data): the run will differ from an uninterrupted one"], err
+    assert "Warning" not in err and "warn(" not in err, err
+
+    # A setting the checkpoint cannot take: one line, exit 1.
+    assert finetune_cli("--model", ckpt, "--data", "~/chat.jsonl", "--output", "~/adapter",
+                        *CLI_RUN[:3], "3", *CLI_RUN[4:]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the checkpoint has rank=2, this run 3" in err, err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", "-5", "--steps must be at least 1, got -5"),
+    ("--lr", "-1", "--lr must be positive, got -1.0"),
+    ("--rank", "0", "--rank must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--seq-len", "1", "--seq-len must be at least 2, got 1"),
+    ("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5"),
+    ("--eval-fraction", "-0.1", "--eval-fraction must be in [0, 1), got -0.1"),
+    ("--save-every", "0", "--save-every must be at least 1, got 0"),
+    ("--data", "missing.jsonl", "--data missing.jsonl: no such file"),
+])
+def test_finetune_argument_errors_are_one_line_before_the_model_loads(data_file, tmp_path, capsys, option, value,
+                                                                      message):
+    # A directory that is no checkpoint: had the model been loaded first, the error would be about it.
+    (tmp_path / "not_a_model").mkdir()
+    args = {"--model": tmp_path / "not_a_model", "--data": data_file, "--output": tmp_path / "out", option: value}
+    assert finetune_cli(*[x for kv in args.items() for x in kv]) == 1
+    assert capsys.readouterr().err == f"ktjax: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_file_as_output_is_one_line(data_file, tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert finetune_cli("--data", data_file, "--output", tmp_path / "taken") == 1
+    assert capsys.readouterr().err == f"ktjax: error: --output {tmp_path / 'taken'}: exists and is not a directory\n"
+    with pytest.raises(ValueError, match="taken: exists and is not a directory"):
+        finetune(None, data_file, output=tmp_path / "taken")
+
+
+def test_the_embedded_model_needs_no_model_option(data_file, tmp_path, capsys):
+    """`ktjax finetune` and `ktjax merge` without --model use the embedded model, as ktjax.finetune(None, ...) does."""
+    run = ("--rank", "2", "--steps", "1", "--batch-size", "1", "--seq-len", "32", "--no-thinking", "--targets", "o_proj")
+    assert finetune_cli("--data", data_file, "--output", tmp_path / "adapter", *run) == 0
+    assert cli_main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    embedded, merged = ktjax.load(), ktjax.load(tmp_path / "merged")
+    assert merged.config == embedded.config
+    r = finetune(None, data_file, output=tmp_path / "api", rank=2, steps=1, batch_size=1, seq_len=32, thinking=False,
+                 targets=("o_proj",), progress=False)
+    adapted = ktjax.load_adapter(embedded, r.output, merge=True)
+    # The same run through the command line and the API: the merged checkpoint is the adapted model.
+    np.testing.assert_allclose(ktjax.logits(merged, TOKENS), ktjax.logits(adapted, TOKENS), rtol=1e-3, atol=1e-3)
