@@ -240,3 +240,58 @@ def test_an_existing_file_as_output_is_one_line(fp8_model, tmp_path, capsys):
     assert merge_cli("--model", fp8, "--adapter", adapter, "--output", tmp_path / "taken") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "taken: exists and is not a directory" in err, err
+
+
+# -- ktjax.io.save.save_params: the other writer of checkpoints users load ------------------------------
+
+@pytest.fixture(scope="module")
+def square_fp8(tmp_path_factory):
+    """An FP8 checkpoint in square blocks (what ktjax loads FP8 experts in) and its float32 twin."""
+    root = tmp_path_factory.mktemp("square")
+    src = save_reference(make_reference("v3", seed=8), root / "float")
+    fp8 = write_fp8_checkpoint(src, str(root / "fp8"), block=(16, 16))
+    return fp8, write_dequantized_twin(fp8, str(root / "twin"))
+
+
+def test_save_params_writes_float_tensors_a_float_config_and_the_same_model(square_fp8, tmp_path):
+    fp8, twin = square_fp8
+    model = ktjax.load(fp8, dtype="float32", experts="float32")  # FP8 weights dequantized on loading, resident
+    out = tmp_path / "saved"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # files beside the weights stay
+    save_params(model.config, model.executor.params, out, shard_bytes=32 << 10)
+    config, tensors = config_of(out), read_tensors(str(out))
+    assert "quantization_config" not in config and config["torch_dtype"] == "float32"
+    assert {t.dtype for t in tensors.values()} == {np.dtype(np.float32)} and not [n for n in tensors if "scale" in n]
+    assert (out / "tokenizer.json").read_text() == "{}" and not [f for f in os.listdir(out) if f.startswith(".")]
+    with open(out / "model.safetensors.index.json", encoding="utf-8") as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    # transformers runs it as the numpy dequantization of the FP8 checkpoint (float32, bit-exact weights).
+    load = lambda p: transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+    np.testing.assert_array_equal(reference_logits(load(out), TOKENS), reference_logits(load(twin), TOKENS))
+
+    # Saved again as one file, over the shards: the old shards and index go, the new file loads.
+    save_params(model.config, model.executor.params, out, dtype="bfloat16")
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    assert config_of(out)["torch_dtype"] == "bfloat16"
+    saved, want = read_tensors(str(out)), read_tensors(twin)
+    assert saved.keys() == want.keys()
+    for name, w in want.items():  # each the twin's float32 rounded to bfloat16; the router stays float32
+        router = ".mlp.gate." in name
+        np.testing.assert_array_equal(saved[name], w if router else w.astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+def test_save_params_failing_midway_leaves_the_directory_as_it_was(square_fp8, tmp_path):
+    import jax
+    from flax import nnx
+    fp8, _ = square_fp8
+    model = ktjax.load(fp8, dtype="float32", experts="float32")
+    out = tmp_path / "saved"
+    save_params(model.config, model.executor.params, out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    params = jax.tree.map(lambda x: x.copy(), model.executor.params)
+    last_path, last = list(nnx.to_flat_state(params))[-1]
+    last[...].delete()  # as a step's donated input is: reading it fails, late in the save
+    with pytest.raises(RuntimeError, match="deleted"):
+        save_params(model.config, params, out, dtype="bfloat16")  # another config.json too, were it written
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
