@@ -435,15 +435,13 @@ def interrupt_model(tmp_path_factory):
     return ktjax.load(path, dtype="float32")
 
 
-def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path):
-    model = interrupt_model
+def resumed_differently(model, tmp_path, choose_points) -> list[str]:
+    """Runs INTERRUPT_RUN whole, then once per point chosen from its step-2 lines with Ctrl-C there,
+    resumed each time; the points where the resumed run differs from the whole one."""
     tracer = StepTracer(step=2)
     full = tracer.run(finetune, model, CONVERSATIONS, output=tmp_path / "full", **INTERRUPT_RUN)
-    points = points_to_interrupt(tracer.points)
-    files = {os.path.basename(p[0]) for (p, _) in points}
-    assert {"finetune.py", "progress.py", "checkpoints.py", "resident.py"} <= files, files
+    points = choose_points(tracer.points)
     assert any(presses == 2 for _, presses in points)  # the step itself defers the first press
-
     wrong = []
     for k, (point, presses) in enumerate(points):
         out = tmp_path / f"run{k}"
@@ -456,11 +454,45 @@ def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_mod
         same_adapters = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.adapters),
                                                                    jax.tree.leaves(resumed.adapters)))
         if losses != [h["loss"] for h in full.history] or not same_adapters:
-            wrong.append(f"{os.path.basename(point[0])}:{point[1]} "
-                         f"(time {point[2]}, {presses} press{'es' if presses > 1 else ''}): resumed at step "
-                         f"{resumed.start_step}, losses {losses}")
-    assert not wrong, (f"{len(wrong)} of {len(points)} interrupts resumed differently from the uninterrupted run "
-                       f"(losses {[h['loss'] for h in full.history]}):\n" + "\n".join(wrong))
+            wrong.append(f"{os.path.basename(point[0])}:{point[1]} (time {point[2]}, {presses} "
+                         f"press{'es' if presses > 1 else ''}): resumed at step {resumed.start_step}, losses {losses}")
+    if wrong:
+        wrong.insert(0, f"{len(wrong)} of {len(points)} interrupts resumed differently from the uninterrupted run "
+                        f"(losses {[h['loss'] for h in full.history]}):")
+    return wrong
+
+
+def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path):
+    def points(recorded):
+        chosen = points_to_interrupt(recorded)
+        files = {os.path.basename(p[0]) for (p, _) in chosen}
+        assert {"finetune.py", "progress.py", "checkpoints.py", "resident.py"} <= files, files
+        return chosen
+
+    wrong = resumed_differently(interrupt_model, tmp_path, points)
+    assert not wrong, "\n".join(wrong)
+
+
+OFFLOADED_POINTS = 6
+
+
+def test_ctrl_c_inside_an_offloaded_step_saves_exactly_the_step_it_names(ckpt, tmp_path):
+    """Experts streamed from host memory: the step is Python driving per-layer segments, and a
+    second Ctrl-C stops inside it, before or after the update has taken the step's inputs. The
+    loop around it is the resident one's, interrupted everywhere above; here points spread over the
+    offloaded step's own lines."""
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                       max_context=64)
+    assert model.placement.offloaded
+
+    def points(recorded):
+        inside = [p for p in recorded if os.path.basename(p[0]) == "offloaded.py"]
+        assert inside and all(p[3] for p in inside)  # the whole step defers a first press
+        spread = inside[::max(1, len(inside) // OFFLOADED_POINTS)][:OFFLOADED_POINTS - 1] + [inside[-1]]
+        return [(spread[0][:3], 1)] + [(p[:3], 2) for p in spread]
+
+    wrong = resumed_differently(model, tmp_path, points)
+    assert not wrong, "\n".join(wrong)
 
 
 # -- first contact: `ktjax finetune` as a new user meets it --------------------------------------------

@@ -72,6 +72,9 @@ class ShardWriter:
             self.file = open(self._part(len(self.files)), "wb")
             self.file.seek(8 + self.reserve)
         value = np.ascontiguousarray(value)
+        if value.dtype not in _DTYPE_CODES:
+            raise ValueError(f"tensor {name}: dtype {value.dtype} has no safetensors code here "
+                             f"({', '.join(map(str, _DTYPE_CODES))})")
         self.entries[name] = {"dtype": _DTYPE_CODES[value.dtype], "shape": list(value.shape),
                               "data_offsets": [self.size, self.size + value.nbytes]}
         self.file.write(value.reshape(-1).view(np.uint8))
