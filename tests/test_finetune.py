@@ -435,14 +435,15 @@ def interrupt_model(tmp_path_factory):
     return ktjax.load(path, dtype="float32")
 
 
-def resumed_differently(model, tmp_path, choose_points) -> list[str]:
+def resumed_differently(model, tmp_path, choose_points) -> tuple[list[str], set[int]]:
     """Runs INTERRUPT_RUN whole, then once per point chosen from its step-2 lines with Ctrl-C there,
-    resumed each time; the points where the resumed run differs from the whole one."""
+    resumed each time: the points where the resumed run differs from the whole one, and the steps
+    the resumed runs started from."""
     tracer = StepTracer(step=2)
     full = tracer.run(finetune, model, CONVERSATIONS, output=tmp_path / "full", **INTERRUPT_RUN)
     points = choose_points(tracer.points)
     assert any(presses == 2 for _, presses in points)  # the step itself defers the first press
-    wrong = []
+    wrong, starts = [], set()
     for k, (point, presses) in enumerate(points):
         out = tmp_path / f"run{k}"
         stopped = StepTracer(step=2, point=point, presses=presses)
@@ -451,6 +452,7 @@ def resumed_differently(model, tmp_path, choose_points) -> list[str]:
         assert stopped.fired, point
         resumed = finetune(model, CONVERSATIONS, output=out, **INTERRUPT_RUN)
         losses = [h["loss"] for h in resumed.history]
+        starts.add(resumed.start_step)
         same_adapters = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.adapters),
                                                                    jax.tree.leaves(resumed.adapters)))
         if losses != [h["loss"] for h in full.history] or not same_adapters:
@@ -459,7 +461,7 @@ def resumed_differently(model, tmp_path, choose_points) -> list[str]:
     if wrong:
         wrong.insert(0, f"{len(wrong)} of {len(points)} interrupts resumed differently from the uninterrupted run "
                         f"(losses {[h['loss'] for h in full.history]}):")
-    return wrong
+    return wrong, starts
 
 
 def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path):
@@ -469,11 +471,14 @@ def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_mod
         assert {"finetune.py", "progress.py", "checkpoints.py", "resident.py"} <= files, files
         return chosen
 
-    wrong = resumed_differently(interrupt_model, tmp_path, points)
+    wrong, starts = resumed_differently(interrupt_model, tmp_path, points)
     assert not wrong, "\n".join(wrong)
+    # Every outcome came up: step 2 finished and saved (one press), step 1 saved (a second press
+    # before step 2 took its inputs), nothing saved (after; step 1 was never checkpointed).
+    assert starts == {0, 1, 2}
 
 
-OFFLOADED_POINTS = 6
+OFFLOADED_POINTS = 4
 
 
 def test_ctrl_c_inside_an_offloaded_step_saves_exactly_the_step_it_names(ckpt, tmp_path):
@@ -491,8 +496,11 @@ def test_ctrl_c_inside_an_offloaded_step_saves_exactly_the_step_it_names(ckpt, t
         spread = inside[::max(1, len(inside) // OFFLOADED_POINTS)][:OFFLOADED_POINTS - 1] + [inside[-1]]
         return [(spread[0][:3], 1)] + [(p[:3], 2) for p in spread]
 
-    wrong = resumed_differently(model, tmp_path, points)
+    wrong, starts = resumed_differently(model, tmp_path, points)
     assert not wrong, "\n".join(wrong)
+    # Step 2 finished and saved; step 1 saved as the second press came (the state intact); or
+    # lost with the inputs the update took.
+    assert starts == {0, 1, 2}
 
 
 # -- first contact: `ktjax finetune` as a new user meets it --------------------------------------------
