@@ -295,3 +295,14 @@ def test_save_params_failing_midway_leaves_the_directory_as_it_was(square_fp8, t
     with pytest.raises(RuntimeError, match="deleted"):
         save_params(model.config, params, out, dtype="bfloat16")  # another config.json too, were it written
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_paths_with_tilde_and_bad_sizes(fp8_model, tmp_path, capsys, monkeypatch):
+    fp8, _, adapter, _ = fp8_model
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is this directory
+    os.symlink(fp8, tmp_path / "base")
+    os.symlink(adapter, tmp_path / "adapter")
+    assert merge_cli("--model", "~/base", "--adapter", "~/adapter", "--output", "~/merged", "--shard-size", "1x") == 1
+    assert capsys.readouterr().err == "ktjax: error: --shard-size '1x' is not a size (examples: 4GiB, 500MB)\n"
+    assert merge_cli("--model", "~/base", "--adapter", "~/adapter", "--output", "~/merged") == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
