@@ -5,7 +5,9 @@ The step itself belongs to the executor (`model.executor.trainer`): one jitted p
 resident model (`ktjax.train.resident`), per-layer segments with experts streamed twice for an
 offloaded one (`ktjax.train.offloaded`). Compute runs in the model's dtype, adapters and optimizer
 state in float32. Checkpoints hold adapters, optimizer state, step and data position, and a
-resumed run continues exactly as an uninterrupted one; Ctrl-C saves the last finished step.
+resumed run continues exactly as an uninterrupted one. Ctrl-C finishes the step under way (or the
+checkpoint being written) and saves it; a second Ctrl-C stops at once, leaving the latest checkpoint
+as it was (a step's inputs are donated to it, so the state before it is gone once it starts).
 """
 
 from __future__ import annotations
