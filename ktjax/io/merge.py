@@ -259,6 +259,7 @@ def staged_output(output: str, prefix: str) -> Iterator[str]:
     staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; the files in it are 0o644
         if os.path.exists(output):
             os.rmdir(output)
         os.replace(staging, output)
