@@ -4,11 +4,15 @@ the CLI writes a PEFT adapter and `ktjax merge` gives the adapted model's logits
 
 import argparse
 import json
+import os
+import signal
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -16,6 +20,7 @@ import ktjax
 from ktjax import finetune
 from ktjax.cli import finetune as finetune_command
 from ktjax.cli import merge as merge_command
+from ktjax.cli.main import main as cli_main
 from ktjax.experts.weights import ExpertFormat, float_expert
 from ktjax.lora.config import LoRAConfig, flatten, resolve_sites
 from ktjax.lora.modules import init_adapters, lora_graph
@@ -335,3 +340,246 @@ def test_bfloat16_backward_matmuls_stay_bfloat16(block):
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))(x).jaxpr
     pairs = _matmul_operand_dtypes(jaxpr)
     assert pairs.count(("bfloat16", "bfloat16")) >= 2 and all(a == b for a, b in pairs), pairs
+
+
+# -- Ctrl-C at every point of a step ----------------------------------------------------------------
+#
+# A checkpoint must hold exactly the state of the step it names, wherever in a step the interrupt
+# lands. The points are found, not guessed: a line tracer (sys.settrace, deterministic) lists every
+# line ktjax.train executes during step 2 of a run (drawing the batch, dispatching the step, waiting
+# on its loss, committing the state, logging, writing the checkpoint, the callback) and points spread
+# over orbax's writing of the checkpoint; the run is then repeated with a real SIGINT delivered at
+# each point (and, where the first one is deferred to the end of the step, a second SIGINT there,
+# which stops at once), resumed, and compared with the uninterrupted run.
+
+INTERRUPT_RUN = dict(rank=2, alpha=4, dropout=0.1, lr=1e-2, steps=3, batch_size=1, grad_accum=2, seq_len=32,
+                     warmup=0, save_every=2, targets=("q_b_proj", "o_proj"), seed=1, thinking=False, progress=False)
+TRAIN_DIR = os.path.dirname(os.path.abspath(ktjax.train.finetune.__file__)) + os.sep
+ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
+ORBAX_POINTS = 6  # orbax runs ~8k lines writing a checkpoint: that many of them, evenly spread
+# The loop, its state changes and checkpoints, the step (drawing a batch, in data.py, is one point:
+# the loop's line that calls it).
+TRACED = {"finetune.py", "progress.py", "checkpoints.py", "resident.py", "offloaded.py"}
+
+
+class StepTracer:
+    """Follows the lines executed in ktjax.train (and orbax) while step `step` runs, from the end of
+    the previous step's callback to the end of its own. Records them as points (file, line, n-th
+    time), or at one point delivers `presses` SIGINTs, as a terminal's Ctrl-C does. Tracing starts
+    in the callback (as pdb.set_trace does), so the steps before run at full speed."""
+
+    def __init__(self, step: int, point: tuple | None = None, presses: int = 1):
+        self.step, self.point, self.presses = step, point, presses
+        self.armed = False
+        self.seen: dict[tuple, int] = {}
+        self.points: list[tuple] = []  # (file, line, n, SIGINT deferred there)
+        self.fired = False
+
+    def callback(self, metrics: dict) -> None:
+        self.armed = metrics["step"] == self.step - 1
+        if self.armed:
+            frame = sys._getframe().f_back
+            while frame is not None:
+                if self._traced(frame.f_code.co_filename):
+                    frame.f_trace = self._line
+                frame = frame.f_back
+            sys.settrace(self._global)
+        else:
+            sys.settrace(None)
+
+    def _traced(self, file: str) -> bool:
+        return file.startswith(TRAIN_DIR) and os.path.basename(file) in TRACED or file.startswith(ORBAX_DIR)
+
+    def _global(self, frame, event, arg):
+        return self._line if self._traced(frame.f_code.co_filename) else None
+
+    def _line(self, frame, event, arg):
+        if event != "line" or not self.armed or self.fired:
+            return self._line
+        where = (frame.f_code.co_filename, frame.f_lineno)
+        n = self.seen[where] = self.seen.get(where, 0) + 1
+        if self.point is None:
+            self.points.append((*where, n, signal.getsignal(signal.SIGINT) is not signal.default_int_handler))
+        elif (*where, n) == self.point:
+            self.fired = True
+            for _ in range(self.presses):
+                signal.raise_signal(signal.SIGINT)  # the handler in force runs here, as for a real Ctrl-C
+        return self._line
+
+    def run(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, callback=self.callback, **kwargs)
+        finally:
+            sys.settrace(None)
+
+
+def points_to_interrupt(recorded: list[tuple]) -> list[tuple[tuple, int]]:
+    """(point, presses): two presses at every point where a first press is deferred (the second
+    stops at once there); one press at every other point and at both ends of each deferred stretch
+    (inside it a first press only raises a flag, so its ends stand for it). Orbax's ~8k lines
+    writing the checkpoint: a spread of them."""
+    ours = [p for p in recorded if p[0].startswith(TRAIN_DIR)]
+    theirs = [p for p in recorded if p[0].startswith(ORBAX_DIR)]
+    points = ours + theirs[::max(1, len(theirs) // ORBAX_POINTS)][:ORBAX_POINTS]
+    edges = [p for k, p in enumerate(ours) if not p[3] or not (0 < k < len(ours) - 1 and ours[k - 1][3]
+                                                                and ours[k + 1][3])]
+    return [(p[:3], 1) for p in edges] + [(p[:3], 2) for p in points if p[3]]
+
+
+@pytest.fixture(scope="module")
+def interrupt_model(tmp_path_factory):
+    """One dense layer and a tokenizer: a step compiles in seconds and runs in milliseconds."""
+    ref = make_reference("v3", seed=4, num_hidden_layers=1, first_k_dense_replace=1, vocab_size=vocab_size())
+    path = save_reference(ref, tmp_path_factory.mktemp("one_layer"))
+    write_tokenizer(path)
+    return ktjax.load(path, dtype="float32")
+
+
+def resumed_differently(model, tmp_path, choose_points) -> tuple[list[str], set[int]]:
+    """Runs INTERRUPT_RUN whole, then once per point chosen from its step-2 lines with Ctrl-C there,
+    resumed each time: the points where the resumed run differs from the whole one, and the steps
+    the resumed runs started from."""
+    tracer = StepTracer(step=2)
+    full = tracer.run(finetune, model, CONVERSATIONS, output=tmp_path / "full", **INTERRUPT_RUN)
+    points = choose_points(tracer.points)
+    assert any(presses == 2 for _, presses in points)  # the step itself defers the first press
+    wrong, starts = [], set()
+    for k, (point, presses) in enumerate(points):
+        out = tmp_path / f"run{k}"
+        stopped = StepTracer(step=2, point=point, presses=presses)
+        with pytest.raises(KeyboardInterrupt):
+            stopped.run(finetune, model, CONVERSATIONS, output=out, **INTERRUPT_RUN)
+        assert stopped.fired, point
+        resumed = finetune(model, CONVERSATIONS, output=out, **INTERRUPT_RUN)
+        losses = [h["loss"] for h in resumed.history]
+        starts.add(resumed.start_step)
+        same_adapters = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full.adapters),
+                                                                   jax.tree.leaves(resumed.adapters)))
+        if losses != [h["loss"] for h in full.history] or not same_adapters:
+            wrong.append(f"{os.path.basename(point[0])}:{point[1]} (time {point[2]}, {presses} "
+                         f"press{'es' if presses > 1 else ''}): resumed at step {resumed.start_step}, losses {losses}")
+    if wrong:
+        wrong.insert(0, f"{len(wrong)} of {len(points)} interrupts resumed differently from the uninterrupted run "
+                        f"(losses {[h['loss'] for h in full.history]}):")
+    return wrong, starts
+
+
+def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path):
+    def points(recorded):
+        chosen = points_to_interrupt(recorded)
+        files = {os.path.basename(p[0]) for (p, _) in chosen}
+        assert {"finetune.py", "progress.py", "checkpoints.py", "resident.py"} <= files, files
+        return chosen
+
+    wrong, starts = resumed_differently(interrupt_model, tmp_path, points)
+    assert not wrong, "\n".join(wrong)
+    # Every outcome came up: step 2 finished and saved (one press), step 1 saved (a second press
+    # before step 2 took its inputs), nothing saved (after; step 1 was never checkpointed).
+    assert starts == {0, 1, 2}
+
+
+OFFLOADED_POINTS = 4
+
+
+def test_ctrl_c_inside_an_offloaded_step_saves_exactly_the_step_it_names(ckpt, tmp_path):
+    """Experts streamed from host memory: the step is Python driving per-layer segments, and a
+    second Ctrl-C stops inside it, before or after the update has taken the step's inputs. The
+    loop around it is the resident one's, interrupted everywhere above; here points spread over the
+    offloaded step's own lines."""
+    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                       max_context=64)
+    assert model.placement.offloaded
+
+    def points(recorded):
+        inside = [p for p in recorded if os.path.basename(p[0]) == "offloaded.py"]
+        assert inside and all(p[3] for p in inside)  # the whole step defers a first press
+        spread = inside[::max(1, len(inside) // OFFLOADED_POINTS)][:OFFLOADED_POINTS - 1] + [inside[-1]]
+        return [(spread[0][:3], 1)] + [(p[:3], 2) for p in spread]
+
+    wrong, starts = resumed_differently(model, tmp_path, points)
+    assert not wrong, "\n".join(wrong)
+    # Step 2 finished and saved; step 1 saved as the second press came (the state intact); or
+    # lost with the inputs the update took.
+    assert starts == {0, 1, 2}
+
+
+# -- first contact: `ktjax finetune` as a new user meets it --------------------------------------------
+
+def finetune_cli(*args) -> int:
+    return cli_main(["finetune", *map(str, args)])
+
+
+CLI_RUN = ("--dtype", "float32", "--rank", "2", "--steps", "4", "--batch-size", "1", "--seq-len", "32", "--lr", "1e-2",
+           "--warmup", "0", "--no-thinking", "--targets", "q_b_proj")
+
+
+def test_finetune_cli_logs_resumes_and_warns_in_one_line_each(ckpt, data_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is this directory
+    (tmp_path / "chat.jsonl").write_text(data_file.read_text())
+    assert finetune_cli("--model", ckpt, "--data", "~/chat.jsonl", "--output", "~/adapter", "--log-every", "2",
+                        *CLI_RUN) == 0
+    err = capsys.readouterr().err.splitlines()
+    # stderr is not a terminal here: no bar, a log line every 2 steps
+    assert [line.split(",")[0] for line in err if line.startswith("finetune: step")] == ["finetune: step 2/4",
+                                                                                         "finetune: step 4/4"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert err[-1].startswith(f"adapter written to {tmp_path / 'adapter'} (4 steps")
+
+    # Run again with other data: it resumes, says so once, and names what changed, in one line.
+    (tmp_path / "other.jsonl").write_text(json.dumps(CONVERSATIONS[0]) + "\n")
+    assert finetune_cli("--model", ckpt, "--data", "~/other.jsonl", "--output", "~/adapter", *CLI_RUN) == 0
+    err = capsys.readouterr().err
+    resumed = [line for line in err.splitlines() if line.startswith("finetune: resum")]
+    assert resumed == [f"finetune: resuming {tmp_path / 'adapter' / 'checkpoints'} at step 4 of 4 with changed "
+                       "settings (data): the run will differ from an uninterrupted one"], err
+    assert "Warning" not in err and "warn(" not in err, err
+
+    # A setting the checkpoint cannot take: one line, exit 1.
+    assert finetune_cli("--model", ckpt, "--data", "~/chat.jsonl", "--output", "~/adapter",
+                        *CLI_RUN[:3], "3", *CLI_RUN[4:]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the checkpoint has rank=2, this run 3" in err, err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", "-5", "--steps must be at least 1, got -5"),
+    ("--lr", "-1", "--lr must be positive, got -1.0"),
+    ("--rank", "0", "--rank must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--seq-len", "1", "--seq-len must be at least 2, got 1"),
+    ("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5"),
+    ("--eval-fraction", "-0.1", "--eval-fraction must be in [0, 1), got -0.1"),
+    ("--save-every", "0", "--save-every must be at least 1, got 0"),
+    ("--data", "missing.jsonl", "--data missing.jsonl: no such file"),
+])
+def test_finetune_argument_errors_are_one_line_before_the_model_loads(data_file, tmp_path, capsys, option, value,
+                                                                      message):
+    # A directory that is no checkpoint: had the model been loaded first, the error would be about it.
+    (tmp_path / "not_a_model").mkdir()
+    args = {"--model": tmp_path / "not_a_model", "--data": data_file, "--output": tmp_path / "out", option: value}
+    assert finetune_cli(*[x for kv in args.items() for x in kv]) == 1
+    assert capsys.readouterr().err == f"ktjax: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_file_as_output_is_one_line(data_file, tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert finetune_cli("--data", data_file, "--output", tmp_path / "taken") == 1
+    assert capsys.readouterr().err == f"ktjax: error: --output {tmp_path / 'taken'}: exists and is not a directory\n"
+    with pytest.raises(ValueError, match="taken: exists and is not a directory"):
+        finetune(None, data_file, output=tmp_path / "taken")
+
+
+def test_the_embedded_model_needs_no_model_option(data_file, tmp_path, capsys):
+    """`ktjax finetune` and `ktjax merge` without --model use the embedded model, as ktjax.finetune(None, ...) does."""
+    run = ("--rank", "2", "--steps", "1", "--batch-size", "1", "--seq-len", "32", "--no-thinking", "--targets", "o_proj")
+    assert finetune_cli("--data", data_file, "--output", tmp_path / "adapter", *run) == 0
+    assert cli_main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    embedded, merged = ktjax.load(), ktjax.load(tmp_path / "merged")
+    assert merged.config == embedded.config
+    r = finetune(None, data_file, output=tmp_path / "api", rank=2, steps=1, batch_size=1, seq_len=32, thinking=False,
+                 targets=("o_proj",), progress=False)
+    adapted = ktjax.load_adapter(embedded, r.output, merge=True)
+    # The same run through the command line and the API: the merged checkpoint is the adapted model.
+    np.testing.assert_allclose(ktjax.logits(merged, TOKENS), ktjax.logits(adapted, TOKENS), rtol=1e-3, atol=1e-3)

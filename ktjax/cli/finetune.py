@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ktjax.api import finetune
 from ktjax.cli.common import new_output_dir
 from ktjax.lora.config import DEFAULT_TARGETS
+from ktjax.runtime.placement import parse_size
 
 
 def add_parser(sub) -> None:
@@ -46,6 +48,8 @@ def add_parser(sub) -> None:
                    help="hold out this fraction of --data when --eval-data is not given (default 0)")
     p.add_argument("--eval-every", type=int, default=None, help="held-out loss every N steps (default steps/5)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="when standard error is not a terminal (no progress bar), a log line every N steps (default 10)")
     p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="device memory budget, e.g. 24GiB")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if OUTPUT/checkpoints has a checkpoint")
@@ -56,7 +60,32 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args) -> None:
+    """Bad options fail in one line naming the option, before the model loads."""
+    if args.model is not None and not os.path.isdir(os.path.expanduser(args.model)):
+        raise ValueError(f"--model {args.model}: no such checkpoint directory")
+    for option, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and not os.path.isfile(os.path.expanduser(path)):
+            raise ValueError(f"{option} {path}: no such file")
+    at_least = {"rank": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "save_every": 1, "log_every": 1,
+                "eval_every": 1, "warmup": 0, "weight_decay": 0, "max_grad_norm": 0}
+    for name, low in at_least.items():
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not args.alpha > 0:
+        raise ValueError(f"--alpha must be positive, got {args.alpha}")
+    for name in ("dropout", "eval_fraction"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.gpu_memory is not None:
+        parse_size(args.gpu_memory)
+
+
 def run(args) -> int:
+    check_args(args)
     output = new_output_dir(args.output)
     r = finetune(args.model, args.data, output=output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -64,7 +93,7 @@ def run(args) -> int:
                  gpu_memory=args.gpu_memory, resume=args.resume, dtype=args.dtype, eval_data=args.eval_data,
                  eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
                  max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
-                 keep_reasoning=args.keep_reasoning, thinking=args.thinking)
+                 keep_reasoning=args.keep_reasoning, thinking=args.thinking, log_every=args.log_every)
     msg = f"adapter written to {r.output} ({r.steps} steps"
     if r.train_loss is not None:
         msg += f", train loss {r.train_loss:.4f}"

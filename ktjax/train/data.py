@@ -76,7 +76,7 @@ def _where(source: str, line: int) -> str:
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line; ValueError naming file and line on bad JSON."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     out = []
     try:
         f = open(path, encoding="utf-8")

@@ -5,7 +5,9 @@ The step itself belongs to the executor (`model.executor.trainer`): one jitted p
 resident model (`ktjax.train.resident`), per-layer segments with experts streamed twice for an
 offloaded one (`ktjax.train.offloaded`). Compute runs in the model's dtype, adapters and optimizer
 state in float32. Checkpoints hold adapters, optimizer state, step and data position, and a
-resumed run continues exactly as an uninterrupted one; Ctrl-C saves the last finished step.
+resumed run continues exactly as an uninterrupted one. Ctrl-C finishes the step under way (or the
+checkpoint being written) and saves it; a second Ctrl-C stops at once, leaving the latest checkpoint
+as it was (a step's inputs are donated to it, so the state before it is gone once it starts).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
              resume: bool = True, progress: bool | None = None, dtype: Any = None, eval_data=None,
              eval_fraction: float = 0.0, eval_every: int | None = None, save_every: int = 100,
              max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, min_lr_ratio: float = 0.0,
-             remat: bool = True, keep_reasoning: bool = False,
+             remat: bool = True, keep_reasoning: bool = False, log_every: int = 10,
              thinking: bool | None = None, callback: Callable[[dict], None] | None = None,
              load: Callable | None = None) -> FinetuneResult:
     """LoRA-fine-tune a DeepSeek model on JSONL conversations and write a PEFT adapter to `output`.
@@ -86,18 +88,27 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
         example; longer ones are cut), lr (peak; linear warmup over `warmup` steps, then cosine).
     output: the adapter directory; checkpoints go to output/checkpoints every `save_every` steps,
         at the end and on Ctrl-C, and resume=True continues from the latest one.
-    progress: a progress bar (default: when stderr is a terminal; else a log line every 10 steps).
+    progress: a progress bar (default: when stderr is a terminal; else a log line every `log_every` steps).
     callback(metrics): called after every step (step, loss, grad_norm, lr, tokens, seconds, ...).
     load: the loader for a model given by path (`ktjax.load`).
     """
     t_start = time.perf_counter()
     output = os.path.expanduser(os.fspath(output))
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"{output}: exists and is not a directory (the adapter and checkpoints go in a directory)")
     lcfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup=warmup,
                      min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed,
                      remat=remat)
-    if save_every < 1:
-        raise ValueError(f"save_every must be >= 1, got {save_every}")
+    for name, v in (("save_every", save_every), ("log_every", log_every), ("eval_every", eval_every or 1)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+
+    ckpt_dir = os.path.join(output, CHECKPOINTS)
+    if resume and os.path.isdir(ckpt_dir):  # settings a checkpoint cannot take fail before the model loads
+        check_resumable(ckpt_dir, {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc)})
 
     # -- set-up: model, data, adapters, optimizer ---------------------------------------------------
     if not isinstance(model, LoadedModel):
@@ -107,7 +118,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     ds = data_lib.load_dataset(data, model.tokenizer, seq_len=seq_len, eval_fraction=eval_fraction, eval_data=eval_data,
                                seed=seed, vocab_size=cfg.vocab_size, keep_reasoning=keep_reasoning,
                                thinking=thinking)
-    report = Reporter(steps, 0, progress)
+    report = Reporter(steps, 0, progress, every=log_every)
     if ds.truncated or ds.dropped:
         report.say(f"finetune: {ds.source}: {ds.truncated} examples cut to seq_len={seq_len}, {ds.dropped} dropped "
                    "(no target token left)")
@@ -123,7 +134,6 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
 
     # -- resume ---------------------------------------------------------------------------------------
     os.makedirs(output, exist_ok=True)
-    ckpt_dir = os.path.join(output, CHECKPOINTS)
     if not resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)
     ckpts = Checkpoints(ckpt_dir)
@@ -148,6 +158,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     eval_every = eval_every or max(1, steps // 5)
     schedule = tc.schedule()
     boundary = StepBoundary(report.say)
+    writing = False
     try:
         for step in range(start, steps):
             batch = loader.batch(step)
@@ -170,13 +181,19 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
                 rec["eval_loss"] = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id)
             report.step(rec)
             if state.step % save_every == 0 or state.step == steps:
-                save(state)
+                with boundary.deferred():  # Ctrl-C lands after the checkpoint is complete
+                    writing = True
+                    save(state)
+                    writing = False
             if callback is not None:
                 callback(dict(rec))
     except KeyboardInterrupt:
-        if state.step > start and ckpts.latest_step() != state.step:
+        # A second Ctrl-C stops at once: inside a step whose inputs are already donated to it (the
+        # committed state's arrays are gone), or inside a checkpoint being written. Then the step is
+        # not saved: the latest checkpoint still names exactly the state it holds.
+        if state.step > start and ckpts.latest_step() != state.step and not writing and intact(state):
             save(state)
-        report.say(f"finetune: stopped after step {state.step}; checkpoint saved in {ckpt_dir}")
+        report.say(stop_note(state.step, ckpts.latest_step(), ckpt_dir))
         raise
     finally:
         ckpts.close()
@@ -200,6 +217,22 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     return result
 
 
+def stop_note(step: int, latest: int | None, ckpt_dir: str) -> str:
+    if latest == step:
+        return f"finetune: stopped after step {step}; checkpoint saved in {ckpt_dir}"
+    if step == 0:
+        return "finetune: stopped before the first step finished; nothing saved"
+    return (f"finetune: stopped at once, step {step} unsaved; "
+            + (f"the latest checkpoint in {ckpt_dir} is step {latest}" if latest is not None else "no checkpoint saved"))
+
+
+def intact(state: TrainState) -> bool:
+    """Whether the state's arrays still exist: a step's inputs are donated to it (deleted) when it
+    is dispatched, until its outputs are committed as the next state."""
+    return not any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves((state.adapters,
+                                                                                         state.opt_state)))
+
+
 def evaluate_loss(trainer, adapters, examples, batch_size: int, seq_len: int, pad_id: int) -> float | None:
     """Mean NLL per target token over the held-out examples."""
     s_tot, n_tot = 0.0, 0.0
@@ -210,15 +243,29 @@ def evaluate_loss(trainer, adapters, examples, batch_size: int, seq_len: int, pa
     return s_tot / max(n_tot, 1.0)
 
 
-def resume_changes(meta: dict, run: dict, where: str) -> list[str]:
-    """The settings a resumed run changes (it then differs from an uninterrupted one); raises for
-    those that shape the saved state, which cannot change."""
-    fixed = [("lora", "rank"), ("lora", "targets"), ("train", "max_grad_norm")]
-    for part, k in fixed:
+def check_resumable(ckpt_dir: str, run: dict) -> None:
+    ckpts = Checkpoints(ckpt_dir)
+    try:
+        latest = ckpts.latest_step()
+        if latest is not None:
+            fixed_settings(ckpts.meta(latest), run, ckpt_dir)
+    finally:
+        ckpts.close()
+
+
+def fixed_settings(meta: dict, run: dict, where: str) -> None:
+    """Raises for the settings that shape the saved state, which a resumed run cannot change."""
+    for part, k in [("lora", "rank"), ("lora", "targets"), ("train", "max_grad_norm")]:
         a, b = meta[part].get(k), run[part].get(k)
         if a != b and not (k == "max_grad_norm" and bool(a) == bool(b)):
             raise ValueError(f"{where}: the checkpoint has {k}={a!r}, this run {b!r}; use another output "
                              "directory or resume=False (--no-resume)")
+
+
+def resume_changes(meta: dict, run: dict, where: str) -> list[str]:
+    """The settings a resumed run changes (it then differs from an uninterrupted one); raises for
+    those that shape the saved state, which cannot change."""
+    fixed_settings(meta, run, where)
     changed = [k for k in ("batch_size", "grad_accum", "seq_len", "seed", "steps", "lr", "warmup", "min_lr_ratio",
                            "weight_decay", "max_grad_norm") if meta["train"].get(k) != run["train"].get(k)]
     changed += [k for k in ("alpha", "dropout") if meta["lora"].get(k) != run["lora"].get(k)]

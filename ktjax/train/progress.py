@@ -55,8 +55,9 @@ def _fmt_rate(x: float) -> str:
 
 
 class StepBoundary:
-    """Ctrl-C (SIGINT) during a step takes effect when the step is done and its state is
-    committed; a second Ctrl-C stops at once. Outside the main thread (no signal handlers
+    """Ctrl-C (SIGINT) during a step (or a checkpoint being written) takes effect when the step
+    is done and its state committed (the checkpoint complete); a second Ctrl-C stops at once,
+    and the step is then lost, not saved half done. Outside the main thread (no signal handlers
     there) interrupts are not deferred."""
 
     def __init__(self, say):
@@ -67,7 +68,8 @@ class StepBoundary:
         if self.pending:
             raise KeyboardInterrupt
         self.pending = True
-        self.say("finetune: interrupted; finishing the current step to save it (Ctrl-C again to stop now)")
+        self.say("finetune: interrupted; finishing the current step to save it (Ctrl-C again to stop now, "
+                 "without saving it)")
 
     @contextlib.contextmanager
     def deferred(self):
