@@ -68,7 +68,8 @@ def load_reference(path: str | os.PathLike) -> transformers.PreTrainedModel:
 
 def reference_greedy(model: transformers.PreTrainedModel, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation of `prompt`: exactly n tokens (no end-of-sentence stop)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()

@@ -40,8 +40,10 @@ def reference_reply(ref, tokenizer, ids: list[int], n: int) -> tuple[list[int], 
     """transformers' greedy continuation of `ids` (at most n tokens, ending at the end-of-sentence
     token), with its text as the tokenizer decodes it."""
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    ids_T = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id
+        out = ref.generate(ids_T, attention_mask=torch.ones_like(ids_T), max_new_tokens=n, do_sample=False,
+                           eos_token_id=eos, pad_token_id=eos)
     new = out[0, len(ids):].tolist()
     return new, tokenizer.decode(new, skip_special_tokens=True)
 
