@@ -230,7 +230,7 @@ def count_live_fetches(model) -> list[int]:
     return live
 
 
-@pytest.mark.parametrize("phase", ["prefill", "training"])
+@pytest.mark.parametrize("phase", ["prefill", pytest.param("training", marks=pytest.mark.slow)])
 def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase):
     """What the plan's workspace holds: the chunk being computed and the one in flight, no more."""
     from ktjax.lora.config import LoRAConfig, resolve_sites
