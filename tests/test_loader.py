@@ -310,6 +310,7 @@ def write_big_checkpoint(path: str) -> int:
     return nbytes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS counters")
 def test_peak_host_memory_stays_near_the_parameters(tmp_path):
     param_bytes = write_big_checkpoint(str(tmp_path))
