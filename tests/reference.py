@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -55,3 +56,20 @@ def save_reference(model: transformers.PreTrainedModel, path: str | os.PathLike,
 def reference_logits(model: transformers.PreTrainedModel, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def load_reference(path: str | os.PathLike) -> transformers.PreTrainedModel:
+    """transformers' model of a float checkpoint directory (e.g. the numpy-dequantised twin of an FP8 one)."""
+    with open(os.path.join(os.fspath(path), "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f)["model_type"]
+    cls = transformers.DeepseekV3ForCausalLM if model_type == "deepseek_v3" else transformers.DeepseekV2ForCausalLM
+    return cls.from_pretrained(os.fspath(path), dtype=torch.float32).eval()
+
+
+def reference_greedy(model: transformers.PreTrainedModel, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`: exactly n tokens (no end-of-sentence stop)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -3,23 +3,54 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+import transformers
 
+import ktjax
 from ktjax import __version__
 from ktjax.cli.main import main
 from reference import make_reference, save_reference
-from tokenizer_fixtures import vocab_size, write_tokenizer
+from tokenizer_fixtures import EOS, vocab_size, write_tokenizer
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ref():
+    return make_reference("v3", seed=2, vocab_size=vocab_size() + 7)
+
+
+@pytest.fixture(scope="module")
+def ckpt(ref, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli")
-    save_reference(make_reference("v3", seed=2, vocab_size=vocab_size() + 7), path)
+    save_reference(ref, path)
     write_tokenizer(path, template="r1")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(ckpt):
+    return transformers.AutoTokenizer.from_pretrained(ckpt)
+
+
+def reference_reply(ref, tokenizer, ids: list[int], n: int) -> tuple[list[int], str]:
+    """transformers' greedy continuation of `ids` (at most n tokens, ending at the end-of-sentence
+    token), with its text as the tokenizer decodes it."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    ids_T = torch.tensor([ids])
+    with torch.no_grad():  # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id
+        out = ref.generate(ids_T, attention_mask=torch.ones_like(ids_T), max_new_tokens=n, do_sample=False,
+                           eos_token_id=eos, pad_token_id=eos)
+    new = out[0, len(ids):].tolist()
+    return new, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def reference_chat_reply(ref, tokenizer, messages: list[dict], n: int) -> str:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return reference_reply(ref, tokenizer, tokenizer.encode(text, add_special_tokens=False), n)[1]
 
 
 def test_help_explains_every_command_and_option(capsys):
@@ -47,24 +78,55 @@ def test_info_counts_parameters_by_group(ckpt, capsys):
     assert "deepseek_v3" in out and "routed_experts" in out and "total" in out
 
 
-def test_generate_json(ckpt, capsys):
-    assert main(["generate", "--model", ckpt, "--prompt", "hello world", "--max-new-tokens", "5", "--json"]) == 0
+def test_generate_json_is_transformers_greedy_continuation(ckpt, ref, hf_tokenizer, capsys):
+    assert main(["generate", "--model", ckpt, "--prompt", "hello world", "--max-new-tokens", "12", "--json",
+                 "--temperature", "0"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["token_ids"]) <= 5 and isinstance(result["text"], str)
-    assert result["stats"]["prompt_tokens"] > 0 and result["stats"]["new_tokens"] == len(result["token_ids"])
+    prompt = hf_tokenizer.encode("hello world")  # bos first, as the tokenizer's post-processor adds it
+    want_ids, want_text = reference_reply(ref, hf_tokenizer, prompt, 12)
+    assert result["token_ids"] == want_ids and result["text"] == want_text
+    assert result["stats"]["prompt_tokens"] == len(prompt) and result["stats"]["new_tokens"] == len(want_ids)
 
 
-def test_generate_streams_from_standard_input(ckpt, capsys, monkeypatch):
+def test_generate_streams_from_standard_input(ckpt, ref, hf_tokenizer, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):"))
-    assert main(["generate", "--model", ckpt, "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1"]) == 0
+    assert main(["generate", "--model", ckpt, "--max-new-tokens", "6", "--temperature", "0"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("def f(x):") and "tokens/s" in captured.err
+    _, reply = reference_reply(ref, hf_tokenizer, hf_tokenizer.encode("def f(x):"), 6)
+    assert captured.out == "def f(x):" + reply + "\n" and "tokens/s" in captured.err
 
 
-def test_chat_keeps_history_and_resets(ckpt, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhow are you\n/reset\nbye\n/quit\n"))
-    assert main(["chat", "--model", ckpt, "--max-new-tokens", "3"]) == 0
-    assert "conversation cleared" in capsys.readouterr().err
+def test_chat_keeps_history_and_resets(ckpt, ref, hf_tokenizer, capsys, monkeypatch):
+    """Each reply continues the whole conversation so far (transformers' greedy reply to the template's
+    rendering of it); after /reset the same message is answered as a first one."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nwhat is 2+2?\n/reset\nwhat is 2+2?\n/quit\n"))
+    assert main(["chat", "--model", ckpt, "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    first = reference_chat_reply(ref, hf_tokenizer, [{"role": "user", "content": "hi"}], 6)
+    second = reference_chat_reply(ref, hf_tokenizer, [{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": first},
+                                                      {"role": "user", "content": "what is 2+2?"}], 6)
+    alone = reference_chat_reply(ref, hf_tokenizer, [{"role": "user", "content": "what is 2+2?"}], 6)
+    assert second != alone, "premise: the model answers differently with the history, so the test can see it"
+    assert out == f">>> {first}\n>>> {second}\n>>> >>> {alone}\n>>> "
+    assert "conversation cleared" in err and "dropped" not in err
+
+
+def test_chat_drops_the_oldest_turns_when_the_conversation_outgrows_the_context(ckpt, ref, hf_tokenizer, capsys,
+                                                                                 monkeypatch):
+    turns = [{"role": "user", "content": "hi"}]
+    first = reference_chat_reply(ref, hf_tokenizer, turns, 6)
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "what is 2+2?"}]
+    whole = len(hf_tokenizer.encode(hf_tokenizer.apply_chat_template(turns, add_generation_prompt=True,
+                                                                    tokenize=False), add_special_tokens=False))
+    # Room for the first turn and for the last message alone, not for the conversation.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nwhat is 2+2?\n"))
+    assert main(["chat", "--model", ckpt, "--max-new-tokens", "6", "--temperature", "0",
+                 "--max-context", str(whole - 1 + 6)]) == 0
+    out, err = capsys.readouterr()
+    alone = reference_chat_reply(ref, hf_tokenizer, turns[2:], 6)
+    assert out == f">>> {first}\n>>> {alone}\n>>> \n"
+    assert "dropped its oldest turns" in err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -107,20 +169,27 @@ def test_generate_profile_and_trace_on_an_offloaded_model(ckpt, capsys, tmp_path
     assert any((tmp_path / "trace").rglob("*.xplane.pb"))
 
 
-def test_sampling_defaults_come_from_generation_config(tmp_path, capsys):
-    import ktjax
-    path = tmp_path / "sampled"
-    save_reference(make_reference("v3", seed=4, vocab_size=vocab_size() + 7), path)
-    write_tokenizer(path, template="r1")
+@pytest.mark.parametrize("setting, value, off", [("top_k", 3, 0), ("top_p", 0.3, 1.0)])
+def test_sampling_defaults_come_from_generation_config(ckpt, tmp_path, capsys, setting, value, off):
+    """generation_config.json's temperature, top_k and top_p are the defaults; options override them."""
+    path = shutil.copytree(ckpt, tmp_path / "sampled")
     gen = json.loads((path / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "temperature": 1.3, "top_k": 7}))
-    assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "6", "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)["token_ids"]
+    gen = {k: v for k, v in gen.items() if k not in ("top_k", "top_p")}
+    (path / "generation_config.json").write_text(json.dumps({**gen, "do_sample": True, "temperature": 1.5,
+                                                             setting: value}))
+    args = ["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "16", "--json", "--seed", "3"]
     model = ktjax.load(path)
-    assert got == ktjax.generate(model, "abc", max_new_tokens=6, temperature=1.3, top_k=7).token_ids
-    assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "6", "--json",
-                 "--temperature", "0"]) == 0
-    assert json.loads(capsys.readouterr().out)["token_ids"] == ktjax.generate(model, "abc", max_new_tokens=6).token_ids
+
+    def library(**settings):
+        return ktjax.generate(model, "abc", max_new_tokens=16, seed=3, **{"temperature": 1.5, **settings}).token_ids
+
+    assert library(**{setting: value}) != library(**{setting: off}), f"premise: {setting}={value} changes the draw"
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == library(**{setting: value})
+    assert main(args + [f"--{setting.replace('_', '-')}", str(off)]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == library(**{setting: off})
+    assert main(args + ["--temperature", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == library(temperature=0.0)
 
 
 def test_import_works_from_a_plain_checkout(tmp_path):

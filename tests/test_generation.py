@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import ktjax
-from ktjax.runtime import resident
+from ktjax.runtime import resident, shapes
+from ktjax.runtime.offload import executor as offload_executor
 from ktjax.runtime.sampling import sample
-from reference import make_reference, save_reference
+from reference import make_reference, reference_greedy, save_reference
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
 EXECUTORS = {"resident": {}, "offloaded": dict(placement=ALL_HOST)}
@@ -37,11 +37,16 @@ def pair(request, checkpoint):
     return ref, no_eos(ktjax.load(path, dtype="float32", max_batch=4, max_context=256, **EXECUTORS[request.param]))
 
 
-def hf_greedy(ref, prompt, n):
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+hf_greedy = reference_greedy
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Prefill in chunks of 8 tokens (resident: prompt buckets; offloaded: attention's query chunks), so a
+    tiny prompt spans several, as an 8K prompt does at the real sizes."""
+    monkeypatch.setattr(shapes, "PROMPT_BUCKETS", (4, 8))
+    monkeypatch.setattr(offload_executor, "QUERY_CHUNK", 8)
+    assert shapes.prefill_chunks(21) == [(0, 8), (8, 8), (16, 8)]
 
 
 def test_greedy_equals_transformers(pair):
@@ -50,6 +55,13 @@ def test_greedy_equals_transformers(pair):
     result = ktjax.generate(model, prompt, max_new_tokens=12)
     assert result.token_ids == hf_greedy(ref, prompt, 12)
     assert result.stats.prompt_tokens == 7 and result.stats.new_tokens == 12
+
+
+def test_prefill_over_several_chunks_equals_transformers(pair, small_chunks):
+    ref, model = pair
+    prompts = [np.random.default_rng(8).integers(0, 97, 21).tolist(), [5, 9, 13, 2, 7, 44, 3, 8, 1, 6], [4, 2]]
+    results = ktjax.generate(model, prompts, max_new_tokens=6)
+    assert [r.token_ids for r in results] == [hf_greedy(ref, p, 6) for p in prompts]
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(pair):
@@ -81,9 +93,10 @@ def test_generating_again_in_the_same_buckets_compiles_nothing(checkpoint):
     assert (resident.prefill_chunk._cache_size(), resident.decode_segment._cache_size()) == compiled
 
 
-def test_a_seed_samples_the_same_tokens_wherever_the_experts_live(checkpoint):
+def test_a_seed_samples_the_same_tokens_wherever_the_experts_live(checkpoint, small_chunks):
     # Prompts that end in different prefill chunks: each row's first token is still drawn once, with the seed.
     prompts = [list(range(1, 21)), [5, 9, 13]]
+    assert len(shapes.prefill_chunks(20)) == 3 and len(shapes.prefill_chunks(3)) == 1
     kw = dict(max_new_tokens=8, temperature=1.3, top_k=20, seed=5)
     runs = {name: [r.token_ids for r in ktjax.generate(ktjax.load(checkpoint[1], dtype="float32", max_batch=2, **opts),
                                                         prompts, **kw)] for name, opts in EXECUTORS.items()}
@@ -99,7 +112,7 @@ def test_generation_beyond_what_the_model_was_loaded_for_is_refused(checkpoint):
     wide = ktjax.load(checkpoint[1], dtype="float32", max_context=4096)
     with pytest.raises(ValueError, match=r"exceeds the model's 256 positions \(max_position_embeddings\)"):
         ktjax.generate(wide, [1, 2, 3], max_new_tokens=300)
-    assert len(ktjax.generate(model, [1, 2], max_new_tokens=30).token_ids) <= 30  # exactly at the limit: runs
+    assert len(ktjax.generate(no_eos(model), [1, 2], max_new_tokens=30).token_ids) == 30  # exactly at the limit: runs
 
 
 def test_threads_sharing_a_model_each_get_their_own_tokens_and_stats(pair):

@@ -2,12 +2,15 @@
 executor: all parameters on the device (one scanned program), and routed experts held apart in host
 memory (per-layer segments, experts streamed or computed on the host CPU)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ktjax
-from reference import make_reference, reference_logits, save_reference
+from ktjax import kernels
+from reference import make_reference, reference_greedy, reference_logits, save_reference
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
 EXECUTORS = {"resident": {}, "offloaded": dict(placement=ALL_HOST, max_context=64, max_batch=4)}
@@ -62,7 +65,7 @@ def test_prefill_logits_match_reference(case):
 def test_token_by_token_decode_reproduces_prefill(case):
     _, model, tokens, expected = case
     B, T = tokens.shape
-    cache = model.executor.init_cache(B, T + 3)
+    cache = model.executor.init_cache(B, 16)  # the length the chunked test uses: the same compiled programs
     for t in range(T):
         logits, cache = model.executor.chunk_logits(cache, tokens[:, t:t + 1], np.full((B,), t))
         assert rel_err(logits[:, 0], expected[:, t]) < 1e-4, f"position {t}"
@@ -147,3 +150,43 @@ def test_interleaved_dense_and_moe_layers_match_a_reference_built_that_way(tmp_p
     assert model.config.layer_kinds == ("dense", "dense", "moe", "dense", "moe")
     tokens = np.random.default_rng(6).integers(0, 97, (2, 7))
     assert rel_err(ktjax.logits(model, tokens), reference_logits(ref, tokens)) < 1e-4
+
+
+def no_eos(model):
+    """The model without an end-of-sentence id: it generates every token asked for, as the reference does."""
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_id=None))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", list(EXECUTORS))
+def test_yarn_positions_beyond_the_original_context_match_transformers(tmp_path, executor):
+    """YaRN stretches an original context of 16 positions by 4: prefill and decode past position 16."""
+    ref = make_reference("v3", seed=17, rope_parameters={**YARN, "original_max_position_embeddings": 16})
+    model = no_eos(ktjax.load(save_reference(ref, tmp_path), dtype="float32", **EXECUTORS[executor]))
+    tokens = np.random.default_rng(7).integers(0, 97, (2, 40))
+    assert rel_err(ktjax.logits(model, tokens), reference_logits(ref, tokens)) < 1e-4
+    prompt = tokens[0, :10].tolist()
+    assert ktjax.generate(model, prompt, max_new_tokens=20).token_ids == reference_greedy(ref, prompt, 20)
+
+
+# Head sizes the kernels' tiles cover (powers of two, at least 16 wide), so the Pallas kernels run.
+KERNEL_SHAPES = dict(kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", list(EXECUTORS))
+def test_the_pallas_kernels_inside_the_model_give_transformers_logits(tmp_path, executor, monkeypatch):
+    """attention="interpret": the MLA prefill and decode kernels, run by the Pallas interpreter, in the model."""
+    ran = []
+    for name in ("mla_prefill_pallas", "mla_decode_pallas"):  # record each kernel the model traces, then run it
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: ran.append(_name) or _real(*a, **kw))
+    ref = make_reference("v3", seed=19, **KERNEL_SHAPES)
+    model = no_eos(ktjax.load(save_reference(ref, tmp_path), dtype="float32", attention="interpret",
+                              **EXECUTORS[executor]))
+    tokens = np.random.default_rng(9).integers(0, 97, (2, 20))  # a cache of 20 keys: one whole key tile and more
+    assert rel_err(ktjax.logits(model, tokens), reference_logits(ref, tokens)) < 1e-4
+    assert "mla_prefill_pallas" in ran
+    prompt = tokens[1, :17].tolist()
+    assert ktjax.generate(model, prompt, max_new_tokens=5).token_ids == reference_greedy(ref, prompt, 5)
+    assert "mla_decode_pallas" in ran

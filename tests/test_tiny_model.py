@@ -177,6 +177,7 @@ def heldout_windows(tok, length: int = 256, count: int = 8) -> np.ndarray:
     return np.asarray(stream[: length * count], np.int32).reshape(count, length)
 
 
+@pytest.mark.slow
 def test_tiny_model_predicts_unseen_python_far_better_than_untrained(record_property):
     from tokenizers import Tokenizer
     model = ktjax.load(TINY, dtype="float32")
