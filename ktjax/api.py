@@ -113,7 +113,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         format is re-quantized from its dequantized values; a float format dequantizes).
     expert_compute: where experts in host memory are computed: "auto" (the host CPU or the GPU,
         whichever the measured rates favour per step; int8/int4 only), "gpu" (streamed over the
-        link), "cpu" (on the host CPU where they live; int8/int4).
+        link), "cpu" (on the host CPU where they live; int8/int4). With "cpu" and no placement
+        rules, every routed expert is kept in host memory: asking for the CPU never silently means
+        the device.
     gpu_memory: device memory budget ("24GiB" or bytes); routed experts that do not fit stay in
         pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
     placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
@@ -130,6 +132,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
     attention = kernels.DEFAULT_IMPL if attention is None else attention
+    if expert_compute == "cpu" and placement is None:
+        placement = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
     plan = plan_placement(path, dtype=dtype, experts=experts, gpu_memory=gpu_memory, placement=placement,
                           max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training)
     fmt = plan.expert_format

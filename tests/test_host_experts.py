@@ -62,6 +62,15 @@ def test_forced_splits_generate_the_same_tokens(ckpt, mode):
         assert (paths["host_cpu"] > 0) == (mode == "cpu") and (paths["link"] > 0) == (mode == "gpu")
 
 
+def test_asking_for_the_cpu_without_placement_computes_every_routed_expert_there(ckpt):
+    """expert_compute="cpu" with no rules: the experts go to host memory and the host CPU computes
+    them all (the plan would otherwise keep them on the device, and "cpu" would mean nothing)."""
+    model = ktjax.load(ckpt, dtype="float32", experts="int8", expert_compute="cpu", max_context=64)
+    assert not model.placement.device_experts
+    stats = ktjax.generate(model, [5, 9, 13], max_new_tokens=3).stats
+    assert stats.decode_experts_per_step == {"device": 0, "link": 0, "host_cpu": 3 * 3}
+
+
 def test_a_large_prefill_streams_to_the_gpu_and_decode_uses_the_cpu(ckpt):
     class Always:  # a cost model in which the CPU always wins a decode step's experts
         link_gbps, cpu_gbps, cpu_call_s = 1.0, 1e6, 0.0
