@@ -195,7 +195,10 @@ def place_hot_experts(model: LoadedModel, prompt: str | Sequence[int]) -> Loaded
 
 def logits(model: LoadedModel, token_ids) -> Any:
     """float32 logits [B, T, V] of a full forward pass over a [B, T] array of token ids."""
-    tokens = np.asarray(token_ids)
+    try:
+        tokens = np.asarray(token_ids)
+    except ValueError:  # numpy refuses rows of different lengths
+        tokens = np.empty(0, object)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"token_ids must be a rectangular [batch, length] array of integers, got "
                          f"{'shape ' + str(tokens.shape) if tokens.dtype != object else 'ragged rows'}")
