@@ -41,190 +41,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gguf
-import ml_dtypes
 import numpy as np
-from gguf import GGMLQuantizationType as GGML
 
 from ktjax.config import ConfigError, ModelConfig
-from ktjax.experts.quant import QuantMatrix
 from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, packed_expert
 from ktjax.io.checkpoint import CheckpointError, TensorInfo
+from ktjax.io.gguf_blocks import EXACT, FLOAT_TYPES, exact_format, expert_arrays, expert_buffer, write_blocks
+from ktjax.io.gguf_file import ARCH, Metadata, config_dict, gguf_files, gguf_version, is_gguf, open_reader
 
-ARCH = "deepseek2"
-SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    """A .gguf file, or a directory of .gguf files without safetensors beside them."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        names = os.listdir(path)
-        return any(n.endswith(".gguf") for n in names) and not any(n.endswith(".safetensors") for n in names)
-    return path.endswith(".gguf")
-
-
-def gguf_files(path: str | os.PathLike) -> list[str]:
-    """Every file of the model at `path`: one .gguf, the first (or any) of a split set
-    (`name-00001-of-00009.gguf`), or a directory holding one model's .gguf files."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
-        if not names:
-            raise CheckpointError(f"{path}: no *.gguf files")
-        firsts = [n for n in names if not SPLIT_RE.search(n) or SPLIT_RE.search(n).group(1) == "00001"]
-        if len(firsts) != 1:
-            raise CheckpointError(f"{path}: holds {len(firsts)} GGUF models ({', '.join(firsts)}); name one file")
-        path = os.path.join(path, firsts[0])
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such GGUF file")
-    m = SPLIT_RE.search(path)
-    if m is None:
-        return [path]
-    count = int(m.group(2))
-    files = [path[:m.start()] + f"-{k:05d}-of-{count:05d}.gguf" for k in range(1, count + 1)]
-    for f in files:
-        if not os.path.isfile(f):
-            raise CheckpointError(f"{f}: missing (part of the split GGUF set {files[0]})")
-    return files
-
-
-def _open(file: str) -> gguf.GGUFReader:
-    try:
-        reader = gguf.GGUFReader(file)
-    except ValueError as e:
-        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
-        if m:
-            raise CheckpointError(f"{file}: unknown GGML tensor type {m.group(1)} (not a type gguf "
-                                  f"{_gguf_version()} knows)") from None
-        if "cannot reshape array" in str(e):  # the reader maps each tensor's extent: one ran past the end
-            raise CheckpointError(f"{file}: file is truncated ({os.path.getsize(file)} bytes; tensor data runs "
-                                  "past its end)") from None
-        raise CheckpointError(f"{file}: corrupt or truncated GGUF ({e})") from None
-    except (IndexError, OverflowError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-    size = os.path.getsize(file)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(f"{file}: tensor {t.name}: file is truncated ({size} bytes, tensor ends at "
-                                  f"{t.data_offset + t.n_bytes})")
-    return reader
-
-
-def _gguf_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("gguf")
-    except Exception:  # noqa: BLE001 - only decorates a message
-        return "(unknown version)"
-
-
-# ---- metadata ------------------------------------------------------------------------------
-
-class Metadata:
-    """The key/value fields of a GGUF file, read as plain Python values."""
-
-    def __init__(self, reader: gguf.GGUFReader, file: str):
-        self.reader, self.file = reader, file
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.reader.fields
-
-    def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
-
-    def require(self, key: str):
-        if key not in self:
-            raise CheckpointError(f"{self.file}: metadata key {key} is missing")
-        return self.get(key)
-
-
-def config_dict(meta: Metadata, tensors: dict[str, gguf.ReaderTensor]) -> dict:
-    """A transformers-style config.json dict from llama.cpp's deepseek2 metadata."""
-    arch = meta.get("general.architecture")
-    if arch != ARCH:
-        raise CheckpointError(f"{meta.file}: architecture {arch!r} is not supported (ktjax reads {ARCH!r}: "
-                              "DeepSeek-V2/V3/R1 as llama.cpp converts them)")
-    k = lambda name: f"{ARCH}.{name}"  # noqa: E731
-    get, req = meta.get, meta.require
-    rope_dim = req(k("rope.dimension_count"))
-    if k("attention.key_length_mla") in meta:  # the MLA converter: key/value_length describe the latent MQA view
-        nope = req(k("attention.key_length_mla")) - rope_dim
-        v_dim = req(k("attention.value_length_mla"))
-    else:  # older files: key_length = nope + rope, value_length = v_head_dim (per head)
-        nope = req(k("attention.key_length")) - rope_dim
-        v_dim = req(k("attention.value_length"))
-    # The converter writes the gating function only where config.json names it; without it a
-    # score-correction bias still means DeepSeek-V3's sigmoid routing (noaux_tc), else V2's softmax.
-    gating = get(k("expert_gating_func"))
-    has_bias = any(re.fullmatch(r"blk\.\d+\.exp_probs_b\.bias", n) for n in tensors)
-    sigmoid = gating == int(gguf.ExpertGatingFuncType.SIGMOID) or (gating is None and has_bias)
-    n_group = get(k("expert_group_count"), 1) or 1
-    topk_group = get(k("expert_group_used_count"), 1) or 1
-    n_layers = req(k("block_count"))
-    v3 = sigmoid or has_bias
-    d = dict(
-        model_type="deepseek_v3" if v3 else "deepseek_v2",
-        vocab_size=get(k("vocab_size")) or int(tensors["token_embd.weight"].shape[1]),
-        hidden_size=req(k("embedding_length")),
-        intermediate_size=req(k("feed_forward_length")),
-        moe_intermediate_size=req(k("expert_feed_forward_length")),
-        num_hidden_layers=n_layers,
-        num_attention_heads=req(k("attention.head_count")),
-        q_lora_rank=get(k("attention.q_lora_rank")),
-        kv_lora_rank=req(k("attention.kv_lora_rank")),
-        qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
-        n_routed_experts=get(k("expert_count"), 0), num_experts_per_tok=get(k("expert_used_count"), 1),
-        n_shared_experts=get(k("expert_shared_count"), 0),
-        first_k_dense_replace=get(k("leading_dense_block_count"), 0), moe_layer_freq=1,
-        n_group=n_group, topk_group=topk_group,
-        topk_method="noaux_tc" if v3 else ("group_limited_greedy" if n_group > 1 else "greedy"),
-        scoring_func="sigmoid" if sigmoid else "softmax",
-        norm_topk_prob=bool(get(k("expert_weights_norm"), False)),
-        routed_scaling_factor=float(get(k("expert_weights_scale"), 1.0)),
-        rope_theta=float(get(k("rope.freq_base"), 10000.0)),
-        rope_interleave=True,
-        rms_norm_eps=float(get(k("attention.layer_norm_rms_epsilon"), 1e-6)),
-        tie_word_embeddings="output.weight" not in tensors,
-        max_position_embeddings=get(k("context_length"), 4096),
-        bos_token_id=get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=get("tokenizer.ggml.eos_token_id"),
-        torch_dtype="float32" if all(t.tensor_type == GGML.F32 for t in tensors.values()) else "bfloat16",
-    )
-    if get(k("rope.scaling.type")) == "yarn":
-        # The converter writes mscale_all_dim as yarn_log_multiplier = 0.1 * mscale_all_dim and not
-        # mscale at all: llama.cpp's deepseek2 takes them equal (as every DeepSeek config has them).
-        mscale = round(float(get(k("rope.scaling.yarn_log_multiplier"), 0.0)) / 0.1, 6)
-        scaling = dict(rope_type="yarn", factor=float(req(k("rope.scaling.factor"))),
-                       original_max_position_embeddings=req(k("rope.scaling.original_context_length")),
-                       mscale=mscale, mscale_all_dim=mscale)
-        for key, name in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
-                          ("attention_factor", "yarn_attn_factor")):
-            if k(f"rope.scaling.{name}") in meta:
-                scaling[key] = float(get(k(f"rope.scaling.{name}")))
-        d["rope_scaling"] = scaling
-    return d
 
 
 # ---- tensors -------------------------------------------------------------------------------
 
 DEQUANTIZE_CHUNK = 64 << 20  # stored bytes dequantized at a time
-# Expert blocks an expert format holds bit for bit (see `write_blocks`).
-EXACT = {"Q8_0": "int8", "Q4_0": "int8", "Q5_0": "int8", "Q3_K": "int8", "Q4_K": "int4"}
-FLOAT_TYPES = ("F32", "F16", "BF16")
-
-
-def exact_format(type_name: str, dtype) -> str | None:
-    """The expert format that holds tensors of this GGML type exactly (floats: the model dtype's)."""
-    if type_name in FLOAT_TYPES:
-        return "bf16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else "float32"
-    return EXACT.get(type_name)
-
-
 @dataclass(frozen=True)
 class Piece:
     """Where one of ktjax's tensors comes from: a GGUF tensor, or one expert of a stack."""
@@ -276,7 +106,7 @@ class Piece:
             return out.reshape(*raw.shape[:-1], first.shape[-1])
         except NotImplementedError:
             raise CheckpointError(f"{self.file}: tensor {self.tensor.name}: GGML type {self.type_name} cannot be "
-                                  f"dequantized by gguf {_gguf_version()}") from None
+                                  f"dequantized by gguf {gguf_version()}") from None
 
 
 def _conversion(type_name: str, fmt: str, dtype) -> str:
@@ -334,7 +164,7 @@ class GGUFCheckpoint:
         self.path = os.fspath(path)
         self.files = gguf_files(self.path)
         self.where = self.files[0]
-        readers = [(f, _open(f)) for f in self.files]
+        readers = [(f, open_reader(f)) for f in self.files]
         self._mmaps = {f: getattr(r.data, "_mmap", None) for f, r in readers}
         self.meta = Metadata(readers[0][1], self.files[0])
         self.raw: dict[str, tuple[str, gguf.ReaderTensor]] = {}
@@ -574,20 +404,10 @@ class GGUFCheckpoint:
             buf = expert_buffer(fmt, [(p.raw, p.type_name) for p in pieces])
         except NotImplementedError:
             raise CheckpointError(f"{pieces[0].file}: GGML types {sorted({p.type_name for p in pieces})} of "
-                                  f"{pieces[0].tensor.name}: not dequantized by gguf {_gguf_version()}") from None
+                                  f"{pieces[0].tensor.name}: not dequantized by gguf {gguf_version()}") from None
         for p in pieces:
             p.release()
         return packed_expert(buf, fmt)
-
-
-@functools.cache
-def _quantizer(fmt: str) -> Callable:
-    """`ktjax.experts.quant.quantize` compiled (on a GPU a full-size matrix takes milliseconds, in numpy a second)."""
-    import jax
-
-    from ktjax.experts.quant import quantize
-
-    return jax.jit(lambda w: quantize(w, fmt))
 
 
 def host_memory_bytes() -> int:
@@ -608,102 +428,5 @@ def _open_cached(path: str, stamp: tuple) -> GGUFCheckpoint:
     return GGUFCheckpoint(path)
 
 
-# ---- blocks into the integer expert formats --------------------------------------------------
-
-def _blocks(raw_RB: np.ndarray, type_name: str) -> np.ndarray:
-    """uint8 [R, nblocks, bytes per block] of a quantized [R, ...] tensor's rows (a view of the file)."""
-    _, type_size = gguf.GGML_QUANT_SIZES[GGML[type_name]]
-    return raw_RB.reshape(raw_RB.shape[0], -1, type_size)
-
-
-def _f16_bits(b: np.ndarray) -> np.ndarray:
-    """uint16 [..., nb] from the two little-endian bytes in b's last axis."""
-    return b.view(np.uint16)[..., 0]
-
-
-def write_blocks(out: dict[str, np.ndarray], raw_RB: np.ndarray, type_name: str) -> None:
-    """Fill the arrays of an int8/int4 `ktjax.experts.quant.QuantMatrix` (`out`, e.g. views of an
-    expert's buffer) from a GGUF tensor's rows, holding the same values: w = scale * q for int8;
-    Q4_K's fields as they are for int4. Each byte is copied once, straight from the file's pages."""
-    b = _blocks(raw_RB, type_name)
-    R, nb = b.shape[:2]
-    if type_name in ("Q8_0", "Q4_0", "Q5_0"):  # an f16 d per 32 values, then the values: w = d * q
-        out["scale"].reshape(R, nb)[...] = _f16_bits(b[..., :2])
-        q = out["q"].reshape(R, nb, 2, 16)
-        if type_name == "Q8_0":
-            q[...] = b[..., 2:].view(np.int8).reshape(R, nb, 2, 16)
-            return
-        qs = b[..., -16:]  # low nibbles are values 0-15, high nibbles 16-31
-        high = 0 if type_name == "Q4_0" else np.unpackbits(b[..., 2:6], axis=-1, bitorder="little").reshape(R, nb, 2, 16) << 4
-        offset = 8 if type_name == "Q4_0" else 16
-        q[...] = ((np.stack([qs & 15, qs >> 4], axis=2) | high).astype(np.int16) - offset).astype(np.int8)
-        return
-    if type_name == "Q4_K":  # f16 d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-        out["d"][...] = b[..., 0:2].view(np.float16)[..., 0]
-        out["dmin"][...] = b[..., 2:4].view(np.float16)[..., 0]
-        # The 6-bit scales and mins (gguf.quants.Q4_K.get_scale_min), four bytes at a time.
-        w = b[..., 4:16].view(np.uint32)
-        sc, mn = out["sc"].reshape(R, nb, 8).view(np.uint32), out["mn"].reshape(R, nb, 8).view(np.uint32)
-        sc[..., 0] = w[..., 0] & 0x3F3F3F3F
-        sc[..., 1] = (w[..., 2] & 0x0F0F0F0F) | ((w[..., 0] >> 2) & 0x30303030)
-        mn[..., 0] = w[..., 1] & 0x3F3F3F3F
-        mn[..., 1] = ((w[..., 2] >> 4) & 0x0F0F0F0F) | ((w[..., 1] >> 2) & 0x30303030)
-        out["q"].reshape(R, nb, 128)[...] = b[..., 16:]  # Q4_K's qs is the int4 format's nibble order
-        return
-    if type_name == "Q3_K":
-        _q3_k_int8(out, b)
-        return
-    raise ValueError(f"GGML type {type_name} has no exact integer expert format")
-
-
-def _q3_k_int8(out: dict[str, np.ndarray], b: np.ndarray) -> None:
-    """Q3_K: per 256 values an f16 d, per 16 a 6-bit signed scale s, 3-bit q in [-4, 3]: w = d * s * q.
-    As int8, per group of 32: scale d and q' = s * q in [-124, 128]; a group reaching 128 stores
-    -d and -q' instead (in [-128, 124]). Every product is exact in float32, so the values match."""
-    R, nb = b.shape[:2]
-    hmask, qs, scales, d = b[..., :32], b[..., 32:96], b[..., 96:108], b[..., 108:110]
-    low = (scales[..., None, :8] >> np.array([[0], [4]], np.uint8)).reshape(R, nb, 16) & 15
-    high = (scales[..., 8:, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 1, 3, 2).reshape(R, nb, 16) & 3
-    s_raw = low | (high << 4)  # s + 32, in 0..63, per 16 values
-    ql = (qs.reshape(R, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
-    qh = (hmask.reshape(R, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
-    q_raw = ql.reshape(R, nb, 16, 16) | (qh.reshape(R, nb, 16, 16) << 2)  # q + 4, in 0..7
-    # s * q through a table of all 64 x 8 products; only s = -32 with q = -4 reaches 128.
-    q8 = _Q3_PRODUCTS[(s_raw[..., None].astype(np.uint16) << 3) | q_raw].reshape(R, nb, 8, 32)
-    flip = ((s_raw == 0)[..., None] & (q_raw == 0)).reshape(R, nb, 8, 32).any(-1)  # [R, nb, 8]
-    out["q"].reshape(R, nb, 8, 32)[...] = np.where(flip[..., None], -q8, q8)
-    d_bits = np.repeat(_f16_bits(d)[..., None], 8, axis=-1)
-    out["scale"].reshape(R, nb, 8)[...] = np.where(flip, d_bits ^ np.uint16(0x8000), d_bits)
-
-
-_Q3_PRODUCTS = ((np.arange(64)[:, None] - 32) * (np.arange(8)[None, :] - 4)).astype(np.int16).ravel()
-
-
-def expert_arrays(raw_RB: np.ndarray, type_name: str, cols: int) -> dict[str, np.ndarray]:
-    """The arrays of `ktjax.experts.quant.QuantMatrix` for a GGUF tensor's rows (`write_blocks`)."""
-    m = QuantMatrix(EXACT[type_name], raw_RB.shape[0], cols)
-    out = {name: np.empty(shape, dtype) for name, (dtype, shape) in m.arrays().items()}
-    write_blocks(out, raw_RB, type_name)
-    return out
-
-
-def expert_buffer(fmt: ExpertFormat, mats: list[tuple[np.ndarray, str]]) -> np.ndarray:
-    """One int8/int4 expert's buffer (`ktjax.experts.packed.PackedLayout`) from its gate, up and down
-    GGUF rows (raw, GGML type name): blocks the format holds exactly are copied into it, others are
-    dequantized and requantized."""
-    layout = fmt.packed
-    buf = np.zeros(layout.nbytes, np.uint8)
-    gate_up, down = layout.arrays(buf, "gate_up"), layout.arrays(buf, "down")
-    targets = [{k: v[:fmt.F] for k, v in gate_up.items()}, {k: v[fmt.F:] for k, v in gate_up.items()}, down]
-    for (raw, type_name), out in zip(mats, targets):
-        if EXACT.get(type_name) == fmt.name:
-            write_blocks(out, raw, type_name)
-        else:
-            values = np.asarray(gguf.quants.dequantize(raw, GGML[type_name]), np.float32)
-            for k, v in _quantizer(fmt.name)(values).items():
-                out[k][...] = np.asarray(v)
-    return buf
-
-
-__all__ = ["GGUFCheckpoint", "exact_format", "expert_arrays", "expert_buffer", "gguf_files", "is_gguf", "open_gguf",
-           "write_blocks"]
+__all__ = ["ARCH", "EXACT", "GGUFCheckpoint", "exact_format", "expert_arrays", "expert_buffer", "gguf_files", "is_gguf",
+           "open_gguf", "write_blocks"]
