@@ -486,7 +486,7 @@ def test_a_missing_tensor_is_one_line_naming_it(v2_dir, tmp_path, capsys):
     del tensors["model.layers.2.self_attn.o_proj.weight"]
     path = write_gguf(tmp_path / "missing.gguf", v2_dir, tensors, split_kv_b=False)
     err = one_line_error(path, capsys)
-    assert path in err and "tensor blk.2.attn_output.weight is missing" in err
+    assert path in err and "tensor blk.2.attn_output.weight (ktjax's model.layers.2.self_attn.o_proj.weight) is missing" in err
 
 
 # ---- tokenizer and chat template from the file alone -------------------------------------------------

@@ -138,10 +138,13 @@ class Checkpoint:
         return name in self.tensors
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.where}: tensor {name} is missing") from None
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.where}: tensor {self.stored_name(name)} is missing")
+        return self.tensors[name]
+
+    def stored_name(self, name: str) -> str:
+        """How the files name one of ktjax's tensors (for messages)."""
+        return name
 
     def read(self, name: str) -> np.ndarray:
         """A read-only view of the tensor in its file, memory-mapped for this tensor alone.

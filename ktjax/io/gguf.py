@@ -45,7 +45,7 @@ import numpy as np
 
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, packed_expert
-from ktjax.io.checkpoint import CheckpointError, TensorInfo
+from ktjax.io.checkpoint import Checkpoint, CheckpointError, TensorInfo
 from ktjax.io.gguf_blocks import EXACT, FLOAT_TYPES, exact_format, expert_arrays, expert_buffer, write_blocks
 from ktjax.io.gguf_file import ARCH, Metadata, config_dict, gguf_files, gguf_version, is_gguf, open_reader
 
@@ -286,15 +286,11 @@ class GGUFCheckpoint:
         return out
 
     # -- the Checkpoint interface ----------------------------------------------------------------
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+    __contains__ = Checkpoint.__contains__
+    info = Checkpoint.info
 
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.where}: tensor {self._gguf_name_of(name)} is missing "
-                                  f"(ktjax's {name})") from None
+    def stored_name(self, name: str) -> str:
+        return f"{self._gguf_name_of(name)} (ktjax's {name})"
 
     def _gguf_name_of(self, name: str) -> str:
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.(\w+)\.weight", name)
