@@ -7,15 +7,8 @@ import jax
 import jax.numpy as jnp
 
 
-def mla_decode_reference(
-    q_latent_BHL: jax.Array,
-    q_rope_BHR: jax.Array,
-    kv_latent_BTL: jax.Array,
-    k_rope_BTR: jax.Array,
-    lengths_B: jax.Array,
-    *,
-    sm_scale: float,
-) -> jax.Array:
+def mla_decode_reference(q_latent_BHL: jax.Array, q_rope_BHR: jax.Array, kv_latent_BTL: jax.Array,
+                         k_rope_BTR: jax.Array, lengths_B: jax.Array, *, sm_scale: float) -> jax.Array:
     """Absorbed-form MLA decode: one latent KV head shared by all H query heads.
 
     Returns o_latent [B, H, L] = softmax(q_latent.kv_latent + q_rope.k_rope) @ kv_latent over the
