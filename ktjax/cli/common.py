@@ -32,7 +32,7 @@ def model_args(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
     p.add_argument("--max-context", type=int, default=4096, metavar="N",
                    help="the longest sequence (prompt plus new tokens) the KV cache is sized for (default 4096)")
     p.add_argument("--max-batch", type=int, default=1, metavar="N",
-                   help="the most sequences generated together (default 1)")
+                   help="the most sequences generated together (default: %(default)s)")
     if adapter:
         p.add_argument("--adapter", metavar="DIR", default=None,
                        help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply")
