@@ -1,6 +1,7 @@
 """examples/quickstart.ipynb runs top to bottom in a fresh Jupyter kernel on the CPU, as a user would
 run it (the install cell finds this checkout and skips itself), and its fine-tuning lowers the loss."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -67,17 +68,21 @@ def test_generation_and_streaming_print_text(executed):
 def test_placement_plan_offloads_experts_under_a_small_budget(executed):
     nb, _ = executed
     text = cell_text(the_cell(nb, "ktjax.plan_placement("))
-    assert "pinned_host" in text  # the 81MiB budget leaves experts in host memory
+    cfg = json.loads((REPO / "models" / "tiny" / "config.json").read_text())
+    experts = (cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]) * cfg["n_routed_experts"]
+    assert f"1GiB: {experts} routed experts on the device, 0 in host memory" in text
+    # 338MiB holds the core and some experts: the table shows both places.
+    assert re.search(r"^routed_experts \(\d+, bf16\)\s+device", text, re.MULTILINE)
+    assert re.search(r"^routed_experts \(\d+, bf16\)\s+pinned_host", text, re.MULTILINE)
     assert "refused:" in text and "too small" in text  # the 60MiB budget cannot hold the core
 
 
 def test_finetuning_lowers_the_loss(executed):
     nb, workdir = executed
     steps = [(int(s), float(loss)) for s, loss in STEP_LINE.findall(cell_text(the_cell(nb, "ktjax.finetune(")))]
-    assert [s for s, _ in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 20
-    losses = [loss for _, loss in steps]
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.5 * first, f"loss did not fall: first steps {losses[:5]}, last steps {losses[-5:]}"
+    numbers, losses = [s for s, _ in steps], [loss for _, loss in steps]
+    assert len(steps) >= 5 and numbers[0] == 1 and numbers == sorted(set(numbers)), f"step lines: {steps}"
+    assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {steps}"
     assert (workdir / "adapter" / "adapter_config.json").is_file()
     assert (workdir / "adapter" / "adapter_model.safetensors").is_file()
 
