@@ -59,6 +59,11 @@ def test_install_cell_skips_itself_when_ktjax_imports(executed):
     assert "already installed: skipping" in cell_text(the_cell(nb, "REPO_URL ="))
 
 
+def test_kernel_loads_the_embedded_model_of_this_checkout(executed):
+    nb, _ = executed
+    assert f"LoadedModel({REPO / 'models' / 'tiny'}:" in cell_text(the_cell(nb, "model = ktjax.load("))
+
+
 def test_generation_and_streaming_print_text(executed):
     nb, _ = executed
     assert cell_text(the_cell(nb, "ktjax.generate(model, \"def fibonacci")).strip()
