@@ -101,3 +101,22 @@ def test_a_loss_that_becomes_nan_is_one_line(ckpt, tmp_path, capsys):
                  "--lr", "1e30", "--steps", "4", "--seq-len", "16", "--rank", "2"]) == 1
     err = error_line(capsys)
     assert err.startswith("ktjax: error: loss became") and "--lr" in err
+
+
+def test_finetuning_keeps_the_experts_in_the_format_asked(ckpt, tmp_path, monkeypatch):
+    """--experts int8 on an offloaded model: the experts stream in int8 and the adapter still learns."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "abc " * 20}) for _ in range(4)) + "\n")
+    seen = []
+    real_load = ktjax.api.load
+
+    def recording_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        seen.append(model.placement.expert_format.name)
+        return model
+
+    monkeypatch.setattr(ktjax.api, "load", recording_load)
+    assert main(["finetune", "--model", ckpt, "--data", str(data), "--output", str(tmp_path / "out"),
+                 "--experts", "int8", "--gpu-memory", "65.5MiB", "--steps", "2", "--seq-len", "16",
+                 "--rank", "2", "--targets", "o_proj"]) == 0
+    assert seen == ["int8"] and (tmp_path / "out" / "adapter_model.safetensors").exists()

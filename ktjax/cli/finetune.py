@@ -8,6 +8,7 @@ import sys
 
 from ktjax.api import finetune
 from ktjax.cli.common import new_output_dir
+from ktjax.experts.weights import FORMATS
 from ktjax.lora.config import DEFAULT_TARGETS
 from ktjax.runtime.placement import parse_size
 
@@ -25,6 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--output", metavar="DIR", required=True, help="adapter and checkpoint directory")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype of the base weights (default: the checkpoint's)")
+    p.add_argument("--experts", choices=FORMATS, default=None,
+                   help="the format routed experts are kept in (default: the checkpoint's); training streams "
+                        "them to the GPU and computes them there, whatever the format (the host-CPU path has "
+                        "no backward)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
@@ -90,7 +95,7 @@ def run(args) -> int:
     r = finetune(args.model, args.data, output=output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                  grad_accum=args.grad_accum, warmup=args.warmup, targets=args.targets, seed=args.seed,
-                 gpu_memory=args.gpu_memory, resume=args.resume, dtype=args.dtype, eval_data=args.eval_data,
+                 gpu_memory=args.gpu_memory, experts=args.experts, resume=args.resume, dtype=args.dtype, eval_data=args.eval_data,
                  eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
                  max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
                  keep_reasoning=args.keep_reasoning, thinking=args.thinking, log_every=args.log_every)

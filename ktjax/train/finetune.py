@@ -69,7 +69,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
              alpha: float = 16.0, dropout: float = 0.0, lr: float = 2e-4, steps: int = 1000, batch_size: int = 4,
              seq_len: int = 1024, grad_accum: int = 1, warmup: int | None = None,
              targets: Sequence[str] | str = DEFAULT_TARGETS, seed: int = 0, gpu_memory: str | int | None = None,
-             resume: bool = True, progress: bool | None = None, dtype: Any = None, eval_data=None,
+             experts: str | None = None, resume: bool = True, progress: bool | None = None, dtype: Any = None, eval_data=None,
              eval_fraction: float = 0.0, eval_every: int | None = None, save_every: int = 100,
              max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, min_lr_ratio: float = 0.0,
              remat: bool = True, keep_reasoning: bool = False, log_every: int = 10,
@@ -77,8 +77,8 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
              load: Callable | None = None) -> FinetuneResult:
     """LoRA-fine-tune a DeepSeek model on JSONL conversations and write a PEFT adapter to `output`.
 
-    model: a loaded model, a checkpoint directory (loaded with dtype, gpu_memory and room for the
-        training steps), or None for the embedded model.
+    model: a loaded model, a checkpoint directory (loaded with dtype, gpu_memory, experts (their
+        format, as `ktjax.load` takes it) and room for the training steps), or None for the embedded model.
     data: JSONL file ({"messages": [...]}, {"prompt", "completion"} or {"text"} per line; see
         ktjax.train.data) or a list of such dicts. eval_data / eval_fraction: the held-out set.
         keep_reasoning: train on the reasoning (`reasoning_content`) of assistant messages too;
@@ -112,8 +112,8 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
 
     # -- set-up: model, data, adapters, optimizer ---------------------------------------------------
     if not isinstance(model, LoadedModel):
-        model = load(model, dtype=dtype, gpu_memory=gpu_memory, max_batch=batch_size, max_context=seq_len,
-                     training=grad_accum)
+        model = load(model, dtype=dtype, gpu_memory=gpu_memory, experts=experts, max_batch=batch_size,
+                     max_context=seq_len, training=grad_accum)
     cfg = model.config
     ds = data_lib.load_dataset(data, model.tokenizer, seq_len=seq_len, eval_fraction=eval_fraction, eval_data=eval_data,
                                seed=seed, vocab_size=cfg.vocab_size, keep_reasoning=keep_reasoning,
