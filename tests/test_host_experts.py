@@ -112,3 +112,19 @@ def test_the_paths_can_be_measured_where_the_model_runs(ckpt):
     model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=ALL_HOST, max_context=64)
     rates = model.executor.measure_rates(experts_per_call=2, seconds=0.05)
     assert rates.cpu_gbps > 0 and rates.link_gbps > 0
+
+
+def test_info_shows_the_cpu_link_switch_point_from_measured_rates_once_there_are_some(ckpt, tmp_path, capsys,
+                                                                                        monkeypatch):
+    from ktjax.cli.main import main
+    from ktjax.runtime.offload.scheduler import PathRates, cached_rates
+
+    monkeypatch.setenv("KTJAX_CACHE_DIR", str(tmp_path))
+    argv = ["info", "--model", ckpt, "--experts", "int8", "--gpu-memory", "65.5MiB", "--max-context", "64"]
+    assert main(argv) == 0
+    assert "rates assumed until the first load on a GPU measures them" in capsys.readouterr().out
+    cached_rates("int8", lambda: PathRates(link_gbps=10.0, cpu_gbps=30.0))  # what a load on a GPU would store
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("up to 3 token(s)" in out and "rates measured on this machine by an earlier load: CPU 30 GB/s per token, "
+            "link 10 GB/s" in out)

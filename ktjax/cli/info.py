@@ -15,7 +15,7 @@ from ktjax.config import EXPERT_QUANT_GROUP, resolve_dtype
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, known_rates
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 
 
@@ -87,10 +87,13 @@ def run(args) -> int:
         print(f"\nplacement under gpu_memory={args.gpu_memory} (KV cache for {args.max_batch} x {args.max_context} "
               "tokens):")
         print(plan.table())
-        rates = DEFAULT_RATES.get(plan.expert_format.name)
+        fmt = plan.expert_format.name
+        measured = known_rates(fmt)
+        rates = measured or DEFAULT_RATES.get(fmt)
         if plan.offloaded and rates is not None and args.expert_compute != "gpu":
+            source = ("measured on this machine by an earlier load" if measured else
+                      "assumed until the first load on a GPU measures them")
             print(f"host experts: computed on the host CPU when they serve up to {rates.max_cpu_tokens()} token(s) "
-                  f"in a step and the link is busier, else streamed to the GPU (rates assumed until measured on "
-                  f"first load: CPU {rates.cpu_gbps:g} GB/s per token, link {rates.link_gbps:g} GB/s; "
-                  f"--expert-compute overrides)")
+                  f"in a step and the link is busier, else streamed to the GPU (rates {source}: CPU "
+                  f"{rates.cpu_gbps:.3g} GB/s per token, link {rates.link_gbps:.3g} GB/s; --expert-compute overrides)")
     return 0

@@ -101,14 +101,24 @@ def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: flo
     return PathRates(link_gbps=moved[0] / dt / 1e9, cpu_gbps=n * nbytes_cpu / dt / 1e9)
 
 
+def _cached() -> dict:
+    try:
+        with open(_cache_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def known_rates(fmt: str) -> PathRates | None:
+    """The rates measured on this machine for this format by an earlier load, if any."""
+    known = _cached().get(_machine_key(fmt))
+    return None if known is None else PathRates(**known)
+
+
 def cached_rates(fmt: str, measure_fn) -> PathRates:
     """The rates measured on this machine for this format, measuring (and caching) them once."""
     key, file = _machine_key(fmt), _cache_file()
-    try:
-        with open(file) as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        known = {}
+    known = _cached()
     if key in known:
         return PathRates(**known[key])
     rates = measure_fn()
