@@ -305,7 +305,7 @@ def quantize_checkpoint(tensors: dict[str, np.ndarray], expert_type, rng, *, oth
 
 @pytest.mark.parametrize("qtype, fmt", [(Q.Q8_0, "int8"), (Q.Q4_K, "int4")], ids=["Q8_0", "Q4_K"])
 def test_quantized_experts_are_kept_bit_exact_and_logits_equal_transformers(v3_dir, tmp_path, qtype, fmt, monkeypatch):
-    monkeypatch.setattr("ktjax.io.gguf.DEQUANTIZE_CHUNK", 4096)  # large tensors' path: dequantized in runs of rows
+    monkeypatch.setattr("ktjax.io.gguf_file.DEQUANTIZE_CHUNK", 4096)  # large tensors' path: dequantized in runs of rows
     rng = np.random.default_rng(int(qtype))
     tensors, raw = quantize_checkpoint(hf_tensors(v3_dir), qtype, rng, others=Q.Q8_0)
     file = write_gguf(tmp_path / f"{qtype.name}.gguf", v3_dir, tensors, raw=raw, hparams={"scoring_func": "sigmoid"})

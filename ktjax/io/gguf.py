@@ -33,12 +33,10 @@ limit, and YaRN's mscale equals mscale_all_dim (only 0.1 * mscale_all_dim is sto
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -47,67 +45,12 @@ from ktjax.config import ConfigError, ModelConfig
 from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, packed_expert
 from ktjax.io.checkpoint import Checkpoint, CheckpointError, TensorInfo
 from ktjax.io.gguf_blocks import EXACT, FLOAT_TYPES, exact_format, expert_arrays, expert_buffer, write_blocks
-from ktjax.io.gguf_file import ARCH, Metadata, config_dict, gguf_files, gguf_version, is_gguf, open_reader
+from ktjax.io.gguf_file import ARCH, Metadata, Piece, config_dict, gguf_files, gguf_version, is_gguf, open_reader
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 # ---- tensors -------------------------------------------------------------------------------
-
-DEQUANTIZE_CHUNK = 64 << 20  # stored bytes dequantized at a time
-@dataclass(frozen=True)
-class Piece:
-    """Where one of ktjax's tensors comes from: a GGUF tensor, or one expert of a stack."""
-
-    file: str
-    tensor: gguf.ReaderTensor
-    expert: int | None = None
-    mm: mmap.mmap | None = None  # the file's mapping (the reader's), to release pages once read
-
-    @property
-    def type_name(self) -> str:
-        return self.tensor.tensor_type.name
-
-    @property
-    def raw(self) -> np.ndarray:
-        return self.tensor.data if self.expert is None else self.tensor.data[self.expert]
-
-    @property
-    def nbytes(self) -> int:
-        return self.tensor.n_bytes // (1 if self.expert is None else int(self.tensor.shape[-1]))
-
-    def release(self) -> None:
-        """Drop this piece's pages from the process (touched again, they are read from the file again):
-        the reader maps whole files, and every page read would otherwise stay counted in the process's
-        memory until the model is closed."""
-        if self.mm is None:
-            return
-        start = self.tensor.data_offset + (0 if self.expert is None else self.expert * self.nbytes)
-        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = (start + self.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo and hasattr(self.mm, "madvise"):
-            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-    def dequantize(self) -> np.ndarray:
-        """float32, in the checkpoint's shape order."""
-        qtype, raw = self.tensor.tensor_type, self.raw
-        try:
-            if raw.ndim < 2 or raw.nbytes <= DEQUANTIZE_CHUNK:
-                return np.asarray(gguf.quants.dequantize(raw, qtype), np.float32)
-            # In runs of rows into the result: gguf's dequantize holds its pieces and the result at once,
-            # twice a large tensor's float32 size (an embedding of DeepSeek-V3: 7.4 GB).
-            rows = raw.reshape(-1, raw.shape[-1])
-            step = max(1, DEQUANTIZE_CHUNK // rows.shape[1])
-            first = np.asarray(gguf.quants.dequantize(rows[:step], qtype), np.float32)
-            out = np.empty((rows.shape[0], first.shape[-1]), np.float32)
-            out[:step] = first
-            for start in range(step, rows.shape[0], step):
-                out[start:start + step] = gguf.quants.dequantize(rows[start:start + step], qtype)
-            return out.reshape(*raw.shape[:-1], first.shape[-1])
-        except NotImplementedError:
-            raise CheckpointError(f"{self.file}: tensor {self.tensor.name}: GGML type {self.type_name} cannot be "
-                                  f"dequantized by gguf {gguf_version()}") from None
-
 
 def _conversion(type_name: str, fmt: str, dtype) -> str:
     """How routed experts stored as `type_name` become `fmt`."""

@@ -1,12 +1,15 @@
-"""A GGUF file set: finding its files, opening them with `gguf.GGUFReader`, its metadata, and the
-transformers-style config that llama.cpp's deepseek2 fields describe."""
+"""A GGUF file set: finding its files, opening them with `gguf.GGUFReader`, its metadata, the
+transformers-style config that llama.cpp's deepseek2 fields describe, and where each tensor's bytes are."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+from dataclasses import dataclass
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as GGML
 
 from ktjax.io.checkpoint import CheckpointError
@@ -166,3 +169,62 @@ def config_dict(meta: Metadata, tensors: dict[str, gguf.ReaderTensor]) -> dict:
                 scaling[key] = float(get(k(f"rope.scaling.{name}")))
         d["rope_scaling"] = scaling
     return d
+
+
+# ---- tensors' bytes ----------------------------------------------------------------------
+
+DEQUANTIZE_CHUNK = 64 << 20  # stored bytes dequantized at a time
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one of ktjax's tensors comes from: a GGUF tensor, or one expert of a stack."""
+
+    file: str
+    tensor: gguf.ReaderTensor
+    expert: int | None = None
+    mm: mmap.mmap | None = None  # the file's mapping (the reader's), to release pages once read
+
+    @property
+    def type_name(self) -> str:
+        return self.tensor.tensor_type.name
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.tensor.data if self.expert is None else self.tensor.data[self.expert]
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.n_bytes // (1 if self.expert is None else int(self.tensor.shape[-1]))
+
+    def release(self) -> None:
+        """Drop this piece's pages from the process (touched again, they are read from the file again):
+        the reader maps whole files, and every page read would otherwise stay counted in the process's
+        memory until the model is closed."""
+        if self.mm is None:
+            return
+        start = self.tensor.data_offset + (0 if self.expert is None else self.expert * self.nbytes)
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + self.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def dequantize(self) -> np.ndarray:
+        """float32, in the checkpoint's shape order."""
+        qtype, raw = self.tensor.tensor_type, self.raw
+        try:
+            if raw.ndim < 2 or raw.nbytes <= DEQUANTIZE_CHUNK:
+                return np.asarray(gguf.quants.dequantize(raw, qtype), np.float32)
+            # In runs of rows into the result: gguf's dequantize holds its pieces and the result at once,
+            # twice a large tensor's float32 size (an embedding of DeepSeek-V3: 7.4 GB).
+            rows = raw.reshape(-1, raw.shape[-1])
+            step = max(1, DEQUANTIZE_CHUNK // rows.shape[1])
+            first = np.asarray(gguf.quants.dequantize(rows[:step], qtype), np.float32)
+            out = np.empty((rows.shape[0], first.shape[-1]), np.float32)
+            out[:step] = first
+            for start in range(step, rows.shape[0], step):
+                out[start:start + step] = gguf.quants.dequantize(rows[start:start + step], qtype)
+            return out.reshape(*raw.shape[:-1], first.shape[-1])
+        except NotImplementedError:
+            raise CheckpointError(f"{self.file}: tensor {self.tensor.name}: GGML type {self.type_name} cannot be "
+                                  f"dequantized by gguf {gguf_version()}") from None
