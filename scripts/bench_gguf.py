@@ -188,6 +188,7 @@ def main() -> None:
     p.add_argument("--baseline-only", action="store_true", help="only the safetensors checkpoint (a separate run)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--dir", default="/tmp/bench_gguf")
+    p.add_argument("--out", help="also write the rows as JSON to this file")
     args = p.parse_args()
 
     import gguf
@@ -220,6 +221,19 @@ def main() -> None:
             fmt = {"Q4_K": "int4", "Q8_0": "int8"}[type_name]
             rows.append(measure(f"safetensors bf16 -> {fmt} on load", path, args, fmt))
     print("RESULTS " + json.dumps(rows), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"argv": sys.argv, "rows": rows}, f, indent=1)
+    print_table(rows, args.modes)
+
+
+def print_table(rows: list[dict], modes: list[str]) -> None:
+    head = ["run", "experts", "file GB", "load s", "load GB/s", "host/device experts"] + [f"B=1 {m} ms" for m in modes]
+    print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    for r in rows:
+        cells = [r["run"], r["experts"], f"{r['file_gb']:.2f}", f"{r['load_s']:.1f}", f"{r['file_gb'] / r['load_s']:.2f}",
+                 f"{r['host_experts']}/{r['device_experts']}"] + [f"{r[f'decode_b1_{m}_ms']:.2f}" for m in modes]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
