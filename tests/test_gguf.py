@@ -19,6 +19,7 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -31,7 +32,7 @@ from ktjax.cli.main import main
 from ktjax.experts.quant import dequantize as dequantize_quant
 from ktjax.experts.weights import ExpertFormat
 from ktjax.io.checkpoint import CheckpointError
-from ktjax.io.gguf import expert_arrays, expert_buffer
+from ktjax.io.gguf import expert_arrays, expert_buffer, open_gguf
 from reference import make_reference, reference_logits, save_reference
 from tokenizer_fixtures import vocab_size, write_tokenizer
 
@@ -327,6 +328,19 @@ def test_quantized_experts_are_kept_bit_exact_and_logits_equal_transformers(v3_d
                          expert_compute="cpu", max_context=64)
     assert on_host.placement.host_experts
     assert_logits_match(on_host, reference)
+
+
+def test_quantized_core_tensors_cross_as_blocks_and_dequantize_on_the_device_as_gguf_does(v3_dir, tmp_path):
+    tensors, raw = quantize_checkpoint(hf_tensors(v3_dir), Q.Q4_K, np.random.default_rng(5), others=Q.Q8_0)
+    file = write_gguf(tmp_path / "core.gguf", v3_dir, tensors, raw=raw)
+    ckpt = open_gguf(file)
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    fmt, arrays = ckpt.read_blocks(name)
+    assert fmt == "int8" and arrays["q"].dtype == np.int8  # one byte per value crosses, not four
+    on_device = jax.jit(dequantize_quant, static_argnums=(1, 2))(arrays, fmt, tensors[name].shape[1])
+    np.testing.assert_array_equal(np.asarray(on_device), tensors[name])
+    assert ckpt.read_blocks("model.norm.weight") is None  # float tensors are read as they are
+    assert ckpt.read_blocks("model.layers.1.mlp.experts.0.gate_proj.weight") is None  # experts: `read_expert`
 
 
 def test_info_shows_the_stored_types_per_group_and_what_they_become(v3_dir, tmp_path, capsys):

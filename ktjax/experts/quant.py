@@ -14,7 +14,8 @@ meet are zero-padded too, so padding never contributes. Dequantization follows G
 dequantizes here bit for bit as `gguf.quants.dequantize` does it.
 
 The quantizers take numpy arrays (on the host) or jax arrays (on a GPU, where a full-size expert
-quantizes in milliseconds instead of a second); dequantization here is the numpy reference.
+quantizes in milliseconds instead of a second); so do the dequantizers (the loader dequantizes GGUF's
+non-expert tensors on the device this way).
 """
 
 from __future__ import annotations
@@ -97,10 +98,16 @@ def quantize_int8(w_RC) -> dict:
     return {"q": q.reshape(m.rows, -1), "scale": _bits16(scale16)}
 
 
+def _half(bits):
+    """float16 from its raw bits (uint16)."""
+    return bits.view(np.float16) if isinstance(bits, np.ndarray) else jax.lax.bitcast_convert_type(bits, jnp.float16)
+
+
 def dequantize_int8(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
+    xp = _xp(a["q"])
     R, C = a["q"].shape
-    scale = a["scale"].view(np.float16).astype(np.float32)
-    w = a["q"].reshape(R, C // GROUP, GROUP).astype(np.float32) * scale[..., None]
+    scale = _half(a["scale"]).astype(xp.float32)
+    w = a["q"].reshape(R, C // GROUP, GROUP).astype(xp.float32) * scale[..., None]
     return w.reshape(R, C)[:, :cols]
 
 
@@ -116,7 +123,7 @@ def pack_nibbles(q_RC):
 def unpack_nibbles(p_RH: np.ndarray) -> np.ndarray:
     R, H = p_RH.shape
     p = p_RH.reshape(R, H // 32, 1, 32)
-    return np.concatenate([p & 15, p >> 4], axis=2).reshape(R, 2 * H)
+    return _xp(p_RH).concatenate([p & 15, p >> 4], axis=2).reshape(R, 2 * H)
 
 
 def quantize_int4(w_RC) -> dict:
@@ -143,10 +150,11 @@ def quantize_int4(w_RC) -> dict:
 
 
 def dequantize_int4(a: dict[str, np.ndarray], cols: int) -> np.ndarray:
-    q = unpack_nibbles(a["q"]).astype(np.float32)
+    xp = _xp(a["q"])
+    q = unpack_nibbles(a["q"]).astype(xp.float32)
     R, C = q.shape
-    step = np.repeat(a["d"], 8, axis=1) * a["sc"].astype(np.float32)  # float32, as GGUF: d * sc
-    offset = np.repeat(a["dmin"], 8, axis=1) * a["mn"].astype(np.float32)
+    step = xp.repeat(a["d"], 8, axis=1) * a["sc"].astype(xp.float32)  # float32, as GGUF: d * sc
+    offset = xp.repeat(a["dmin"], 8, axis=1) * a["mn"].astype(xp.float32)
     w = q.reshape(R, C // GROUP, GROUP) * step[..., None] - offset[..., None]
     return w.reshape(R, C)[:, :cols]
 
@@ -161,4 +169,5 @@ def quantize(w_RC, fmt: str) -> dict:
 
 
 def dequantize(a: dict[str, np.ndarray], fmt: str, cols: int) -> np.ndarray:
+    """float32 [rows, cols]: numpy for numpy arrays, jax (traceable) for jax arrays."""
     return dequantize_int8(a, cols) if fmt == "int8" else dequantize_int4(a, cols)

@@ -166,6 +166,11 @@ class Checkpoint:
             mm.madvise(mmap.MADV_WILLNEED)  # read ahead the whole tensor rather than page by page
         return np.frombuffer(mm, dtype, math.prod(t.shape), t.offset - start).reshape(t.shape)
 
+    def read_blocks(self, name: str) -> tuple[str, dict[str, np.ndarray]] | None:
+        """A tensor stored in integer blocks ("int8"/"int4", the arrays of `ktjax.experts.quant`) that
+        the loader dequantizes on the target: only GGUF files have these (`GGUFCheckpoint.read_blocks`)."""
+        return None
+
 
 # ---- names ---------------------------------------------------------------------------------
 

@@ -258,6 +258,20 @@ class GGUFCheckpoint:
             piece.release()
         return value
 
+    def read_blocks(self, name: str) -> tuple[str, dict[str, np.ndarray]] | None:
+        """A 2-D tensor whose GGML blocks an integer format holds exactly (Q8_0, Q4_K, ...) as that
+        format's arrays, the blocks' bytes copied: the loader moves ~1 byte per value to the device and
+        dequantizes there, rather than float32 from gguf's numpy dequantizer (~0.3 GB/s, most of a
+        load's time: benchmarks/gguf.md). None for other tensors (read them with `read`)."""
+        shape = self.info(name).shape
+        piece = self.pieces.get(name)
+        if (piece is None or piece.expert is not None or piece.type_name not in EXACT or len(shape) != 2
+                or piece.raw.ndim != 2 or piece.raw.shape[0] != shape[0]):
+            return None
+        arrays = expert_arrays(piece.raw, piece.type_name, shape[1])
+        piece.release()
+        return EXACT[piece.type_name], arrays
+
     # -- routed experts -----------------------------------------------------------------------------
     def expert_types(self) -> Counter:
         """GGML type name -> bytes of the routed-expert stacks stored in it."""

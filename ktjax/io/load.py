@@ -79,6 +79,15 @@ def _set_piece(leaf, index, piece, scale, *, block):
     return jax.lax.dynamic_update_slice(leaf, value, tuple(index) + (0,) * piece.ndim)
 
 
+def _set_blocks(leaf, index, arrays, *, fmt, cols):
+    return _set_piece(leaf, index, dequantize(arrays, fmt, cols), None, block=None)
+
+
+@functools.cache
+def _set_blocks_fn(sharding: jax.sharding.Sharding, fmt: str, cols: int) -> Callable:
+    return jax.jit(functools.partial(_set_blocks, fmt=fmt, cols=cols), donate_argnums=0, out_shardings=sharding)
+
+
 @functools.cache
 def _set_piece_fn(sharding: jax.sharding.Sharding, block: tuple[int, int]) -> Callable:
     # The leaf is donated, so each tensor is written in place: one copy of the leaf exists at any time.
@@ -97,16 +106,23 @@ def read_leaf(ckpt: Checkpoint, source: LeafSource, *, sharding: jax.sharding.Sh
     leaf = _zeros_fn(source.shape, source.dtype, sharding)()
     pending = 0
     for name, index, scale_name in source.tensors:
-        if source.quant is not None:  # int8/int4 experts read as floats: dequantized on the host (numpy)
-            arrays = read_quantized(ckpt, name, source.quant)
-            w, s = dequantize(arrays, source.quant, source.shape[-1]), None
+        blocks = ckpt.read_blocks(name) if source.quant is None and scale_name is None else None
+        if blocks is not None:  # GGUF's integer blocks: their bytes cross, the target dequantizes
+            fmt, arrays = blocks
+            leaf = _set_blocks_fn(sharding, fmt, source.shape[-1])(leaf, index, arrays)
             nbytes = sum(a.nbytes for a in arrays.values())
+            del arrays, blocks
         else:
-            w = ckpt.read(name)
-            s = None if scale_name is None else ckpt.read(scale_name)
-            nbytes = w.nbytes + (0 if s is None else s.nbytes)
-        leaf = set_piece(leaf, index, w, s)
-        del w, s  # unmaps the tensor once its transfer is done
+            if source.quant is not None:  # int8/int4 experts read as floats: dequantized on the host (numpy)
+                arrays = read_quantized(ckpt, name, source.quant)
+                w, s = dequantize(arrays, source.quant, source.shape[-1]), None
+                nbytes = sum(a.nbytes for a in arrays.values())
+            else:
+                w = ckpt.read(name)
+                s = None if scale_name is None else ckpt.read(scale_name)
+                nbytes = w.nbytes + (0 if s is None else s.nbytes)
+            leaf = set_piece(leaf, index, w, s)
+            del w, s  # unmaps the tensor once its transfer is done
         pending += nbytes
         if pending >= IN_FLIGHT_BYTES:
             leaf.block_until_ready()
