@@ -232,12 +232,12 @@ def run_ktjax(args) -> dict:
     sampling = Sampling.of(0.0, 0, 1.0)
     ctx = 1024 if not args.tiny else 64
     modes = args.modes if fmt in ("int8", "int4") else ["gpu"]
-    for B, mode, group in [(B, mode, g) for B in args.batches for mode in (modes if B == 1 else modes[:1])
-                           for g in (args.decode_groups if B == 1 else args.decode_groups[:1])]:
-        times, stats = decode_steps(model.with_expert_compute(mode).with_decode_group(group), B, ctx, args.steps,
+    for B, mode, form in [(B, mode, f) for B in args.batches for mode in (modes if B == 1 else modes[:1])
+                          for f in (args.decode_forms if B == 1 else args.decode_forms[:1])]:
+        times, stats = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx, args.steps,
                                     sampling)
         row = decode_row(cfg, plan, times, stats, ceil, B, ctx)
-        name = f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "") + (f"_g{group}" if group > 1 else "")
+        name = f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "") + (f"_{form}" if form != args.decode_forms[0] else "")
         n_moe = len(cfg.moe_layers)
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
         # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
@@ -247,7 +247,7 @@ def run_ktjax(args) -> dict:
         log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
             f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms ({100 * row['floor_over_measured']:.0f}%), "
             f"outside experts {100 * row['outside_experts_share']:.0f}%")
-    model = model.with_expert_compute(modes[0]).with_decode_group(args.decode_groups[0])
+    model = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
     if args.trace and not resident:
         trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # summarised, and copied to $OUT if small
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -437,8 +437,8 @@ def main():
     p.add_argument("--path-rates", default="", help="JSON of the host-kernel ceilings (passed between parts)")
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
-    p.add_argument("--decode-groups", type=int, nargs="+", default=[1],
-                   help="streamed experts per program in B=1 decode, each measured (the first also at larger batches)")
+    p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["fused", "streamed"],
+                   help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part")
@@ -460,7 +460,7 @@ def main():
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
-        "--decode-groups", *map(str, args.decode_groups)]
+        "--decode-forms", *args.decode_forms]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

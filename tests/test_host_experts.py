@@ -2,11 +2,14 @@
 resident on the device give the same model; the scheduler's split between the CPU and the link;
 prefill-sized batches stream; the hot-expert cache holds the experts a calibration prompt uses most."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import ktjax
 from ktjax.api import plan_placement, routing_counts
+from ktjax.runtime.offload import DECODE_FORMS
 from ktjax.runtime.offload.scheduler import PathRates, split
 from reference import make_reference, save_reference
 
@@ -41,11 +44,16 @@ def test_the_cpu_takes_the_experts_with_fewest_tokens_until_both_paths_finish_to
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_every_path_computes_the_same_model(ckpt, fmt):
     """The same quantized experts on the device, streamed to it, or computed on the host CPU."""
-    on_device = np.asarray(ktjax.logits(ktjax.load(ckpt, dtype="float32", experts=fmt), TOKENS))
+    resident = ktjax.load(ckpt, dtype="float32", experts=fmt)
+    few = TOKENS[:1, :5]  # 5 tokens x 3 experts each: decode-sized (the decode forms); TOKENS streams every expert
+    on_device = [np.asarray(ktjax.logits(resident, t)) for t in (TOKENS, few)]
     for mode in ("gpu", "cpu", "auto"):
         model = ktjax.load(ckpt, dtype="float32", experts=fmt, placement=SOME_ON_DEVICE, expert_compute=mode,
                            max_context=64)
-        assert rel_err(ktjax.logits(model, TOKENS), on_device) < 1e-5, mode
+        for form in DECODE_FORMS:
+            model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+            for tokens, want in zip((TOKENS, few), on_device):
+                assert rel_err(ktjax.logits(model, tokens), want) < 1e-5, (mode, form, tokens.shape)
 
 
 @pytest.mark.parametrize("mode", ["gpu", "cpu", "auto"])

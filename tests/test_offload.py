@@ -191,14 +191,29 @@ def test_decode_moves_only_the_chosen_experts(ckpt):
     assert stats.decode_host_bytes_per_step == K * moe_layers * model.placement.expert_bytes
 
 
-def test_decode_steps_reuse_their_compiled_segments(ckpt):
+@pytest.mark.parametrize("form", offload.DECODE_FORMS)
+def test_decode_steps_reuse_their_compiled_segments(ckpt, form):
     """Steps that mix device and host experts in a layer, in any proportion, run the same programs."""
     model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.2\.mlp\.experts\.[0-3]": "device",
                                                           **ALL_HOST}, **SMALL)
+    model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+    segment = model.executor.segments["moe"].moe_tail if form == "fused" else experts_segment
     ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
-    compiled = experts_segment._cache_size()
+    compiled = segment._cache_size()
+    assert compiled > 0  # the decode steps ran this form's segment
     ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=12)
-    assert experts_segment._cache_size() == compiled
+    assert segment._cache_size() == compiled
+
+
+@pytest.mark.parametrize("form", offload.DECODE_FORMS)
+def test_both_decode_forms_generate_transformers_tokens(ckpt, ref, form):
+    model = no_eos(ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.2\.mlp\.experts\.[0-3]": "device",
+                                                                 **ALL_HOST}, **SMALL))
+    model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+    prompts = [[5, 9, 13, 2], [3, 4]]
+    got = ktjax.generate(model, prompts, max_new_tokens=6, profile=True)
+    assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]
+    assert ("moe_tail" in got[0].stats.segment_seconds) == (form == "fused")
 
 
 def test_long_prefill_streams_every_host_expert_once_and_equals_transformers(ckpt, ref, monkeypatch):
@@ -310,4 +325,4 @@ def test_an_fp8_checkpoint_gives_transformers_logits_on_its_dequantised_weights(
 def test_profile_times_segments(ckpt):
     model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
     stats = ktjax.generate(model, [5, 9, 13], max_new_tokens=2, profile=True).stats
-    assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)
+    assert {"attention_route", "moe_tail", "head"} <= set(stats.segment_seconds)

@@ -1,5 +1,5 @@
 """The offloaded executor: core parameters on the device, routed experts apart."""
 
-from ktjax.runtime.offload.executor import OffloadedExecutor
+from ktjax.runtime.offload.executor import DECODE_FORMS, OffloadedExecutor
 
-__all__ = ["OffloadedExecutor"]
+__all__ = ["DECODE_FORMS", "OffloadedExecutor"]

@@ -27,9 +27,13 @@ from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure, split
 from ktjax.runtime.offload.segments import (LayerSegments, combine_segment, embed_segment, head_segment,
                                             logits_segment)
-from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, streams_everything
+from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, pow2, streams_everything
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
+
+
+DECODE_FORMS = ("fused", "streamed")
+FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
 
 
 class Segments:
@@ -52,12 +56,16 @@ class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
     expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`).
-    decode_group: streamed experts computed per program in decode (1: each as soon as it lands;
-    more: fewer launches, each waiting for its group's transfers)."""
+    decode_form: how decode-sized batches run a MoE layer's chosen experts: "fused" (their transfers
+    start, the host CPU computes its share meanwhile, then one program computes the rest: the
+    shared expert, the device's experts and the combine) or "streamed" (a program per streamed
+    expert as it lands, dispatched by a worker thread beside the host CPU's kernels)."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
-                 rates: PathRates | None = None, decode_group: int = 1):
+                 rates: PathRates | None = None, decode_form: str = "fused"):
+        if decode_form not in DECODE_FORMS:
+            raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
             raise ValueError(f"expert_compute={expert_compute!r}: use one of {', '.join(MODES)}")
         fmt = plan.expert_format
@@ -77,7 +85,7 @@ class OffloadedExecutor:
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
         self.rates = rates or DEFAULT_RATES.get(fmt.name)
-        self.decode_group = decode_group
+        self.decode_form = decode_form
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
 
     @property
@@ -152,9 +160,11 @@ class OffloadedExecutor:
             out.host.threads = threads
         return out
 
-    def with_decode_group(self, group: int) -> OffloadedExecutor:
+    def with_decode_form(self, form: str) -> OffloadedExecutor:
+        if form not in DECODE_FORMS:
+            raise ValueError(f"decode_form={form!r}: use one of {', '.join(DECODE_FORMS)}")
         out = copy.copy(self)
-        out.decode_group = group
+        out.decode_form = form
         return out
 
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
@@ -175,7 +185,7 @@ class OffloadedExecutor:
             experts[i][e] = jax.block_until_ready(jax.device_put(experts[i][e], self.store.on_device))
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
-                                 decode_group=self.decode_group)
+                                 decode_form=self.decode_form)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""
@@ -250,6 +260,11 @@ class OffloadedExecutor:
         moved_before = stats.bytes_from_host
         counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
         stats.expert_counts[i] = counts
+        if (self.decode_form == "fused" and not everything and N <= FUSED_MAX_TOKENS
+                and np.count_nonzero(counts) <= 2 * self.plan.expert_chunk):  # the workspace holds them all
+            x_BTD = self._moe_fused(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run)
+            stats.link_bytes.append(stats.bytes_from_host - moved_before)
+            return x_BTD
         shared = []
 
         def run_shared():
@@ -259,8 +274,7 @@ class OffloadedExecutor:
             return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
 
         if host is None:
-            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
-                                       group=self.decode_group),)
+            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared),)
         else:
             chosen = [int(e) for e in np.flatnonzero(counts)]
             hosted = [e for e in chosen if self.store.is_hosted(i, e)]
@@ -286,8 +300,33 @@ class OffloadedExecutor:
         if not gpu_ids:
             run_shared()
             return ()
-        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
-                                  group=self.decode_group),)
+        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared),)
+
+    def _moe_fused(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
+                   host: HostPath | None, stats: StepStats, run: Segments):
+        """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
+        start, the host CPU computes its share meanwhile on this thread, then `moe_tail` runs once
+        everything has landed. Two programs per MoE layer whatever the experts' number: a dispatch
+        costs ~0.25 ms of this thread (offload.md, run 8), more than a decode-sized expert's compute."""
+        chosen = [int(e) for e in np.flatnonzero(counts)]
+        hosted = [e for e in chosen if self.store.is_hosted(i, e)]
+        if host is not None:
+            cpu_ids, link_ids = split(hosted, counts[hosted], self.plan.expert_bytes, self.rates, self.expert_compute)
+        else:
+            cpu_ids, link_ids = [], hosted
+        gpu_ids = [e for e in chosen if not self.store.is_hosted(i, e)] + link_ids
+        slots = tuple(self.store.fetch(i, gpu_ids, stats))  # asynchronous: the link works from here
+        host_ND = None
+        if cpu_ids:
+            out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
+            stats.experts_on_host_cpu += len(cpu_ids)
+            stats.host_cpu_seconds.append(seconds)
+            host_ND = jax.device_put(out_ND, self.store.on_device)
+        # Few compiled variants: slots padded to a power of two (id -1, a fetched array reused).
+        pad = pow2(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
+        ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
+        slots += (slots[0],) * pad if slots else ()
+        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND)
 
 
 def _timed(fn, *args):

@@ -4,7 +4,9 @@ grouped into the few programs that run between expert transfers.
 Why per-layer segments: measured on the H200 (DESIGN.md), host->device transfers overlap compute
 only across separately dispatched programs, not inside one. So each MoE layer is: attention and
 routing (one program), the shared expert (issued once the first transfer is under way), the routed
-experts in chunks as they land (`ktjax.experts.device.experts_segment`), then the combine.
+experts in chunks as they land (`ktjax.experts.device.experts_segment`), then the combine. Decode-
+sized batches instead run the whole MoE block after routing as one program (`moe_tail`) once their
+few experts have landed: at batch 1 each dispatch costs more than the compute it overlaps.
 
 The layer compositions below are pure functions of a merged layer; the training path differentiates
 the same functions (`ktjax.train.offloaded`).
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ktjax.config import ModelConfig
+from ktjax.experts.device import add_experts
 from ktjax.models.decoder import DecoderLayer, final_logits
 from ktjax.models.deepseek import positions
 from ktjax.models.moe import combine
@@ -90,6 +93,17 @@ class LayerSegments:
         self.dense_mlp = jax.jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
         self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
         self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
+
+        def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, ids_C, experts, host_ND):
+            # Decode-sized batches: every token through each expert, weighted (capacity N).
+            routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0])
+            parts = (routed_ND,) if host_ND is None else (routed_ND, host_ND)
+            return combine_segment(x_BTD, shared(merge(state), h_ND), parts)
+
+        # The MoE block after routing as one program (the executor's "fused" decode): the shared
+        # expert, the chosen experts on the device (resident or just fetched; ids_C -1 pads) and the
+        # host CPU's sum (or None), combined.
+        self.moe_tail = jax.jit(moe_tail)
 
 
 @functools.partial(jax.jit, static_argnums=0)
