@@ -101,11 +101,14 @@ class OffloadedExecutor:
                       np.asarray(lengths_B, np.int32) - 1, key, sampling)
         return token_B, cache, stats.finish()
 
-    def decode(self, cache, token_B, pos_B, key, sampling: Sampling, *, profile: bool = False):
+    def decode(self, cache, token_B, pos_B, key, sampling: Sampling, *, profile: bool = False,
+               active_B: np.ndarray | None = None):
+        """active_B (host bools, optional): the rows whose tokens matter. Only their experts are
+        moved and computed; other rows' outputs are garbage (a serving batch's free slots)."""
         # No eager jnp work here: each would be a separate dispatch (~0.1-0.5 ms) on the step's path.
         stats = StepStats()
         run = Segments(stats, profile)
-        x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run)
+        x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run, active_B=active_B)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
                       np.zeros(x_BTD.shape[0], np.int32), key, sampling)
         return token_B, cache, stats.finish()
@@ -196,9 +199,14 @@ class OffloadedExecutor:
         return out
 
     # ---- the forward pass ------------------------------------------------------------------
-    def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments):
-        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache."""
+    def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments, *,
+                active_B: np.ndarray | None = None):
+        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache.
+        active_B: rows whose experts are needed (None: all)."""
         cfg = self.config
+        active_N = None
+        if active_B is not None and not np.all(active_B) and np.any(active_B):
+            active_N = np.repeat(np.asarray(active_B, bool), np.shape(tokens_BT)[1] if np.ndim(tokens_BT) == 2 else 1)
         # Token ids and positions may be host arrays; they cross to the device once, here.
         x_BTD, rope, start_B = run("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         short = x_BTD.shape[1] <= QUERY_CHUNK  # attention and what follows fit one segment
@@ -219,7 +227,7 @@ class OffloadedExecutor:
                 else:
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
-                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
             groups[kind] = LayerCache(latent, rp)
         jax.block_until_ready(x_BTD)
         return x_BTD, KVCache(groups)
@@ -236,19 +244,22 @@ class OffloadedExecutor:
         return jnp.concatenate(outs, axis=1), latent, rp
 
     def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list,
-             stats: StepStats, run: Segments):
+             stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
         """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
-        experts on their paths, and the combine."""
+        experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
+        all); the others may meet a chosen expert but never bring one in."""
         cfg = self.config
         N = h_ND.shape[0]
-        everything = streams_everything(cfg, N) and self.expert_compute != "cpu"
+        n_active = N if active_N is None else int(active_N.sum())
+        everything = streams_everything(cfg, n_active) and self.expert_compute != "cpu"
         host = None if everything else self.host
         for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
             a.copy_to_host_async()  # queued behind the routing: no host round trip before it
         idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
         stats.routed_at.append(time.perf_counter() - stats.started)
         moved_before = stats.bytes_from_host
-        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
+        counts = np.bincount((idx_host if active_N is None else idx_host[active_N]).ravel(),
+                             minlength=cfg.n_routed_experts)
         stats.expert_counts[i] = counts
         shared = []
 
