@@ -28,10 +28,11 @@ def add_parser(sub) -> None:
                    help="require `Authorization: Bearer KEY` on /v1 requests (default: $KTJAX_API_KEY, else none)")
     s.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests that may wait for a free slot; more get HTTP 429 (default 64)")
-    s.add_argument("--max-prefill-tokens", type=int, default=DEFAULT_MAX_PREFILL_TOKENS, metavar="N",
-                   help="while requests decode, a new admission prefills at most N padded tokens (prompts "
+    s.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="while requests decode, one admission prefills at most N padded tokens (waiting prompts "
                         "batched together; a longer single prompt still goes alone) before the next decode step "
-                        f"(default {DEFAULT_MAX_PREFILL_TOKENS})")
+                        f"(default: {DEFAULT_MAX_PREFILL_TOKENS} for a model on the device; everything that fits the "
+                        "free slots for an offloaded one, whose prefill streams every host expert anyway)")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients ask for (default: the checkpoint directory's name; "
                         f"{EMBEDDED_MODEL_ID} for the embedded model)")
@@ -60,7 +61,7 @@ def run(args) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
-    if args.max_prefill_tokens < 1:
+    if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
         raise ValueError(f"--max-prefill-tokens must be at least 1, got {args.max_prefill_tokens}")
     import uvicorn  # noqa: F401  (imported first: the other commands need no web stack, this one fails early)
 

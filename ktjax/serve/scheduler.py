@@ -11,8 +11,20 @@ request leaves its slot when it finishes or its client goes away.
 
 While other slots decode, one admission's prefill is at most `max_prefill_tokens` padded tokens
 (batch bucket x padded prompt length; a single longer prompt still goes alone, whole): that bounds
-how long it stalls them. An idle batch admits everything that fits its slots in one prefill.
-Prefills are batched, not yet chunked: a long prompt stalls the decoding slots for its whole prefill.
+how long it stalls them. An idle batch admits everything that fits its slots in one prefill. The
+default bound depends on where the experts live: an offloaded model's prefill streams every host
+expert once whatever its tokens (up to the workspace the plan sized for max_batch x max_context), so
+fewer, larger admissions stall the decoding slots less often: everything that fits is admitted; a
+resident model's prefill costs its tokens, so admissions are capped at 2048 padded tokens.
+
+Not done: chunked prefill interleaved with decode. A long prompt stalls the decoding slots for its
+whole prefill. For a resident model, chunks of <= 1024 tokens between decode steps would bound that
+(the executors prefill in such chunks already; the scheduler would need an entry point that runs one
+chunk into a group's cache from a start position and samples rows whose prompt ends in it). For an
+offloaded model chunking alone would make it worse (each chunk streams every host expert again);
+what bounds the stall there is fusing the decode rows into the prefill's layer pass, so one expert
+stream serves both: an executor entry point over a mixed batch (decode rows at their positions in
+the slots' cache, prompt rows in their own).
 
 Greedy results equal `ktjax.generate`'s for the same prompt alone up to floating-point ties: a row
 of a batched prefill (or decode) computes the same values in a different batch shape, which on the
@@ -38,7 +50,7 @@ from ktjax.runtime.generation import Row, SamplingOptions, check_limits, stop_to
 from ktjax.runtime.model import LoadedModel, Sampling
 from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_length
 
-DEFAULT_MAX_PREFILL_TOKENS = 2048  # 32 prompts of up to 64 tokens, or 2 of 1024, per admission while others decode
+DEFAULT_MAX_PREFILL_TOKENS = 2048  # resident models: 32 prompts of up to 64 tokens, or 2 of 1024, per admission
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # generation's -> OpenAI's
 
@@ -102,11 +114,13 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
 class Scheduler:
     """Owns the model from its own thread. submit() and cancel() may be called from any thread."""
 
-    def __init__(self, model: LoadedModel, *, max_queue: int = 64,
-                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+    def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None):
         self.model = model
         self.max_batch = model.placement.max_batch
         self.max_queue = max_queue
+        if max_prefill_tokens is None:  # see the module's docstring
+            max_prefill_tokens = (batch_bucket(self.max_batch) * padded_prompt_length(model.placement.max_context)
+                                  if model.placement.offloaded else DEFAULT_MAX_PREFILL_TOKENS)
         self.max_prefill_tokens = max_prefill_tokens
         # Counters (read from any thread; written by the scheduler's): prefill calls and the
         # requests they admitted, decode steps and the slots they advanced.
