@@ -98,10 +98,16 @@ def build_model(args):
     from fullsize import fullsize_config, plan_for, random_offloaded_model
 
     tokenizer = load_tokenizer(default_model_path())
-    cfg = fullsize_config(args.moe_layers)
+    rules = None
+    if args.small_layers:  # a CPU check of this path: small shapes, the odd experts in host memory
+        from bench_offload import tiny_config
+        cfg = tiny_config(args.moe_layers)
+        rules = {r".*\.experts\.\d*[13579]": "host"}
+    else:
+        cfg = fullsize_config(args.moe_layers)
     cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)  # ids the tokenizer can write as text
     plan = plan_for(cfg, jnp.bfloat16, experts=args.experts, gpu_memory=args.gpu_memory, max_batch=args.max_batch,
-                    max_context=args.max_context)
+                    max_context=args.max_context, rules=rules)
     print(plan.table(), flush=True)
     executor = random_offloaded_model(cfg, plan, jnp.bfloat16, progress=lambda m: log(f"child: {m}"))
     if executor.host is not None:
@@ -420,7 +426,7 @@ def driver(args) -> int:
     port = args.port or free_port()
     host = "127.0.0.1"
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if not args.smoke:
+    if not args.smoke and not args.small_layers:
         env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "110")  # XLA's pinned-host pool is capped at 64 GiB
         total = gpu_total_bytes()
         if total and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
@@ -439,7 +445,8 @@ def driver(args) -> int:
            "--experts", args.experts, "--gpu-memory", args.gpu_memory, "--moe-layers", str(args.moe_layers),
            "--max-batch", str(args.max_batch), "--max-context", str(args.max_context), "--prompt-tokens",
            str(args.prompt_tokens), "--engine-steps", str(args.engine_steps), "--concurrency",
-           *map(str, args.concurrency)] + (["--smoke"] if args.smoke else [])
+           *map(str, args.concurrency)] + (["--smoke"] if args.smoke else []) + (
+        ["--small-layers"] if args.small_layers else [])
     log(f"starting the server: {' '.join(cmd)}")
     server_log = open(os.path.join(args.out, "server.log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -505,6 +512,9 @@ def driver(args) -> int:
     except Exception as e:
         log(f"FAILED: {type(e).__name__}: {e}")
         result["error"] = f"{type(e).__name__}: {e}"
+        server_log.flush()
+        with open(os.path.join(args.out, "server.log")) as f:
+            print("server.log, last lines:\n" + "".join(f.readlines()[-40:]), flush=True)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C: the server's own clean shutdown
@@ -532,7 +542,7 @@ def driver(args) -> int:
             checks.append((f"TTFT p50 < {TARGET_TTFT_P50_S:.0f} s at concurrency 16", m["ttft_p50_s"] < TARGET_TTFT_P50_S))
         checks.append((f"every request at concurrency {c} streamed all {args.max_tokens} tokens", m["all_tokens_streamed"]))
     result["checks"] = {name: passed for name, passed in checks}
-    what = ("embedded tiny model (--smoke)" if args.smoke else
+    what = ("embedded tiny model (--smoke)" if args.smoke else "small layers (--small-layers)" if args.small_layers else
             f"DeepSeek-V3 full-size layers (1 dense + {args.moe_layers} MoE), random weights, {args.experts} experts, "
             f"{args.gpu_memory} budget")
     place = engine.get("placement", {})
@@ -587,6 +597,9 @@ def main() -> int:
     p.add_argument("--engine-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     p.add_argument("--serve-by", type=float, default=300.0, help=argparse.SUPPRESS)
+    p.add_argument("--small-layers", action="store_true",
+                   help="with the full-size path (no --smoke): small layer shapes instead, the odd experts in host "
+                        "memory (a CPU check of that path)")
     args = p.parse_args()
     smoke = args.smoke
     defaults = dict(max_batch=4 if smoke else 32, max_context=256 if smoke else 512,
