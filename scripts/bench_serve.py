@@ -165,7 +165,7 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     return out
 
 
-def precompile_server_shapes(model, prompt_tokens: int, deadline: float) -> dict:
+def precompile_server_shapes(model, prompt_tokens: int, deadline: float, rounds: int = 3) -> dict:
     """Compile what the server's admissions run, through its own code (DecodeBatch): a prefill of
     each batch bucket (1, 2, 4, ... max_batch rows) at the benchmark's prompt length, and the decode
     step of the slots. A server pays these compiles on first use (10-30 s each on the GPU); which
@@ -180,6 +180,7 @@ def precompile_server_shapes(model, prompt_tokens: int, deadline: float) -> dict
     slots = model.placement.max_batch
     context = min(model.placement.max_context, model.config.max_position_embeddings)
     batch = DecodeBatch(model, slots, cache_length(context, 0))
+    batch.decode()  # as the scheduler starts: later arrays are a step's outputs (they may compile apart)
     rng = np.random.default_rng(1)
     opts = SamplingOptions(max_new_tokens=8, temperature=0.0)
     done = {}
@@ -189,9 +190,10 @@ def precompile_server_shapes(model, prompt_tokens: int, deadline: float) -> dict
             log(f"child: prefill of {k}+ rows not compiled ahead (startup deadline): the first such admission will")
             break
         t = time.perf_counter()
-        prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(k)]
-        batch.prefill_into(list(range(k)), prompts, [opts] * k)
-        batch.decode(np.arange(slots) < k)
+        for _ in range(rounds):  # later rounds: the routing-dependent variants (experts' capacity) of more data
+            prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(k)]
+            batch.prefill_into(list(range(k)), prompts, [opts] * k)
+            batch.decode(np.arange(slots) < k)
         done[k] = time.perf_counter() - t
         log(f"child: server prefill of {k} rows x {prompt_tokens} tokens compiled and run in {done[k]:.1f} s")
         k *= 2

@@ -105,6 +105,12 @@ def insert_rows(cache_B: KVCache, cache_k: KVCache, slots_k: jax.Array) -> KVCac
 
 
 @jax.jit
+def set_rows(keys_S: jax.Array, keys_B: jax.Array, rows_B: jax.Array) -> jax.Array:
+    """keys_S with rows rows_B[r] set to keys_B[r] (a row out of range is dropped)."""
+    return keys_S.at[rows_B].set(keys_B, mode="drop")
+
+
+@jax.jit
 def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each row's key split as generation splits its one key per step: (next keys, this step's)."""
     pairs_B2 = jax.vmap(jax.random.split)(keys_B)
@@ -309,8 +315,9 @@ class DecodeBatch:
         for r, p in enumerate(prompts):
             tokens_BT[r, :len(p)] = p
         pairs = [jax.random.split(jax.random.key(o.seed)) for o in opts]  # (key kept for decode, prefill's)
-        keys_k = jnp.stack([pair[0] for pair in pairs])
-        subs_B = jnp.stack([pair[1] for pair in pairs] + [pairs[0][1]] * (B - k))
+        pairs += [pairs[0]] * (B - k)  # every array here has B rows: shapes depend on the bucket only
+        keys_B = jnp.stack([pair[0] for pair in pairs])
+        subs_B = jnp.stack([pair[1] for pair in pairs])
         settings = [(o.temperature, o.top_k, o.top_p) for o in opts] + [(0.0, 0, 1.0)] * (B - k)
         sampling = Sampling(jnp.asarray([t for t, _, _ in settings], jnp.float32),
                             jnp.asarray([t for _, t, _ in settings], jnp.int32),
@@ -318,9 +325,9 @@ class DecodeBatch:
         # The cache holds the prompts only (their padded length); decode continues in the slots' rows.
         cache_k = self.executor.init_cache(B, cache_length(int(lengths_B.max()), 0))
         first_B, cache_k, _ = self.executor.prefill(cache_k, tokens_BT, lengths_B, subs_B, sampling)
-        rows = np.array(list(slots) + [self.token_B.shape[0]] * (B - k), np.int32)  # padding rows: dropped
-        self.cache_B = insert_rows(self.cache_B, cache_k, jnp.asarray(rows))
-        self.keys_B = self.keys_B.at[jnp.asarray(slots, jnp.int32)].set(keys_k)
+        rows = jnp.asarray(list(slots) + [self.token_B.shape[0]] * (B - k), jnp.int32)  # padding rows: dropped
+        self.cache_B = insert_rows(self.cache_B, cache_k, rows)
+        self.keys_B = set_rows(self.keys_B, keys_B, rows)
         first_B = np.asarray(first_B)
         for r, (slot, o) in enumerate(zip(slots, opts)):
             self.token_B[slot], self.pos_B[slot] = int(first_B[r]), len(prompts[r])
