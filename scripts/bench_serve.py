@@ -165,7 +165,7 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     return out
 
 
-def precompile_server_shapes(model, prompt_tokens: int, deadline: float, rounds: int = 3) -> dict:
+def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadline: float, rounds: int = 3) -> dict:
     """Compile what the server's admissions run, through its own code (DecodeBatch): a prefill of
     each batch bucket (1, 2, 4, ... max_batch rows) at the benchmark's prompt length, and the decode
     step of the slots. A server pays these compiles on first use (10-30 s each on the GPU); which
@@ -177,17 +177,23 @@ def precompile_server_shapes(model, prompt_tokens: int, deadline: float, rounds:
     from ktjax.runtime.shapes import cache_length
     from ktjax.serve.scheduler import DecodeBatch
 
+    from ktjax.runtime.shapes import batch_bucket
+
     slots = model.placement.max_batch
+    # A burst of c requests is admitted as one or two alone, then the rest: those buckets first.
+    buckets = [1] + [batch_bucket(n) for c in levels for n in (c, c - 1) if n > 0]
+    buckets += [1 << i for i in range(slots.bit_length()) if 1 << i <= slots]
+    buckets = list(dict.fromkeys(min(b, slots) for b in buckets))  # `slots` rows pad to their bucket
     context = min(model.placement.max_context, model.config.max_position_embeddings)
     batch = DecodeBatch(model, slots, cache_length(context, 0))
     batch.decode()  # as the scheduler starts: later arrays are a step's outputs (they may compile apart)
     rng = np.random.default_rng(1)
     opts = SamplingOptions(max_new_tokens=8, temperature=0.0)
     done = {}
-    k = 1
-    while k <= slots:
+    for k in buckets:
         if time.perf_counter() > deadline:
-            log(f"child: prefill of {k}+ rows not compiled ahead (startup deadline): the first such admission will")
+            log(f"child: prefills of {[b for b in buckets if b not in done]} rows not compiled ahead (startup "
+                f"deadline): the first such admission will compile them")
             break
         t = time.perf_counter()
         for _ in range(rounds):  # later rounds: the routing-dependent variants (experts' capacity) of more data
@@ -195,8 +201,8 @@ def precompile_server_shapes(model, prompt_tokens: int, deadline: float, rounds:
             batch.prefill_into(list(range(k)), prompts, [opts] * k)
             batch.decode(np.arange(slots) < k)
         done[k] = time.perf_counter() - t
-        log(f"child: server prefill of {k} rows x {prompt_tokens} tokens compiled and run in {done[k]:.1f} s")
-        k *= 2
+        log(f"child: server prefill of {k} rows x {prompt_tokens} tokens compiled and run {rounds} times in "
+            f"{done[k]:.1f} s")
     del batch
     return done
 
@@ -231,7 +237,7 @@ def child(args) -> int:
                            min(time.perf_counter() + args.engine_budget, serve_by - 90), 3 if args.smoke else 5)
     engine["engine_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    engine["server_precompile_s"] = precompile_server_shapes(model, args.prompt_tokens, serve_by - 35)
+    engine["server_precompile_s"] = precompile_server_shapes(model, args.prompt_tokens, args.concurrency, serve_by - 35)
     engine["server_precompile_seconds"] = time.perf_counter() - t
     mem = jax.devices()[0].memory_stats() or {}
     engine["device"] = jax.devices()[0].device_kind
