@@ -100,8 +100,10 @@ class Request:
 def insert_rows(cache_B: KVCache, cache_k: KVCache, slots_k: jax.Array) -> KVCache:
     """cache_B with rows slots_k[r]'s first positions replaced by row r of a smaller cache (layers,
     k, S, dim); a slot out of range (max_batch: a padding row) is dropped."""
-    return jax.tree.map(lambda big, small: big.at[:, slots_k, :small.shape[2]].set(small.astype(big.dtype), mode="drop"),
-                        cache_B, cache_k)
+    def put(big, small):
+        return big.at[:, slots_k, :small.shape[2]].set(small.astype(big.dtype), mode="drop")
+
+    return jax.tree.map(put, cache_B, cache_k)
 
 
 @jax.jit
