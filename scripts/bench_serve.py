@@ -493,11 +493,16 @@ def driver(args) -> int:
                 log(f"concurrency {c}: skipped (deadline)")
                 continue
             prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(c)]
-            t = time.perf_counter()
-            warm = asyncio.run(fire(host, port, prompts, args.warm_tokens, min(left, args.level_timeout)))
-            wm = level_metrics(warm, args.warm_tokens)
-            log(f"concurrency {c}: warm-up {wm['ok']}/{c} ok in {time.perf_counter() - t:.1f} s "
-                f"(TTFT max {fmt(wm['ttft_max_s'], 1, 2)} s){' errors: ' + str(wm['errors']) if wm['errors'] else ''}")
+            for w in range(args.warm_rounds):  # compiles what a burst of c needs (routing-dependent variants)
+                t = time.perf_counter()
+                warm = asyncio.run(fire(host, port, prompts, args.warm_tokens, min(left, args.level_timeout)))
+                wm = level_metrics(warm, args.warm_tokens)
+                log(f"concurrency {c}: warm-up {w + 1}: {wm['ok']}/{c} ok in {time.perf_counter() - t:.1f} s (TTFT max "
+                    f"{fmt(wm['ttft_max_s'], 1, 2)} s){' errors: ' + str(wm['errors']) if wm['errors'] else ''}")
+                prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(c)]
+                left = deadline - time.perf_counter() - 20
+                if left < 15:
+                    break
             left = deadline - time.perf_counter() - 20
             if left < 10:
                 log(f"concurrency {c}: measurement skipped (deadline)")
@@ -592,7 +597,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 4 16 32 (--smoke: 1 4)")
     p.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (default 32; --smoke 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default 64; --smoke 8)")
-    p.add_argument("--warm-tokens", type=int, default=4, help="new tokens per request of a level's warm-up round")
+    p.add_argument("--warm-tokens", type=int, default=4, help="new tokens per request of a level's warm-up rounds")
+    p.add_argument("--warm-rounds", type=int, default=2, help="warm-up rounds of requests before each level")
     p.add_argument("--engine-steps", type=int, default=None, help="timed engine decode steps (default 10; --smoke 3)")
     p.add_argument("--engine-budget", type=float, default=150.0, help="seconds for the engine measurements")
     p.add_argument("--startup-timeout", type=float, default=330.0,
