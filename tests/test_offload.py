@@ -191,6 +191,30 @@ def test_decode_moves_only_the_chosen_experts(ckpt):
     assert stats.decode_host_bytes_per_step == K * moe_layers * model.placement.expert_bytes
 
 
+def test_padding_and_inactive_rows_route_to_no_expert(ckpt):
+    """A prefill's padding, and in decode a serving batch's free slots (active_B False), bring in no
+    experts; the active rows' tokens are unchanged. Shapes as generate() pads a batch of 3 (compiled
+    by the tests above)."""
+    from ktjax.runtime.model import Sampling
+    ex = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL).executor
+    tokens_BT = np.zeros((4, 16), np.int32)
+    tokens_BT[:, :4] = [[5, 9, 13, 2], [3, 4, 8, 1], [40, 7, 7, 3], [11, 22, 33, 44]]
+    greedy = Sampling.of()
+    lengths_B = np.array([2, 1, 1, 1], np.int32)  # 5 tokens: not prefill-sized (which streams every expert)
+    token_B, cache, prefill = ex.prefill(ex.init_cache(4, 256), tokens_BT, lengths_B, jax.random.key(0), greedy)
+    K = ex.config.num_experts_per_tok
+    assert all(int(c.sum()) == 5 * K for c in prefill.expert_counts.values())  # the prompts' tokens, no padding
+    assert prefill.experts_fetched == sum(int((c > 0).sum()) for c in prefill.expert_counts.values())
+    pos_B = jnp.asarray(lengths_B)
+    every, _, all_stats = ex.decode(jax.tree.map(jnp.copy, cache), token_B, pos_B, jax.random.key(1), greedy)
+    one, _, one_stats = ex.decode(cache, token_B, pos_B, jax.random.key(1), greedy,
+                                  active_B=np.array([True, False, False, False]))
+    assert int(one[0]) == int(every[0])
+    moe_layers = len(ex.config.moe_layers)
+    assert one_stats.experts_fetched == K * moe_layers < all_stats.experts_fetched
+    assert all(int((c > 0).sum()) == K for c in one_stats.expert_counts.values())
+
+
 @pytest.mark.parametrize("form", offload.DECODE_FORMS)
 def test_decode_steps_reuse_their_compiled_segments(ckpt, form):
     """Steps that mix device and host experts in a layer, in any proportion, run the same programs."""
@@ -199,9 +223,10 @@ def test_decode_steps_reuse_their_compiled_segments(ckpt, form):
     model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
     segment = model.executor.segments["moe"].moe_tail if form == "fused" else experts_segment
     ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
+    ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=2)  # its prefill's variant (a prompt's own count of experts)
     compiled = segment._cache_size()
     assert compiled > 0  # the decode steps ran this form's segment
-    ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=12)
+    ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=12)  # the same prefill, then ten more decode steps
     assert segment._cache_size() == compiled
 
 

@@ -8,12 +8,14 @@ does `ktjax.generate` with a batch), and a near-tie can then pick another greedy
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -154,77 +156,83 @@ def test_chat_equals_generate_on_the_templates_prompt(client, model, hf_tokenize
     assert chunks[-1].usage.model_dump() == r.usage.model_dump()
 
 
-def test_sixteen_concurrent_streams_each_equal_their_solo_result(client, solo):
+def test_sixteen_concurrent_streams_each_equal_their_solo_result(server, client, solo):
+    before = get(server[1], "/health")["stats"]
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         texts = list(pool.map(lambda p: stream_completion(client, p)[0], PROMPTS))
     assert texts == [solo[p].text for p in PROMPTS]
+    after = get(server[1], "/health")["stats"]
+    # Admissions are batched: requests waiting at a step boundary share one prefill.
+    assert after["prefilled_requests"] - before["prefilled_requests"] == len(PROMPTS)
+    assert after["prefill_calls"] - before["prefill_calls"] < len(PROMPTS)
 
 
-def test_seeded_sampling_matches_generate_with_that_seed(client, model):
-    # top_k (an extension) given: left out, it would be the checkpoint's generation_config.json's.
-    prompt, kw = PROMPTS[2], dict(max_tokens=N, temperature=1.2, top_p=0.9, seed=7, extra_body={"top_k": 5})
-    ref = ktjax.generate(model, prompt, max_new_tokens=N, temperature=1.2, top_p=0.9, top_k=5, seed=7)
-    assert client.completions.create(model=MODEL, prompt=prompt, **kw).choices[0].text == ref.text
+def scheduler_for(model, max_batch: int, **kw):
+    from ktjax.serve.scheduler import Scheduler
+    placement = dataclasses.replace(model.placement, max_batch=max_batch, max_context=256)
+    return Scheduler(dataclasses.replace(model, placement=placement, lock=threading.Lock()), **kw)
 
 
-def test_stop_strings_across_token_boundaries(client, model, solo):
-    prompt = PROMPTS[0]
-    ref = solo[prompt]
-    tok = model.tokenizer
-    # A stop string made of the end of one token and the start of the next.
-    boundary = len(tok.decode(ref.token_ids[:3], skip_special_tokens=True))
-    stop = ref.text[boundary - 2:boundary + 2]
-    assert len(stop) == 4 and ref.text.find(stop) >= 0
-    expected = ref.text[:ref.text.find(stop)]
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0, stop=[stop, "NEVER"])
-    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
-    text, chunks = stream_completion(client, prompt, stop=stop)
-    assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
+def collect_events(scheduler, prompt_ids, max_new_tokens, **kw):
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.serve.scheduler import Request
+    events, done = [], threading.Event()
+
+    def emit(e):
+        events.append(e)
+        if e.final:
+            done.set()
+
+    request = Request(prompt_ids, SamplingOptions(max_new_tokens), emit, **kw)
+    return request, events, done
 
 
-def test_reasoning_apart_or_inline(client, model):
-    messages = [{"role": "user", "content": "Think about lists."}]
-    ref = ktjax.generate(model, chat_prompt(model, messages, thinking=True), max_new_tokens=N).text
-    kw = dict(model=MODEL, messages=messages, max_tokens=N, temperature=0,
-              extra_body={"chat_template_kwargs": {"thinking": True}})
-    apart = client.chat.completions.create(**kw)
-    message = apart.choices[0].message.model_dump()
-    # An unfinished block is all reasoning, as if it closed where the reply ends.
-    reasoning, answer = split_reasoning({"content": THINK_OPEN + ref + ("" if "</think>" in ref else "\n</think>")})
-    assert (message["reasoning_content"], message["content"]) == (reasoning, answer["content"])
-    kw["extra_body"] = {**kw["extra_body"], "separate_reasoning": False}
-    assert client.chat.completions.create(**kw).choices[0].message.content == THINK_OPEN + ref
+def test_an_idle_batch_admits_every_waiting_request_in_one_prefill(model, solo):
+    """16 requests waiting when the scheduler starts: one batched prefill (a padded batch of rows of
+    different lengths), and each request's greedy text still equals its own `ktjax.generate`."""
+    scheduler = scheduler_for(model, len(PROMPTS))
+    jobs = [collect_events(scheduler, model.tokenizer.encode(p), N) for p in PROMPTS]
+    for request, _, _ in jobs:
+        scheduler.submit(request)
+    scheduler.start()
+    try:
+        for _, _, done in jobs:
+            assert done.wait(60)
+    finally:
+        scheduler.stop()
+    assert scheduler.stats["prefill_calls"] == 1 and scheduler.stats["prefilled_requests"] == len(PROMPTS)
+    assert ["".join(e.text for e in events) for _, events, _ in jobs] == [solo[p].text for p in PROMPTS]
+    assert scheduler.stats["decoded_tokens"] == sum(len(solo[p].token_ids) - 1 for p in PROMPTS)
 
 
-def test_reasoning_splitter_matches_split_reasoning_at_any_piece_boundaries():
-    reply = "plan: sort,\nthen merge\n</think>\n\nanswer: <b>merged</b>\n"
-    reference, answer = split_reasoning({"content": THINK_OPEN + reply})
-    for size in (1, 2, 3, 5, 8, len(reply)):
-        splitter, parts = ReasoningSplitter(), []
-        for i in range(0, len(reply), size):
-            parts.append(splitter.feed(reply[i:i + size]))
-        parts.append(splitter.finish())
-        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (reference, answer["content"])
+def test_admission_while_decoding_is_bounded_by_the_prefill_budget(model):
+    from ktjax.runtime.shapes import padded_prompt_length
+    scheduler = scheduler_for(model, 8, max_prefill_tokens=4 * padded_prompt_length(5))
+    for n in (3, 5, 4, 2, 3, 40):
+        scheduler.submit(collect_events(scheduler, [7] * n, 1)[0])
+    assert scheduler._n_admit(8, decoding=False) == 6  # idle: everything that fits the slots
+    assert scheduler._n_admit(2, decoding=True) == 2  # the free slots bound it
+    assert scheduler._n_admit(8, decoding=True) == 4  # 4 rows of 16 padded tokens fit; a 5th needs 8 rows
+    scheduler.max_prefill_tokens = 1
+    assert scheduler._n_admit(8, decoding=True) == 1  # the head of the queue always goes
 
 
-def test_a_batch_samples_each_row_with_its_own_settings_and_key():
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from ktjax.runtime.sampling import sample
-
-    logits_BV = jax.random.normal(jax.random.key(0), (4, 64)) * 3
-    keys_B = jax.random.split(jax.random.key(1), 4)
-    temperature_B, top_k_B, top_p_B = jnp.array([0.0, 1.0, 1.0, 0.7]), jnp.array([0, 1, 3, 0]), jnp.ones(4)
-    sample_jit = jax.jit(sample)
-    batch_B = np.asarray(sample_jit(logits_BV, keys_B, temperature_B, top_k_B, top_p_B))
-    logits = np.asarray(logits_BV)
-    assert batch_B[0] == logits[0].argmax() and batch_B[1] == logits[1].argmax()  # greedy; top-1
-    assert batch_B[2] in np.argsort(-logits[2])[:3]
-    # Row b samples as a batch of one would with key b.
-    for b in range(4):
-        alone = sample_jit(logits_BV[b:b + 1], keys_B[b], temperature_B[b], top_k_B[b], top_p_B[b])
-        assert int(alone[0]) == int(batch_B[b])
+def test_ignore_eos_generates_through_end_of_sequence(model):
+    """A request with ignore_eos runs to max_tokens even where greedy decoding emits EOS."""
+    eos = next(iter(model.tokenizer.eos_token_ids))
+    scheduler = scheduler_for(model, len(PROMPTS))  # the shapes the test above compiled
+    scheduler._stop_ids = {t for t in range(model.config.vocab_size)}  # every token ends a normal request
+    plain, plain_events, plain_done = collect_events(scheduler, [eos, 5, 9], 6)
+    forced, forced_events, forced_done = collect_events(scheduler, [eos, 5, 9], 6, ignore_eos=True)
+    scheduler.submit(plain)
+    scheduler.submit(forced)
+    scheduler.start()
+    try:
+        assert plain_done.wait(60) and forced_done.wait(60)
+    finally:
+        scheduler.stop()
+    assert plain_events[-1].completion_tokens == 1 and plain_events[-1].finish_reason == "stop"
+    assert forced_events[-1].completion_tokens == 6 and forced_events[-1].finish_reason == "length"
 
 
 def raw_post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:

@@ -8,6 +8,8 @@ import sys
 
 from ktjax.cli.common import check_model_args, load_model, model_args
 
+DEFAULT_MAX_PREFILL_TOKENS = 2048  # ktjax.serve.scheduler's (not imported here: the parser needs no JAX)
+
 EMBEDDED_MODEL_ID = "ktjax-tiny"
 DEFAULT_MAX_BATCH = 8
 
@@ -26,6 +28,11 @@ def add_parser(sub) -> None:
                    help="require `Authorization: Bearer KEY` on /v1 requests (default: $KTJAX_API_KEY, else none)")
     s.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests that may wait for a free slot; more get HTTP 429 (default 64)")
+    s.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="while requests decode, one admission prefills at most N padded tokens (waiting prompts "
+                        "batched together; a longer single prompt still goes alone) before the next decode step "
+                        f"(default: {DEFAULT_MAX_PREFILL_TOKENS} for a model on the device; everything that fits the "
+                        "free slots for an offloaded one, whose prefill streams every host expert anyway)")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients ask for (default: the checkpoint directory's name; "
                         f"{EMBEDDED_MODEL_ID} for the embedded model)")
@@ -54,20 +61,30 @@ def run(args) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
-    import uvicorn  # imported here: the other commands need no web stack
-
-    from ktjax.serve.app import ServeConfig, create_app
-    from ktjax.serve.scheduler import Scheduler
+    if args.max_prefill_tokens is not None and args.max_prefill_tokens < 1:
+        raise ValueError(f"--max-prefill-tokens must be at least 1, got {args.max_prefill_tokens}")
+    import uvicorn  # noqa: F401  (imported first: the other commands need no web stack, this one fails early)
 
     model = load_model(args)
     if model.tokenizer is None:
         raise ValueError(f"--model {args.model}: no tokenizer files; the server needs them to read and write text")
+    return serve(model, args)
+
+
+def serve(model, args) -> int:
+    """Serve a loaded model with the options `ktjax serve` parsed (also used by scripts/bench_serve.py,
+    which builds its model in memory) until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    from ktjax.serve.app import ServeConfig, create_app
+    from ktjax.serve.scheduler import Scheduler
+
     config = ServeConfig(model_id(args), api_key=args.api_key, separate_reasoning=args.reasoning == "separate",
                          max_queue=args.max_queue)
     print(f"ktjax serve: {config.model_id} at http://{args.host}:{args.port}/v1 "
           f"({model.placement.max_batch} slots, {min(model.placement.max_context, model.config.max_position_embeddings)}"
           f" tokens of context)", file=sys.stderr)
-    scheduler = Scheduler(model, max_queue=config.max_queue)
+    scheduler = Scheduler(model, max_queue=config.max_queue, max_prefill_tokens=args.max_prefill_tokens)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -82,8 +82,10 @@ class Executor(Protocol):
         logits at its last prompt position with `key`."""
 
     def decode(self, cache: KVCache, token_B: jax.Array, pos_B: jax.Array, key: jax.Array,
-               sampling: Sampling) -> tuple[jax.Array, KVCache, StepStats]:
-        """One token per row at position pos_B; the next token of each row."""
+               sampling: Sampling, *, active_B: np.ndarray | None = None) -> tuple[jax.Array, KVCache, StepStats]:
+        """One token per row at position pos_B; the next token of each row. active_B (host bools):
+        the rows that matter; an executor may skip work for the others (offloaded: their experts are
+        not moved), whose tokens are then garbage."""
 
     def logits(self, tokens_BT: np.ndarray) -> jax.Array:
         """float32 logits [B, T, V] of a full forward pass from position 0."""

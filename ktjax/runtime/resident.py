@@ -84,7 +84,8 @@ class ResidentExecutor:
             stats.segment_seconds["prefill"] = time.perf_counter() - stats.started
         return token_B, cache, stats.finish()
 
-    def decode(self, cache, token_B, pos_B, key, sampling, *, profile: bool = False):
+    def decode(self, cache, token_B, pos_B, key, sampling, *, profile: bool = False, active_B=None):
+        """active_B: accepted for the protocol; every row is computed in the one program anyway."""
         stats = StepStats()
         token_B, cache = decode_segment(self.graphdef, self.params, cache, token_B, pos_B, key, sampling)
         if profile:

@@ -49,6 +49,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     reasoning: str | None = None  # R1-style chat: "separate" or "inline"
+    ignore_eos: bool = False
 
 
 def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | None = None) -> FastAPI:
@@ -107,7 +108,7 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
     @app.get("/health")
     async def health():
         return {"status": "ok", "active": scheduler.active, "waiting": scheduler.waiting,
-                "max_batch": scheduler.max_batch}
+                "max_batch": scheduler.max_batch, "stats": dict(scheduler.stats)}
 
     @app.get("/v1/models")
     async def list_models(request: HTTPRequest):
@@ -136,7 +137,8 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
     async def respond(request: HTTPRequest, prepared: Prepared, fmt):
         loop = asyncio.get_running_loop()
         events = Events(request)
-        job = Request(prepared.prompt_ids, prepared.opts, lambda e: loop.call_soon_threadsafe(events.put, e))
+        job = Request(prepared.prompt_ids, prepared.opts, lambda e: loop.call_soon_threadsafe(events.put, e),
+                      ignore_eos=prepared.ignore_eos)
         try:
             scheduler.submit(job)
         except QueueFull as e:
@@ -273,7 +275,8 @@ def prepare_chat(model: LoadedModel, scheduler: Scheduler, body: ChatCompletionR
     rendered_tail = model.tokenizer.decode(ids[-8:], skip_special_tokens=False)
     separate = config.separate_reasoning if body.separate_reasoning is None else body.separate_reasoning
     reasoning = ("separate" if separate else "inline") if rendered_tail.endswith(THINK_OPEN) else None
-    return Prepared(ids, sampling_options(model, body, n), body.stream, include_usage(body), reasoning)
+    return Prepared(ids, sampling_options(model, body, n), body.stream, include_usage(body), reasoning,
+                    body.ignore_eos)
 
 
 def prepare_completion(model: LoadedModel, scheduler: Scheduler, body: CompletionRequest) -> Prepared:
@@ -284,7 +287,8 @@ def prepare_completion(model: LoadedModel, scheduler: Scheduler, body: Completio
     if not ids:
         raise APIError(400, "prompt: empty (it encodes to no tokens)", param="prompt")
     n = max_new_tokens(scheduler, body.max_tokens, len(ids), 16)  # OpenAI's documented default for completions
-    return Prepared(ids, sampling_options(model, body, n), body.stream, include_usage(body))
+    return Prepared(ids, sampling_options(model, body, n), body.stream, include_usage(body),
+                    ignore_eos=body.ignore_eos)
 
 
 def include_usage(body) -> bool:

@@ -89,6 +89,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # an extension (vLLM's): -1 or 0 is off
+    ignore_eos: bool = False  # an extension (vLLM's, SGLang's): generate through end-of-sequence (benchmarks)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)

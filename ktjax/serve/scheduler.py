@@ -1,15 +1,34 @@
 """Continuous batching: one thread owns the model and steps a decode batch of fixed slots.
 
 The batch has the shape the model was loaded for (`max_batch` rows, a cache of the whole context),
-so the compiled decode step never changes as requests come and go. At each step boundary a waiting
-request takes a free slot: its prompt is prefilled alone, exactly as `ktjax.generate` prefills it
-(a batch of one, the same padded shapes and seed), and that small cache is copied into its slot's
-rows. Every decode step then advances all slots at their own positions, with their own sampling
-settings and keys (inactive rows compute a throw-away token at position 0). A request leaves its
-slot when it finishes or its client goes away.
+so the compiled decode step never changes as requests come and go. At each step boundary the
+waiting requests that fit the free slots are admitted together: their prompts are prefilled in one
+padded batch (rows of their own lengths, each sampled with its own settings and seed, as
+`ktjax.generate` would sample it alone), and that cache's rows are copied into their slots. Every
+decode step then advances all slots at their own positions, with their own sampling settings and
+keys; free rows compute a throw-away token, and an offloaded model moves no expert for them. A
+request leaves its slot when it finishes or its client goes away.
 
-One admission per step boundary while other slots decode: a new prompt's prefill delays them by one
-prefill, never by a queue of them (an idle batch admits as many as it has slots).
+While other slots decode, one admission's prefill is at most `max_prefill_tokens` padded tokens
+(batch bucket x padded prompt length; a single longer prompt still goes alone, whole): that bounds
+how long it stalls them. An idle batch admits everything that fits its slots in one prefill. The
+default bound depends on where the experts live: an offloaded model's prefill streams every host
+expert once whatever its tokens (up to the workspace the plan sized for max_batch x max_context), so
+fewer, larger admissions stall the decoding slots less often: everything that fits is admitted; a
+resident model's prefill costs its tokens, so admissions are capped at 2048 padded tokens.
+
+Not done: chunked prefill interleaved with decode. A long prompt stalls the decoding slots for its
+whole prefill. For a resident model, chunks of <= 1024 tokens between decode steps would bound that
+(the executors prefill in such chunks already; the scheduler would need an entry point that runs one
+chunk into a group's cache from a start position and samples rows whose prompt ends in it). For an
+offloaded model chunking alone would make it worse (each chunk streams every host expert again);
+what bounds the stall there is fusing the decode rows into the prefill's layer pass, so one expert
+stream serves both: an executor entry point over a mixed batch (decode rows at their positions in
+the slots' cache, prompt rows in their own).
+
+Greedy results equal `ktjax.generate`'s for the same prompt alone up to floating-point ties: a row
+of a batched prefill (or decode) computes the same values in a different batch shape, which on the
+CPU in float32 differs by ~1e-5 in the logits.
 """
 
 from __future__ import annotations
@@ -29,7 +48,9 @@ import numpy as np
 from ktjax.models import KVCache
 from ktjax.runtime.generation import Row, SamplingOptions, check_limits, stop_token_ids
 from ktjax.runtime.model import LoadedModel, Sampling
-from ktjax.runtime.shapes import cache_length, padded_prompt_length
+from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_length
+
+DEFAULT_MAX_PREFILL_TOKENS = 2048  # resident models: 32 prompts of up to 64 tokens, or 2 of 1024, per admission
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # generation's -> OpenAI's
 
@@ -61,8 +82,10 @@ class Request:
     """One generation: its prompt, options, and where its events go (`emit` is called from the
     scheduler's thread)."""
 
-    def __init__(self, prompt_ids: list[int], opts: SamplingOptions, emit: Callable[[Event], None]):
+    def __init__(self, prompt_ids: list[int], opts: SamplingOptions, emit: Callable[[Event], None], *,
+                 ignore_eos: bool = False):
         self.prompt_ids, self.opts, self.emit = prompt_ids, opts, emit
+        self.ignore_eos = ignore_eos  # generate through end-of-sequence tokens (benchmarks)
         self.cancelled = False
         self.row: Row | None = None
 
@@ -74,10 +97,19 @@ class Request:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def insert_slot(cache_B: KVCache, cache_1: KVCache, slot: jax.Array) -> KVCache:
-    """cache_B with row `slot`'s first positions replaced by a one-row cache (layers, 1, S, dim)."""
-    return jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (0, slot, 0, 0)),
-                        cache_B, cache_1)
+def insert_rows(cache_B: KVCache, cache_k: KVCache, slots_k: jax.Array) -> KVCache:
+    """cache_B with rows slots_k[r]'s first positions replaced by row r of a smaller cache (layers,
+    k, S, dim); a slot out of range (max_batch: a padding row) is dropped."""
+    def put(big, small):
+        return big.at[:, slots_k, :small.shape[2]].set(small.astype(big.dtype), mode="drop")
+
+    return jax.tree.map(put, cache_B, cache_k)
+
+
+@jax.jit
+def set_rows(keys_S: jax.Array, keys_B: jax.Array, rows_B: jax.Array) -> jax.Array:
+    """keys_S with rows rows_B[r] set to keys_B[r] (a row out of range is dropped)."""
+    return keys_S.at[rows_B].set(keys_B, mode="drop")
 
 
 @jax.jit
@@ -90,10 +122,17 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
 class Scheduler:
     """Owns the model from its own thread. submit() and cancel() may be called from any thread."""
 
-    def __init__(self, model: LoadedModel, *, max_queue: int = 64):
+    def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None):
         self.model = model
         self.max_batch = model.placement.max_batch
         self.max_queue = max_queue
+        if max_prefill_tokens is None:  # see the module's docstring
+            max_prefill_tokens = (batch_bucket(self.max_batch) * padded_prompt_length(model.placement.max_context)
+                                  if model.placement.offloaded else DEFAULT_MAX_PREFILL_TOKENS)
+        self.max_prefill_tokens = max_prefill_tokens
+        # Counters (read from any thread; written by the scheduler's): prefill calls and the
+        # requests they admitted, decode steps and the slots they advanced.
+        self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "decode_steps": 0, "decoded_tokens": 0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
@@ -180,16 +219,16 @@ class Scheduler:
                     break
                 self._drop_cancelled()
                 free = [b for b, r in enumerate(self._slots) if r is None]
-                # One prefill per step while others decode; with nobody decoding, nobody waits on them.
-                n_admit = min(len(free), len(self._waiting), 1 if len(free) < self.max_batch else len(free))
+                n_admit = self._n_admit(len(free), decoding=len(free) < self.max_batch)
                 admit = [self._waiting.popleft() for _ in range(n_admit)]
-                for request, slot in zip(admit, free):
+                slots = free[:n_admit]
+                for request, slot in zip(admit, slots):
                     self._slots[slot] = request  # taken now: submit() must not count it as free
             try:
                 with self.model.lock:
                     batch = batch or DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
-                    for request, slot in zip(admit, free):
-                        self._admit(batch, request, slot)
+                    if admit:
+                        self._admit(batch, admit, slots)
                     if any(self._slots):
                         self._step(batch)
             except Exception as e:  # a failed step fails its requests, never the server
@@ -209,12 +248,34 @@ class Scheduler:
         self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
         self._slots = [None if r is not None and r.cancelled else r for r in self._slots]
 
-    def _admit(self, batch: DecodeBatch, request: Request, slot: int) -> None:
-        request.row = Row(self.model, request.prompt_ids, request.opts, self._stop_ids)
-        self._push(slot, batch.prefill_into(slot, request.prompt_ids, request.opts))
+    def _n_admit(self, free: int, decoding: bool) -> int:
+        """How many waiting requests (from the head of the queue, in order) the next prefill takes:
+        as many as fit the free slots; while others decode, only as many as keep the padded batch
+        within max_prefill_tokens (at least one)."""
+        n = min(free, len(self._waiting))
+        if not decoding:
+            return n
+        longest = 0
+        for k in range(1, n + 1):
+            longest = max(longest, len(self._waiting[k - 1].prompt_ids))
+            if k > 1 and batch_bucket(k) * padded_prompt_length(longest) > self.max_prefill_tokens:
+                return k - 1
+        return n
+
+    def _admit(self, batch: DecodeBatch, requests: list[Request], slots: list[int]) -> None:
+        for r in requests:
+            r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
+        firsts = batch.prefill_into(slots, [r.prompt_ids for r in requests], [r.opts for r in requests])
+        self.stats["prefill_calls"] += 1
+        self.stats["prefilled_requests"] += len(requests)
+        for slot, first in zip(slots, firsts):
+            self._push(slot, first)
 
     def _step(self, batch: DecodeBatch) -> None:
-        sampled_B = batch.decode()
+        active_B = np.array([r is not None for r in self._slots])
+        sampled_B = batch.decode(active_B)
+        self.stats["decode_steps"] += 1
+        self.stats["decoded_tokens"] += int(active_B.sum())
         for b, request in enumerate(self._slots):
             if request is not None:
                 self._push(b, int(sampled_B[b]))
@@ -245,29 +306,45 @@ class DecodeBatch:
         self.top_k_B = np.zeros(max_batch, np.int32)
         self.top_p_B = np.ones(max_batch, np.float32)
 
-    def prefill_into(self, slot: int, prompt_ids: list[int], opts: SamplingOptions) -> int:
-        """Prefill a prompt as `ktjax.generate` would alone, copy its cache into `slot`; its first token."""
-        P = len(prompt_ids)
-        tokens_1T = np.zeros((1, padded_prompt_length(P)), np.int32)
-        tokens_1T[0, :P] = prompt_ids
-        key, sub = jax.random.split(jax.random.key(opts.seed))
-        sampling = Sampling.of(opts.temperature, opts.top_k, opts.top_p)
-        cache_1 = self.executor.init_cache(1, cache_length(P, opts.max_new_tokens))
-        first_1, cache_1, _ = self.executor.prefill(cache_1, tokens_1T, np.array([P], np.int32), sub, sampling)
-        self.cache_B = insert_slot(self.cache_B, cache_1, jnp.int32(slot))
-        self.keys_B = self.keys_B.at[slot].set(key)
-        first = int(np.asarray(first_1)[0])
-        self.token_B[slot], self.pos_B[slot] = first, P
-        self.temperature_B[slot], self.top_k_B[slot], self.top_p_B[slot] = opts.temperature, opts.top_k, opts.top_p
-        return first
+    def prefill_into(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> list[int]:
+        """Prefill prompts together (one padded batch, a power-of-two of rows), each row sampled as
+        `ktjax.generate` samples that prompt alone (its seed's first split, its settings); copy
+        row r's cache into slots[r]. The first token of each prompt."""
+        k = len(prompts)
+        B = batch_bucket(k)
+        lengths_B = np.array([len(p) for p in prompts] + [1] * (B - k), np.int32)
+        tokens_BT = np.zeros((B, padded_prompt_length(int(lengths_B.max()))), np.int32)
+        for r, p in enumerate(prompts):
+            tokens_BT[r, :len(p)] = p
+        pairs = [jax.random.split(jax.random.key(o.seed)) for o in opts]  # (key kept for decode, prefill's)
+        pairs += [pairs[0]] * (B - k)  # every array here has B rows: shapes depend on the bucket only
+        keys_B = jnp.stack([pair[0] for pair in pairs])
+        subs_B = jnp.stack([pair[1] for pair in pairs])
+        settings = [(o.temperature, o.top_k, o.top_p) for o in opts] + [(0.0, 0, 1.0)] * (B - k)
+        sampling = Sampling(jnp.asarray([t for t, _, _ in settings], jnp.float32),
+                            jnp.asarray([t for _, t, _ in settings], jnp.int32),
+                            jnp.asarray([t for _, _, t in settings], jnp.float32))
+        # The cache holds the prompts only (their padded length); decode continues in the slots' rows.
+        cache_k = self.executor.init_cache(B, cache_length(int(lengths_B.max()), 0))
+        first_B, cache_k, _ = self.executor.prefill(cache_k, tokens_BT, lengths_B, subs_B, sampling)
+        rows = jnp.asarray(list(slots) + [self.token_B.shape[0]] * (B - k), jnp.int32)  # padding rows: dropped
+        self.cache_B = insert_rows(self.cache_B, cache_k, rows)
+        self.keys_B = set_rows(self.keys_B, keys_B, rows)
+        first_B = np.asarray(first_B)
+        for r, (slot, o) in enumerate(zip(slots, opts)):
+            self.token_B[slot], self.pos_B[slot] = int(first_B[r]), len(prompts[r])
+            self.temperature_B[slot], self.top_k_B[slot], self.top_p_B[slot] = o.temperature, o.top_k, o.top_p
+        return [int(t) for t in first_B[:k]]
 
-    def decode(self) -> np.ndarray:
+    def decode(self, active_B: np.ndarray | None = None) -> np.ndarray:
         """One step of every row; the sampled tokens [B]. Rows then sit one position further on
-        (a free row's position is reset when a request takes it)."""
+        (a free row's position is reset when a request takes it). active_B: the rows in use (an
+        offloaded model moves no expert for the others)."""
         self.keys_B, subs_B = split_rows(self.keys_B)
         sampling = Sampling(jnp.asarray(self.temperature_B), jnp.asarray(self.top_k_B), jnp.asarray(self.top_p_B))
         sampled_B, self.cache_B, _ = self.executor.decode(self.cache_B, jnp.asarray(self.token_B),
-                                                          jnp.asarray(self.pos_B), subs_B, sampling)
+                                                          jnp.asarray(self.pos_B), subs_B, sampling,
+                                                          active_B=active_B)
         sampled_B = np.asarray(sampled_B)
         self.token_B = sampled_B.astype(np.int32)
         self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)

@@ -104,16 +104,23 @@ class OffloadedExecutor:
         """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
         stats = StepStats()
         run = Segments(stats, profile)
-        x_BTD, cache = self.forward(cache, tokens_BT, np.zeros(tokens_BT.shape[0], np.int32), stats, run)
+        lengths_B = np.asarray(lengths_B, np.int32)
+        # Padding (after each row's prompt) routes to no expert: it moves none and sets no capacity.
+        active_BT = np.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
+        x_BTD, cache = self.forward(cache, tokens_BT, np.zeros(tokens_BT.shape[0], np.int32), stats, run,
+                                    active=active_BT)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
                       np.asarray(lengths_B, np.int32) - 1, key, sampling)
         return token_B, cache, stats.finish()
 
-    def decode(self, cache, token_B, pos_B, key, sampling: Sampling, *, profile: bool = False):
+    def decode(self, cache, token_B, pos_B, key, sampling: Sampling, *, profile: bool = False,
+               active_B: np.ndarray | None = None):
+        """active_B (host bools, optional): the rows whose tokens matter. Only their experts are
+        moved and computed; other rows' outputs are garbage (a serving batch's free slots)."""
         # No eager jnp work here: each would be a separate dispatch (~0.1-0.5 ms) on the step's path.
         stats = StepStats()
         run = Segments(stats, profile)
-        x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run)
+        x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run, active=active_B)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
                       np.zeros(x_BTD.shape[0], np.int32), key, sampling)
         return token_B, cache, stats.finish()
@@ -206,9 +213,18 @@ class OffloadedExecutor:
         return out
 
     # ---- the forward pass ------------------------------------------------------------------
-    def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments):
-        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache."""
+    def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments, *,
+                active: np.ndarray | None = None):
+        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache.
+        active (host bools, [B] or [B, T]): the tokens whose routed experts count (None: all); the
+        others get none (their outputs are garbage: padding, a serving batch's free slots)."""
         cfg = self.config
+        active_N = None
+        if active is not None:
+            B, T = np.shape(tokens_BT)[0], (np.shape(tokens_BT)[1] if np.ndim(tokens_BT) == 2 else 1)
+            active_N = np.broadcast_to(np.asarray(active, bool).reshape(B, -1), (B, T)).reshape(-1)
+            if active_N.all() or not active_N.any():
+                active_N = None
         # Token ids and positions may be host arrays; they cross to the device once, here.
         x_BTD, rope, start_B = run("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         short = x_BTD.shape[1] <= QUERY_CHUNK  # attention and what follows fit one segment
@@ -229,7 +245,7 @@ class OffloadedExecutor:
                 else:
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
-                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
             groups[kind] = LayerCache(latent, rp)
         jax.block_until_ready(x_BTD)
         return x_BTD, KVCache(groups)
@@ -246,19 +262,24 @@ class OffloadedExecutor:
         return jnp.concatenate(outs, axis=1), latent, rp
 
     def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list,
-             stats: StepStats, run: Segments):
+             stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
         """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
-        experts on their paths, and the combine."""
+        experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
+        all); the others may meet a chosen expert but never bring one in."""
         cfg = self.config
         N = h_ND.shape[0]
-        everything = streams_everything(cfg, N) and self.expert_compute != "cpu"
+        n_active = N if active_N is None else int(active_N.sum())
+        if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
+            idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
+        stream_all = streams_everything(cfg, n_active)
+        everything = stream_all and self.expert_compute != "cpu"
         host = None if everything else self.host
         for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
             a.copy_to_host_async()  # queued behind the routing: no host round trip before it
         idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
         stats.routed_at.append(time.perf_counter() - stats.started)
         moved_before = stats.bytes_from_host
-        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
+        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
         stats.expert_counts[i] = counts
         if (self.decode_form == "fused" and not everything and N <= FUSED_MAX_TOKENS
                 and np.count_nonzero(counts) <= 2 * self.plan.expert_chunk):  # the workspace holds them all
@@ -274,7 +295,8 @@ class OffloadedExecutor:
             return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
 
         if host is None:
-            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared),)
+            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
+                                       stream_all=stream_all),)
         else:
             chosen = [int(e) for e in np.flatnonzero(counts)]
             hosted = [e for e in chosen if self.store.is_hosted(i, e)]
@@ -283,7 +305,8 @@ class OffloadedExecutor:
             # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
             # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
             # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
-            on_gpu = self.dispatcher.submit(self._gpu_part, i, counts, N, compute, stats, gpu_ids, run_shared)
+            on_gpu = self.dispatcher.submit(self._gpu_part, i, counts, N, compute, stats, gpu_ids, run_shared,
+                                            stream_all)
             if cpu_ids:
                 out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
                 stats.experts_on_host_cpu += len(cpu_ids)
@@ -294,13 +317,15 @@ class OffloadedExecutor:
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return run("combine", combine_segment, x_BTD, shared[0], parts)
 
-    def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared) -> tuple:
+    def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
+                  stream_all: bool | None = None) -> tuple:
         """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
         that are resident or streamed."""
         if not gpu_ids:
             run_shared()
             return ()
-        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared),)
+        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
+                                  stream_all=stream_all),)
 
     def _moe_fused(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
                    host: HostPath | None, stats: StepStats, run: Segments):
@@ -327,6 +352,12 @@ class OffloadedExecutor:
         ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
         slots += (slots[0],) * pad if slots else ()
         return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND)
+
+
+@jax.jit
+def mask_routes_segment(idx_NK: jax.Array, active_N: jax.Array, n_experts: int) -> jax.Array:
+    """Routes of inactive tokens replaced by n_experts (an id no expert has)."""
+    return jnp.where(active_N[:, None], idx_NK, n_experts).astype(idx_NK.dtype)
 
 
 def _timed(fn, *args):

@@ -78,7 +78,7 @@ class ExpertStore:
 
     def stream(self, layer: int, counts: np.ndarray, n_tokens: int, compute: Callable, acc, stats: StepStats, *,
                ids: Sequence[int] | None = None, group: int = 1, prefetched: list[Prefetch] | None = None,
-               started: Callable[[], None] | None = None):
+               started: Callable[[], None] | None = None, stream_all: bool | None = None):
         """acc = compute(acc, ids_C, experts, capacity) over the experts of `layer` that `ids` lists
         (default: every expert for a prefill-sized batch, else those routed to), in groups.
 
@@ -87,9 +87,11 @@ class ExpertStore:
         next is fetched only when that compute is done. Decode computes groups of `group` experts as
         they land; prefill whole chunks.
         prefetched: a list holding at most one `Prefetch`; taken, and refilled with the next MoE
-        layer's first chunk. started: called once the first transfer is under way.
+        layer's first chunk. started: called once the first transfer is under way. stream_all:
+        whether the chunk is prefill-sized (default: from n_tokens; the caller knows better when
+        some tokens route nowhere).
         """
-        stream_all = streams_everything(self.cfg, n_tokens)
+        stream_all = streams_everything(self.cfg, n_tokens) if stream_all is None else stream_all
         if ids is None:
             ids = range(self.cfg.n_routed_experts) if stream_all else np.flatnonzero(counts)
         chunks = self.chunks(layer, [int(e) for e in ids])
