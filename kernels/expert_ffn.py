@@ -107,8 +107,27 @@ def supported(x_CD, fmt_name: str, F: int, D: int) -> bool:
 
 # ---- in-kernel reads of the packed buffer -------------------------------------------------------------
 
-def _load(buf_ref, idx, mask):
-    return plgpu.load(buf_ref.at[idx], mask=mask, other=0) if mask is not None else buf_ref[idx]
+def _load(ref, idx, mask):
+    return plgpu.load(ref.at[idx], mask=mask, other=0) if mask is not None else ref[idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buf:
+    """One expert's bytes: a flat uint8 ref (its own buffer), or row `row` (a traced int32) of a stacked
+    [E, nbytes] ref. Indexed by byte offsets within the expert."""
+
+    ref: object
+    row: object = None
+
+    def at(self, idx):
+        return self.ref.at[idx] if self.row is None else self.ref.at[self.row, idx]
+
+    def __getitem__(self, idx):
+        return self.ref[idx] if self.row is None else self.ref[self.row, idx]
+
+
+def _bytes(buf: _Buf, idx, mask):
+    return plgpu.load(buf.at(idx), mask=mask, other=0) if mask is not None else buf[idx]
 
 
 def _and(*masks):
@@ -121,16 +140,16 @@ def _and(*masks):
 
 def _f16_at(buf_ref, idx, mask):
     """float32 of the float16 whose two bytes (little-endian) start at buf[idx]."""
-    lo = _load(buf_ref, idx, mask).astype(jnp.uint16)
-    hi = _load(buf_ref, idx + 1, mask).astype(jnp.uint16)
+    lo = _bytes(buf_ref, idx, mask).astype(jnp.uint16)
+    hi = _bytes(buf_ref, idx + 1, mask).astype(jnp.uint16)
     return lax.bitcast_convert_type(lo | (hi << 8), jnp.float16).astype(jnp.float32)
 
 
 def _f32_at(buf_ref, idx, mask):
     """The float32 whose four bytes (little-endian) start at buf[idx]."""
-    bits = _load(buf_ref, idx, mask).astype(jnp.uint32)
+    bits = _bytes(buf_ref, idx, mask).astype(jnp.uint32)
     for i in range(1, 4):
-        bits = bits | (_load(buf_ref, idx + i, mask).astype(jnp.uint32) << (8 * i))
+        bits = bits | (_bytes(buf_ref, idx + i, mask).astype(jnp.uint32) << (8 * i))
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
@@ -167,7 +186,7 @@ def _dequant_int8(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
     mask2 = _and(None if row_ok is None else row_ok[:, None], g_ok)
     mask3 = None if mask2 is None else mask2[:, :, None]
     q_idx = m.at("q") + rows[:, None, None] * m.Kp + g[None, :, None] * GROUP + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
-    q = lax.bitcast_convert_type(_load(buf_ref, q_idx, mask3), jnp.int8).astype(jnp.float32)
+    q = lax.bitcast_convert_type(_bytes(buf_ref, q_idx, mask3), jnp.int8).astype(jnp.float32)
     scale = _f16_at(buf_ref, m.at("scale") + (rows[:, None] * m.G + g[None, :]) * 2, mask2)
     return (q * scale[:, :, None]).reshape(BR, BK)
 
@@ -184,15 +203,15 @@ def _dequant_int4(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
     mask3 = None if mask2 is None else mask2[:, :, None]
     b_idx = (m.at("q") + rows[:, None, None] * (m.Kp // 2) + run[None, :, None] * (RUN // 2)
              + jnp.arange(RUN // 2, dtype=jnp.int32)[None, None, :])
-    b = _load(buf_ref, b_idx, mask3)  # uint8 [BR, nr, 32]
+    b = _bytes(buf_ref, b_idx, mask3)  # uint8 [BR, nr, 32]
     g_lo = (rows[:, None] * m.G + run[None, :] * 2)  # [BR, nr] flat index of the even group
     s_idx = rows[:, None] * (m.Kp // SUPER) + lax.div(run, SUPER // RUN)[None, :]  # super-block of both
     d = _f32_at(buf_ref, m.at("d") + s_idx * 4, mask2)
     dmin = _f32_at(buf_ref, m.at("dmin") + s_idx * 4, mask2)
     out = []
     for half in (0, 1):
-        sc = _load(buf_ref, m.at("sc") + g_lo + half, mask2).astype(jnp.float32)
-        mn = _load(buf_ref, m.at("mn") + g_lo + half, mask2).astype(jnp.float32)
+        sc = _bytes(buf_ref, m.at("sc") + g_lo + half, mask2).astype(jnp.float32)
+        mn = _bytes(buf_ref, m.at("mn") + g_lo + half, mask2).astype(jnp.float32)
         q = ((b & 15) if half == 0 else (b >> 4)).astype(jnp.float32)
         step, offset = d * sc, dmin * mn  # as GGUF: d * sc, dmin * mn in float32
         out.append((q * step[:, :, None] - offset[:, :, None]).reshape(BR, BK // 2))
@@ -235,8 +254,16 @@ def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt)
 
 # ---- kernel 1: h = silu(gate x) * up x ---------------------------------------------------------------
 
-def _gate_up_kernel(x_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt):
-    buf_refs, h_ref = refs[:K], refs[K]
+def _experts(refs, K, stacked):
+    """The K experts' byte accessors and the refs after them: (ids, stack) when stacked, else K buffers."""
+    if stacked:
+        ids_ref, stack_ref = refs[:2]
+        return [_Buf(stack_ref, ids_ref[e]) for e in range(K)], refs[2:]
+    return [_Buf(r) for r in refs[:K]], refs[K:]
+
+
+def _gate_up_kernel(x_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked):
+    buf_refs, (h_ref,) = _experts(refs, K, stacked)
     p = pl.program_id(0)
     f = p * BF + jnp.arange(BF, dtype=jnp.int32)  # rows of gate (up: F + f)
     row_ok = (f < F) if Hw != F or F % BF else None
@@ -266,8 +293,8 @@ def _gate_up_kernel(x_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt):
 
 # ---- kernel 2: acc + sum_e wt_e * down_e(h_e) --------------------------------------------------------
 
-def _down_kernel(h_ref, wt_ref, acc_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt):
-    buf_refs, o_ref = refs[:K], refs[K]
+def _down_kernel(h_ref, wt_ref, acc_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked):
+    buf_refs, (o_ref,) = _experts(refs, K, stacked)
     p = pl.program_id(0)
     r = p * BR + jnp.arange(BR, dtype=jnp.int32)  # rows of down = columns of y
     row_ok = (r < D) if D % BR else None
@@ -303,13 +330,27 @@ def _down_kernel(h_ref, wt_ref, acc_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix,
 # ---- entry point -------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("layout", "tiles", "interpret"))
-def experts_pallas(x_CD: jax.Array, bufs: tuple, wt_CK: jax.Array, acc_CD: jax.Array, *, layout,
+def experts_pallas(x_CD: jax.Array, bufs, wt_CK: jax.Array, acc_CD: jax.Array, *, layout, ids_K: jax.Array | None = None,
                    tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
-    """acc + sum_e wt[:, e] * expert_e(x), float32 [C, D], for K = len(bufs) int8/int4 experts stored as
-    `layout` (a `PackedLayout`) buffers, each expert's output rounded to x's dtype before its weight (as
-    `ktjax.experts.device.add_experts` computes it). One launch of each kernel for all K experts."""
+    """acc + sum_e wt[:, e] * expert_e(x), float32 [C, D], for K int8/int4 experts stored as `layout` (a
+    `PackedLayout`) buffers, each expert's output rounded to x's dtype before its weight (as
+    `ktjax.experts.device.add_experts` computes it). One launch of each kernel for all K experts.
+
+    bufs: a tuple of K flat uint8 buffers (K = len(bufs)), or one stacked uint8 [E, nbytes] array with
+    `ids_K` (int32 [K]) naming the K experts of the stack to compute (read in the kernels: nothing is
+    sliced out of the stack in XLA)."""
     fmt, F, D = layout.fmt, layout.F, layout.D
-    C, K = x_CD.shape[0], len(bufs)
+    stacked = ids_K is not None
+    if stacked:
+        if not (hasattr(bufs, "ndim") and bufs.ndim == 2 and bufs.shape[1] == layout.nbytes and ids_K.ndim == 1):
+            raise ValueError(f"experts_pallas: a stack must be uint8 [E, {layout.nbytes}] with ids [K]")
+        K, operands = ids_K.shape[0], (ids_K.astype(jnp.int32), bufs)
+    else:
+        bufs = tuple(bufs)
+        if any(b.shape != (layout.nbytes,) for b in bufs):
+            raise ValueError(f"experts_pallas: each buffer must be uint8 [{layout.nbytes}]")
+        K, operands = len(bufs), bufs
+    C = x_CD.shape[0]
     if fmt not in FORMATS:
         raise ValueError(f"experts_pallas: format {fmt!r} is not int8/int4")
     if x_CD.shape != (C, D) or wt_CK.shape != (C, K) or acc_CD.shape != (C, D):
@@ -323,19 +364,19 @@ def experts_pallas(x_CD: jax.Array, bufs: tuple, wt_CK: jax.Array, acc_CD: jax.A
     # h's width: every column kernel 2 reads (whole BK2 chunks of down's padded F), in whole BF row tiles.
     Hw = pl.cdiv(pl.cdiv(dn.Kp, BK2) * BK2, BF) * BF
     params = CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    bufs = tuple(bufs)
+    common = dict(K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dt=dt, stacked=stacked)
 
-    k1 = functools.partial(_gate_up_kernel, K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, gu=gu, BF=BF, BK=BK1, dt=dt)
+    k1 = functools.partial(_gate_up_kernel, gu=gu, BF=BF, BK=BK1, **common)
     h = pl.pallas_call(
         k1, grid=(Hw // BF,), out_shape=jax.ShapeDtypeStruct((K * Cp * Hw,), dt),
         compiler_params=params, interpret=interpret, name="expert_gate_up",
-    )(x_CD.reshape(-1), *bufs)
+    )(x_CD.reshape(-1), *operands)
 
-    k2 = functools.partial(_down_kernel, K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dn=dn, BR=BR2, BK=BK2, dt=dt)
+    k2 = functools.partial(_down_kernel, dn=dn, BR=BR2, BK=BK2, **common)
     out = pl.pallas_call(
         k2, grid=(pl.cdiv(D, BR2),), out_shape=jax.ShapeDtypeStruct((C * D,), jnp.float32),
         input_output_aliases={2: 0}, compiler_params=params, interpret=interpret, name="expert_down",
-    )(h, wt_CK.astype(jnp.float32).reshape(-1), acc_CD.astype(jnp.float32).reshape(-1), *bufs)
+    )(h, wt_CK.astype(jnp.float32).reshape(-1), acc_CD.astype(jnp.float32).reshape(-1), *operands)
     return out.reshape(C, D)
 
 

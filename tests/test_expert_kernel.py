@@ -51,24 +51,31 @@ def rel_err(out, ref):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
-CASES = [  # (fmt, F, D, C, K, tiles): F, D ragged against groups (32), super-blocks (256) and tiles
-    ("int8", 40, 80, 1, 1, SMALL),     # one token; D=80 -> 96 padded, F=40 -> 64 padded; masks everywhere
-    ("int8", 48, 160, 17, 2, None),    # 17 tokens -> 32; two experts in one launch; default tiles
-    ("int4", 40, 300, 1, 2, SMALL),    # D=300 -> 512 (two super-blocks), F=40 -> 256
-    ("int4", 64, 256, 5, 1, None),     # whole super-blocks, default tiles (the DeepSeek case's masks: tokens only)
+CASES = [  # (fmt, F, D, C, K, tiles, stacked): F, D ragged against groups (32), super-blocks (256) and tiles
+    ("int8", 40, 80, 1, 1, SMALL, False),   # one token; D=80 -> 96 padded, F=40 -> 64 padded; masks everywhere
+    ("int8", 48, 160, 17, 2, None, True),   # 17 tokens -> 32; two experts of a stack of 3, by id; default tiles
+    ("int4", 40, 300, 1, 2, SMALL, False),  # D=300 -> 512 (two super-blocks), F=40 -> 256; two buffers
+    ("int4", 64, 256, 5, 1, None, True),    # whole super-blocks, default tiles (the DeepSeek case's masks: tokens only)
 ]
 
 
-@pytest.mark.parametrize("fmt,F,D,C,K,tiles", CASES)
-def test_kernel_matches_numpy_dequantization(fmt, F, D, C, K, tiles):
+@pytest.mark.parametrize("fmt,F,D,C,K,tiles,stacked", CASES)
+def test_kernel_matches_numpy_dequantization(fmt, F, D, C, K, tiles, stacked):
     rng = np.random.default_rng(hash((fmt, F, D, C, K)) % 2**32)
     layout = PackedLayout(fmt, F, D)
-    bufs = [poisoned_buffer(layout, rng) for _ in range(K)]
     x = rng.standard_normal((C, D)).astype(np.float32)
     wt = rng.uniform(0.1, 1.0, (C, K)).astype(np.float32)
     acc = rng.standard_normal((C, D)).astype(np.float32)
-    out = experts_pallas(jnp.asarray(x), tuple(map(jnp.asarray, bufs)), jnp.asarray(wt), jnp.asarray(acc),
-                         layout=layout, tiles=tiles, interpret=True)
+    if stacked:  # the stack holds one more expert than the call uses; ids in reverse order
+        stack = [poisoned_buffer(layout, rng) for _ in range(K + 1)]
+        ids = list(range(K, 0, -1))
+        bufs = [stack[i] for i in ids]
+        out = experts_pallas(jnp.asarray(x), jnp.asarray(np.stack(stack)), jnp.asarray(wt), jnp.asarray(acc),
+                             layout=layout, ids_K=jnp.asarray(ids, jnp.int32), tiles=tiles, interpret=True)
+    else:
+        bufs = [poisoned_buffer(layout, rng) for _ in range(K)]
+        out = experts_pallas(jnp.asarray(x), tuple(map(jnp.asarray, bufs)), jnp.asarray(wt), jnp.asarray(acc),
+                             layout=layout, tiles=tiles, interpret=True)
     assert out.shape == (C, D) and out.dtype == jnp.float32
     assert rel_err(out, reference_np(x, bufs, layout, wt, acc)) < 2e-6
 
