@@ -80,22 +80,22 @@ def token_pad(C: int) -> int:
 
 
 def default_tiles(fmt: str, K: int, C: int, F: int, D: int) -> Tiles:
-    """Tiles for K experts and C tokens: ~16 KB of weight bytes in flight per loop step of a program (the
-    chunk shrinks as K grows, since every expert of the chunk is loaded in the same step), the x/h tile
-    Cp x BK at most 16K elements, and enough programs for ~132 SMs (F=2048: 128 programs of 16 rows;
-    D=7168: 224 programs of 32 rows)."""
+    """Tiles for K experts and C tokens. Per loop step a program dequantizes 16K weights (every expert of the
+    chunk in the same step, so the chunk shrinks as K grows): 16 KB of int8 / 8 KB of int4 bytes in flight per
+    program, and ~64 registers per thread for the bf16 weights on 4 warps. The x/h tile Cp x BK stays within
+    16K elements. Programs: F=2048 -> 128 of 16 gate+up rows, D=7168 -> 224 of 32 down rows (~132 SMs).
+    Untuned on the GPU: scripts/bench_expert_kernel.py sweeps around these."""
     Cp = token_pad(C)
-    vbytes = 1.0 if fmt == "int8" else 0.5  # bytes per weight value
     unit = RUN if fmt == "int4" else GROUP
     BF, BR2 = 16, 32
 
-    def chunk(rows_per_expert):
-        bk = int(16384 / (K * rows_per_expert * vbytes))
-        bk = min(bk, 16384 // Cp, 1024)
+    def chunk(rows_per_expert, cols):
+        bk = min(16384 // (K * rows_per_expert), 16384 // Cp, 1024,
+                 pl.next_power_of_2(-(-cols // unit) * unit))  # no wider than the (padded) row
         bk = 1 << max(bk, 1).bit_length() - 1
         return max(bk, unit, MIN_TILE)
 
-    return Tiles(BF=BF, BK1=chunk(2 * BF), BR2=BR2, BK2=chunk(BR2), num_warps=4, num_stages=3)
+    return Tiles(BF=BF, BK1=chunk(2 * BF, D), BR2=BR2, BK2=chunk(BR2, F), num_warps=4, num_stages=3)
 
 
 def supported(x_CD, fmt_name: str, F: int, D: int) -> bool:

@@ -8,11 +8,13 @@ calls it, for a full-size DeepSeek-V3 expert (D=7168, F=2048).
 
 For each format and tokens C in --tokens: one expert per call (K=1) and a layer's 8 experts in one program
 (K=8). Two times each:
-- "gpu us": R chunks chained inside one jitted program (acc threaded through, so they run in order; R x K =
-  16 distinct experts, 0.4-0.75 GB, so L2 (50 MB) never holds the next expert), divided by R: the device time
-  of one chunk, launch overhead inside a program included;
-- "call us": one jitted call per chunk, back to back, cycling through the 16 experts: what a Python-side
-  executor pays per streamed chunk (dispatch included).
+- "gpu us": R chunks chained inside one jitted program (acc threaded through, so they run in order), divided
+  by R: the device time of one chunk, launch overhead inside a program included. The chunks cycle through
+  16 distinct experts so that L2 (50 MB) never holds the next one: XLA, R unrolled chunks of separate
+  buffers (>= 200 MB in all); kernel, a `fori_loop` over the 16 experts stacked [16, nbytes], read by id in
+  the kernel (one Triton compile per shape instead of R);
+- "call us": one jitted `add_experts` call per chunk of separate buffers (the executor's form), back to back,
+  cycling through the 16 experts: what a Python-side executor pays per streamed chunk (dispatch included).
 GB/s = expert bytes (as stored) / gpu time; "of floor" = (bytes / HBM read ceiling) / gpu time, with the
 ceiling the best of a device copy (read+write bytes) and a device reduction (read bytes) measured in this run.
 
@@ -43,7 +45,8 @@ from ktjax.experts import device  # noqa: E402
 from ktjax.experts.weights import ExpertFormat  # noqa: E402
 from ktjax.kernels.expert_ffn import Tiles, default_tiles, experts_pallas  # noqa: E402
 
-N_EXPERTS = 16  # distinct experts per format: K=1 chains 16, K=8 chains 2
+N_EXPERTS = 16  # distinct experts per format (--smoke: 4)
+CHAIN_BYTES = 200e6  # the XLA chain's unrolled chunks: at least this many bytes (4x L2)
 
 
 def first_lines(e: BaseException, n: int = 8) -> str:
@@ -72,14 +75,27 @@ def hbm_ceiling(smoke: bool) -> dict:
     return {"copy_gbps": copy_gbps, "read_gbps": read_gbps, "hbm_gbps": max(copy_gbps, read_gbps)}
 
 
-def chain_fn(K: int, R: int, impl: str, N: int):
-    """One program: R chunks of K experts each, acc threaded through."""
+def chain_xla(K: int, R: int, N: int):
+    """One program: R chunks of K separate experts each through the XLA path, acc threaded through."""
     def f(h, w, idx, experts):
         acc = None
         for r in range(R):
             ids = jnp.arange(r * K, (r + 1) * K, dtype=jnp.int32)
-            acc = device.add_experts(acc, h, w, idx, ids, tuple(experts[r * K:(r + 1) * K]), capacity=N, impl=impl)
+            acc = device.add_experts(acc, h, w, idx, ids, tuple(experts[r * K:(r + 1) * K]), capacity=N,
+                                     impl="reference")
         return acc
+    return jax.jit(f)
+
+
+def chain_kernel(K: int, R: int, fmt: ExpertFormat, interpret: bool, tiles=None):
+    """One program: a fori_loop over R chunks of K experts of the stack, the routing weights computed per chunk
+    as add_experts does, acc threaded through."""
+    def f(h, w, idx, stack):
+        def body(r, acc):
+            ids = r * K + jnp.arange(K, dtype=jnp.int32)
+            wt = jnp.stack([jnp.where(idx == ids[c], w, 0).sum(-1) for c in range(K)], axis=-1).astype(jnp.float32)
+            return experts_pallas(h, stack, wt, acc, layout=fmt.packed, ids_K=ids, tiles=tiles, interpret=interpret)
+        return jax.lax.fori_loop(0, R, body, jnp.zeros(h.shape, jnp.float32))
     return jax.jit(f)
 
 
@@ -115,7 +131,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--formats", nargs="+", default=["int8", "int4"])
-    p.add_argument("--chunks", type=int, nargs="+", default=[1, 8], help="experts per program (K)")
+    p.add_argument("--chunks", type=int, nargs="+", default=[1, 8], help="experts per program (K), dividing 16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", type=int, default=1, help="1: tile sweep at C=1 after the table's timings")
     p.add_argument("--budget", type=float, default=150, help="seconds: the sweep stops past this")
@@ -126,6 +142,8 @@ def main():
     F, D = (64, 256) if args.smoke else (2048, 7168)
     tokens = [1, 4] if args.smoke else args.tokens
     reps = 2 if args.smoke else args.reps
+    E = 4 if args.smoke else N_EXPERTS
+    chunk_sizes = [1, 4] if args.smoke else args.chunks
     on_gpu = jax.default_backend() == "gpu"
     kernel_impl = "pallas" if on_gpu and not args.smoke else "interpret"
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
@@ -138,8 +156,8 @@ def main():
     rng = np.random.default_rng(0)
     for fmt_name in args.formats:
         fmt = ExpertFormat(fmt_name, F, D)
-        experts = tuple(jax.block_until_ready([random_expert(jax.random.key(100 + e), fmt)
-                                               for e in range(N_EXPERTS)]))
+        experts = tuple(jax.block_until_ready([random_expert(jax.random.key(100 + e), fmt) for e in range(E)]))
+        stack = jax.block_until_ready(jnp.stack([ex.w for ex in experts]))
         kernel_ok, why = True, ""
         try:
             err = numpy_check(fmt, experts, kernel_impl)
@@ -150,12 +168,13 @@ def main():
         except Exception as e:  # a lowering failure on the GPU: report and keep the XLA rows
             kernel_ok, why = False, "lowering/run failed: " + first_lines(e, 3).replace("\n", " | ")
             print(f"{fmt_name}: the Pallas kernel FAILED:\n{first_lines(e)}", flush=True)
-        for K in args.chunks:
-            R = N_EXPERTS // K
+        for K in chunk_sizes:
+            R = E // K
+            R_xla = R if args.smoke else min(R, max(1, -(-int(CHAIN_BYTES) // (K * fmt.nbytes))))
             for C in tokens:
                 h = jnp.asarray(rng.standard_normal((C, D)), jnp.bfloat16)
-                idx = jnp.asarray(np.stack([rng.choice(N_EXPERTS, 8, replace=False) for _ in range(C)]), jnp.int32)
-                w = jnp.asarray(rng.uniform(0.05, 0.3, (C, 8)), jnp.float32)
+                idx = jnp.asarray(np.stack([rng.choice(E, min(8, E), replace=False) for _ in range(C)]), jnp.int32)
+                w = jnp.asarray(rng.uniform(0.05, 0.3, idx.shape), jnp.float32)
                 nbytes = K * fmt.nbytes
                 row = {"fmt": fmt_name, "K": K, "C": C, "bytes": nbytes}
                 impls = ["reference"] + ([kernel_impl] if kernel_ok else [])
@@ -163,14 +182,18 @@ def main():
                 for impl in impls:
                     tag = "xla" if impl == "reference" else "kernel"
                     try:
-                        chain = chain_fn(K, R, impl, C)
-                        outs[tag] = jax.block_until_ready(chain(h, w, idx, experts))
-                        if tag == "kernel":
-                            err = rel_err(outs["kernel"], outs["xla"])
+                        if tag == "xla":
+                            chain, arg, n = chain_xla(K, R_xla, C), experts, R_xla
+                        else:
+                            chain, arg, n = chain_kernel(K, R, fmt, impl == "interpret"), stack, R
+                        outs[tag] = jax.block_until_ready(chain(h, w, idx, arg))
+                        if tag == "kernel":  # the kernel's chain against the XLA path over the same R chunks
+                            want = outs["xla"] if R_xla == R else chain_xla(K, R, C)(h, w, idx, experts)
+                            err = rel_err(outs["kernel"], want)
                             row["kernel_rel_err"] = err
                             if not err < 3e-2:
                                 raise AssertionError(f"kernel vs XLA path: rel. max error {err:.2e}")
-                        t = median_time(lambda: chain(h, w, idx, experts), reps) / R
+                        t = median_time(lambda: chain(h, w, idx, arg), reps) / n
                         call = call_fn(impl, C)
                         chunks = [(jnp.arange(r * K, (r + 1) * K, dtype=jnp.int32), experts[r * K:(r + 1) * K])
                                   for r in range(R)]
@@ -196,16 +219,19 @@ def main():
                 print("ROW " + json.dumps(row), flush=True)
         # Tile sweep: experts_pallas alone, C=1, K in chunks, a few tiles around the default.
         if args.sweep and kernel_ok:
-            for K in args.chunks:
-                R = N_EXPERTS // K
+            for K in chunk_sizes:
+                R = E // K
                 base = default_tiles(fmt_name, K, 1, F, D)
                 cands = [base, Tiles(**{**base.__dict__, "num_stages": 2}), Tiles(**{**base.__dict__, "num_warps": 8}),
                          Tiles(**{**base.__dict__, "BK1": base.BK1 * 2, "BK2": base.BK2 * 2}),
                          Tiles(**{**base.__dict__, "BK1": max(base.BK1 // 2, 64), "BK2": max(base.BK2 // 2, 64)}),
                          Tiles(**{**base.__dict__, "BF": 32, "BR2": 64}),
                          Tiles(**{**base.__dict__, "BR2": 16})]
+                if args.smoke:
+                    cands = cands[:2]
                 h = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
-                wt, acc0 = jnp.full((1, K), 0.2, jnp.float32), jnp.zeros((1, D), jnp.float32)
+                idx = jnp.asarray(rng.choice(E, (1, min(8, E)), replace=False), jnp.int32)
+                w = jnp.full(idx.shape, 0.2, jnp.float32)
                 ref = None
                 for tiles in dict.fromkeys(cands):
                     if time.perf_counter() - t_start > args.budget:
@@ -213,26 +239,20 @@ def main():
                         break
                     try:
                         tiles.check(fmt_name)
-
-                        @jax.jit
-                        def f(h, experts, tiles=tiles):
-                            acc = acc0
-                            for r in range(R):
-                                acc = experts_pallas(h, tuple(ex.w for ex in experts[r * K:(r + 1) * K]), wt, acc,
-                                                     layout=fmt.packed, tiles=tiles,
-                                                     interpret=kernel_impl == "interpret")
-                            return acc
-                        out = jax.block_until_ready(f(h, experts))
+                        f = chain_kernel(K, R, fmt, kernel_impl == "interpret", tiles)
+                        out = jax.block_until_ready(f(h, w, idx, stack))
                         ref = out if ref is None else ref
                         err = rel_err(out, ref)
-                        t = median_time(lambda: f(h, experts), reps) / R
+                        if not err < 3e-2:
+                            raise AssertionError(f"tiles {tiles}: rel. max error {err:.2e} against the default tiles")
+                        t = median_time(lambda: f(h, w, idx, stack), reps) / R
                         s = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "gpu_us": t * 1e6,
                              "gbps": K * fmt.nbytes / t / 1e9, "of_floor": K * fmt.nbytes / hbm / t, "rel_err_vs_default": err}
                     except Exception as e:
                         s = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "error": first_lines(e, 3)}
                     sweep.append(s)
                     print("SWEEP " + json.dumps(s), flush=True)
-        del experts
+        del experts, stack
 
     res = {"ceilings": ceil, "F": F, "D": D, "checks": checks, "rows": rows, "sweep": sweep,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "seconds": time.perf_counter() - t_start}
