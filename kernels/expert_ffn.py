@@ -12,15 +12,16 @@ bitcast or copied in XLA before them; a layer's chunk of K experts is K buffers,
 Two launches, whatever K:
 
 1. `_gate_up_kernel`, grid (Hw / BF,): program p owns rows [p*BF, (p+1)*BF) of gate and of up (F + rows) of
-   every expert. It loops over D in chunks of BK1: loads x[:, chunk] once (tokens masked up to Cp, a power
-   of two >= 16, so Triton's dot has M >= 16), then for each expert loads the gate and up bytes of the chunk
-   (contiguous runs of 32 bytes per group: 16-byte vector loads), their scales, dequantizes in float32 in
-   GGUF's order of operations, rounds to x's dtype and accumulates x @ w.T in float32. At the end it rounds
-   g and u to x's dtype (as the reference's matmuls do), applies silu(g) * u in float32 and writes
-   h [K, Cp, Hw] in x's dtype (padding rows/columns: zeros).
-2. `_down_kernel`, grid (cdiv(D, BR2),): program p owns rows [p*BR2, ...) of every expert's down. Same
-   loop over F (chunks of BK2) against h, then out = acc + y_0 * wt_0 + y_1 * wt_1 + ... (each y rounded to
-   x's dtype first, the reference's order) for its columns of the [C, D] float32 output (aliased to acc).
+   every expert. For each expert in turn it loops over D in chunks of BK1: loads x[:, chunk] (tokens masked
+   up to Cp, a power of two >= 16, so Triton's dot has M >= 16; from L1/L2), the gate and up bytes of the
+   chunk (contiguous runs of 32 bytes per group: Triton pipelines them as 16-byte cp.async over num_stages
+   steps), their scales, dequantizes in float32 in GGUF's order of operations, rounds to x's dtype and
+   accumulates x @ w.T in float32. After the loop it rounds g and u to x's dtype (as the reference's matmuls
+   do), applies silu(g) * u in float32 and writes h [K, Cp, Hw] in x's dtype (padding rows/columns: zeros).
+2. `_down_kernel`, grid (cdiv(D, BR2),): program p owns rows [p*BR2, ...) of every expert's down. The same
+   loop over F (chunks of BK2) against h for each expert in turn, each added as it finishes:
+   out = acc + y_0 * wt_0 + y_1 * wt_1 + ... (each y rounded to x's dtype first, the reference's order) for
+   its columns of the [C, D] float32 output (aliased to acc).
 
 Dequantization (as `quant.dequantize_*`, float32):
     int8: w = float(q) * float(f16 scale)                   (scale from its two bytes, bitcast)
@@ -80,17 +81,18 @@ def token_pad(C: int) -> int:
 
 
 def default_tiles(fmt: str, K: int, C: int, F: int, D: int) -> Tiles:
-    """Tiles for K experts and C tokens. Per loop step a program dequantizes 16K weights (every expert of the
-    chunk in the same step, so the chunk shrinks as K grows): 16 KB of int8 / 8 KB of int4 bytes in flight per
-    program, and ~64 registers per thread for the bf16 weights on 4 warps. The x/h tile Cp x BK stays within
-    16K elements. Programs: F=2048 -> 128 of 16 gate+up rows, D=7168 -> 224 of 32 down rows (~132 SMs).
+    """Tiles for K experts and C tokens (the same for every K: the experts of a chunk run one after another in
+    each program). Per loop step a program dequantizes 8K weights (8 KB of int8 / 4 KB of int4 bytes, which
+    Triton pipelines with 16-byte cp.async over num_stages steps): compiled offline with Triton 3.9 for sm_90a,
+    DeepSeek sizes, bf16, 4 warps, that is 140-170 registers and no spills, where 16K weights per step spill.
+    The x/h tile Cp x BK stays within 16K elements. Programs: F=2048 -> 128 of 16 gate+up rows, D=7168 -> 224 of 32 down rows (~132 SMs).
     Untuned on the GPU: scripts/bench_expert_kernel.py sweeps around these."""
     Cp = token_pad(C)
     unit = RUN if fmt == "int4" else GROUP
     BF, BR2 = 16, 32
 
     def chunk(rows_per_expert, cols):
-        bk = min(16384 // (K * rows_per_expert), 16384 // Cp, 1024,
+        bk = min(8192 // rows_per_expert, 16384 // Cp, 1024,
                  pl.next_power_of_2(-(-cols // unit) * unit))  # no wider than the (padded) row
         bk = 1 << max(bk, 1).bit_length() - 1
         return max(bk, unit, MIN_TILE)
@@ -270,23 +272,19 @@ def _gate_up_kernel(x_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, s
     n_k = pl.cdiv(gu.Kp, BK)
     col_mask = gu.Kp % BK != 0 or D % BK != 0
 
-    def body(i, carry):
-        k0 = i * BK
-        xt = _x_tiles(x_ref, gu.fmt, C, Cp, D, k0, BK, col_mask)
-        out = []
-        for e in range(K):
-            g_acc, u_acc = carry[2 * e], carry[2 * e + 1]
-            g_acc = g_acc + _dot_chunk(xt, buf_refs[e], gu, f, k0, BK, row_ok, col_mask, dt)
-            u_acc = u_acc + _dot_chunk(xt, buf_refs[e], gu, F + f, k0, BK, row_ok, col_mask, dt)
-            out += [g_acc, u_acc]
-        return tuple(out)
-
-    zeros = jnp.zeros((Cp, BF), jnp.float32)
-    carry = lax.fori_loop(0, n_k, body, (zeros,) * (2 * K))
     idx = jnp.arange(Cp, dtype=jnp.int32)[:, None] * Hw + f[None, :]
-    for e in range(K):
-        g = carry[2 * e].astype(dt).astype(jnp.float32)  # the reference's matmul rounds to x's dtype
-        u = carry[2 * e + 1].astype(dt).astype(jnp.float32)
+    zeros = jnp.zeros((Cp, BF), jnp.float32)
+    for e in range(K):  # experts one after another: each loop streams full-width tiles (16-byte copies)
+        def body(i, carry, buf=buf_refs[e]):
+            g_acc, u_acc = carry
+            k0 = i * BK
+            xt = _x_tiles(x_ref, gu.fmt, C, Cp, D, k0, BK, col_mask)  # small, from L1/L2 after the first expert
+            return (g_acc + _dot_chunk(xt, buf, gu, f, k0, BK, row_ok, col_mask, dt),
+                    u_acc + _dot_chunk(xt, buf, gu, F + f, k0, BK, row_ok, col_mask, dt))
+
+        g_acc, u_acc = lax.fori_loop(0, n_k, body, (zeros, zeros))
+        g = g_acc.astype(dt).astype(jnp.float32)  # the reference's matmul rounds to x's dtype
+        u = u_acc.astype(dt).astype(jnp.float32)
         h = g * jax.nn.sigmoid(g) * u  # = jax.nn.silu(g) * u (padding rows: 0)
         h_ref[idx + e * Cp * Hw] = h.astype(h_ref.dtype)
 
@@ -302,28 +300,26 @@ def _down_kernel(h_ref, wt_ref, acc_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix,
     col_mask = dn.Kp % BK != 0  # h is written zero-padded up to Hw >= n_k * BK: its loads need no mask
     c = jnp.arange(Cp, dtype=jnp.int32)
 
-    def body(i, carry):
-        k0 = i * BK
-        out = []
-        for e in range(K):
-            if dn.fmt == "int8":
-                ht = [h_ref[e * Cp * Hw + c[:, None] * Hw + k0 + jnp.arange(BK, dtype=jnp.int32)[None, :]]]
-            else:
-                base = (e * Cp * Hw + c[:, None, None] * Hw + k0 + jnp.arange(BK // RUN, dtype=jnp.int32)[None, :, None] * RUN
-                        + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :])
-                ht = [h_ref[base + half * GROUP].reshape(Cp, BK // 2) for half in (0, 1)]
-            out.append(carry[e] + _dot_chunk(ht, buf_refs[e], dn, r, k0, BK, row_ok, col_mask, dt))
-        return tuple(out)
-
-    zeros = jnp.zeros((Cp, BR), jnp.float32)
-    carry = lax.fori_loop(0, n_k, body, (zeros,) * K)
     c_ok = c < C
     mask = _and(c_ok[:, None], None if row_ok is None else row_ok[None, :])
     idx = c[:, None] * D + r[None, :]
     y = _load(acc_ref, idx, mask)
-    for e in range(K):
+    zeros = jnp.zeros((Cp, BR), jnp.float32)
+    for e in range(K):  # experts one after another, each added as soon as it is done (the reference's order)
+        def body(i, acc, e=e):
+            k0 = i * BK
+            if dn.fmt == "int8":
+                ht = [h_ref[e * Cp * Hw + c[:, None] * Hw + k0 + jnp.arange(BK, dtype=jnp.int32)[None, :]]]
+            else:
+                base = (e * Cp * Hw + c[:, None, None] * Hw + k0
+                        + jnp.arange(BK // RUN, dtype=jnp.int32)[None, :, None] * RUN
+                        + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :])
+                ht = [h_ref[base + half * GROUP].reshape(Cp, BK // 2) for half in (0, 1)]
+            return acc + _dot_chunk(ht, buf_refs[e], dn, r, k0, BK, row_ok, col_mask, dt)
+
+        acc_e = lax.fori_loop(0, n_k, body, zeros)
         wt = plgpu.load(wt_ref.at[c * K + e], mask=c_ok, other=0)  # [Cp]
-        y = y + carry[e].astype(dt).astype(jnp.float32) * wt[:, None]  # the reference's order
+        y = y + acc_e.astype(dt).astype(jnp.float32) * wt[:, None]
     plgpu.store(o_ref.at[idx], y, mask=mask)
 
 
