@@ -134,7 +134,8 @@ def main():
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 8], help="experts per program (K), dividing 16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", type=int, default=1, help="1: tile sweep at C=1 after the table's timings")
-    p.add_argument("--budget", type=float, default=150, help="seconds: the sweep stops past this")
+    p.add_argument("--budget", type=float, default=140,
+                   help="seconds: no new row or sweep point starts past this (rows run C=1 first)")
     p.add_argument("--smoke", action="store_true", help="small shapes, kernels in the Pallas interpreter")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="JSON file (or a folder for bench_expert_kernel.json)")
     args = p.parse_args()
@@ -152,8 +153,9 @@ def main():
     ceil = hbm_ceiling(args.smoke)
     print("CEILINGS " + json.dumps(ceil), flush=True)
     hbm = ceil["hbm_gbps"] * 1e9
-    rows, checks, sweep = [], {}, []
+    rows, checks, sweep, skipped = [], {}, [], []
     rng = np.random.default_rng(0)
+    state = {}  # fmt -> (ExpertFormat, experts, stack, kernel_ok, why)
     for fmt_name in args.formats:
         fmt = ExpertFormat(fmt_name, F, D)
         experts = tuple(jax.block_until_ready([random_expert(jax.random.key(100 + e), fmt) for e in range(E)]))
@@ -168,93 +170,107 @@ def main():
         except Exception as e:  # a lowering failure on the GPU: report and keep the XLA rows
             kernel_ok, why = False, "lowering/run failed: " + first_lines(e, 3).replace("\n", " | ")
             print(f"{fmt_name}: the Pallas kernel FAILED:\n{first_lines(e)}", flush=True)
+        state[fmt_name] = [fmt, experts, stack, kernel_ok, why]
+
+    # Rows in order of importance (decode: C=1 first, then the largest C), formats interleaved, so that a run cut
+    # short by --budget still has the rows that matter.
+    order = sorted(tokens, key=lambda C: (C != 1, -C))
+    plan = [(C, K, f) for C in order for K in chunk_sizes for f in args.formats]
+    for C, K, fmt_name in plan:
+        if time.perf_counter() - t_start > args.budget:
+            skipped.append(f"{fmt_name} K={K} C={C}")
+            continue
+        fmt, experts, stack, kernel_ok, why = state[fmt_name]
+        R = E // K if args.smoke else min(E // K, max(1, -(-int(CHAIN_BYTES) // (K * fmt.nbytes))))
+        h = jnp.asarray(rng.standard_normal((C, D)), jnp.bfloat16)
+        idx = jnp.asarray(np.stack([rng.choice(E, min(8, E), replace=False) for _ in range(C)]), jnp.int32)
+        w = jnp.asarray(rng.uniform(0.05, 0.3, idx.shape), jnp.float32)
+        nbytes = K * fmt.nbytes
+        row = {"fmt": fmt_name, "K": K, "C": C, "bytes": nbytes, "chain": R}
+        impls = ["reference"] + ([kernel_impl] if kernel_ok else [])
+        outs = {}
+        for impl in impls:
+            tag = "xla" if impl == "reference" else "kernel"
+            try:
+                if tag == "xla":
+                    chain, arg = chain_xla(K, R, C), experts
+                else:
+                    chain, arg = chain_kernel(K, R, fmt, impl == "interpret"), stack
+                outs[tag] = jax.block_until_ready(chain(h, w, idx, arg))
+                if tag == "kernel":  # the kernel's chain against the XLA path over the same R chunks
+                    err = rel_err(outs["kernel"], outs["xla"])
+                    row["kernel_rel_err"] = err
+                    if not err < 3e-2:
+                        raise AssertionError(f"kernel vs XLA path: rel. max error {err:.2e}")
+                t = median_time(lambda: chain(h, w, idx, arg), reps) / R
+                call = call_fn(impl, C)
+                chunks = [(jnp.arange(r * K, (r + 1) * K, dtype=jnp.int32), experts[r * K:(r + 1) * K])
+                          for r in range(E // K)]
+                jax.block_until_ready([call(h, w, idx, ids, ex) for ids, ex in chunks])
+
+                def calls():
+                    return [call(h, w, idx, ids, ex) for ids, ex in chunks]
+                tc = median_time(calls, max(2, reps // 4)) / len(chunks)
+                row[f"{tag}_gpu_us"] = t * 1e6
+                row[f"{tag}_call_us"] = tc * 1e6
+                row[f"{tag}_gbps"] = nbytes / t / 1e9
+                row[f"{tag}_of_floor"] = nbytes / hbm / t
+            except Exception as e:
+                row[f"{tag}_error"] = first_lines(e, 3).replace("\n", " | ")
+                print(f"{fmt_name} K={K} C={C} {tag}: FAILED\n{first_lines(e)}", flush=True)
+                if tag == "kernel":
+                    state[fmt_name][3:] = [False, row["kernel_error"]]
+        if not state[fmt_name][3] and "kernel_error" not in row:
+            row["kernel_error"] = state[fmt_name][4]
+        if "kernel_gpu_us" in row and "xla_gpu_us" in row:
+            row["speedup"] = row["xla_gpu_us"] / row["kernel_gpu_us"]
+        rows.append(row)
+        print("ROW " + json.dumps(row), flush=True)
+    if skipped:
+        print(f"budget ({args.budget:.0f} s) reached: skipped rows " + ", ".join(skipped), flush=True)
+
+    # Tile sweep: the kernel chain alone, C=1, a few tiles around the default, while the budget lasts.
+    for fmt_name in args.formats if args.sweep else []:
+        fmt, experts, stack, kernel_ok, why = state[fmt_name]
+        if not kernel_ok:
+            continue
         for K in chunk_sizes:
-            R = E // K
-            R_xla = R if args.smoke else min(R, max(1, -(-int(CHAIN_BYTES) // (K * fmt.nbytes))))
-            for C in tokens:
-                h = jnp.asarray(rng.standard_normal((C, D)), jnp.bfloat16)
-                idx = jnp.asarray(np.stack([rng.choice(E, min(8, E), replace=False) for _ in range(C)]), jnp.int32)
-                w = jnp.asarray(rng.uniform(0.05, 0.3, idx.shape), jnp.float32)
-                nbytes = K * fmt.nbytes
-                row = {"fmt": fmt_name, "K": K, "C": C, "bytes": nbytes}
-                impls = ["reference"] + ([kernel_impl] if kernel_ok else [])
-                outs = {}
-                for impl in impls:
-                    tag = "xla" if impl == "reference" else "kernel"
-                    try:
-                        if tag == "xla":
-                            chain, arg, n = chain_xla(K, R_xla, C), experts, R_xla
-                        else:
-                            chain, arg, n = chain_kernel(K, R, fmt, impl == "interpret"), stack, R
-                        outs[tag] = jax.block_until_ready(chain(h, w, idx, arg))
-                        if tag == "kernel":  # the kernel's chain against the XLA path over the same R chunks
-                            want = outs["xla"] if R_xla == R else chain_xla(K, R, C)(h, w, idx, experts)
-                            err = rel_err(outs["kernel"], want)
-                            row["kernel_rel_err"] = err
-                            if not err < 3e-2:
-                                raise AssertionError(f"kernel vs XLA path: rel. max error {err:.2e}")
-                        t = median_time(lambda: chain(h, w, idx, arg), reps) / n
-                        call = call_fn(impl, C)
-                        chunks = [(jnp.arange(r * K, (r + 1) * K, dtype=jnp.int32), experts[r * K:(r + 1) * K])
-                                  for r in range(R)]
-                        jax.block_until_ready([call(h, w, idx, ids, ex) for ids, ex in chunks])
+            R = E // K if args.smoke else min(E // K, max(1, -(-int(CHAIN_BYTES) // (K * fmt.nbytes))))
+            base = default_tiles(fmt_name, K, 1, F, D)
+            v = base.__dict__
+            cands = [base, Tiles(**{**v, "num_stages": 4}), Tiles(**{**v, "num_stages": 2}),
+                     Tiles(**{**v, "num_warps": 8}),
+                     Tiles(**{**v, "BK1": base.BK1 * 2, "BK2": base.BK2 * 2}),  # 16K weights per step
+                     Tiles(**{**v, "BF": 32, "BR2": 64}), Tiles(**{**v, "BR2": 16})]
+            if args.smoke:
+                cands = cands[:2]
+            h = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
+            idx = jnp.asarray(rng.choice(E, (1, min(8, E)), replace=False), jnp.int32)
+            w = jnp.full(idx.shape, 0.2, jnp.float32)
+            ref = None
+            for tiles in dict.fromkeys(cands):
+                if time.perf_counter() - t_start > args.budget:
+                    print(f"sweep {fmt_name} K={K}: budget reached", flush=True)
+                    break
+                try:
+                    tiles.check(fmt_name)
+                    f = chain_kernel(K, R, fmt, kernel_impl == "interpret", tiles)
+                    out = jax.block_until_ready(f(h, w, idx, stack))
+                    ref = out if ref is None else ref
+                    err = rel_err(out, ref)
+                    if not err < 3e-2:
+                        raise AssertionError(f"tiles {tiles}: rel. max error {err:.2e} against the default tiles")
+                    t = median_time(lambda: f(h, w, idx, stack), reps) / R
+                    s_ = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "gpu_us": t * 1e6,
+                          "gbps": K * fmt.nbytes / t / 1e9, "of_floor": K * fmt.nbytes / hbm / t,
+                          "rel_err_vs_default": err}
+                except Exception as e:
+                    s_ = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "error": first_lines(e, 3)}
+                sweep.append(s_)
+                print("SWEEP " + json.dumps(s_), flush=True)
+    del state
 
-                        def calls():
-                            return [call(h, w, idx, ids, ex) for ids, ex in chunks]
-                        tc = median_time(calls, max(2, reps // 4)) / R
-                        row[f"{tag}_gpu_us"] = t * 1e6
-                        row[f"{tag}_call_us"] = tc * 1e6
-                        row[f"{tag}_gbps"] = nbytes / t / 1e9
-                        row[f"{tag}_of_floor"] = nbytes / hbm / t
-                    except Exception as e:
-                        row[f"{tag}_error"] = first_lines(e, 3).replace("\n", " | ")
-                        print(f"{fmt_name} K={K} C={C} {tag}: FAILED\n{first_lines(e)}", flush=True)
-                        if tag == "kernel":
-                            kernel_ok, why = False, row["kernel_error"]
-                if not kernel_ok and "kernel_error" not in row:
-                    row["kernel_error"] = why
-                if "kernel_gpu_us" in row and "xla_gpu_us" in row:
-                    row["speedup"] = row["xla_gpu_us"] / row["kernel_gpu_us"]
-                rows.append(row)
-                print("ROW " + json.dumps(row), flush=True)
-        # Tile sweep: experts_pallas alone, C=1, K in chunks, a few tiles around the default.
-        if args.sweep and kernel_ok:
-            for K in chunk_sizes:
-                R = E // K
-                base = default_tiles(fmt_name, K, 1, F, D)
-                cands = [base, Tiles(**{**base.__dict__, "num_stages": 2}), Tiles(**{**base.__dict__, "num_warps": 8}),
-                         Tiles(**{**base.__dict__, "BK1": base.BK1 * 2, "BK2": base.BK2 * 2}),
-                         Tiles(**{**base.__dict__, "BK1": max(base.BK1 // 2, 64), "BK2": max(base.BK2 // 2, 64)}),
-                         Tiles(**{**base.__dict__, "BF": 32, "BR2": 64}),
-                         Tiles(**{**base.__dict__, "BR2": 16})]
-                if args.smoke:
-                    cands = cands[:2]
-                h = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
-                idx = jnp.asarray(rng.choice(E, (1, min(8, E)), replace=False), jnp.int32)
-                w = jnp.full(idx.shape, 0.2, jnp.float32)
-                ref = None
-                for tiles in dict.fromkeys(cands):
-                    if time.perf_counter() - t_start > args.budget:
-                        print("sweep: budget reached, stopping", flush=True)
-                        break
-                    try:
-                        tiles.check(fmt_name)
-                        f = chain_kernel(K, R, fmt, kernel_impl == "interpret", tiles)
-                        out = jax.block_until_ready(f(h, w, idx, stack))
-                        ref = out if ref is None else ref
-                        err = rel_err(out, ref)
-                        if not err < 3e-2:
-                            raise AssertionError(f"tiles {tiles}: rel. max error {err:.2e} against the default tiles")
-                        t = median_time(lambda: f(h, w, idx, stack), reps) / R
-                        s = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "gpu_us": t * 1e6,
-                             "gbps": K * fmt.nbytes / t / 1e9, "of_floor": K * fmt.nbytes / hbm / t, "rel_err_vs_default": err}
-                    except Exception as e:
-                        s = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "error": first_lines(e, 3)}
-                    sweep.append(s)
-                    print("SWEEP " + json.dumps(s), flush=True)
-        del experts, stack
-
-    res = {"ceilings": ceil, "F": F, "D": D, "checks": checks, "rows": rows, "sweep": sweep,
+    res = {"ceilings": ceil, "F": F, "D": D, "checks": checks, "rows": rows, "sweep": sweep, "skipped": skipped,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "seconds": time.perf_counter() - t_start}
     out = args.out if args.out.endswith(".json") else os.path.join(args.out, "bench_expert_kernel.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
