@@ -9,20 +9,22 @@ calls it, for a full-size DeepSeek-V3 expert (D=7168, F=2048).
 For each format and tokens C in --tokens: one expert per call (K=1) and a layer's 8 experts in one program
 (K=8). Two times each:
 - "gpu us": R chunks chained inside one jitted program (acc threaded through, so they run in order), divided
-  by R: the device time of one chunk, launch overhead inside a program included. The chunks cycle through
-  16 distinct experts so that L2 (50 MB) never holds the next one: XLA, R unrolled chunks of separate
-  buffers (>= 200 MB in all); kernel, a `fori_loop` over the 16 experts stacked [16, nbytes], read by id in
-  the kernel (one Triton compile per shape instead of R);
+  by R: the device time of one chunk, launch overhead inside a program included. R x K of the 16 distinct
+  experts, at least 200 MB (4x the 50 MB L2, so L2 never holds the next expert): XLA, R unrolled chunks of
+  separate buffers; kernel, a `fori_loop` over the same experts stacked [16, nbytes], read by id in the
+  kernel (one Triton compile per shape instead of R);
 - "call us": one jitted `add_experts` call per chunk of separate buffers (the executor's form), back to back,
   cycling through the 16 experts: what a Python-side executor pays per streamed chunk (dispatch included).
 GB/s = expert bytes (as stored) / gpu time; "of floor" = (bytes / HBM read ceiling) / gpu time, with the
 ceiling the best of a device copy (read+write bytes) and a device reduction (read bytes) measured in this run.
 
-Before any timing every (format, C, K) is checked on random experts: kernel against the XLA path (bf16,
-rel. max error), and once per format the kernel in float32 against float64 numpy from `quant`'s
-dequantization. If the Pallas lowering or a check fails, the error's first lines are printed and the
-kernel's rows say so; the XLA path is still timed. Then a small tile sweep (`--sweep`, within --budget s)
-times `experts_pallas` alone with other tiles at C=1. The table is printed last; JSON to --out.
+Rows run C=1 first, then the largest C; a row starts only within --budget seconds (default 120, so the whole
+run stays under 3 minutes; rows left out are listed). Before any timing every (format, C, K) is checked on
+random experts: kernel against the XLA path (bf16, rel. max error), and once per format the kernel in float32
+against float64 numpy from `quant`'s dequantization. If the Pallas lowering or a check fails, the error's
+first lines are printed and the kernel's rows say so; the XLA path is still timed. Then, if the budget has
+time left, a small tile sweep (`--sweep 1`) times the kernel chain with other tiles at C=1
+(`--tokens 1` leaves it the time). The table is printed last; JSON to --out.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def main():
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 8], help="experts per program (K), dividing 16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", type=int, default=1, help="1: tile sweep at C=1 after the table's timings")
-    p.add_argument("--budget", type=float, default=140,
+    p.add_argument("--budget", type=float, default=120,
                    help="seconds: no new row or sweep point starts past this (rows run C=1 first)")
     p.add_argument("--smoke", action="store_true", help="small shapes, kernels in the Pallas interpreter")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="JSON file (or a folder for bench_expert_kernel.json)")
