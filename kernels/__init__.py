@@ -1,5 +1,6 @@
-"""Attention kernels for MLA. `mla_decode` / `mla_prefill` take the implementation as an explicit, static
-argument `impl`, one of IMPLS:
+"""Pallas kernels: MLA attention (`mla_decode` / `mla_prefill`) and int8/int4 routed experts at decode sizes
+(`expert_ffn.experts_pallas`, chosen by `ktjax.experts.device` through `expert_path`). Each takes the
+implementation as an explicit, static argument `impl`, one of IMPLS:
 
 - "auto": the compiled Pallas kernel where it runs and pays (a GPU backend, shapes the tiles cover, and for
   decode a cache of at least DECODE_MIN_SLOTS slots), else the pure-JAX reference.
@@ -24,8 +25,10 @@ import os
 
 import jax
 
+from ktjax.kernels import expert_ffn as _expert_mod
 from ktjax.kernels import mla_decode as _decode_mod
 from ktjax.kernels import mla_prefill as _prefill_mod
+from ktjax.kernels.expert_ffn import experts_pallas
 from ktjax.kernels.mla_decode import mla_decode_pallas
 from ktjax.kernels.mla_prefill import mla_prefill_pallas
 from ktjax.kernels.reference import mla_decode_reference, mla_prefill_blocked, mla_prefill_reference
@@ -93,6 +96,13 @@ def prefill_path(q_BTHK, v_BSHV, *, impl: str | None = None) -> str:
     return _path(impl, _prefill_mod.supported(q_BTHK, v_BSHV), True, v_BSHV)
 
 
+def expert_path(x_CD, fmt_name: str, F: int, D: int, *, impl: str | None = None) -> str:
+    """The path int8/int4 routed experts take on the device for tokens x_CD: "pallas" (the fused kernels of
+    `expert_ffn`), "interpret" or "reference" (dequantize whole matrices in XLA, then matmul). The kernels
+    cover 1..MAX_TOKENS tokens (decode); "auto" takes them on a GPU."""
+    return _path(impl, _expert_mod.supported(x_CD, fmt_name, F, D), True, x_CD)
+
+
 def mla_decode(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B, *, sm_scale,
                impl: str | None = None):
     """Absorbed-form MLA decode; see `mla_decode_reference` for the contract and IMPLS for `impl`."""
@@ -114,4 +124,4 @@ def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, impl: str | None
 
 __all__ = ["mla_decode", "mla_prefill", "mla_decode_reference", "mla_prefill_reference", "mla_prefill_blocked",
            "mla_decode_pallas", "mla_prefill_pallas", "IMPLS", "DEFAULT_IMPL", "impl_from_env", "on_gpu",
-           "decode_path", "prefill_path", "DECODE_MIN_SLOTS"]
+           "decode_path", "prefill_path", "DECODE_MIN_SLOTS", "expert_path", "experts_pallas"]

@@ -50,14 +50,14 @@ def unrolled_nonzero(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts, *, capaci
     return acc_ND
 
 
-def ffn_fused(x_CD, ex):
+def ffn_fused(x_CD, ex, *, impl=None):
     """Gate and up as one [2F, D] matmul."""
     dt, f32 = x_CD.dtype, jnp.float32
     g_CF, u_CF = jnp.split(matmul("cd,fd->cf", x_CD, ex.gate_up(dt)).astype(f32), 2, axis=-1)
     return matmul("cf,df->cd", swiglu(g_CF, u_CF).astype(dt), ex.down(dt)).astype(f32)
 
 
-def ffn_separate(x_CD, ex):
+def ffn_separate(x_CD, ex, *, impl=None):
     """Gate and up as two [F, D] matmuls, each matrix dequantised alone."""
     dt, f32 = x_CD.dtype, jnp.float32
     gate, up = ex.gate_and_up(dt)

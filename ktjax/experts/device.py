@@ -1,17 +1,70 @@
 """Routed experts held apart from the model, computed on the device: a chunk of experts (resident
-or just fetched from host memory) applied to the tokens routed to them."""
+or just fetched from host memory) applied to the tokens routed to them.
+
+int8/int4 experts at decode sizes (<= `expert_ffn.MAX_TOKENS` tokens) take the fused Pallas kernels of
+`ktjax.kernels.expert_ffn` where the static `impl` says so (`ktjax.kernels.expert_path`: "auto" on a GPU,
+"pallas", "interpret"); everything else, and every backward pass, takes the XLA form below
+(`expert_ffn_reference`), which stays the reference the kernels are checked against."""
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from ktjax.experts.weights import ExpertWeights
+from ktjax import kernels
+from ktjax.experts.weights import ExpertFormat, ExpertWeights
 from ktjax.models.layers import matmul, swiglu
 
 
-def expert_ffn(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
+def _kernel_path(x_CD: jax.Array, experts, impl: str | None) -> str:
+    """"pallas" / "interpret" where the fused kernels take these experts (all of one int8/int4 format), else
+    "reference"."""
+    if not experts or any(ex.fmt != experts[0].fmt for ex in experts) or experts[0].fmt.packed is None:
+        return "reference"
+    fmt = experts[0].fmt
+    return kernels.expert_path(x_CD, fmt.name, fmt.F, fmt.D, impl=impl)
+
+
+def _weighted_reference(x_CD, bufs, wt_CK, acc_CD, fmt: ExpertFormat):
+    acc = acc_CD
+    for e, buf in enumerate(bufs):
+        acc = acc + expert_ffn_reference(x_CD, ExpertWeights(buf, None, fmt)) * wt_CK[:, e:e + 1]
+    return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_kernel(x_CD, bufs, wt_CK, acc_CD, fmt: ExpertFormat, interpret: bool):
+    """acc + sum_e expert_e(x) * wt[:, e] through the fused kernels; differentiated through the reference
+    (the kernels have no backward: training still gets exact gradients of the same function)."""
+    return kernels.experts_pallas(x_CD, tuple(bufs), wt_CK, acc_CD, layout=fmt.packed, interpret=interpret)
+
+
+def _weighted_kernel_fwd(x_CD, bufs, wt_CK, acc_CD, fmt, interpret):
+    return _weighted_kernel(x_CD, bufs, wt_CK, acc_CD, fmt, interpret), (x_CD, bufs, wt_CK, acc_CD)
+
+
+def _weighted_kernel_bwd(fmt, interpret, res, g):
+    _, vjp = jax.vjp(functools.partial(_weighted_reference, fmt=fmt), *res)
+    return vjp(g)
+
+
+_weighted_kernel.defvjp(_weighted_kernel_fwd, _weighted_kernel_bwd)
+
+
+def expert_ffn(x_CD: jax.Array, ex: ExpertWeights, *, impl: str | None = None) -> jax.Array:
+    """down(silu(gate x) * up x) as float32 (see `expert_ffn_reference`); int8/int4 experts with few tokens
+    through the fused kernels where `impl` chooses them (`ktjax.kernels.expert_path`)."""
+    path = _kernel_path(x_CD, (ex,), impl)
+    if path == "reference":
+        return expert_ffn_reference(x_CD, ex)
+    C, D = x_CD.shape
+    return _weighted_kernel(x_CD, (ex.w,), jnp.ones((C, 1), jnp.float32), jnp.zeros((C, D), jnp.float32),
+                            ex.fmt, path == "interpret")
+
+
+def expert_ffn_reference(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
     """down(silu(gate x) * up x) as float32. Matmul outputs are rounded to x's dtype, so that the
     backward's matmuls stay in it (see `layers.matmul`). Measured on the H200 (benchmarks/experts.md):
     gate and up as one matmul is faster for bf16 experts, as two for FP8 ones (each dequantised alone).
@@ -26,13 +79,15 @@ def expert_ffn(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
     return matmul("cf,df->cd", swiglu(g_CF, u_CF).astype(dt), ex.down(dt)).astype(f32)
 
 
-def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWeights, ...], *, capacity: int):
+def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWeights, ...], *, capacity: int,
+                impl: str | None = None):
     """Add the contribution of a chunk of experts (ids_C[c] uses experts[c]; id -1 is padding) to
     acc_ND (None: start from zeros).
 
     Tokens routed to each expert are gathered up to `capacity` (chosen on the host from the real
     counts, so nothing is dropped) and computed as dense matmuls; with capacity >= N every token is
-    computed, weighted.
+    computed, weighted. int8/int4 chunks at decode sizes take the fused kernels (all the chunk's experts
+    in two launches) where the static `impl` chooses them (`ktjax.kernels.expert_path`).
     """
     N, D = h_ND.shape
     K = idx_NK.shape[1]
@@ -43,9 +98,15 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
         # Decode-sized: every token goes through each expert, weighted by its routing weight (zero
         # where not routed). Same FLOPs as gathering `capacity` rows, without the dispatch's sort,
         # gathers and scatter: at batch 1 those small kernels cost more than the expert's matmuls.
+        path = _kernel_path(h_ND, experts, impl)
+        if path != "reference":
+            wt_NC = jnp.stack([jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1) for c in range(len(experts))],
+                              axis=-1).astype(jnp.float32)
+            return _weighted_kernel(h_ND, tuple(ex.w for ex in experts), wt_NC, acc_ND, experts[0].fmt,
+                                    path == "interpret")
         for c, ex in enumerate(experts):
             wt_N = jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1)
-            acc_ND = acc_ND + expert_ffn(h_ND, ex) * wt_N[:, None]
+            acc_ND = acc_ND + expert_ffn(h_ND, ex, impl=impl) * wt_N[:, None]
         return acc_ND
     # Dispatch once for the chunk: a stable sort of the N*K assignments by their expert's slot lays
     # each expert's tokens out contiguously (slot C: routed elsewhere), so each expert takes a slice.
@@ -62,10 +123,10 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
         valid_C = jnp.arange(capacity) < count_C[c]
         tok_C = jnp.where(valid_C, jax.lax.dynamic_slice_in_dim(tok_A, start_C[c], capacity), N)
         wt_C = jnp.where(valid_C, jax.lax.dynamic_slice_in_dim(w_A, start_C[c], capacity), 0.0)
-        y_CD = expert_ffn(h_pad[tok_C], ex)
+        y_CD = expert_ffn(h_pad[tok_C], ex, impl=impl)
         acc_ND = acc_ND.at[tok_C].add(y_CD * wt_C[:, None], mode="drop")
     return acc_ND
 
 
 # The compiled form, run on its own between transfers (inside another program, call add_experts).
-experts_segment = jax.jit(add_experts, static_argnames=("capacity",), donate_argnums=0)
+experts_segment = jax.jit(add_experts, static_argnames=("capacity", "impl"), donate_argnums=0)

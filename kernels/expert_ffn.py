@@ -1,0 +1,383 @@
+"""Pallas (Triton) kernels for int8/int4 routed experts at decode sizes: the weights are dequantized in
+registers, never written to HBM.
+
+An expert is one packed byte buffer (`ktjax.experts.packed.PackedLayout`): gate_up [2F, D] and down [D, F],
+each quantized along its input dimension (`ktjax.experts.quant`: int8 = Q8_0-like, int4 = Q4_K-like). The
+kernels read the buffer as it is (uint8, flat) and compute every address themselves, so nothing is sliced,
+bitcast or copied in XLA before them; a layer's chunk of K experts is K buffers, passed as K operands
+(compiled per K), or one stacked [E, nbytes] array with K ids read in the kernels.
+
+    y = acc + sum_e wt[:, e] * down_e(silu(gate_e x) * up_e x)          (x [C, D], C <= MAX_TOKENS)
+
+Two launches, whatever K:
+
+1. `_gate_up_kernel`, grid (Hw / BF,): program p owns rows [p*BF, (p+1)*BF) of gate and of up (F + rows) of
+   every expert. For each expert in turn it loops over D in chunks of BK1: loads x[:, chunk] (tokens masked
+   up to Cp, a power of two >= 16, so Triton's dot has M >= 16; from L1/L2), the gate and up bytes of the
+   chunk (contiguous runs of 32 bytes per group: Triton pipelines them as 16-byte cp.async over num_stages
+   steps), their scales, dequantizes in float32 in GGUF's order of operations, rounds to x's dtype and
+   accumulates x @ w.T in float32. After the loop it rounds g and u to x's dtype (as the reference's matmuls
+   do), applies silu(g) * u in float32 and writes h [K, Cp, Hw] in x's dtype (padding rows/columns: zeros).
+2. `_down_kernel`, grid (cdiv(D, BR2),): program p owns rows [p*BR2, ...) of every expert's down. The same
+   loop over F (chunks of BK2) against h for each expert in turn, each added as it finishes:
+   out = acc + y_0 * wt_0 + y_1 * wt_1 + ... (each y rounded to x's dtype first, the reference's order) for
+   its columns of the [C, D] float32 output (aliased to acc).
+
+Dequantization (as `quant.dequantize_*`, float32):
+    int8: w = float(q) * float(f16 scale)                   (scale from its two bytes, bitcast)
+    int4: w = float(q) * (d * float(sc)) - dmin * float(mn)  (d, dmin float32 from their four bytes)
+int4 bytes hold value l of a 64-value run in the low nibble and 32 + l in the high one, so a chunk's low
+nibbles form the even groups and the high nibbles the odd ones: the kernel dots them with the matching
+halves of x (two dots) instead of interleaving nibbles in registers.
+
+Ragged shapes: rows past R and columns past the padded width are masked (loaded as zeros, so w = 0 there);
+x's columns past D are masked, so the layout's zero padding never contributes. For DeepSeek-V3 sizes
+(F=2048, D=7168) the default tiles divide everything and no mask is compiled except the token one.
+
+Status: checked in the Pallas interpreter (tests/test_expert_kernel.py) and compiled offline for sm_90a
+(scripts/expert_kernel_ptx.py: 16-byte cp.async for the weights, mma.sync bf16, no spills); not yet run or
+tuned on the H200 (scripts/bench_expert_kernel.py measures it against the XLA path and sweeps tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ktjax.kernels.tiles import MIN_TILE, CompilerParams, dot_t, is_pow2, plgpu
+
+MAX_TOKENS = 64  # the kernels are for decode: more tokens per expert take the XLA path (a real GEMM)
+FORMATS = ("int8", "int4")
+GROUP, SUPER, RUN = 32, 256, 64  # quant.GROUP, quant.SUPER; int4 bytes come in runs of 64 values
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and Triton launch parameters. BF: rows of gate/up per program (kernel 1), BK1: D per loop
+    step; BR2: rows of down per program (kernel 2), BK2: F per loop step. All powers of two, >= 16;
+    BK1/BK2 >= 64 for int4 (whole runs)."""
+
+    BF: int = 16
+    BK1: int = 256
+    BR2: int = 32
+    BK2: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def check(self, fmt: str):
+        for name in ("BF", "BK1", "BR2", "BK2"):
+            v = getattr(self, name)
+            if not (is_pow2(v) and v >= MIN_TILE):
+                raise ValueError(f"Tiles.{name}={v}: must be a power of two >= {MIN_TILE}")
+        unit = RUN if fmt == "int4" else GROUP
+        if self.BK1 < unit or self.BK2 < unit:
+            raise ValueError(f"Tiles.BK1/BK2 must be >= {unit} for {fmt}")
+
+
+def token_pad(C: int) -> int:
+    """Tokens as the kernels compute them: a power of two >= 16 (Triton's dot needs M >= 16)."""
+    return max(MIN_TILE, pl.next_power_of_2(C))
+
+
+def default_tiles(fmt: str, K: int, C: int, F: int, D: int) -> Tiles:
+    """Tiles for K experts and C tokens (the same for every K: the experts of a chunk run one after another in
+    each program). Per loop step a program dequantizes 8K weights (8 KB of int8 / 4 KB of int4 bytes, which
+    Triton pipelines with 16-byte cp.async over num_stages steps): compiled offline with Triton 3.9 for sm_90a,
+    DeepSeek sizes, bf16, 4 warps, that is 140-170 registers and no spills, where 16K weights per step spill.
+    The x/h tile Cp x BK stays within 16K elements. Programs: F=2048 -> 128 of 16 gate+up rows, D=7168 -> 224 of 32 down rows (~132 SMs).
+    Untuned on the GPU: scripts/bench_expert_kernel.py sweeps around these."""
+    Cp = token_pad(C)
+    unit = RUN if fmt == "int4" else GROUP
+    BF, BR2 = 16, 32
+
+    def chunk(rows_per_expert, cols):
+        bk = min(8192 // rows_per_expert, 16384 // Cp, 1024,
+                 pl.next_power_of_2(-(-cols // unit) * unit))  # no wider than the (padded) row
+        bk = 1 << max(bk, 1).bit_length() - 1
+        return max(bk, unit, MIN_TILE)
+
+    return Tiles(BF=BF, BK1=chunk(2 * BF, D), BR2=BR2, BK2=chunk(BR2, F), num_warps=4, num_stages=3)
+
+
+def supported(x_CD, fmt_name: str, F: int, D: int) -> bool:
+    """Whether the kernels cover this call: a Triton backend in this jax, int8/int4, 1..MAX_TOKENS tokens,
+    x in a float dtype, D matching the experts."""
+    return (plgpu is not None and fmt_name in FORMATS and x_CD.ndim == 2 and 1 <= x_CD.shape[0] <= MAX_TOKENS
+            and x_CD.shape[1] == D and x_CD.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and F >= 1)
+
+
+# ---- in-kernel reads of the packed buffer -------------------------------------------------------------
+
+def _load(ref, idx, mask):
+    return plgpu.load(ref.at[idx], mask=mask, other=0) if mask is not None else ref[idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buf:
+    """One expert's bytes: a flat uint8 ref (its own buffer), or row `row` (a traced int32) of a stacked
+    [E, nbytes] ref. Indexed by byte offsets within the expert."""
+
+    ref: object
+    row: object = None
+
+    def at(self, idx):
+        return self.ref.at[idx] if self.row is None else self.ref.at[self.row, idx]
+
+    def __getitem__(self, idx):
+        return self.ref[idx] if self.row is None else self.ref[self.row, idx]
+
+
+def _bytes(buf: _Buf, idx, mask):
+    return plgpu.load(buf.at(idx), mask=mask, other=0) if mask is not None else buf[idx]
+
+
+def _and(*masks):
+    out = None
+    for m in masks:
+        if m is not None:
+            out = m if out is None else out & m
+    return out
+
+
+def _f16_at(buf_ref, idx, mask):
+    """float32 of the float16 whose two bytes (little-endian) start at buf[idx]."""
+    lo = _bytes(buf_ref, idx, mask).astype(jnp.uint16)
+    hi = _bytes(buf_ref, idx + 1, mask).astype(jnp.uint16)
+    return lax.bitcast_convert_type(lo | (hi << 8), jnp.float16).astype(jnp.float32)
+
+
+def _f32_at(buf_ref, idx, mask):
+    """The float32 whose four bytes (little-endian) start at buf[idx]."""
+    bits = _bytes(buf_ref, idx, mask).astype(jnp.uint32)
+    for i in range(1, 4):
+        bits = bits | (_bytes(buf_ref, idx + i, mask).astype(jnp.uint32) << (8 * i))
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Matrix:
+    """Where one quantized matrix lies in an expert's buffer (static): rows R, padded columns Kp, the byte
+    offsets of its arrays."""
+
+    fmt: str
+    R: int
+    Kp: int
+    off: tuple  # (name, offset) pairs
+
+    @property
+    def G(self) -> int:
+        return self.Kp // GROUP
+
+    def at(self, name: str) -> int:
+        return dict(self.off)[name]
+
+
+def _matrix(layout, name: str) -> _Matrix:
+    m = layout.matrices[name]
+    offs = tuple((a, off) for (mn, a), (off, _, _) in layout.sections.items() if mn == name)
+    return _Matrix(layout.fmt, m.rows, m.padded_cols, offs)
+
+
+def _dequant_int8(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
+    """float32 [BR, BK]: rows `rows` (int32 [BR]) of an int8 matrix, columns [k0, k0 + BK)."""
+    BR = rows.shape[0]
+    ng = BK // GROUP
+    g = lax.div(k0, GROUP) + jnp.arange(ng, dtype=jnp.int32)  # [ng] global group index
+    g_ok = (g < m.G)[None, :] if col_mask else None
+    mask2 = _and(None if row_ok is None else row_ok[:, None], g_ok)
+    mask3 = None if mask2 is None else mask2[:, :, None]
+    q_idx = m.at("q") + rows[:, None, None] * m.Kp + g[None, :, None] * GROUP + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
+    q = lax.bitcast_convert_type(_bytes(buf_ref, q_idx, mask3), jnp.int8).astype(jnp.float32)
+    scale = _f16_at(buf_ref, m.at("scale") + (rows[:, None] * m.G + g[None, :]) * 2, mask2)
+    return (q * scale[:, :, None]).reshape(BR, BK)
+
+
+def _dequant_int4(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
+    """float32 ([BR, BK/2], [BR, BK/2]): the even groups (low nibbles) and odd groups (high nibbles) of rows
+    `rows` of an int4 matrix, columns [k0, k0 + BK): column k0 + 64 r + j (+ 32) is [.., 32 r + j] of the
+    low (high) half."""
+    BR = rows.shape[0]
+    nr = BK // RUN
+    run = lax.div(k0, RUN) + jnp.arange(nr, dtype=jnp.int32)  # [nr] global run index
+    r_ok = (run * 2 < m.G)[None, :] if col_mask else None
+    mask2 = _and(None if row_ok is None else row_ok[:, None], r_ok)
+    mask3 = None if mask2 is None else mask2[:, :, None]
+    b_idx = (m.at("q") + rows[:, None, None] * (m.Kp // 2) + run[None, :, None] * (RUN // 2)
+             + jnp.arange(RUN // 2, dtype=jnp.int32)[None, None, :])
+    b = _bytes(buf_ref, b_idx, mask3)  # uint8 [BR, nr, 32]
+    g_lo = (rows[:, None] * m.G + run[None, :] * 2)  # [BR, nr] flat index of the even group
+    s_idx = rows[:, None] * (m.Kp // SUPER) + lax.div(run, SUPER // RUN)[None, :]  # super-block of both
+    d = _f32_at(buf_ref, m.at("d") + s_idx * 4, mask2)
+    dmin = _f32_at(buf_ref, m.at("dmin") + s_idx * 4, mask2)
+    out = []
+    for half in (0, 1):
+        sc = _bytes(buf_ref, m.at("sc") + g_lo + half, mask2).astype(jnp.float32)
+        mn = _bytes(buf_ref, m.at("mn") + g_lo + half, mask2).astype(jnp.float32)
+        q = ((b & 15) if half == 0 else (b >> 4)).astype(jnp.float32)
+        step, offset = d * sc, dmin * mn  # as GGUF: d * sc, dmin * mn in float32
+        out.append((q * step[:, :, None] - offset[:, :, None]).reshape(BR, BK // 2))
+    return out
+
+
+def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
+    """x's tokens (padded to Cp with zeros) at columns [k0, k0 + BK) of its D (zeros past D), arranged as
+    the weights' tiles are: int8 one [Cp, BK] tile, int4 (low-half, high-half) [Cp, BK/2] tiles."""
+    c = jnp.arange(Cp, dtype=jnp.int32)
+    c_ok = (c < C) if Cp != C else None
+    if fmt == "int8":
+        cols = k0 + jnp.arange(BK, dtype=jnp.int32)
+        mask = _and(None if c_ok is None else c_ok[:, None], (cols < D)[None, :] if col_mask else None)
+        idx = c[:, None] * D + cols[None, :]
+        return [_load(x_ref, idx, mask)]
+    nr = BK // RUN
+    out = []
+    for half in (0, 1):
+        cols = (k0 + jnp.arange(nr, dtype=jnp.int32)[:, None] * RUN + half * GROUP
+                + jnp.arange(GROUP, dtype=jnp.int32)[None, :])  # [nr, 32]
+        mask = _and(None if c_ok is None else c_ok[:, None, None], (cols < D)[None] if col_mask else None)
+        idx = c[:, None, None] * D + cols[None]
+        out.append(_load(x_ref, idx, mask).reshape(Cp, BK // 2))
+    return out
+
+
+def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt):
+    """sum over the chunk of x @ w.T, float32 [Cp, BR], with w rounded to dt first (as the reference does)."""
+    if m.fmt == "int8":
+        ws = [_dequant_int8(buf_ref, m, rows, k0, BK, row_ok, col_mask)]
+    else:
+        ws = _dequant_int4(buf_ref, m, rows, k0, BK, row_ok, col_mask)
+    acc = None
+    for xt, w in zip(x_tiles, ws):
+        y = dot_t(xt, w.astype(dt))
+        acc = y if acc is None else acc + y
+    return acc
+
+
+# ---- kernel 1: h = silu(gate x) * up x ---------------------------------------------------------------
+
+def _experts(refs, K, stacked):
+    """The K experts' byte accessors and the refs after them: (ids, stack) when stacked, else K buffers."""
+    if stacked:
+        ids_ref, stack_ref = refs[:2]
+        return [_Buf(stack_ref, ids_ref[e]) for e in range(K)], refs[2:]
+    return [_Buf(r) for r in refs[:K]], refs[K:]
+
+
+def _gate_up_kernel(x_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked):
+    buf_refs, (h_ref,) = _experts(refs, K, stacked)
+    p = pl.program_id(0)
+    f = p * BF + jnp.arange(BF, dtype=jnp.int32)  # rows of gate (up: F + f)
+    row_ok = (f < F) if Hw != F or F % BF else None
+    n_k = pl.cdiv(gu.Kp, BK)
+    col_mask = gu.Kp % BK != 0 or D % BK != 0
+
+    idx = jnp.arange(Cp, dtype=jnp.int32)[:, None] * Hw + f[None, :]
+    zeros = jnp.zeros((Cp, BF), jnp.float32)
+    for e in range(K):  # experts one after another: each loop streams full-width tiles (16-byte copies)
+        def body(i, carry, buf=buf_refs[e]):
+            g_acc, u_acc = carry
+            k0 = i * BK
+            xt = _x_tiles(x_ref, gu.fmt, C, Cp, D, k0, BK, col_mask)  # small, from L1/L2 after the first expert
+            return (g_acc + _dot_chunk(xt, buf, gu, f, k0, BK, row_ok, col_mask, dt),
+                    u_acc + _dot_chunk(xt, buf, gu, F + f, k0, BK, row_ok, col_mask, dt))
+
+        g_acc, u_acc = lax.fori_loop(0, n_k, body, (zeros, zeros))
+        g = g_acc.astype(dt).astype(jnp.float32)  # the reference's matmul rounds to x's dtype
+        u = u_acc.astype(dt).astype(jnp.float32)
+        h = g * jax.nn.sigmoid(g) * u  # = jax.nn.silu(g) * u (padding rows: 0)
+        h_ref[idx + e * Cp * Hw] = h.astype(h_ref.dtype)
+
+
+# ---- kernel 2: acc + sum_e wt_e * down_e(h_e) --------------------------------------------------------
+
+def _down_kernel(h_ref, wt_ref, acc_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked):
+    buf_refs, (o_ref,) = _experts(refs, K, stacked)
+    p = pl.program_id(0)
+    r = p * BR + jnp.arange(BR, dtype=jnp.int32)  # rows of down = columns of y
+    row_ok = (r < D) if D % BR else None
+    n_k = pl.cdiv(dn.Kp, BK)
+    col_mask = dn.Kp % BK != 0  # h is written zero-padded up to Hw >= n_k * BK: its loads need no mask
+    c = jnp.arange(Cp, dtype=jnp.int32)
+
+    c_ok = c < C
+    mask = _and(c_ok[:, None], None if row_ok is None else row_ok[None, :])
+    idx = c[:, None] * D + r[None, :]
+    y = _load(acc_ref, idx, mask)
+    zeros = jnp.zeros((Cp, BR), jnp.float32)
+    for e in range(K):  # experts one after another, each added as soon as it is done (the reference's order)
+        def body(i, acc, e=e):
+            k0 = i * BK
+            if dn.fmt == "int8":
+                ht = [h_ref[e * Cp * Hw + c[:, None] * Hw + k0 + jnp.arange(BK, dtype=jnp.int32)[None, :]]]
+            else:
+                base = (e * Cp * Hw + c[:, None, None] * Hw + k0
+                        + jnp.arange(BK // RUN, dtype=jnp.int32)[None, :, None] * RUN
+                        + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :])
+                ht = [h_ref[base + half * GROUP].reshape(Cp, BK // 2) for half in (0, 1)]
+            return acc + _dot_chunk(ht, buf_refs[e], dn, r, k0, BK, row_ok, col_mask, dt)
+
+        acc_e = lax.fori_loop(0, n_k, body, zeros)
+        wt = plgpu.load(wt_ref.at[c * K + e], mask=c_ok, other=0)  # [Cp]
+        y = y + acc_e.astype(dt).astype(jnp.float32) * wt[:, None]
+    plgpu.store(o_ref.at[idx], y, mask=mask)
+
+
+# ---- entry point -------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("layout", "tiles", "interpret"))
+def experts_pallas(x_CD: jax.Array, bufs, wt_CK: jax.Array, acc_CD: jax.Array, *, layout, ids_K: jax.Array | None = None,
+                   tiles: Tiles | None = None, interpret: bool = False) -> jax.Array:
+    """acc + sum_e wt[:, e] * expert_e(x), float32 [C, D], for K int8/int4 experts stored as `layout` (a
+    `PackedLayout`) buffers, each expert's output rounded to x's dtype before its weight (as
+    `ktjax.experts.device.add_experts` computes it). One launch of each kernel for all K experts.
+
+    bufs: a tuple of K flat uint8 buffers (K = len(bufs)), or one stacked uint8 [E, nbytes] array with
+    `ids_K` (int32 [K]) naming the K experts of the stack to compute (read in the kernels: nothing is
+    sliced out of the stack in XLA)."""
+    fmt, F, D = layout.fmt, layout.F, layout.D
+    stacked = ids_K is not None
+    if stacked:
+        if not (hasattr(bufs, "ndim") and bufs.ndim == 2 and bufs.shape[1] == layout.nbytes and ids_K.ndim == 1):
+            raise ValueError(f"experts_pallas: a stack must be uint8 [E, {layout.nbytes}] with ids [K]")
+        K, operands = ids_K.shape[0], (ids_K.astype(jnp.int32), bufs)
+    else:
+        bufs = tuple(bufs)
+        if any(b.shape != (layout.nbytes,) for b in bufs):
+            raise ValueError(f"experts_pallas: each buffer must be uint8 [{layout.nbytes}]")
+        K, operands = len(bufs), bufs
+    C = x_CD.shape[0]
+    if fmt not in FORMATS:
+        raise ValueError(f"experts_pallas: format {fmt!r} is not int8/int4")
+    if x_CD.shape != (C, D) or wt_CK.shape != (C, K) or acc_CD.shape != (C, D):
+        raise ValueError(f"experts_pallas: shapes x {x_CD.shape}, wt {wt_CK.shape}, acc {acc_CD.shape} for D={D}, K={K}")
+    tiles = tiles or default_tiles(fmt, K, C, F, D)
+    tiles.check(fmt)
+    dt = x_CD.dtype
+    Cp = token_pad(C)
+    gu, dn = _matrix(layout, "gate_up"), _matrix(layout, "down")
+    BF, BK1, BR2, BK2 = tiles.BF, tiles.BK1, tiles.BR2, tiles.BK2
+    # h's width: every column kernel 2 reads (whole BK2 chunks of down's padded F), in whole BF row tiles.
+    Hw = pl.cdiv(pl.cdiv(dn.Kp, BK2) * BK2, BF) * BF
+    params = CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    common = dict(K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dt=dt, stacked=stacked)
+
+    k1 = functools.partial(_gate_up_kernel, gu=gu, BF=BF, BK=BK1, **common)
+    h = pl.pallas_call(
+        k1, grid=(Hw // BF,), out_shape=jax.ShapeDtypeStruct((K * Cp * Hw,), dt),
+        compiler_params=params, interpret=interpret, name="expert_gate_up",
+    )(x_CD.reshape(-1), *operands)
+
+    k2 = functools.partial(_down_kernel, dn=dn, BR=BR2, BK=BK2, **common)
+    out = pl.pallas_call(
+        k2, grid=(pl.cdiv(D, BR2),), out_shape=jax.ShapeDtypeStruct((C * D,), jnp.float32),
+        input_output_aliases={2: 0}, compiler_params=params, interpret=interpret, name="expert_down",
+    )(h, wt_CK.astype(jnp.float32).reshape(-1), acc_CD.astype(jnp.float32).reshape(-1), *operands)
+    return out.reshape(C, D)
+
+
+__all__ = ["experts_pallas", "supported", "default_tiles", "token_pad", "Tiles", "MAX_TOKENS", "FORMATS"]

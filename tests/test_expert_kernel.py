@@ -1,0 +1,142 @@
+"""The fused int8/int4 expert kernels (`ktjax.kernels.expert_ffn`) in the Pallas interpreter, against a
+float64 numpy reference built from `quant`'s numpy dequantization and against the XLA path
+(`ktjax.experts.device`), with random inputs, ragged shapes (D and F not whole groups / super-blocks / tiles),
+one and several tokens, one and several experts per launch.
+
+The buffers' alignment gaps are poisoned with 0xFF (a NaN as float16 or float32): a read outside the
+arrays shows up as NaN; so does any element of h or of the output that the kernels forget to write (the
+interpreter fills outputs with NaN, checked in test_kernels.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax import kernels
+from ktjax.experts import device
+from ktjax.experts.packed import PackedLayout
+from ktjax.experts.weights import ExpertFormat, packed_expert
+from ktjax.kernels.expert_ffn import MAX_TOKENS, Tiles, default_tiles, experts_pallas
+
+SMALL = Tiles(BF=16, BK1=64, BR2=16, BK2=64)  # several loop steps and row tiles even on tiny shapes
+
+
+def poisoned_buffer(layout: PackedLayout, rng) -> np.ndarray:
+    F, D = layout.F, layout.D
+    mats = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((F, D), (F, D), (D, F))]
+    buf = np.array(layout.pack(*mats))
+    end = 0
+    for offset, dtype, shape in layout.sections.values():
+        buf[end:offset] = 0xFF  # alignment gaps: never read
+        end = offset + dtype.itemsize * int(np.prod(shape))
+    return buf
+
+
+def reference_np(x, bufs, layout, wt, acc):
+    """acc + sum_e wt[:, e] * down(silu(gate x) * up x) in float64 from quant's numpy dequantization."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(acc, np.float64).copy()
+    F = layout.F
+    for e, buf in enumerate(bufs):
+        gu, dn = layout.dequantize(buf)
+        g, u = x @ gu[:F].T, x @ gu[F:].T
+        y += ((g / (1 + np.exp(-g)) * u) @ dn.T) * np.asarray(wt, np.float64)[:, e:e + 1]
+    return y
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    assert not np.isnan(out).any(), "NaN in the kernel's output (a read outside the arrays, or an unwritten element)"
+    return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+CASES = [  # (fmt, F, D, C, K, tiles, stacked): F, D ragged against groups (32), super-blocks (256) and tiles
+    ("int8", 40, 80, 1, 1, SMALL, False),   # one token; D=80 -> 96 padded, F=40 -> 64 padded; masks everywhere
+    ("int8", 48, 160, 17, 2, None, True),   # 17 tokens -> 32; two experts of a stack of 3, by id; default tiles
+    ("int4", 40, 300, 1, 2, SMALL, False),  # D=300 -> 512 (two super-blocks), F=40 -> 256; two buffers
+    ("int4", 64, 256, 5, 1, None, True),    # whole super-blocks, default tiles (the DeepSeek case's masks: tokens only)
+]
+
+
+@pytest.mark.parametrize("fmt,F,D,C,K,tiles,stacked", CASES)
+def test_kernel_matches_numpy_dequantization(fmt, F, D, C, K, tiles, stacked):
+    rng = np.random.default_rng(hash((fmt, F, D, C, K)) % 2**32)
+    layout = PackedLayout(fmt, F, D)
+    x = rng.standard_normal((C, D)).astype(np.float32)
+    wt = rng.uniform(0.1, 1.0, (C, K)).astype(np.float32)
+    acc = rng.standard_normal((C, D)).astype(np.float32)
+    if stacked:  # the stack holds one more expert than the call uses; ids in reverse order
+        stack = [poisoned_buffer(layout, rng) for _ in range(K + 1)]
+        ids = list(range(K, 0, -1))
+        bufs = [stack[i] for i in ids]
+        out = experts_pallas(jnp.asarray(x), jnp.asarray(np.stack(stack)), jnp.asarray(wt), jnp.asarray(acc),
+                             layout=layout, ids_K=jnp.asarray(ids, jnp.int32), tiles=tiles, interpret=True)
+    else:
+        bufs = [poisoned_buffer(layout, rng) for _ in range(K)]
+        out = experts_pallas(jnp.asarray(x), tuple(map(jnp.asarray, bufs)), jnp.asarray(wt), jnp.asarray(acc),
+                             layout=layout, tiles=tiles, interpret=True)
+    assert out.shape == (C, D) and out.dtype == jnp.float32
+    assert rel_err(out, reference_np(x, bufs, layout, wt, acc)) < 2e-6
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_add_experts_kernel_path_matches_the_xla_path(fmt):
+    """The wiring: `experts_segment` (add_experts' decode branch, compiled, acc donated) and expert_ffn with
+    impl="interpret" against impl="reference", bf16 activations (weights rounded to bf16 before the dots,
+    outputs rounded per matmul, as the model computes), routing to some experts of the chunk and not others;
+    and (int8) the gradients training takes through add_experts."""
+    rng = np.random.default_rng(7 if fmt == "int8" else 8)
+    F, D, N = 40, 300, 3
+    fmt_ = ExpertFormat(fmt, F, D)
+    experts = tuple(packed_expert(jnp.asarray(poisoned_buffer(fmt_.packed, rng)), fmt_) for _ in range(2))
+    h = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+    idx = jnp.asarray([[3, 5], [5, 9], [1, 2]], jnp.int32)  # expert 3 only token 0; 5 tokens 0, 1; token 2 none
+    w = jnp.asarray(rng.uniform(0.1, 1.0, (N, 2)), jnp.float32)
+    ids = jnp.asarray([5, 3], jnp.int32)
+    acc = np.asarray(rng.standard_normal((N, D)), np.float32)
+
+    ref = device.experts_segment(jnp.asarray(acc), h, w, idx, ids, experts, capacity=N, impl="reference")
+    got = device.experts_segment(jnp.asarray(acc), h, w, idx, ids, experts, capacity=N, impl="interpret")
+    assert rel_err(got, np.asarray(ref, np.float64)) < 1e-2  # bf16 outputs; f32 sums in another order
+    np.testing.assert_array_equal(np.asarray(got)[2], acc[2])  # routed to none of the chunk
+    # expert_ffn alone (K=1, no weights)
+    y_ref = device.expert_ffn(h, experts[0], impl="reference")
+    y = device.expert_ffn(h, experts[0], impl="interpret")
+    assert rel_err(y, np.asarray(y_ref, np.float64)) < 1e-2
+    if fmt == "int4":
+        return
+
+    # Gradients: the kernel path's backward is the reference's.
+    def loss(h, w, impl):
+        return (device.add_experts(None, h, w, idx, ids, experts, capacity=N, impl=impl) ** 2).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    g_ref, g = grad(h, w, "reference"), grad(h, w, "interpret")
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, np.asarray(b, np.float64)) < 2e-2
+
+
+def test_paths():
+    x1 = jnp.zeros((1, 64), jnp.bfloat16)
+    many = jnp.zeros((MAX_TOKENS + 1, 64), jnp.bfloat16)
+    on_gpu = jax.default_backend() == "gpu"
+    assert kernels.expert_path(x1, "int8", 32, 64, impl="auto") == ("pallas" if on_gpu else "reference")
+    assert kernels.expert_path(x1, "int4", 32, 64, impl="interpret") == "interpret"
+    assert kernels.expert_path(x1, "int4", 32, 64, impl="pallas") == "pallas"
+    assert kernels.expert_path(x1, "int4", 32, 64, impl="reference") == "reference"
+    assert kernels.expert_path(many, "int8", 32, 64, impl="pallas") == "reference"  # prefill: XLA's GEMM
+    assert kernels.expert_path(x1, "fp8", 32, 64, impl="pallas") == "reference"
+    assert kernels.expert_path(x1, "bf16", 32, 64, impl="pallas") == "reference"
+    assert kernels.expert_path(x1, "int8", 32, 128, impl="pallas") == "reference"  # x's D is not the experts'
+
+
+def test_default_tiles_cover_deepseek_sizes_without_column_masks():
+    """DeepSeek-V3 (F=2048, D=7168): chunks divide D and F, programs fill ~132 SMs, tiles are powers of two."""
+    for fmt in ("int8", "int4"):
+        for K in (1, 2, 4, 8):
+            for C in (1, 8, 16, 32, 64):
+                t = default_tiles(fmt, K, C, 2048, 7168)
+                t.check(fmt)
+                assert 7168 % t.BK1 == 0 and 2048 % t.BK2 == 0 and 2048 % t.BF == 0
+                assert 2048 // t.BF >= 128 and -(-7168 // t.BR2) >= 132
