@@ -123,6 +123,8 @@ class LoadedModel:
         where = (f"{len(plan.host_experts)} of {len(plan.host_experts) + len(plan.device_experts)} experts in host "
                  f"memory" if plan.offloaded else "all on the device")
         adapter = ", LoRA adapter" if self.adapter is not None else ""
+        if plan.devices > 1:
+            where += f", experts split over {plan.devices} devices"
         return (f"LoadedModel({self.path or 'in memory'}: {cfg.model_type}, {cfg.num_hidden_layers} layers, "
                 f"{cfg.n_routed_experts} experts/layer as {plan.expert_format.name}, {jnp.dtype(self.dtype).name}, "
                 f"{where}, {fmt_bytes(plan.device_bytes)} on the device{adapter})")
