@@ -173,8 +173,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
 def offload_on_mesh_error(plan: placing.PlacementPlan, fmt: str, dtype, expert_compute: str) -> str:
     """Why this several-device load needs the offloaded executor, which runs on one device only."""
     if plan.offloaded:
-        why = (f"{len(plan.host_experts)} routed experts do not fit the devices' gpu_memory and would live in host "
-               "memory")
+        why = f"{len(plan.host_experts)} routed experts would live in host memory (gpu_memory or placement rules)"
     elif expert_compute == "cpu":
         why = "expert_compute='cpu' computes experts on the host"
     else:

@@ -155,9 +155,9 @@ class PlacementPlan:
             rows.append(("training_activations", DEVICE, self.training_bytes))
         if self.devices > 1:  # core rows are on every device; the experts' total is over all of them
             rows = [(g, "each device" if kind == DEVICE else kind, b) for g, kind, b in rows]
-        lines = [f"{'group':<28}{'memory':<14}{'bytes':>14}"]
-        lines += [f"{g:<28}{kind:<14}{fmt_bytes(b):>14}" for g, kind, b in rows]
-        lines.append(f"{'device total':<28}{'':<14}{fmt_bytes(self.device_bytes):>14}"
+        lines = [f"{'group':<32}{'memory':<14}{'bytes':>14}"]
+        lines += [f"{g:<32}{kind:<14}{fmt_bytes(b):>14}" for g, kind, b in rows]
+        lines.append(f"{'device total':<32}{'':<14}{fmt_bytes(self.device_bytes):>14}"
                      + (" on each device (the fullest)" if self.devices > 1 else "")
                      + (f"  of {fmt_bytes(self.budget)} budget" if self.budget else ""))
         if n_host:
