@@ -123,8 +123,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         in pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
     devices, mesh: split the routed experts over the first `devices` devices, or over the `expert`
         axis of a jax.sharding.Mesh (expert parallelism: device d owns a contiguous block of E/n
-        experts per layer; core parameters and KV cache replicated on each). Needs every expert in
-        device memory in the model dtype for now (the offloaded executor runs on one device).
+        experts per layer; core parameters and KV cache replicated on each; host experts stream to
+        the device that owns them: the host-CPU path and hot_experts are single-device for now).
     placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
     max_batch, max_context: the largest generation the KV cache and workspace are sized for;
         generation refuses larger ones.
@@ -152,11 +152,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         graphdef, params = load_params(path, cfg, dtype, progress=progress, attention=attention, expert_mesh=xmesh,
                                        sharding=sharding)
         executor = ResidentExecutor(cfg, graphdef, params, attention=attention, mesh=xmesh)
-    elif xmesh is not None:
-        raise placing.PlacementError(offload_on_mesh_error(plan, fmt.name, dtype, expert_compute))
     else:
         executor = load_offloaded(path, cfg, dtype, plan, progress=progress, attention=attention,
-                                  expert_compute=expert_compute)
+                                  expert_compute=expert_compute, mesh=xmesh)
         if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
             # The split's cost model, measured once per machine and format as decode steps use the paths.
             executor = executor.with_rates(cached_rates(fmt.name, executor.measure_rates))
@@ -168,18 +166,6 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model
-
-
-def offload_on_mesh_error(plan: placing.PlacementPlan, fmt: str, dtype, expert_compute: str) -> str:
-    """Why this several-device load needs the offloaded executor, which runs on one device only."""
-    if plan.offloaded:
-        why = f"{len(plan.host_experts)} routed experts would live in host memory (gpu_memory or placement rules)"
-    elif expert_compute == "cpu":
-        why = "expert_compute='cpu' computes experts on the host"
-    else:
-        why = f"experts kept as {fmt}, not the model dtype {np.dtype(dtype).name}"
-    return (f"devices={plan.devices}: {why}; several devices run only with every routed expert in device memory in "
-            f"the model dtype (the offloaded executor is single-device for now)")
 
 
 def quantize(path: str | os.PathLike | None = None, *, experts: str, output: str | os.PathLike,

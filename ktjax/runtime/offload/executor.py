@@ -5,6 +5,11 @@ Each MoE layer's chosen experts take one of three paths: resident on the device 
 streamed over the link and computed on the GPU, or, for int8/int4 experts, computed on the host
 CPU where they live (`HostPath`); `scheduler.split` divides a step's host experts between the last
 two so both finish together. Prefill-sized batches stream whole layers instead.
+
+Over several devices (a mesh with an `expert` axis, `ktjax.runtime.mesh`), the core parameters and
+the cache are replicated and every segment runs on every device; each device streams and computes
+the chosen experts it owns from its own `ExpertStore` (its resident experts, and its host experts
+in pinned memory behind it), and one program sums the devices' shares (an all-reduce).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from ktjax.experts.device import experts_segment
 from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
+from ktjax.models.moe import EXPERT_AXIS
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure, split
 from ktjax.runtime.offload.segments import (LayerSegments, combine_segment, embed_segment, head_segment,
                                             logits_segment)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, streams_everything
+from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
 
@@ -53,26 +60,36 @@ class OffloadedExecutor:
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
     expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`).
     decode_group: streamed experts computed per program in decode (1: each as soon as it lands;
-    more: fewer launches, each waiting for its group's transfers)."""
+    more: fewer launches, each waiting for its group's transfers). mesh: the expert mesh the core
+    arrays are replicated over and the experts split over (None: one device); experts then live on
+    (or behind) their owner's device."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
-                 rates: PathRates | None = None, decode_group: int = 1):
+                 rates: PathRates | None = None, decode_group: int = 1, mesh: jax.sharding.Mesh | None = None):
         if expert_compute not in MODES:
             raise ValueError(f"expert_compute={expert_compute!r}: use one of {', '.join(MODES)}")
         fmt = plan.expert_format
         if expert_compute == "cpu" and not fmt.host_computable:
             raise ValueError(f"expert_compute='cpu' needs int8 or int4 experts, not {fmt.name} "
                              "(load with experts='int8' or 'int4')")
+        if mesh is not None and expert_compute == "cpu":
+            raise ValueError(f"expert_compute='cpu' on {plan.devices} devices: several devices stream their host "
+                             "experts to the GPU that owns them (use 'gpu' or 'auto')")
         self.config, self.plan, self.attention = config, plan, attention
         self._dtype = jnp.dtype(dtype)
         self.top, self.layers = top, layers
         self.segments = {k: LayerSegments(layer_structure(config, k, dtype, attention=attention, with_experts=False)[0],
                                           config) for k in set(config.layer_kinds)}
-        self.store = ExpertStore(config, plan, experts, jax.devices()[0])
+        self.mesh = mesh
+        self.devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+        self.stores = [ExpertStore(config, plan, owned_by(experts, plan, d), device)
+                       for d, device in enumerate(self.devices)]
+        self.store = self.stores[0]
         self.expert_compute = expert_compute
-        hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts}
-        self.host = HostPath(fmt, hosted) if fmt.host_computable and hosted and expert_compute != "gpu" else None
+        # The host-CPU path serves one device: over several, host experts stream to their owner.
+        with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
+        self.host = HostPath(fmt, {(i, e): self.store.experts[i][e] for i, e in plan.host_experts}) if with_host else None
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
@@ -90,7 +107,8 @@ class OffloadedExecutor:
 
     # ---- the executor protocol -------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.zeros(self.config, batch, max_len, self._dtype)
+        cache = KVCache.zeros(self.config, batch, max_len, self._dtype)
+        return cache if self.mesh is None else jax.device_put(cache, replicated(self.mesh))
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling, *, profile: bool = False):
         """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
@@ -165,6 +183,8 @@ class OffloadedExecutor:
     def with_placement(self, plan: PlacementPlan) -> OffloadedExecutor:
         """This model with its experts moved where another plan (same format) puts them: experts
         leaving the device go to host memory first, so device memory never holds both sets."""
+        if self.mesh is not None:
+            raise ValueError("moving experts between device and host memory (hot_experts) is single-device for now")
         old = self.plan
         leaving = sorted(old.device_experts & plan.host_experts)
         arriving = sorted(old.host_experts & plan.device_experts)
@@ -239,6 +259,8 @@ class OffloadedExecutor:
              stats: StepStats, run: Segments):
         """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
         experts on their paths, and the combine."""
+        if self.mesh is not None:
+            return self._moe_over_devices(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, stats, run)
         cfg = self.config
         N = h_ND.shape[0]
         everything = streams_everything(cfg, N) and self.expert_compute != "cpu"
@@ -280,6 +302,36 @@ class OffloadedExecutor:
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return run("combine", combine_segment, x_BTD, shared[0], parts)
 
+    def _moe_over_devices(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, stats: StepStats,
+                          run: Segments):
+        """The MoE block of layer i on several devices: each device streams and computes the chosen
+        experts it owns on its own copy of the tokens; the combine sums the devices' shares.
+        (No prefetch of the next layer across devices yet: each layer's first chunk waits for routing.)"""
+        cfg = self.config
+        N, D = h_ND.shape
+        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
+        stats.routed_at.append(time.perf_counter() - stats.started)
+        moved_before = stats.bytes_from_host
+        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
+        stats.expert_counts[i] = counts
+        shared_ND = run("shared_expert", seg.shared, state, h_ND)
+        every = streams_everything(cfg, N)
+        shares = []
+        for d, (device, store) in enumerate(zip(self.devices, self.stores)):
+            owned = [e for e in range(cfg.n_routed_experts) if self.plan.owner(e) == d and (every or counts[e])]
+            local = [shard_on(a, device) for a in (h_ND, w_NK, idx_NK)]
+
+            def compute(acc, ids_C, slots, capacity, local=local):
+                return run("experts", experts_segment, acc, *local, ids_C, slots, capacity=capacity)
+
+            share = store.stream(i, counts, N, compute, None, stats, ids=owned, group=self.decode_group) if owned \
+                else None
+            shares.append(jnp.zeros((N, D), jnp.float32, device=device) if share is None else share)
+        stats.link_bytes.append(stats.bytes_from_host - moved_before)
+        split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(EXPERT_AXIS))
+        stacked = jax.make_array_from_single_device_arrays((len(shares) * N, D), split, shares)
+        return run("combine", combine_shares_segment, x_BTD, shared_ND, stacked)
+
     def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared) -> tuple:
         """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
         that are resident or streamed."""
@@ -288,6 +340,24 @@ class OffloadedExecutor:
             return ()
         return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
                                   group=self.decode_group),)
+
+
+def owned_by(experts: dict[int, list[ExpertWeights]], plan: PlacementPlan, device: int) -> dict[int, list]:
+    """The experts `device` owns (None in the slots of other devices' experts)."""
+    return {i: [ex if plan.owner(e) == device else None for e, ex in enumerate(slots)] for i, slots in experts.items()}
+
+
+def shard_on(a: jax.Array, device: jax.Device) -> jax.Array:
+    """The copy of a replicated array that lives on `device` (no transfer)."""
+    return next(s.data for s in a.addressable_shards if s.device == device)
+
+
+@jax.jit
+def combine_shares_segment(x_BTD, shared_ND, shares_nND):
+    """x + shared + the routed experts' f32 shares of the n devices (stacked [n * N, D], split over the
+    expert axis): summing the split axis is the all-reduce."""
+    N, D = shared_ND.shape
+    return combine_segment(x_BTD, shared_ND, (shares_nND.reshape(-1, N, D).sum(0),))
 
 
 def _timed(fn, *args):
