@@ -17,8 +17,13 @@ import ktjax
 from ktjax.runtime import resident
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
-# How each run's model is loaded: one device (the ordinary path), the shard_map over one device, two and four.
-RUNS = {"single": {}, "mesh1": "mesh1", "devices2": dict(devices=2), "devices4": dict(devices=4)}
+# Experts 0-4 in host memory, 5-7 on the device: on 4 devices, device 0 and 1 own host experts only,
+# device 2 one of each, device 3 resident ones only.
+SOME_HOST = {r"model\.layers\.\d+\.mlp\.experts\.[0-4]": "host"}
+# How each run's model is loaded: one device (the ordinary path), the resident executor's shard_map
+# over one, two and four devices, and the offloaded executor on two and four.
+RUNS = {"single": {}, "mesh1": "mesh1", "devices2": dict(devices=2), "devices4": dict(devices=4),
+        "offload2": dict(devices=2, placement=ALL_HOST), "offload4": dict(devices=4, placement=SOME_HOST)}
 
 
 def load(path: str, run) -> ktjax.LoadedModel:
@@ -41,14 +46,22 @@ def decode_logits(model, tokens: np.ndarray, prompt: int) -> np.ndarray:
 
 
 def expert_shards(model) -> list[list[int]]:
-    """Per addressable shard of layer-stacked gate_proj [L, E, F, D]: device id, first expert, count."""
-    leaf = model.executor.params["moe_layers"]["mlp"]["experts"]["gate_proj"][...]
-    return [[s.device.id, s.index[1].start or 0, s.data.shape[1]] for s in leaf.addressable_shards]
+    """Resident: per addressable shard of layer-stacked gate_proj [L, E, F, D]: device id, first
+    expert, count. Offloaded: per store (one per device) and expert it holds: store, layer, expert,
+    device id of its array, 1 if in pinned host memory."""
+    ex = model.executor
+    if not hasattr(ex, "stores"):
+        leaf = ex.params["moe_layers"]["mlp"]["experts"]["gate_proj"][...]
+        return [[s.device.id, s.index[1].start or 0, s.data.shape[1]] for s in leaf.addressable_shards]
+    return [[d, i, e, w.w.sharding.device_set.pop().id, int(w.w.sharding.memory_kind == "pinned_host")]
+            for d, store in enumerate(ex.stores) for i, slots in store.experts.items()
+            for e, w in enumerate(slots) if w is not None]
 
 
 def core_shards(model) -> list[list[int]]:
     """Per addressable shard of the embedding: device id and rows held (all of them when replicated)."""
-    leaf = model.executor.params["embed_tokens"][...]
+    ex = model.executor
+    leaf = ex.top["embed_tokens"] if hasattr(ex, "top") else ex.params["embed_tokens"][...]
     return [[s.device.id, s.data.shape[0]] for s in leaf.addressable_shards]
 
 
@@ -77,8 +90,7 @@ def errors(path: str) -> dict[str, str]:
         "no_expert_axis": error_line(path, mesh=Mesh(devs[:2], ("data",))),
         "other_axis": error_line(path, mesh=Mesh(devs.reshape(2, 2), ("data", "expert"))),
         "both": error_line(path, devices=2, mesh=Mesh(devs[:2], ("expert",))),
-        "offloaded": error_line(path, devices=2, placement=ALL_HOST),
-        "quantized": error_line(path, devices=2, experts="int8"),
+        "host_cpu": error_line(path, devices=2, experts="int8", expert_compute="cpu"),
     }
 
 
@@ -90,7 +102,9 @@ def main(path: str, out: str) -> None:
         model = load(path, run)
         results[f"{name}/prefill"] = np.asarray(ktjax.logits(model, tokens))
         results[f"{name}/decode"] = decode_logits(model, tokens, 4)
-        results[f"{name}/greedy"] = np.asarray(ktjax.generate(model, prompt, max_new_tokens=8).token_ids)
+        generated = ktjax.generate(model, prompt, max_new_tokens=8)
+        results[f"{name}/greedy"] = np.asarray(generated.token_ids)
+        results[f"{name}/streamed_per_step"] = generated.stats.decode_experts_per_step["link"]
         results[f"{name}/expert_shards"] = np.asarray(expert_shards(model))
         results[f"{name}/core_shards"] = np.asarray(core_shards(model))
         results[f"{name}/plan_devices"] = model.placement.devices

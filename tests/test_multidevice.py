@@ -17,7 +17,8 @@ from ktjax.cli.main import main
 from reference import make_reference, reference_greedy, reference_logits, save_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MULTI = ("mesh1", "devices2", "devices4")  # the shard_map over 1, 2 and 4 devices (see the worker's RUNS)
+# The resident executor's shard_map over 1, 2 and 4 devices, the offloaded executor on 2 and 4 (the worker's RUNS).
+MULTI = ("mesh1", "devices2", "devices4", "offload2", "offload4")
 
 
 def rel_err(a, ref):
@@ -73,6 +74,18 @@ def test_each_device_holds_only_its_own_block_of_experts_and_all_of_the_core(run
     assert int(runs[f"{run}/plan_devices"]) == n
 
 
+def test_offloaded_experts_live_on_or_behind_their_owner_only(runs):
+    for run, n in (("offload2", 2), ("offload4", 4)):
+        rows = runs[f"{run}/expert_shards"]  # store, layer, expert, device id, in host memory
+        assert sorted(set(rows[:, 1])) == [1, 2]
+        for store, layer, e, device, hosted in rows.tolist():
+            assert store == device == e // (8 // n), (run, layer, e)
+            assert hosted == (run == "offload2" or e <= 4), (run, layer, e)
+        assert len(rows) == 2 * 8  # each expert in exactly one store
+        assert runs[f"{run}/streamed_per_step"] > 0  # decode really streamed host experts
+        assert runs[f"{run}/core_shards"].tolist() == [[d, 97] for d in range(n)]
+
+
 def test_expert_weights_never_move_between_devices(runs):
     """The compiled prefill on 2 devices combines the experts' shares with an all-reduce and holds no
     other collective: tokens go to the experts, the experts' weights are never gathered."""
@@ -87,8 +100,7 @@ def test_errors_are_one_clear_line(runs):
         "no_expert_axis": "axis named 'expert', and this mesh has none",
         "other_axis": "mesh axes {'data': 2}: inference splits the routed experts over 'expert' only",
         "both": "give devices=N or mesh=..., not both",
-        "offloaded": "devices=2: 16 routed experts would live in host memory",
-        "quantized": "devices=2: experts kept as int8, not the model dtype float32",
+        "host_cpu": "expert_compute='cpu' on 2 devices",
     }
     for case, phrase in expected.items():
         assert phrase in errors[case], (case, errors[case])
@@ -122,6 +134,6 @@ def test_info_shows_the_plan_per_device(reference, capsys):
     assert main(["info", "--model", path, "--dtype", "float32", "--devices", "2", "--gpu-memory", str(budget)]) == 0
     out = capsys.readouterr().out
     assert "\n0       0-3 of 2 layers" in out and "3 (72.00 KiB)        5 (120.00 KiB)" in out
-    assert "ktjax.load refuses this plan for now" in out
+    assert "host experts: streamed to the device that owns them" in out
     with pytest.raises(ValueError, match="devices=3 does not divide the 8 routed experts"):
         ktjax.plan_placement(path, devices=3)
