@@ -74,12 +74,16 @@ def collectives(model, tokens: np.ndarray) -> list[str]:
             if f" {op}(" in text or f" {op}-start(" in text]
 
 
-def error_line(path: str, **kwargs) -> str:
+def error_of(fn) -> str:
     try:
-        ktjax.load(path, dtype="float32", **kwargs)
+        fn()
     except ValueError as e:
         return str(e)
     return "no error"
+
+
+def error_line(path: str, **kwargs) -> str:
+    return error_of(lambda: ktjax.load(path, dtype="float32", **kwargs))
 
 
 def errors(path: str) -> dict[str, str]:
@@ -110,6 +114,8 @@ def main(path: str, out: str) -> None:
         results[f"{name}/plan_devices"] = model.placement.devices
         if name == "devices2":
             results["devices2/collectives"] = json.dumps(collectives(model, tokens))
+        if name in ("devices2", "offload2"):
+            results[f"{name}/trainer_error"] = error_of(lambda: model.executor.trainer(None, None, None))
     results["errors"] = json.dumps(errors(path))
     np.savez(out, tokens=tokens, **results)
 

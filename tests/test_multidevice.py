@@ -102,6 +102,10 @@ def test_errors_are_one_clear_line(runs):
         "both": "give devices=N or mesh=..., not both",
         "host_cpu": "expert_compute='cpu' on 2 devices",
     }
+    errors["trainer"] = str(runs["devices2/trainer_error"])
+    errors["offloaded_trainer"] = str(runs["offload2/trainer_error"])
+    expected["trainer"] = "fine-tuning a model whose experts are split over 2 devices is not built yet"
+    expected["offloaded_trainer"] = "fine-tuning with routed experts in host memory runs on one device"
     for case, phrase in expected.items():
         assert phrase in errors[case], (case, errors[case])
         assert "\n" not in errors[case]

@@ -109,6 +109,9 @@ class ResidentExecutor:
         return forward(self.graphdef, self.params, cache, jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(start_B, jnp.int32))
 
     def trainer(self, lora, sites, train_config) -> ResidentTrainer:
+        if self.mesh is not None:  # its adapters and optimizer state live on one device
+            raise ValueError(f"fine-tuning a model whose experts are split over {self.mesh.size} devices is not built "
+                             "yet (load it without devices= or mesh=)")
         return ResidentTrainer(self, lora, sites, train_config)
 
     def with_adapter(self, adapters, lcfg, *, merge: bool | None = None) -> ResidentExecutor:

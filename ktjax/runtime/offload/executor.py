@@ -139,6 +139,9 @@ class OffloadedExecutor:
         return logits_segment(self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD), cache
 
     def trainer(self, lora, sites, train_config) -> OffloadedTrainer:
+        if self.mesh is not None:  # its backward streams experts through one device's store
+            raise ValueError(f"fine-tuning with routed experts in host memory runs on one device; this model splits "
+                             f"them over {len(self.devices)} (load it without devices= or mesh=)")
         return OffloadedTrainer(self, lora, sites, train_config)
 
     def measure_rates(self, experts_per_call: int = 3, seconds: float = 0.3) -> PathRates:
