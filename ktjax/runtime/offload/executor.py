@@ -83,7 +83,7 @@ class OffloadedExecutor:
                                           config) for k in set(config.layer_kinds)}
         self.mesh = mesh
         self.devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
-        self.stores = [ExpertStore(config, plan, owned_by(experts, plan, d), device)
+        self.stores = [ExpertStore(config, plan, owned_by(experts, plan, d), device, d)
                        for d, device in enumerate(self.devices)]
         self.store = self.stores[0]
         self.expert_compute = expert_compute
@@ -226,7 +226,8 @@ class OffloadedExecutor:
         x_BTD, rope, start_B = run("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         short = x_BTD.shape[1] <= QUERY_CHUNK  # attention and what follows fit one segment
         groups = dict(cache.groups)
-        prefetched: list[Prefetch] = []  # the next MoE layer's first chunk, fetched ahead
+        # Per device: the next MoE layer's first chunk of its experts, fetched ahead.
+        prefetched: list[list[Prefetch]] = [[] for _ in self.stores]
         for i, kind in enumerate(cfg.layer_kinds):
             seg, state, j = self.segments[kind], self.layers[i], self._stack_index[i]
             latent, rp = groups[kind]
@@ -258,12 +259,13 @@ class OffloadedExecutor:
             outs.append(out)
         return jnp.concatenate(outs, axis=1), latent, rp
 
-    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list,
+    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list[list[Prefetch]],
              stats: StepStats, run: Segments):
         """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
         experts on their paths, and the combine."""
         if self.mesh is not None:
-            return self._moe_over_devices(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, stats, run)
+            return self._moe_over_devices(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+        prefetched = prefetched[0]
         cfg = self.config
         N = h_ND.shape[0]
         everything = streams_everything(cfg, N) and self.expert_compute != "cpu"
@@ -305,11 +307,11 @@ class OffloadedExecutor:
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return run("combine", combine_segment, x_BTD, shared[0], parts)
 
-    def _moe_over_devices(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, stats: StepStats,
-                          run: Segments):
+    def _moe_over_devices(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
+                          prefetched: list[list[Prefetch]], stats: StepStats, run: Segments):
         """The MoE block of layer i on several devices: each device streams and computes the chosen
-        experts it owns on its own copy of the tokens; the combine sums the devices' shares.
-        (No prefetch of the next layer across devices yet: each layer's first chunk waits for routing.)"""
+        experts it owns on its own copy of the tokens (prefill-sized batches: every expert it owns,
+        its next layer's first chunk fetched ahead); the combine sums the devices' shares."""
         cfg = self.config
         N, D = h_ND.shape
         idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
@@ -327,8 +329,8 @@ class OffloadedExecutor:
             def compute(acc, ids_C, slots, capacity, local=local):
                 return run("experts", experts_segment, acc, *local, ids_C, slots, capacity=capacity)
 
-            share = store.stream(i, counts, N, compute, None, stats, ids=owned, group=self.decode_group) if owned \
-                else None
+            share = store.stream(i, counts, N, compute, None, stats, ids=owned, group=self.decode_group,
+                                 prefetched=prefetched[d]) if owned else None
             shares.append(jnp.zeros((N, D), jnp.float32, device=device) if share is None else share)
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(EXPERT_AXIS))
