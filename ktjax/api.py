@@ -142,6 +142,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     if expert_compute == "cpu" and placement is None:
         placement = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
     xmesh = expert_mesh(cfg, devices, mesh)
+    if xmesh is not None and expert_compute == "cpu":
+        raise placing.PlacementError(f"expert_compute='cpu' on {devices_of(xmesh)} devices: several devices stream "
+                                     "their host experts to the device that owns them (use 'gpu' or 'auto')")
     plan = plan_placement(path, dtype=dtype, experts=experts, gpu_memory=gpu_memory, placement=placement,
                           max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training,
                           devices=devices_of(xmesh))

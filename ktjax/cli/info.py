@@ -92,7 +92,7 @@ def run(args) -> int:
         measured = known_rates(fmt)
         rates = measured or DEFAULT_RATES.get(fmt)
         if plan.offloaded and plan.devices > 1:
-            print(f"host experts: streamed to the device that owns them (the host-CPU path serves one device only)")
+            print("host experts: streamed to the device that owns them (the host-CPU path serves one device only)")
         elif plan.offloaded and rates is not None and args.expert_compute != "gpu":
             source = ("measured on this machine by an earlier load" if measured else
                       "assumed until the first load on a GPU measures them")

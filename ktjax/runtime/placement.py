@@ -131,8 +131,8 @@ class PlacementPlan:
         for d in range(n):
             first, last = d * E // n, (d + 1) * E // n - 1
             on_dev, on_host = len(self.device_experts_of(d)), len(self.host_experts_of(d))
-            lines.append(f"{d:<8}{f'{first}-{last} of {layers} layers':<24}"
-                         f"{f'{on_dev} ({fmt_bytes(on_dev * nbytes)})':>22}{f'{on_host} ({fmt_bytes(on_host * nbytes)})':>22}"
+            in_memory = [f"{k} ({fmt_bytes(k * nbytes)})" for k in (on_dev, on_host)]
+            lines.append(f"{d:<8}{f'{first}-{last} of {layers} layers':<24}{in_memory[0]:>22}{in_memory[1]:>22}"
                          f"{fmt_bytes(core + on_dev * nbytes):>16}")
         return "\n".join(lines)
 

@@ -73,9 +73,6 @@ class OffloadedExecutor:
         if expert_compute == "cpu" and not fmt.host_computable:
             raise ValueError(f"expert_compute='cpu' needs int8 or int4 experts, not {fmt.name} "
                              "(load with experts='int8' or 'int4')")
-        if mesh is not None and expert_compute == "cpu":
-            raise ValueError(f"expert_compute='cpu' on {plan.devices} devices: several devices stream their host "
-                             "experts to the GPU that owns them (use 'gpu' or 'auto')")
         self.config, self.plan, self.attention = config, plan, attention
         self._dtype = jnp.dtype(dtype)
         self.top, self.layers = top, layers
@@ -89,7 +86,8 @@ class OffloadedExecutor:
         self.expert_compute = expert_compute
         # The host-CPU path serves one device: over several, host experts stream to their owner.
         with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
-        self.host = HostPath(fmt, {(i, e): self.store.experts[i][e] for i, e in plan.host_experts}) if with_host else None
+        hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts} if with_host else {}
+        self.host = HostPath(fmt, hosted) if with_host else None
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
