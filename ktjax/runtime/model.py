@@ -64,6 +64,14 @@ class StepStats:
     link_bytes: list[int] = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
 
+    def add(self, other: StepStats) -> None:
+        """Count another part of the same step's transfers and segment times (a device's, over several)."""
+        self.bytes_from_host += other.bytes_from_host
+        self.experts_fetched += other.experts_fetched
+        self.experts_on_device += other.experts_on_device
+        for name, seconds in other.segment_seconds.items():
+            self.segment_seconds[name] = self.segment_seconds.get(name, 0.0) + seconds
+
     def finish(self) -> StepStats:
         self.seconds = time.perf_counter() - self.started
         return self

@@ -91,6 +91,8 @@ class OffloadedExecutor:
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
+        self.device_threads = None if mesh is None else ThreadPoolExecutor(len(self.devices),
+                                                                           thread_name_prefix="ktjax-device")
         self.rates = rates or DEFAULT_RATES.get(fmt.name)
         self.decode_group = decode_group
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
@@ -318,22 +320,36 @@ class OffloadedExecutor:
         counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts)
         stats.expert_counts[i] = counts
         shared_ND = run("shared_expert", seg.shared, state, h_ND)
-        every = streams_everything(cfg, N)
-        shares = []
-        for d, (device, store) in enumerate(zip(self.devices, self.stores)):
-            owned = [e for e in range(cfg.n_routed_experts) if self.plan.owner(e) == d and (every or counts[e])]
-            local = [shard_on(a, device) for a in (h_ND, w_NK, idx_NK)]
-
-            def compute(acc, ids_C, slots, capacity, local=local):
-                return run("experts", experts_segment, acc, *local, ids_C, slots, capacity=capacity)
-
-            share = store.stream(i, counts, N, compute, None, stats, ids=owned, group=self.decode_group,
-                                 prefetched=prefetched[d]) if owned else None
-            shares.append(jnp.zeros((N, D), jnp.float32, device=device) if share is None else share)
+        # One thread per device: a device's stream waits on its own transfers (at most two chunks in
+        # flight), never on another device's. Each keeps its own stats, added up below.
+        own = [StepStats() for _ in self.devices]
+        jobs = [self.device_threads.submit(self._device_share, i, d, counts, (h_ND, w_NK, idx_NK), prefetched[d],
+                                           own[d], Segments(own[d], run.profile)) for d in range(len(self.devices))]
+        shares = [job.result() for job in jobs]
+        for s in own:
+            stats.add(s)
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(EXPERT_AXIS))
         stacked = jax.make_array_from_single_device_arrays((len(shares) * N, D), split, shares)
         return run("combine", combine_shares_segment, x_BTD, shared_ND, stacked)
+
+    def _device_share(self, i: int, d: int, counts, tokens: tuple, prefetched: list[Prefetch], stats: StepStats,
+                      run: Segments) -> jax.Array:
+        """Device d's share of layer i's routed experts, f32 [N, D] on device d: the chosen experts it
+        owns (every one for prefill-sized batches) on its own copy of h, weights and ids."""
+        device, store = self.devices[d], self.stores[d]
+        N, D = tokens[0].shape
+        every = streams_everything(self.config, N)
+        owned = [e for e in store.owned if every or counts[e]]
+        if not owned:
+            return jnp.zeros((N, D), jnp.float32, device=device)
+        local = [shard_on(a, device) for a in tokens]
+
+        def compute(acc, ids_C, slots, capacity):
+            return run("experts", experts_segment, acc, *local, ids_C, slots, capacity=capacity)
+
+        return store.stream(i, counts, N, compute, None, stats, ids=owned, group=self.decode_group,
+                            prefetched=prefetched)
 
     def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared) -> tuple:
         """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
