@@ -23,6 +23,7 @@ from ktjax.io.peft import read_adapter
 from ktjax.io.quantized import quantize_checkpoint
 from ktjax.lora.config import LoRAConfig
 from ktjax.runtime import placement as placing
+from ktjax.runtime.mesh import devices_of, expert_mesh, param_sharding
 from ktjax.runtime.model import LoadedModel, Sampling
 from ktjax.runtime.offload.build import load_offloaded
 from ktjax.runtime.offload.scheduler import cached_rates
@@ -69,15 +70,16 @@ def expert_format(path: str, cfg: ModelConfig, dtype, experts: str | None) -> Ex
 def plan_placement(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: str | None = None,
                    gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None,
                    max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32,
-                   training: int = 0) -> placing.PlacementPlan:
-    """Where every parameter of the checkpoint would live, computed from its config and headers only."""
+                   training: int = 0, devices: int = 1) -> placing.PlacementPlan:
+    """Where every parameter of the checkpoint would live, computed from its config and headers only;
+    devices: the routed experts split over that many devices, each with a gpu_memory budget."""
     path = resolve_path(path)
     cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
     _, abstract = abstract_params(cfg, dtype)
     return placing.plan(cfg, abstract, dtype, expert_format(path, cfg, dtype, experts), gpu_memory=gpu_memory,
                         placement=placement, max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk,
-                        training=training)
+                        training=training, devices=devices)
 
 
 def generation_defaults(path: str) -> dict[str, Any]:
@@ -102,7 +104,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
          expert_compute: str = "auto", gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None,
          max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
          adapter: str | os.PathLike | None = None, training: int = 0, hot_experts: str | Sequence[int] | None = None,
-         progress: bool | None = None) -> LoadedModel:
+         progress: bool | None = None, devices: int | None = None, mesh: jax.sharding.Mesh | None = None
+         ) -> LoadedModel:
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None), or
     a DeepSeek GGUF file as llama.cpp writes it (one .gguf, the first of a split set, or their directory).
 
@@ -116,8 +119,12 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         link), "cpu" (on the host CPU where they live; int8/int4). With "cpu" and no placement
         rules, every routed expert is kept in host memory: asking for the CPU never silently means
         the device.
-    gpu_memory: device memory budget ("24GiB" or bytes); routed experts that do not fit stay in
-        pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
+    gpu_memory: device memory budget ("24GiB" or bytes), per device; routed experts that do not fit stay
+        in pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
+    devices, mesh: split the routed experts over the first `devices` devices, or over the `expert`
+        axis of a jax.sharding.Mesh (expert parallelism: device d owns a contiguous block of E/n
+        experts per layer; core parameters and KV cache replicated on each; host experts stream to
+        the device that owns them: the host-CPU path and hot_experts are single-device for now).
     placement: rules {regex: "device" | "host"} on expert names model.layers.{i}.mlp.experts.{e}.
     max_batch, max_context: the largest generation the KV cache and workspace are sized for;
         generation refuses larger ones.
@@ -134,16 +141,23 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     attention = kernels.DEFAULT_IMPL if attention is None else attention
     if expert_compute == "cpu" and placement is None:
         placement = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
+    xmesh = expert_mesh(cfg, devices, mesh)
+    if xmesh is not None and expert_compute == "cpu":
+        raise placing.PlacementError(f"expert_compute='cpu' on {devices_of(xmesh)} devices: several devices stream "
+                                     "their host experts to the device that owns them (use 'gpu' or 'auto')")
     plan = plan_placement(path, dtype=dtype, experts=experts, gpu_memory=gpu_memory, placement=placement,
-                          max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training)
+                          max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training,
+                          devices=devices_of(xmesh))
     fmt = plan.expert_format
     experts_in_model_dtype = fmt.name in FLOAT_FORMATS and np.dtype(FLOAT_FORMATS[fmt.name]) == dtype
     if not plan.offloaded and experts_in_model_dtype and expert_compute != "cpu":
-        graphdef, params = load_params(path, cfg, dtype, progress=progress, attention=attention)
-        executor = ResidentExecutor(cfg, graphdef, params, attention=attention)
+        sharding = None if xmesh is None else (lambda leaf_path: param_sharding(xmesh, leaf_path))
+        graphdef, params = load_params(path, cfg, dtype, progress=progress, attention=attention, expert_mesh=xmesh,
+                                       sharding=sharding)
+        executor = ResidentExecutor(cfg, graphdef, params, attention=attention, mesh=xmesh)
     else:
         executor = load_offloaded(path, cfg, dtype, plan, progress=progress, attention=attention,
-                                  expert_compute=expert_compute)
+                                  expert_compute=expert_compute, mesh=xmesh)
         if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
             # The split's cost model, measured once per machine and format as decode steps use the paths.
             executor = executor.with_rates(cached_rates(fmt.name, executor.measure_rates))

@@ -28,13 +28,13 @@ from ktjax.models.moe import MoE, combine
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: str, *, dtype: Dtype, rngs: nnx.Rngs, attention: str = "auto",
-                 dispatch: str = "auto"):
+                 dispatch: str = "auto", expert_mesh: jax.sharding.Mesh | None = None):
         self.kind = kind
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = MLAttention(cfg, dtype=dtype, rngs=rngs, impl=attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         if kind == "moe":
-            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, dispatch=dispatch)
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, dispatch=dispatch, expert_mesh=expert_mesh)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 

@@ -64,20 +64,22 @@ def positions(start_B: jax.Array, T: int) -> jax.Array:
 
 class DeepseekForCausalLM(nnx.Module):
     """attention: the MLA kernels' implementation (`ktjax.kernels.IMPLS`); dispatch: how routed
-    experts meet their tokens (`ktjax.models.moe.DISPATCHES`). Both are static structure."""
+    experts meet their tokens (`ktjax.models.moe.DISPATCHES`); expert_mesh: the mesh routed experts
+    are split over (`ktjax.models.moe.routed_experts_parallel`; None: one device). All are static
+    structure."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs, attention: str = "auto",
-                 dispatch: str = "auto"):
+                 dispatch: str = "auto", expert_mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
         self.embed_tokens = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.dense_layers = self._stack(cfg, "dense", dtype, rngs, attention, dispatch)
-        self.moe_layers = self._stack(cfg, "moe", dtype, rngs, attention, dispatch)
+        self.dense_layers = self._stack(cfg, "dense", dtype, rngs, attention, dispatch, expert_mesh)
+        self.moe_layers = self._stack(cfg, "moe", dtype, rngs, attention, dispatch, expert_mesh)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs)
 
     @staticmethod
-    def _stack(cfg: ModelConfig, kind: str, dtype: Dtype, rngs: nnx.Rngs, attention: str, dispatch: str
-               ) -> DecoderLayer | None:
+    def _stack(cfg: ModelConfig, kind: str, dtype: Dtype, rngs: nnx.Rngs, attention: str, dispatch: str,
+               expert_mesh: jax.sharding.Mesh | None) -> DecoderLayer | None:
         n = len(cfg.layer_groups[kind])
         if n == 0:
             return None
@@ -85,7 +87,8 @@ class DeepseekForCausalLM(nnx.Module):
         @nnx.split_rngs(splits=n)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(r: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, kind, dtype=dtype, rngs=r, attention=attention, dispatch=dispatch)
+            return DecoderLayer(cfg, kind, dtype=dtype, rngs=r, attention=attention, dispatch=dispatch,
+                                expert_mesh=expert_mesh)
 
         return make(rngs)
 

@@ -102,6 +102,31 @@ def routed_experts(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF, dispatc
     return fn(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF)
 
 
+EXPERT_AXIS = "expert"  # the mesh axis routed experts are split over (expert parallelism)
+
+
+def routed_experts_parallel(mesh: jax.sharding.Mesh, x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF,
+                            dispatch: str = "auto") -> jax.Array:
+    """`routed_experts` with the experts split over the mesh's `expert` axis, device d owning the
+    contiguous block d*E/n .. (d+1)*E/n - 1: every device sees every token (replicated), computes
+    its own experts' share of each token's weighted sum (pairs routed elsewhere weigh zero), and one
+    psum adds the shares. Tokens meet the devices that own their experts; expert weights never move."""
+
+    def own_share(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF):
+        n_local = gate_EFD.shape[0]
+        local_NK = idx_NK - jax.lax.axis_index(EXPERT_AXIS) * n_local
+        mine_NK = (local_NK >= 0) & (local_NK < n_local)
+        share_ND = routed_experts(x_ND, jnp.where(mine_NK, weights_NK, 0.0), jnp.where(mine_NK, local_NK, 0),
+                                  gate_EFD, up_EFD, down_EDF, dispatch)
+        # Summed in float32: the devices' shares add as the single-device sum over k would.
+        return jax.lax.psum(share_ND.astype(jnp.float32), EXPERT_AXIS)
+
+    P = jax.sharding.PartitionSpec
+    experts = P(EXPERT_AXIS)
+    summed = jax.shard_map(own_share, mesh=mesh, in_specs=(P(), P(), P(), experts, experts, experts), out_specs=P())
+    return summed(x_ND, weights_NK, idx_NK, gate_EFD, up_EFD, down_EDF).astype(x_ND.dtype)
+
+
 class Router(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         # The router stays in float32 whatever the model dtype, as in the reference.
@@ -123,11 +148,15 @@ class Experts(nnx.Module):
 class MoE(nnx.Module):
     """The MoE block as three phases that executors call separately (routing read on the host,
     experts fetched or computed elsewhere in between) and `__call__` composes: route, shared,
-    routed. Executors that hold the routed experts apart build the block with experts=None."""
+    routed. Executors that hold the routed experts apart build the block with experts=None.
+    expert_mesh: a mesh with an `expert` axis the routed experts are split over (static structure;
+    None: one device)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs, dispatch: str = "auto"):
+    def __init__(self, cfg: ModelConfig, *, dtype: Dtype, rngs: nnx.Rngs, dispatch: str = "auto",
+                 expert_mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
         self.dispatch = dispatch
+        self.expert_mesh = expert_mesh
         self.gate = Router(cfg, rngs=rngs)
         self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
         self.shared_experts = (
@@ -144,8 +173,10 @@ class MoE(nnx.Module):
 
     def routed(self, h_ND: jax.Array, weights_NK: jax.Array, idx_NK: jax.Array) -> jax.Array:
         ex = self.experts
-        return routed_experts(h_ND, weights_NK, idx_NK, ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...],
-                              self.dispatch)
+        weights = (ex.gate_proj[...], ex.up_proj[...], ex.down_proj[...])
+        if self.expert_mesh is not None:
+            return routed_experts_parallel(self.expert_mesh, h_ND, weights_NK, idx_NK, *weights, self.dispatch)
+        return routed_experts(h_ND, weights_NK, idx_NK, *weights, self.dispatch)
 
     def __call__(self, h_BTD: jax.Array) -> jax.Array:
         B, T, D = h_BTD.shape

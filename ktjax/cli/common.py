@@ -33,6 +33,9 @@ def model_args(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
                    help="the longest sequence (prompt plus new tokens) the KV cache is sized for (default 4096)")
     p.add_argument("--max-batch", type=int, default=1, metavar="N",
                    help="the most sequences generated together (default: %(default)s)")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="split the routed experts over the first N devices (expert parallelism; core parameters "
+                        "and KV cache replicated on each; --gpu-memory is per device; default 1)")
     if adapter:
         p.add_argument("--adapter", metavar="DIR", default=None,
                        help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply")
@@ -60,7 +63,7 @@ def check_model_args(args) -> None:
         raise ValueError(f"--model {args.model}: no such checkpoint directory (or .gguf file)")
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory)
-    for name in ("max_context", "max_batch"):
+    for name in ("max_context", "max_batch", "devices"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
@@ -79,7 +82,7 @@ def check_sampling_args(args) -> None:
 def load_model(args):
     model = load(args.model, dtype=args.dtype, experts=args.experts, expert_compute=args.expert_compute,
                  gpu_memory=args.gpu_memory, max_context=args.max_context, max_batch=args.max_batch,
-                 adapter=getattr(args, "adapter", None))
+                 adapter=getattr(args, "adapter", None), devices=args.devices)
     if model.placement.offloaded:
         print(model.placement.table(), file=sys.stderr)
     return model

@@ -22,8 +22,8 @@ from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 def add_parser(sub) -> None:
     i = sub.add_parser("info", help="describe a checkpoint: config, parameter counts, placement",
                        description="Print the config summary and parameter counts and bytes by group, without "
-                       "loading the weights (the files' headers are checked); with --gpu-memory, the placement "
-                       "plan too, and where host experts would be computed.")
+                       "loading the weights (the files' headers are checked); with --gpu-memory or --devices, the "
+                       "placement plan too (per device), and where host experts would be computed.")
     model_args(i, adapter=False)
     i.set_defaults(func=run)
 
@@ -81,16 +81,19 @@ def run(args) -> int:
     check_model_args(args)
     path = resolve_path(args.model)
     print(describe(path, dtype=args.dtype, experts=args.experts))
-    if args.gpu_memory is not None:
+    if args.gpu_memory is not None or args.devices > 1:
         plan = plan_placement(path, dtype=args.dtype, experts=args.experts, gpu_memory=args.gpu_memory,
-                              max_context=args.max_context, max_batch=args.max_batch)
-        print(f"\nplacement under gpu_memory={args.gpu_memory} (KV cache for {args.max_batch} x {args.max_context} "
-              "tokens):")
+                              max_context=args.max_context, max_batch=args.max_batch, devices=args.devices)
+        over = f" on each of {args.devices} devices" if args.devices > 1 else ""
+        print(f"\nplacement under gpu_memory={args.gpu_memory}{over} (KV cache for {args.max_batch} x "
+              f"{args.max_context} tokens):")
         print(plan.table())
         fmt = plan.expert_format.name
         measured = known_rates(fmt)
         rates = measured or DEFAULT_RATES.get(fmt)
-        if plan.offloaded and rates is not None and args.expert_compute != "gpu":
+        if plan.offloaded and plan.devices > 1:
+            print("host experts: streamed to the device that owns them (the host-CPU path serves one device only)")
+        elif plan.offloaded and rates is not None and args.expert_compute != "gpu":
             source = ("measured on this machine by an earlier load" if measured else
                       "assumed until the first load on a GPU measures them")
             print(f"host experts: computed on the host CPU when they serve up to {rates.max_cpu_tokens()} token(s) "

@@ -39,11 +39,12 @@ def model_config(path: str) -> ModelConfig:
     return open_gguf(path).config if is_gguf(path) else ModelConfig.from_json(path)
 
 
-def abstract_params(cfg: ModelConfig, dtype, *, attention: str = "auto", dispatch: str = "auto"
-                    ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Structure and shapes of the model's parameters, without allocating them."""
+def abstract_params(cfg: ModelConfig, dtype, *, attention: str = "auto", dispatch: str = "auto",
+                    expert_mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Structure and shapes of the model's parameters, without allocating them (expert_mesh: the
+    mesh the routed experts are split over, part of the structure)."""
     return nnx.split(nnx.eval_shape(lambda: DeepseekForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0), attention=attention,
-                                                                 dispatch=dispatch)))
+                                                                 dispatch=dispatch, expert_mesh=expert_mesh)))
 
 
 def is_routed_expert(path: LeafPath) -> bool:
@@ -151,8 +152,10 @@ def progress_bar(path: str, total_bytes: int, progress: bool | None) -> tqdm:
 
 
 def read_leaves(ckpt: Checkpoint, plan: list[tuple[LeafPath, LeafSource]], abstract: nnx.State, bar: tqdm, *,
-                sharding: jax.sharding.Sharding | None = None) -> list[tuple[LeafPath, nnx.Variable]]:
-    """The planned leaves read onto their target, as flat-state (path, variable) pairs."""
+                sharding: jax.sharding.Sharding | Callable[[LeafPath], jax.sharding.Sharding] | None = None
+                ) -> list[tuple[LeafPath, nnx.Variable]]:
+    """The planned leaves read onto their target (one sharding, or one per leaf path), as flat-state
+    (path, variable) pairs."""
     variables = dict(nnx.to_flat_state(abstract))
     count = sum(len(src.tensors) for _, src in plan)
     done = 0
@@ -163,18 +166,24 @@ def read_leaves(ckpt: Checkpoint, plan: list[tuple[LeafPath, LeafSource]], abstr
         bar.set_postfix_str(f"{done}/{count} tensors", refresh=False)
         bar.update(nbytes)
 
-    return [(p, variables[p].replace(read_leaf(ckpt, src, sharding=sharding, on_tensor=on_tensor))) for p, src in plan]
+    def target(p: LeafPath) -> jax.sharding.Sharding | None:
+        return sharding(p) if callable(sharding) else sharding
+
+    return [(p, variables[p].replace(read_leaf(ckpt, src, sharding=target(p), on_tensor=on_tensor)))
+            for p, src in plan]
 
 
-def load_params(path: str, cfg: ModelConfig, dtype, *, progress: bool | None = None, attention: str = "auto"
-                ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Every parameter of a transformers-format DeepSeek checkpoint on the first device (FP8 tensors
-    dequantised to `dtype`). Raises `ConfigError`/`CheckpointError` (one line naming the file and
-    tensor) before reading any data."""
-    graphdef, abstract = abstract_params(cfg, dtype, attention=attention)
+def load_params(path: str, cfg: ModelConfig, dtype, *, progress: bool | None = None, attention: str = "auto",
+                expert_mesh: jax.sharding.Mesh | None = None,
+                sharding: Callable[[LeafPath], jax.sharding.Sharding] | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Every parameter of a transformers-format DeepSeek checkpoint on the first device, or where
+    sharding(leaf path) says (FP8 tensors dequantised to `dtype`); expert_mesh: the mesh the model's
+    routed experts are split over. Raises `ConfigError`/`CheckpointError` (one line naming the file
+    and tensor) before reading any data."""
+    graphdef, abstract = abstract_params(cfg, dtype, attention=attention, expert_mesh=expert_mesh)
     ckpt = open_checkpoint(path)
     plan, consumed = plan_leaves(ckpt, cfg, abstract)
     check_unexpected(ckpt, cfg, consumed)
     with progress_bar(path, sum(src.stored_nbytes for _, src in plan), progress) as bar:
-        flat = read_leaves(ckpt, plan, abstract, bar)
+        flat = read_leaves(ckpt, plan, abstract, bar, sharding=sharding)
     return graphdef, nnx.from_flat_state(flat)

@@ -64,6 +64,14 @@ class StepStats:
     link_bytes: list[int] = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
 
+    def add(self, other: StepStats) -> None:
+        """Count another part of the same step's transfers and segment times (a device's, over several)."""
+        self.bytes_from_host += other.bytes_from_host
+        self.experts_fetched += other.experts_fetched
+        self.experts_on_device += other.experts_on_device
+        for name, seconds in other.segment_seconds.items():
+            self.segment_seconds[name] = self.segment_seconds.get(name, 0.0) + seconds
+
     def finish(self) -> StepStats:
         self.seconds = time.perf_counter() - self.started
         return self
@@ -125,6 +133,8 @@ class LoadedModel:
         where = (f"{len(plan.host_experts)} of {len(plan.host_experts) + len(plan.device_experts)} experts in host "
                  f"memory" if plan.offloaded else "all on the device")
         adapter = ", LoRA adapter" if self.adapter is not None else ""
+        if plan.devices > 1:
+            where += f", experts split over {plan.devices} devices"
         return (f"LoadedModel({self.path or 'in memory'}: {cfg.model_type}, {cfg.num_hidden_layers} layers, "
                 f"{cfg.n_routed_experts} experts/layer as {plan.expert_format.name}, {jnp.dtype(self.dtype).name}, "
                 f"{where}, {fmt_bytes(plan.device_bytes)} on the device{adapter})")

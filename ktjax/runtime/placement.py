@@ -9,6 +9,12 @@ as the checkpoint spells them, `model.layers.{i}.mlp.experts.{e}`; first match w
 budget still has room for fill it in order of preference: most used first where routing counts
 are known, else spread evenly over the layers (the host-CPU and link paths of a layer run side by
 side, so each layer should keep a similar share of its experts on the device).
+
+Over several devices (expert parallelism, `devices` > 1), device d owns the contiguous block of
+experts d*E/n .. (d+1)*E/n - 1 of every MoE layer, the budget is per device, and each device's own
+experts fill its free room; core parameters, KV cache and workspace are replicated on every device
+(attention is not split: replicated, it keeps the MLA kernels and cache layout of one device and
+adds no collective beyond the one sum per MoE layer).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class PlacementPlan:
     max_context: int = 4096  # the longest sequence (prompt plus new tokens) they are sized for
     training_bytes: int = 0  # the part of the workspace reserved for LoRA training steps
     training: int = 0  # the micro-batches of training steps that room was reserved for
+    devices: int = 1  # devices the routed experts are split over (each owns E/devices per layer)
 
     @property
     def offloaded(self) -> bool:
@@ -98,8 +105,36 @@ class PlacementPlan:
 
     @property
     def device_bytes(self) -> int:
-        return (sum(self.core_bytes.values()) + self.cache_bytes + self.workspace_bytes
-                + len(self.device_experts) * self.expert_bytes)
+        """Bytes on one device (the fullest, over several)."""
+        experts = max(len(self.device_experts_of(d)) for d in range(self.devices))
+        return sum(self.core_bytes.values()) + self.cache_bytes + self.workspace_bytes + experts * self.expert_bytes
+
+    def owner(self, expert: int) -> int:
+        """The device (index along the expert axis) that owns routed expert `expert` of each layer."""
+        return expert // (self.config.n_routed_experts // self.devices)
+
+    def device_experts_of(self, device: int) -> frozenset[tuple[int, int]]:
+        return frozenset(k for k in self.device_experts if self.owner(k[1]) == device)
+
+    def host_experts_of(self, device: int) -> frozenset[tuple[int, int]]:
+        """Experts `device` owns that live in host memory behind it."""
+        return frozenset(k for k in self.host_experts if self.owner(k[1]) == device)
+
+    def per_device_table(self) -> str:
+        """Which experts each device owns and holds, and its total (several devices)."""
+        E, n, nbytes = self.config.n_routed_experts, self.devices, self.expert_bytes
+        layers = len(self.config.moe_layers)
+        lines = [f"expert parallel over {n} devices (mesh axis 'expert'): core parameters, KV cache and workspace "
+                 "replicated on each; routed experts split",
+                 f"{'device':<8}{'owns experts':<24}{'in device memory':>22}{'in host memory':>22}{'device total':>16}"]
+        core = sum(self.core_bytes.values()) + self.cache_bytes + self.workspace_bytes
+        for d in range(n):
+            first, last = d * E // n, (d + 1) * E // n - 1
+            on_dev, on_host = len(self.device_experts_of(d)), len(self.host_experts_of(d))
+            in_memory = [f"{k} ({fmt_bytes(k * nbytes)})" for k in (on_dev, on_host)]
+            lines.append(f"{d:<8}{f'{first}-{last} of {layers} layers':<24}{in_memory[0]:>22}{in_memory[1]:>22}"
+                         f"{fmt_bytes(core + on_dev * nbytes):>16}")
+        return "\n".join(lines)
 
     def expert_layers(self, kind: str) -> list[int]:
         chosen = self.device_experts if kind == DEVICE else self.host_experts
@@ -107,24 +142,30 @@ class PlacementPlan:
 
     def table(self) -> str:
         rows = [(g, DEVICE, b) for g, b in self.core_bytes.items() if b]
+        split = DEVICE if self.devices == 1 else f"{self.devices} devices"
         n_dev, n_host = len(self.device_experts), len(self.host_experts)
         fmt = self.expert_format.name
         if n_dev:
-            rows.append((f"routed_experts ({n_dev}, {fmt})", DEVICE, n_dev * self.expert_bytes))
+            rows.append((f"routed_experts ({n_dev}, {fmt})", split, n_dev * self.expert_bytes))
         if n_host:
             rows.append((f"routed_experts ({n_host}, {fmt})", "pinned_host", n_host * self.expert_bytes))
         rows += [("kv_cache", DEVICE, self.cache_bytes),
                  ("workspace", DEVICE, self.workspace_bytes - self.training_bytes)]
         if self.training_bytes:
             rows.append(("training_activations", DEVICE, self.training_bytes))
-        lines = [f"{'group':<28}{'memory':<14}{'bytes':>14}"]
-        lines += [f"{g:<28}{kind:<14}{fmt_bytes(b):>14}" for g, kind, b in rows]
-        lines.append(f"{'device total':<28}{'':<14}{fmt_bytes(self.device_bytes):>14}"
+        if self.devices > 1:  # core rows are on every device; the experts' total is over all of them
+            rows = [(g, "each device" if kind == DEVICE else kind, b) for g, kind, b in rows]
+        lines = [f"{'group':<32}{'memory':<14}{'bytes':>14}"]
+        lines += [f"{g:<32}{kind:<14}{fmt_bytes(b):>14}" for g, kind, b in rows]
+        lines.append(f"{'device total':<32}{'':<14}{fmt_bytes(self.device_bytes):>14}"
+                     + (" on each device (the fullest)" if self.devices > 1 else "")
                      + (f"  of {fmt_bytes(self.budget)} budget" if self.budget else ""))
         if n_host:
             layers = self.expert_layers(HOST)
             lines.append(f"did not fit on the device: {n_host} experts ({fmt_bytes(n_host * self.expert_bytes)}) of "
                          f"{len(layers)} MoE layers, in host memory")
+        if self.devices > 1:
+            lines += ["", self.per_device_table()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -189,15 +230,26 @@ def spread_over_layers(cfg: ModelConfig) -> list[tuple[int, int]]:
     return [(i, e) for e in range(cfg.n_routed_experts) for i in cfg.moe_layers]
 
 
+def check_expert_split(cfg: ModelConfig, devices: int) -> None:
+    """Expert parallelism splits each layer's routed experts evenly: `devices` must divide them."""
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise PlacementError(f"devices={devices!r}: give a whole number of devices, at least 1")
+    if cfg.n_routed_experts % devices:
+        raise PlacementError(f"devices={devices} does not divide the {cfg.n_routed_experts} routed experts of each "
+                             f"layer (each device owns an equal contiguous block)")
+
+
 def plan(cfg: ModelConfig, abstract: nnx.State, dtype, expert_format: ExpertFormat, *,
          gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None, max_batch: int = 1,
          max_context: int = 4096, expert_chunk: int = 32, training: int = 0,
-         preference: list[tuple[int, int]] | None = None) -> PlacementPlan:
+         preference: list[tuple[int, int]] | None = None, devices: int = 1) -> PlacementPlan:
     """Decide where every routed expert lives. Without a budget or rules, everything stays on the
     device unless the device reports a memory limit (GPUs), which then is the budget. training:
     also reserve a LoRA training step's activations: `training` micro-batches (True: one) of
     max_batch x max_context tokens. preference: the order experts fill the device's free room
-    (most used first); default `spread_over_layers`."""
+    (most used first); default `spread_over_layers`. devices: split the routed experts over that
+    many devices, each with its own `gpu_memory` budget filled by the experts it owns."""
+    check_expert_split(cfg, devices)
     budget = parse_size(gpu_memory) if gpu_memory is not None else None
     if budget is None and placement is None:
         limit = device_memory_limit()
@@ -235,27 +287,30 @@ def plan(cfg: ModelConfig, abstract: nnx.State, dtype, expert_format: ExpertForm
     train = training_nbytes(cfg, max_batch, max_context, dtype, int(training)) if training and workspace else 0
     workspace += train
     fixed = sum(core.values()) + cache + workspace
-    if budget is not None and fixed + sum(e_bytes for k in forced.values() if k == DEVICE) > budget:
+    ruled_on = [sum(v == DEVICE and e // (E // devices) == d for (_, e), v in forced.items()) for d in range(devices)]
+    if budget is not None and fixed + max(ruled_on) * e_bytes > budget:
         raise PlacementError(
             f"gpu_memory={fmt_bytes(budget)} is too small: the core parameters ({fmt_bytes(sum(core.values()))}), "
             f"KV cache ({fmt_bytes(cache)} for batch {max_batch} x {max_context} tokens) and workspace "
             f"({fmt_bytes(workspace)}) need {fmt_bytes(fixed)}" + (" plus the experts placed on the device by rule"
                                                                    if DEVICE in forced.values() else ""))
     device = {k for k, v in forced.items() if v == DEVICE}
+    owner = [e // (E // devices) for e in range(E)]  # `PlacementPlan.owner`
     # Headroom for the allocator's fragmentation and library workspaces (cuBLAS, autotuning).
     reserve = 0 if budget is None else max(budget // 20, 256 << 20)
-    free = None if budget is None else budget - reserve - fixed - len(device) * e_bytes
+    free = [None if budget is None else budget - reserve - fixed - n * e_bytes for n in ruled_on]  # each device's own
     for key in preference or spread_over_layers(cfg):
+        d = owner[key[1]]
         if key in forced:
             continue
-        if free is None or free >= e_bytes:
+        if free[d] is None or free[d] >= e_bytes:
             device.add(key)
-            free = None if free is None else free - e_bytes
+            free[d] = None if free[d] is None else free[d] - e_bytes
     host = frozenset(k for k in all_experts if k not in device)
     if not host and budget is None:
         workspace = train = 0
     return PlacementPlan(cfg, budget, core, cache, workspace, expert_format, frozenset(device), host, expert_chunk,
-                         max_batch, max_context, train, int(training))
+                         max_batch, max_context, train, int(training), devices)
 
 
 def _core_names(cfg: ModelConfig) -> list[str]:

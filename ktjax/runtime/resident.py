@@ -1,5 +1,7 @@
 """The resident executor: every parameter on the device, each step one compiled program (the
-scanned model), pure functions of (params, cache, inputs) jitted with static shapes."""
+scanned model), pure functions of (params, cache, inputs) jitted with static shapes. Over several
+devices (a mesh, `ktjax.runtime.mesh`) the same programs run with the routed experts split over
+the devices and everything else replicated: the sharding is in the parameters and the graph."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from ktjax.config import ModelConfig
 from ktjax.io.load import abstract_params
 from ktjax.lora.merge import merge_stacked, with_lora_params
 from ktjax.models import DeepseekForCausalLM, KVCache
+from ktjax.runtime.mesh import replicated
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.sampling import sample_rows, sample_segment
 from ktjax.runtime.shapes import prefill_chunks
@@ -47,13 +50,17 @@ def decode_segment(graphdef, params, cache, token_B, pos_B, key, sampling: Sampl
 
 class ResidentExecutor:
     """All parameters in one nnx state on the device (graphdef: the module's structure, a LoRA graph
-    when an adapter rides along unmerged; base_params: the model's own parameters then)."""
+    when an adapter rides along unmerged; base_params: the model's own parameters then). mesh: the
+    expert mesh the parameters are placed on and the graph splits the routed experts over (None:
+    one device)."""
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State, *,
-                 base_params: nnx.State | None = None, attention: str = "auto"):
+                 base_params: nnx.State | None = None, attention: str = "auto",
+                 mesh: jax.sharding.Mesh | None = None):
         self.config, self.graphdef, self.params = config, graphdef, params
         self.base_params = params if base_params is None else base_params
         self.attention = attention
+        self.mesh = mesh
 
     @property
     def module(self) -> DeepseekForCausalLM:
@@ -64,7 +71,9 @@ class ResidentExecutor:
         return self.params["embed_tokens"][...].dtype
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.zeros(self.config, batch, max_len, self.dtype)
+        cache = KVCache.zeros(self.config, batch, max_len, self.dtype)
+        # On a mesh, every device attends over every token: the cache is replicated like attention.
+        return cache if self.mesh is None else jax.device_put(cache, replicated(self.mesh))
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling, *, profile: bool = False):
         """The padded prompts chunk by chunk; each row's logits from the chunk its prompt ends in,
@@ -101,15 +110,21 @@ class ResidentExecutor:
         return forward(self.graphdef, self.params, cache, jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(start_B, jnp.int32))
 
     def trainer(self, lora, sites, train_config) -> ResidentTrainer:
+        if self.mesh is not None:  # its adapters and optimizer state live on one device
+            raise ValueError(f"fine-tuning a model whose experts are split over {self.mesh.size} devices is not built "
+                             "yet (load it without devices= or mesh=)")
         return ResidentTrainer(self, lora, sites, train_config)
 
     def with_adapter(self, adapters, lcfg, *, merge: bool | None = None) -> ResidentExecutor:
         """This model with a LoRA adapter: beside the base weights (exactly PEFT's forward; the
         default), or merged into them."""
         if merge:
-            graphdef = abstract_params(self.config, self.dtype, attention=self.attention)[0]
+            graphdef = abstract_params(self.config, self.dtype, attention=self.attention, expert_mesh=self.mesh)[0]
             return ResidentExecutor(self.config, graphdef, merge_stacked(self.base_params, adapters, lcfg),
-                                    attention=self.attention)
+                                    attention=self.attention, mesh=self.mesh)
+        if self.mesh is not None:
+            raise ValueError("an adapter beside the base weights is not built for several devices yet: merge it "
+                             "(ktjax.load_adapter(model, DIR, merge=True))")
         graphdef, params = with_lora_params(self.config, self.dtype, self.base_params, adapters, lcfg,
                                             attention=self.attention)
         return ResidentExecutor(self.config, graphdef, params, base_params=self.base_params, attention=self.attention)

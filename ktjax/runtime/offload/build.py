@@ -12,6 +12,7 @@ from ktjax.config import ModelConfig
 from ktjax.io.checkpoint import check_unexpected
 from ktjax.io.experts import expert_tensors, read_expert, stored_nbytes
 from ktjax.io.load import abstract_params, is_routed_expert, open_checkpoint, plan_leaves, progress_bar, read_leaves
+from ktjax.runtime.mesh import replicated
 from ktjax.runtime.offload.executor import OffloadedExecutor
 from ktjax.runtime.placement import PlacementPlan
 
@@ -32,9 +33,11 @@ def split_layers(cfg: ModelConfig, params: nnx.State) -> tuple[dict[str, jax.Arr
 
 
 def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, progress: bool | None = None,
-                   attention: str = "auto", expert_compute: str = "auto", rates=None) -> OffloadedExecutor:
+                   attention: str = "auto", expert_compute: str = "auto", rates=None,
+                   mesh: jax.sharding.Mesh | None = None) -> OffloadedExecutor:
     """Every tensor is checked from the headers before any is read; host memory holds one expert
-    at a time beyond the loaded parameters."""
+    at a time beyond the loaded parameters. mesh: core arrays replicated over it, each expert on
+    (or in pinned host memory behind) the device that owns it."""
     _, abstract = abstract_params(cfg, dtype)
     ckpt = open_checkpoint(path)
     sources, consumed = plan_leaves(ckpt, cfg, abstract)
@@ -44,13 +47,16 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
     tensors = expert_tensors(cfg, experts_src)
     block = next(iter(experts_src.values())).block if experts_src else (128, 128)
     fmt = plan.expert_format
-    device = jax.devices()[0]
-    on_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+
+    def target(i: int, e: int) -> jax.sharding.Sharding:
+        kind = "pinned_host" if (i, e) in plan.host_experts else "device"
+        return jax.sharding.SingleDeviceSharding(devices[plan.owner(e)], memory_kind=kind)
+
     if fmt.name == "fp8" and block[0] != block[1]:
         raise ValueError(f"{path}: FP8 experts need square scale blocks, got {block}")
     with progress_bar(path, sum(src.stored_nbytes for _, src in sources), progress) as bar:
-        flat = read_leaves(ckpt, core, abstract, bar)
+        flat = read_leaves(ckpt, core, abstract, bar, sharding=None if mesh is None else replicated(mesh))
         # The stacked expert leaves are not materialised: empty placeholders keep the state's structure.
         variables = dict(nnx.to_flat_state(abstract))
         flat += [(p, variables[p].replace(jnp.zeros((0,), dtype))) for p in experts_src]
@@ -59,8 +65,7 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
         experts: dict[int, list] = {}
         for (i, e), mats in sorted(tensors.items()):
             ex = read_expert(ckpt, mats, fmt, block, stored=cfg.expert_quant)
-            target = on_host if (i, e) in plan.host_experts else on_device
-            experts.setdefault(i, []).append(jax.block_until_ready(jax.device_put(ex, target)))
+            experts.setdefault(i, []).append(jax.block_until_ready(jax.device_put(ex, target(i, e))))
             bar.update(stored_nbytes(ckpt, mats, cfg.expert_quant))
     return OffloadedExecutor(cfg, plan, dtype, top, layers, experts, attention=attention,
-                             expert_compute=expert_compute, rates=rates)
+                             expert_compute=expert_compute, rates=rates, mesh=mesh)

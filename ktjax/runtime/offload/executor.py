@@ -5,6 +5,11 @@ Each MoE layer's chosen experts take one of three paths: resident on the device 
 streamed over the link and computed on the GPU, or, for int8/int4 experts, computed on the host
 CPU where they live (`HostPath`); `scheduler.split` divides a step's host experts between the last
 two so both finish together. Prefill-sized batches stream whole layers instead.
+
+Over several devices (a mesh with an `expert` axis, `ktjax.runtime.mesh`), the core parameters and
+the cache are replicated and every segment runs on every device; each device streams and computes
+the chosen experts it owns from its own `ExpertStore` (its resident experts, and its host experts
+in pinned memory behind it), and one program sums the devices' shares (an all-reduce).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from ktjax.experts.device import experts_segment
 from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
+from ktjax.models.moe import EXPERT_AXIS
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure, split
 from ktjax.runtime.offload.segments import (LayerSegments, combine_segment, embed_segment, head_segment,
                                             logits_segment)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, pow2, streams_everything
+from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
 
@@ -59,11 +66,14 @@ class OffloadedExecutor:
     decode_form: how decode-sized batches run a MoE layer's chosen experts: "fused" (their transfers
     start, the host CPU computes its share meanwhile, then one program computes the rest: the
     shared expert, the device's experts and the combine) or "streamed" (a program per streamed
-    expert as it lands, dispatched by a worker thread beside the host CPU's kernels)."""
+    expert as it lands, dispatched by a worker thread beside the host CPU's kernels). mesh: the
+    expert mesh the core arrays are replicated over and the experts split over (None: one device);
+    experts then live on (or behind) their owner's device."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
-                 rates: PathRates | None = None, decode_form: str = "fused"):
+                 rates: PathRates | None = None, decode_form: str = "fused",
+                 mesh: jax.sharding.Mesh | None = None):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -77,13 +87,21 @@ class OffloadedExecutor:
         self.top, self.layers = top, layers
         self.segments = {k: LayerSegments(layer_structure(config, k, dtype, attention=attention, with_experts=False)[0],
                                           config) for k in set(config.layer_kinds)}
-        self.store = ExpertStore(config, plan, experts, jax.devices()[0])
+        self.mesh = mesh
+        self.devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+        self.stores = [ExpertStore(config, plan, owned_by(experts, plan, d), device, d)
+                       for d, device in enumerate(self.devices)]
+        self.store = self.stores[0]
         self.expert_compute = expert_compute
-        hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts}
-        self.host = HostPath(fmt, hosted) if fmt.host_computable and hosted and expert_compute != "gpu" else None
+        # The host-CPU path serves one device: over several, host experts stream to their owner.
+        with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
+        hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts} if with_host else {}
+        self.host = HostPath(fmt, hosted) if with_host else None
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
+        self.device_threads = None if mesh is None else ThreadPoolExecutor(len(self.devices),
+                                                                           thread_name_prefix="ktjax-device")
         self.rates = rates or DEFAULT_RATES.get(fmt.name)
         self.decode_form = decode_form
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
@@ -98,7 +116,8 @@ class OffloadedExecutor:
 
     # ---- the executor protocol -------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache.zeros(self.config, batch, max_len, self._dtype)
+        cache = KVCache.zeros(self.config, batch, max_len, self._dtype)
+        return cache if self.mesh is None else jax.device_put(cache, replicated(self.mesh))
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling, *, profile: bool = False):
         """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
@@ -136,6 +155,9 @@ class OffloadedExecutor:
         return logits_segment(self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD), cache
 
     def trainer(self, lora, sites, train_config) -> OffloadedTrainer:
+        if self.mesh is not None:  # its backward streams experts through one device's store
+            raise ValueError(f"fine-tuning with routed experts in host memory runs on one device; this model splits "
+                             f"them over {len(self.devices)} (load it without devices= or mesh=)")
         return OffloadedTrainer(self, lora, sites, train_config)
 
     def measure_rates(self, experts_per_call: int = 3, seconds: float = 0.3) -> PathRates:
@@ -182,6 +204,8 @@ class OffloadedExecutor:
     def with_placement(self, plan: PlacementPlan) -> OffloadedExecutor:
         """This model with its experts moved where another plan (same format) puts them: experts
         leaving the device go to host memory first, so device memory never holds both sets."""
+        if self.mesh is not None:
+            raise ValueError("moving experts between device and host memory (hot_experts) is single-device for now")
         old = self.plan
         leaving = sorted(old.device_experts & plan.host_experts)
         arriving = sorted(old.host_experts & plan.device_experts)
@@ -229,7 +253,8 @@ class OffloadedExecutor:
         x_BTD, rope, start_B = run("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         short = x_BTD.shape[1] <= QUERY_CHUNK  # attention and what follows fit one segment
         groups = dict(cache.groups)
-        prefetched: list[Prefetch] = []  # the next MoE layer's first chunk, fetched ahead
+        # Per device: the next MoE layer's first chunk of its experts, fetched ahead.
+        prefetched: list[list[Prefetch]] = [[] for _ in self.stores]
         for i, kind in enumerate(cfg.layer_kinds):
             seg, state, j = self.segments[kind], self.layers[i], self._stack_index[i]
             latent, rp = groups[kind]
@@ -261,11 +286,16 @@ class OffloadedExecutor:
             outs.append(out)
         return jnp.concatenate(outs, axis=1), latent, rp
 
-    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list,
+    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list[list[Prefetch]],
              stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
         """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
         experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
         all); the others may meet a chosen expert but never bring one in."""
+        if self.mesh is not None:
+            if active_N is not None:
+                idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, self.config.n_routed_experts)
+            return self._moe_over_devices(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+        prefetched = prefetched[0]
         cfg = self.config
         N = h_ND.shape[0]
         n_active = N if active_N is None else int(active_N.sum())
@@ -317,6 +347,49 @@ class OffloadedExecutor:
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return run("combine", combine_segment, x_BTD, shared[0], parts)
 
+    def _moe_over_devices(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
+                          prefetched: list[list[Prefetch]], stats: StepStats, run: Segments):
+        """The MoE block of layer i on several devices: each device streams and computes the chosen
+        experts it owns on its own copy of the tokens (prefill-sized batches: every expert it owns,
+        its next layer's first chunk fetched ahead); the combine sums the devices' shares."""
+        cfg = self.config
+        N, D = h_ND.shape
+        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
+        stats.routed_at.append(time.perf_counter() - stats.started)
+        moved_before = stats.bytes_from_host
+        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
+        stats.expert_counts[i] = counts
+        shared_ND = run("shared_expert", seg.shared, state, h_ND)
+        # One thread per device: a device's stream waits on its own transfers (at most two chunks in
+        # flight), never on another device's. Each keeps its own stats, added up below.
+        own = [StepStats() for _ in self.devices]
+        jobs = [self.device_threads.submit(self._device_share, i, d, counts, (h_ND, w_NK, idx_NK), prefetched[d],
+                                           own[d], Segments(own[d], run.profile)) for d in range(len(self.devices))]
+        shares = [job.result() for job in jobs]
+        for s in own:
+            stats.add(s)
+        stats.link_bytes.append(stats.bytes_from_host - moved_before)
+        split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(EXPERT_AXIS))
+        stacked = jax.make_array_from_single_device_arrays((len(shares) * N, D), split, shares)
+        return run("combine", combine_shares_segment, x_BTD, shared_ND, stacked)
+
+    def _device_share(self, i: int, d: int, counts, tokens: tuple, prefetched: list[Prefetch], stats: StepStats,
+                      run: Segments) -> jax.Array:
+        """Device d's share of layer i's routed experts, f32 [N, D] on device d: the chosen experts it
+        owns (every one for prefill-sized batches) on its own copy of h, weights and ids."""
+        device, store = self.devices[d], self.stores[d]
+        N, D = tokens[0].shape
+        every = streams_everything(self.config, N)
+        owned = [e for e in store.owned if every or counts[e]]
+        if not owned:
+            return jnp.zeros((N, D), jnp.float32, device=device)
+        local = [shard_on(a, device) for a in tokens]
+
+        def compute(acc, ids_C, slots, capacity):
+            return run("experts", experts_segment, acc, *local, ids_C, slots, capacity=capacity)
+
+        return store.stream(i, counts, N, compute, None, stats, ids=owned, prefetched=prefetched)
+
     def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
                   stream_all: bool | None = None) -> tuple:
         """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
@@ -358,6 +431,24 @@ class OffloadedExecutor:
 def mask_routes_segment(idx_NK: jax.Array, active_N: jax.Array, n_experts: int) -> jax.Array:
     """Routes of inactive tokens replaced by n_experts (an id no expert has)."""
     return jnp.where(active_N[:, None], idx_NK, n_experts).astype(idx_NK.dtype)
+
+
+def owned_by(experts: dict[int, list[ExpertWeights]], plan: PlacementPlan, device: int) -> dict[int, list]:
+    """The experts `device` owns (None in the slots of other devices' experts)."""
+    return {i: [ex if plan.owner(e) == device else None for e, ex in enumerate(slots)] for i, slots in experts.items()}
+
+
+def shard_on(a: jax.Array, device: jax.Device) -> jax.Array:
+    """The copy of a replicated array that lives on `device` (no transfer)."""
+    return next(s.data for s in a.addressable_shards if s.device == device)
+
+
+@jax.jit
+def combine_shares_segment(x_BTD, shared_ND, shares_nND):
+    """x + shared + the routed experts' f32 shares of the n devices (stacked [n * N, D], split over the
+    expert axis): summing the split axis is the all-reduce."""
+    N, D = shared_ND.shape
+    return combine_segment(x_BTD, shared_ND, (shares_nND.reshape(-1, N, D).sum(0),))
 
 
 def _timed(fn, *args):

@@ -40,12 +40,15 @@ class Prefetch:
 
 
 class ExpertStore:
-    """Every routed expert of the model (`experts[layer][e]`), on the device or in pinned host memory
-    as the plan says, and the link path over them."""
+    """The routed experts one device owns (`experts[layer][e]`; every expert on one device, None in
+    the slots of other devices' experts over several), on the device or in pinned host memory behind
+    it as the plan says, and the link path over them. index: the device's place on the expert axis."""
 
-    def __init__(self, cfg: ModelConfig, plan: PlacementPlan, experts: dict[int, list[ExpertWeights]],
-                 device: jax.Device):
+    def __init__(self, cfg: ModelConfig, plan: PlacementPlan, experts: dict[int, list[ExpertWeights | None]],
+                 device: jax.Device, index: int = 0):
         self.cfg, self.plan = cfg, plan
+        self.index = index
+        self.owned = [e for e in range(cfg.n_routed_experts) if plan.owner(e) == index]
         self.on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
         self.on_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
         # Device experts get the very sharding fetched ones have: a segment's compiled variant is keyed
@@ -93,7 +96,7 @@ class ExpertStore:
         """
         stream_all = streams_everything(self.cfg, n_tokens) if stream_all is None else stream_all
         if ids is None:
-            ids = range(self.cfg.n_routed_experts) if stream_all else np.flatnonzero(counts)
+            ids = self.owned if stream_all else [e for e in np.flatnonzero(counts) if self.plan.owner(e) == self.index]
         chunks = self.chunks(layer, [int(e) for e in ids])
         ahead = prefetched.pop() if prefetched else None
         if ahead is not None and ahead.layer == layer and chunks and chunks[0] == ahead.ids:
@@ -111,7 +114,7 @@ class ExpertStore:
             if upcoming is None and stream_all and prefetched is not None and nxt is not None:
                 if c > 0:
                     jax.block_until_ready(acc)  # the previous chunk's compute done: two chunks on the device
-                first = self.chunks(nxt, range(self.cfg.n_routed_experts))[0]
+                first = self.chunks(nxt, self.owned)[0]
                 prefetched.append(Prefetch(nxt, first, self.fetch(nxt, first, stats)))
             # Few static shapes: slots padded to a power of two (full groups when there are several),
             # capacity = every token for decode-sized batches, else the chunk's largest count.
