@@ -1,0 +1,165 @@
+"""Data-parallel fine-tuning (issue 16, items 3-5): a run on two devices, and a run of two processes
+joined by `jax.distributed` on localhost, make the updates a one-device run makes with the same global
+batch. The one-device step itself is checked against PEFT in torch (test_lora's gradient test).
+
+Both runs go through `ktjax finetune` in fresh processes: the CPU backend's device count
+(XLA_FLAGS=--xla_force_host_platform_device_count) and jax.distributed are fixed when JAX starts.
+
+Tolerance: float32. The devices sum their own rows' losses and gradients and the all-reduce adds
+the partial sums, so the additions run in another order than on one device: the results agree to a
+few roundings of those sums (relative 1e-7 each), not bit for bit. rtol 1e-5 / atol 1e-6 leaves
+margin for that while staying four orders of magnitude below one step's change of the adapters
+(lr 1e-2); and the adapters must have moved by more than that.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import ktjax
+from ktjax.train import distributed
+from reference import make_reference, save_reference
+from tokenizer_fixtures import vocab_size, write_tokenizer
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "Paris."}]},
+    {"messages": [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."}]},
+    {"prompt": "def add(a, b):", "completion": "\n    return a + b\n"},
+    {"text": "Once upon a time there was a tiny model."},
+]
+# Rows of each micro-batch split over two devices; dropout on (its random bits must not depend on the
+# split); a held-out set (evaluated with split rows too); two steps, so the second sees the first's update.
+RUN = dict(rank=2, alpha=4, dropout=0.1, lr=1e-2, steps=2, batch_size=4, grad_accum=2, seq_len=32, warmup=0,
+           targets=("attention", "shared_experts"), seed=2, thinking=False, progress=False)
+CLI_RUN = ["--dtype", "float32", "--rank", "2", "--alpha", "4", "--dropout", "0.1", "--lr", "1e-2", "--steps", "2",
+           "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--warmup", "0", "--targets",
+           "attention,shared_experts", "--seed", "2", "--no-thinking"]
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A dense and a MoE layer with a tokenizer, the data, and the one-device run's adapter and losses."""
+    root = tmp_path_factory.mktemp("dp")
+    ref = make_reference("v3", seed=6, num_hidden_layers=2, first_k_dense_replace=1, vocab_size=vocab_size())
+    ckpt = save_reference(ref, root / "model")
+    write_tokenizer(ckpt)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS), encoding="utf-8")
+    one = ktjax.finetune(ktjax.load(ckpt, dtype="float32"), data, output=root / "one", eval_data=data, **RUN)
+    return ckpt, data, root, one
+
+
+def ktjax_cli(*args, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "ktjax.cli.main", "finetune", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen) -> str:
+    """The process's stderr, once it exited successfully."""
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-4000:]
+    return err
+
+
+def assert_same_run(output, one) -> None:
+    with open(os.path.join(output, "finetune_summary.json")) as f:
+        summary = json.load(f)
+    losses = [h["loss"] for h in summary["history"]]
+    np.testing.assert_allclose(losses, [h["loss"] for h in one.history], rtol=1e-5)
+    assert summary["eval_loss"] == pytest.approx(one.eval_loss, rel=1e-5)
+    want = load_file(os.path.join(one.output, "adapter_model.safetensors"))
+    got = load_file(os.path.join(output, "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The comparison means something: two steps moved the adapters (lora_B starts at zero) well beyond it.
+    moved = max(float(np.abs(v).max()) for k, v in want.items() if "lora_B" in k)
+    assert moved > 1e-3, moved
+
+
+def test_two_devices_make_the_one_device_updates(setup):
+    ckpt, data, root, one = setup
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    err = finished(ktjax_cli("--model", ckpt, "--data", data, "--eval-data", data, "--output", root / "two",
+                             "--devices", 2, *CLI_RUN, env_extra={"XLA_FLAGS": flags}))
+    assert "adapter written to" in err
+    assert_same_run(root / "two", one)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_make_the_one_device_updates(setup):
+    """Two processes of one CPU device each, joined through a coordinator on localhost: the mesh
+    spans both, each places its own rows; process 0 alone writes the adapter and speaks."""
+    ckpt, data, root, one = setup
+    port = free_port()
+    procs = [ktjax_cli("--model", ckpt, "--data", data, "--eval-data", data, "--output", root / f"process{i}",
+                       "--coordinator", f"localhost:{port}", "--num-processes", 2, "--process-id", i, *CLI_RUN)
+             for i in range(2)]
+    errs = [finished(p) for p in procs]
+    assert "adapter written to" in errs[0]
+    assert_same_run(root / "process0", one)
+    # Process 1 trained (its device took half of every batch) but wrote nothing and said nothing of the run.
+    assert not (root / "process1").exists()
+    assert "finetune:" not in errs[1] and "adapter written" not in errs[1], errs[1][-2000:]
+
+
+def test_cluster_options_and_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed.cluster_from(environ={}) is None
+    assert distributed.cluster_from(environ=env) == distributed.Cluster("10.0.0.1:1234", 4, 3)
+    assert distributed.cluster_from("host:9", 2, 0, environ=env) == distributed.Cluster("host:9", 2, 0)
+    for args, message in [(("host:9", None, 0), "--coordinator needs --num-processes and --process-id"),
+                          ((None, 2, 1), "need --coordinator HOST:PORT"),
+                          (("host", 2, 1), "expected HOST:PORT"),
+                          (("host:9", 2, 2), r"--process-id must be in 0\.\.1, got 2")]:
+        with pytest.raises(ValueError, match=message):
+            distributed.cluster_from(*args, environ={})
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='x': expected an integer"):
+        distributed.cluster_from(environ={**env, "JAX_PROCESS_ID": "x"})
+
+
+TWO_DEVICE_ERRORS = """
+import sys, ktjax
+ckpt, data, out = sys.argv[1:]
+run = dict(steps=1, seq_len=32, thinking=False, progress=False, targets=("o_proj",))
+model = ktjax.load(ckpt, dtype="float32", placement={r"model\\.layers\\.\\d+\\.mlp\\.experts\\.\\d+": "host"},
+                   max_context=32)
+for kwargs in [dict(batch_size=3, devices=2), dict(batch_size=2, devices=2)]:
+    try:
+        ktjax.finetune(model, data, output=out, **run, **kwargs)
+    except ValueError as e:
+        print(e)
+"""
+
+
+def test_batch_must_split_over_the_devices_and_offloaded_models_train_on_one(setup, tmp_path):
+    ckpt, data, _, _ = setup
+    with pytest.raises(ValueError, match=r"devices=2: this run has 1 device\(s\)"):
+        ktjax.finetune(ckpt, data, output=tmp_path / "x", **RUN, devices=2)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICE_ERRORS, ckpt, data, tmp_path / "y"], capture_output=True,
+                         text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [
+        "batch_size=3 rows do not split over 2 devices; use a multiple of 2 (it is the global micro-batch: each "
+        "device takes batch_size / devices)",
+        "data-parallel fine-tuning over 2 devices needs every parameter on the device (a resident model); this model "
+        "keeps routed experts in host memory: train it on one device (devices=1, --devices 1)"]
