@@ -136,9 +136,32 @@ def test_cluster_options_and_environment():
         distributed.cluster_from(environ={**env, "JAX_PROCESS_ID": "x"})
 
 
-TWO_DEVICE_ERRORS = """
-import sys, ktjax
-ckpt, data, out = sys.argv[1:]
+# On two devices: the compiled step of a one-layer dense model keeps each device's rows where they are and
+# adds the gradients (with the loss sum and target count) in one all-reduce, nothing else crossing; and the
+# runs that cannot split say so in one line.
+TWO_DEVICES = """
+import collections, re, sys
+import jax, numpy as np, optax, ktjax
+from ktjax.lora.config import LoRAConfig
+from ktjax.lora.modules import init_adapters, lora_graph
+from ktjax.train import distributed as D
+from ktjax.train.resident import make_train_step
+ckpt, dense_ckpt, data, out = sys.argv[1:]
+
+dense = ktjax.load(dense_ckpt, dtype="float32")
+lcfg = LoRAConfig(rank=2, targets=("o_proj",))
+graphdef, _ = lora_graph(dense.config, dense.dtype, lcfg, attention="reference")
+mesh, tx = D.data_mesh(2), optax.adamw(1e-3)
+adapters, rows = D.replicate(init_adapters(dense.config, lcfg, 0), mesh), D.micro_batches(mesh)
+step = make_train_step(graphdef, tx, mesh=mesh)
+hlo = step.lower(adapters, D.replicate(tx.init(adapters), mesh), D.replicate(dense.executor.base_params, mesh),
+                 D.put_global(np.zeros((1, 4, 16), np.int32), rows), D.put_global(np.ones((1, 4, 16), bool), rows),
+                 jax.random.key(0)).compile().as_text()
+print([line.split("=")[1].split("{")[0].strip() for line in hlo.splitlines()
+       if "parameter(" in line and 'op_name="tokens_MBT"' in line])
+print(dict(collections.Counter(re.findall(r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                                          r"(?:-start)?[(]", hlo))))
+
 run = dict(steps=1, seq_len=32, thinking=False, progress=False, targets=("o_proj",))
 model = ktjax.load(ckpt, dtype="float32", placement={r"model\\.layers\\.\\d+\\.mlp\\.experts\\.\\d+": "host"},
                    max_context=32)
@@ -150,15 +173,19 @@ for kwargs in [dict(batch_size=3, devices=2), dict(batch_size=2, devices=2)]:
 """
 
 
-def test_batch_must_split_over_the_devices_and_offloaded_models_train_on_one(setup, tmp_path):
+def test_two_devices_split_rows_reduce_gradients_and_refuse_what_does_not_split(setup, tmp_path):
     ckpt, data, _, _ = setup
     with pytest.raises(ValueError, match=r"devices=2: this run has 1 device\(s\)"):
         ktjax.finetune(ckpt, data, output=tmp_path / "x", **RUN, devices=2)
+    dense = save_reference(make_reference("v3", seed=4, num_hidden_layers=1, first_k_dense_replace=1, vocab_size=64),
+                           tmp_path / "dense")
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    out = subprocess.run([sys.executable, "-c", TWO_DEVICE_ERRORS, ckpt, data, tmp_path / "y"], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", TWO_DEVICES, ckpt, dense, data, tmp_path / "y"], capture_output=True,
                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}, timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines() == [
+        "['s32[1,2,16]']",  # [micro-batches, rows, tokens]: two of the four rows on each device
+        "{'all-reduce': 1}",
         "batch_size=3 rows do not split over 2 devices; use a multiple of 2 (it is the global micro-batch: each "
         "device takes batch_size / devices)",
         "data-parallel fine-tuning over 2 devices needs every parameter on the device (a resident model); this model "
