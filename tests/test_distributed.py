@@ -14,9 +14,11 @@ margin for that while staying four orders of magnitude below one step's change o
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -46,32 +48,46 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A dense and a MoE layer with a tokenizer, the data, and the one-device run's adapter and losses."""
+    """A dense and a MoE layer with a tokenizer, the data, and the one-device run's adapter, losses and
+    checkpoints (after steps 1 and 2)."""
     root = tmp_path_factory.mktemp("dp")
     ref = make_reference("v3", seed=6, num_hidden_layers=2, first_k_dense_replace=1, vocab_size=vocab_size())
     ckpt = save_reference(ref, root / "model")
     write_tokenizer(ckpt)
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS), encoding="utf-8")
-    one = ktjax.finetune(ktjax.load(ckpt, dtype="float32"), data, output=root / "one", eval_data=data, **RUN)
+    one = ktjax.finetune(ktjax.load(ckpt, dtype="float32"), data, output=root / "one", eval_data=data, save_every=1,
+                         **RUN)
     return ckpt, data, root, one
 
 
-def ktjax_cli(*args, env_extra: dict | None = None) -> subprocess.Popen:
+def ktjax_cli(log, *args, env_extra: dict | None = None) -> subprocess.Popen:
+    """`ktjax finetune ARGS` in a fresh process, its output going to the file `log` (a pipe left unread
+    could fill and stall it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "ktjax.cli.main", "finetune", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "ktjax.cli.main", "finetune", *map(str, args)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def finished(proc: subprocess.Popen) -> str:
-    """The process's stderr, once it exited successfully."""
+def finished(procs: list[subprocess.Popen], logs: list) -> list[str]:
+    """Each process's output once all exited successfully; the first failure (or the time limit) ends the
+    others, which would otherwise wait for their peer until jax.distributed's own timeout."""
+    deadline = time.monotonic() + TIMEOUT
     try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    assert proc.returncode == 0, err[-4000:]
-    return err
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.returncode not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, "a process failed or ran out of time"
+            time.sleep(0.2)
+        assert all(p.returncode == 0 for p in procs), "a process failed"
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n" + "\n".join(f"-- {log}:\n{open(log).read()[-3000:]}" for log in logs)) from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [open(log).read() for log in logs]
 
 
 def assert_same_run(output, one) -> None:
@@ -93,8 +109,9 @@ def assert_same_run(output, one) -> None:
 def test_two_devices_make_the_one_device_updates(setup):
     ckpt, data, root, one = setup
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    err = finished(ktjax_cli("--model", ckpt, "--data", data, "--eval-data", data, "--output", root / "two",
-                             "--devices", 2, *CLI_RUN, env_extra={"XLA_FLAGS": flags}))
+    log = root / "two.log"
+    [err] = finished([ktjax_cli(log, "--model", ckpt, "--data", data, "--eval-data", data, "--output", root / "two",
+                                "--devices", 2, *CLI_RUN, env_extra={"XLA_FLAGS": flags})], [log])
     assert "adapter written to" in err
     assert_same_run(root / "two", one)
 
@@ -107,14 +124,20 @@ def free_port() -> int:
 
 def test_two_processes_with_jax_distributed_make_the_one_device_updates(setup):
     """Two processes of one CPU device each, joined through a coordinator on localhost: the mesh
-    spans both, each places its own rows; process 0 alone writes the adapter and speaks."""
+    spans both, each places its own rows; process 0 alone writes the adapter and speaks. Process 0's
+    output holds the one-device run's checkpoint of step 1: it resumes there and sends the state to
+    process 1, whose output has none (no shared file system), and they make step 2 together."""
     ckpt, data, root, one = setup
+    shutil.copytree(root / "one" / "checkpoints", root / "process0" / "checkpoints")
+    shutil.rmtree(root / "process0" / "checkpoints" / "2")
     port = free_port()
-    procs = [ktjax_cli("--model", ckpt, "--data", data, "--eval-data", data, "--output", root / f"process{i}",
+    logs = [root / f"process{i}.log" for i in range(2)]
+    procs = [ktjax_cli(logs[i], "--model", ckpt, "--data", data, "--eval-data", data, "--output", root / f"process{i}",
                        "--coordinator", f"localhost:{port}", "--num-processes", 2, "--process-id", i, *CLI_RUN)
              for i in range(2)]
-    errs = [finished(p) for p in procs]
+    errs = finished(procs, logs)
     assert "adapter written to" in errs[0]
+    assert f"finetune: resuming {root / 'process0' / 'checkpoints'} at step 1 of 2\n" in errs[0], errs[0][-2000:]
     assert_same_run(root / "process0", one)
     # Process 1 trained (its device took half of every batch) but wrote nothing and said nothing of the run.
     assert not (root / "process1").exists()

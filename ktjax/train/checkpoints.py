@@ -2,10 +2,10 @@
 data position. Batch k and the dropout key of step k are pure functions of (data, seed, k), so a
 resumed run continues exactly as an uninterrupted one.
 
-The state is written and read as numpy arrays (the replicated adapters and optimizer state, this
-process's copy), so a checkpoint does not depend on the devices that wrote it: a run resumes on
-another number of devices. With several processes only process 0 opens the checkpoints (orbax's
-`active_processes`), and no other process waits on it."""
+The state is read back as numpy arrays, so a checkpoint does not depend on the devices that wrote
+it: a run resumes on another number of devices. With several processes only process 0 opens the
+checkpoints (orbax's `active_processes`) and writes its own replica of the state, as numpy; no other
+process waits on it."""
 
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, adapters, opt_state, meta: dict) -> None:
+        state = {"adapters": adapters, "opt_state": opt_state}
+        if jax.process_count() > 1:  # arrays over other processes' devices too: this one's replica, as numpy
+            state = host_copy(state)
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host_copy({"adapters": adapters, "opt_state": opt_state})),
+            state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
