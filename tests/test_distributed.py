@@ -25,6 +25,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import ktjax
+from ktjax.cli.main import main as cli_main
 from ktjax.train import distributed
 from reference import make_reference, save_reference
 from tokenizer_fixtures import vocab_size, write_tokenizer
@@ -157,6 +158,16 @@ def test_cluster_options_and_environment():
             distributed.cluster_from(*args, environ={})
     with pytest.raises(ValueError, match="JAX_PROCESS_ID='x': expected an integer"):
         distributed.cluster_from(environ={**env, "JAX_PROCESS_ID": "x"})
+
+
+def test_cluster_option_errors_are_one_line_before_anything_runs(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(CONVERSATIONS[0]) + "\n")
+    assert cli_main(["finetune", "--data", str(data), "--output", str(tmp_path / "out"), "--coordinator", "h:1",
+                     "--num-processes", "2"]) == 1
+    assert capsys.readouterr().err == ("ktjax: error: --coordinator needs --num-processes and --process-id (or "
+                                       "JAX_NUM_PROCESSES, JAX_PROCESS_ID)\n")
+    assert not (tmp_path / "out").exists()
 
 
 # On two devices: the compiled step of a one-layer dense model keeps each device's rows where they are and
