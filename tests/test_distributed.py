@@ -4,6 +4,8 @@ batch. The one-device step itself is checked against PEFT in torch (test_lora's 
 
 Both runs go through `ktjax finetune` in fresh processes: the CPU backend's device count
 (XLA_FLAGS=--xla_force_host_platform_device_count) and jax.distributed are fixed when JAX starts.
+Equal results would also come from every device computing every row; the compiled two-device step
+of a dense layer shows the rows stay split and the gradients cross devices once (an all-reduce).
 
 Tolerance: float32. The devices sum their own rows' losses and gradients and the all-reduce adds
 the partial sums, so the additions run in another order than on one device: the results agree to a
