@@ -125,6 +125,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed_make_the_one_device_updates(setup):
     """Two processes of one CPU device each, joined through a coordinator on localhost: the mesh
     spans both, each places its own rows; process 0 alone writes the adapter and speaks. Process 0's
