@@ -10,6 +10,7 @@ from ktjax.api import load
 from ktjax.experts.weights import FORMATS
 from ktjax.runtime.offload.scheduler import MODES
 from ktjax.runtime.placement import parse_size
+from ktjax.train import distributed
 
 
 def model_args(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
@@ -39,6 +40,24 @@ def model_args(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
     if adapter:
         p.add_argument("--adapter", metavar="DIR", default=None,
                        help="a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply")
+
+
+def distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several hosts", "one process per host, each started with the same options but its "
+                             "own --process-id (see docs/distributed.md)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="address where process 0 listens for the others (default: $JAX_COORDINATOR_ADDRESS; "
+                        "neither: one process)")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="how many processes (hosts) take part (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="this process's number, 0..N-1; process 0 writes the output (default: $JAX_PROCESS_ID)")
+
+
+def join_cluster(args) -> None:
+    """Join the other processes (jax.distributed) when the options or the environment name a
+    coordinator; before anything touches a device, which fixes the set of devices JAX sees."""
+    distributed.initialize(distributed.cluster_from(args.coordinator, args.num_processes, args.process_id))
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:

@@ -7,10 +7,11 @@ import os
 import sys
 
 from ktjax.api import finetune
-from ktjax.cli.common import new_output_dir
+from ktjax.cli.common import distributed_args, join_cluster, new_output_dir
 from ktjax.experts.weights import FORMATS
 from ktjax.lora.config import DEFAULT_TARGETS
 from ktjax.runtime.placement import parse_size
+from ktjax.train import distributed
 
 
 def add_parser(sub) -> None:
@@ -39,7 +40,8 @@ def add_parser(sub) -> None:
                         "projections)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="sequences per micro-batch, over all devices (default 4; a multiple of --devices)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (default 1); with experts in host memory they share "
                    "each expert transfer, so more tokens per step cost little extra time")
@@ -56,12 +58,17 @@ def add_parser(sub) -> None:
     p.add_argument("--log-every", type=int, default=10,
                    help="when standard error is not a terminal (no progress bar), a log line every N steps (default 10)")
     p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="device memory budget, e.g. 24GiB")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="train data-parallel on N devices, each micro-batch's rows split over them: the same "
+                        "updates as one device (default: 1; with --coordinator, every device of every process); "
+                        "needs every parameter on the device")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if OUTPUT/checkpoints has a checkpoint")
     p.add_argument("--keep-reasoning", action="store_true",
                    help="train on the reasoning (reasoning_content) of assistant messages too")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="the chat template's thinking setting, as you will chat with the model (see ktjax chat)")
+    distributed_args(p)
     p.set_defaults(func=run)
 
 
@@ -72,7 +79,7 @@ def check_args(args) -> None:
     for option, path in (("--data", args.data), ("--eval-data", args.eval_data)):
         if path is not None and not os.path.isfile(os.path.expanduser(path)):
             raise ValueError(f"{option} {path}: no such file")
-    at_least = {"rank": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "save_every": 1, "log_every": 1,
+    at_least = {"rank": 1, "steps": 1, "devices": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "save_every": 1, "log_every": 1,
                 "eval_every": 1, "warmup": 0, "weight_decay": 0, "max_grad_norm": 0}
     for name, low in at_least.items():
         v = getattr(args, name)
@@ -92,13 +99,17 @@ def check_args(args) -> None:
 def run(args) -> int:
     check_args(args)
     output = new_output_dir(args.output)
+    join_cluster(args)
     r = finetune(args.model, args.data, output=output, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                  lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                  grad_accum=args.grad_accum, warmup=args.warmup, targets=args.targets, seed=args.seed,
                  gpu_memory=args.gpu_memory, experts=args.experts, resume=args.resume, dtype=args.dtype, eval_data=args.eval_data,
                  eval_fraction=args.eval_fraction, eval_every=args.eval_every, save_every=args.save_every,
                  max_grad_norm=args.max_grad_norm or None, weight_decay=args.weight_decay,
-                 keep_reasoning=args.keep_reasoning, thinking=args.thinking, log_every=args.log_every)
+                 keep_reasoning=args.keep_reasoning, thinking=args.thinking, log_every=args.log_every,
+                 devices=args.devices)
+    if not distributed.is_primary():  # process 0 speaks for the run
+        return 0
     msg = f"adapter written to {r.output} ({r.steps} steps"
     if r.train_loss is not None:
         msg += f", train loss {r.train_loss:.4f}"

@@ -98,11 +98,11 @@ def _set_piece_fn(sharding: jax.sharding.Sharding, block: tuple[int, int]) -> Ca
 
 def read_leaf(ckpt: Checkpoint, source: LeafSource, *, sharding: jax.sharding.Sharding | None = None,
               on_tensor: Callable[[int], None] | None = None) -> jax.Array:
-    """One parameter leaf, read tensor by tensor into its final array on `sharding` (default: the
-    first device), FP8 tensors dequantised with their own block scales, int8/int4 ones with theirs.
+    """One parameter leaf, read tensor by tensor into its final array on `sharding` (default: this
+    process's first device), FP8 tensors dequantised with their own block scales, int8/int4 ones with theirs.
     on_tensor(stored_bytes) is called after each tensor is dispatched (progress)."""
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own (several hosts)
     set_piece = _set_piece_fn(sharding, source.block)
     leaf = _zeros_fn(source.shape, source.dtype, sharding)()
     pending = 0

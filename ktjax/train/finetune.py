@@ -8,11 +8,16 @@ state in float32. Checkpoints hold adapters, optimizer state, step and data posi
 resumed run continues exactly as an uninterrupted one. Ctrl-C finishes the step under way (or the
 checkpoint being written) and saves it; a second Ctrl-C stops at once, leaving the latest checkpoint
 as it was (a step's inputs are donated to it, so the state before it is gone once it starts).
+
+Several devices and hosts (`devices`, `mesh`; `ktjax.train.distributed`): data parallelism, each
+micro-batch's rows split over the devices, the same updates as on one device with the same global
+batch. Every process runs this function; process 0 writes the checkpoints and the adapter and speaks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,6 +36,7 @@ from ktjax.lora.modules import init_adapters
 from ktjax.runtime.model import LoadedModel
 from ktjax.runtime.placement import fmt_bytes, training_nbytes
 from ktjax.train import data as data_lib
+from ktjax.train import distributed
 from ktjax.train.checkpoints import Checkpoints
 from ktjax.train.config import TrainConfig, optimizer_init
 from ktjax.train.progress import Reporter, StepBoundary
@@ -74,7 +80,8 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
              max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, min_lr_ratio: float = 0.0,
              remat: bool = True, keep_reasoning: bool = False, log_every: int = 10,
              thinking: bool | None = None, callback: Callable[[dict], None] | None = None,
-             load: Callable | None = None) -> FinetuneResult:
+             load: Callable | None = None, devices: int | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> FinetuneResult:
     """LoRA-fine-tune a DeepSeek model on JSONL conversations and write a PEFT adapter to `output`.
 
     model: a loaded model, a checkpoint directory (loaded with dtype, gpu_memory, experts (their
@@ -91,6 +98,10 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     progress: a progress bar (default: when stderr is a terminal; else a log line every `log_every` steps).
     callback(metrics): called after every step (step, loss, grad_norm, lr, tokens, seconds, ...).
     load: the loader for a model given by path (`ktjax.load`).
+    devices, mesh: data parallelism over the first `devices` devices, or over a mesh's `data` axis
+        (default: one device; every device of every process once `jax.distributed` joined several).
+        batch_size stays the global micro-batch (a multiple of the devices): the run makes the
+        updates a one-device run makes. A resident model only (experts in host memory train on one device).
     """
     t_start = time.perf_counter()
     output = os.path.expanduser(os.fspath(output))
@@ -105,9 +116,14 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    if devices is not None and mesh is not None:
+        raise ValueError("give devices or mesh, not both")
+    mesh = distributed.data_mesh(mesh if mesh is not None else devices)
+    distributed.check_batch(batch_size, mesh)
+    primary = distributed.is_primary()  # writes files and speaks for the run
 
     ckpt_dir = os.path.join(output, CHECKPOINTS)
-    if resume and os.path.isdir(ckpt_dir):  # settings a checkpoint cannot take fail before the model loads
+    if primary and resume and os.path.isdir(ckpt_dir):  # settings a checkpoint cannot take fail before the model loads
         check_resumable(ckpt_dir, {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc)})
 
     # -- set-up: model, data, adapters, optimizer ---------------------------------------------------
@@ -118,7 +134,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     ds = data_lib.load_dataset(data, model.tokenizer, seq_len=seq_len, eval_fraction=eval_fraction, eval_data=eval_data,
                                seed=seed, vocab_size=cfg.vocab_size, keep_reasoning=keep_reasoning,
                                thinking=thinking)
-    report = Reporter(steps, 0, progress, every=log_every)
+    report = Reporter(steps, 0, progress, every=log_every, speaks=primary)
     if ds.truncated or ds.dropped:
         report.say(f"finetune: {ds.source}: {ds.truncated} examples cut to seq_len={seq_len}, {ds.dropped} dropped "
                    "(no target token left)")
@@ -126,33 +142,45 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
     pad_id = data_lib.pad_id_of(model.tokenizer)
     loader = data_lib.Loader(ds.train, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed,
                              pad_id=pad_id)
-    trainer = model.executor.trainer(lcfg, resolve_sites(cfg, lcfg.targets), tc)
+    trainer = data_parallel(model.executor.trainer(lcfg, resolve_sites(cfg, lcfg.targets), tc), mesh)
     root_key = jax.random.key(seed)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # where the step's outputs live: one compile
-    adapters = jax.device_put(init_adapters(cfg, lcfg, jax.random.fold_in(root_key, 0x10A)), device)
-    state = TrainState(adapters, jax.device_put(optimizer_init(tc)(adapters), device), 0, 0, ())
+    # Adapters and optimizer state replicated where the step's outputs live: one compile.
+    adapters = distributed.replicate(init_adapters(cfg, lcfg, jax.random.fold_in(root_key, 0x10A)), mesh)
+    state = TrainState(adapters, distributed.replicate(optimizer_init(tc)(adapters), mesh), 0, 0, ())
 
     # -- resume ---------------------------------------------------------------------------------------
-    os.makedirs(output, exist_ok=True)
-    if not resume and os.path.isdir(ckpt_dir):
-        shutil.rmtree(ckpt_dir)
-    ckpts = Checkpoints(ckpt_dir)
+    ckpts = None  # process 0's alone
+    if primary:
+        os.makedirs(output, exist_ok=True)
+        if not resume and os.path.isdir(ckpt_dir):
+            shutil.rmtree(ckpt_dir)
+        ckpts = Checkpoints(ckpt_dir)
     run_meta = {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc), "data": ds.fingerprint(), "model": model.path}
-    latest = ckpts.latest_step() if resume else None
-    if latest is not None:
-        changed = resume_changes(ckpts.meta(latest), run_meta, ckpt_dir)
-        adapters, opt_state, meta = ckpts.restore(latest, state.adapters, state.opt_state)
-        state = TrainState(*jax.device_put((adapters, opt_state), device), int(meta["step"]), int(meta.get("tokens", 0)),
+    latest = ckpts.latest_step() if ckpts is not None and resume else None
+    latest = int(distributed.from_primary(np.int32(-1 if latest is None else latest)))  # every process resumes there
+    if latest >= 0:
+        if primary:
+            changed = resume_changes(ckpts.meta(latest), run_meta, ckpt_dir)
+            adapters, opt_state, meta = ckpts.restore(latest, state.adapters, state.opt_state)
+        else:  # placeholders of the right shapes, for process 0's values to arrive in
+            (adapters, opt_state), meta = distributed.host_copy((state.adapters, state.opt_state)), {}
+        adapters, opt_state, tokens = distributed.from_primary((adapters, opt_state, np.int32(meta.get("tokens", 0))))
+        state = TrainState(*distributed.replicate((adapters, opt_state), mesh), latest, int(tokens),
                            tuple(meta.get("history", [])))
         report.say(f"finetune: resuming {ckpt_dir} at step {state.step} of {steps}"
                    + (f" with changed settings ({', '.join(changed)}): the run will differ from an uninterrupted one"
-                      if changed else ""))
+                      if primary and changed else ""))
     start = state.step
     report.start_at(start)
 
     def save(s: TrainState) -> None:
-        meta = dict(run_meta, step=s.step, position=loader.position(s.step), tokens=s.tokens, history=list(s.history))
-        ckpts.save(s.step, s.adapters, s.opt_state, meta)
+        if ckpts is not None:
+            meta = dict(run_meta, step=s.step, position=loader.position(s.step), tokens=s.tokens,
+                        history=list(s.history))
+            ckpts.save(s.step, s.adapters, s.opt_state, meta)
+
+    def latest_saved() -> int | None:
+        return ckpts.latest_step() if ckpts is not None else None
 
     # -- the loop ---------------------------------------------------------------------------------------
     eval_every = eval_every or max(1, steps // 5)
@@ -164,8 +192,8 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
             batch = loader.batch(step)
             with boundary.deferred():  # Ctrl-C lands after the state below is committed
                 t0 = time.perf_counter()
-                adapters, opt_state, m = trainer.step(state.adapters, state.opt_state, jnp.asarray(batch.tokens),
-                                                      jnp.asarray(batch.mask), jax.random.fold_in(root_key, step))
+                adapters, opt_state, m = trainer.step(state.adapters, state.opt_state, *split_rows(batch, mesh),
+                                                      jax.random.fold_in(root_key, step))
                 loss = float(m["loss"])  # waits for the step
                 dt = time.perf_counter() - t0
                 rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step)),
@@ -178,7 +206,7 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower the learning rate (--lr)")
             if ds.eval and (state.step % eval_every == 0 or state.step == steps):
-                rec["eval_loss"] = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id)
+                rec["eval_loss"] = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id, mesh)
             report.step(rec)
             if state.step % save_every == 0 or state.step == steps:
                 with boundary.deferred():  # Ctrl-C lands after the checkpoint is complete
@@ -191,30 +219,53 @@ def finetune(model: LoadedModel | str | os.PathLike | None, data, *, output: str
         # A second Ctrl-C stops at once: inside a step whose inputs are already donated to it (the
         # committed state's arrays are gone), or inside a checkpoint being written. Then the step is
         # not saved: the latest checkpoint still names exactly the state it holds.
-        if state.step > start and ckpts.latest_step() != state.step and not writing and intact(state):
+        if state.step > start and latest_saved() != state.step and not writing and intact(state):
             save(state)
-        report.say(stop_note(state.step, ckpts.latest_step(), ckpt_dir))
+        report.say(stop_note(state.step, latest_saved(), ckpt_dir))
         raise
     finally:
-        ckpts.close()
+        if ckpts is not None:
+            ckpts.close()
         report.close()
 
     # -- export -----------------------------------------------------------------------------------------
-    save_adapter(output, cfg, state.adapters, lcfg, base_model_name_or_path=model.path)
+    adapters = distributed.host_copy(state.adapters)
+    if primary:
+        save_adapter(output, cfg, adapters, lcfg, base_model_name_or_path=model.path)
     history = list(state.history)
     new = history[len(history) - (state.step - start):]
     eval_loss = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
     if ds.eval and (not history or "eval_loss" not in history[-1]):
-        eval_loss = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id)
+        eval_loss = evaluate_loss(trainer, state.adapters, ds.eval, batch_size, seq_len, pad_id, mesh)
     result = FinetuneResult(output=output, steps=state.step, start_step=start,
                             train_loss=float(np.mean([h["loss"] for h in new[-10:]])) if new else None,
                             eval_loss=eval_loss, tokens=state.tokens, seconds=time.perf_counter() - t_start,
-                            history=history, adapters=jax.tree.map(np.asarray, state.adapters), lora=lcfg)
-    with open(os.path.join(output, SUMMARY), "w", encoding="utf-8") as f:
-        json.dump({f.name: getattr(result, f.name) for f in dataclasses.fields(result)
-                   if f.name not in ("adapters", "lora")} | {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc)},
-                  f, indent=1)
+                            history=history, adapters=adapters, lora=lcfg)
+    if primary:
+        with open(os.path.join(output, SUMMARY), "w", encoding="utf-8") as f:
+            json.dump({f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                       if f.name not in ("adapters", "lora")} | {"lora": lcfg.to_dict(), "train": dataclasses.asdict(tc)},
+                      f, indent=1)
     return result
+
+
+def data_parallel(trainer, mesh: jax.sharding.Mesh):
+    """The trainer over the mesh: data-parallel where it can be (a resident model's one-program step);
+    an offloaded model's step, Python driving per-layer segments on one device, only on one device."""
+    if hasattr(trainer, "on_mesh"):
+        return trainer.on_mesh(mesh)
+    if mesh.size > 1:
+        raise ValueError(f"data-parallel fine-tuning over {mesh.size} devices needs every parameter on the device "
+                         "(a resident model); this model keeps routed experts in host memory: train it on one "
+                         "device (devices=1, --devices 1)")
+    return trainer
+
+
+def split_rows(batch: data_lib.Batch, mesh: jax.sharding.Mesh) -> tuple[jax.Array, jax.Array]:
+    """A step's tokens and mask [micro-batch, row, token], rows split over the mesh's data axis (each
+    process places the rows of its own devices)."""
+    rows = distributed.micro_batches(mesh)
+    return distributed.put_global(batch.tokens, rows), distributed.put_global(batch.mask, rows)
 
 
 def stop_note(step: int, latest: int | None, ckpt_dir: str) -> str:
@@ -233,11 +284,13 @@ def intact(state: TrainState) -> bool:
                                                                                          state.opt_state)))
 
 
-def evaluate_loss(trainer, adapters, examples, batch_size: int, seq_len: int, pad_id: int) -> float | None:
-    """Mean NLL per target token over the held-out examples."""
+def evaluate_loss(trainer, adapters, examples, batch_size: int, seq_len: int, pad_id: int,
+                  mesh: jax.sharding.Mesh | None = None) -> float | None:
+    """Mean NLL per target token over the held-out examples (rows split over the mesh's data axis)."""
     s_tot, n_tot = 0.0, 0.0
+    place = jnp.asarray if mesh is None else functools.partial(distributed.put_global, sharding=distributed.batch(mesh))
     for tokens, mask in data_lib.eval_batches(examples, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id):
-        s, n = trainer.eval_nll(adapters, jnp.asarray(tokens), jnp.asarray(mask))
+        s, n = trainer.eval_nll(adapters, place(tokens), place(mask))
         s_tot += float(s)
         n_tot += float(n)
     return s_tot / max(n_tot, 1.0)

@@ -16,11 +16,12 @@ from ktjax.io.load import show_progress
 
 class Reporter:
     """A tqdm bar when stderr is a terminal (or progress=True), else a line every `every` steps
-    (none with progress=False); notes (`say`) always."""
+    (none with progress=False); notes (`say`) always. Nothing at all with speaks=False (the
+    processes of a multi-host run other than process 0, which speaks for the run)."""
 
-    def __init__(self, steps: int, start: int, progress: bool | None, every: int = 10):
-        self.steps, self.every = steps, every
-        self.bar_on = show_progress(progress)
+    def __init__(self, steps: int, start: int, progress: bool | None, every: int = 10, speaks: bool = True):
+        self.steps, self.every, self.speaks = steps, every, speaks
+        self.bar_on = show_progress(progress) and speaks
         self.quiet = progress is False
         self.bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True, file=sys.stderr,
                         disable=not self.bar_on,
@@ -31,6 +32,8 @@ class Reporter:
         self.bar.refresh()
 
     def say(self, line: str) -> None:
+        if not self.speaks:
+            return
         if self.bar_on:
             self.bar.write(line, file=sys.stderr)
         else:
@@ -43,7 +46,7 @@ class Reporter:
         if self.bar_on:
             self.bar.set_postfix_str(post, refresh=False)
             self.bar.update(1)
-        elif not self.quiet and (rec["step"] % self.every == 0 or rec["step"] == self.steps or "eval_loss" in rec):
+        elif self.speaks and not self.quiet and (rec["step"] % self.every == 0 or rec["step"] == self.steps or "eval_loss" in rec):
             self.say(f"finetune: step {rec['step']}/{self.steps}, {post}")
 
     def close(self) -> None:

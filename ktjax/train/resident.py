@@ -5,10 +5,15 @@ Gradient accumulation over micro-batches (lax.scan), the forward rematerialised 
 parameters only. The base weights are an input the step never differentiates nor changes: no
 gradients and no optimizer state for them. Attention is the pure-JAX reference (the Pallas kernels
 have no backward pass).
+
+On a mesh (`ResidentTrainer.on_mesh`) the same program is data-parallel: the rows of each
+micro-batch are split over the mesh's `data` axis, everything else is replicated, and XLA's SPMD
+partitioner adds the gradients' all-reduce (see `ktjax.train.distributed`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 
@@ -19,6 +24,7 @@ from flax import nnx
 
 from ktjax.lora.config import LoRAConfig
 from ktjax.lora.modules import lora_graph
+from ktjax.train import distributed
 from ktjax.train.config import TrainConfig, tree_norm
 from ktjax.train.loss import head_nll
 
@@ -34,11 +40,13 @@ def adapter_nll(graphdef: nnx.GraphDef, base: nnx.State, adapters: Mapping, toke
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, remat: bool = True,
-                    loss_chunk: int = 1024) -> Callable:
+                    loss_chunk: int = 1024, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """step(adapters, opt_state, base, tokens [M,B,T], mask [M,B,T], key) -> (adapters, opt_state, metrics).
 
     The M micro-batches' gradients are summed and divided by the total number of targets, so the
-    update equals the one of a single batch of M*B rows. adapters and opt_state are donated."""
+    update equals the one of a single batch of M*B rows. adapters and opt_state are donated.
+    mesh: the outputs stay replicated over it (the inputs bring their own shardings: rows split over
+    its data axis), so every step runs the one program the first step compiled."""
 
     def step(adapters, opt_state, base, tokens_MBT, mask_MBT, key):
         def micro(carry, xs):
@@ -59,19 +67,23 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
         adapters = optax.apply_updates(adapters, updates)
         return adapters, opt_state, {"loss": s / n, "grad_norm": tree_norm(grads), "targets": n}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=distributed.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_step(graphdef: nnx.GraphDef, tc: TrainConfig) -> Callable:
+def _compiled_step(graphdef: nnx.GraphDef, tc: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
     # Cached: a resumed or repeated run in the same process reuses the compiled programs.
-    return make_train_step(graphdef, tc.optimizer(), remat=tc.remat, loss_chunk=tc.loss_chunk)
+    return make_train_step(graphdef, tc.optimizer(), remat=tc.remat, loss_chunk=tc.loss_chunk, mesh=mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_eval(graphdef: nnx.GraphDef, loss_chunk: int) -> Callable:
-    return jax.jit(lambda adapters, base, tokens_BT, mask_BT: adapter_nll(
-        graphdef, base, adapters, tokens_BT, mask_BT, None, remat=False, loss_chunk=loss_chunk))
+def _compiled_eval(graphdef: nnx.GraphDef, loss_chunk: int, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    def nll(adapters, base, tokens_BT, mask_BT):
+        return adapter_nll(graphdef, base, adapters, tokens_BT, mask_BT, None, remat=False, loss_chunk=loss_chunk)
+
+    return jax.jit(nll) if mesh is None else jax.jit(nll, out_shardings=distributed.replicated(mesh))
 
 
 class ResidentTrainer:
@@ -80,8 +92,21 @@ class ResidentTrainer:
     def __init__(self, executor, lcfg: LoRAConfig, sites, tc: TrainConfig):
         self.graphdef, _ = lora_graph(executor.config, executor.dtype, lcfg, sites, attention="reference")
         self.base = executor.base_params
+        self.tc = tc
+        self.mesh = None
         self._step = _compiled_step(self.graphdef, tc)
         self._eval = _compiled_eval(self.graphdef, tc.loss_chunk)
+
+    def on_mesh(self, mesh: jax.sharding.Mesh) -> ResidentTrainer:
+        """This trainer data-parallel over `mesh`: the base weights replicated on its devices (kept
+        where they already are when the model was loaded over exactly those devices); the caller
+        splits each batch's rows over the data axis and replicates adapters and optimizer state."""
+        out = copy.copy(self)
+        out.mesh = mesh
+        out.base = distributed.replicate(self.base, mesh, keep_spread=True)
+        out._step = _compiled_step(self.graphdef, self.tc, mesh)
+        out._eval = _compiled_eval(self.graphdef, self.tc.loss_chunk, mesh)
+        return out
 
     def step(self, adapters, opt_state, tokens_MBT, mask_MBT, key):
         return self._step(adapters, opt_state, self.base, tokens_MBT, mask_MBT, key)
