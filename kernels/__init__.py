@@ -99,8 +99,13 @@ def prefill_path(q_BTHK, v_BSHV, *, impl: str | None = None) -> str:
 def expert_path(x_CD, fmt_name: str, F: int, D: int, *, impl: str | None = None) -> str:
     """The path int8/int4 routed experts take on the device for tokens x_CD: "pallas" (the fused kernels of
     `expert_ffn`), "interpret" or "reference" (dequantize whole matrices in XLA, then matmul). The kernels
-    cover 1..MAX_TOKENS tokens (decode); "auto" takes them on a GPU."""
-    return _path(impl, _expert_mod.supported(x_CD, fmt_name, F, D), True, x_CD)
+    cover 1..MAX_TOKENS tokens (decode); "auto" takes the reference: on the H200 the kernels measured
+    0.79-1.15x XLA's path for a full-size expert (1 and 32 tokens, 1 and 8 experts; 9-12% of HBM
+    bandwidth either way, benchmarks/kernels.md), and a program of many experts compiled very slowly."""
+    return _path(impl, _expert_mod.supported(x_CD, fmt_name, F, D), EXPERT_KERNEL_PAYS, x_CD)
+
+
+EXPERT_KERNEL_PAYS = False  # see expert_path
 
 
 def mla_decode(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B, *, sm_scale,

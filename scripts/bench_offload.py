@@ -437,7 +437,7 @@ def main():
     p.add_argument("--path-rates", default="", help="JSON of the host-kernel ceilings (passed between parts)")
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
-    p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["fused", "streamed"],
+    p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed"],
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")

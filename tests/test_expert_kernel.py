@@ -121,7 +121,7 @@ def test_paths():
     x1 = jnp.zeros((1, 64), jnp.bfloat16)
     many = jnp.zeros((MAX_TOKENS + 1, 64), jnp.bfloat16)
     on_gpu = jax.default_backend() == "gpu"
-    assert kernels.expert_path(x1, "int8", 32, 64, impl="auto") == ("pallas" if on_gpu else "reference")
+    assert kernels.expert_path(x1, "int8", 32, 64, impl="auto") == "reference"  # measured no faster on the H200
     assert kernels.expert_path(x1, "int4", 32, 64, impl="interpret") == "interpret"
     assert kernels.expert_path(x1, "int4", 32, 64, impl="pallas") == "pallas"
     assert kernels.expert_path(x1, "int4", 32, 64, impl="reference") == "reference"
