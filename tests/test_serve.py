@@ -217,6 +217,49 @@ def test_admission_while_decoding_is_bounded_by_the_prefill_budget(model):
     assert scheduler._n_admit(8, decoding=True) == 1  # the head of the queue always goes
 
 
+def test_a_long_prompts_prefill_runs_chunk_by_chunk_between_the_others_decode_steps(model, monkeypatch):
+    """A long prompt admitted while another request streams: its prefill runs in chunks (8 tokens
+    here, as 1024 at the real sizes), each followed by a decode step that gives the streaming
+    request its next token; both results still equal their solo `ktjax.generate`."""
+    from ktjax.runtime import shapes
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.serve.scheduler import Request
+    short_ids = model.tokenizer.encode(PROMPTS[2])
+    long_ids = model.tokenizer.encode(" ".join(PROMPTS))[:30]
+    refs = [ktjax.generate(model, ids, max_new_tokens=n) for ids, n in ((short_ids, 24), (long_ids, N))]
+    monkeypatch.setattr(shapes, "PROMPT_BUCKETS", (4, 8))
+    chunks = len(shapes.prefill_chunks(len(long_ids)))
+    assert chunks == 4 and len(shapes.prefill_chunks(len(short_ids))) == 1
+    scheduler = scheduler_for(model, len(PROMPTS))  # the decode step the tests above compiled
+    seen = [[], []]  # each request's events, with the prefill chunks run before it
+    done = [threading.Event(), threading.Event()]
+
+    def emitter(i):
+        def emit(e):
+            seen[i].append((scheduler.stats["prefill_chunks"], e))
+            if i == 0 and len(seen[0]) == 1:  # the short request streams: the long one arrives (deterministically)
+                scheduler.submit(Request(long_ids, SamplingOptions(N), emitter(1)))
+            if e.final:
+                done[i].set()
+        return emit
+
+    scheduler.submit(Request(short_ids, SamplingOptions(24), emitter(0)))
+    scheduler.start()
+    try:
+        assert done[0].wait(60) and done[1].wait(60)
+    finally:
+        scheduler.stop()
+    assert ["".join(e.text for _, e in events) for events in seen] == [r.text for r in refs]
+    assert [events[-1][1].completion_tokens for events in seen] == [len(r.token_ids) for r in refs]
+    # The short request's prefill was chunk 1; the long one's are chunks 2..5. The short request got
+    # a token after each of the long prompt's chunks but the last (while its prefill was in progress).
+    assert scheduler.stats["prefill_calls"] == 2 and scheduler.stats["prefill_chunks"] == 1 + chunks
+    assert scheduler.stats["decode_steps_between_prefill_chunks"] == chunks - 1
+    short_chunks = [c for c, _ in seen[0]]
+    assert all(c in short_chunks for c in range(2, 1 + chunks)), short_chunks
+    assert seen[1][0][0] == 1 + chunks  # the long request's first token: after its last chunk
+
+
 def test_ignore_eos_generates_through_end_of_sequence(model):
     """A request with ignore_eos runs to max_tokens even where greedy decoding emits EOS."""
     eos = next(iter(model.tokenizer.eos_token_ids))

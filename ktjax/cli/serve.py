@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
                    help="requests that may wait for a free slot; more get HTTP 429 (default 64)")
     s.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
                    help="while requests decode, one admission prefills at most N padded tokens (waiting prompts "
-                        "batched together; a longer single prompt still goes alone) before the next decode step "
+                        "batched together; a longer single prompt still goes alone; a model on the device runs it in "
+                        "chunks of up to 1024 tokens with a decode step between two) "
                         f"(default: {DEFAULT_MAX_PREFILL_TOKENS} for a model on the device; everything that fits the "
                         "free slots for an offloaded one, whose prefill streams every host expert anyway)")
     s.add_argument("--served-model-name", default=None, metavar="NAME",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Generator
 from typing import Any, Protocol
 
 import jax
@@ -87,7 +88,16 @@ class Executor(Protocol):
     def prefill(self, cache: KVCache, tokens_BT: np.ndarray, lengths_B: np.ndarray, key: jax.Array,
                 sampling: Sampling) -> tuple[jax.Array, KVCache, StepStats]:
         """The (padded) prompts from position 0; the next token of each row, sampled from the
-        logits at its last prompt position with `key`."""
+        logits at its last prompt position with `key`. Runs `prefill_steps` to its end."""
+
+    def prefill_steps(self, cache: KVCache, tokens_BT: np.ndarray, lengths_B: np.ndarray, key: jax.Array,
+                      sampling: Sampling) -> Generator[None, None, tuple[jax.Array, KVCache, StepStats]]:
+        """`prefill` as a generator: it yields between the parts of the prompts' prefill it runs
+        separately (resident: each chunk of at most the largest prompt bucket; offloaded: none, the
+        whole prefill is one part) and returns prefill's (token_B, cache, stats). A caller may run
+        other work on the model between parts (a serving batch's decode steps) with other caches;
+        the parts' device work is dispatched in order, so the result is the same. `run_steps`
+        drives one to its end."""
 
     def decode(self, cache: KVCache, token_B: jax.Array, pos_B: jax.Array, key: jax.Array,
                sampling: Sampling, *, active_B: np.ndarray | None = None) -> tuple[jax.Array, KVCache, StepStats]:
@@ -109,6 +119,15 @@ class Executor(Protocol):
 
     @property
     def dtype(self): ...
+
+
+def run_steps(steps: Generator[Any, None, Any]) -> Any:
+    """What a generator (an executor's `prefill_steps`) returns, after running every part of it."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ from ktjax.io.load import abstract_params
 from ktjax.lora.merge import merge_stacked, with_lora_params
 from ktjax.models import DeepseekForCausalLM, KVCache
 from ktjax.runtime.mesh import replicated
-from ktjax.runtime.model import Sampling, StepStats
+from ktjax.runtime.model import Sampling, StepStats, run_steps
 from ktjax.runtime.sampling import sample_rows, sample_segment
 from ktjax.runtime.shapes import prefill_chunks
 from ktjax.train.resident import ResidentTrainer
@@ -76,12 +76,20 @@ class ResidentExecutor:
         return cache if self.mesh is None else jax.device_put(cache, replicated(self.mesh))
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling, *, profile: bool = False):
-        """The padded prompts chunk by chunk; each row's logits from the chunk its prompt ends in,
-        sampled once at the end (so a seed samples what any executor samples)."""
+        """The padded prompts chunk by chunk (`prefill_steps` run to its end)."""
+        return run_steps(self.prefill_steps(cache, tokens_BT, lengths_B, key, sampling, profile=profile))
+
+    def prefill_steps(self, cache, tokens_BT, lengths_B, key, sampling, *, profile: bool = False):
+        """The padded prompts chunk by chunk (`shapes.prefill_chunks`: at most the largest prompt
+        bucket at a time), yielding between chunks; each row's logits from the chunk its prompt ends
+        in, sampled once at the end (so a seed samples what any executor samples). Returns
+        (token_B, cache, stats)."""
         stats = StepStats()
         B = tokens_BT.shape[0]
         kept = jnp.zeros((B, self.config.vocab_size), jnp.float32)
-        for start, T in prefill_chunks(tokens_BT.shape[1]):
+        for i, (start, T) in enumerate(prefill_chunks(tokens_BT.shape[1])):
+            if i:
+                yield  # between chunks: the caller may run other programs on the device
             last = np.clip(lengths_B - 1 - start, 0, T - 1).astype(np.int32)
             ends_here = (lengths_B - 1 >= start) & (lengths_B - 1 < start + T)
             kept, cache = prefill_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens_BT[:, start:start + T]),

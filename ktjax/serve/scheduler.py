@@ -9,22 +9,26 @@ decode step then advances all slots at their own positions, with their own sampl
 keys; free rows compute a throw-away token, and an offloaded model moves no expert for them. A
 request leaves its slot when it finishes or its client goes away.
 
-While other slots decode, one admission's prefill is at most `max_prefill_tokens` padded tokens
-(batch bucket x padded prompt length; a single longer prompt still goes alone, whole): that bounds
-how long it stalls them. An idle batch admits everything that fits its slots in one prefill. The
-default bound depends on where the experts live: an offloaded model's prefill streams every host
-expert once whatever its tokens (up to the workspace the plan sized for max_batch x max_context), so
-fewer, larger admissions stall the decoding slots less often: everything that fits is admitted; a
-resident model's prefill costs its tokens, so admissions are capped at 2048 padded tokens.
+An admission's prefill runs in the executor's parts (`Executor.prefill_steps`), one per loop
+iteration, with a decode step of the decoding slots between two parts: a resident model prefills in
+chunks of at most the largest prompt bucket (1024 tokens x the admission's rows), so a long prompt
+stalls the others for one chunk at a time, never its whole prefill. The admitted requests' slots are
+taken but do not decode (`active_B` masks them, as it masks free slots) until the last chunk has run
+and their rows are copied in; then each gets its first token and decodes from the next step. One
+admission at a time: requests arriving meanwhile wait for it to end.
 
-Not done: chunked prefill interleaved with decode. A long prompt stalls the decoding slots for its
-whole prefill. For a resident model, chunks of <= 1024 tokens between decode steps would bound that
-(the executors prefill in such chunks already; the scheduler would need an entry point that runs one
-chunk into a group's cache from a start position and samples rows whose prompt ends in it). For an
-offloaded model chunking alone would make it worse (each chunk streams every host expert again);
-what bounds the stall there is fusing the decode rows into the prefill's layer pass, so one expert
-stream serves both: an executor entry point over a mixed batch (decode rows at their positions in
-the slots' cache, prompt rows in their own).
+While other slots decode, one admission is at most `max_prefill_tokens` padded tokens (batch bucket x
+padded prompt length; a single longer prompt still goes alone, in chunks). An idle batch admits
+everything that fits its slots in one prefill. The default bound depends on where the experts live:
+an offloaded model's prefill streams every host expert once whatever its tokens (up to the workspace
+the plan sized for max_batch x max_context), so fewer, larger admissions stall the decoding slots
+less often: everything that fits is admitted; a resident model's prefill costs its tokens, so
+admissions are capped at 2048 padded tokens.
+
+Not done: an offloaded model's prefill is one part, whole: chunking it would make the stall worse
+(each chunk streams every host expert again). What would bound it is fusing the decode rows into the
+prefill's layer pass, so one expert stream serves both: an executor entry point over a mixed batch
+(decode rows at their positions in the slots' cache, prompt rows in their own).
 
 Greedy results equal `ktjax.generate`'s for the same prompt alone up to floating-point ties: a row
 of a batched prefill (or decode) computes the same values in a different batch shape, which on the
@@ -130,14 +134,19 @@ class Scheduler:
             max_prefill_tokens = (batch_bucket(self.max_batch) * padded_prompt_length(model.placement.max_context)
                                   if model.placement.offloaded else DEFAULT_MAX_PREFILL_TOKENS)
         self.max_prefill_tokens = max_prefill_tokens
-        # Counters (read from any thread; written by the scheduler's): prefill calls and the
-        # requests they admitted, decode steps and the slots they advanced.
-        self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "decode_steps": 0, "decoded_tokens": 0}
+        # Counters (read from any thread; written by the scheduler's): prefill calls (admissions) and
+        # the requests they admitted, the chunks their prefills ran in (an offloaded prefill is one),
+        # decode steps and the slots they advanced, and the decode steps run while an admission's
+        # prefill was between two of its chunks.
+        self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
+                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
         self._waiting: collections.deque[Request] = collections.deque()
         self._slots: list[Request | None] = [None] * self.max_batch
+        self._admission: Admission | None = None  # the prefill in progress (its slots are taken, not decoding)
+        self._admitting: list[Request] = []  # its requests
         self._cond = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
@@ -212,31 +221,36 @@ class Scheduler:
             batch = None
         self._ready.set()
         while True:
+            admit: list[Request] = []
             with self._cond:
                 while not self._stopping and not self._waiting and not any(self._slots):
                     self._cond.wait()
                 if self._stopping:
                     break
                 self._drop_cancelled()
-                free = [b for b, r in enumerate(self._slots) if r is None]
-                n_admit = self._n_admit(len(free), decoding=len(free) < self.max_batch)
-                admit = [self._waiting.popleft() for _ in range(n_admit)]
-                slots = free[:n_admit]
-                for request, slot in zip(admit, slots):
-                    self._slots[slot] = request  # taken now: submit() must not count it as free
+                if self._admission is None:  # one admission at a time: the next waits for its prefill to end
+                    free = [b for b, r in enumerate(self._slots) if r is None]
+                    n_admit = self._n_admit(len(free), decoding=len(free) < self.max_batch)
+                    admit = [self._waiting.popleft() for _ in range(n_admit)]
+                    slots = free[:n_admit]
+                    for request, slot in zip(admit, slots):
+                        self._slots[slot] = request  # taken now: submit() must not count it as free
             try:
                 with self.model.lock:
                     batch = batch or DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
                     if admit:
-                        self._admit(batch, admit, slots)
-                    if any(self._slots):
+                        self._start_admission(batch, admit, slots)
+                    if self._admission is not None:
+                        self._advance_admission()
+                    if any(self._active_rows()):
                         self._step(batch)
             except Exception as e:  # a failed step fails its requests, never the server
                 traceback.print_exc(file=sys.stderr)
-                failed = [r for r in self._slots if r is not None] + admit
+                failed = [r for r in self._slots if r is not None] + admit + self._admitting
                 for r in dict.fromkeys(failed):
                     r.send(Event(error=f"generation failed: {type(e).__name__}: {e}"))
                 self._slots = [None] * self.max_batch
+                self._admission, self._admitting = None, []
                 batch = None  # its donated cache may be gone
         with self._cond:
             left = [r for r in self._slots if r is not None] + list(self._waiting)
@@ -244,9 +258,25 @@ class Scheduler:
         for r in left:
             r.send(Event(error="the server is shutting down"))
 
+    def _pending_slots(self) -> set[int]:
+        """The slots of the admission whose prefill is in progress: taken, but not decoding yet."""
+        return set() if self._admission is None else set(self._admission.slots)
+
+    def _active_rows(self) -> np.ndarray:
+        """The decoding slots (host bools [max_batch]): taken, and their prefill done."""
+        pending = self._pending_slots()
+        return np.array([r is not None and b not in pending for b, r in enumerate(self._slots)])
+
     def _drop_cancelled(self) -> None:
         self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-        self._slots = [None if r is not None and r.cancelled else r for r in self._slots]
+        if self._admission is not None and all(r.cancelled for r in self._admitting):
+            for slot in self._admission.slots:  # nobody waits for this prefill: stop it
+                self._slots[slot] = None
+            self._admission, self._admitting = None, []
+        # An admission's slots stay taken until its prefill ends (it writes their rows then).
+        pending = self._pending_slots()
+        self._slots = [None if r is not None and r.cancelled and b not in pending else r
+                       for b, r in enumerate(self._slots)]
 
     def _n_admit(self, free: int, decoding: bool) -> int:
         """How many waiting requests (from the head of the queue, in order) the next prefill takes:
@@ -262,23 +292,34 @@ class Scheduler:
                 return k - 1
         return n
 
-    def _admit(self, batch: DecodeBatch, requests: list[Request], slots: list[int]) -> None:
+    def _start_admission(self, batch: DecodeBatch, requests: list[Request], slots: list[int]) -> None:
         for r in requests:
             r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
-        firsts = batch.prefill_into(slots, [r.prompt_ids for r in requests], [r.opts for r in requests])
+        self._admitting = requests
+        self._admission = batch.start_prefill(slots, [r.prompt_ids for r in requests], [r.opts for r in requests])
         self.stats["prefill_calls"] += 1
         self.stats["prefilled_requests"] += len(requests)
-        for slot, first in zip(slots, firsts):
-            self._push(slot, first)
+
+    def _advance_admission(self) -> None:
+        """The admission's next prefill part (a chunk); once its last has run, its requests' first
+        tokens, and their slots decode from the next step on."""
+        admission = self._admission
+        done = admission.advance()
+        self.stats["prefill_chunks"] += 1
+        if done:
+            self._admission, self._admitting = None, []
+            for slot, first in zip(admission.slots, admission.firsts):
+                self._push(slot, first)
 
     def _step(self, batch: DecodeBatch) -> None:
-        active_B = np.array([r is not None for r in self._slots])
+        active_B = self._active_rows()
         sampled_B = batch.decode(active_B)
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += int(active_B.sum())
-        for b, request in enumerate(self._slots):
-            if request is not None:
-                self._push(b, int(sampled_B[b]))
+        if self._admission is not None:
+            self.stats["decode_steps_between_prefill_chunks"] += 1
+        for b in np.flatnonzero(active_B):
+            self._push(int(b), int(sampled_B[b]))
 
     def _push(self, slot: int, token: int) -> None:
         request = self._slots[slot]
@@ -307,9 +348,20 @@ class DecodeBatch:
         self.top_p_B = np.ones(max_batch, np.float32)
 
     def prefill_into(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> list[int]:
+        """Prefill prompts into slots at once (`start_prefill` run to its end); the first token of
+        each prompt."""
+        admission = self.start_prefill(slots, prompts, opts)
+        while not admission.advance():
+            pass
+        return admission.firsts
+
+    def start_prefill(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> Admission:
         """Prefill prompts together (one padded batch, a power-of-two of rows), each row sampled as
-        `ktjax.generate` samples that prompt alone (its seed's first split, its settings); copy
-        row r's cache into slots[r]. The first token of each prompt."""
+        `ktjax.generate` samples that prompt alone (its seed's first split, its settings), in the
+        executor's parts (`Executor.prefill_steps`: a resident model's chunks), one per
+        `Admission.advance`; the last copies row r's cache into slots[r]. Nothing runs until the
+        first advance. The batch may decode its other rows between parts: the admission's own
+        cache is apart until then, and the slots' rows are written only at the end."""
         k = len(prompts)
         B = batch_bucket(k)
         lengths_B = np.array([len(p) for p in prompts] + [1] * (B - k), np.int32)
@@ -326,13 +378,18 @@ class DecodeBatch:
                             jnp.asarray([t for _, _, t in settings], jnp.float32))
         # The cache holds the prompts only (their padded length); decode continues in the slots' rows.
         cache_k = self.executor.init_cache(B, cache_length(int(lengths_B.max()), 0))
-        first_B, cache_k, _ = self.executor.prefill(cache_k, tokens_BT, lengths_B, subs_B, sampling)
-        rows = jnp.asarray(list(slots) + [self.token_B.shape[0]] * (B - k), jnp.int32)  # padding rows: dropped
+        steps = self.executor.prefill_steps(cache_k, tokens_BT, lengths_B, subs_B, sampling)
+        return Admission(self, list(slots), [len(p) for p in prompts], list(opts), keys_B, steps)
+
+    def _finish_prefill(self, admission: Admission, first_B: jax.Array, cache_k: KVCache) -> list[int]:
+        slots, k = admission.slots, len(admission.slots)
+        B = cache_k.batch
+        rows = jnp.asarray(slots + [self.token_B.shape[0]] * (B - k), jnp.int32)  # padding rows: dropped
         self.cache_B = insert_rows(self.cache_B, cache_k, rows)
-        self.keys_B = set_rows(self.keys_B, keys_B, rows)
+        self.keys_B = set_rows(self.keys_B, admission.keys_B, rows)
         first_B = np.asarray(first_B)
-        for r, (slot, o) in enumerate(zip(slots, opts)):
-            self.token_B[slot], self.pos_B[slot] = int(first_B[r]), len(prompts[r])
+        for r, (slot, o) in enumerate(zip(slots, admission.opts)):
+            self.token_B[slot], self.pos_B[slot] = int(first_B[r]), admission.lengths[r]
             self.temperature_B[slot], self.top_k_B[slot], self.top_p_B[slot] = o.temperature, o.top_k, o.top_p
         return [int(t) for t in first_B[:k]]
 
@@ -349,3 +406,33 @@ class DecodeBatch:
         self.token_B = sampled_B.astype(np.int32)
         self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
         return sampled_B
+
+
+class Admission:
+    """One admission's prefill in progress (`DecodeBatch.start_prefill`): `advance` runs its next
+    part; `firsts` holds each prompt's first token once it is done."""
+
+    def __init__(self, batch: DecodeBatch, slots: list[int], lengths: list[int], opts: list[SamplingOptions],
+                 keys_B: jax.Array, steps):
+        self.batch, self.slots, self.lengths, self.opts, self.keys_B = batch, slots, lengths, opts, keys_B
+        self._steps = steps
+        self.parts = 0  # parts run so far
+        self.firsts: list[int] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.firsts is not None
+
+    def advance(self) -> bool:
+        """Run the next part of the prefill; True once the last has run and the slots hold its rows."""
+        if self.done:
+            return True
+        self.parts += 1
+        try:
+            next(self._steps)
+            return False
+        except StopIteration as end:
+            first_B, cache_k, _ = end.value
+        self._steps = None
+        self.firsts = self.batch._finish_prefill(self, first_B, cache_k)
+        return True

@@ -141,6 +141,15 @@ class OffloadedExecutor:
                       np.asarray(lengths_B, np.int32) - 1, key, sampling)
         return token_B, cache, stats.finish()
 
+    def prefill_steps(self, cache, tokens_BT, lengths_B, key, sampling: Sampling, *, profile: bool = False):
+        """`prefill` as one step (a generator that never yields): the prompt is not run in chunks
+        here, because this prefill streams each layer's host experts once for the whole prompt, and
+        chunking it would stream them all again for every chunk (what bounds an offloaded prefill's
+        stall on a serving batch's decode steps is fusing the decode rows into its layer pass, not
+        built). Returns (token_B, cache, stats)."""
+        yield from ()
+        return self.prefill(cache, tokens_BT, lengths_B, key, sampling, profile=profile)
+
     def decode(self, cache, token_B, pos_B, key, sampling: Sampling, *, profile: bool = False,
                active_B: np.ndarray | None = None):
         """active_B (host bools, optional): the rows whose tokens matter. Only their experts are
