@@ -41,6 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_offload import median_time  # noqa: E402 (one warm-up call, then the median)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fullsize import random_expert  # noqa: E402
 from ktjax.experts import device  # noqa: E402
@@ -54,16 +57,6 @@ CHAIN_BYTES = 200e6  # the XLA chain's unrolled chunks: at least this many bytes
 def first_lines(e: BaseException, n: int = 8) -> str:
     lines = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
     return "\n".join(lines[:n])
-
-
-def median_time(f, n: int) -> float:
-    jax.block_until_ready(f())
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def hbm_ceiling(smoke: bool) -> dict:
