@@ -175,7 +175,7 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
 
     from ktjax.runtime.generation import SamplingOptions
     from ktjax.runtime.shapes import cache_length
-    from ktjax.serve.scheduler import DecodeBatch
+    from ktjax.serve.batch import DecodeBatch
 
     from ktjax.runtime.shapes import batch_bucket
 

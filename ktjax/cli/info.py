@@ -11,7 +11,8 @@ from flax import nnx
 
 from ktjax.api import expert_format, plan_placement, resolve_path
 from ktjax.cli.common import check_model_args, model_args
-from ktjax.config import EXPERT_QUANT_GROUP, resolve_dtype
+from ktjax.config import resolve_dtype
+from ktjax.quantization_config import EXPERT_QUANT_GROUP
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves

@@ -7,7 +7,7 @@ import sys
 
 from ktjax.api import quantize
 from ktjax.cli.common import new_output_dir
-from ktjax.config import EXPERT_QUANT_FORMATS
+from ktjax.quantization_config import EXPERT_QUANT_FORMATS
 from ktjax.runtime.placement import fmt_bytes
 
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ktjax.config import EXPERT_QUANT_FORMATS, ModelConfig, quantization_config
+from ktjax.config import ModelConfig
+from ktjax.quantization_config import EXPERT_QUANT_FORMATS, quantization_config
 from ktjax.experts.weights import ExpertFormat
 from ktjax.io.checkpoint import Checkpoint, check_unexpected, quantized_names
 from ktjax.io.experts import expert_tensors, read_expert, stored_nbytes

@@ -39,20 +39,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import sys
 import threading
 import traceback
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ktjax.models import KVCache
 from ktjax.runtime.generation import Row, SamplingOptions, check_limits, stop_token_ids
-from ktjax.runtime.model import LoadedModel, Sampling
+from ktjax.runtime.model import LoadedModel
 from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_length
+from ktjax.serve.batch import Admission, DecodeBatch
 
 DEFAULT_MAX_PREFILL_TOKENS = 2048  # resident models: 32 prompts of up to 64 tokens, or 2 of 1024, per admission
 
@@ -98,29 +95,6 @@ class Request:
             self.emit(event)
         except Exception:  # the consumer is gone (closed event loop): nothing to tell
             self.cancelled = True
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def insert_rows(cache_B: KVCache, cache_k: KVCache, slots_k: jax.Array) -> KVCache:
-    """cache_B with rows slots_k[r]'s first positions replaced by row r of a smaller cache (layers,
-    k, S, dim); a slot out of range (max_batch: a padding row) is dropped."""
-    def put(big, small):
-        return big.at[:, slots_k, :small.shape[2]].set(small.astype(big.dtype), mode="drop")
-
-    return jax.tree.map(put, cache_B, cache_k)
-
-
-@jax.jit
-def set_rows(keys_S: jax.Array, keys_B: jax.Array, rows_B: jax.Array) -> jax.Array:
-    """keys_S with rows rows_B[r] set to keys_B[r] (a row out of range is dropped)."""
-    return keys_S.at[rows_B].set(keys_B, mode="drop")
-
-
-@jax.jit
-def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each row's key split as generation splits its one key per step: (next keys, this step's)."""
-    pairs_B2 = jax.vmap(jax.random.split)(keys_B)
-    return pairs_B2[:, 0], pairs_B2[:, 1]
 
 
 class Scheduler:
@@ -331,108 +305,3 @@ class Scheduler:
             self._slots[slot] = None
         elif text:
             request.send(Event(text, len(row.ids)))
-
-
-class DecodeBatch:
-    """The device side of the slots: the batch's KV cache, each row's last token, position, key and
-    sampling settings."""
-
-    def __init__(self, model: LoadedModel, max_batch: int, max_len: int):
-        self.executor = model.executor
-        self.cache_B = self.executor.init_cache(max_batch, max_len)
-        self.token_B = np.zeros(max_batch, np.int32)
-        self.pos_B = np.zeros(max_batch, np.int32)
-        self.keys_B = jax.random.split(jax.random.key(0), max_batch)
-        self.temperature_B = np.zeros(max_batch, np.float32)
-        self.top_k_B = np.zeros(max_batch, np.int32)
-        self.top_p_B = np.ones(max_batch, np.float32)
-
-    def prefill_into(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> list[int]:
-        """Prefill prompts into slots at once (`start_prefill` run to its end); the first token of
-        each prompt."""
-        admission = self.start_prefill(slots, prompts, opts)
-        while not admission.advance():
-            pass
-        return admission.firsts
-
-    def start_prefill(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> Admission:
-        """Prefill prompts together (one padded batch, a power-of-two of rows), each row sampled as
-        `ktjax.generate` samples that prompt alone (its seed's first split, its settings), in the
-        executor's parts (`Executor.prefill_steps`: a resident model's chunks), one per
-        `Admission.advance`; the last copies row r's cache into slots[r]. Nothing runs until the
-        first advance. The batch may decode its other rows between parts: the admission's own
-        cache is apart until then, and the slots' rows are written only at the end."""
-        k = len(prompts)
-        B = batch_bucket(k)
-        lengths_B = np.array([len(p) for p in prompts] + [1] * (B - k), np.int32)
-        tokens_BT = np.zeros((B, padded_prompt_length(int(lengths_B.max()))), np.int32)
-        for r, p in enumerate(prompts):
-            tokens_BT[r, :len(p)] = p
-        pairs = [jax.random.split(jax.random.key(o.seed)) for o in opts]  # (key kept for decode, prefill's)
-        pairs += [pairs[0]] * (B - k)  # every array here has B rows: shapes depend on the bucket only
-        keys_B = jnp.stack([pair[0] for pair in pairs])
-        subs_B = jnp.stack([pair[1] for pair in pairs])
-        settings = [(o.temperature, o.top_k, o.top_p) for o in opts] + [(0.0, 0, 1.0)] * (B - k)
-        sampling = Sampling(jnp.asarray([t for t, _, _ in settings], jnp.float32),
-                            jnp.asarray([t for _, t, _ in settings], jnp.int32),
-                            jnp.asarray([t for _, _, t in settings], jnp.float32))
-        # The cache holds the prompts only (their padded length); decode continues in the slots' rows.
-        cache_k = self.executor.init_cache(B, cache_length(int(lengths_B.max()), 0))
-        steps = self.executor.prefill_steps(cache_k, tokens_BT, lengths_B, subs_B, sampling)
-        return Admission(self, list(slots), [len(p) for p in prompts], list(opts), keys_B, steps)
-
-    def _finish_prefill(self, admission: Admission, first_B: jax.Array, cache_k: KVCache) -> list[int]:
-        slots, k = admission.slots, len(admission.slots)
-        B = cache_k.batch
-        rows = jnp.asarray(slots + [self.token_B.shape[0]] * (B - k), jnp.int32)  # padding rows: dropped
-        self.cache_B = insert_rows(self.cache_B, cache_k, rows)
-        self.keys_B = set_rows(self.keys_B, admission.keys_B, rows)
-        first_B = np.asarray(first_B)
-        for r, (slot, o) in enumerate(zip(slots, admission.opts)):
-            self.token_B[slot], self.pos_B[slot] = int(first_B[r]), admission.lengths[r]
-            self.temperature_B[slot], self.top_k_B[slot], self.top_p_B[slot] = o.temperature, o.top_k, o.top_p
-        return [int(t) for t in first_B[:k]]
-
-    def decode(self, active_B: np.ndarray | None = None) -> np.ndarray:
-        """One step of every row; the sampled tokens [B]. Rows then sit one position further on
-        (a free row's position is reset when a request takes it). active_B: the rows in use (an
-        offloaded model moves no expert for the others)."""
-        self.keys_B, subs_B = split_rows(self.keys_B)
-        sampling = Sampling(jnp.asarray(self.temperature_B), jnp.asarray(self.top_k_B), jnp.asarray(self.top_p_B))
-        sampled_B, self.cache_B, _ = self.executor.decode(self.cache_B, jnp.asarray(self.token_B),
-                                                          jnp.asarray(self.pos_B), subs_B, sampling,
-                                                          active_B=active_B)
-        sampled_B = np.asarray(sampled_B)
-        self.token_B = sampled_B.astype(np.int32)
-        self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
-        return sampled_B
-
-
-class Admission:
-    """One admission's prefill in progress (`DecodeBatch.start_prefill`): `advance` runs its next
-    part; `firsts` holds each prompt's first token once it is done."""
-
-    def __init__(self, batch: DecodeBatch, slots: list[int], lengths: list[int], opts: list[SamplingOptions],
-                 keys_B: jax.Array, steps):
-        self.batch, self.slots, self.lengths, self.opts, self.keys_B = batch, slots, lengths, opts, keys_B
-        self._steps = steps
-        self.parts = 0  # parts run so far
-        self.firsts: list[int] | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.firsts is not None
-
-    def advance(self) -> bool:
-        """Run the next part of the prefill; True once the last has run and the slots hold its rows."""
-        if self.done:
-            return True
-        self.parts += 1
-        try:
-            next(self._steps)
-            return False
-        except StopIteration as end:
-            first_B, cache_k, _ = end.value
-        self._steps = None
-        self.firsts = self.batch._finish_prefill(self, first_B, cache_k)
-        return True

@@ -27,12 +27,12 @@ from ktjax.experts.device import experts_segment
 from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
-from ktjax.models.moe import EXPERT_AXIS
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure, split
-from ktjax.runtime.offload.segments import (LayerSegments, combine_segment, embed_segment, head_segment,
-                                            logits_segment)
+from ktjax.runtime.offload.devices import moe_over_devices, owned_by
+from ktjax.runtime.offload.segments import (LayerSegments, Segments, combine_segment, embed_segment, head_segment,
+                                            logits_segment, mask_routes_segment)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, pow2, streams_everything
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
@@ -42,22 +42,6 @@ from ktjax.train.offloaded import OffloadedTrainer
 DECODE_FORMS = ("auto", "fused", "streamed")
 FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
 FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
-
-
-class Segments:
-    """Runs compiled segments; with profiling on, waits for each and adds its time to the step's stats."""
-
-    def __init__(self, stats: StepStats, profile: bool):
-        self.stats, self.profile = stats, profile
-
-    def __call__(self, name: str, fn, *args, **kwargs):
-        if not self.profile:
-            return fn(*args, **kwargs)
-        t = time.perf_counter()
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        seg = self.stats.segment_seconds
-        seg[name] = seg.get(name, 0.0) + time.perf_counter() - t
-        return out
 
 
 class OffloadedExecutor:
@@ -312,7 +296,7 @@ class OffloadedExecutor:
         if self.mesh is not None:
             if active_N is not None:
                 idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, self.config.n_routed_experts)
-            return self._moe_over_devices(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+            return moe_over_devices(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
         prefetched = prefetched[0]
         cfg = self.config
         N = h_ND.shape[0]
@@ -365,49 +349,6 @@ class OffloadedExecutor:
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return run("combine", combine_segment, x_BTD, shared[0], parts)
 
-    def _moe_over_devices(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
-                          prefetched: list[list[Prefetch]], stats: StepStats, run: Segments):
-        """The MoE block of layer i on several devices: each device streams and computes the chosen
-        experts it owns on its own copy of the tokens (prefill-sized batches: every expert it owns,
-        its next layer's first chunk fetched ahead); the combine sums the devices' shares."""
-        cfg = self.config
-        N, D = h_ND.shape
-        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
-        stats.routed_at.append(time.perf_counter() - stats.started)
-        moved_before = stats.bytes_from_host
-        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
-        stats.expert_counts[i] = counts
-        shared_ND = run("shared_expert", seg.shared, state, h_ND)
-        # One thread per device: a device's stream waits on its own transfers (at most two chunks in
-        # flight), never on another device's. Each keeps its own stats, added up below.
-        own = [StepStats() for _ in self.devices]
-        jobs = [self.device_threads.submit(self._device_share, i, d, counts, (h_ND, w_NK, idx_NK), prefetched[d],
-                                           own[d], Segments(own[d], run.profile)) for d in range(len(self.devices))]
-        shares = [job.result() for job in jobs]
-        for s in own:
-            stats.add(s)
-        stats.link_bytes.append(stats.bytes_from_host - moved_before)
-        split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(EXPERT_AXIS))
-        stacked = jax.make_array_from_single_device_arrays((len(shares) * N, D), split, shares)
-        return run("combine", combine_shares_segment, x_BTD, shared_ND, stacked)
-
-    def _device_share(self, i: int, d: int, counts, tokens: tuple, prefetched: list[Prefetch], stats: StepStats,
-                      run: Segments) -> jax.Array:
-        """Device d's share of layer i's routed experts, f32 [N, D] on device d: the chosen experts it
-        owns (every one for prefill-sized batches) on its own copy of h, weights and ids."""
-        device, store = self.devices[d], self.stores[d]
-        N, D = tokens[0].shape
-        every = streams_everything(self.config, N)
-        owned = [e for e in store.owned if every or counts[e]]
-        if not owned:
-            return jnp.zeros((N, D), jnp.float32, device=device)
-        local = [shard_on(a, device) for a in tokens]
-
-        def compute(acc, ids_C, slots, capacity):
-            return run("experts", experts_segment, acc, *local, ids_C, slots, capacity=capacity)
-
-        return store.stream(i, counts, N, compute, None, stats, ids=owned, prefetched=prefetched)
-
     def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
                   stream_all: bool | None = None) -> tuple:
         """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
@@ -443,30 +384,6 @@ class OffloadedExecutor:
         ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
         slots += (slots[0],) * pad if slots else ()
         return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND)
-
-
-@jax.jit
-def mask_routes_segment(idx_NK: jax.Array, active_N: jax.Array, n_experts: int) -> jax.Array:
-    """Routes of inactive tokens replaced by n_experts (an id no expert has)."""
-    return jnp.where(active_N[:, None], idx_NK, n_experts).astype(idx_NK.dtype)
-
-
-def owned_by(experts: dict[int, list[ExpertWeights]], plan: PlacementPlan, device: int) -> dict[int, list]:
-    """The experts `device` owns (None in the slots of other devices' experts)."""
-    return {i: [ex if plan.owner(e) == device else None for e, ex in enumerate(slots)] for i, slots in experts.items()}
-
-
-def shard_on(a: jax.Array, device: jax.Device) -> jax.Array:
-    """The copy of a replicated array that lives on `device` (no transfer)."""
-    return next(s.data for s in a.addressable_shards if s.device == device)
-
-
-@jax.jit
-def combine_shares_segment(x_BTD, shared_ND, shares_nND):
-    """x + shared + the routed experts' f32 shares of the n devices (stacked [n * N, D], split over the
-    expert axis): summing the split axis is the all-reduce."""
-    N, D = shared_ND.shape
-    return combine_segment(x_BTD, shared_ND, (shares_nND.reshape(-1, N, D).sum(0),))
 
 
 def _timed(fn, *args):

@@ -15,6 +15,7 @@ the same functions (`ktjax.train.offloaded`).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from ktjax.models.decoder import DecoderLayer, final_logits
 from ktjax.models.deepseek import positions
 from ktjax.models.moe import combine
 from ktjax.models.rope import cos_sin
+from ktjax.runtime.model import StepStats
 from ktjax.runtime.sampling import sample_rows
 
 
@@ -121,3 +123,33 @@ def head_segment(norm_D, head_VD, eps: float, x_BTD, last_B, key, sampling):
     """Sample from row last_B[b] of each sequence."""
     x_BD = jnp.take_along_axis(x_BTD, last_B.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
     return sample_rows(final_logits(norm_D, head_VD, eps, x_BD), key, sampling)
+
+
+@jax.jit
+def mask_routes_segment(idx_NK: jax.Array, active_N: jax.Array, n_experts: int) -> jax.Array:
+    """Routes of inactive tokens replaced by n_experts (an id no expert has)."""
+    return jnp.where(active_N[:, None], idx_NK, n_experts).astype(idx_NK.dtype)
+
+
+@jax.jit
+def combine_shares_segment(x_BTD, shared_ND, shares_nND):
+    """x + shared + the routed experts' f32 shares of the n devices (stacked [n * N, D], split over the
+    expert axis): summing the split axis is the all-reduce."""
+    N, D = shared_ND.shape
+    return combine_segment(x_BTD, shared_ND, (shares_nND.reshape(-1, N, D).sum(0),))
+
+
+class Segments:
+    """Runs compiled segments; with profiling on, waits for each and adds its time to the step's stats."""
+
+    def __init__(self, stats: StepStats, profile: bool):
+        self.stats, self.profile = stats, profile
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        if not self.profile:
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, **kwargs))
+        seg = self.stats.segment_seconds
+        seg[name] = seg.get(name, 0.0) + time.perf_counter() - t
+        return out
