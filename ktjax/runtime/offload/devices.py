@@ -5,19 +5,17 @@ and one program sums the devices' shares (an all-reduce)."""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ktjax.experts.device import experts_segment
 from ktjax.experts.weights import ExpertWeights
 from ktjax.models.moe import EXPERT_AXIS
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.segments import LayerSegments, Segments, combine_shares_segment
-from ktjax.runtime.offload.streaming import Prefetch, streams_everything
+from ktjax.runtime.offload.streaming import Prefetch, routing_counts, streams_everything
 from ktjax.runtime.placement import PlacementPlan
 
 if TYPE_CHECKING:
@@ -41,11 +39,8 @@ def moe_over_devices(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x
     its next layer's first chunk fetched ahead); the combine sums the devices' shares."""
     cfg = ex.config
     N, D = h_ND.shape
-    idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
-    stats.routed_at.append(time.perf_counter() - stats.started)
     moved_before = stats.bytes_from_host
-    counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
-    stats.expert_counts[i] = counts
+    _, counts = routing_counts(cfg, i, idx_NK, stats)
     shared_ND = run("shared_expert", seg.shared, state, h_ND)
     # One thread per device: a device's stream waits on its own transfers (at most two chunks in
     # flight), never on another device's. Each keeps its own stats, added up below.

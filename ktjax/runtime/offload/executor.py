@@ -33,7 +33,7 @@ from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, mea
 from ktjax.runtime.offload.devices import moe_over_devices, owned_by
 from ktjax.runtime.offload.segments import (LayerSegments, Segments, combine_segment, embed_segment, head_segment,
                                             logits_segment, mask_routes_segment)
-from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, pow2, streams_everything
+from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, pow2, routing_counts, streams_everything
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
@@ -293,26 +293,21 @@ class OffloadedExecutor:
         """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
         experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
         all); the others may meet a chosen expert but never bring one in."""
-        if self.mesh is not None:
-            if active_N is not None:
-                idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, self.config.n_routed_experts)
-            return moe_over_devices(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
-        prefetched = prefetched[0]
         cfg = self.config
-        N = h_ND.shape[0]
-        n_active = N if active_N is None else int(active_N.sum())
         if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
             idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
+        if self.mesh is not None:
+            return moe_over_devices(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+        prefetched = prefetched[0]
+        N = h_ND.shape[0]
+        n_active = N if active_N is None else int(active_N.sum())
         stream_all = streams_everything(cfg, n_active)
         everything = stream_all and self.expert_compute != "cpu"
         host = None if everything else self.host
         for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
             a.copy_to_host_async()  # queued behind the routing: no host round trip before it
-        idx_host = np.asarray(idx_NK)  # the one device->host sync per MoE layer
-        stats.routed_at.append(time.perf_counter() - stats.started)
         moved_before = stats.bytes_from_host
-        counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
-        stats.expert_counts[i] = counts
+        idx_host, counts = routing_counts(cfg, i, idx_NK, stats)
         if (self._fused and not everything and N <= FUSED_MAX_TOKENS
                 and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
             x_BTD = self._moe_fused(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run)

@@ -10,6 +10,7 @@ device at a time (what the placement plan's workspace holds).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -28,6 +29,16 @@ def pow2(n: int) -> int:
 def streams_everything(cfg: ModelConfig, n_tokens: int) -> bool:
     """Prefill-sized chunks route to nearly every expert: stream whole layers, ahead of routing."""
     return n_tokens * cfg.num_experts_per_tok >= 2 * cfg.n_routed_experts
+
+
+def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array, stats: StepStats) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's expert ids on the host (the one device->host sync per MoE layer) and each expert's
+    token count, recorded in the step's stats (ids past the last expert, masked tokens, count nowhere)."""
+    idx_host = np.asarray(idx_NK)
+    stats.routed_at.append(time.perf_counter() - stats.started)
+    counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
+    stats.expert_counts[layer] = counts
+    return idx_host, counts
 
 
 @dataclasses.dataclass
