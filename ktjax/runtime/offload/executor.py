@@ -374,11 +374,17 @@ class OffloadedExecutor:
             stats.experts_on_host_cpu += len(cpu_ids)
             stats.host_cpu_seconds.append(seconds)
             host_ND = jax.device_put(out_ND, self.store.on_device)
-        # Few compiled variants: slots padded to a power of two (id -1, a fetched array reused).
-        pad = pow2(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
+        # Few compiled variants, little padding (id -1, a fetched array reused; each still costs its compute).
+        pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
         ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
         slots += (slots[0],) * pad if slots else ()
         return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND)
+
+
+def fused_slots(n: int) -> int:
+    """The expert slots of a fused MoE program for n chosen experts: one of 1, 2, 3, 4, 6, 8 up to
+    FUSED_MAX_EXPERTS (a padded slot computes as much as a real one), powers of two beyond."""
+    return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), pow2(n))
 
 
 def _timed(fn, *args):
