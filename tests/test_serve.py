@@ -205,6 +205,37 @@ def test_an_idle_batch_admits_every_waiting_request_in_one_prefill(model, solo):
     assert scheduler.stats["decoded_tokens"] == sum(len(solo[p].token_ids) - 1 for p in PROMPTS)
 
 
+def test_requests_arriving_together_share_one_prefill_within_the_admission_window(model):
+    """An offloaded model's prefill streams every host expert whatever its tokens, so an idle batch waits
+    up to `admission_window` after the first arrival for others; filling the free slots ends the wait."""
+    import time
+    ids = model.tokenizer.encode(PROMPTS[0])
+    scheduler = scheduler_for(model, len(PROMPTS), admission_window=30.0).start()
+    try:
+        first = collect_events(scheduler, ids, 2)
+        scheduler.submit(first[0])
+        time.sleep(0.05)
+        assert not first[1] and scheduler.stats["prefill_calls"] == 0  # waiting for company
+        rest = [collect_events(scheduler, ids, 2) for _ in PROMPTS[1:]]
+        for request, _, _ in rest:
+            scheduler.submit(request)
+        # The slots are full: no 30 s wait, one prefill for all 16.
+        assert all(done.wait(20) for _, _, done in [first] + rest)
+        assert scheduler.stats["prefill_calls"] == 1 and scheduler.stats["prefilled_requests"] == len(PROMPTS)
+    finally:
+        scheduler.stop()
+    scheduler = scheduler_for(model, len(PROMPTS), admission_window=2.0).start()
+    try:
+        jobs = [collect_events(scheduler, ids, 2) for _ in range(2)]
+        scheduler.submit(jobs[0][0])
+        time.sleep(0.05)
+        scheduler.submit(jobs[1][0])
+        assert all(done.wait(20) for _, _, done in jobs)
+        assert scheduler.stats["prefill_calls"] == 1 and scheduler.stats["prefilled_requests"] == 2
+    finally:
+        scheduler.stop()
+
+
 def test_admission_while_decoding_is_bounded_by_the_prefill_budget(model):
     from ktjax.runtime.shapes import padded_prompt_length
     scheduler = scheduler_for(model, 8, max_prefill_tokens=4 * padded_prompt_length(5))

@@ -23,7 +23,10 @@ everything that fits its slots in one prefill. The default bound depends on wher
 an offloaded model's prefill streams every host expert once whatever its tokens (up to the workspace
 the plan sized for max_batch x max_context), so fewer, larger admissions stall the decoding slots
 less often: everything that fits is admitted; a resident model's prefill costs its tokens, so
-admissions are capped at 2048 padded tokens.
+admissions are capped at 2048 padded tokens. For the same reason an offloaded model's admission waits
+up to OFFLOADED_ADMISSION_WINDOW_S after its first request arrives, so that requests arriving together
+(a client's batch, a burst) share one prefill instead of each stalling the others with its own; the
+wait ends as soon as the waiting requests fill the free slots.
 
 Not done: an offloaded model's prefill is one part, whole: chunking it would make the stall worse
 (each chunk streams every host expert again). What would bound it is fusing the decode rows into the
@@ -41,6 +44,7 @@ import collections
 import dataclasses
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
@@ -52,6 +56,8 @@ from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_lengt
 from ktjax.serve.batch import Admission, DecodeBatch
 
 DEFAULT_MAX_PREFILL_TOKENS = 2048  # resident models: 32 prompts of up to 64 tokens, or 2 of 1024, per admission
+# Offloaded models: how long an admission waits for more requests after the first arrives (see `_admit_now`).
+OFFLOADED_ADMISSION_WINDOW_S = 0.05
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # generation's -> OpenAI's
 
@@ -89,6 +95,7 @@ class Request:
         self.ignore_eos = ignore_eos  # generate through end-of-sequence tokens (benchmarks)
         self.cancelled = False
         self.row: Row | None = None
+        self.arrived = time.monotonic()
 
     def send(self, event: Event) -> None:
         try:
@@ -100,7 +107,8 @@ class Request:
 class Scheduler:
     """Owns the model from its own thread. submit() and cancel() may be called from any thread."""
 
-    def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None):
+    def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None,
+                 admission_window: float | None = None):
         self.model = model
         self.max_batch = model.placement.max_batch
         self.max_queue = max_queue
@@ -108,6 +116,9 @@ class Scheduler:
             max_prefill_tokens = (batch_bucket(self.max_batch) * padded_prompt_length(model.placement.max_context)
                                   if model.placement.offloaded else DEFAULT_MAX_PREFILL_TOKENS)
         self.max_prefill_tokens = max_prefill_tokens
+        if admission_window is None:
+            admission_window = OFFLOADED_ADMISSION_WINDOW_S if model.placement.offloaded else 0.0
+        self.admission_window = admission_window
         # Counters (read from any thread; written by the scheduler's): prefill calls (admissions) and
         # the requests they admitted, the chunks their prefills ran in (an offloaded prefill is one),
         # decode steps and the slots they advanced, and the decode steps run while an admission's
@@ -199,10 +210,12 @@ class Scheduler:
             with self._cond:
                 while not self._stopping and not self._waiting and not any(self._slots):
                     self._cond.wait()
+                while not self._stopping and not any(self._slots) and (wait := self._admission_wait()) > 0:
+                    self._cond.wait(wait)  # an idle batch: gather the requests arriving together
                 if self._stopping:
                     break
                 self._drop_cancelled()
-                if self._admission is None:  # one admission at a time: the next waits for its prefill to end
+                if self._admission is None and self._admission_wait() <= 0:  # one admission at a time
                     free = [b for b, r in enumerate(self._slots) if r is None]
                     n_admit = self._n_admit(len(free), decoding=len(free) < self.max_batch)
                     admit = [self._waiting.popleft() for _ in range(n_admit)]
@@ -251,6 +264,19 @@ class Scheduler:
         pending = self._pending_slots()
         self._slots = [None if r is not None and r.cancelled and b not in pending else r
                        for b, r in enumerate(self._slots)]
+
+    def _admission_wait(self) -> float:
+        """Seconds the next admission should still wait for more arrivals (0: admit now).
+
+        An offloaded model's prefill streams every host expert whatever its tokens, and stalls the
+        decoding slots meanwhile: requests that arrive together (clients sending a batch, a burst)
+        should share one. So the first waiting request waits up to `admission_window` for others,
+        unless the free slots are already filled by those waiting."""
+        if not self._waiting or self.admission_window <= 0:
+            return 0.0
+        if len(self._waiting) >= sum(r is None for r in self._slots):
+            return 0.0
+        return self._waiting[0].arrived + self.admission_window - time.monotonic()
 
     def _n_admit(self, free: int, decoding: bool) -> int:
         """How many waiting requests (from the head of the queue, in order) the next prefill takes:
