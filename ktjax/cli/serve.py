@@ -86,10 +86,6 @@ def serve(model, args) -> int:
           f"({model.placement.max_batch} slots, {min(model.placement.max_context, model.config.max_position_embeddings)}"
           f" tokens of context)", file=sys.stderr)
     scheduler = Scheduler(model, max_queue=config.max_queue, max_prefill_tokens=args.max_prefill_tokens)
-    # The model's thread releases the GIL at every wait on the device (several per layer) and must get it
-    # back promptly while the event loop writes the streams: at Python's default 5 ms interval each wait
-    # could cost up to 5 ms more.
-    sys.setswitchinterval(0.0005)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -53,12 +53,11 @@ def _weighted_kernel_bwd(fmt, interpret, res, g):
 _weighted_kernel.defvjp(_weighted_kernel_fwd, _weighted_kernel_bwd)
 
 
-# int8/int4 experts meeting at most this many tokens are multiplied over their quantized bytes in place
-# (`expert_ffn_matvec`, form MATVEC_FORM) instead of dequantized into HBM and multiplied. Measured on the H200,
-# a layer's 8 full-size experts (benchmarks/kernels.md, expert forms run 1): 1 token int4 550 against 1584 us,
-# int8 405 against 975 us; 2 tokens int8 675 against 982 us, int4 1705 against 1485; 4 or 8 tokens slower.
-MATVEC_MAX_TOKENS = {"int8": 2, "int4": 1}
-MATVEC_FORM = "grouped"
+# int8/int4 experts meeting this few tokens are multiplied over their quantized bytes in place (`expert_ffn_matvec`,
+# in the form named) instead of dequantized into HBM and multiplied. Measured on the H200, a layer's 8 full-size
+# experts (benchmarks/kernels.md, expert forms runs 1-2): 1 token int4 550-582 against 1457-1584 us, int8 405-470
+# against 975-990 us; 2 tokens int4 (split) 842 against 1544 us, int8 675-751 against 982-1022 us; 4+ tokens slower.
+MATVEC_FORMS = {"int8": {1: "grouped", 2: "grouped"}, "int4": {1: "grouped", 2: "split"}}
 
 
 def expert_ffn(x_CD: jax.Array, ex: ExpertWeights, *, impl: str | None = None) -> jax.Array:
@@ -67,8 +66,9 @@ def expert_ffn(x_CD: jax.Array, ex: ExpertWeights, *, impl: str | None = None) -
     through `expert_ffn_matvec`."""
     path = _kernel_path(x_CD, (ex,), impl)
     if path == "reference":
-        if ex.fmt.packed is not None and x_CD.shape[0] <= MATVEC_MAX_TOKENS.get(ex.fmt.name, 0):
-            return expert_ffn_matvec(x_CD, ex, form=MATVEC_FORM)
+        form = MATVEC_FORMS.get(ex.fmt.name, {}).get(x_CD.shape[0])
+        if form is not None:
+            return expert_ffn_matvec(x_CD, ex, form=form)
         return expert_ffn_reference(x_CD, ex)
     C, D = x_CD.shape
     return _weighted_kernel(x_CD, (ex.w,), jnp.ones((C, 1), jnp.float32), jnp.zeros((C, D), jnp.float32),
@@ -114,6 +114,8 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
     dt = h_ND.dtype
     if acc_ND is None:
         acc_ND = jnp.zeros((N, D), jnp.float32)
+    if not experts:  # every chosen expert went elsewhere (the host CPU)
+        return acc_ND
     if capacity >= N:
         # Decode-sized: every token goes through each expert, weighted by its routing weight (zero
         # where not routed). Same FLOPs as gathering `capacity` rows, without the dispatch's sort,
