@@ -291,6 +291,41 @@ def test_a_long_prompts_prefill_runs_chunk_by_chunk_between_the_others_decode_st
     assert seen[1][0][0] == 1 + chunks  # the long request's first token: after its last chunk
 
 
+def test_an_offloaded_admission_runs_in_the_same_layer_pass_as_the_decoding_rows_step():
+    """Routed experts in host memory: every prefill streams all of them, so a request admitted while
+    another decodes is prefilled in the same layer pass as the other's next decode step (one expert stream
+    for both, `DecodeBatch.admit_while_stepping`); both results still equal their solo `ktjax.generate`."""
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.serve.scheduler import Request
+    offloaded = ktjax.load(dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                           max_batch=4, max_context=256)
+    assert offloaded.placement.offloaded
+    first_ids, second_ids = offloaded.tokenizer.encode(PROMPTS[0]), offloaded.tokenizer.encode(PROMPTS[3])
+    refs = [ktjax.generate(offloaded, ids, max_new_tokens=n) for ids, n in ((first_ids, 12), (second_ids, N))]
+    scheduler = scheduler_for(offloaded, 4)
+    texts, done = ["", ""], [threading.Event(), threading.Event()]
+
+    def emitter(i):
+        def emit(e):
+            if i == 0 and not texts[0] and not done[1].is_set() and scheduler.stats["decode_steps"] == 0:
+                scheduler.submit(Request(second_ids, SamplingOptions(N), emitter(1)))  # arrives while the first decodes
+            texts[i] += e.text
+            if e.final:
+                done[i].set()
+        return emit
+
+    scheduler.submit(Request(first_ids, SamplingOptions(12), emitter(0)))
+    scheduler.start()
+    try:
+        assert done[0].wait(120) and done[1].wait(120)
+    finally:
+        scheduler.stop()
+    assert texts == [r.text for r in refs]
+    assert scheduler.stats["prefill_calls"] == 2 and scheduler.stats["prefills_with_decode"] == 1
+    # Every step after the first prefill advanced the first request, the admission's pass included.
+    assert scheduler.stats["decoded_tokens"] == len(refs[0].token_ids) - 1 + len(refs[1].token_ids) - 1
+
+
 def test_ignore_eos_generates_through_end_of_sequence(model):
     """A request with ignore_eos runs to max_tokens even where greedy decoding emits EOS."""
     eos = next(iter(model.tokenizer.eos_token_ids))

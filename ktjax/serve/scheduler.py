@@ -28,10 +28,13 @@ up to OFFLOADED_ADMISSION_WINDOW_S after its first request arrives, so that requ
 (a client's batch, a burst) share one prefill instead of each stalling the others with its own; the
 wait ends as soon as the waiting requests fill the free slots.
 
-Not done: an offloaded model's prefill is one part, whole: chunking it would make the stall worse
-(each chunk streams every host expert again). What would bound it is fusing the decode rows into the
-prefill's layer pass, so one expert stream serves both: an executor entry point over a mixed batch
-(decode rows at their positions in the slots' cache, prompt rows in their own).
+An offloaded model's prefill is not chunked (each chunk would stream every host expert again): while
+other slots decode, an admission instead runs in the same layer pass as their next decode step
+(`DecodeBatch.admit_while_stepping`, over the executor's `extend`): the prompts go into their slots'
+rows of the batch's cache from position 0, each decoding row's token into its own position, and one
+expert stream serves both, so the decoding requests get their next token with that pass and wait for
+no extra one. When a decoding row sits too near the end of the cache for the prompts' padded length,
+the admission runs on its own as above.
 
 Greedy results equal `ktjax.generate`'s for the same prompt alone up to floating-point ties: a row
 of a batched prefill (or decode) computes the same values in a different batch shape, which on the
@@ -121,10 +124,10 @@ class Scheduler:
         self.admission_window = admission_window
         # Counters (read from any thread; written by the scheduler's): prefill calls (admissions) and
         # the requests they admitted, the chunks their prefills ran in (an offloaded prefill is one),
-        # decode steps and the slots they advanced, and the decode steps run while an admission's
-        # prefill was between two of its chunks.
+        # decode steps and the slots they advanced, the decode steps run while an admission's prefill
+        # was between two of its chunks, and the admissions run in the same pass as a decode step.
         self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
-                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0}
+                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
@@ -225,6 +228,13 @@ class Scheduler:
             try:
                 with self.model.lock:
                     batch = batch or DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
+                    active_B = self._active_rows()
+                    if admit:
+                        active_B[slots] = False  # taken, not decoding yet
+                    if admit and active_B.any() and batch.can_admit_while_stepping([r.prompt_ids for r in admit],
+                                                                                   active_B):
+                        self._admit_while_stepping(batch, admit, slots, active_B)
+                        continue
                     if admit:
                         self._start_admission(batch, admit, slots)
                     if self._admission is not None:
@@ -299,6 +309,21 @@ class Scheduler:
         self._admission = batch.start_prefill(slots, [r.prompt_ids for r in requests], [r.opts for r in requests])
         self.stats["prefill_calls"] += 1
         self.stats["prefilled_requests"] += len(requests)
+
+    def _admit_while_stepping(self, batch: DecodeBatch, requests: list[Request], slots: list[int],
+                              active_B: np.ndarray) -> None:
+        """An admission and a decode step in one layer pass (an offloaded model: see the module's docstring)."""
+        for r in requests:
+            r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
+        firsts, sampled_B = batch.admit_while_stepping(slots, [r.prompt_ids for r in requests],
+                                                       [r.opts for r in requests], active_B)
+        for key, n in (("prefill_calls", 1), ("prefilled_requests", len(requests)), ("prefill_chunks", 1),
+                       ("decode_steps", 1), ("decoded_tokens", int(active_B.sum())), ("prefills_with_decode", 1)):
+            self.stats[key] += n
+        for b in np.flatnonzero(active_B):
+            self._push(int(b), int(sampled_B[b]))
+        for slot, first in zip(slots, firsts):
+            self._push(slot, first)
 
     def _advance_admission(self) -> None:
         """The admission's next prefill part (a chunk); once its last has run, its requests' first
