@@ -435,6 +435,15 @@ def interrupt_model(tmp_path_factory):
     return ktjax.load(path, dtype="float32")
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, however pytest was started: a shell starts a
+    background job (`pytest &`, nohup) with SIGINT ignored, and Python then installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def resumed_differently(model, tmp_path, choose_points) -> tuple[list[str], set[int]]:
     """Runs INTERRUPT_RUN whole, then once per point chosen from its step-2 lines with Ctrl-C there,
     resumed each time: the points where the resumed run differs from the whole one, and the steps
@@ -464,7 +473,7 @@ def resumed_differently(model, tmp_path, choose_points) -> tuple[list[str], set[
     return wrong, starts
 
 
-def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path):
+def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_model, tmp_path, ctrl_c_raises):
     def points(recorded):
         chosen = points_to_interrupt(recorded)
         files = {os.path.basename(p[0]) for (p, _) in chosen}
@@ -481,7 +490,7 @@ def test_ctrl_c_anywhere_in_a_step_saves_exactly_the_step_it_names(interrupt_mod
 OFFLOADED_POINTS = 4
 
 
-def test_ctrl_c_inside_an_offloaded_step_saves_exactly_the_step_it_names(ckpt, tmp_path):
+def test_ctrl_c_inside_an_offloaded_step_saves_exactly_the_step_it_names(ckpt, tmp_path, ctrl_c_raises):
     """Experts streamed from host memory: the step is Python driving per-layer segments, and a
     second Ctrl-C stops inside it, before or after the update has taken the step's inputs. The
     loop around it is the resident one's, interrupted everywhere above; here points spread over the

@@ -40,15 +40,34 @@ def test_the_cpu_takes_the_experts_with_fewest_tokens_until_both_paths_finish_to
     assert split([], np.array([]), nbytes, rates, "auto") == ([], [])
 
 
+@pytest.fixture(scope="module")
+def split_model(ckpt):
+    """split_model(fmt, mode): layer 2's experts 0-3 on the device, the others in host memory in `fmt`,
+    host experts computed on path `mode`. "gpu" is loaded so (no host path at all); "cpu" and "auto"
+    are one model loaded with "auto" and told which path to take (`with_expert_compute`: what loading
+    with expert_compute="cpu" gives, the experts and compiled programs shared). Loaded once each."""
+    loaded = {}
+
+    def get(fmt: str, mode: str) -> ktjax.LoadedModel:
+        how = "gpu" if mode == "gpu" else "auto"
+        if (fmt, how) not in loaded:
+            loaded[fmt, how] = ktjax.load(ckpt, dtype="float32", experts=fmt, placement=SOME_ON_DEVICE,
+                                          expert_compute=how, max_context=64)
+        model = loaded[fmt, how]
+        assert (model.executor.host is None) == (mode == "gpu")
+        return dataclasses.replace(model, executor=model.executor.with_expert_compute(mode))
+
+    return get
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_every_path_computes_the_same_model(ckpt, fmt):
+def test_every_path_computes_the_same_model(ckpt, split_model, fmt):
     """The same quantized experts on the device, streamed to it, or computed on the host CPU."""
     resident = ktjax.load(ckpt, dtype="float32", experts=fmt)
     few = TOKENS[:1, :5]  # 5 tokens x 3 experts each: decode-sized (the decode forms); TOKENS streams every expert
     on_device = [np.asarray(ktjax.logits(resident, t)) for t in (TOKENS, few)]
     for mode in ("gpu", "cpu", "auto"):
-        model = ktjax.load(ckpt, dtype="float32", experts=fmt, placement=SOME_ON_DEVICE, expert_compute=mode,
-                           max_context=64)
+        model = split_model(fmt, mode)
         for form in ("fused", "streamed"):
             model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
             for tokens, want in zip((TOKENS, few), on_device):
@@ -56,12 +75,9 @@ def test_every_path_computes_the_same_model(ckpt, fmt):
 
 
 @pytest.mark.parametrize("mode", ["gpu", "cpu", "auto"])
-def test_forced_splits_generate_the_same_tokens(ckpt, mode):
-    reference = ktjax.generate(ktjax.load(ckpt, dtype="float32", experts="int8", placement=SOME_ON_DEVICE,
-                                          expert_compute="gpu", max_context=64), [5, 9, 13, 2], max_new_tokens=6)
-    model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=SOME_ON_DEVICE, expert_compute=mode,
-                       max_context=64)
-    result = ktjax.generate(model, [5, 9, 13, 2], max_new_tokens=6)
+def test_forced_splits_generate_the_same_tokens(split_model, mode):
+    reference = ktjax.generate(split_model("int8", "gpu"), [5, 9, 13, 2], max_new_tokens=6)
+    result = ktjax.generate(split_model("int8", mode), [5, 9, 13, 2], max_new_tokens=6)
     assert result.token_ids == reference.token_ids
     paths = result.stats.decode_experts_per_step
     assert paths["device"] > 0 and paths["host_cpu"] + paths["link"] > 0

@@ -4,6 +4,7 @@ memory (per-layer segments, experts streamed or computed on the host CPU)."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,6 +39,12 @@ def rel_err(a, ref):
     return float(np.abs(np.asarray(a) - ref).max() / np.abs(ref).max())
 
 
+def empty_cache(model, batch: int, length: int):
+    """The executor's empty KV cache, committed to the device as the caches its steps return are: a
+    step's program then compiles once (an uncommitted first input compiles a second variant)."""
+    return jax.device_put(model.executor.init_cache(batch, length), jax.devices()[0])
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def reference(request, tmp_path_factory):
     kind, overrides = CASES[request.param]
@@ -65,7 +72,7 @@ def test_prefill_logits_match_reference(case):
 def test_token_by_token_decode_reproduces_prefill(case):
     _, model, tokens, expected = case
     B, T = tokens.shape
-    cache = model.executor.init_cache(B, 16)  # the length the chunked test uses: the same compiled programs
+    cache = empty_cache(model, B, 16)  # the length the chunked test uses: the same compiled programs
     for t in range(T):
         logits, cache = model.executor.chunk_logits(cache, tokens[:, t:t + 1], np.full((B,), t))
         assert rel_err(logits[:, 0], expected[:, t]) < 1e-4, f"position {t}"
@@ -74,7 +81,7 @@ def test_token_by_token_decode_reproduces_prefill(case):
 def test_chunked_prefill_then_decode_reproduces_prefill(case):
     _, model, tokens, expected = case
     B, T = tokens.shape
-    cache = model.executor.init_cache(B, 16)
+    cache = empty_cache(model, B, 16)
     logits, cache = model.executor.chunk_logits(cache, tokens[:, :3], np.zeros((B,)))
     assert rel_err(logits, expected[:, :3]) < 1e-4
     logits, cache = model.executor.chunk_logits(cache, tokens[:, 3:5], np.full((B,), 3))
@@ -90,7 +97,7 @@ def test_rows_at_different_positions_decode_independently(tmp_path, executor):
     model = ktjax.load(save_reference(ref, tmp_path), **EXECUTORS[executor])
     a, b = np.array([[5, 9, 13, 2, 7]]), np.array([[11, 4, 8]])
     exp_a, exp_b = reference_logits(ref, a)[0], reference_logits(ref, b)[0]
-    cache = model.executor.init_cache(2, 8)
+    cache = empty_cache(model, 2, 8)
     for t in range(5):  # row 1 starts two steps later than row 0
         tok = [[a[0, t]], [b[0, t - 2] if t >= 2 else 0]]
         pos = [t, max(t - 2, 0)]

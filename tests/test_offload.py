@@ -47,6 +47,22 @@ def fp8_reference(fp8_ckpt, tmp_path_factory):
     return load_reference(write_dequantized_twin(fp8_ckpt, str(tmp_path_factory.mktemp("twin"))))
 
 
+MIXED = {r"model\.layers\.2\.mlp\.experts\.[0-3]": "device", **ALL_HOST}
+
+
+@pytest.fixture(scope="module")
+def all_host(ckpt):
+    """Every routed expert in host memory, streamed: one model for the tests that only run it (an
+    offloaded model compiles its own layer programs)."""
+    return ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def mixed(ckpt):
+    """Layer 2's experts 0-3 on the device, every other routed expert in host memory."""
+    return ktjax.load(ckpt, dtype="float32", placement=MIXED, **SMALL)
+
+
 def rel_err(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
@@ -174,8 +190,8 @@ def test_offloaded_logits_equal_transformers(ckpt, ref):
     assert rel_err(ktjax.logits(model, tokens), reference_logits(ref, tokens)) < 1e-5
 
 
-def test_offloaded_greedy_generation_equals_transformers(ckpt, ref):
-    model = no_eos(ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL))
+def test_offloaded_greedy_generation_equals_transformers(all_host, ref):
+    model = no_eos(all_host)
     prompts = [[5, 9, 13, 2], [3, 4], [8, 1, 2, 3, 4, 5, 6, 7, 9]]
     got = ktjax.generate(model, prompts, max_new_tokens=8)
     assert [r.token_ids for r in got] == [reference_greedy(ref, p, 8) for p in prompts]
@@ -183,8 +199,8 @@ def test_offloaded_greedy_generation_equals_transformers(ckpt, ref):
     assert stats.prefill_host_bytes > 0 and stats.decode_host_bytes_per_step > 0
 
 
-def test_decode_moves_only_the_chosen_experts(ckpt):
-    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
+def test_decode_moves_only_the_chosen_experts(all_host):
+    model = all_host
     stats = ktjax.generate(model, [5, 9, 13], max_new_tokens=3).stats
     K, moe_layers = model.config.num_experts_per_tok, 3
     assert stats.decode_experts_per_step == {"device": 0, "link": K * moe_layers, "host_cpu": 0}
@@ -204,12 +220,12 @@ def test_an_expert_gathers_only_as_many_tokens_as_its_busiest_chunk_member_needs
     assert capacity_for(8, []) == 1
 
 
-def test_padding_and_inactive_rows_route_to_no_expert(ckpt):
+def test_padding_and_inactive_rows_route_to_no_expert(all_host):
     """A prefill's padding, and in decode a serving batch's free slots (active_B False), bring in no
     experts; the active rows' tokens are unchanged. Shapes as generate() pads a batch of 3 (compiled
     by the tests above)."""
     from ktjax.runtime.model import Sampling
-    ex = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL).executor
+    ex = all_host.executor
     tokens_BT = np.zeros((4, 16), np.int32)
     tokens_BT[:, :4] = [[5, 9, 13, 2], [3, 4, 8, 1], [40, 7, 7, 3], [11, 22, 33, 44]]
     greedy = Sampling.of()
@@ -229,11 +245,9 @@ def test_padding_and_inactive_rows_route_to_no_expert(ckpt):
 
 
 @pytest.mark.parametrize("form", ["fused", "streamed"])
-def test_decode_steps_reuse_their_compiled_segments(ckpt, form):
+def test_decode_steps_reuse_their_compiled_segments(mixed, form):
     """Steps that mix device and host experts in a layer, in any proportion, run the same programs."""
-    model = ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.2\.mlp\.experts\.[0-3]": "device",
-                                                          **ALL_HOST}, **SMALL)
-    model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+    model = dataclasses.replace(mixed, executor=mixed.executor.with_decode_form(form))
     segment = model.executor.segments["moe"].moe_tail if form == "fused" else experts_segment
     ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
     ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=2)  # its prefill's variant (a prompt's own count of experts)
@@ -244,10 +258,8 @@ def test_decode_steps_reuse_their_compiled_segments(ckpt, form):
 
 
 @pytest.mark.parametrize("form", ["fused", "streamed"])
-def test_both_decode_forms_generate_transformers_tokens(ckpt, ref, form):
-    model = no_eos(ktjax.load(ckpt, dtype="float32", placement={r"model\.layers\.2\.mlp\.experts\.[0-3]": "device",
-                                                                 **ALL_HOST}, **SMALL))
-    model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+def test_both_decode_forms_generate_transformers_tokens(mixed, ref, form):
+    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form(form))
     prompts = [[5, 9, 13, 2], [3, 4]]
     got = ktjax.generate(model, prompts, max_new_tokens=6, profile=True)
     assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]
@@ -264,8 +276,21 @@ def test_long_prefill_streams_every_host_expert_once_and_equals_transformers(ckp
     assert rel_err(ktjax.logits(model, tokens), reference_logits(ref, tokens)) < 1e-5
 
 
+@pytest.fixture
+def frozen_heap():
+    """Everything alive now out of the garbage collector's sight until the test ends (gc.freeze): a
+    full collection then looks at the test's own objects only, in milliseconds instead of the ~0.5 s
+    (and more late in a long session) that the whole process's heap takes."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 def count_live_fetches(model) -> list[int]:
-    """Wrap the store's fetch: before each fetch, how many experts fetched earlier are still referenced."""
+    """Wrap the store's fetch: before each fetch, how many experts fetched earlier are still referenced
+    (after a full garbage collection: a reference cycle does not count)."""
     import gc
     import weakref
     store = model.executor.store
@@ -284,7 +309,7 @@ def count_live_fetches(model) -> list[int]:
 
 
 @pytest.mark.parametrize("phase", ["prefill", pytest.param("training", marks=pytest.mark.slow)])
-def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase):
+def test_streaming_keeps_at_most_two_chunks_of_experts_on_the_device(ckpt, phase, frozen_heap):
     """What the plan's workspace holds: the chunk being computed and the one in flight, no more."""
     from ktjax.lora.config import LoRAConfig, resolve_sites
     from ktjax.lora.modules import init_adapters
@@ -360,7 +385,6 @@ def test_an_fp8_checkpoint_gives_transformers_logits_on_its_dequantised_weights(
     assert ktjax.generate(no_eos(model), prompt, max_new_tokens=6).token_ids == reference_greedy(fp8_reference, prompt, 6)
 
 
-def test_profile_times_segments(ckpt):
-    model = ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, **SMALL)
-    stats = ktjax.generate(model, [5, 9, 13], max_new_tokens=2, profile=True).stats
+def test_profile_times_segments(all_host):
+    stats = ktjax.generate(all_host, [5, 9, 13], max_new_tokens=2, profile=True).stats
     assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)  # float experts: streamed
