@@ -31,10 +31,17 @@ def no_eos(model):
     return dataclasses.replace(model, config=dataclasses.replace(model.config, eos_token_id=None))
 
 
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    """The checkpoint on each executor, loaded once for the module (an offloaded model compiles its own
+    layer programs)."""
+    return {name: ktjax.load(checkpoint[1], dtype="float32", max_batch=4, max_context=256, **opts)
+            for name, opts in EXECUTORS.items()}
+
+
 @pytest.fixture(scope="module", params=list(EXECUTORS))
-def pair(request, checkpoint):
-    ref, path = checkpoint
-    return ref, no_eos(ktjax.load(path, dtype="float32", max_batch=4, max_context=256, **EXECUTORS[request.param]))
+def pair(request, checkpoint, models):
+    return checkpoint[0], no_eos(models[request.param])
 
 
 hf_greedy = reference_greedy
@@ -93,13 +100,13 @@ def test_generating_again_in_the_same_buckets_compiles_nothing(checkpoint):
     assert (resident.prefill_chunk._cache_size(), resident.decode_segment._cache_size()) == compiled
 
 
-def test_a_seed_samples_the_same_tokens_wherever_the_experts_live(checkpoint, small_chunks):
+def test_a_seed_samples_the_same_tokens_wherever_the_experts_live(models, small_chunks):
     # Prompts that end in different prefill chunks: each row's first token is still drawn once, with the seed.
-    prompts = [list(range(1, 21)), [5, 9, 13]]
-    assert len(shapes.prefill_chunks(20)) == 3 and len(shapes.prefill_chunks(3)) == 1
+    # (Three rows, and chunks of 8: the shapes the greedy tests above compiled.)
+    prompts = [list(range(1, 22)), [5, 9, 13], [7, 2, 11, 4, 8, 30, 6, 1, 9]]
+    assert [len(shapes.prefill_chunks(len(p))) for p in prompts] == [3, 1, 2]
     kw = dict(max_new_tokens=8, temperature=1.3, top_k=20, seed=5)
-    runs = {name: [r.token_ids for r in ktjax.generate(ktjax.load(checkpoint[1], dtype="float32", max_batch=2, **opts),
-                                                        prompts, **kw)] for name, opts in EXECUTORS.items()}
+    runs = {name: [r.token_ids for r in ktjax.generate(model, prompts, **kw)] for name, model in models.items()}
     assert runs["resident"] == runs["offloaded"]
 
 
