@@ -174,7 +174,8 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
     each batch bucket (1, 2, 4, ... max_batch rows) at the benchmark's prompt length, and the decode
     step of the slots. A server pays these compiles on first use (10-30 s each on the GPU); which
     buckets a burst of requests lands in depends on arrival timing, so a warm-up round of requests
-    alone would not cover them."""
+    alone would not cover them. Last, prompts admitted while 1-3 rows decode (`admit_while_stepping`), as
+    the staggered arrivals are."""
     import numpy as np
 
     from ktjax.runtime.generation import SamplingOptions
@@ -185,9 +186,12 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
 
     slots = model.placement.max_batch
     # A burst of c requests is admitted as one or two alone, then the rest: those buckets first.
-    buckets = [1] + [batch_bucket(n) for c in levels for n in (c, c - 1) if n > 0]
-    buckets += [1 << i for i in range(slots.bit_length()) if 1 << i <= slots]
-    buckets = list(dict.fromkeys(min(b, slots) for b in buckets))  # `slots` rows pad to their bucket
+    # `slots` rows pad to their bucket. Then requests arriving while others decode, admitted in a decode
+    # step's pass (`admit_while_stepping`: the slots x the prompt's padded length), then the other buckets.
+    bursts = list(dict.fromkeys(min(b, slots) for b in [1] + [batch_bucket(n) for c in levels for n in (c, c - 1)
+                                                               if n > 0]))
+    others = [1 << i for i in range(slots.bit_length()) if 1 << i <= slots and 1 << i not in bursts]
+    buckets = bursts + ["admit while stepping"] + others
     context = min(model.placement.max_context, model.config.max_position_embeddings)
     batch = DecodeBatch(model, slots, cache_length(context, 0))
     batch.decode()  # as the scheduler starts: later arrays are a step's outputs (they may compile apart)
@@ -200,6 +204,19 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
                 f"deadline): the first such admission will compile them")
             break
         t = time.perf_counter()
+        if k == "admit while stepping":
+            for r in range(rounds):  # 1, 2, 3 rows decoding, one prompt admitted beside them
+                prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(r + 2)]
+                for j in range(r + 1):  # one at a time: the 1-row prefill is compiled
+                    batch.prefill_into([j], prompts[j:j + 1], [opts])
+                active = np.arange(slots) < r + 1
+                batch.admit_while_stepping([r + 1], prompts[r + 1:], [opts], active)
+                active[r + 1] = True
+                batch.decode(active)
+            done[k] = time.perf_counter() - t
+            log(f"child: a prompt of {prompt_tokens} tokens admitted while 1-{rounds} rows decode, compiled and run "
+                f"in {done[k]:.1f} s")
+            continue
         for _ in range(rounds):  # later rounds: the routing-dependent variants (experts' capacity) of more data
             prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(k)]
             batch.prefill_into(list(range(k)), prompts, [opts] * k)
@@ -418,10 +435,20 @@ def fmt(v, scale=1.0, digits=1, unit=""):
     return "-" if v is None else f"{v * scale:.{digits}f}{unit}"
 
 
+def step_split(m: dict) -> str:
+    """The server's mean decode step as its scheduler timed it: the model call, and handing the tokens
+    to the requests (an ITL above their sum is the loop's own time, or the stream's)."""
+    st = m.get("scheduler", {})
+    n = st.get("decode_steps") or 0
+    if not n or "decode_seconds" not in st:
+        return "-"
+    return f"{st['decode_seconds'] / n * 1e3:.1f} + {st['emit_seconds'] / n * 1e3:.1f} ms"
+
+
 def table(levels: dict, engine: dict, slots: int) -> str:
     lines = ["| concurrency | server tok/s | wall tok/s | engine tok/s | ratio | engine in "
-             f"{slots} slots tok/s | TTFT p50 / p99 | ITL p50 / p99 | tokens ok |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+             f"{slots} slots tok/s | TTFT p50 / p99 | ITL p50 / p99 | server step: model + emit | tokens ok |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for c, m in levels.items():
         e = engine.get(f"engine_b{c}", {}).get("tokens_per_s")
         ep = engine.get(f"engine_b{c}_in_{slots}_slots", {}).get("tokens_per_s") if c < slots else e
@@ -430,7 +457,7 @@ def table(levels: dict, engine: dict, slots: int) -> str:
         lines.append(f"| {c} | {fmt(m.get('server_tok_s'))} | {fmt(m.get('wall_tok_s'))} | {fmt(e)} | "
                      f"{fmt(ratio, 100, 0, '%')} | {fmt(ep)} | {fmt(m.get('ttft_p50_s'), 1, 2)} / "
                      f"{fmt(m.get('ttft_p99_s'), 1, 2)} s | {fmt(m.get('itl_p50_s'), 1e3)} / "
-                     f"{fmt(m.get('itl_p99_s'), 1e3)} ms | {m.get('ok', 0)}/{m.get('requests', 0)}"
+                     f"{fmt(m.get('itl_p99_s'), 1e3)} ms | {step_split(m)} | {m.get('ok', 0)}/{m.get('requests', 0)}"
                      f"{'' if m.get('all_tokens_streamed') else ' (short)'} |")
     return "\n".join(lines)
 
@@ -528,7 +555,7 @@ def driver(args) -> int:
             log(f"concurrency {c}: {m['ok']}/{c} ok, {m['tokens']} tokens in {m['seconds']:.1f} s: server "
                 f"{fmt(m['server_tok_s'])} tok/s (wall {fmt(m['wall_tok_s'])}), TTFT p50/p99 "
                 f"{fmt(m['ttft_p50_s'], 1, 2)}/{fmt(m['ttft_p99_s'], 1, 2)} s, ITL p50/p99 "
-                f"{fmt(m['itl_p50_s'], 1e3)}/{fmt(m['itl_p99_s'], 1e3)} ms, prefill calls "
+                f"{fmt(m['itl_p50_s'], 1e3)}/{fmt(m['itl_p99_s'], 1e3)} ms, server step {step_split(m)}, prefill calls "
                 f"{m['scheduler'].get('prefill_calls')}{' errors: ' + str(m['errors']) if m['errors'] else ''}")
         left = deadline - time.perf_counter() - 20
         if args.stagger and left > 15:

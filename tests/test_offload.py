@@ -209,12 +209,16 @@ def test_decode_moves_only_the_chosen_experts(all_host):
 
 def test_an_expert_gathers_only_as_many_tokens_as_its_busiest_chunk_member_needs():
     """Capacity (tokens computed per expert): the whole batch, weighted, when some expert meets about that
-    many; else the busiest expert's count up to a power of two, so experts that one token of a wide batch
-    meets (a serving batch's masked free rows) run at 1 token."""
+    many; else the busiest expert's count (1 or 2 as it is, more up to a power of two of at least 16), so
+    experts that one token of a wide batch meets (a serving batch's masked free rows) run at 1 token, and
+    decode batches meet few compiled variants."""
     from ktjax.runtime.offload.streaming import capacity_for
     assert capacity_for(1, [1]) == 1
     assert capacity_for(32, [1, 1, 0]) == 1  # one decoding row among 32 slots
-    assert capacity_for(8, [2, 1, 3]) == 4
+    assert capacity_for(32, [2, 1]) == 2
+    assert capacity_for(32, [3, 1]) == 16 and capacity_for(32, [9]) == 16  # the dequantize-then-matmul forms
+    assert capacity_for(64, [17]) == 32
+    assert capacity_for(8, [2, 1, 3]) == 8  # 16 would reach the batch: every token
     assert capacity_for(8, [8, 1]) == 8 and capacity_for(3, [3]) == 4  # every token: the dense weighted form
     assert capacity_for(4096, [700, 12]) == 1024  # prefill-sized: the largest count, rounded
     assert capacity_for(8, []) == 1

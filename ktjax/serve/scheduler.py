@@ -125,9 +125,12 @@ class Scheduler:
         # Counters (read from any thread; written by the scheduler's): prefill calls (admissions) and
         # the requests they admitted, the chunks their prefills ran in (an offloaded prefill is one),
         # decode steps and the slots they advanced, the decode steps run while an admission's prefill
-        # was between two of its chunks, and the admissions run in the same pass as a decode step.
+        # was between two of its chunks, the admissions run in the same pass as a decode step, and the
+        # seconds spent in decode steps (their model calls) and in handing their tokens to the requests
+        # (detokenizing, emitting): a step's interval beyond these two is the loop's own.
         self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
-                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0}
+                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0,
+                      "decode_seconds": 0.0, "emit_seconds": 0.0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
@@ -338,13 +341,17 @@ class Scheduler:
 
     def _step(self, batch: DecodeBatch) -> None:
         active_B = self._active_rows()
+        t0 = time.perf_counter()
         sampled_B = batch.decode(active_B)
+        t1 = time.perf_counter()
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += int(active_B.sum())
         if self._admission is not None:
             self.stats["decode_steps_between_prefill_chunks"] += 1
         for b in np.flatnonzero(active_B):
             self._push(int(b), int(sampled_B[b]))
+        self.stats["decode_seconds"] += t1 - t0
+        self.stats["emit_seconds"] += time.perf_counter() - t1
 
     def _push(self, slot: int, token: int) -> None:
         request = self._slots[slot]

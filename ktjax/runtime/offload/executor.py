@@ -93,6 +93,7 @@ class OffloadedExecutor:
         self.rates = rates or DEFAULT_RATES.get(fmt.name)
         self.decode_form = decode_form
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
+        self._zeros: dict[tuple, jax.Array] = {}
 
     @property
     def dtype(self):
@@ -249,6 +250,13 @@ class OffloadedExecutor:
         out.layers = merge_layers(self.config, self.layers, adapters, lcfg)
         return out
 
+    def _host_zeros(self, shape) -> jax.Array:
+        """A device f32 zeros array standing for an empty host-CPU share (cached per shape; its sharding
+        is the host share's, so the fused program does not compile apart for it)."""
+        if shape not in self._zeros:
+            self._zeros[shape] = jax.device_put(np.zeros(shape, np.float32), self.store.on_device)
+        return self._zeros[shape]
+
     # ---- the forward pass ------------------------------------------------------------------
     def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments, *,
                 active: np.ndarray | None = None):
@@ -379,13 +387,15 @@ class OffloadedExecutor:
             cpu_ids, link_ids = [], hosted
         gpu_ids = [e for e in chosen if not self.store.is_hosted(i, e)] + link_ids
         slots = tuple(self.store.fetch(i, gpu_ids, stats))  # asynchronous: the link works from here
-        host_ND = None
         if cpu_ids:
             out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
             stats.experts_on_host_cpu += len(cpu_ids)
             stats.host_cpu_seconds.append(seconds)
             host_ND = jax.device_put(out_ND, self.store.on_device)
-        # Few compiled variants, little padding (id -1, a fetched array reused; each still costs its compute).
+        else:  # zeros, not None: one compiled variant whether or not the host CPU had a share
+            host_ND = self._host_zeros(h_ND.shape)
+        # Few compiled variants (each is a compile the first time a step meets it: a serving batch's
+        # stall), little padding (id -1, a fetched array reused; each still costs its compute).
         pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
         ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
         slots += (slots[0],) * pad if slots else ()
@@ -395,9 +405,11 @@ class OffloadedExecutor:
 
 
 def fused_slots(n: int) -> int:
-    """The expert slots of a fused MoE program for n chosen experts: one of 1, 2, 3, 4, 6, 8 up to
-    FUSED_MAX_EXPERTS (a padded slot computes as much as a real one), powers of two beyond."""
-    return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), pow2(n))
+    """The expert slots of a fused MoE program for n chosen experts: 2, 4 or 8 up to FUSED_MAX_EXPERTS,
+    powers of two beyond. A padded slot computes as much as a real one (~60 us for a full-size int4
+    expert at one token), but each variant is a compile that a serving batch meets mid-stream the
+    first time (bench_serve run 4: 1-2 s stalls with six slot sizes), so few sizes."""
+    return max(2, pow2(n))
 
 
 def _timed(fn, *args):

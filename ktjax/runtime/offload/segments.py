@@ -98,12 +98,11 @@ class LayerSegments:
 
         def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, ids_C, experts, host_ND, capacity):
             routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=capacity)
-            parts = (routed_ND,) if host_ND is None else (routed_ND, host_ND)
-            return combine_segment(x_BTD, shared(merge(state), h_ND), parts)
+            return combine_segment(x_BTD, shared(merge(state), h_ND), (routed_ND, host_ND))
 
         # The MoE block after routing as one program (the executor's "fused" decode): the shared
         # expert, the chosen experts on the device (resident or just fetched; ids_C -1 pads) and the
-        # host CPU's sum (or None), combined.
+        # host CPU's sum (zeros when it had none), combined.
         self.moe_tail = jax.jit(moe_tail, static_argnames="capacity")
 
 

@@ -26,14 +26,22 @@ def pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Above 2 tokens an expert is dequantized, then multiplied: up to this many tokens cost the same (the
+# dequantization's memory traffic dominates), so capacities 3 .. MATMUL_MIN_CAPACITY share one compiled variant.
+MATMUL_MIN_CAPACITY = 16
+
+
 def capacity_for(n_tokens: int, counts) -> int:
-    """Tokens gathered per expert of a chunk (counts: its experts' token counts). Every token (a capacity
-    >= n_tokens: each expert on all of them, weighted, without the gather) unless the busiest expert has
-    fewer; then that count up to a power of two. So an expert that one token of a wide batch meets (a
-    serving batch's free slots are masked; batch 8 spreads over ~50 experts) runs at 1 token, where
-    int8/int4 experts take their in-place form (`ktjax.experts.device.MATVEC_FORMS`)."""
-    busiest = pow2(int(np.max(counts, initial=0)))
-    return busiest if busiest < n_tokens else pow2(n_tokens)
+    """Tokens gathered per expert of a chunk (counts: its experts' token counts): the busiest expert's
+    count, 1 or 2 as it is (an expert that one token of a wide batch meets, as a serving batch's masked
+    free slots leave it, runs at 1 token, where int8/int4 experts take their in-place form:
+    `ktjax.experts.device.MATVEC_FORMS`), larger ones up to a power of two of at least
+    MATMUL_MIN_CAPACITY; every token (each expert on all of them, weighted, without the gather) once
+    that reaches the batch. Each capacity is a compiled variant, so few of them."""
+    capacity = pow2(int(np.max(counts, initial=0)))
+    if capacity > 2:
+        capacity = max(capacity, MATMUL_MIN_CAPACITY)
+    return capacity if capacity < n_tokens else pow2(n_tokens)
 
 
 def streams_everything(cfg: ModelConfig, n_tokens: int) -> bool:
