@@ -54,6 +54,10 @@ N_EXPERTS = 16  # distinct experts per format (--smoke: 4)
 CHAIN_BYTES = 200e6  # the XLA chain's unrolled chunks: at least this many bytes (4x L2)
 
 
+class _Skip(Exception):
+    pass
+
+
 def first_lines(e: BaseException, n: int = 8) -> str:
     lines = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
     return "\n".join(lines[:n])
@@ -70,14 +74,28 @@ def hbm_ceiling(smoke: bool) -> dict:
     return {"copy_gbps": copy_gbps, "read_gbps": read_gbps, "hbm_gbps": max(copy_gbps, read_gbps)}
 
 
-def chain_xla(K: int, R: int, N: int):
-    """One program: R chunks of K separate experts each through the XLA path, acc threaded through."""
+# dequantize then matmul (add_experts' reference path); the multiply-reduce forms of expert_ffn_matvec (split: int4)
+XLA_FORMS = ("xla", "inline", "grouped", "split")
+
+
+def add_form(form: str, acc, h, w, idx, ids, experts, N: int):
+    """add_experts' decode-sized branch (every token through each expert, weighted) with each expert through
+    one XLA form: "xla" `expert_ffn_reference`, else `expert_ffn_matvec` in that form."""
+    acc = jnp.zeros(h.shape, jnp.float32) if acc is None else acc
+    for c, ex in enumerate(experts):
+        wt = jnp.where(idx == ids[c], w, 0).sum(-1)
+        y = device.expert_ffn_reference(h, ex) if form == "xla" else device.expert_ffn_matvec(h, ex, form=form)
+        acc = acc + y * wt[:, None]
+    return acc
+
+
+def chain_xla(K: int, R: int, N: int, form: str = "xla"):
+    """One program: R chunks of K separate experts each through an XLA form, acc threaded through."""
     def f(h, w, idx, experts):
         acc = None
         for r in range(R):
             ids = jnp.arange(r * K, (r + 1) * K, dtype=jnp.int32)
-            acc = device.add_experts(acc, h, w, idx, ids, tuple(experts[r * K:(r + 1) * K]), capacity=N,
-                                     impl="reference")
+            acc = add_form(form, acc, h, w, idx, ids, tuple(experts[r * K:(r + 1) * K]), N)
         return acc
     return jax.jit(f)
 
@@ -95,6 +113,8 @@ def chain_kernel(K: int, R: int, fmt: ExpertFormat, interpret: bool, tiles=None)
 
 
 def call_fn(impl: str, N: int):
+    if impl in XLA_FORMS:
+        return jax.jit(lambda h, w, idx, ids, experts: add_form(impl, None, h, w, idx, ids, experts, N))
     return jax.jit(lambda h, w, idx, ids, experts: device.add_experts(None, h, w, idx, ids, experts, capacity=N,
                                                                       impl=impl))
 
@@ -106,14 +126,19 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def numpy_check(fmt: ExpertFormat, experts, kernel_impl: str) -> float:
-    """The kernel in float32 (IEEE dots) against float64 numpy from quant's dequantization: 2 experts, C=2."""
+def numpy_check(fmt: ExpertFormat, experts, impl: str) -> float:
+    """A path in float32 against float64 numpy from quant's dequantization: 2 experts, C=2. impl: "inline" /
+    "grouped" (the multiply-reduce forms) or the kernel's ("pallas" / "interpret"; IEEE dots)."""
     rng = np.random.default_rng(5)
     C = 2
     x = rng.standard_normal((C, fmt.D)).astype(np.float32)
     wt = rng.uniform(0.1, 1, (C, 2)).astype(np.float32)
-    out = experts_pallas(jnp.asarray(x), tuple(ex.w for ex in experts[:2]), jnp.asarray(wt),
-                         jnp.zeros((C, fmt.D), jnp.float32), layout=fmt.packed, interpret=kernel_impl == "interpret")
+    if impl in XLA_FORMS:
+        out = jax.jit(lambda x, wt, exs: sum(device.expert_ffn_matvec(x, ex, form=impl) * wt[:, e:e + 1]
+                                             for e, ex in enumerate(exs)))(jnp.asarray(x), jnp.asarray(wt), experts[:2])
+    else:
+        out = experts_pallas(jnp.asarray(x), tuple(ex.w for ex in experts[:2]), jnp.asarray(wt),
+                             jnp.zeros((C, fmt.D), jnp.float32), layout=fmt.packed, interpret=impl == "interpret")
     ref = np.zeros((C, fmt.D))
     for e in range(2):
         gu, dn = fmt.packed.dequantize(np.asarray(experts[e].w))
@@ -128,6 +153,9 @@ def main():
     p.add_argument("--formats", nargs="+", default=["int8", "int4"])
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 8], help="experts per program (K), dividing 16")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--impls", nargs="+", default=["xla", "inline", "grouped", "split", "kernel"],
+                   help="paths to time: xla (dequantize, then matmul), inline / grouped (multiply-reduce over the "
+                        "quantized bytes, expert_ffn_matvec), kernel (Pallas)")
     p.add_argument("--sweep", type=int, default=1, help="1: tile sweep at C=1 after the table's timings")
     p.add_argument("--budget", type=float, default=120,
                    help="seconds: no new row or sweep point starts past this (rows run C=1 first)")
@@ -155,13 +183,22 @@ def main():
         fmt = ExpertFormat(fmt_name, F, D)
         experts = tuple(jax.block_until_ready([random_expert(jax.random.key(100 + e), fmt) for e in range(E)]))
         stack = jax.block_until_ready(jnp.stack([ex.w for ex in experts]))
-        kernel_ok, why = True, ""
+        for form in ("inline", "grouped", "split"):
+            if form in args.impls and (form != "split" or fmt_name == "int4"):
+                err = numpy_check(fmt, experts, form)
+                checks[f"{fmt_name} {form} f32 vs numpy"] = err
+                print(f"{fmt_name}: {form} (float32) vs numpy float64: rel. max error {err:.2e}", flush=True)
+        kernel_ok, why = "kernel" in args.impls, "not asked for"
         try:
+            if not kernel_ok:
+                raise _Skip()
             err = numpy_check(fmt, experts, kernel_impl)
             checks[f"{fmt_name} f32 vs numpy"] = err
             print(f"{fmt_name}: kernel (float32) vs numpy float64: rel. max error {err:.2e}", flush=True)
             if not err < 1e-4:
                 kernel_ok, why = False, f"f32 check failed: {err:.2e}"
+        except _Skip:
+            pass
         except Exception as e:  # a lowering failure on the GPU: report and keep the XLA rows
             kernel_ok, why = False, "lowering/run failed: " + first_lines(e, 3).replace("\n", " | ")
             print(f"{fmt_name}: the Pallas kernel FAILED:\n{first_lines(e)}", flush=True)
@@ -182,23 +219,24 @@ def main():
         w = jnp.asarray(rng.uniform(0.05, 0.3, idx.shape), jnp.float32)
         nbytes = K * fmt.nbytes
         row = {"fmt": fmt_name, "K": K, "C": C, "bytes": nbytes, "chain": R}
-        impls = ["reference"] + ([kernel_impl] if kernel_ok else [])
+        forms = [f for f in ("inline", "grouped", "split") if f in args.impls and (f != "split" or fmt_name == "int4")]
+        impls = ["xla"] + forms + ([kernel_impl] if kernel_ok else [])
         outs = {}
         for impl in impls:
-            tag = "xla" if impl == "reference" else "kernel"
+            tag = impl if impl in XLA_FORMS else "kernel"
             try:
-                if tag == "xla":
-                    chain, arg = chain_xla(K, R, C), experts
+                if tag in XLA_FORMS:
+                    chain, arg = chain_xla(K, R, C, tag), experts
                 else:
                     chain, arg = chain_kernel(K, R, fmt, impl == "interpret"), stack
                 outs[tag] = jax.block_until_ready(chain(h, w, idx, arg))
-                if tag == "kernel":  # the kernel's chain against the XLA path over the same R chunks
-                    err = rel_err(outs["kernel"], outs["xla"])
-                    row["kernel_rel_err"] = err
+                if tag != "xla":  # against the XLA path over the same R chunks
+                    err = rel_err(outs[tag], outs["xla"])
+                    row[f"{tag}_rel_err"] = err
                     if not err < 3e-2:
-                        raise AssertionError(f"kernel vs XLA path: rel. max error {err:.2e}")
+                        raise AssertionError(f"{tag} vs XLA path: rel. max error {err:.2e}")
                 t = median_time(lambda: chain(h, w, idx, arg), reps) / R
-                call = call_fn(impl, C)
+                call = call_fn(tag if tag in XLA_FORMS else impl, C)
                 chunks = [(jnp.arange(r * K, (r + 1) * K, dtype=jnp.int32), experts[r * K:(r + 1) * K])
                           for r in range(E // K)]
                 jax.block_until_ready([call(h, w, idx, ids, ex) for ids, ex in chunks])
@@ -215,10 +253,11 @@ def main():
                 print(f"{fmt_name} K={K} C={C} {tag}: FAILED\n{first_lines(e)}", flush=True)
                 if tag == "kernel":
                     state[fmt_name][3:] = [False, row["kernel_error"]]
-        if not state[fmt_name][3] and "kernel_error" not in row:
+        if not state[fmt_name][3] and "kernel_error" not in row and "kernel" in args.impls:
             row["kernel_error"] = state[fmt_name][4]
-        if "kernel_gpu_us" in row and "xla_gpu_us" in row:
-            row["speedup"] = row["xla_gpu_us"] / row["kernel_gpu_us"]
+        for tag in ("kernel", "inline", "grouped", "split"):
+            if f"{tag}_gpu_us" in row and "xla_gpu_us" in row:
+                row[f"{tag}_speedup"] = row["xla_gpu_us"] / row[f"{tag}_gpu_us"]
         rows.append(row)
         print("ROW " + json.dumps(row), flush=True)
     if skipped:
@@ -284,17 +323,23 @@ def main():
             print(f"| {s['fmt']} | {s['K']} | {t['BF']}, {t['BK1']}, {t['BR2']}, {t['BK2']}, {t['num_warps']}, "
                   f"{t['num_stages']} | {num(s.get('gpu_us'), '{:.1f}')} | {num(s.get('gbps'), '{:.0f}')} | "
                   f"{num(s.get('of_floor'), '{:.0%}')} |" + (f" {s['error'][:80]}" if "error" in s else ""))
-    print("\n| fmt | K | C | MB | XLA gpu us | XLA call us | XLA GB/s | kernel gpu us | kernel call us | kernel GB/s "
-          "| kernel of floor | speedup | kernel err |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    tags = ["xla"] + [t for t in ("inline", "grouped", "split", "kernel") if any(f"{t}_gpu_us" in r for r in rows)]
+    print("\nGPU time of one chunk (K experts, C tokens) inside a chained program; GB/s of the experts' stored bytes; "
+          "x: speed-up over xla (dequantize, then matmul)")
+    print("| fmt | K | C | MB | " + " | ".join(f"{t} us | {t} GB/s" + ("" if t == "xla" else f" | {t} x")
+                                              for t in tags) + " |")
+    print("| --- | ---: | ---: | ---: | " + " | ".join("---: | ---:" + ("" if t == "xla" else " | ---:")
+                                                     for t in tags) + " |")
     for r in rows:
-        err = r.get("kernel_error")
-        print(f"| {r['fmt']} | {r['K']} | {r['C']} | {r['bytes'] / 1e6:.1f} | {num(r.get('xla_gpu_us'), '{:.1f}')} | "
-              f"{num(r.get('xla_call_us'), '{:.1f}')} | {num(r.get('xla_gbps'), '{:.0f}')} | "
-              f"{num(r.get('kernel_gpu_us'), '{:.1f}')} | {num(r.get('kernel_call_us'), '{:.1f}')} | "
-              f"{num(r.get('kernel_gbps'), '{:.0f}')} | {num(r.get('kernel_of_floor'), '{:.0%}')} | "
-              f"{num(r.get('speedup'), '{:.2f}x')} | "
-              + (err[:60] if err else num(r.get('kernel_rel_err'), '{:.1e}')) + " |")
+        cells = []
+        for t in tags:
+            cells += [num(r.get(f"{t}_gpu_us"), "{:.1f}"), num(r.get(f"{t}_gbps"), "{:.0f}")]
+            if t != "xla":
+                cells.append(num(r.get(f"{t}_speedup"), "{:.2f}"))
+        print(f"| {r['fmt']} | {r['K']} | {r['C']} | {r['bytes'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+    errs = {k: v for r in rows for k, v in r.items() if k.endswith("_error")}
+    if errs:
+        print("errors: " + "; ".join(f"{k}: {v[:100]}" for k, v in errs.items()))
     print(f"\n{time.perf_counter() - t_start:.0f} s; JSON: {out}")
 
 

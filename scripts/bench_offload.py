@@ -248,6 +248,24 @@ def run_ktjax(args) -> dict:
             f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms ({100 * row['floor_over_measured']:.0f}%), "
             f"outside experts {100 * row['outside_experts_share']:.0f}%")
     model = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
+    if args.profile and not resident:
+        # Each segment waited for in turn (no overlap): where a batch-1 step's time goes, per MoE layer's parts.
+        cache = model.init_cache(1, ctx + 16)
+        tok, key, parts = jnp.zeros((1,), jnp.int32), jax.random.key(0), []
+        for s in range(5):
+            t = time.perf_counter()
+            tok, cache, st = model.decode(cache, tok, np.full((1,), ctx + s, np.int32), key, sampling, profile=True)
+            jax.block_until_ready(tok)
+            if s >= 2:  # the first steps compile
+                parts.append({**{k: v * 1e3 for k, v in st.segment_seconds.items()},
+                              "host_cpu": float(np.sum(st.host_cpu_seconds)) * 1e3,
+                              "step": (time.perf_counter() - t) * 1e3})
+        prof = {k: float(np.median([p.get(k, 0.0) for p in parts])) for k in parts[0]}
+        prof["other (python, transfers, syncs)"] = prof["step"] - sum(v for k, v in prof.items() if k != "step")
+        res["decode_b1_profile_ms"] = prof
+        print("ROW decode_b1_profile_ms " + json.dumps(prof), flush=True)
+        log("decode B=1, segments waited for one by one (ms per step): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in prof.items()))
     if args.trace and not resident:
         trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # summarised, and copied to $OUT if small
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -392,6 +410,7 @@ def table(results: list[dict]) -> str:
                              f"{ceil[f'{fmt}_link_gbps']:.1f} GB/s; both at once {ceil[f'{fmt}_both_cpu_gbps']:.1f} + "
                              f"{ceil[f'{fmt}_both_link_gbps']:.1f} GB/s.")
         lines.append("")
+    notes = []
     lines += ["| part | what | tokens/s | time | experts/step device / link / CPU | from host | floor | floor/measured "
               "| outside experts |",
               "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
@@ -408,10 +427,13 @@ def table(results: list[dict]) -> str:
             t = v.get("step_s", v.get("seconds"))
             lines.append(f"| {name} | {k} | {v['tokens_per_s']:.2f} | {t * 1e3:.1f} ms | {paths} | "
                          f"{gb(v.get('host_bytes_per_step', v.get('host_bytes')))} | {floor} | {ratio} | {outside} |")
+        if r.get("decode_b1_profile_ms"):
+            prof = ", ".join(f"{k} {v:.2f}" for k, v in r["decode_b1_profile_ms"].items())
+            notes.append(f"{name}: batch-1 step with each segment waited for (ms): {prof}")
         if r.get("peak_device_bytes"):
             lines.append(f"| {name} | peak GPU memory | | | | {gb(r['peak_device_bytes'])} of "
                          f"{gb(r['device_bytes_limit'])} limit | | | |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main():
@@ -441,7 +463,10 @@ def main():
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
-    p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part")
+    p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part (jax.profiler: "
+                   "on the H200 the traced steps died with CUDA_ERROR_LAUNCH_FAILED, offload.md run 11)")
+    p.add_argument("--profile", action="store_true",
+                   help="3 B=1 decode steps with each segment waited for: time per segment kind, host CPU, the rest")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -458,7 +483,7 @@ def main():
     common = ["--moe-layers", str(args.moe_layers), "--gpu-memory", args.gpu_memory, "--steps", str(args.steps),
               "--prefill-max", str(args.prefill_max), "--prefill-reps", str(args.prefill_reps),
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
-              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (
+              "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
         "--decode-forms", *args.decode_forms]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}

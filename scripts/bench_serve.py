@@ -27,6 +27,10 @@ fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `igno
                  text was held back (an incomplete UTF-8 sequence), then two tokens arrive together
   ratio          server tok/s / engine tok/s at that batch size (the target: >= 85%)
 
+Last, --stagger requests arrive one every --stagger-gap seconds while the earlier ones decode: their ITL
+max shows what an admission costs the decoding requests (an offloaded model admits in the same layer pass
+as a decode step: `DecodeBatch.admit_while_stepping`).
+
 The HTTP client is asyncio's own streams (HTTP/1.1, chunked transfer, server-sent events), so the
 driver needs nothing beyond the standard library. Writes bench_serve.json, bench_serve.md,
 bench_serve.log and server.log under --out; every step has a timeout, and the whole run a --deadline.
@@ -351,8 +355,13 @@ async def one_request(host, port, prompt_ids: list[int], max_tokens: int) -> dic
     return r
 
 
-async def fire(host, port, prompts: list[list[int]], max_tokens: int, timeout: float) -> list[dict]:
-    tasks = [asyncio.ensure_future(one_request(host, port, p, max_tokens)) for p in prompts]
+async def fire(host, port, prompts: list[list[int]], max_tokens: int, timeout: float, gap: float = 0.0) -> list[dict]:
+    """The prompts' streaming requests, all at once, or one every `gap` seconds."""
+    async def send(i, p):
+        await asyncio.sleep(i * gap)
+        return await one_request(host, port, p, max_tokens)
+
+    tasks = [asyncio.ensure_future(send(i, p)) for i, p in enumerate(prompts)]
     done, pending = await asyncio.wait(tasks, timeout=timeout)
     for t in pending:
         t.cancel()
@@ -378,7 +387,7 @@ def level_metrics(results: list[dict], max_tokens: int) -> dict:
          "all_tokens_streamed": all(n == max_tokens for n in tokens) and len(ok) == len(results),
          "server_tok_s": sum(rates) if rates else None, "wall_tok_s": sum(tokens) / span if span else None,
          "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99), "ttft_max_s": max(ttft, default=None),
-         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99), "itl_max_s": max(itl, default=None),
          "chunks_per_token": (sum(len(r["chunks"]) for r in ok) / sum(tokens)) if sum(tokens) else None,
          "span_s": span}
     return m
@@ -521,6 +530,23 @@ def driver(args) -> int:
                 f"{fmt(m['ttft_p50_s'], 1, 2)}/{fmt(m['ttft_p99_s'], 1, 2)} s, ITL p50/p99 "
                 f"{fmt(m['itl_p50_s'], 1e3)}/{fmt(m['itl_p99_s'], 1e3)} ms, prefill calls "
                 f"{m['scheduler'].get('prefill_calls')}{' errors: ' + str(m['errors']) if m['errors'] else ''}")
+        left = deadline - time.perf_counter() - 20
+        if args.stagger and left > 15:
+            # Requests arriving one by one while others decode: each admission's cost to the decoding ones.
+            for _ in range(2):  # a warm-up round (compiles the admissions beside decoding rows), then the measured one
+                prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(args.stagger)]
+                before = get_json(url + "/health").get("stats", {})
+                res = asyncio.run(fire(host, port, prompts, args.max_tokens, min(left, args.level_timeout),
+                                       args.stagger_gap))
+            m = level_metrics(res, args.max_tokens)
+            after = get_json(url + "/health").get("stats", {})
+            m["scheduler"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            m["gap_s"] = args.stagger_gap
+            result["staggered"] = m
+            log(f"staggered: {m['ok']}/{args.stagger} ok, one every {args.stagger_gap:.2f} s: ITL p50/p99/max "
+                f"{fmt(m['itl_p50_s'], 1e3)}/{fmt(m['itl_p99_s'], 1e3)}/{fmt(m['itl_max_s'], 1e3)} ms, TTFT p50 "
+                f"{fmt(m['ttft_p50_s'], 1, 2)} s, admissions {m['scheduler'].get('prefill_calls')} (in a decode "
+                f"pass: {m['scheduler'].get('prefills_with_decode')})")
         result["ok"] = bool(levels) and all(m["ok"] == m["requests"] for m in levels.values())
     except Exception as e:
         log(f"FAILED: {type(e).__name__}: {e}")
@@ -564,7 +590,14 @@ def driver(args) -> int:
     header = (f"ktjax serve benchmark: {what}; {place.get('device_experts', '?')} experts on the device, "
               f"{place.get('host_experts', '?')} in host memory; device {engine.get('device', '?')}; max batch "
               f"{args.max_batch}; prompts {args.prompt_tokens} tokens, {args.max_tokens} new tokens each (ignore_eos).")
-    report = "\n".join([header, "", md, ""] + [f"- {'PASS' if p else 'FAIL'}: {n}" for n, p in checks])
+    lines = [header, "", md, ""] + [f"- {'PASS' if p else 'FAIL'}: {n}" for n, p in checks]
+    st = result.get("staggered")
+    if st:
+        lines.append(f"- staggered arrivals ({st['requests']} requests, one every {st['gap_s']:.2f} s): ITL p50 / p99 / "
+                     f"max {fmt(st['itl_p50_s'], 1e3)} / {fmt(st['itl_p99_s'], 1e3)} / {fmt(st['itl_max_s'], 1e3)} ms, "
+                     f"TTFT p50 {fmt(st['ttft_p50_s'], 1, 2)} s; admissions {st['scheduler'].get('prefill_calls')}, "
+                     f"{st['scheduler'].get('prefills_with_decode')} of them in a decode step's pass")
+    report = "\n".join(lines)
     with open(os.path.join(args.out, "bench_serve.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "bench_serve.md"), "w") as f:
@@ -605,6 +638,10 @@ def main() -> int:
                    help="seconds for the child to build the model, time the engine, compile the server's "
                         "shapes and answer /health (it skips compiles to be up 30 s before)")
     p.add_argument("--level-timeout", type=float, default=120.0, help="seconds for each round of requests")
+    p.add_argument("--stagger", type=int, default=None,
+                   help="a last round of this many requests arriving one by one (default 8; --smoke 3; 0: none)")
+    p.add_argument("--stagger-gap", type=float, default=None,
+                   help="seconds between their arrivals (default 0.5; --smoke 0.05)")
     p.add_argument("--deadline", type=float, default=450.0, help="seconds for the whole run (the device allows 600)")
     p.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_serve_out"))
@@ -620,7 +657,8 @@ def main() -> int:
     smoke = args.smoke
     defaults = dict(max_batch=4 if smoke else 32, max_context=256 if smoke else 512,
                     concurrency=[1, 4] if smoke else [1, 4, 16, 32], prompt_tokens=16 if smoke else 32,
-                    max_tokens=8 if smoke else 64, engine_steps=3 if smoke else 10)
+                    max_tokens=8 if smoke else 64, engine_steps=3 if smoke else 10, stagger=3 if smoke else 8,
+                    stagger_gap=0.05 if smoke else 0.5)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -207,6 +207,19 @@ def test_decode_moves_only_the_chosen_experts(all_host):
     assert stats.decode_host_bytes_per_step == K * moe_layers * model.placement.expert_bytes
 
 
+def test_an_expert_gathers_only_as_many_tokens_as_its_busiest_chunk_member_needs():
+    """Capacity (tokens computed per expert): the whole batch, weighted, when some expert meets about that
+    many; else the busiest expert's count up to a power of two, so experts that one token of a wide batch
+    meets (a serving batch's masked free rows) run at 1 token."""
+    from ktjax.runtime.offload.streaming import capacity_for
+    assert capacity_for(1, [1]) == 1
+    assert capacity_for(32, [1, 1, 0]) == 1  # one decoding row among 32 slots
+    assert capacity_for(8, [2, 1, 3]) == 4
+    assert capacity_for(8, [8, 1]) == 8 and capacity_for(3, [3]) == 4  # every token: the dense weighted form
+    assert capacity_for(4096, [700, 12]) == 1024  # prefill-sized: the largest count, rounded
+    assert capacity_for(8, []) == 1
+
+
 def test_padding_and_inactive_rows_route_to_no_expert(all_host):
     """A prefill's padding, and in decode a serving batch's free slots (active_B False), bring in no
     experts; the active rows' tokens are unchanged. Shapes as generate() pads a batch of 3 (compiled

@@ -74,6 +74,24 @@ def test_an_expert_buffer_holds_both_matrices_and_the_device_reads_them_back():
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("form", ["inline", "grouped", "split"])
+def test_the_device_multiplies_few_tokens_by_the_quantized_bytes_in_place(fmt, form):
+    """`device_matvec` (the decode-sized path: no dequantized copy) equals x times the numpy-dequantized
+    matrices, ragged columns (300: padded to whole blocks) included."""
+    rng = np.random.default_rng(3)
+    F, D, N = 40, 300, 3
+    layout = PackedLayout(fmt, F, D)
+    buf = layout.pack(rng.standard_normal((F, D)), rng.standard_normal((F, D)), rng.standard_normal((D, F)))
+    gu, dn = layout.dequantize(buf)
+    x, h = rng.standard_normal((N, D)).astype(np.float32), rng.standard_normal((N, F)).astype(np.float32)
+    y, z = jax.jit(lambda b, x, h: (layout.device_matvec(b, "gate_up", x, form=form),
+                                    layout.device_matvec(b, "down", h, form=form)))(jnp.asarray(buf), x, h)
+    assert y.shape == (N, 2 * F) and z.shape == (N, D)
+    np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ gu.T, rtol=0, atol=1e-5 * np.abs(x @ gu.T).max())
+    np.testing.assert_allclose(np.asarray(z), h.astype(np.float64) @ dn.T, rtol=0, atol=1e-5 * np.abs(h @ dn.T).max())
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
 @pytest.mark.parametrize("F, D", [(32, 64), (40, 300)])
 def test_host_kernels_compute_the_routed_sum_of_the_dequantized_experts(fmt, F, D):
     rng = np.random.default_rng(F + D)

@@ -205,6 +205,37 @@ def test_an_idle_batch_admits_every_waiting_request_in_one_prefill(model, solo):
     assert scheduler.stats["decoded_tokens"] == sum(len(solo[p].token_ids) - 1 for p in PROMPTS)
 
 
+def test_requests_arriving_together_share_one_prefill_within_the_admission_window(model):
+    """An offloaded model's prefill streams every host expert whatever its tokens, so an idle batch waits
+    up to `admission_window` after the first arrival for others; filling the free slots ends the wait."""
+    import time
+    ids = model.tokenizer.encode(PROMPTS[0])
+    scheduler = scheduler_for(model, len(PROMPTS), admission_window=30.0).start()
+    try:
+        first = collect_events(scheduler, ids, 2)
+        scheduler.submit(first[0])
+        time.sleep(0.05)
+        assert not first[1] and scheduler.stats["prefill_calls"] == 0  # waiting for company
+        rest = [collect_events(scheduler, ids, 2) for _ in PROMPTS[1:]]
+        for request, _, _ in rest:
+            scheduler.submit(request)
+        # The slots are full: no 30 s wait, one prefill for all 16.
+        assert all(done.wait(20) for _, _, done in [first] + rest)
+        assert scheduler.stats["prefill_calls"] == 1 and scheduler.stats["prefilled_requests"] == len(PROMPTS)
+    finally:
+        scheduler.stop()
+    scheduler = scheduler_for(model, len(PROMPTS), admission_window=2.0).start()
+    try:
+        jobs = [collect_events(scheduler, ids, 2) for _ in range(2)]
+        scheduler.submit(jobs[0][0])
+        time.sleep(0.05)
+        scheduler.submit(jobs[1][0])
+        assert all(done.wait(20) for _, _, done in jobs)
+        assert scheduler.stats["prefill_calls"] == 1 and scheduler.stats["prefilled_requests"] == 2
+    finally:
+        scheduler.stop()
+
+
 def test_admission_while_decoding_is_bounded_by_the_prefill_budget(model):
     from ktjax.runtime.shapes import padded_prompt_length
     scheduler = scheduler_for(model, 8, max_prefill_tokens=4 * padded_prompt_length(5))
@@ -258,6 +289,41 @@ def test_a_long_prompts_prefill_runs_chunk_by_chunk_between_the_others_decode_st
     short_chunks = [c for c, _ in seen[0]]
     assert all(c in short_chunks for c in range(2, 1 + chunks)), short_chunks
     assert seen[1][0][0] == 1 + chunks  # the long request's first token: after its last chunk
+
+
+def test_an_offloaded_admission_runs_in_the_same_layer_pass_as_the_decoding_rows_step():
+    """Routed experts in host memory: every prefill streams all of them, so a request admitted while
+    another decodes is prefilled in the same layer pass as the other's next decode step (one expert stream
+    for both, `DecodeBatch.admit_while_stepping`); both results still equal their solo `ktjax.generate`."""
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.serve.scheduler import Request
+    offloaded = ktjax.load(dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                           max_batch=4, max_context=256)
+    assert offloaded.placement.offloaded
+    first_ids, second_ids = offloaded.tokenizer.encode(PROMPTS[0]), offloaded.tokenizer.encode(PROMPTS[3])
+    refs = [ktjax.generate(offloaded, ids, max_new_tokens=n) for ids, n in ((first_ids, 12), (second_ids, N))]
+    scheduler = scheduler_for(offloaded, 4)
+    texts, done = ["", ""], [threading.Event(), threading.Event()]
+
+    def emitter(i):
+        def emit(e):
+            if i == 0 and not texts[0] and not done[1].is_set() and scheduler.stats["decode_steps"] == 0:
+                scheduler.submit(Request(second_ids, SamplingOptions(N), emitter(1)))  # arrives while the first decodes
+            texts[i] += e.text
+            if e.final:
+                done[i].set()
+        return emit
+
+    scheduler.submit(Request(first_ids, SamplingOptions(12), emitter(0)))
+    scheduler.start()
+    try:
+        assert done[0].wait(120) and done[1].wait(120)
+    finally:
+        scheduler.stop()
+    assert texts == [r.text for r in refs]
+    assert scheduler.stats["prefill_calls"] == 2 and scheduler.stats["prefills_with_decode"] == 1
+    # Every step after the first prefill advanced the first request, the admission's pass included.
+    assert scheduler.stats["decoded_tokens"] == len(refs[0].token_ids) - 1 + len(refs[1].token_ids) - 1
 
 
 def test_ignore_eos_generates_through_end_of_sequence(model):

@@ -53,15 +53,35 @@ def _weighted_kernel_bwd(fmt, interpret, res, g):
 _weighted_kernel.defvjp(_weighted_kernel_fwd, _weighted_kernel_bwd)
 
 
+# int8/int4 experts meeting this few tokens are multiplied over their quantized bytes in place (`expert_ffn_matvec`,
+# in the form named) instead of dequantized into HBM and multiplied. Measured on the H200, a layer's 8 full-size
+# experts (benchmarks/kernels.md, expert forms runs 1-2): 1 token int4 550-582 against 1457-1584 us, int8 405-470
+# against 975-990 us; 2 tokens int4 (split) 842 against 1544 us, int8 675-751 against 982-1022 us; 4+ tokens slower.
+MATVEC_FORMS = {"int8": {1: "grouped", 2: "grouped"}, "int4": {1: "grouped", 2: "split"}}
+
+
 def expert_ffn(x_CD: jax.Array, ex: ExpertWeights, *, impl: str | None = None) -> jax.Array:
     """down(silu(gate x) * up x) as float32 (see `expert_ffn_reference`); int8/int4 experts with few tokens
-    through the fused kernels where `impl` chooses them (`ktjax.kernels.expert_path`)."""
+    through the fused kernels where `impl` chooses them (`ktjax.kernels.expert_path`), else with very few
+    through `expert_ffn_matvec`."""
     path = _kernel_path(x_CD, (ex,), impl)
     if path == "reference":
+        form = MATVEC_FORMS.get(ex.fmt.name, {}).get(x_CD.shape[0])
+        if form is not None:
+            return expert_ffn_matvec(x_CD, ex, form=form)
         return expert_ffn_reference(x_CD, ex)
     C, D = x_CD.shape
     return _weighted_kernel(x_CD, (ex.w,), jnp.ones((C, 1), jnp.float32), jnp.zeros((C, D), jnp.float32),
                             ex.fmt, path == "interpret")
+
+
+def expert_ffn_matvec(x_CD: jax.Array, ex: ExpertWeights, *, form: str = "inline") -> jax.Array:
+    """down(silu(gate x) * up x) as float32 for an int8/int4 expert and few tokens, each matrix read in place
+    by a multiply-reduce over its quantized bytes (`PackedLayout.device_matvec`): no dequantized copy."""
+    layout = ex.fmt.packed
+    gu_CR = layout.device_matvec(ex.w, "gate_up", x_CD, form=form)
+    g_CF, u_CF = jnp.split(gu_CR, 2, axis=-1)
+    return layout.device_matvec(ex.w, "down", swiglu(g_CF, u_CF), form=form)
 
 
 def expert_ffn_reference(x_CD: jax.Array, ex: ExpertWeights) -> jax.Array:
@@ -94,6 +114,8 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
     dt = h_ND.dtype
     if acc_ND is None:
         acc_ND = jnp.zeros((N, D), jnp.float32)
+    if not experts:  # every chosen expert went elsewhere (the host CPU)
+        return acc_ND
     if capacity >= N:
         # Decode-sized: every token goes through each expert, weighted by its routing weight (zero
         # where not routed). Same FLOPs as gathering `capacity` rows, without the dispatch's sort,

@@ -109,6 +109,43 @@ class PackedLayout:
             w = q * step[..., None] - offset[..., None]
         return w.reshape(R, C)[:, :m.cols].astype(dtype)
 
+    def device_matvec(self, buf: jax.Array, matrix: str, x_NC: jax.Array, *, form: str = "inline") -> jax.Array:
+        """float32 [N, rows]: x times one matrix's transpose, reading its quantized bytes in place.
+
+        For few tokens. XLA fuses the dequantization into the reduction, so HBM sees each quantized
+        byte once instead of a dequantized copy written and read back (`device_matrix` + a matmul).
+        form: "inline" (one reduction over the whole row, each weight dequantized as it is read),
+        "grouped" (sums over each group of 32 first, scaled per group in a second reduction) or, for
+        int4, "split" (grouped, with the low and high nibbles' groups summed apart: no interleaving)."""
+        m = self.matrices[matrix]
+        a = functools.partial(self._device_array, buf, matrix)
+        R, C, G = m.rows, m.padded_cols, m.groups
+        N = x_NC.shape[0]
+        f32 = jnp.float32
+        x = jnp.pad(x_NC.astype(f32), ((0, 0), (0, C - x_NC.shape[1])))
+        if self.fmt == "int8":
+            q = a("q").reshape(1, R, G, GROUP).astype(f32)
+            scale = jax.lax.bitcast_convert_type(a("scale"), jnp.float16).astype(f32)[None, :, :, None]
+            x = x.reshape(N, 1, G, GROUP)
+            if form == "inline":
+                return (q * scale * x).sum((2, 3))
+            return ((q * x).sum(-1) * scale[..., 0]).sum(-1)
+        # int4: byte l of each run of 32 holds group 2j's value l (low nibble) and group 2j+1's (high).
+        J = C // 64
+        p = a("q").reshape(1, R, J, 1, GROUP)
+        q = jnp.concatenate([p & 15, p >> 4], axis=3).astype(f32)  # [1, R, J, 2, 32]
+        step = (jnp.repeat(a("d"), 8, axis=1) * a("sc").astype(f32)).reshape(1, R, J, 2)
+        offset = (jnp.repeat(a("dmin"), 8, axis=1) * a("mn").astype(f32)).reshape(1, R, J, 2)
+        x = x.reshape(N, 1, J, 2, GROUP)
+        if form == "inline":
+            return ((q * step[..., None] - offset[..., None]) * x).sum((2, 3, 4))
+        xsum = x.sum(-1)  # [N, 1, J, 2]
+        if form == "split":
+            lo, hi = (p[..., 0, :] & 15).astype(f32), (p[..., 0, :] >> 4).astype(f32)  # [1, R, J, 32]
+            t = jnp.stack([(lo * x[..., 0, :]).sum(-1), (hi * x[..., 1, :]).sum(-1)], axis=-1)  # [N, R, J, 2]
+            return (t * step - offset * xsum).sum((2, 3))
+        return ((q * x).sum(-1) * step - offset * xsum).sum((2, 3))
+
 
 def _bytes(a):
     """An array's bytes, flat uint8 (numpy: a view; jax: a bitcast)."""

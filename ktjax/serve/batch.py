@@ -99,6 +99,53 @@ class DecodeBatch:
             self.temperature_B[slot], self.top_k_B[slot], self.top_p_B[slot] = o.temperature, o.top_k, o.top_p
         return [int(t) for t in first_B[:k]]
 
+    def can_admit_while_stepping(self, prompts: list[list[int]], active_B: np.ndarray) -> bool:
+        """Whether `admit_while_stepping` can take these prompts now: an executor with a ragged layer pass
+        (`extend`: the offloaded one, whose every prefill streams all host experts), and room in the cache
+        for the decoding rows' padded columns."""
+        if not hasattr(self.executor, "extend"):
+            return False
+        T = padded_prompt_length(max(len(p) for p in prompts))
+        return T <= self.cache_B.max_len and int(np.max(self.pos_B[active_B], initial=0)) + T <= self.cache_B.max_len
+
+    def admit_while_stepping(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions],
+                             active_B: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """One layer pass over the slots that prefills prompts into `slots` and advances the decoding rows
+        (active_B) by one token, so the decoding requests do not wait for the admission (an offloaded
+        prefill streams every host expert: alone, it would stall them for a whole extra pass). Each
+        prompt is sampled as `start_prefill` samples it; each decoding row as `decode` advances it.
+        Returns (each prompt's first token, the sampled tokens [B])."""
+        B, T = len(self.token_B), padded_prompt_length(max(len(p) for p in prompts))
+        tokens_BT = np.zeros((B, T), np.int32)
+        tokens_BT[:, 0] = self.token_B
+        active_BT = np.zeros((B, T), bool)
+        active_BT[:, 0] = active_B
+        start_B = np.where(active_B, self.pos_B, 0).astype(np.int32)  # free rows write from 0: always in range
+        last_B = np.zeros(B, np.int32)
+        self.keys_B, subs_B = split_rows(self.keys_B)
+        temperature_B, top_k_B, top_p_B = self.temperature_B.copy(), self.top_k_B.copy(), self.top_p_B.copy()
+        for slot, p, o in zip(slots, prompts, opts):
+            tokens_BT[slot] = 0
+            tokens_BT[slot, :len(p)] = p
+            active_BT[slot, :len(p)] = True
+            start_B[slot], last_B[slot] = 0, len(p) - 1
+            temperature_B[slot], top_k_B[slot], top_p_B[slot] = o.temperature, o.top_k, o.top_p
+        # The prompts' keys as `ktjax.generate` splits a seed: one kept for decoding, one for the prefill's sample.
+        pairs = jnp.stack([jax.random.split(jax.random.key(o.seed)) for o in opts])
+        rows = jnp.asarray(slots, jnp.int32)
+        self.keys_B = set_rows(self.keys_B, pairs[:, 0], rows)
+        subs_B = set_rows(subs_B, pairs[:, 1], rows)
+        sampling = Sampling(jnp.asarray(temperature_B), jnp.asarray(top_k_B), jnp.asarray(top_p_B))
+        sampled_B, self.cache_B, _ = self.executor.extend(self.cache_B, tokens_BT, start_B, last_B, active_BT,
+                                                          subs_B, sampling)
+        sampled_B = np.asarray(sampled_B)
+        self.token_B = sampled_B.astype(np.int32)
+        self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
+        self.temperature_B, self.top_k_B, self.top_p_B = temperature_B, top_k_B, top_p_B
+        for slot, p in zip(slots, prompts):
+            self.pos_B[slot] = len(p)
+        return [int(sampled_B[slot]) for slot in slots], sampled_B
+
     def decode(self, active_B: np.ndarray | None = None) -> np.ndarray:
         """One step of every row; the sampled tokens [B]. Rows then sit one position further on
         (a free row's position is reset when a request takes it). active_B: the rows in use (an

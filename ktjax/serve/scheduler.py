@@ -23,12 +23,18 @@ everything that fits its slots in one prefill. The default bound depends on wher
 an offloaded model's prefill streams every host expert once whatever its tokens (up to the workspace
 the plan sized for max_batch x max_context), so fewer, larger admissions stall the decoding slots
 less often: everything that fits is admitted; a resident model's prefill costs its tokens, so
-admissions are capped at 2048 padded tokens.
+admissions are capped at 2048 padded tokens. For the same reason an offloaded model's admission waits
+up to OFFLOADED_ADMISSION_WINDOW_S after its first request arrives, so that requests arriving together
+(a client's batch, a burst) share one prefill instead of each stalling the others with its own; the
+wait ends as soon as the waiting requests fill the free slots.
 
-Not done: an offloaded model's prefill is one part, whole: chunking it would make the stall worse
-(each chunk streams every host expert again). What would bound it is fusing the decode rows into the
-prefill's layer pass, so one expert stream serves both: an executor entry point over a mixed batch
-(decode rows at their positions in the slots' cache, prompt rows in their own).
+An offloaded model's prefill is not chunked (each chunk would stream every host expert again): while
+other slots decode, an admission instead runs in the same layer pass as their next decode step
+(`DecodeBatch.admit_while_stepping`, over the executor's `extend`): the prompts go into their slots'
+rows of the batch's cache from position 0, each decoding row's token into its own position, and one
+expert stream serves both, so the decoding requests get their next token with that pass and wait for
+no extra one. When a decoding row sits too near the end of the cache for the prompts' padded length,
+the admission runs on its own as above.
 
 Greedy results equal `ktjax.generate`'s for the same prompt alone up to floating-point ties: a row
 of a batched prefill (or decode) computes the same values in a different batch shape, which on the
@@ -41,6 +47,7 @@ import collections
 import dataclasses
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
@@ -52,6 +59,8 @@ from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_lengt
 from ktjax.serve.batch import Admission, DecodeBatch
 
 DEFAULT_MAX_PREFILL_TOKENS = 2048  # resident models: 32 prompts of up to 64 tokens, or 2 of 1024, per admission
+# Offloaded models: how long an admission waits for more requests after the first arrives (see `_admit_now`).
+OFFLOADED_ADMISSION_WINDOW_S = 0.05
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # generation's -> OpenAI's
 
@@ -89,6 +98,7 @@ class Request:
         self.ignore_eos = ignore_eos  # generate through end-of-sequence tokens (benchmarks)
         self.cancelled = False
         self.row: Row | None = None
+        self.arrived = time.monotonic()
 
     def send(self, event: Event) -> None:
         try:
@@ -100,7 +110,8 @@ class Request:
 class Scheduler:
     """Owns the model from its own thread. submit() and cancel() may be called from any thread."""
 
-    def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None):
+    def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None,
+                 admission_window: float | None = None):
         self.model = model
         self.max_batch = model.placement.max_batch
         self.max_queue = max_queue
@@ -108,12 +119,15 @@ class Scheduler:
             max_prefill_tokens = (batch_bucket(self.max_batch) * padded_prompt_length(model.placement.max_context)
                                   if model.placement.offloaded else DEFAULT_MAX_PREFILL_TOKENS)
         self.max_prefill_tokens = max_prefill_tokens
+        if admission_window is None:
+            admission_window = OFFLOADED_ADMISSION_WINDOW_S if model.placement.offloaded else 0.0
+        self.admission_window = admission_window
         # Counters (read from any thread; written by the scheduler's): prefill calls (admissions) and
         # the requests they admitted, the chunks their prefills ran in (an offloaded prefill is one),
-        # decode steps and the slots they advanced, and the decode steps run while an admission's
-        # prefill was between two of its chunks.
+        # decode steps and the slots they advanced, the decode steps run while an admission's prefill
+        # was between two of its chunks, and the admissions run in the same pass as a decode step.
         self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
-                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0}
+                      "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
@@ -199,10 +213,12 @@ class Scheduler:
             with self._cond:
                 while not self._stopping and not self._waiting and not any(self._slots):
                     self._cond.wait()
+                while not self._stopping and not any(self._slots) and (wait := self._admission_wait()) > 0:
+                    self._cond.wait(wait)  # an idle batch: gather the requests arriving together
                 if self._stopping:
                     break
                 self._drop_cancelled()
-                if self._admission is None:  # one admission at a time: the next waits for its prefill to end
+                if self._admission is None and self._admission_wait() <= 0:  # one admission at a time
                     free = [b for b, r in enumerate(self._slots) if r is None]
                     n_admit = self._n_admit(len(free), decoding=len(free) < self.max_batch)
                     admit = [self._waiting.popleft() for _ in range(n_admit)]
@@ -212,6 +228,13 @@ class Scheduler:
             try:
                 with self.model.lock:
                     batch = batch or DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
+                    active_B = self._active_rows()
+                    if admit:
+                        active_B[slots] = False  # taken, not decoding yet
+                    if admit and active_B.any() and batch.can_admit_while_stepping([r.prompt_ids for r in admit],
+                                                                                   active_B):
+                        self._admit_while_stepping(batch, admit, slots, active_B)
+                        continue
                     if admit:
                         self._start_admission(batch, admit, slots)
                     if self._admission is not None:
@@ -252,6 +275,19 @@ class Scheduler:
         self._slots = [None if r is not None and r.cancelled and b not in pending else r
                        for b, r in enumerate(self._slots)]
 
+    def _admission_wait(self) -> float:
+        """Seconds the next admission should still wait for more arrivals (0: admit now).
+
+        An offloaded model's prefill streams every host expert whatever its tokens, and stalls the
+        decoding slots meanwhile: requests that arrive together (clients sending a batch, a burst)
+        should share one. So the first waiting request waits up to `admission_window` for others,
+        unless the free slots are already filled by those waiting."""
+        if not self._waiting or self.admission_window <= 0:
+            return 0.0
+        if len(self._waiting) >= sum(r is None for r in self._slots):
+            return 0.0
+        return self._waiting[0].arrived + self.admission_window - time.monotonic()
+
     def _n_admit(self, free: int, decoding: bool) -> int:
         """How many waiting requests (from the head of the queue, in order) the next prefill takes:
         as many as fit the free slots; while others decode, only as many as keep the padded batch
@@ -273,6 +309,21 @@ class Scheduler:
         self._admission = batch.start_prefill(slots, [r.prompt_ids for r in requests], [r.opts for r in requests])
         self.stats["prefill_calls"] += 1
         self.stats["prefilled_requests"] += len(requests)
+
+    def _admit_while_stepping(self, batch: DecodeBatch, requests: list[Request], slots: list[int],
+                              active_B: np.ndarray) -> None:
+        """An admission and a decode step in one layer pass (an offloaded model: see the module's docstring)."""
+        for r in requests:
+            r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
+        firsts, sampled_B = batch.admit_while_stepping(slots, [r.prompt_ids for r in requests],
+                                                       [r.opts for r in requests], active_B)
+        for key, n in (("prefill_calls", 1), ("prefilled_requests", len(requests)), ("prefill_chunks", 1),
+                       ("decode_steps", 1), ("decoded_tokens", int(active_B.sum())), ("prefills_with_decode", 1)):
+            self.stats[key] += n
+        for b in np.flatnonzero(active_B):
+            self._push(int(b), int(sampled_B[b]))
+        for slot, first in zip(slots, firsts):
+            self._push(slot, first)
 
     def _advance_admission(self) -> None:
         """The admission's next prefill part (a chunk); once its last has run, its requests' first

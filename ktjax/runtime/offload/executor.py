@@ -33,7 +33,8 @@ from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, mea
 from ktjax.runtime.offload.devices import moe_over_devices, owned_by
 from ktjax.runtime.offload.segments import (LayerSegments, Segments, combine_segment, embed_segment, head_segment,
                                             logits_segment, mask_routes_segment)
-from ktjax.runtime.offload.streaming import ExpertStore, Prefetch, pow2, routing_counts, streams_everything
+from ktjax.runtime.offload.streaming import (ExpertStore, Prefetch, capacity_for, pow2, routing_counts,
+                                             streams_everything)
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
@@ -114,15 +115,25 @@ class OffloadedExecutor:
 
     def prefill(self, cache, tokens_BT, lengths_B, key, sampling: Sampling, *, profile: bool = False):
         """The whole (padded) prompt layer by layer, so each layer's experts stream once."""
-        stats = StepStats()
-        run = Segments(stats, profile)
         lengths_B = np.asarray(lengths_B, np.int32)
         # Padding (after each row's prompt) routes to no expert: it moves none and sets no capacity.
         active_BT = np.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
-        x_BTD, cache = self.forward(cache, tokens_BT, np.zeros(tokens_BT.shape[0], np.int32), stats, run,
-                                    active=active_BT)
+        return self.extend(cache, tokens_BT, np.zeros(len(lengths_B), np.int32), lengths_B - 1, active_BT, key,
+                           sampling, profile=profile)
+
+    def extend(self, cache, tokens_BT, start_B, last_B, active_BT, key, sampling: Sampling, *,
+               profile: bool = False):
+        """One layer pass over rows of different kinds: row b's tokens go to positions start_B[b] + t, its
+        active ones (host bools [B, T]) choose experts, and it samples at column last_B[b]. A serving batch
+        uses it to prefill new prompts and advance the decoding rows (their one token in column 0) at
+        once, so every host expert streams once for both. Each row's positions start_B[b] .. + T - 1 must
+        lie in the cache (the writes of inactive columns are garbage that later steps overwrite before
+        reading). Returns (token_B, cache, stats)."""
+        stats = StepStats()
+        run = Segments(stats, profile)
+        x_BTD, cache = self.forward(cache, tokens_BT, np.asarray(start_B, np.int32), stats, run, active=active_BT)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
-                      np.asarray(lengths_B, np.int32) - 1, key, sampling)
+                      np.asarray(last_B, np.int32), key, sampling)
         return token_B, cache, stats.finish()
 
     def prefill_steps(self, cache, tokens_BT, lengths_B, key, sampling: Sampling, *, profile: bool = False):
@@ -374,11 +385,19 @@ class OffloadedExecutor:
             stats.experts_on_host_cpu += len(cpu_ids)
             stats.host_cpu_seconds.append(seconds)
             host_ND = jax.device_put(out_ND, self.store.on_device)
-        # Few compiled variants: slots padded to a power of two (id -1, a fetched array reused).
-        pad = pow2(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
+        # Few compiled variants, little padding (id -1, a fetched array reused; each still costs its compute).
+        pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
         ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
         slots += (slots[0],) * pad if slots else ()
-        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND)
+        capacity = capacity_for(h_ND.shape[0], counts[gpu_ids])
+        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND,
+                   capacity=capacity)
+
+
+def fused_slots(n: int) -> int:
+    """The expert slots of a fused MoE program for n chosen experts: one of 1, 2, 3, 4, 6, 8 up to
+    FUSED_MAX_EXPERTS (a padded slot computes as much as a real one), powers of two beyond."""
+    return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), pow2(n))
 
 
 def _timed(fn, *args):

@@ -96,16 +96,15 @@ class LayerSegments:
         self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
         self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
 
-        def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, ids_C, experts, host_ND):
-            # Decode-sized batches: every token through each expert, weighted (capacity N).
-            routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0])
+        def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, ids_C, experts, host_ND, capacity):
+            routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=capacity)
             parts = (routed_ND,) if host_ND is None else (routed_ND, host_ND)
             return combine_segment(x_BTD, shared(merge(state), h_ND), parts)
 
         # The MoE block after routing as one program (the executor's "fused" decode): the shared
         # expert, the chosen experts on the device (resident or just fetched; ids_C -1 pads) and the
         # host CPU's sum (or None), combined.
-        self.moe_tail = jax.jit(moe_tail)
+        self.moe_tail = jax.jit(moe_tail, static_argnames="capacity")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -26,6 +26,16 @@ def pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def capacity_for(n_tokens: int, counts) -> int:
+    """Tokens gathered per expert of a chunk (counts: its experts' token counts). Every token (a capacity
+    >= n_tokens: each expert on all of them, weighted, without the gather) unless the busiest expert has
+    fewer; then that count up to a power of two. So an expert that one token of a wide batch meets (a
+    serving batch's free slots are masked; batch 8 spreads over ~50 experts) runs at 1 token, where
+    int8/int4 experts take their in-place form (`ktjax.experts.device.MATVEC_FORMS`)."""
+    busiest = pow2(int(np.max(counts, initial=0)))
+    return busiest if busiest < n_tokens else pow2(n_tokens)
+
+
 def streams_everything(cfg: ModelConfig, n_tokens: int) -> bool:
     """Prefill-sized chunks route to nearly every expert: stream whole layers, ahead of routing."""
     return n_tokens * cfg.num_experts_per_tok >= 2 * cfg.n_routed_experts
@@ -128,8 +138,8 @@ class ExpertStore:
                 first = self.chunks(nxt, self.owned)[0]
                 prefetched.append(Prefetch(nxt, first, self.fetch(nxt, first, stats)))
             # Few static shapes: slots padded to a power of two (full groups when there are several),
-            # capacity = every token for decode-sized batches, else the chunk's largest count.
-            capacity = pow2(n_tokens) if n_tokens <= 64 else pow2(int(counts[list(ids_c)].max()))
+            # capacities powers of two.
+            capacity = capacity_for(n_tokens, counts[list(ids_c)])
             size = pow2(len(ids_c)) if len(ids_c) <= group else group
             for g in range(0, len(ids_c), size):
                 ids_g, slots = list(ids_c[g:g + size]), tuple(fetched[g:g + size])
