@@ -37,6 +37,8 @@ def decode_logits(model, tokens: np.ndarray, prompt: int) -> np.ndarray:
     ex = model.executor
     B, T = tokens.shape
     cache = ex.init_cache(B, 16)
+    if ex.mesh is None:  # committed to the device as the steps' caches are: one compiled step, not two
+        cache = jax.device_put(cache, jax.devices()[0])
     _, cache = ex.chunk_logits(cache, tokens[:, :prompt], np.zeros((B,), np.int32))
     out = []
     for t in range(prompt, T):

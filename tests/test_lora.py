@@ -101,7 +101,8 @@ def test_exported_adapter_loaded_by_peft_gives_the_same_logits(v3, tmp_path, tar
     assert rel_err(got, expected) < 1e-4
 
     # Token-by-token decoding (kv_b_proj absorbed into query and output) runs the adapter too.
-    cache = adapted.executor.init_cache(*TOKENS.shape)
+    # (The empty cache committed to the device as the steps' caches are: one compiled step, not two.)
+    cache = jax.device_put(adapted.executor.init_cache(*TOKENS.shape), jax.devices()[0])
     for t in range(TOKENS.shape[1]):
         step, cache = adapted.executor.chunk_logits(cache, TOKENS[:, t:t + 1], np.full((TOKENS.shape[0],), t))
         assert rel_err(step[:, 0], expected[:, t]) < 1e-4, f"position {t}"

@@ -82,11 +82,12 @@ def test_chunked_prefill_then_decode_reproduces_prefill(case):
     _, model, tokens, expected = case
     B, T = tokens.shape
     cache = empty_cache(model, B, 16)
+    # Two chunks of 3 (one compiled program per chunk length), the second at position 3 after the first.
     logits, cache = model.executor.chunk_logits(cache, tokens[:, :3], np.zeros((B,)))
     assert rel_err(logits, expected[:, :3]) < 1e-4
-    logits, cache = model.executor.chunk_logits(cache, tokens[:, 3:5], np.full((B,), 3))
-    assert rel_err(logits, expected[:, 3:5]) < 1e-4
-    for t in range(5, T):
+    logits, cache = model.executor.chunk_logits(cache, tokens[:, 3:6], np.full((B,), 3))
+    assert rel_err(logits, expected[:, 3:6]) < 1e-4
+    for t in range(6, T):
         logits, cache = model.executor.chunk_logits(cache, tokens[:, t:t + 1], np.full((B,), t))
         assert rel_err(logits[:, 0], expected[:, t]) < 1e-4, f"position {t}"
 
@@ -97,7 +98,7 @@ def test_rows_at_different_positions_decode_independently(tmp_path, executor):
     model = ktjax.load(save_reference(ref, tmp_path), **EXECUTORS[executor])
     a, b = np.array([[5, 9, 13, 2, 7]]), np.array([[11, 4, 8]])
     exp_a, exp_b = reference_logits(ref, a)[0], reference_logits(ref, b)[0]
-    cache = empty_cache(model, 2, 8)
+    cache = empty_cache(model, 2, 16)  # the "v3" case's shapes (same config): its compiled decode step
     for t in range(5):  # row 1 starts two steps later than row 0
         tok = [[a[0, t]], [b[0, t - 2] if t >= 2 else 0]]
         pos = [t, max(t - 2, 0)]
@@ -125,7 +126,7 @@ def test_routing_is_not_degenerate(reference):
 def test_bfloat16_model_tracks_float32(tmp_path):
     ref = make_reference("v3", seed=5)
     path = save_reference(ref, tmp_path)
-    tokens = np.random.default_rng(2).integers(0, 97, (1, 9))
+    tokens = np.random.default_rng(2).integers(0, 97, (2, 7))  # the "v3" case's shape: its compiled float32 forward
     f32 = np.asarray(ktjax.logits(ktjax.load(path, dtype="float32"), tokens))
     bf16 = ktjax.logits(ktjax.load(path, dtype="bfloat16"), tokens)
     assert bf16.dtype == jnp.float32
