@@ -224,12 +224,15 @@ def test_an_expert_gathers_only_as_many_tokens_as_its_busiest_chunk_member_needs
     assert capacity_for(8, []) == 1
 
 
-def test_padding_and_inactive_rows_route_to_no_expert(all_host):
+@pytest.mark.parametrize("form", ["streamed", "fused"])
+def test_padding_and_inactive_rows_route_to_no_expert(all_host, form):
     """A prefill's padding, and in decode a serving batch's free slots (active_B False), bring in no
-    experts; the active rows' tokens are unchanged. Shapes as generate() pads a batch of 3 (compiled
-    by the tests above)."""
-    from ktjax.runtime.model import Sampling
-    ex = all_host.executor
+    experts; the active rows' tokens are unchanged, in either decode form (the fused program computes
+    the routed experts on the active rows alone). Shapes as generate() pads a batch of 3 (compiled by
+    the tests above)."""
+    from ktjax.runtime.model import Sampling, StepStats
+    from ktjax.runtime.offload.segments import Segments
+    ex = all_host.executor.with_decode_form(form)
     tokens_BT = np.zeros((4, 16), np.int32)
     tokens_BT[:, :4] = [[5, 9, 13, 2], [3, 4, 8, 1], [40, 7, 7, 3], [11, 22, 33, 44]]
     greedy = Sampling.of()
@@ -239,10 +242,16 @@ def test_padding_and_inactive_rows_route_to_no_expert(all_host):
     assert all(int(c.sum()) == 5 * K for c in prefill.expert_counts.values())  # the prompts' tokens, no padding
     assert prefill.experts_fetched == sum(int((c > 0).sum()) for c in prefill.expert_counts.values())
     pos_B = jnp.asarray(lengths_B)
-    every, _, all_stats = ex.decode(jax.tree.map(jnp.copy, cache), token_B, pos_B, jax.random.key(1), greedy)
-    one, _, one_stats = ex.decode(cache, token_B, pos_B, jax.random.key(1), greedy,
-                                  active_B=np.array([True, False, False, False]))
-    assert int(one[0]) == int(every[0])
+
+    def decode_hidden(cache, active_B):  # a decode step's last hidden states, each segment timed
+        stats = StepStats()
+        x_BTD, _ = ex.forward(cache, token_B, pos_B, stats, Segments(stats, True), active=active_B)
+        return np.asarray(x_BTD)[:, 0], stats
+
+    every, all_stats = decode_hidden(jax.tree.map(jnp.copy, cache), None)
+    one, one_stats = decode_hidden(cache, np.array([True, False, False, False]))
+    np.testing.assert_allclose(one[0], every[0], rtol=1e-5, atol=1e-5 * np.abs(every[0]).max())
+    assert ("moe_tail" in one_stats.segment_seconds) == (form == "fused")
     moe_layers = len(ex.config.moe_layers)
     assert one_stats.experts_fetched == K * moe_layers < all_stats.experts_fetched
     assert all(int((c > 0).sum()) == K for c in one_stats.expert_counts.values())

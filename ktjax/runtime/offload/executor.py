@@ -313,9 +313,9 @@ class OffloadedExecutor:
         experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
         all); the others may meet a chosen expert but never bring one in."""
         cfg = self.config
-        if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
-            idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
         if self.mesh is not None:
+            if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
+                idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
             return moe_over_devices(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
         prefetched = prefetched[0]
         N = h_ND.shape[0]
@@ -326,12 +326,15 @@ class OffloadedExecutor:
         for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
             a.copy_to_host_async()  # queued behind the routing: no host round trip before it
         moved_before = stats.bytes_from_host
-        idx_host, counts = routing_counts(cfg, i, idx_NK, stats)
+        idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
         if (self._fused and not everything and N <= FUSED_MAX_TOKENS
                 and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
-            x_BTD = self._moe_fused(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run)
+            x_BTD = self._moe_fused(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run,
+                                    active_N)
             stats.link_bytes.append(stats.bytes_from_host - moved_before)
             return x_BTD
+        if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
+            idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
         shared = []
 
         def run_shared():
@@ -374,7 +377,7 @@ class OffloadedExecutor:
                                   stream_all=stream_all),)
 
     def _moe_fused(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
-                   host: HostPath | None, stats: StepStats, run: Segments):
+                   host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
         """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
         start, the host CPU computes its share meanwhile on this thread, then `moe_tail` runs once
         everything has landed. Two programs per MoE layer whatever the experts' number: a dispatch
@@ -399,8 +402,13 @@ class OffloadedExecutor:
         pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
         ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
         slots += (slots[0],) * pad if slots else ()
-        capacity = capacity_for(h_ND.shape[0], counts[gpu_ids])
-        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, ids_C, slots, host_ND,
+        # The active tokens (all when active_N is None), padded to a power of two with row N (none).
+        N = h_ND.shape[0]
+        rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
+        rows_A = np.full(pow2(len(rows)), N, np.int32)
+        rows_A[:len(rows)] = rows
+        capacity = capacity_for(len(rows_A), counts[gpu_ids])
+        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, host_ND,
                    capacity=capacity)
 
 

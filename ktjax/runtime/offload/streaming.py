@@ -49,10 +49,14 @@ def streams_everything(cfg: ModelConfig, n_tokens: int) -> bool:
     return n_tokens * cfg.num_experts_per_tok >= 2 * cfg.n_routed_experts
 
 
-def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array, stats: StepStats) -> tuple[np.ndarray, np.ndarray]:
+def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array, stats: StepStats,
+                   active_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The layer's expert ids on the host (the one device->host sync per MoE layer) and each expert's
-    token count, recorded in the step's stats (ids past the last expert, masked tokens, count nowhere)."""
+    token count, recorded in the step's stats (ids past the last expert, masked tokens, count nowhere).
+    active_N (host bools): the tokens whose routes count; the others' ids become n_routed_experts."""
     idx_host = np.asarray(idx_NK)
+    if active_N is not None:
+        idx_host = np.where(active_N[:, None], idx_host, cfg.n_routed_experts).astype(idx_host.dtype)
     stats.routed_at.append(time.perf_counter() - stats.started)
     counts = np.bincount(idx_host.ravel(), minlength=cfg.n_routed_experts + 1)[:cfg.n_routed_experts]
     stats.expert_counts[layer] = counts
