@@ -13,4 +13,10 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emit
 os.environ.setdefault("XLA_FLAGS", " ".join(FAST_COMPILE))
 # `ktjax` commands (the CLI tests call main()) turn on the persistent compilation cache: the tests keep it
 # out of the user's ~/.cache, and one run's time does not depend on what an earlier run compiled.
-os.environ.setdefault("KTJAX_CACHE_DIR", tempfile.mkdtemp(prefix="ktjax-tests-"))
+_CACHE = os.environ.setdefault("KTJAX_CACHE_DIR", tempfile.mkdtemp(prefix="ktjax-tests-"))
+# Every process of the session (this one, the notebook's kernel, the multi-device and distributed workers)
+# shares that persistent compilation cache from the start, for programs of any compile time: tests that load
+# models of the same shapes compile each program once (each model builds its own jitted segments).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
