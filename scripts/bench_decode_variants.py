@@ -51,7 +51,7 @@ def main() -> int:
 
     build = argparse.Namespace(smoke=False, experts=args.experts, gpu_memory=args.gpu_memory,
                                moe_layers=args.moe_layers, max_batch=32, max_context=512,
-                               small_layers=args.small_layers)
+                               small_layers=args.small_layers, host_threads=0)
     t0 = time.perf_counter()
     model = bench_serve.build_model(build)
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)

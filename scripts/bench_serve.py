@@ -118,6 +118,10 @@ def build_model(args):
         rates = executor.measure_rates()  # what ktjax.load measures: both paths into host experts at once
         log(f"child: measured rates: host CPU {rates.cpu_gbps:.1f} GB/s + link {rates.link_gbps:.1f} GB/s")
         executor = executor.with_rates(rates)
+    if args.host_threads and executor.host is not None:
+        # After the rates: the split keeps the default's, so a run at fewer threads differs by that alone.
+        executor = executor.with_host_threads(args.host_threads)
+        log(f"child: host kernels on {args.host_threads} threads (engine and server)")
     return LoadedModel(cfg, executor, plan, tokenizer=tokenizer, generation_defaults={"temperature": 0.0},
                        path=None)
 
@@ -490,7 +494,8 @@ def driver(args) -> int:
            "--max-batch", str(args.max_batch), "--max-context", str(args.max_context), "--prompt-tokens",
            str(args.prompt_tokens), "--engine-steps", str(args.engine_steps), "--concurrency",
            *map(str, args.concurrency)] + (["--smoke"] if args.smoke else []) + (
-        ["--small-layers"] if args.small_layers else [])
+        ["--small-layers"] if args.small_layers else []) + (
+        ["--host-threads", str(args.host_threads)] if args.host_threads else [])
     log(f"starting the server: {' '.join(cmd)}")
     server_log = open(os.path.join(args.out, "server.log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -677,6 +682,9 @@ def main() -> int:
     p.add_argument("--engine-json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     p.add_argument("--serve-by", type=float, default=300.0, help=argparse.SUPPRESS)
+    p.add_argument("--host-threads", type=int, default=0,
+                   help="the host CPU kernels' threads, for the engine and the server alike (default: all cores but "
+                        "two); fewer leave cores to the server's event loop and the benchmark's client")
     p.add_argument("--small-layers", action="store_true",
                    help="with the full-size path (no --smoke): small layer shapes instead, the odd experts in host "
                         "memory (a CPU check of that path)")
