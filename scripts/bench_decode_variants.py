@@ -45,7 +45,7 @@ def main() -> int:
 
     import bench_serve
     from ktjax.runtime.model import Sampling
-    from ktjax.runtime.offload import executor as executor_mod
+    from ktjax.runtime.offload import moe_block
     from ktjax.runtime.offload import streaming
     from ktjax.runtime.shapes import cache_length
 
@@ -57,7 +57,7 @@ def main() -> int:
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     ex, cfg = model.executor, model.config
 
-    current_capacity, current_slots = streaming.capacity_for, executor_mod.fused_slots
+    current_capacity, current_slots = streaming.capacity_for, moe_block.fused_slots
 
     def pow2_capacity(n_tokens, counts):
         busiest = streaming.pow2(int(np.max(counts, initial=0)))
@@ -73,8 +73,8 @@ def main() -> int:
     rows_out = []
     for rule in args.rules:
         cap, slots = rules[rule]
-        streaming.capacity_for = executor_mod.capacity_for = cap
-        executor_mod.fused_slots = slots
+        streaming.capacity_for = moe_block.capacity_for = cap
+        moe_block.fused_slots = slots
         for case in args.cases:
             rows, active = map(int, case.split(":"))
             active_B = None if active == rows else np.arange(rows) < active

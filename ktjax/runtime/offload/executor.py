@@ -1,7 +1,7 @@
 """The offloaded executor: core parameters on the device, routed experts apart (on the device, or in
 pinned host memory), one segment per layer phase scheduled from Python.
 
-Each MoE layer's chosen experts take one of three paths: resident on the device (no transfer),
+Each MoE layer's chosen experts (`moe_block`) take one of three paths: resident on the device (no transfer),
 streamed over the link and computed on the GPU, or, for int8/int4 experts, computed on the host
 CPU where they live (`HostPath`); `scheduler.split` divides a step's host experts between the last
 two so both finish together. Prefill-sized batches stream whole layers instead.
@@ -15,7 +15,6 @@ in pinned memory behind it), and one program sums the devices' shares (an all-re
 from __future__ import annotations
 
 import copy
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -23,33 +22,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.config import ModelConfig
-from ktjax.experts.device import experts_segment
 from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure, split
-from ktjax.runtime.offload.devices import moe_over_devices, owned_by
-from ktjax.runtime.offload.segments import (LayerSegments, Segments, combine_segment, embed_segment, head_segment,
-                                            logits_segment, mask_routes_segment)
-from ktjax.runtime.offload.streaming import (ExpertStore, Prefetch, capacity_for, pow2, routing_counts,
-                                             streams_everything)
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure
+from ktjax.runtime.offload.devices import owned_by
+from ktjax.runtime.offload.moe_block import moe_block
+from ktjax.runtime.offload.segments import LayerSegments, Segments, embed_segment, head_segment, logits_segment
+from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
 
 
 DECODE_FORMS = ("auto", "fused", "streamed")
-FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
-FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
 
 
 class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
     expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`).
-    decode_form: how decode-sized batches with at most FUSED_MAX_EXPERTS chosen experts per layer
+    decode_form: how decode-sized batches with at most `moe_block.FUSED_MAX_EXPERTS` chosen experts per layer
     run them: "fused" (their transfers start, the host CPU computes its share meanwhile, then one
     program computes the rest: the shared expert, the device's experts and the combine),
     "streamed" (a program per streamed expert as it lands, dispatched by a worker thread beside the
@@ -100,7 +95,7 @@ class OffloadedExecutor:
         return self._dtype
 
     @property
-    def _fused(self) -> bool:
+    def fuses_decode(self) -> bool:
         if self.decode_form == "auto":
             return self.plan.expert_format.name == "int4"
         return self.decode_form == "fused"
@@ -250,7 +245,7 @@ class OffloadedExecutor:
         out.layers = merge_layers(self.config, self.layers, adapters, lcfg)
         return out
 
-    def _host_zeros(self, shape) -> jax.Array:
+    def host_zeros(self, shape) -> jax.Array:
         """A device f32 zeros array standing for an empty host-CPU share (cached per shape; its sharding
         is the host share's, so the fused program does not compile apart for it)."""
         if shape not in self._zeros:
@@ -291,7 +286,7 @@ class OffloadedExecutor:
                 else:
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
-                x_BTD = self._moe(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
+                x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
             groups[kind] = LayerCache(latent, rp)
         jax.block_until_ready(x_BTD)
         return x_BTD, KVCache(groups)
@@ -306,121 +301,3 @@ class OffloadedExecutor:
             out, latent, rp = run("attention", seg.attention, state, x_BTD[:, q0:q1], rope_q, start_B + q0, latent, rp, j)
             outs.append(out)
         return jnp.concatenate(outs, axis=1), latent, rp
-
-    def _moe(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, prefetched: list[list[Prefetch]],
-             stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
-        """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
-        experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
-        all); the others may meet a chosen expert but never bring one in."""
-        cfg = self.config
-        if self.mesh is not None:
-            if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
-                idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
-            return moe_over_devices(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
-        prefetched = prefetched[0]
-        N = h_ND.shape[0]
-        n_active = N if active_N is None else int(active_N.sum())
-        stream_all = streams_everything(cfg, n_active)
-        everything = stream_all and self.expert_compute != "cpu"
-        host = None if everything else self.host
-        for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
-            a.copy_to_host_async()  # queued behind the routing: no host round trip before it
-        moved_before = stats.bytes_from_host
-        idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
-        if (self._fused and not everything and N <= FUSED_MAX_TOKENS
-                and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
-            x_BTD = self._moe_fused(i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run,
-                                    active_N)
-            stats.link_bytes.append(stats.bytes_from_host - moved_before)
-            return x_BTD
-        if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
-            idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
-        shared = []
-
-        def run_shared():
-            shared.append(run("shared_expert", seg.shared, state, h_ND))
-
-        def compute(acc, ids_C, slots, capacity):
-            return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
-
-        if host is None:
-            parts = (self.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
-                                       stream_all=stream_all),)
-        else:
-            chosen = [int(e) for e in np.flatnonzero(counts)]
-            hosted = [e for e in chosen if self.store.is_hosted(i, e)]
-            cpu_ids, link_ids = split(hosted, counts[hosted], self.plan.expert_bytes, self.rates, self.expert_compute)
-            gpu_ids = [e for e in chosen if not self.store.is_hosted(i, e)] + link_ids
-            # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
-            # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
-            # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
-            on_gpu = self.dispatcher.submit(self._gpu_part, i, counts, N, compute, stats, gpu_ids, run_shared,
-                                            stream_all)
-            if cpu_ids:
-                out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
-                stats.experts_on_host_cpu += len(cpu_ids)
-                stats.host_cpu_seconds.append(seconds)
-            parts = on_gpu.result()
-            if cpu_ids:
-                parts += (jax.device_put(out_ND, self.store.on_device),)
-        stats.link_bytes.append(stats.bytes_from_host - moved_before)
-        return run("combine", combine_segment, x_BTD, shared[0], parts)
-
-    def _gpu_part(self, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
-                  stream_all: bool | None = None) -> tuple:
-        """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
-        that are resident or streamed."""
-        if not gpu_ids:
-            run_shared()
-            return ()
-        return (self.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
-                                  stream_all=stream_all),)
-
-    def _moe_fused(self, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
-                   host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
-        """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
-        start, the host CPU computes its share meanwhile on this thread, then `moe_tail` runs once
-        everything has landed. Two programs per MoE layer whatever the experts' number: a dispatch
-        costs ~0.25 ms of this thread (offload.md, run 8), more than a decode-sized expert's compute."""
-        chosen = [int(e) for e in np.flatnonzero(counts)]
-        hosted = [e for e in chosen if self.store.is_hosted(i, e)]
-        if host is not None:
-            cpu_ids, link_ids = split(hosted, counts[hosted], self.plan.expert_bytes, self.rates, self.expert_compute)
-        else:
-            cpu_ids, link_ids = [], hosted
-        gpu_ids = [e for e in chosen if not self.store.is_hosted(i, e)] + link_ids
-        slots = tuple(self.store.fetch(i, gpu_ids, stats))  # asynchronous: the link works from here
-        if cpu_ids:
-            out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
-            stats.experts_on_host_cpu += len(cpu_ids)
-            stats.host_cpu_seconds.append(seconds)
-            host_ND = jax.device_put(out_ND, self.store.on_device)
-        else:  # zeros, not None: one compiled variant whether or not the host CPU had a share
-            host_ND = self._host_zeros(h_ND.shape)
-        # Few compiled variants (each is a compile the first time a step meets it: a serving batch's
-        # stall), little padding (id -1, a fetched array reused; each still costs its compute).
-        pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
-        ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
-        slots += (slots[0],) * pad if slots else ()
-        # The active tokens (all when active_N is None), padded to a power of two with row N (none).
-        N = h_ND.shape[0]
-        rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
-        rows_A = np.full(pow2(len(rows)), N, np.int32)
-        rows_A[:len(rows)] = rows
-        capacity = capacity_for(len(rows_A), counts[gpu_ids])
-        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, host_ND,
-                   capacity=capacity)
-
-
-def fused_slots(n: int) -> int:
-    """The expert slots of a fused MoE program for n chosen experts: 2, 4 or 8 up to FUSED_MAX_EXPERTS,
-    powers of two beyond. A padded slot computes as much as a real one (~60 us for a full-size int4
-    expert at one token), but each variant is a compile that a serving batch meets mid-stream the
-    first time (bench_serve run 4: 1-2 s stalls with six slot sizes), so few sizes."""
-    return max(2, pow2(n))
-
-
-def _timed(fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t

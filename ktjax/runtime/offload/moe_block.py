@@ -1,0 +1,150 @@
+"""One MoE layer of the offloaded executor's forward pass: the layer's chosen experts on their paths
+(resident on the device, streamed over the link, or computed by the host CPU where they live), split by
+`scheduler.split`, then combined with the shared expert.
+
+Decode-sized layers with few chosen experts take the "fused" form (`fused_moe`: transfers start, the host
+CPU computes its share, one program does the rest); others the "streamed" form (a program per expert
+chunk as it lands, dispatched by a worker thread beside the host CPU's kernels). Over several devices the
+layer goes to `devices.moe_over_devices`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from ktjax.experts.device import experts_segment
+from ktjax.runtime.model import StepStats
+from ktjax.runtime.offload.devices import moe_over_devices
+from ktjax.runtime.offload.host_path import HostPath
+from ktjax.runtime.offload.scheduler import split
+from ktjax.runtime.offload.segments import LayerSegments, Segments, combine_segment, mask_routes_segment
+from ktjax.runtime.offload.streaming import Prefetch, capacity_for, pow2, routing_counts, streams_everything
+
+if TYPE_CHECKING:
+    from ktjax.runtime.offload.executor import OffloadedExecutor
+
+FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
+FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
+
+
+def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
+              prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
+    """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
+    experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
+    all); the others may meet a chosen expert but never bring one in."""
+    cfg = ex.config
+    if ex.mesh is not None:
+        if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
+            idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
+        return moe_over_devices(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run)
+    prefetched = prefetched[0]
+    N = h_ND.shape[0]
+    n_active = N if active_N is None else int(active_N.sum())
+    stream_all = streams_everything(cfg, n_active)
+    everything = stream_all and ex.expert_compute != "cpu"
+    host = None if everything else ex.host
+    for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
+        a.copy_to_host_async()  # queued behind the routing: no host round trip before it
+    moved_before = stats.bytes_from_host
+    idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
+    if (ex.fuses_decode and not everything and N <= FUSED_MAX_TOKENS
+            and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
+        x_BTD = fused_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run, active_N)
+        stats.link_bytes.append(stats.bytes_from_host - moved_before)
+        return x_BTD
+    if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
+        idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
+    shared = []
+
+    def run_shared():
+        shared.append(run("shared_expert", seg.shared, state, h_ND))
+
+    def compute(acc, ids_C, slots, capacity):
+        return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
+
+    if host is None:
+        parts = (ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
+                                 stream_all=stream_all),)
+    else:
+        chosen = [int(e) for e in np.flatnonzero(counts)]
+        hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
+        cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
+        gpu_ids = [e for e in chosen if not ex.store.is_hosted(i, e)] + link_ids
+        # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
+        # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
+        # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
+        on_gpu = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all)
+        if cpu_ids:
+            out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
+            stats.experts_on_host_cpu += len(cpu_ids)
+            stats.host_cpu_seconds.append(seconds)
+        parts = on_gpu.result()
+        if cpu_ids:
+            parts += (jax.device_put(out_ND, ex.store.on_device),)
+    stats.link_bytes.append(stats.bytes_from_host - moved_before)
+    return run("combine", combine_segment, x_BTD, shared[0], parts)
+
+
+def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
+             stream_all: bool | None = None) -> tuple:
+    """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
+    that are resident or streamed."""
+    if not gpu_ids:
+        run_shared()
+        return ()
+    return (ex.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
+                            stream_all=stream_all),)
+
+
+def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
+              host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
+    """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
+    start, the host CPU computes its share meanwhile on this thread, then `moe_tail` runs once
+    everything has landed. Two programs per MoE layer whatever the experts' number: a dispatch
+    costs ~0.25 ms of this thread (offload.md, run 8), more than a decode-sized expert's compute."""
+    chosen = [int(e) for e in np.flatnonzero(counts)]
+    hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
+    if host is not None:
+        cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
+    else:
+        cpu_ids, link_ids = [], hosted
+    gpu_ids = [e for e in chosen if not ex.store.is_hosted(i, e)] + link_ids
+    slots = tuple(ex.store.fetch(i, gpu_ids, stats))  # asynchronous: the link works from here
+    if cpu_ids:
+        out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
+        stats.experts_on_host_cpu += len(cpu_ids)
+        stats.host_cpu_seconds.append(seconds)
+        host_ND = jax.device_put(out_ND, ex.store.on_device)
+    else:  # zeros, not None: one compiled variant whether or not the host CPU had a share
+        host_ND = ex.host_zeros(h_ND.shape)
+    # Few compiled variants (each is a compile the first time a step meets it: a serving batch's
+    # stall), little padding (id -1, a fetched array reused; each still costs its compute).
+    pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
+    ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
+    slots += (slots[0],) * pad if slots else ()
+    # The active tokens (all when active_N is None), padded to a power of two with row N (none).
+    N = h_ND.shape[0]
+    rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
+    rows_A = np.full(pow2(len(rows)), N, np.int32)
+    rows_A[:len(rows)] = rows
+    capacity = capacity_for(len(rows_A), counts[gpu_ids])
+    return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, host_ND,
+               capacity=capacity)
+
+
+def fused_slots(n: int) -> int:
+    """The expert slots of a fused MoE program for n chosen experts: 2, 4 or 8 up to FUSED_MAX_EXPERTS,
+    powers of two beyond. A padded slot computes as much as a real one (~60 us for a full-size int4
+    expert at one token), but each variant is a compile that a serving batch meets mid-stream the
+    first time (bench_serve run 4: 1-2 s stalls with six slot sizes), so few sizes."""
+    return max(2, pow2(n))
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
