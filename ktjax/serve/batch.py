@@ -39,6 +39,13 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs_B2[:, 0], pairs_B2[:, 1]
 
 
+def seed_keys(opts: list[SamplingOptions]) -> tuple[jax.Array, jax.Array]:
+    """Each request's keys as `ktjax.generate` splits its seed: (the key kept for decoding, the prefill
+    sample's), each [k]."""
+    pairs_k2 = jnp.stack([jax.random.split(jax.random.key(o.seed)) for o in opts])
+    return pairs_k2[:, 0], pairs_k2[:, 1]
+
+
 class DecodeBatch:
     """The device side of the slots: the batch's KV cache, each row's last token, position, key and
     sampling settings."""
@@ -74,10 +81,7 @@ class DecodeBatch:
         tokens_BT = np.zeros((B, padded_prompt_length(int(lengths_B.max()))), np.int32)
         for r, p in enumerate(prompts):
             tokens_BT[r, :len(p)] = p
-        pairs = [jax.random.split(jax.random.key(o.seed)) for o in opts]  # (key kept for decode, prefill's)
-        pairs += [pairs[0]] * (B - k)  # every array here has B rows: shapes depend on the bucket only
-        keys_B = jnp.stack([pair[0] for pair in pairs])
-        subs_B = jnp.stack([pair[1] for pair in pairs])
+        keys_B, subs_B = seed_keys(opts + [opts[0]] * (B - k))  # B rows: shapes depend on the bucket only
         settings = [(o.temperature, o.top_k, o.top_p) for o in opts] + [(0.0, 0, 1.0)] * (B - k)
         sampling = Sampling(jnp.asarray([t for t, _, _ in settings], jnp.float32),
                             jnp.asarray([t for _, t, _ in settings], jnp.int32),
@@ -130,21 +134,25 @@ class DecodeBatch:
             active_BT[slot, :len(p)] = True
             start_B[slot], last_B[slot] = 0, len(p) - 1
             temperature_B[slot], top_k_B[slot], top_p_B[slot] = o.temperature, o.top_k, o.top_p
-        # The prompts' keys as `ktjax.generate` splits a seed: one kept for decoding, one for the prefill's sample.
-        pairs = jnp.stack([jax.random.split(jax.random.key(o.seed)) for o in opts])
+        keys_k, prefill_k = seed_keys(opts)
         rows = jnp.asarray(slots, jnp.int32)
-        self.keys_B = set_rows(self.keys_B, pairs[:, 0], rows)
-        subs_B = set_rows(subs_B, pairs[:, 1], rows)
+        self.keys_B = set_rows(self.keys_B, keys_k, rows)
+        subs_B = set_rows(subs_B, prefill_k, rows)
         sampling = Sampling(jnp.asarray(temperature_B), jnp.asarray(top_k_B), jnp.asarray(top_p_B))
         sampled_B, self.cache_B, _ = self.executor.extend(self.cache_B, tokens_BT, start_B, last_B, active_BT,
                                                           subs_B, sampling)
-        sampled_B = np.asarray(sampled_B)
-        self.token_B = sampled_B.astype(np.int32)
-        self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
+        sampled_B = self._advance(sampled_B)
         self.temperature_B, self.top_k_B, self.top_p_B = temperature_B, top_k_B, top_p_B
         for slot, p in zip(slots, prompts):
             self.pos_B[slot] = len(p)
         return [int(sampled_B[slot]) for slot in slots], sampled_B
+
+    def _advance(self, sampled_B: jax.Array) -> np.ndarray:
+        """After a step: each row's next token is what it sampled, one position further on (host arrays)."""
+        sampled_B = np.asarray(sampled_B)
+        self.token_B = sampled_B.astype(np.int32)
+        self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
+        return sampled_B
 
     def decode(self, active_B: np.ndarray | None = None) -> np.ndarray:
         """One step of every row; the sampled tokens [B]. Rows then sit one position further on
@@ -155,10 +163,7 @@ class DecodeBatch:
         sampled_B, self.cache_B, _ = self.executor.decode(self.cache_B, jnp.asarray(self.token_B),
                                                           jnp.asarray(self.pos_B), subs_B, sampling,
                                                           active_B=active_B)
-        sampled_B = np.asarray(sampled_B)
-        self.token_B = sampled_B.astype(np.int32)
-        self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
-        return sampled_B
+        return self._advance(sampled_B)
 
 
 class Admission:
