@@ -306,8 +306,7 @@ class Scheduler:
         return n
 
     def _start_admission(self, batch: DecodeBatch, requests: list[Request], slots: list[int]) -> None:
-        for r in requests:
-            r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
+        self._give_rows(requests)
         self._admitting = requests
         self._admission = batch.start_prefill(slots, [r.prompt_ids for r in requests], [r.opts for r in requests])
         self.stats["prefill_calls"] += 1
@@ -316,8 +315,7 @@ class Scheduler:
     def _admit_while_stepping(self, batch: DecodeBatch, requests: list[Request], slots: list[int],
                               active_B: np.ndarray) -> None:
         """An admission and a decode step in one layer pass (an offloaded model: see the module's docstring)."""
-        for r in requests:
-            r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
+        self._give_rows(requests)
         firsts, sampled_B = batch.admit_while_stepping(slots, [r.prompt_ids for r in requests],
                                                        [r.opts for r in requests], active_B)
         for key, n in (("prefill_calls", 1), ("prefilled_requests", len(requests)), ("prefill_chunks", 1),
@@ -327,6 +325,11 @@ class Scheduler:
             self._push(int(b), int(sampled_B[b]))
         for slot, first in zip(slots, firsts):
             self._push(slot, first)
+
+    def _give_rows(self, requests: list[Request]) -> None:
+        """Each admitted request's generation state (its tokens, text and stop conditions)."""
+        for r in requests:
+            r.row = Row(self.model, r.prompt_ids, r.opts, set() if r.ignore_eos else self._stop_ids)
 
     def _advance_admission(self) -> None:
         """The admission's next prefill part (a chunk); once its last has run, its requests' first
