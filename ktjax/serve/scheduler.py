@@ -126,8 +126,9 @@ class Scheduler:
         # the requests they admitted, the chunks their prefills ran in (an offloaded prefill is one),
         # decode steps and the slots they advanced, the decode steps run while an admission's prefill
         # was between two of its chunks, the admissions run in the same pass as a decode step, and the
-        # seconds spent in decode steps (their model calls) and in handing their tokens to the requests
-        # (detokenizing, emitting): a step's interval beyond these two is the loop's own.
+        # seconds spent in decode steps (their model calls, an admission's shared pass included) and in
+        # handing their tokens to the requests (detokenizing, emitting): a step's interval beyond these two
+        # is the loop's own.
         self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
                       "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0,
                       "decode_seconds": 0.0, "emit_seconds": 0.0}
@@ -316,15 +317,19 @@ class Scheduler:
                               active_B: np.ndarray) -> None:
         """An admission and a decode step in one layer pass (an offloaded model: see the module's docstring)."""
         self._give_rows(requests)
+        t0 = time.perf_counter()
         firsts, sampled_B = batch.admit_while_stepping(slots, [r.prompt_ids for r in requests],
                                                        [r.opts for r in requests], active_B)
+        t1 = time.perf_counter()
         for key, n in (("prefill_calls", 1), ("prefilled_requests", len(requests)), ("prefill_chunks", 1),
-                       ("decode_steps", 1), ("decoded_tokens", int(active_B.sum())), ("prefills_with_decode", 1)):
+                       ("decode_steps", 1), ("decoded_tokens", int(active_B.sum())), ("prefills_with_decode", 1),
+                       ("decode_seconds", t1 - t0)):
             self.stats[key] += n
         for b in np.flatnonzero(active_B):
             self._push(int(b), int(sampled_B[b]))
         for slot, first in zip(slots, firsts):
             self._push(slot, first)
+        self.stats["emit_seconds"] += time.perf_counter() - t1
 
     def _give_rows(self, requests: list[Request]) -> None:
         """Each admitted request's generation state (its tokens, text and stop conditions)."""
