@@ -14,6 +14,8 @@ os.environ.setdefault("XLA_FLAGS", " ".join(FAST_COMPILE))
 # `ktjax` commands (the CLI tests call main()) turn on the persistent compilation cache: the tests keep it
 # out of the user's ~/.cache, and one run's time does not depend on what an earlier run compiled.
 os.environ.setdefault("KTJAX_CACHE_DIR", tempfile.mkdtemp(prefix="ktjax-tests-"))
-# (Sharing a persistent compilation cache across the session's processes from the start, at any compile time,
-# measured no faster: 104 against 113 s on test_offload + test_generation, 131 against 127 s on test_distributed
-# + the Ctrl-C test, 16:22 against 14:30 for the whole suite on a slower afternoon.)
+# (Sharing a persistent compilation cache across the session's processes from the start, at any compile time
+# (JAX_COMPILATION_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0), measured no faster on the 2-core dev
+# machine on 2026-12-03: `time python -m pytest tests/test_offload.py tests/test_generation.py` 104 against 113 s,
+# tests/test_distributed.py + the Ctrl-C-anywhere test 131 against 127 s, the whole suite in a fresh clone 16:22
+# against 14:30 on a slower afternoon.)
