@@ -36,7 +36,7 @@ EXPERT_ALIASES = {"bfloat16": "bf16", "fp32": "float32"}
 
 
 def default_model_path() -> str:
-    """The embedded default model shipped in the package (models/tiny)."""
+    """The embedded default model shipped in the package (ktjax/models/tiny)."""
     return os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "tiny")
 
 

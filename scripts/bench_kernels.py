@@ -30,7 +30,7 @@ from jax import lax
 ROOT = Path(__file__).resolve().parents[1]
 if "ktjax" not in sys.modules:
     _pkg = types.ModuleType("ktjax")
-    _pkg.__path__ = [str(ROOT / "ktjax"), str(ROOT)]  # ROOT: ktjax.kernels -> kernels/ (pyproject's package-dir)
+    _pkg.__path__ = [str(ROOT / "ktjax")]
     sys.modules["ktjax"] = _pkg
 from benchparts import best_of  # noqa: E402
 from ktjax import kernels  # noqa: E402

@@ -16,7 +16,7 @@ What it measures (issue 12, item 7):
        argmax of the same forward (teacher-forced on bf16's tokens, so one divergence does not
        cascade; positions after an end-of-sequence token are not counted).
    For scale, the same numbers for bf16 itself against transformers' float32 logits.
-2. The embedded model (models/tiny): held-out loss (mean next-token cross-entropy) of bf16, int8
+2. The embedded model (ktjax/models/tiny): held-out loss (mean next-token cross-entropy) of bf16, int8
    and int4 on the standard-library files scripts/train_tiny.py held out (every 50th file of the
    sorted list, never trained on; the same windows its training.json reports), and the relative
    increase over bf16 (with its standard error over windows, the loss differences paired on the

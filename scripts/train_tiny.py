@@ -10,7 +10,7 @@ the on-disk format of real checkpoints (config.json, model.safetensors, tokenize
 tokenizer_config.json, generation_config.json), so `ktjax.load(out)` reads it.
 
 Examples:
-  python scripts/train_tiny.py --state-dir /tmp/tiny_state       # the shipped model, into models/tiny/
+  python scripts/train_tiny.py --state-dir /tmp/tiny_state       # the shipped model, into ktjax/models/tiny/
                                      # (about 75 minutes on 2 CPU cores; about a minute on one H200;
                                      #  rerun the same command to resume a killed run exactly)
   python scripts/train_tiny.py --steps 200 --out /tmp/tiny       # a quick run
@@ -293,7 +293,8 @@ def load_train_state(file: Path, params, opt_state):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--out", type=Path, default=REPO / "models" / "tiny", help="output directory (default: models/tiny/)")
+    g.add_argument("--out", type=Path, default=REPO / "ktjax" / "models" / "tiny",
+                   help="output directory (default: ktjax/models/tiny/)")
     g.add_argument("--steps", type=int, default=1600, help="optimizer steps (default: 1600)")
     g.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds of training at most: after timing the first steps, the step count (and the "

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,17 +194,26 @@ def test_sampling_defaults_come_from_generation_config(ckpt, tmp_path, capsys, s
 
 
 def test_import_works_from_a_plain_checkout(tmp_path):
-    """`import ktjax` from the repository root, with no install in the way: models/ and kernels/
-    sit beside ktjax/ there, and the package still finds them."""
-    import shutil
+    """`import ktjax` from a copy of the checkout with no install in the way finds the whole package,
+    the model and the kernels included."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(ktjax_file())))
-    for folder in ("ktjax", "models", "kernels"):
-        shutil.copytree(os.path.join(root, folder), tmp_path / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    shutil.copytree(os.path.join(root, "ktjax"), tmp_path / "ktjax",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
             "import ktjax, ktjax.models, ktjax.kernels; print(ktjax.models.__file__, ktjax.kernels.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [str(tmp_path / "models" / "__init__.py"), str(tmp_path / "kernels" / "__init__.py")]
+    assert out.split() == [str(tmp_path / "ktjax" / "models" / "__init__.py"),
+                           str(tmp_path / "ktjax" / "kernels" / "__init__.py")]
+
+
+def test_the_repository_root_shadows_no_other_projects_import_names():
+    """`python -m pytest` and scripts run from the repository root put it first on sys.path, so any
+    package or module there hides an installed one of the same name (a top-level `kernels/` once hid
+    the `kernels` package transformers imports). The root holds one import name: ktjax."""
+    root = Path(ktjax_file()).resolve().parents[1]
+    names = {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    names |= {p.stem for p in root.glob("*.py")}
+    assert names == {"ktjax"}
 
 
 def ktjax_file() -> str:

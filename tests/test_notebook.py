@@ -61,7 +61,7 @@ def test_install_cell_skips_itself_when_ktjax_imports(executed):
 
 def test_kernel_loads_the_embedded_model_of_this_checkout(executed):
     nb, _ = executed
-    assert f"LoadedModel({REPO / 'models' / 'tiny'}:" in cell_text(the_cell(nb, "model = ktjax.load("))
+    assert f"LoadedModel({REPO / 'ktjax' / 'models' / 'tiny'}:" in cell_text(the_cell(nb, "model = ktjax.load("))
 
 
 def test_generation_and_streaming_print_text(executed):
@@ -73,7 +73,7 @@ def test_generation_and_streaming_print_text(executed):
 def test_placement_plan_offloads_experts_under_a_small_budget(executed):
     nb, _ = executed
     text = cell_text(the_cell(nb, "ktjax.plan_placement("))
-    cfg = json.loads((REPO / "models" / "tiny" / "config.json").read_text())
+    cfg = json.loads((REPO / "ktjax" / "models" / "tiny" / "config.json").read_text())
     experts = (cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]) * cfg["n_routed_experts"]
     assert f"1GiB: {experts} routed experts on the device, 0 in host memory" in text
     # 338MiB holds the core and some experts: the table shows both places.

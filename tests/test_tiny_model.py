@@ -1,4 +1,4 @@
-"""The embedded default model (models/tiny/), saving parameters as a checkpoint, and the training losses."""
+"""The embedded default model (ktjax/models/tiny/), saving parameters as a checkpoint, and the training losses."""
 
 from __future__ import annotations
 
@@ -165,10 +165,10 @@ def test_tiny_model_files_are_a_small_deepseek_v3_checkpoint():
 
 
 def heldout_windows(tok, length: int = 256, count: int = 8) -> np.ndarray:
-    """ktjax's own source (models/ and ktjax/): Python the model never trained on (it trained on
+    """ktjax's own source (ktjax/models/ and ktjax/): Python the model never trained on (it trained on
     the standard library), as bos + file + eos, cut into windows."""
     root = Path(ktjax.models.__file__).parent
-    files = sorted(root.glob("*.py")) + sorted((root.parent / "ktjax").glob("*.py"))
+    files = sorted(root.glob("*.py")) + sorted(root.parent.glob("*.py"))
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     stream = []
     for f in files:
