@@ -19,3 +19,11 @@ os.environ.setdefault("KTJAX_CACHE_DIR", tempfile.mkdtemp(prefix="ktjax-tests-")
 # machine on 2026-12-03: `time python -m pytest tests/test_offload.py tests/test_generation.py` 104 against 113 s,
 # tests/test_distributed.py + the Ctrl-C-anywhere test 131 against 127 s, the whole suite in a fresh clone 16:22
 # against 14:30 on a slower afternoon.)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most 4. Most of a test's time is one
+    process compiling on one core, so two workers on the 2-core CI machine took the suite from 15:27 to
+    9:54 (2026-12-03, the whole suite in a fresh clone); past a few workers the longest test files bound
+    the run, and each worker holds its own torch, jax and compiled programs."""
+    return max(1, min(os.cpu_count() or 1, 4))
