@@ -14,6 +14,7 @@ import numpy as np
 
 from ktjax import kernels, models
 from ktjax.config import ModelConfig, resolve_dtype
+from ktjax.experts.host import ACTIVATIONS
 from ktjax.experts.weights import FLOAT_FORMATS, FORMATS, ExpertFormat
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.experts import stored_fp8
@@ -104,8 +105,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
          expert_compute: str = "auto", gpu_memory: str | int | None = None, placement: Mapping[str, str] | None = None,
          max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
          adapter: str | os.PathLike | None = None, training: int = 0, hot_experts: str | Sequence[int] | None = None,
-         progress: bool | None = None, devices: int | None = None, mesh: jax.sharding.Mesh | None = None
-         ) -> LoadedModel:
+         progress: bool | None = None, devices: int | None = None, mesh: jax.sharding.Mesh | None = None,
+         host_activations: str = "float32") -> LoadedModel:
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None), or
     a DeepSeek GGUF file as llama.cpp writes it (one .gguf, the first of a split set, or their directory).
 
@@ -119,6 +120,10 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         link), "cpu" (on the host CPU where they live; int8/int4). With "cpu" and no placement
         rules, every routed expert is kept in host memory: asking for the CPU never silently means
         the device.
+    host_activations: what the host CPU multiplies int4 experts by: "float32" (exact: every path
+        computes the same model) or "int8", the activations quantized per group of 32 as llama.cpp's
+        CPU kernels do (integer dot products: fewer instructions per weight, ~0.5% error per expert
+        output). int8 experts always take float32 activations.
     gpu_memory: device memory budget ("24GiB" or bytes), per device; routed experts that do not fit stay
         in pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
     devices, mesh: split the routed experts over the first `devices` devices, or over the `expert`
@@ -135,6 +140,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     hot_experts: a calibration prompt (text or token ids): the experts its tokens route to most fill
         the device's free room (the hot-expert cache); default: experts spread evenly over the layers.
     """
+    if host_activations not in ACTIVATIONS:
+        raise ValueError(f"host_activations={host_activations!r}: use one of {', '.join(ACTIVATIONS)}")
     path = resolve_path(path)
     cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)
@@ -157,10 +164,11 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         executor = ResidentExecutor(cfg, graphdef, params, attention=attention, mesh=xmesh)
     else:
         executor = load_offloaded(path, cfg, dtype, plan, progress=progress, attention=attention,
-                                  expert_compute=expert_compute, mesh=xmesh)
+                                  expert_compute=expert_compute, mesh=xmesh, host_activations=host_activations)
         if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
-            # The split's cost model, measured once per machine and format as decode steps use the paths.
-            executor = executor.with_rates(cached_rates(fmt.name, executor.measure_rates))
+            # The split's cost model, measured once per machine and kernel as decode steps use the paths.
+            kernel = fmt.name + ("-int8-activations" if executor.host.kernels.int8_activations else "")
+            executor = executor.with_rates(cached_rates(kernel, executor.measure_rates))
     tokenizer = gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
     model = LoadedModel(cfg, executor, plan, tokenizer=tokenizer, generation_defaults=generation_defaults(path),
                         path=path)

@@ -84,7 +84,7 @@ def main():
         t_link = median_s(link)
         rows.append((fmt, "link: 8 experts, device_put each", t_link, 8 * L.nbytes))
 
-        def cpu(k, tokens=1, start=8):
+        def cpu(k, tokens=1, start=8, he=he):
             chosen = np.arange(start, start + k) % len(bufs)
             idx = np.stack([np.roll(chosen, -n)[:min(k, 8)] for n in range(tokens)])
             w = np.full(idx.shape, 1.0 / idx.shape[1], np.float32)
@@ -101,6 +101,17 @@ def main():
         worker.shutdown()
         res["numba_threading_layer"] = numba.threading_layer()
         rows.append((fmt, "cpu: 8 experts, 8 tokens (each expert 8)", median_s(lambda: cpu(8, 8)), 8 * L.nbytes))
+        if fmt == "int4":  # the int8-activation kernel (integer dots), the same experts
+            q8 = HostExperts(L, activations="int8")
+            res["int8_dots"] = q8.int_dots
+            for k, tokens in ((1, 1), (8, 1), (8, 8)):
+                rows.append((fmt, f"cpu, int8 activations: {k} experts, {tokens} token(s)",
+                             median_s(lambda: cpu(k, tokens, he=q8)), k * L.nbytes))
+            for n in args.threads:
+                numba.set_num_threads(n)
+                rows.append((fmt, f"cpu, int8 activations: 8 experts, 1 token, {n} threads",
+                             median_s(lambda: cpu(8, he=q8)), 8 * L.nbytes))
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
         for n in args.threads:
             numba.set_num_threads(n)
             rows.append((fmt, f"cpu: 8 experts, 1 token, {n} threads", median_s(lambda: cpu(8)), 8 * L.nbytes))

@@ -214,6 +214,8 @@ def run_ktjax(args) -> dict:
     t = time.perf_counter()
     model = random_offloaded_model(cfg, plan, dtype, progress=log, rates=rates)
     res["build_s"] = time.perf_counter() - t
+    model = model.with_host_activations(args.host_activations)
+    res["host_activations"] = args.host_activations
     if model.host is not None:
         # The split's rates as ktjax.load measures them (a few experts per call, both paths at once),
         # for each host-kernel thread count asked for; the best pair is used.
@@ -461,6 +463,8 @@ def main():
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
     p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed"],
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
+    p.add_argument("--host-activations", choices=("float32", "int8"), default="float32",
+                   help="what the host CPU multiplies int4 experts by (ktjax.load's host_activations)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part (jax.profiler: "
@@ -485,7 +489,7 @@ def main():
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
-        "--decode-forms", *args.decode_forms]
+        "--decode-forms", *args.decode_forms, "--host-activations", args.host_activations]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

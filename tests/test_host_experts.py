@@ -74,6 +74,29 @@ def test_every_path_computes_the_same_model(ckpt, split_model, fmt):
                 assert rel_err(ktjax.logits(model, tokens), want) < 1e-5, (mode, form, tokens.shape)
 
 
+def test_int8_activations_change_only_the_host_cpus_int4_products(tmp_path):
+    """host_activations="int8": the host CPU's int4 experts multiply activations quantized per group of
+    32, close to the exact model but not equal to it; the GPU's path is untouched. One MoE layer, the
+    last: before a later layer, routing turns any small difference into other experts (on the 4-layer
+    model int8 weights alone move the logits by a third)."""
+    ckpt = save_reference(make_reference("v3", seed=31, num_hidden_layers=2, first_k_dense_replace=1), tmp_path)
+    few = TOKENS[:1, :5]
+    want = np.asarray(ktjax.logits(ktjax.load(ckpt, dtype="float32", experts="int4"), few))
+    errors = {}
+    for mode in ("cpu", "gpu"):
+        model = ktjax.load(ckpt, dtype="float32", experts="int4", expert_compute=mode, placement=ALL_HOST,
+                           host_activations="int8", max_context=64)
+        errors[mode] = rel_err(ktjax.logits(model, few), want)
+        if mode == "cpu":
+            assert model.executor.host.kernels.int8_activations
+            exact = model.executor.with_host_activations("float32")
+            assert rel_err(ktjax.logits(dataclasses.replace(model, executor=exact), few), want) < 1e-5
+    # int4's own weights are ~10% from float32 on this model: the activations add a tenth of that
+    assert 1e-4 < errors["cpu"] < 2e-2 and errors["gpu"] < 1e-5, errors
+    with pytest.raises(ValueError, match=r"^host_activations='int16': use one of float32, int8$"):
+        ktjax.load(ckpt, experts="int4", host_activations="int16")
+
+
 @pytest.mark.parametrize("mode", ["gpu", "cpu", "auto"])
 def test_forced_splits_generate_the_same_tokens(split_model, mode):
     reference = ktjax.generate(split_model("int8", "gpu"), [5, 9, 13, 2], max_new_tokens=6)

@@ -34,7 +34,7 @@ def split_layers(cfg: ModelConfig, params: nnx.State) -> tuple[dict[str, jax.Arr
 
 def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, progress: bool | None = None,
                    attention: str = "auto", expert_compute: str = "auto", rates=None,
-                   mesh: jax.sharding.Mesh | None = None) -> OffloadedExecutor:
+                   mesh: jax.sharding.Mesh | None = None, host_activations: str = "float32") -> OffloadedExecutor:
     """Every tensor is checked from the headers before any is read; host memory holds one expert
     at a time beyond the loaded parameters. mesh: core arrays replicated over it, each expert on
     (or in pinned host memory behind) the device that owns it."""
@@ -68,4 +68,4 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
             experts.setdefault(i, []).append(jax.block_until_ready(jax.device_put(ex, target(i, e))))
             bar.update(stored_nbytes(ckpt, mats, cfg.expert_quant))
     return OffloadedExecutor(cfg, plan, dtype, top, layers, experts, attention=attention,
-                             expert_compute=expert_compute, rates=rates, mesh=mesh)
+                             expert_compute=expert_compute, rates=rates, mesh=mesh, host_activations=host_activations)

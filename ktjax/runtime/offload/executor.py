@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.config import ModelConfig
+from ktjax.experts.host import ACTIVATIONS
 from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
@@ -44,6 +45,7 @@ class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
     expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`).
+    host_activations: "float32" | "int8": what the host CPU multiplies int4 experts by (`HostExperts`).
     decode_form: how decode-sized batches with at most `moe_block.FUSED_MAX_EXPERTS` chosen experts per layer
     run them: "fused" (their transfers start, the host CPU computes its share meanwhile, then one
     program computes the rest: the shared expert, the device's experts and the combine),
@@ -56,7 +58,7 @@ class OffloadedExecutor:
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
                  rates: PathRates | None = None, decode_form: str = "auto",
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "float32"):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -76,10 +78,13 @@ class OffloadedExecutor:
                        for d, device in enumerate(self.devices)]
         self.store = self.stores[0]
         self.expert_compute = expert_compute
+        if host_activations not in ACTIVATIONS:
+            raise ValueError(f"host_activations={host_activations!r}: use one of {', '.join(ACTIVATIONS)}")
+        self.host_activations = host_activations
         # The host-CPU path serves one device: over several, host experts stream to their owner.
         with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
         hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts} if with_host else {}
-        self.host = HostPath(fmt, hosted) if with_host else None
+        self.host = HostPath(fmt, hosted, activations=host_activations) if with_host else None
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
@@ -205,6 +210,16 @@ class OffloadedExecutor:
         out.decode_form = form
         return out
 
+    def with_host_activations(self, activations: str) -> OffloadedExecutor:
+        """This model with its host CPU multiplying int4 experts by activations in another form
+        ("float32" or "int8"); the experts are shared."""
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"host_activations={activations!r}: use one of {', '.join(ACTIVATIONS)}")
+        out = copy.copy(self)
+        out.host_activations = activations
+        out.host = self.host and self.host.with_activations(activations)
+        return out
+
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates
@@ -225,7 +240,7 @@ class OffloadedExecutor:
             experts[i][e] = jax.block_until_ready(jax.device_put(experts[i][e], self.store.on_device))
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
-                                 decode_form=self.decode_form)
+                                 decode_form=self.decode_form, host_activations=self.host_activations)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""

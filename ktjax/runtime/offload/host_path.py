@@ -4,6 +4,8 @@ activations cross the link."""
 
 from __future__ import annotations
 
+import copy
+
 import numba
 import numpy as np
 
@@ -17,12 +19,19 @@ class HostPath:
     Measured on the H200 machine's 16 cores, both paths at once (benchmarks/offload.md, run 8):
     16 threads 41.5 + 34.0 GB/s (CPU + link, int8) against 46.0 + 42.8 with 14."""
 
-    def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights], threads: int | None = None):
-        self.kernels = HostExperts(fmt.packed)
+    def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights], threads: int | None = None,
+                 activations: str = "float32"):
+        self.kernels = HostExperts(fmt.packed, activations)
         self.threads = threads
         # Views keep their buffers alive; their addresses are what the kernels read.
         self.views = {key: np.asarray(ex.w) for key, ex in hosted.items()}
         self.bases = {key: v.ctypes.data for key, v in self.views.items()}
+
+    def with_activations(self, activations: str) -> HostPath:
+        """The same experts and threads, multiplying int4 weights by activations in another form."""
+        out = copy.copy(self)
+        out.kernels = HostExperts(self.kernels.layout, activations)
+        return out
 
     def compute(self, layer: int, ids: list[int], idx_NK: np.ndarray, weights_NK: np.ndarray,
                 h_ND: np.ndarray) -> np.ndarray:
