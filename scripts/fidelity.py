@@ -249,6 +249,9 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
     for fmt in QUANTIZED:
         for compute in PATHS:
             measure(fmt, compute, quantized_load(None, fmt, compute, dtype="bfloat16", **sizes))
+    # int4 on the host CPU with int8 activations (host_activations="int8": integer dot products)
+    measure("int4", "cpu, int8 activations",
+            quantized_load(None, "int4", "cpu", dtype="bfloat16", host_activations="int8", **sizes))
     base = np.asarray(rows[0]["window_losses"])
     for r in rows:
         diff = np.asarray(r["window_losses"]) - base  # paired: the same windows
