@@ -16,18 +16,19 @@ memory on every group: 55 against ~140 GB/s expected on the H200 machine's 16 co
 
 int4 experts can instead take int8 activations (`matvec_int4_q8`): the activations quantized per group
 of 32, as llama.cpp's CPU paths do, so the products are integer dot products (AVX2's pmaddubsw and
-pmaddwd, called as LLVM intrinsics: LLVM does not find them in a plain loop). About 2.5 times fewer
-vector instructions per weight than the float kernel, for ~0.5% error per expert output.
+pmaddwd, called as LLVM intrinsics: LLVM does not find them in a plain loop): by count about 2.5
+times fewer vector instructions per weight than the float kernel (measured on a 2-core AVX2 box: 1.8x
+faster over 8 full-size experts, benchmarks/host_experts.md), for ~0.5% error per expert output.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.core import cgutils
 from llvmlite import binding as llvm
 from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ktjax.experts.quant import GROUP, SUPER
@@ -35,9 +36,21 @@ from ktjax.experts.quant import GROUP, SUPER
 ROWS = 16  # rows per parallel work item
 MAX_GROUPS = 1024  # an int4 row's groups of 32 (32768 columns) that `matvec_int4_q8` can hold on the stack
 
-# Integer dot products need AVX2 (every x86 CPU since 2013); elsewhere int8 activations go through
-# the float kernel (the same numbers, `HostExperts`).
-INT8_DOTS = "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
+
+def _compiles_avx2() -> bool:
+    """Whether numba compiles for this CPU and it has AVX2 (every x86 CPU since 2013). Not when numba
+    is told to compile for another CPU (NUMBA_CPU_NAME, e.g. `generic` for portable caches)."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    try:
+        return "+avx2" in llvm.get_host_cpu_features().flatten().split(",")
+    except RuntimeError:  # features unknown on this platform
+        return False
+
+
+# Integer dot products need AVX2; elsewhere int8 activations go through the float kernel (the same
+# numbers, `HostExperts`).
+INT8_DOTS = _compiles_avx2()
 
 
 @intrinsic
