@@ -126,6 +126,13 @@ def matvec_int8(q_addr, s_addr, R, C, x_KTC, ntok_K, out_KTR, pow2):
                 out_KTR[k, t, r] = _total(acc)
 
 
+@njit(inline="always")
+def _int4_scales(sc_addr, mn_addr, d_addr, dmin_addr, R, G, S):
+    """An int4 matrix's 8-bit scales and minimums [R, G] and float32 bases d, dmin [R, S], at their addresses."""
+    return (numba.carray(_voidptr(sc_addr), (R, G), np.uint8), numba.carray(_voidptr(mn_addr), (R, G), np.uint8),
+            numba.carray(_voidptr(d_addr), (R, S), np.float32), numba.carray(_voidptr(dmin_addr), (R, S), np.float32))
+
+
 @njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")
 def matvec_int4(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, x_KTC, xsum_KTG, ntok_K, out_KTR):
     """As `matvec_int8` for int4 matrices: w = d*sc*q - dmin*mn, so each group adds
@@ -138,10 +145,7 @@ def matvec_int4(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, x_KTC, xsum_K
         k = job // blocks
         r0 = (job % blocks) * ROWS
         q = numba.carray(_voidptr(q_addr[k]), (R, C // 2), np.uint8)
-        sc = numba.carray(_voidptr(sc_addr[k]), (R, G), np.uint8)
-        mn = numba.carray(_voidptr(mn_addr[k]), (R, G), np.uint8)
-        d = numba.carray(_voidptr(d_addr[k]), (R, S), np.float32)
-        dmin = numba.carray(_voidptr(dmin_addr[k]), (R, S), np.float32)
+        sc, mn, d, dmin = _int4_scales(sc_addr[k], mn_addr[k], d_addr[k], dmin_addr[k], R, G, S)
         acc = numba.carray(_stack_f32(32), (GROUP,))
         for r in range(r0, min(R, r0 + ROWS)):
             qr = q[r]
@@ -211,10 +215,7 @@ def matvec_int4_q8(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_addr, x
     for job in prange(K * blocks):
         k = job // blocks
         r0 = (job % blocks) * ROWS
-        sc = numba.carray(_voidptr(sc_addr[k]), (R, G), np.uint8)
-        mn = numba.carray(_voidptr(mn_addr[k]), (R, G), np.uint8)
-        d = numba.carray(_voidptr(d_addr[k]), (R, S), np.float32)
-        dmin = numba.carray(_voidptr(dmin_addr[k]), (R, S), np.float32)
+        sc, mn, d, dmin = _int4_scales(sc_addr[k], mn_addr[k], d_addr[k], dmin_addr[k], R, G, S)
         acc_p = _stack_f32(8)
         acc = numba.carray(acc_p, (8,))
         scale = numba.carray(_stack_f32(MAX_GROUPS), (MAX_GROUPS,))
