@@ -14,7 +14,7 @@ import numpy as np
 
 from ktjax import kernels, models
 from ktjax.config import ModelConfig, resolve_dtype
-from ktjax.experts.host import ACTIVATIONS
+from ktjax.experts.host import check_activations
 from ktjax.experts.weights import FLOAT_FORMATS, FORMATS, ExpertFormat
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.experts import stored_fp8
@@ -140,8 +140,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
     hot_experts: a calibration prompt (text or token ids): the experts its tokens route to most fill
         the device's free room (the hot-expert cache); default: experts spread evenly over the layers.
     """
-    if host_activations not in ACTIVATIONS:
-        raise ValueError(f"host_activations={host_activations!r}: use one of {', '.join(ACTIVATIONS)}")
+    check_activations(host_activations)  # before anything is read
     path = resolve_path(path)
     cfg = model_config(path)
     dtype = resolve_dtype(dtype, cfg)

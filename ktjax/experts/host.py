@@ -16,6 +16,13 @@ from ktjax.experts.packed import PackedLayout
 ACTIVATIONS = ("float32", "int8")
 
 
+def check_activations(activations: str) -> str:
+    """`activations` if it names a form of the host CPU's int4 activations, else a one-line error."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"host_activations={activations!r}: use one of {', '.join(ACTIVATIONS)}")
+    return activations
+
+
 class HostExperts:
     """Host-CPU compute for experts of one layout (format and sizes).
 
@@ -25,10 +32,8 @@ class HostExperts:
     kernel on the values they stand for (the same numbers, up to float rounding)."""
 
     def __init__(self, layout: PackedLayout, activations: str = "float32", int_dots: bool | None = None):
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"host activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
         self.layout = layout
-        self.int8_activations = activations == "int8" and layout.fmt == "int4"
+        self.int8_activations = check_activations(activations) == "int8" and layout.fmt == "int4"
         self.int_dots = hk.INT8_DOTS if int_dots is None else int_dots
         mats = layout.matrices
         self.gate_up, self.down = mats["gate_up"], mats["down"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ktjax.config import ModelConfig
-from ktjax.experts.host import ACTIVATIONS
+from ktjax.experts.host import check_activations
 from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
@@ -78,9 +78,7 @@ class OffloadedExecutor:
                        for d, device in enumerate(self.devices)]
         self.store = self.stores[0]
         self.expert_compute = expert_compute
-        if host_activations not in ACTIVATIONS:
-            raise ValueError(f"host_activations={host_activations!r}: use one of {', '.join(ACTIVATIONS)}")
-        self.host_activations = host_activations
+        self.host_activations = check_activations(host_activations)
         # The host-CPU path serves one device: over several, host experts stream to their owner.
         with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
         hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts} if with_host else {}
@@ -213,10 +211,8 @@ class OffloadedExecutor:
     def with_host_activations(self, activations: str) -> OffloadedExecutor:
         """This model with its host CPU multiplying int4 experts by activations in another form
         ("float32" or "int8"); the experts are shared."""
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"host_activations={activations!r}: use one of {', '.join(ACTIVATIONS)}")
         out = copy.copy(self)
-        out.host_activations = activations
+        out.host_activations = check_activations(activations)
         out.host = self.host and self.host.with_activations(activations)
         return out
 
