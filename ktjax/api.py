@@ -120,10 +120,10 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         link), "cpu" (on the host CPU where they live; int8/int4). With "cpu" and no placement
         rules, every routed expert is kept in host memory: asking for the CPU never silently means
         the device.
-    host_activations: what the host CPU multiplies int4 experts by: "float32" (exact: every path
+    host_activations: what the host CPU multiplies int8/int4 experts by: "float32" (exact: every path
         computes the same model) or "int8", the activations quantized per group of 32 as llama.cpp's
         CPU kernels do (integer dot products: fewer instructions per weight, ~0.5% error per expert
-        output). int8 experts always take float32 activations.
+        output).
     gpu_memory: device memory budget ("24GiB" or bytes), per device; routed experts that do not fit stay
         in pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
     devices, mesh: split the routed experts over the first `devices` devices, or over the `expert`

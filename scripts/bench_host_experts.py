@@ -101,17 +101,17 @@ def main():
         worker.shutdown()
         res["numba_threading_layer"] = numba.threading_layer()
         rows.append((fmt, "cpu: 8 experts, 8 tokens (each expert 8)", median_s(lambda: cpu(8, 8)), 8 * L.nbytes))
-        if fmt == "int4":  # the int8-activation kernel (integer dots), the same experts
-            q8 = HostExperts(L, activations="int8")
-            res["int8_dots"] = q8.int_dots
-            for k, tokens in ((1, 1), (8, 1), (8, 8)):
-                rows.append((fmt, f"cpu, int8 activations: {k} experts, {tokens} token(s)",
-                             median_s(lambda: cpu(k, tokens, he=q8)), k * L.nbytes))
-            for n in args.threads:
-                numba.set_num_threads(n)
-                rows.append((fmt, f"cpu, int8 activations: 8 experts, 1 token, {n} threads",
-                             median_s(lambda: cpu(8, he=q8)), 8 * L.nbytes))
-            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        # The int8-activation kernels (integer dots), the same experts.
+        q8 = HostExperts(L, activations="int8")
+        res["int8_dots"] = q8.int_dots
+        for k, tokens in ((1, 1), (8, 1), (8, 8)):
+            rows.append((fmt, f"cpu, int8 activations: {k} experts, {tokens} token(s)",
+                         median_s(lambda: cpu(k, tokens, he=q8)), k * L.nbytes))
+        for n in args.threads:
+            numba.set_num_threads(n)
+            rows.append((fmt, f"cpu, int8 activations: 8 experts, 1 token, {n} threads",
+                         median_s(lambda: cpu(8, he=q8)), 8 * L.nbytes))
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
         for n in args.threads:
             numba.set_num_threads(n)
             rows.append((fmt, f"cpu: 8 experts, 1 token, {n} threads", median_s(lambda: cpu(8)), 8 * L.nbytes))

@@ -71,13 +71,14 @@ def ceilings(tiny: bool) -> dict:
     del a, x, b
     F, D = (64, 256) if tiny else (2048, 7168)
     rng = np.random.default_rng(0)
-    for fmt in ("int8", "int4"):
+    for fmt, act in (("int8", "float32"), ("int8", "int8"), ("int4", "float32"), ("int4", "int8")):
         L = PackedLayout(fmt, F, D)
         proto = L.pack(*(rng.standard_normal(s).astype(np.float32) * 0.02 for s in ((F, D), (F, D), (D, F))))
         bufs = [jax.device_put(np.roll(proto, e), host) for e in range(24)]
         jax.block_until_ready(bufs)
         views = [np.asarray(v) for v in bufs]
-        kernels = HostExperts(L)
+        kernels = HostExperts(L, act)
+        fmt = kernel_key(fmt, act)
         xs = rng.standard_normal((1, D)).astype(np.float32)
 
         def cpu(start=0):
@@ -115,6 +116,11 @@ def ceilings(tiny: bool) -> dict:
     return out
 
 
+def kernel_key(fmt: str, activations: str) -> str:
+    """The ceilings' name for a host kernel: the expert format, "q8" added for int8 activations."""
+    return fmt + ("q8" if activations == "int8" else "")
+
+
 def decode_steps(model, B: int, ctx: int, steps: int, sampling):
     """Warm, then time `steps` decode steps at batch B after a `ctx`-token context: per-step times
     and stats."""
@@ -141,7 +147,7 @@ def decode_steps(model, B: int, ctx: int, steps: int, sampling):
     return times, stats
 
 
-def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int) -> dict:
+def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: str | None = None) -> dict:
     """One decode measurement against its floors: link only (host bytes moved over the measured
     link) and dual path (the host experts' bytes over the CPU and link rates measured at once)."""
     import numpy as np
@@ -161,6 +167,7 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int) -> dict:
            if n_moe > 1 else []}
     fmt = plan.expert_format.name
     h2d = max(ceil["h2d_gbps"], ceil.get(f"{fmt}_link_gbps", 0))
+    fmt = kernel or fmt  # the host kernel's own ceilings for the dual floor
     row.update(floor_host_bytes=host_experts * plan.expert_bytes, floor_device_s=device_s)
     row["link_floor_s"] = host_experts * plan.expert_bytes / (h2d * 1e9) + device_s
     if f"{fmt}_both_cpu_gbps" in ceil:
@@ -214,41 +221,51 @@ def run_ktjax(args) -> dict:
     t = time.perf_counter()
     model = random_offloaded_model(cfg, plan, dtype, progress=log, rates=rates)
     res["build_s"] = time.perf_counter() - t
-    model = model.with_host_activations(args.host_activations)
-    res["host_activations"] = args.host_activations
-    if model.host is not None:
-        # The split's rates as ktjax.load measures them (a few experts per call, both paths at once),
-        # for each host-kernel thread count asked for; the best pair is used.
-        from ktjax.runtime.offload.host_path import default_threads
-        measured = {}
-        for n in args.host_threads or [default_threads()]:
-            r = model.with_host_threads(n).measure_rates()
-            measured[n] = r
-            log(f"in-situ rates, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link {r.link_gbps:.1f} GB/s")
-        best = max(measured, key=lambda n: measured[n].cpu_gbps + measured[n].link_gbps)
-        model = model.with_host_threads(best).with_rates(measured[best])
-        res["rates_in_situ"] = {str(n): {"cpu_gbps": r.cpu_gbps, "link_gbps": r.link_gbps} for n, r in measured.items()}
-        res["host_threads"] = best
     res.update(host_experts=len(plan.host_experts), device_experts=len(plan.device_experts),
                expert_bytes=plan.expert_bytes)
     sampling = Sampling.of(0.0, 0, 1.0)
     ctx = 1024 if not args.tiny else 64
     modes = args.modes if fmt in ("int8", "int4") else ["gpu"]
-    for B, mode, form in [(B, mode, f) for B in args.batches for mode in (modes if B == 1 else modes[:1])
-                          for f in (args.decode_forms if B == 1 else args.decode_forms[:1])]:
-        times, stats = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx, args.steps,
-                                    sampling)
-        row = decode_row(cfg, plan, times, stats, ceil, B, ctx)
-        name = f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "") + (f"_{form}" if form != args.decode_forms[0] else "")
-        n_moe = len(cfg.moe_layers)
-        spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
-        # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
-        row["r1_extrapolated_s"] = spacing * 58 + max(0.0, row["step_s"] - spacing * n_moe)
-        res[name] = row
-        print(f"ROW {name} " + json.dumps(row), flush=True)
-        log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
-            f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms ({100 * row['floor_over_measured']:.0f}%), "
-            f"outside experts {100 * row['outside_experts_share']:.0f}%")
+    acts = args.host_activations if fmt in ("int8", "int4") else args.host_activations[:1]
+    base = model
+    for act in acts:
+        model = base.with_host_activations(act)
+        suffix = "_q8" if act == "int8" and len(acts) > 1 else ""
+        if model.host is not None:
+            # The split's rates as ktjax.load measures them (a few experts per call, both paths at once),
+            # for each host-kernel thread count asked for; the best pair is used.
+            from ktjax.runtime.offload.host_path import default_threads
+            measured = {}
+            for n in args.host_threads or [default_threads()]:
+                r = model.with_host_threads(n).measure_rates()
+                measured[n] = r
+                log(f"in-situ rates, {act} activations, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link "
+                    f"{r.link_gbps:.1f} GB/s")
+            best = max(measured, key=lambda n: measured[n].cpu_gbps + measured[n].link_gbps)
+            model = model.with_host_threads(best).with_rates(measured[best])
+            res["rates_in_situ" + suffix] = {str(n): {"cpu_gbps": r.cpu_gbps, "link_gbps": r.link_gbps}
+                                             for n, r in measured.items()}
+            res["host_threads" + suffix] = best
+        for B, mode, form in [(B, mode, f) for B in args.batches for mode in (modes if B == 1 else modes[:1])
+                              for f in (args.decode_forms if B == 1 else args.decode_forms[:1])]:
+            if act == "int8" and mode == "gpu":
+                continue  # the host CPU computes nothing: the same as float32's row
+            times, stats = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx, args.steps,
+                                        sampling)
+            row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_key(fmt, act))
+            name = (f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
+                    + (f"_{form}" if form != args.decode_forms[0] else "") + suffix)
+            n_moe = len(cfg.moe_layers)
+            spacing = (float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"]
+                       else row["step_s"] / n_moe)
+            # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
+            row["r1_extrapolated_s"] = spacing * 58 + max(0.0, row["step_s"] - spacing * n_moe)
+            row["host_activations"] = act
+            res[name] = row
+            print(f"ROW {name} " + json.dumps(row), flush=True)
+            log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
+                f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms "
+                f"({100 * row['floor_over_measured']:.0f}%), outside experts {100 * row['outside_experts_share']:.0f}%")
     model = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
     if args.profile and not resident:
         # Each segment waited for in turn (no overlap): where a batch-1 step's time goes, per MoE layer's parts.
@@ -406,9 +423,9 @@ def table(results: list[dict]) -> str:
     if ceil:
         lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s (1 GiB copy), HBM "
                   f"{ceil['hbm_gbps']:.0f} GB/s (read+write), bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s."]
-        for fmt in ("int8", "int4"):
+        for fmt in ("int8", "int8q8", "int4", "int4q8"):
             if f"{fmt}_cpu_gbps" in ceil:
-                lines.append(f"{fmt} experts, 8 at a time: host CPU {ceil[f'{fmt}_cpu_gbps']:.1f} GB/s, link "
+                lines.append(f"{fmt.replace('q8', ' x int8 activations')} experts, 8 at a time: host CPU {ceil[f'{fmt}_cpu_gbps']:.1f} GB/s, link "
                              f"{ceil[f'{fmt}_link_gbps']:.1f} GB/s; both at once {ceil[f'{fmt}_both_cpu_gbps']:.1f} + "
                              f"{ceil[f'{fmt}_both_link_gbps']:.1f} GB/s.")
         lines.append("")
@@ -463,8 +480,9 @@ def main():
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
     p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed"],
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
-    p.add_argument("--host-activations", choices=("float32", "int8"), default="float32",
-                   help="what the host CPU multiplies int4 experts by (ktjax.load's host_activations)")
+    p.add_argument("--host-activations", choices=("float32", "int8"), nargs="+", default=["float32"],
+                   help="what the host CPU multiplies int4 experts by (ktjax.load's host_activations); each form "
+                        "given is measured in turn on the same model (rows of int8 activations end in _q8)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part (jax.profiler: "
@@ -489,7 +507,7 @@ def main():
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
-        "--decode-forms", *args.decode_forms, "--host-activations", args.host_activations]
+        "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}
@@ -501,7 +519,7 @@ def main():
         parts.append((name, me + extra, {**env, **(budget if name != "resident" else {})}, args.timeout))
 
     def ceiling_args(c):
-        rates = {k: v for k, v in c.items() if k.startswith(("int8_", "int4_"))}
+        rates = {k: v for k, v in c.items() if k.startswith(("int8", "int4"))}
         return ["--h2d-gbps", str(c["h2d_gbps"]), "--hbm-gbps", str(c["hbm_gbps"]), "--matmul-tflops",
                 str(c["matmul_tflops"]), "--path-rates", json.dumps(rates)] if "h2d_gbps" in c else []
 

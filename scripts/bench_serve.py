@@ -114,6 +114,7 @@ def build_model(args):
                     max_context=args.max_context, rules=rules)
     print(plan.table(), flush=True)
     executor = random_offloaded_model(cfg, plan, jnp.bfloat16, progress=lambda m: log(f"child: {m}"))
+    executor = executor.with_host_activations(args.host_activations)
     if executor.host is not None:
         rates = executor.measure_rates()  # what ktjax.load measures: both paths into host experts at once
         log(f"child: measured rates: host CPU {rates.cpu_gbps:.1f} GB/s + link {rates.link_gbps:.1f} GB/s")
@@ -495,7 +496,8 @@ def driver(args) -> int:
            str(args.prompt_tokens), "--engine-steps", str(args.engine_steps), "--concurrency",
            *map(str, args.concurrency)] + (["--smoke"] if args.smoke else []) + (
         ["--small-layers"] if args.small_layers else []) + (
-        ["--host-threads", str(args.host_threads)] if args.host_threads else [])
+        ["--host-threads", str(args.host_threads)] if args.host_threads else []) + [
+        "--host-activations", args.host_activations]
     log(f"starting the server: {' '.join(cmd)}")
     server_log = open(os.path.join(args.out, "server.log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -617,7 +619,8 @@ def driver(args) -> int:
     result["checks"] = {name: passed for name, passed in checks}
     what = ("embedded tiny model (--smoke)" if args.smoke else "small layers (--small-layers)" if args.small_layers else
             f"DeepSeek-V3 full-size layers (1 dense + {args.moe_layers} MoE), random weights, {args.experts} experts, "
-            f"{args.gpu_memory} budget")
+            f"{args.gpu_memory} budget, host activations {args.host_activations}"
+            + (f", {args.host_threads} host threads" if args.host_threads else ""))
     place = engine.get("placement", {})
     header = (f"ktjax serve benchmark: {what}; {place.get('device_experts', '?')} experts on the device, "
               f"{place.get('host_experts', '?')} in host memory; device {engine.get('device', '?')}; max batch "
@@ -685,6 +688,9 @@ def main() -> int:
     p.add_argument("--host-threads", type=int, default=0,
                    help="the host CPU kernels' threads, for the engine and the server alike (default: all cores but "
                         "two); fewer leave cores to the server's event loop and the benchmark's client")
+    p.add_argument("--host-activations", choices=("float32", "int8"), default="float32",
+                   help="what the host CPU multiplies int8/int4 experts by, engine and server alike "
+                        "(ktjax.load's host_activations)")
     p.add_argument("--small-layers", action="store_true",
                    help="with the full-size path (no --smoke): small layer shapes instead, the odd experts in host "
                         "memory (a CPU check of that path)")

@@ -138,13 +138,14 @@ def test_host_kernels_compute_the_routed_sum_of_the_dequantized_experts(fmt, F, 
 
 @pytest.mark.parametrize("int_dots", [True, False], ids=["integer-dots", "float-kernel"])
 @pytest.mark.parametrize("F, D", [(32, 64), (40, 300)])
-def test_int4_experts_with_int8_activations_compute_the_routed_sum_of_the_quantized_activations(F, D, int_dots):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_experts_with_int8_activations_compute_the_routed_sum_of_the_quantized_activations(fmt, F, D, int_dots):
     """activations="int8": every matrix multiplies its input quantized to int8 per group of 32, on the
     integer kernel (AVX2) and on the float kernel alike; about 0.5% from the float32 result."""
     from ktjax.experts import host_kernels
     if int_dots and not host_kernels.INT8_DOTS:
         pytest.skip("this CPU has no AVX2")
-    layout, bufs, x, idx, weights, chosen = routed_experts_problem("int4", F, D)
+    layout, bufs, x, idx, weights, chosen = routed_experts_problem(fmt, F, D)
     tok, wt, ntok = assignments(idx, weights, chosen)
     host = HostExperts(layout, activations="int8", int_dots=int_dots)
     out = host.compute(np.array([bufs[e].ctypes.data for e in chosen], np.int64), tok, ntok, wt, x)

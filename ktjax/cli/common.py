@@ -32,7 +32,7 @@ def model_args(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
                         "the GPU after streaming them over the link, or auto: per step, whichever the measured "
                         "rates favour (default auto)")
     p.add_argument("--host-activations", choices=ACTIVATIONS, default="float32",
-                   help="what the host CPU multiplies int4 experts by: float32 (exact) or int8, quantized per group "
+                   help="what the host CPU multiplies int8/int4 experts by: float32 (exact) or int8, quantized per group "
                         "of 32 as llama.cpp's CPU kernels do (integer dot products: faster, ~0.5%% error per expert "
                         "output; default float32)")
     p.add_argument("--max-context", type=int, default=4096, metavar="N",

@@ -26,14 +26,14 @@ def check_activations(activations: str) -> str:
 class HostExperts:
     """Host-CPU compute for experts of one layout (format and sizes).
 
-    activations: what int4 weights multiply: "float32" (exact) or "int8", quantized per group of 32
-    (integer dot products: faster, ~0.5% error per expert output; int8 experts ignore it). int_dots:
+    activations: what the weights multiply: "float32" (exact) or "int8", quantized per group of 32
+    (integer dot products: faster, ~0.5% error per expert output with int4 weights). int_dots:
     whether int8 activations use the integer kernel (default: where the CPU has AVX2) or the float
     kernel on the values they stand for (the same numbers, up to float rounding)."""
 
     def __init__(self, layout: PackedLayout, activations: str = "float32", int_dots: bool | None = None):
         self.layout = layout
-        self.int8_activations = check_activations(activations) == "int8" and layout.fmt == "int4"
+        self.int8_activations = check_activations(activations) == "int8"
         self.int_dots = hk.INT8_DOTS if int_dots is None else int_dots
         mats = layout.matrices
         self.gate_up, self.down = mats["gate_up"], mats["down"]
@@ -42,21 +42,25 @@ class HostExperts:
 
     def _matvec(self, matrix, offsets, bases_K, x_KTC, ntok_K, out_KTR):
         addr = [bases_K + off for off in offsets]
-        if matrix.fmt == "int8":
-            hk.matvec_int8(addr[0], addr[1], matrix.rows, matrix.padded_cols, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
-        elif not self.int8_activations:
-            xsum = np.zeros(x_KTC.shape[:2] + (matrix.groups,), np.float32)
-            hk.group_sums(x_KTC, ntok_K, xsum)
-            hk.matvec_int4(*addr, matrix.rows, matrix.padded_cols, x_KTC, xsum, ntok_K, out_KTR)
-        else:
+        R, C = matrix.rows, matrix.padded_cols
+        if self.int8_activations:
             xq = np.zeros(x_KTC.shape, np.int8)
             xs, xsum = (np.zeros(x_KTC.shape[:2] + (matrix.groups,), np.float32) for _ in range(2))
             hk.quantize_groups(x_KTC, ntok_K, xq, xs, xsum)
             if self.int_dots and matrix.groups <= hk.MAX_GROUPS:
-                hk.matvec_int4_q8(*addr, matrix.rows, matrix.padded_cols, xq.ctypes.data, xs, xsum, ntok_K, out_KTR)
-            else:
-                x_dq = (xq.reshape(xs.shape + (-1,)) * xs[..., None]).reshape(x_KTC.shape)
-                hk.matvec_int4(*addr, matrix.rows, matrix.padded_cols, x_dq, xsum, ntok_K, out_KTR)
+                if matrix.fmt == "int8":
+                    hk.matvec_int8_q8(*addr, R, C, xq.ctypes.data, xs, ntok_K, out_KTR, hk.F16_POW2)
+                else:
+                    hk.matvec_int4_q8(*addr, R, C, xq.ctypes.data, xs, xsum, ntok_K, out_KTR)
+                return
+            # The float kernels on the values the int8 activations stand for.
+            x_KTC = (xq.reshape(xs.shape + (-1,)) * xs[..., None]).reshape(x_KTC.shape)
+        if matrix.fmt == "int8":
+            hk.matvec_int8(*addr, R, C, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
+        else:
+            xsum = np.zeros(x_KTC.shape[:2] + (matrix.groups,), np.float32)
+            hk.group_sums(x_KTC, ntok_K, xsum)
+            hk.matvec_int4(*addr, R, C, x_KTC, xsum, ntok_K, out_KTR)
 
     def compute(self, bases_K: np.ndarray, tok_KT: np.ndarray, ntok_K: np.ndarray, weight_KT: np.ndarray,
                 x_ND: np.ndarray) -> np.ndarray:

@@ -14,11 +14,12 @@ groups (the group's scale multiplies the activations), so no horizontal sum runs
 accumulator lives on the stack, where LLVM keeps it in registers (a heap array went through
 memory on every group: 55 against ~140 GB/s expected on the H200 machine's 16 cores).
 
-int4 experts can instead take int8 activations (`matvec_int4_q8`): the activations quantized per group
-of 32, as llama.cpp's CPU paths do, so the products are integer dot products (AVX2's pmaddubsw and
-pmaddwd, called as LLVM intrinsics: LLVM does not find them in a plain loop): by count about 2.5
-times fewer vector instructions per weight than the float kernel (measured on a 2-core AVX2 box: 1.8x
-faster over 8 full-size experts, benchmarks/host_experts.md), for ~0.5% error per expert output.
+int8 and int4 experts can instead take int8 activations (`matvec_int8_q8`, `matvec_int4_q8`): the
+activations quantized per group of 32, as llama.cpp's CPU paths do, so the products are integer dot
+products (AVX2's pmaddubsw and pmaddwd, called as LLVM intrinsics: LLVM does not find them in a plain
+loop): by count about 2.5 times fewer vector instructions per weight than the float kernel (measured
+for int4 on a 2-core AVX2 box: 1.8x faster over 8 full-size experts, benchmarks/host_experts.md), for
+~0.5% error per expert output.
 """
 
 from __future__ import annotations
@@ -202,6 +203,65 @@ def _int4_pair_dots(typingctx, acc, q_addr, xlo_addr, xhi_addr, s_lo, s_hi):
         builder.store(a, acc_v, align=4)
         return context.get_dummy_value()
     return types.void(acc, q_addr, xlo_addr, xhi_addr, s_lo, s_hi), codegen
+
+
+@intrinsic
+def _int8_group_dot(typingctx, acc, q_addr, x_addr, scale):
+    """acc[0:8] += scale * (q . x), 8 lanes of partial sums: a group of 32 int8 weights against 32 int8
+    activations. pmaddubsw wants one unsigned operand: |q| times x with q's sign (AVX2's psignb, as
+    llama.cpp does); |pair sums| <= 2 * 128 * 127 < 2^15, no saturation."""
+    def codegen(context, builder, signature, args):
+        acc_p, qa, xa, scale_v = args
+        mod = builder.module
+        psign = cgutils.get_or_insert_function(mod, ir.FunctionType(_I8x32, [_I8x32, _I8x32]), "llvm.x86.avx2.psign.b")
+        maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
+                                                 "llvm.x86.avx2.pmadd.ub.sw")
+        maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32x8, [_I16x16, _I16x16]),
+                                                "llvm.x86.avx2.pmadd.wd")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_F32x8, [_F32x8] * 3), "llvm.fma.v8f32")
+        q = builder.load(builder.inttoptr(qa, _I8x32.as_pointer()), align=1)
+        x = builder.load(builder.inttoptr(xa, _I8x32.as_pointer()), align=1)
+        acc_v = builder.bitcast(acc_p, _F32x8.as_pointer())
+        pairs = builder.call(maddubs, [builder.call(psign, [q, q]), builder.call(psign, [x, q])])
+        dots = builder.call(maddwd, [pairs, ir.Constant(_I16x16, [1] * 16)])
+        splat = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(_F32x8, ir.Undefined), scale_v, ir.Constant(ir.IntType(32), 0)),
+            ir.Constant(_F32x8, ir.Undefined), ir.Constant(_I32x8, [0] * 8))
+        builder.store(builder.call(fma, [builder.sitofp(dots, _F32x8), splat, builder.load(acc_v, align=4)]), acc_v,
+                      align=4)
+        return context.get_dummy_value()
+    return types.void(acc, q_addr, x_addr, scale), codegen
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")
+def matvec_int8_q8(q_addr, s_addr, R, C, xq_addr, xs_KTG, ntok_K, out_KTR, pow2):
+    """As `matvec_int8` with int8 activations: x = xs * xq per group of 32 (`quantize_groups`; xq at
+    address xq_addr, int8 [K, T, C] contiguous), so each group adds s*xs * (q . xq)."""
+    K, T = xs_KTG.shape[:2]
+    G = C // GROUP
+    blocks = (R + ROWS - 1) // ROWS
+    for job in prange(K * blocks):
+        k = job // blocks
+        r0 = (job % blocks) * ROWS
+        s = numba.carray(_voidptr(s_addr[k]), (R, G), np.uint16)
+        acc_p = _stack_f32(8)
+        acc = numba.carray(acc_p, (8,))
+        scale = numba.carray(_stack_f32(MAX_GROUPS), (MAX_GROUPS,))
+        for r in range(r0, min(R, r0 + ROWS)):
+            q_row = q_addr[k] + r * C
+            for t in range(ntok_K[k]):
+                xs = xs_KTG[k, t]
+                x_row = xq_addr + (k * T + t) * C
+                for g in range(G):
+                    scale[g] = _f16(s[r, g], pow2) * xs[g]
+                for l in range(8):
+                    acc[l] = 0
+                for g in range(G):
+                    _int8_group_dot(acc_p, q_row + g * GROUP, x_row + g * GROUP, scale[g])
+                total = np.float32(0.0)
+                for l in range(8):
+                    total += acc[l]
+                out_KTR[k, t, r] = total
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")

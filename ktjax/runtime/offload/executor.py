@@ -45,7 +45,7 @@ class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
     expert_compute: "auto" | "gpu" | "cpu" (where host experts are computed; `scheduler`).
-    host_activations: "float32" | "int8": what the host CPU multiplies int4 experts by (`HostExperts`).
+    host_activations: "float32" | "int8": what the host CPU multiplies int8/int4 experts by (`HostExperts`).
     decode_form: how decode-sized batches with at most `moe_block.FUSED_MAX_EXPERTS` chosen experts per layer
     run them: "fused" (their transfers start, the host CPU computes its share meanwhile, then one
     program computes the rest: the shared expert, the device's experts and the combine),
@@ -209,7 +209,7 @@ class OffloadedExecutor:
         return out
 
     def with_host_activations(self, activations: str) -> OffloadedExecutor:
-        """This model with its host CPU multiplying int4 experts by activations in another form
+        """This model with its host CPU multiplying int8/int4 experts by activations in another form
         ("float32" or "int8"); the experts are shared."""
         out = copy.copy(self)
         out.host_activations = check_activations(activations)

@@ -28,7 +28,7 @@ class HostPath:
         self.bases = {key: v.ctypes.data for key, v in self.views.items()}
 
     def with_activations(self, activations: str) -> HostPath:
-        """The same experts and threads, multiplying int4 weights by activations in another form."""
+        """The same experts and threads, multiplying int8/int4 weights by activations in another form."""
         out = copy.copy(self)
         out.kernels = HostExperts(self.kernels.layout, activations)
         return out
