@@ -103,9 +103,10 @@ def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: Step
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
     """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
-    start, the host CPU computes its share meanwhile on this thread, then `moe_tail` runs once
-    everything has landed. Two programs per MoE layer whatever the experts' number: a dispatch
-    costs ~0.25 ms of this thread (offload.md, run 8), more than a decode-sized expert's compute."""
+    start, then `moe_tail` runs once they have landed. Where the host CPU has a share, the device's
+    share (`moe_device`) runs while this thread computes the host's, and `combine_segment` adds them.
+    Two or three programs per MoE layer whatever the experts' number: a dispatch costs ~0.25 ms of
+    this thread (offload.md, run 8), more than a decode-sized expert's compute."""
     chosen = [int(e) for e in np.flatnonzero(counts)]
     hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
     if host is not None:
@@ -114,13 +115,6 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         cpu_ids, link_ids = [], hosted
     gpu_ids = [e for e in chosen if not ex.store.is_hosted(i, e)] + link_ids
     slots = tuple(ex.store.fetch(i, gpu_ids, stats))  # asynchronous: the link works from here
-    if cpu_ids:
-        out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
-        stats.experts_on_host_cpu += len(cpu_ids)
-        stats.host_cpu_seconds.append(seconds)
-        host_ND = jax.device_put(out_ND, ex.store.on_device)
-    else:  # zeros, not None: one compiled variant whether or not the host CPU had a share
-        host_ND = ex.host_zeros(h_ND.shape)
     # Few compiled variants (each is a compile the first time a step meets it: a serving batch's
     # stall), little padding (id -1, a fetched array reused; each still costs its compute).
     pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
@@ -132,8 +126,18 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     rows_A = np.full(pow2(len(rows)), N, np.int32)
     rows_A[:len(rows)] = rows
     capacity = capacity_for(len(rows_A), counts[gpu_ids])
-    return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, host_ND,
-               capacity=capacity)
+    if not cpu_ids:  # zeros for the host's share, not None: one compiled variant whether or not it had one
+        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+                   ex.host_zeros(h_ND.shape), capacity=capacity)
+    # The device's share is dispatched by the worker thread and runs (once its transfers land) while
+    # this thread's host kernels compute theirs: the GPU's experts no longer wait for the CPU's.
+    on_gpu = ex.dispatcher.submit(run, "moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+                                  capacity=capacity)
+    out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
+    stats.experts_on_host_cpu += len(cpu_ids)
+    stats.host_cpu_seconds.append(seconds)
+    shared_ND, routed_ND = on_gpu.result()
+    return run("combine", combine_segment, x_BTD, shared_ND, (routed_ND, jax.device_put(out_ND, ex.store.on_device)))
 
 
 def fused_slots(n: int) -> int:

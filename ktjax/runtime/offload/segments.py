@@ -96,7 +96,7 @@ class LayerSegments:
         self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
         self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
 
-        def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, host_ND, capacity):
+        def routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
             # Routed experts on the tokens that choose them only (rows_A; index N pads): a serving batch's one
             # decoding row among its free slots costs what a batch of one does.
             N = h_ND.shape[0]
@@ -104,13 +104,22 @@ class LayerSegments:
             idx_AK = jnp.take(idx_NK, rows_A, axis=0, mode="fill", fill_value=cfg.n_routed_experts)  # no expert
             w_AK = jnp.take(w_NK, rows_A, axis=0, mode="fill", fill_value=0)
             routed_AD = add_experts(None, h_AD, w_AK, idx_AK, ids_C, experts, capacity=capacity)
-            routed_ND = jnp.zeros((N, routed_AD.shape[1]), routed_AD.dtype).at[rows_A].add(routed_AD, mode="drop")
+            return jnp.zeros((N, routed_AD.shape[1]), routed_AD.dtype).at[rows_A].add(routed_AD, mode="drop")
+
+        def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, host_ND, capacity):
+            routed_ND = routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
             return combine_segment(x_BTD, shared(merge(state), h_ND), (routed_ND, host_ND))
+
+        def moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
+            return shared(merge(state), h_ND), routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
 
         # The MoE block after routing as one program (the executor's "fused" decode): the shared
         # expert, the chosen experts on the device (resident or just fetched; ids_C -1 pads) for the
         # active tokens rows_A, and the host CPU's sum (zeros when it had none), combined.
         self.moe_tail = jax.jit(moe_tail, static_argnames="capacity")
+        # The same block's device share alone (shared expert, routed sum), to run while the host CPU
+        # computes its own; `combine_segment` then adds the two.
+        self.moe_device = jax.jit(moe_device, static_argnames="capacity")
 
 
 @functools.partial(jax.jit, static_argnums=0)
