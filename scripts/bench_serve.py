@@ -142,36 +142,57 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     sampling = Sampling.of(0.0, 0, 1.0)
     key = jax.random.key(0)
     out = {}
-    runs = [(B, B, None) for B in batches] + [(slots, B, B) for B in batches if B < slots]
-    for rows, B, active in runs:
-        name = f"engine_b{B}" if active is None else f"engine_b{B}_in_{slots}_slots"
+    # The server's model runs on its scheduler's thread, not the main thread: batch 1 in the slots again
+    # from a thread of its own, to see what that alone costs (the host kernels' parallel loops are
+    # started from that thread).
+    runs = ([(B, B, None, False) for B in batches] + [(slots, B, B, False) for B in batches if B < slots]
+            + ([(slots, 1, 1, True)] if 1 in batches and slots > 1 else []))
+    for rows, B, active, threaded in runs:
+        name = (f"engine_b{B}" if active is None else f"engine_b{B}_in_{slots}_slots") + ("_from_a_thread" if threaded
+                                                                                        else "")
         if time.perf_counter() > deadline:
             log(f"child: {name} skipped (engine deadline)")
             continue
-        active_B = None if active is None else np.arange(rows) < active
-        cache = ex.init_cache(rows, max_len)
-        tok = jnp.asarray((np.arange(rows) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
-        times, stats = [], []
-        t0 = time.perf_counter()
-        for s in range(warm + steps):
-            pos = jnp.asarray(np.full((rows,), start_pos + s, np.int32))
-            t = time.perf_counter()
-            tok, cache, st = ex.decode(cache, tok, pos, key, sampling, active_B=active_B)
-            jax.block_until_ready(tok)
-            if s >= warm:
-                times.append(time.perf_counter() - t)
-                stats.append(st)
-        step = float(np.median(times))
-        row = {"batch": B, "cache_rows": rows, "step_s": step, "tokens_per_s": B / step,
-               "steps_ms": [round(t * 1e3, 2) for t in times], "seconds_with_compile": time.perf_counter() - t0,
-               "experts_per_step": {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
-                                    (("device", "experts_on_device"), ("link", "experts_fetched"),
-                                     ("host_cpu", "experts_on_host_cpu"))},
-               "host_bytes_per_step": float(np.mean([s.bytes_from_host for s in stats]))}
-        out[name] = row
-        log(f"child: {name}: {step * 1e3:.1f} ms/step, {B / step:.1f} tok/s, experts/step {row['experts_per_step']}")
-        del cache, tok
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(1) as pool:
+                out[name] = pool.submit(_engine_row, ex, cfg, rows, B, active, max_len, start_pos, warm, steps,
+                                        sampling, key).result()
+        else:
+            out[name] = _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampling, key)
+        row = out[name]
+        log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step, {B / row['step_s']:.1f} tok/s, experts/step "
+            f"{row['experts_per_step']}")
     return out
+
+
+def _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampling, key) -> dict:
+    """Decode steps of a cache of `rows` rows, `active` of them in use (None: all): the median step and its stats."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    active_B = None if active is None else np.arange(rows) < active
+    cache = ex.init_cache(rows, max_len)
+    tok = jnp.asarray((np.arange(rows) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
+    times, stats = [], []
+    t0 = time.perf_counter()
+    for s in range(warm + steps):
+        pos = jnp.asarray(np.full((rows,), start_pos + s, np.int32))
+        t = time.perf_counter()
+        tok, cache, st = ex.decode(cache, tok, pos, key, sampling, active_B=active_B)
+        jax.block_until_ready(tok)
+        if s >= warm:
+            times.append(time.perf_counter() - t)
+            stats.append(st)
+    step = float(np.median(times))
+    row = {"batch": B, "cache_rows": rows, "step_s": step, "tokens_per_s": B / step,
+           "steps_ms": [round(t * 1e3, 2) for t in times], "seconds_with_compile": time.perf_counter() - t0,
+           "experts_per_step": {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
+                                (("device", "experts_on_device"), ("link", "experts_fetched"),
+                                 ("host_cpu", "experts_on_host_cpu"))},
+           "host_bytes_per_step": float(np.mean([s.bytes_from_host for s in stats]))}
+    del cache, tok
+    return row
 
 
 def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadline: float, rounds: int = 3) -> dict:
@@ -626,6 +647,11 @@ def driver(args) -> int:
               f"{place.get('host_experts', '?')} in host memory; device {engine.get('device', '?')}; max batch "
               f"{args.max_batch}; prompts {args.prompt_tokens} tokens, {args.max_tokens} new tokens each (ignore_eos).")
     lines = [header, "", md, ""] + [f"- {'PASS' if p else 'FAIL'}: {n}" for n, p in checks]
+    main_row = engine.get(f"engine_b1_in_{args.max_batch}_slots", {})
+    thread_row = engine.get(f"engine_b1_in_{args.max_batch}_slots_from_a_thread", {})
+    if main_row and thread_row:
+        lines.append(f"- the engine's batch-1 step in {args.max_batch} slots: {main_row['step_s'] * 1e3:.1f} ms from the main "
+                     f"thread, {thread_row['step_s'] * 1e3:.1f} ms from a thread of its own (as the server runs it)")
     st = result.get("staggered")
     if st:
         lines.append(f"- staggered arrivals ({st['requests']} requests, one every {st['gap_s']:.2f} s): ITL p50 / p99 / "

@@ -24,7 +24,15 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: 
     logits_BV = logits_BV.astype(jnp.float32)
     B, V = logits_BV.shape
     temperature_B1, top_k_B1, top_p_B1 = (jnp.broadcast_to(v, (B,))[:, None] for v in (temperature, top_k, top_p))
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    # The sort over the vocabulary runs only when a row samples: a greedy serving batch of 32 slots
+    # would sort 32 x V logits every step for nothing.
+    return jax.lax.cond(jnp.any(temperature_B1 > 0), _sampled, lambda *_: greedy_B,
+                        logits_BV, key, temperature_B1, top_k_B1, top_p_B1, greedy_B)
+
+
+def _sampled(logits_BV, key, temperature_B1, top_k_B1, top_p_B1, greedy_B):
+    V = logits_BV.shape[1]
     scaled_BV = logits_BV / jnp.maximum(temperature_B1, 1e-6)
     desc_BV = -jnp.sort(-scaled_BV, axis=-1)
     k_B1 = jnp.where(top_k_B1 > 0, jnp.minimum(top_k_B1, V), V)
@@ -40,4 +48,4 @@ def sample(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: 
         sampled_B = jax.random.categorical(key, filtered_BV, axis=-1)
     else:
         sampled_B = jax.vmap(lambda k, row_V: jax.random.categorical(k, row_V[None])[0])(key, filtered_BV)
-    return jnp.where(temperature_B1[:, 0] > 0, sampled_B, greedy_B).astype(jnp.int32)
+    return jnp.where(temperature_B1[:, 0] > 0, sampled_B.astype(jnp.int32), greedy_B)
