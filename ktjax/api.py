@@ -27,7 +27,7 @@ from ktjax.runtime import placement as placing
 from ktjax.runtime.mesh import devices_of, expert_mesh, param_sharding
 from ktjax.runtime.model import LoadedModel, Sampling
 from ktjax.runtime.offload.build import load_offloaded
-from ktjax.runtime.offload.scheduler import cached_rates
+from ktjax.runtime.offload.scheduler import cached_rates, kernel_name
 from ktjax.runtime.resident import ResidentExecutor
 from ktjax.text import load_tokenizer
 from ktjax.text.gguf_vocab import gguf_tokenizer
@@ -106,7 +106,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
          max_batch: int = 1, max_context: int = 4096, expert_chunk: int = 32, attention: str | None = None,
          adapter: str | os.PathLike | None = None, training: int = 0, hot_experts: str | Sequence[int] | None = None,
          progress: bool | None = None, devices: int | None = None, mesh: jax.sharding.Mesh | None = None,
-         host_activations: str = "float32") -> LoadedModel:
+         host_activations: str = "int8") -> LoadedModel:
     """Load a transformers-format DeepSeek checkpoint directory (the embedded tiny model if None), or
     a DeepSeek GGUF file as llama.cpp writes it (one .gguf, the first of a split set, or their directory).
 
@@ -120,10 +120,11 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
         link), "cpu" (on the host CPU where they live; int8/int4). With "cpu" and no placement
         rules, every routed expert is kept in host memory: asking for the CPU never silently means
         the device.
-    host_activations: what the host CPU multiplies int8/int4 experts by: "float32" (exact: every path
-        computes the same model) or "int8", the activations quantized per group of 32 as llama.cpp's
-        CPU kernels do (integer dot products: fewer instructions per weight, ~0.5% error per expert
-        output).
+    host_activations: what the host CPU multiplies int8/int4 experts by: "int8" (default), the
+        activations quantized per group of 32 as llama.cpp's CPU kernels do (integer dot products: int4
+        experts 2-3x faster on the host, measured in benchmarks/host_experts.md; ~0.5% error per expert
+        output, so the output depends slightly on which path computed each expert), or "float32"
+        (exact: every path computes the same model).
     gpu_memory: device memory budget ("24GiB" or bytes), per device; routed experts that do not fit stay
         in pinned host memory. Default: the device's own limit on GPUs, no limit on the CPU.
     devices, mesh: split the routed experts over the first `devices` devices, or over the `expert`
@@ -166,7 +167,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
                                   expert_compute=expert_compute, mesh=xmesh, host_activations=host_activations)
         if executor.host is not None and expert_compute == "auto" and jax.default_backend() == "gpu":
             # The split's cost model, measured once per machine and kernel as decode steps use the paths.
-            kernel = fmt.name + ("-int8-activations" if executor.host.kernels.int8_activations else "")
+            kernel = kernel_name(fmt.name, host_activations)
             executor = executor.with_rates(cached_rates(kernel, executor.measure_rates))
     tokenizer = gguf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
     model = LoadedModel(cfg, executor, plan, tokenizer=tokenizer, generation_defaults=generation_defaults(path),

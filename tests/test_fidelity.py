@@ -49,7 +49,7 @@ def quantized(request, reference):
     fmt, compute = request.param
     _, path, tokens = reference
     model = ktjax.load(path, dtype="float32", experts=fmt, expert_compute=compute, placement=ALL_HOST,
-                       max_batch=PROMPTS, max_context=tokens.shape[1])
+                       max_batch=PROMPTS, max_context=tokens.shape[1], host_activations="float32")
     return fmt, model, np.asarray(ktjax.logits(model, tokens))
 
 

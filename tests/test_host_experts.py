@@ -43,7 +43,7 @@ def test_the_cpu_takes_the_experts_with_fewest_tokens_until_both_paths_finish_to
 @pytest.fixture(scope="module")
 def split_model(ckpt):
     """split_model(fmt, mode): layer 2's experts 0-3 on the device, the others in host memory in `fmt`,
-    host experts computed on path `mode`. "gpu" is loaded so (no host path at all); "cpu" and "auto"
+    host experts computed on path `mode` (exactly: float32 activations). "gpu" is loaded so (no host path at all); "cpu" and "auto"
     are one model loaded with "auto" and told which path to take (`with_expert_compute`: what loading
     with expert_compute="cpu" gives, the experts and compiled programs shared). Loaded once each."""
     loaded = {}
@@ -52,7 +52,7 @@ def split_model(ckpt):
         how = "gpu" if mode == "gpu" else "auto"
         if (fmt, how) not in loaded:
             loaded[fmt, how] = ktjax.load(ckpt, dtype="float32", experts=fmt, placement=SOME_ON_DEVICE,
-                                          expert_compute=how, max_context=64)
+                                          expert_compute=how, max_context=64, host_activations="float32")
         model = loaded[fmt, how]
         assert (model.executor.host is None) == (mode == "gpu")
         return dataclasses.replace(model, executor=model.executor.with_expert_compute(mode))
@@ -74,24 +74,25 @@ def test_every_path_computes_the_same_model(ckpt, split_model, fmt):
                 assert rel_err(ktjax.logits(model, tokens), want) < 1e-5, (mode, form, tokens.shape)
 
 
-def test_int8_activations_change_only_the_host_cpus_int4_products(tmp_path):
-    """host_activations="int8": the host CPU's int4 experts multiply activations quantized per group of
-    32, close to the exact model but not equal to it; the GPU's path is untouched. One MoE layer, the
-    last: before a later layer, routing turns any small difference into other experts (on the 4-layer
-    model int8 weights alone move the logits by a third)."""
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int8_activations_are_the_default_and_change_only_the_host_cpus_products(tmp_path, fmt):
+    """By default (host_activations="int8") the host CPU's experts multiply activations quantized per
+    group of 32, close to the exact model but not equal to it; the GPU's path is untouched. One MoE
+    layer, the last: before a later layer, routing turns any small difference into other experts (on
+    the 4-layer model int8 weights alone move the logits by a third)."""
     ckpt = save_reference(make_reference("v3", seed=31, num_hidden_layers=2, first_k_dense_replace=1), tmp_path)
     few = TOKENS[:1, :5]
-    want = np.asarray(ktjax.logits(ktjax.load(ckpt, dtype="float32", experts="int4"), few))
+    want = np.asarray(ktjax.logits(ktjax.load(ckpt, dtype="float32", experts=fmt), few))
     errors = {}
     for mode in ("cpu", "gpu"):
-        model = ktjax.load(ckpt, dtype="float32", experts="int4", expert_compute=mode, placement=ALL_HOST,
-                           host_activations="int8", max_context=64)
+        model = ktjax.load(ckpt, dtype="float32", experts=fmt, expert_compute=mode, placement=ALL_HOST,
+                           max_context=64)
         errors[mode] = rel_err(ktjax.logits(model, few), want)
         if mode == "cpu":
             assert model.executor.host.kernels.int8_activations
             exact = model.executor.with_host_activations("float32")
             assert rel_err(ktjax.logits(dataclasses.replace(model, executor=exact), few), want) < 1e-5
-    # int4's own weights are ~10% from float32 on this model: the activations add a tenth of that
+    # int4's own weights are ~10% from float32 on this model (int8's ~1%): the activations add ~0.5%
     assert 1e-4 < errors["cpu"] < 2e-2 and errors["gpu"] < 1e-5, errors
     with pytest.raises(ValueError, match=r"^host_activations='int16': use one of float32, int8$"):
         ktjax.load(ckpt, experts="int4", host_activations="int16")
@@ -163,14 +164,17 @@ def test_the_paths_can_be_measured_where_the_model_runs(ckpt):
 def test_info_shows_the_cpu_link_switch_point_from_measured_rates_once_there_are_some(ckpt, tmp_path, capsys,
                                                                                         monkeypatch):
     from ktjax.cli.main import main
-    from ktjax.runtime.offload.scheduler import PathRates, cached_rates
+    from ktjax.runtime.offload.scheduler import PathRates, cached_rates, kernel_name
 
     monkeypatch.setenv("KTJAX_CACHE_DIR", str(tmp_path))
     argv = ["info", "--model", ckpt, "--experts", "int8", "--gpu-memory", "65.5MiB", "--max-context", "64"]
     assert main(argv) == 0
     assert "rates assumed until the first load on a GPU measures them" in capsys.readouterr().out
-    cached_rates("int8", lambda: PathRates(link_gbps=10.0, cpu_gbps=30.0))  # what a load on a GPU would store
+    # What a load on a GPU would store, for the default kernel (int8 activations)
+    cached_rates(kernel_name("int8", "int8"), lambda: PathRates(link_gbps=10.0, cpu_gbps=30.0))
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert ("up to 3 token(s)" in out and "rates measured on this machine by an earlier load: CPU 30 GB/s per token, "
             "link 10 GB/s" in out)
+    assert main(argv + ["--host-activations", "float32"]) == 0  # another kernel: its rates are not known yet
+    assert "rates assumed until the first load on a GPU measures them" in capsys.readouterr().out

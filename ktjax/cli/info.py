@@ -16,7 +16,7 @@ from ktjax.quantization_config import EXPERT_QUANT_GROUP
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES, known_rates
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, kernel_name, known_rates
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 
 
@@ -89,9 +89,9 @@ def run(args) -> int:
         print(f"\nplacement under gpu_memory={args.gpu_memory}{over} (KV cache for {args.max_batch} x "
               f"{args.max_context} tokens):")
         print(plan.table())
-        fmt = plan.expert_format.name
-        measured = known_rates(fmt)
-        rates = measured or DEFAULT_RATES.get(fmt)
+        kernel = kernel_name(plan.expert_format.name, args.host_activations)
+        measured = known_rates(kernel)
+        rates = measured or DEFAULT_RATES.get(kernel)
         if plan.offloaded and plan.devices > 1:
             print("host experts: streamed to the device that owns them (the host-CPU path serves one device only)")
         elif plan.offloaded and rates is not None and args.expert_compute != "gpu":

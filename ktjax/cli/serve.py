@@ -69,7 +69,21 @@ def run(args) -> int:
     model = load_model(args)
     if model.tokenizer is None:
         raise ValueError(f"--model {args.model}: no tokenizer files; the server needs them to read and write text")
-    return serve(model, args)
+    return serve(with_serving_threads(model), args)
+
+
+def with_serving_threads(model):
+    """The model with its host-CPU expert kernels on two threads fewer than a batch script's: a server's
+    event loop and its clients need cores too, and a parallel loop waits for its slowest thread
+    (benchmarks/serve.md runs 7-8: the server's step at every concurrency was faster on 12 than on 14
+    of 16 cores)."""
+    import dataclasses
+
+    from ktjax.runtime.offload.host_path import default_threads
+    host = getattr(model.executor, "host", None)
+    if host is None or host.threads is not None or default_threads() < 8:  # few cores: keep them all
+        return model
+    return dataclasses.replace(model, executor=model.executor.with_host_threads(default_threads() - 2))
 
 
 def serve(model, args) -> int:

@@ -34,7 +34,7 @@ def split_layers(cfg: ModelConfig, params: nnx.State) -> tuple[dict[str, jax.Arr
 
 def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, progress: bool | None = None,
                    attention: str = "auto", expert_compute: str = "auto", rates=None,
-                   mesh: jax.sharding.Mesh | None = None, host_activations: str = "float32") -> OffloadedExecutor:
+                   mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8") -> OffloadedExecutor:
     """Every tensor is checked from the headers before any is read; host memory holds one expert
     at a time beyond the loaded parameters. mesh: core arrays replicated over it, each expert on
     (or in pinned host memory behind) the device that owns it."""

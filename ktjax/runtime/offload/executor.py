@@ -28,7 +28,7 @@ from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, measure
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
 from ktjax.runtime.offload.moe_block import moe_block
 from ktjax.runtime.offload.segments import LayerSegments, Segments, embed_segment, head_segment, logits_segment
@@ -58,7 +58,7 @@ class OffloadedExecutor:
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
                  rates: PathRates | None = None, decode_form: str = "auto",
-                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "float32"):
+                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8"):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -88,7 +88,7 @@ class OffloadedExecutor:
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
         self.device_threads = None if mesh is None else ThreadPoolExecutor(len(self.devices),
                                                                            thread_name_prefix="ktjax-device")
-        self.rates = rates or DEFAULT_RATES.get(fmt.name)
+        self.rates = rates or DEFAULT_RATES.get(kernel_name(fmt.name, host_activations))
         self.decode_form = decode_form
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array] = {}

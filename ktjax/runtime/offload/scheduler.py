@@ -40,9 +40,17 @@ class PathRates:
         return max(0, int(self.cpu_gbps / self.link_gbps))
 
 
-# Measured on the H200 machine (16 Sapphire Rapids cores, PCIe gen5), both paths at once:
-# scripts/bench_host_experts.py, benchmarks/host_experts.md. Used where no measurement is cached.
-DEFAULT_RATES = {"int8": PathRates(link_gbps=45.5, cpu_gbps=46.8), "int4": PathRates(link_gbps=41.8, cpu_gbps=29.0)}
+def kernel_name(fmt: str, activations: str) -> str:
+    """The host kernel's name, which keys its rates: the expert format, and the activations it multiplies."""
+    return fmt + ("-int8-activations" if activations == "int8" else "")
+
+
+# Measured on the H200 machine (16 Sapphire Rapids cores, PCIe gen5), both paths at once as `ktjax.load`
+# measures them (benchmarks/offload.md, run 13's in-situ rates; float activations: host_experts.md).
+# Used where no measurement is cached.
+DEFAULT_RATES = {"int8": PathRates(link_gbps=45.5, cpu_gbps=46.8), "int4": PathRates(link_gbps=41.8, cpu_gbps=29.0),
+                 "int8-int8-activations": PathRates(link_gbps=45.8, cpu_gbps=83.2),
+                 "int4-int8-activations": PathRates(link_gbps=40.6, cpu_gbps=63.6)}
 
 
 def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, mode: str) -> tuple[list[int], list[int]]:
