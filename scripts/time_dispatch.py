@@ -44,8 +44,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as path:
         save_params(cfg, params, path)
         offloaded = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=64)
+        host_cpu = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=64, experts="int8",
+                              expert_compute="cpu")
         resident = ktjax.load(path)
         print(f"offloaded (per-layer segments): {ms_per_step(offloaded):.2f} ms/step")
+        print(f"offloaded, int8 experts on the host CPU: {ms_per_step(host_cpu):.2f} ms/step")
         print(f"resident (one scanned program): {ms_per_step(resident):.2f} ms/step")
 
 

@@ -323,9 +323,10 @@ def test_quantized_experts_are_kept_bit_exact_and_logits_equal_transformers(v3_d
             assert np.array_equal(gate_up, want_gate_up) and np.array_equal(down, tensors[names[2]])
     reference = reference_from(tensors, v3_dir, tmp_path / "ref")
     assert_logits_match(model, reference)
-    # The odd experts in host memory, computed there by the host-CPU kernels on the copied blocks.
+    # The odd experts in host memory, computed there by the host-CPU kernels on the copied blocks (exactly:
+    # float32 activations).
     on_host = ktjax.load(file, dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d*[13579]": "host"},
-                         expert_compute="cpu", max_context=64)
+                         expert_compute="cpu", max_context=64, host_activations="float32")
     assert on_host.placement.host_experts
     assert_logits_match(on_host, reference)
 
