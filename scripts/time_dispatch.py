@@ -2,7 +2,7 @@
 resident executor's one scanned program, on a tiny random model (CPU is fine: what is measured is
 Python and dispatch, not the device).
 
-    python scripts/time_dispatch.py
+    python scripts/time_dispatch.py [--steps 30] [--repeats 1]   # with repeats: the median, and each
 """
 
 import tempfile
@@ -26,7 +26,7 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=97, hidden_size=64, intermedi
 
 def ms_per_step(model, steps: int = 30) -> float:
     ex = model.executor
-    cache = ex.init_cache(1, 64)
+    cache = ex.init_cache(1, steps + 8)
     tok, key, sampling = jnp.zeros((1,), jnp.int32), jax.random.key(0), Sampling.of()
     for s in range(3):
         tok, cache, _ = ex.decode(cache, tok, jnp.asarray([s]), key, sampling)
@@ -39,17 +39,29 @@ def ms_per_step(model, steps: int = 30) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    import numpy as np
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="decode steps per measurement")
+    p.add_argument("--repeats", type=int, default=1, help="measurements per model (the median is printed)")
+    args = p.parse_args()
+
+    def timed(model) -> str:
+        runs = [ms_per_step(model, args.steps) for _ in range(args.repeats)]
+        return f"{np.median(runs):.2f} ms/step" + (f" (runs {' '.join(f'{r:.2f}' for r in runs)})" if len(runs) > 1 else "")
+
     cfg = ModelConfig.from_dict(CONFIG)
     _, params = nnx.split(DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0)))
     with tempfile.TemporaryDirectory() as path:
         save_params(cfg, params, path)
-        offloaded = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=64)
-        host_cpu = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=64, experts="int8",
+        offloaded = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024)
+        host_cpu = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024, experts="int8",
                               expert_compute="cpu")
         resident = ktjax.load(path)
-        print(f"offloaded (per-layer segments): {ms_per_step(offloaded):.2f} ms/step")
-        print(f"offloaded, int8 experts on the host CPU: {ms_per_step(host_cpu):.2f} ms/step")
-        print(f"resident (one scanned program): {ms_per_step(resident):.2f} ms/step")
+        print(f"offloaded (per-layer segments): {timed(offloaded)}")
+        print(f"offloaded, int8 experts on the host CPU: {timed(host_cpu)}")
+        print(f"resident (one scanned program): {timed(resident)}")
 
 
 if __name__ == "__main__":
