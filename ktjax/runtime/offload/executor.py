@@ -31,8 +31,7 @@ from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
 from ktjax.runtime.offload.moe_block import moe_block
-from ktjax.runtime.offload.segments import (LayerSegments, Segments, combine_segment, embed_segment, head_segment,
-                                           logits_segment)
+from ktjax.runtime.offload.segments import LayerSegments, Segments, embed_segment, head_segment, logits_segment
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
@@ -286,8 +285,6 @@ class OffloadedExecutor:
         for i, kind in enumerate(cfg.layer_kinds):
             seg, state, j = self.segments[kind], self.layers[i], self._stack_index[i]
             latent, rp = groups[kind]
-            if isinstance(x_BTD, tuple) and not short:  # a pending MoE sum (the short layers settle it themselves)
-                x_BTD = run("combine", combine_segment, *x_BTD)
             if kind == "dense" and short:
                 x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
             elif kind == "dense":
@@ -302,8 +299,6 @@ class OffloadedExecutor:
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
                 x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
             groups[kind] = LayerCache(latent, rp)
-        if isinstance(x_BTD, tuple):
-            x_BTD = run("combine", combine_segment, *x_BTD)
         jax.block_until_ready(x_BTD)
         return x_BTD, KVCache(groups)
 

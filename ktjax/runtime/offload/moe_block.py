@@ -104,10 +104,9 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
     """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
     start, then `moe_tail` runs once they have landed. Where the host CPU has a share, the device's
-    share (`moe_device`) runs while this thread computes the host's, and the sum is returned pending,
-    (x, shared, routed parts), for the next layer's first program to add (`segments.settle`). Two
-    programs per MoE layer whatever the experts' number: a dispatch costs ~0.25 ms of this thread
-    (offload.md, run 8), more than a decode-sized expert's compute."""
+    share (`moe_device`) runs while this thread computes the host's, and `combine_segment` adds them.
+    Two or three programs per MoE layer whatever the experts' number: a dispatch costs ~0.25 ms of
+    this thread (offload.md, run 8), more than a decode-sized expert's compute."""
     chosen = [int(e) for e in np.flatnonzero(counts)]
     hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
     if host is not None:
@@ -138,8 +137,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     stats.experts_on_host_cpu += len(cpu_ids)
     stats.host_cpu_seconds.append(seconds)
     shared_ND, routed_ND = on_gpu.result()
-    # Left pending: the next layer's first program adds it (`segments.settle`), one dispatch fewer.
-    return x_BTD, shared_ND, (routed_ND, jax.device_put(out_ND, ex.store.on_device))
+    return run("combine", combine_segment, x_BTD, shared_ND, (routed_ND, jax.device_put(out_ND, ex.store.on_device)))
 
 
 def fused_slots(n: int) -> int:

@@ -68,12 +68,6 @@ def combine_segment(x_BTD, shared_ND, routed_ND):
     return combine(x_BTD.reshape(total_ND.shape), shared_ND, total_ND).reshape(x_BTD.shape)
 
 
-def settle(x_BTD):
-    """x, or the sum a MoE layer left pending, (x, shared, routed parts) from `moe_block.fused_moe`,
-    combined here: that layer's last program folded into the next layer's first."""
-    return combine_segment(*x_BTD) if isinstance(x_BTD, tuple) else x_BTD
-
-
 class LayerSegments:
     """The compiled programs of one layer kind, with its structure bound in (no per-call hashing of
     the graph); layer parameters travel as plain dicts of arrays, which flatten fast. Cache arrays
@@ -87,12 +81,12 @@ class LayerSegments:
 
         def dense_layer(state, x_BTD, rope, start_B, latent, rp, j):
             layer = merge(state)
-            x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
+            x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
             return dense_mlp(layer, x_BTD), latent, rp
 
         def attention_route(state, x_BTD, rope, start_B, latent, rp, j):
             layer = merge(state)
-            x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
+            x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
             return (x_BTD, *route(layer, x_BTD), latent, rp)
 
         self.attention = jax.jit(attention, donate_argnums=(4, 5))
