@@ -161,8 +161,8 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
         else:
             out[name] = _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampling, key)
         row = out[name]
-        log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step, {B / row['step_s']:.1f} tok/s, experts/step "
-            f"{row['experts_per_step']}")
+        log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), "
+            f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}")
     return out
 
 
@@ -190,7 +190,8 @@ def _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampl
            "experts_per_step": {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
                                 (("device", "experts_on_device"), ("link", "experts_fetched"),
                                  ("host_cpu", "experts_on_host_cpu"))},
-           "host_bytes_per_step": float(np.mean([s.bytes_from_host for s in stats]))}
+           "host_bytes_per_step": float(np.mean([s.bytes_from_host for s in stats])),
+           "host_cpu_s_per_step": float(np.median([sum(s.host_cpu_seconds) for s in stats]))}
     del cache, tok
     return row
 
@@ -468,7 +469,9 @@ def step_split(m: dict) -> str:
     n = st.get("decode_steps") or 0
     if not n or "decode_seconds" not in st:
         return "-"
-    return f"{st['decode_seconds'] / n * 1e3:.1f} + {st['emit_seconds'] / n * 1e3:.1f} ms"
+    cpu = st.get("decode_host_cpu_seconds")
+    return (f"{st['decode_seconds'] / n * 1e3:.1f} + {st['emit_seconds'] / n * 1e3:.1f} ms"
+            + (f" (host CPU {cpu / n * 1e3:.1f})" if cpu else ""))
 
 
 def table(levels: dict, engine: dict, slots: int) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ktjax.models import KVCache
 from ktjax.runtime.generation import SamplingOptions
-from ktjax.runtime.model import LoadedModel, Sampling
+from ktjax.runtime.model import LoadedModel, Sampling, StepStats
 from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_length
 
 
@@ -56,6 +56,7 @@ class DecodeBatch:
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
         self.keys_B = jax.random.split(jax.random.key(0), max_batch)
+        self.last_stats = StepStats()  # the last decode step's (what moved, the host CPU's time)
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
         self.top_p_B = np.ones(max_batch, np.float32)
@@ -160,7 +161,7 @@ class DecodeBatch:
         offloaded model moves no expert for the others)."""
         self.keys_B, subs_B = split_rows(self.keys_B)
         sampling = Sampling(jnp.asarray(self.temperature_B), jnp.asarray(self.top_k_B), jnp.asarray(self.top_p_B))
-        sampled_B, self.cache_B, _ = self.executor.decode(self.cache_B, jnp.asarray(self.token_B),
+        sampled_B, self.cache_B, self.last_stats = self.executor.decode(self.cache_B, jnp.asarray(self.token_B),
                                                           jnp.asarray(self.pos_B), subs_B, sampling,
                                                           active_B=active_B)
         return self._advance(sampled_B)

@@ -128,10 +128,11 @@ class Scheduler:
         # was between two of its chunks, the admissions run in the same pass as a decode step, and the
         # seconds spent in decode steps (their model calls, an admission's shared pass included) and in
         # handing their tokens to the requests (detokenizing, emitting): a step's interval beyond these two
-        # is the loop's own.
+        # is the loop's own. Of the decode steps' model calls: the seconds the host CPU's expert kernels took
+        # (an offloaded model's), to compare with the engine's own steps.
         self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
                       "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0,
-                      "decode_seconds": 0.0, "emit_seconds": 0.0}
+                      "decode_seconds": 0.0, "emit_seconds": 0.0, "decode_host_cpu_seconds": 0.0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
@@ -359,6 +360,7 @@ class Scheduler:
         for b in np.flatnonzero(active_B):
             self._push(int(b), int(sampled_B[b]))
         self.stats["decode_seconds"] += t1 - t0
+        self.stats["decode_host_cpu_seconds"] += float(sum(batch.last_stats.host_cpu_seconds))
         self.stats["emit_seconds"] += time.perf_counter() - t1
 
     def _push(self, slot: int, token: int) -> None:
