@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
                        description="Serve the model over an OpenAI-compatible HTTP API: GET /v1/models, POST "
                        "/v1/chat/completions and /v1/completions (streamed or not), GET /health. Concurrent "
                        f"requests share the decode batch (--max-batch slots, default {DEFAULT_MAX_BATCH} here); "
-                       "up to --max-queue more wait, beyond that requests get 429. Ctrl-C stops the server.")
+                       "up to --max-queue more wait, beyond that requests get 429. Host-CPU expert kernels run on "
+                       "two threads fewer than in the other commands, leaving cores to the HTTP side. Ctrl-C stops "
+                       "the server.")
     model_args(s)
     s.set_defaults(max_batch=DEFAULT_MAX_BATCH)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
