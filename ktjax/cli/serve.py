@@ -20,9 +20,8 @@ def add_parser(sub) -> None:
                        "/v1/chat/completions and /v1/completions (streamed or not), GET /health. Concurrent "
                        f"requests share the decode batch (--max-batch slots, default {DEFAULT_MAX_BATCH} here); "
                        "up to --max-queue more wait, beyond that requests get 429. Host-CPU expert kernels run on "
-                       "two threads fewer than in the other commands (from 8 cores up), leaving cores to the HTTP side. "
-                       "Ctrl-C stops "
-                       "the server.")
+                       "two threads fewer than in the other commands (from 8 cores up), leaving cores to the HTTP "
+                       "side. Ctrl-C stops the server.")
     model_args(s)
     s.set_defaults(max_batch=DEFAULT_MAX_BATCH)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
