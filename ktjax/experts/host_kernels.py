@@ -172,34 +172,36 @@ _I8x32, _I16x16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16)
 _I32x8, _F32x8 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.FloatType(), 8)
 
 
+def _scaled_dots(builder, acc, unsigned, signed, scale):
+    """acc + scale * (8 lanes of 4-byte dot products of `unsigned` (u8) and `signed` (s8) bytes), as
+    AVX2's pmaddubsw (pairs to 16 bits), pmaddwd by ones (to 32 bits), a conversion and an FMA."""
+    mod = builder.module
+    maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_I16x16, [_I8x32, _I8x32]), "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32x8, [_I16x16, _I16x16]), "llvm.x86.avx2.pmadd.wd")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_F32x8, [_F32x8] * 3), "llvm.fma.v8f32")
+    dots = builder.call(maddwd, [builder.call(maddubs, [unsigned, signed]), ir.Constant(_I16x16, [1] * 16)])
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_F32x8, ir.Undefined), scale, ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(_F32x8, ir.Undefined), ir.Constant(_I32x8, [0] * 8))
+    return builder.call(fma, [builder.sitofp(dots, _F32x8), splat, acc])
+
+
+def _load32(builder, address):
+    return builder.load(builder.inttoptr(address, _I8x32.as_pointer()), align=1)
+
+
 @intrinsic
 def _int4_pair_dots(typingctx, acc, q_addr, xlo_addr, xhi_addr, s_lo, s_hi):
     """acc[0:8] += s_lo * (low nibbles . xlo) + s_hi * (high nibbles . xhi), 8 lanes of partial sums:
     32 packed bytes (a pair of groups) against two groups of 32 int8 activations."""
     def codegen(context, builder, signature, args):
         acc_p, qa, xla, xha, slo, shi = args
-        mod = builder.module
-        maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
-                                                 "llvm.x86.avx2.pmadd.ub.sw")
-        maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32x8, [_I16x16, _I16x16]),
-                                                "llvm.x86.avx2.pmadd.wd")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_F32x8, [_F32x8] * 3), "llvm.fma.v8f32")
-
-        def load(addr):
-            return builder.load(builder.inttoptr(addr, _I8x32.as_pointer()), align=1)
-
-        def splat(value):
-            v = builder.insert_element(ir.Constant(_F32x8, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(v, ir.Constant(_F32x8, ir.Undefined), ir.Constant(_I32x8, [0] * 8))
-
-        q = load(qa)
+        q = _load32(builder, qa)
         acc_v = builder.bitcast(acc_p, _F32x8.as_pointer())
         a = builder.load(acc_v, align=4)
         # Nibbles 0..15 are pmaddubsw's unsigned operand: |pair sums| <= 2 * 15 * 128, no saturation.
-        for nibbles, x, scale in ((builder.and_(q, ir.Constant(_I8x32, [15] * 32)), load(xla), slo),
-                                  (builder.lshr(q, ir.Constant(_I8x32, [4] * 32)), load(xha), shi)):
-            dots = builder.call(maddwd, [builder.call(maddubs, [nibbles, x]), ir.Constant(_I16x16, [1] * 16)])
-            a = builder.call(fma, [builder.sitofp(dots, _F32x8), splat(scale), a])
+        a = _scaled_dots(builder, a, builder.and_(q, ir.Constant(_I8x32, [15] * 32)), _load32(builder, xla), slo)
+        a = _scaled_dots(builder, a, builder.lshr(q, ir.Constant(_I8x32, [4] * 32)), _load32(builder, xha), shi)
         builder.store(a, acc_v, align=4)
         return context.get_dummy_value()
     return types.void(acc, q_addr, xlo_addr, xhi_addr, s_lo, s_hi), codegen
@@ -212,23 +214,13 @@ def _int8_group_dot(typingctx, acc, q_addr, x_addr, scale):
     llama.cpp does); |pair sums| <= 2 * 128 * 127 < 2^15, no saturation."""
     def codegen(context, builder, signature, args):
         acc_p, qa, xa, scale_v = args
-        mod = builder.module
-        psign = cgutils.get_or_insert_function(mod, ir.FunctionType(_I8x32, [_I8x32, _I8x32]), "llvm.x86.avx2.psign.b")
-        maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(_I16x16, [_I8x32, _I8x32]),
-                                                 "llvm.x86.avx2.pmadd.ub.sw")
-        maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_I32x8, [_I16x16, _I16x16]),
-                                                "llvm.x86.avx2.pmadd.wd")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_F32x8, [_F32x8] * 3), "llvm.fma.v8f32")
-        q = builder.load(builder.inttoptr(qa, _I8x32.as_pointer()), align=1)
-        x = builder.load(builder.inttoptr(xa, _I8x32.as_pointer()), align=1)
+        psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8x32, [_I8x32, _I8x32]),
+                                               "llvm.x86.avx2.psign.b")
+        q, x = _load32(builder, qa), _load32(builder, xa)
         acc_v = builder.bitcast(acc_p, _F32x8.as_pointer())
-        pairs = builder.call(maddubs, [builder.call(psign, [q, q]), builder.call(psign, [x, q])])
-        dots = builder.call(maddwd, [pairs, ir.Constant(_I16x16, [1] * 16)])
-        splat = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(_F32x8, ir.Undefined), scale_v, ir.Constant(ir.IntType(32), 0)),
-            ir.Constant(_F32x8, ir.Undefined), ir.Constant(_I32x8, [0] * 8))
-        builder.store(builder.call(fma, [builder.sitofp(dots, _F32x8), splat, builder.load(acc_v, align=4)]), acc_v,
-                      align=4)
+        a = _scaled_dots(builder, builder.load(acc_v, align=4), builder.call(psign, [q, q]),
+                         builder.call(psign, [x, q]), scale_v)
+        builder.store(a, acc_v, align=4)
         return context.get_dummy_value()
     return types.void(acc, q_addr, x_addr, scale), codegen
 
