@@ -162,7 +162,8 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
             out[name] = _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampling, key)
         row = out[name]
         log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), "
-            f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}")
+            f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}; each segment waited for (ms): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in row["segments_ms"].items()))
     return out
 
 
@@ -185,7 +186,14 @@ def _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampl
             times.append(time.perf_counter() - t)
             stats.append(st)
     step = float(np.median(times))
-    row = {"batch": B, "cache_rows": rows, "step_s": step, "tokens_per_s": B / step,
+    # Then a few steps with each segment waited for in turn: which program grows with the cache's rows.
+    segments = []
+    for s in range(warm + steps, warm + steps + 4):
+        pos = jnp.asarray(np.full((rows,), start_pos + s, np.int32))
+        tok, cache, st = ex.decode(cache, tok, pos, key, sampling, active_B=active_B, profile=True)
+        segments.append(st.segment_seconds)
+    row_segments = {k: round(float(np.median([d.get(k, 0.0) for d in segments[1:]]) * 1e3), 3) for k in segments[0]}
+    row = {"batch": B, "cache_rows": rows, "step_s": step, "tokens_per_s": B / step, "segments_ms": row_segments,
            "steps_ms": [round(t * 1e3, 2) for t in times], "seconds_with_compile": time.perf_counter() - t0,
            "experts_per_step": {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
                                 (("device", "experts_on_device"), ("link", "experts_fetched"),
