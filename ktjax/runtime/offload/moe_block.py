@@ -78,13 +78,8 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
         # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
         on_gpu = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all)
-        if cpu_ids:
-            out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
-            stats.experts_on_host_cpu += len(cpu_ids)
-            stats.host_cpu_seconds.append(seconds)
-        parts = on_gpu.result()
-        if cpu_ids:
-            parts += (jax.device_put(out_ND, ex.store.on_device),)
+        on_host = (host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats),) if cpu_ids else ()
+        parts = on_gpu.result() + on_host
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
     return run("combine", combine_segment, x_BTD, shared[0], parts)
 
@@ -133,11 +128,9 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     # this thread's host kernels compute theirs: the GPU's experts no longer wait for the CPU's.
     on_gpu = ex.dispatcher.submit(run, "moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                   capacity=capacity)
-    out_ND, seconds = _timed(host.compute, i, cpu_ids, idx_host, np.asarray(w_NK), np.asarray(h_ND))
-    stats.experts_on_host_cpu += len(cpu_ids)
-    stats.host_cpu_seconds.append(seconds)
+    host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     shared_ND, routed_ND = on_gpu.result()
-    return run("combine", combine_segment, x_BTD, shared_ND, (routed_ND, jax.device_put(out_ND, ex.store.on_device)))
+    return run("combine", combine_segment, x_BTD, shared_ND, (routed_ND, host_ND))
 
 
 def fused_slots(n: int) -> int:
@@ -148,7 +141,12 @@ def fused_slots(n: int) -> int:
     return max(2, pow2(n))
 
 
-def _timed(fn, *args):
+def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK, h_ND, stats: StepStats) -> jax.Array:
+    """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats), their sum
+    put on the device for the combine."""
+    w_NK, h_ND = np.asarray(w_NK), np.asarray(h_ND)  # their copies were started after routing; not timed
     t = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t
+    out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)
+    stats.host_cpu_seconds.append(time.perf_counter() - t)
+    stats.experts_on_host_cpu += len(cpu_ids)
+    return jax.device_put(out_ND, ex.store.on_device)
