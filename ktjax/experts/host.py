@@ -17,7 +17,7 @@ ACTIVATIONS = ("float32", "int8")
 
 
 def check_activations(activations: str) -> str:
-    """`activations` if it names a form of the host CPU's int4 activations, else a one-line error."""
+    """`activations` if it names a form the host CPU can multiply int8/int4 experts by, else a one-line error."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"host_activations={activations!r}: use one of {', '.join(ACTIVATIONS)}")
     return activations

@@ -56,7 +56,7 @@ class DecodeBatch:
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
         self.keys_B = jax.random.split(jax.random.key(0), max_batch)
-        self.last_stats = StepStats()  # the last decode step's (what moved, the host CPU's time)
+        self.last_stats = StepStats()  # the last step's, decode or admission (what moved, the host CPU's time)
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
         self.top_p_B = np.ones(max_batch, np.float32)
@@ -140,8 +140,8 @@ class DecodeBatch:
         self.keys_B = set_rows(self.keys_B, keys_k, rows)
         subs_B = set_rows(subs_B, prefill_k, rows)
         sampling = Sampling(jnp.asarray(temperature_B), jnp.asarray(top_k_B), jnp.asarray(top_p_B))
-        sampled_B, self.cache_B, _ = self.executor.extend(self.cache_B, tokens_BT, start_B, last_B, active_BT,
-                                                          subs_B, sampling)
+        sampled_B, self.cache_B, self.last_stats = self.executor.extend(self.cache_B, tokens_BT, start_B, last_B,
+                                                                        active_BT, subs_B, sampling)
         sampled_B = self._advance(sampled_B)
         self.temperature_B, self.top_k_B, self.top_p_B = temperature_B, top_k_B, top_p_B
         for slot, p in zip(slots, prompts):

@@ -324,7 +324,8 @@ class Scheduler:
         t1 = time.perf_counter()
         for key, n in (("prefill_calls", 1), ("prefilled_requests", len(requests)), ("prefill_chunks", 1),
                        ("decode_steps", 1), ("decoded_tokens", int(active_B.sum())), ("prefills_with_decode", 1),
-                       ("decode_seconds", t1 - t0)):
+                       ("decode_seconds", t1 - t0),
+                       ("decode_host_cpu_seconds", float(sum(batch.last_stats.host_cpu_seconds)))):
             self.stats[key] += n
         for b in np.flatnonzero(active_B):
             self._push(int(b), int(sampled_B[b]))
