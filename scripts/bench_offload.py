@@ -480,9 +480,10 @@ def main():
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
     p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed"],
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
-    p.add_argument("--host-activations", choices=("float32", "int8"), nargs="+", default=["float32"],
-                   help="what the host CPU multiplies int4 experts by (ktjax.load's host_activations); each form "
-                        "given is measured in turn on the same model (rows of int8 activations end in _q8)")
+    p.add_argument("--host-activations", choices=("float32", "int8"), nargs="+", default=["int8"],
+                   help="what the host CPU multiplies int8/int4 experts by (ktjax.load's host_activations, default "
+                        "int8 as there); each form given is measured in turn on the same model (with more than one, "
+                        "rows of int8 activations end in _q8)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part (jax.profiler: "

@@ -725,9 +725,9 @@ def main() -> int:
     p.add_argument("--host-threads", type=int, default=0,
                    help="the host CPU kernels' threads, for the engine and the server alike (default: all cores but "
                         "two); fewer leave cores to the server's event loop and the benchmark's client")
-    p.add_argument("--host-activations", choices=("float32", "int8"), default="float32",
+    p.add_argument("--host-activations", choices=("float32", "int8"), default="int8",
                    help="what the host CPU multiplies int8/int4 experts by, engine and server alike "
-                        "(ktjax.load's host_activations)")
+                        "(ktjax.load's host_activations, default int8 as there)")
     p.add_argument("--small-layers", action="store_true",
                    help="with the full-size path (no --smoke): small layer shapes instead, the odd experts in host "
                         "memory (a CPU check of that path)")
