@@ -54,6 +54,7 @@ def ceilings(tiny: bool) -> dict:
     import numpy as np
 
     from ktjax.experts.host import HostExperts, assignments
+    from ktjax.runtime.offload.scheduler import kernel_name
     from ktjax.experts.packed import PackedLayout
     d = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(d, memory_kind="pinned_host")
@@ -78,7 +79,7 @@ def ceilings(tiny: bool) -> dict:
         jax.block_until_ready(bufs)
         views = [np.asarray(v) for v in bufs]
         kernels = HostExperts(L, act)
-        fmt = kernel_key(fmt, act)
+        fmt = kernel_name(fmt, act)  # the ceilings' keys name the kernel, as ktjax's cached rates do
         xs = rng.standard_normal((1, D)).astype(np.float32)
 
         def cpu(start=0):
@@ -114,11 +115,6 @@ def ceilings(tiny: bool) -> dict:
         out[f"{fmt}_both_link_gbps"] = (moved[0] - m0) / dt / 1e9
         del bufs, views
     return out
-
-
-def kernel_key(fmt: str, activations: str) -> str:
-    """The ceilings' name for a host kernel: the expert format, "q8" added for int8 activations."""
-    return fmt + ("q8" if activations == "int8" else "")
 
 
 def decode_steps(model, B: int, ctx: int, steps: int, sampling):
@@ -193,7 +189,7 @@ def run_ktjax(args) -> dict:
     from fullsize import fullsize_config, plan_for, random_offloaded_model
 
     from ktjax.runtime.model import Sampling
-    from ktjax.runtime.offload.scheduler import PathRates
+    from ktjax.runtime.offload.scheduler import PathRates, kernel_name
 
     fmt = FORMAT_OF_PART[args.run]
     res = {"part": args.run, "experts": fmt}
@@ -252,7 +248,7 @@ def run_ktjax(args) -> dict:
                 continue  # the host CPU computes nothing: the same as float32's row
             times, stats = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx, args.steps,
                                         sampling)
-            row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_key(fmt, act))
+            row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_name(fmt, act))
             name = (f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
                     + (f"_{form}" if form != args.decode_forms[0] else "") + suffix)
             n_moe = len(cfg.moe_layers)
@@ -423,11 +419,10 @@ def table(results: list[dict]) -> str:
     if ceil:
         lines += [f"Ceilings measured in this run: pinned host->device {ceil['h2d_gbps']:.1f} GB/s (1 GiB copy), HBM "
                   f"{ceil['hbm_gbps']:.0f} GB/s (read+write), bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s."]
-        for fmt in ("int8", "int8q8", "int4", "int4q8"):
-            if f"{fmt}_cpu_gbps" in ceil:
-                lines.append(f"{fmt.replace('q8', ' x int8 activations')} experts, 8 at a time: host CPU {ceil[f'{fmt}_cpu_gbps']:.1f} GB/s, link "
-                             f"{ceil[f'{fmt}_link_gbps']:.1f} GB/s; both at once {ceil[f'{fmt}_both_cpu_gbps']:.1f} + "
-                             f"{ceil[f'{fmt}_both_link_gbps']:.1f} GB/s.")
+        for kernel in [k.removesuffix("_cpu_gbps") for k in ceil if k.endswith("_cpu_gbps") and "_both_" not in k]:
+            lines.append(f"{kernel.replace('-int8-activations', ' x int8 activations')} experts, 8 at a time: host CPU "
+                         f"{ceil[f'{kernel}_cpu_gbps']:.1f} GB/s, link {ceil[f'{kernel}_link_gbps']:.1f} GB/s; both at "
+                         f"once {ceil[f'{kernel}_both_cpu_gbps']:.1f} + {ceil[f'{kernel}_both_link_gbps']:.1f} GB/s.")
         lines.append("")
     notes = []
     lines += ["| part | what | tokens/s | time | experts/step device / link / CPU | from host | floor | floor/measured "
