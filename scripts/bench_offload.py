@@ -236,11 +236,11 @@ def run_ktjax(args) -> dict:
                 r = model.with_host_threads(n).measure_rates()
                 measured[n] = r
                 log(f"in-situ rates, {act} activations, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link "
-                    f"{r.link_gbps:.1f} GB/s")
+                    f"{r.link_gbps:.1f} GB/s, {r.cpu_call_s * 1e3:.2f} ms per CPU call")
             best = max(measured, key=lambda n: measured[n].cpu_gbps + measured[n].link_gbps)
             model = model.with_host_threads(best).with_rates(measured[best])
-            res["rates_in_situ" + suffix] = {str(n): {"cpu_gbps": r.cpu_gbps, "link_gbps": r.link_gbps}
-                                             for n, r in measured.items()}
+            res["rates_in_situ" + suffix] = {str(n): {"cpu_gbps": r.cpu_gbps, "link_gbps": r.link_gbps,
+                                                      "cpu_call_s": r.cpu_call_s} for n, r in measured.items()}
             res["host_threads" + suffix] = best
         for B, mode, form in [(B, mode, f) for B in args.batches for mode in (modes if B == 1 else modes[:1])
                               for f in (args.decode_forms if B == 1 else args.decode_forms[:1])]:

@@ -155,6 +155,18 @@ def test_the_hot_expert_cache_holds_the_experts_a_calibration_prompt_uses_most(c
         ktjax.load(ckpt, dtype="float32", placement=ALL_HOST, max_context=64, hot_experts=prompt)
 
 
+def test_a_host_calls_fixed_cost_and_rate_are_told_apart_from_calls_of_one_and_of_several_experts():
+    from ktjax.runtime.offload.scheduler import fitted_rates
+    nbytes, rate, call_s = 27_500_000, 55e9, 3e-4  # 0.5 ms per expert read, plus 0.3 ms per call
+    one = PathRates(link_gbps=40.0, cpu_gbps=nbytes / (call_s + nbytes / rate) / 1e9)
+    many = PathRates(link_gbps=42.0, cpu_gbps=3 * nbytes / (call_s + 3 * nbytes / rate) / 1e9)
+    fitted = fitted_rates(one, call_s + nbytes / rate, many, call_s + 3 * nbytes / rate, 3, nbytes)
+    assert fitted.cpu_gbps == pytest.approx(55.0) and fitted.cpu_call_s == pytest.approx(3e-4)
+    assert fitted.link_gbps == pytest.approx(41.0)
+    noisy = fitted_rates(one, 2e-3, many, 1e-3, 3, nbytes)  # the larger call measured faster: no slope to fit
+    assert noisy.cpu_gbps == many.cpu_gbps and noisy.cpu_call_s == PathRates(1.0, 1.0).cpu_call_s
+
+
 def test_the_paths_can_be_measured_where_the_model_runs(ckpt):
     model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=ALL_HOST, max_context=64)
     rates = model.executor.measure_rates(experts_per_call=2, seconds=0.05)

@@ -15,6 +15,7 @@ in pinned memory behind it), and one program sums the devices' shares (an all-re
 from __future__ import annotations
 
 import copy
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -28,7 +29,7 @@ from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, kernel_name, measure
+from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, fitted_rates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
 from ktjax.runtime.offload.moe_block import moe_block
 from ktjax.runtime.offload.segments import LayerSegments, Segments, embed_segment, head_segment, logits_segment
@@ -173,25 +174,44 @@ class OffloadedExecutor:
         return OffloadedTrainer(self, lora, sites, train_config)
 
     def measure_rates(self, experts_per_call: int = 3, seconds: float = 0.3) -> PathRates:
-        """Both paths into host experts at once, as decode steps use them: the host kernels on a few
-        experts per call, the link streaming other experts meanwhile."""
+        """Both paths into host experts at once, as decode steps use them: the host kernels on one, then
+        on a few experts per call (which separates the call's fixed cost from its rate), the link
+        streaming other experts meanwhile. Each call takes experts the previous calls did not: reading
+        the same few again would measure the CPU's caches (a full-size int4 expert is 27.5 MB, three of
+        them fit a server's L3), where a step's experts come from DRAM."""
         by_layer: dict[int, list[int]] = {}
         for i, e in sorted(self.plan.host_experts):
             by_layer.setdefault(i, []).append(e)
         layer, hosted = max(by_layer.items(), key=lambda kv: len(kv[1]))
         n = max(1, min(experts_per_call, len(hosted) // 2))
-        on_cpu, on_link = hosted[:n], hosted[n:2 * n] or hosted[:n]
-        idx = np.asarray([on_cpu], np.int64)
-        weights, h = np.full(idx.shape, 1.0 / n, np.float32), np.zeros((1, self.config.hidden_size), np.float32)
-
-        def cpu_call():
-            self.host.compute(layer, on_cpu, idx, weights, h)
-
-        def link_call():
-            jax.block_until_ready(jax.device_put([self.store.experts[layer][e] for e in on_link], self.store.on_device))
-
+        half = max(n, len(hosted) // 2)
+        cpu_pool, link_pool = hosted[:half], hosted[half:] or hosted[:half]
+        h = np.zeros((1, self.config.hidden_size), np.float32)
         nbytes = self.plan.expert_bytes
-        return measure(cpu_call, link_call, n * nbytes, len(on_link) * nbytes, seconds)
+
+        def rotating(pool: list[int], k: int):
+            groups = [pool[j:j + k] for j in range(0, len(pool) - k + 1, k)]
+            return itertools.cycle(groups)
+
+        def run(k: int) -> tuple[PathRates, float]:
+            cpu_groups, link_groups = rotating(cpu_pool, k), rotating(link_pool, n)
+            weights = np.full((1, k), 1.0 / k, np.float32)
+
+            def cpu_call():
+                ids = next(cpu_groups)
+                self.host.compute(layer, ids, np.asarray([ids], np.int64), weights, h)
+
+            def link_call():
+                ids = next(link_groups)
+                jax.block_until_ready(jax.device_put([self.store.experts[layer][e] for e in ids], self.store.on_device))
+
+            return measure(cpu_call, link_call, k * nbytes, n * nbytes, seconds)
+
+        many, many_call_s = run(n)
+        if n == 1:
+            return many
+        one, one_call_s = run(1)
+        return fitted_rates(one, one_call_s, many, many_call_s, n, nbytes)
 
     def with_host_threads(self, threads: int | None) -> OffloadedExecutor:
         """This model running its host kernels on `threads` threads (None: every core)."""

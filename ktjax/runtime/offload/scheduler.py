@@ -82,12 +82,14 @@ def _machine_key(fmt: str) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
     except OSError:
         cpu = "cpu"
-    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}"
+    # The method's version: rates measured by an earlier method (v1 read the same few experts again and
+    # again, from the CPU's caches) are measured again.
+    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}|v2"
 
 
-def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: float = 0.3) -> PathRates:
+def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: float = 0.3) -> tuple[PathRates, float]:
     """Both paths at once for `seconds`: the link in a thread, the CPU here (each call moves or
-    reads the given bytes)."""
+    reads the given bytes). Returns the rates and the seconds one CPU call took."""
     stop, moved = threading.Event(), [0]
 
     def stream():
@@ -106,7 +108,20 @@ def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: flo
     dt = time.perf_counter() - t0
     stop.set()
     th.join()
-    return PathRates(link_gbps=moved[0] / dt / 1e9, cpu_gbps=n * nbytes_cpu / dt / 1e9)
+    return PathRates(link_gbps=moved[0] / dt / 1e9, cpu_gbps=n * nbytes_cpu / dt / 1e9), dt / n
+
+
+def fitted_rates(one: PathRates, one_call_s: float, many: PathRates, many_call_s: float, n: int,
+                 nbytes: int) -> PathRates:
+    """The CPU's rate and fixed cost per call from calls of 1 and of n experts (t = call + n * bytes / rate),
+    the link's rate as the mean of both measurements. Where noise makes the larger call no slower, the
+    larger call's rate with the default fixed cost."""
+    link = (one.link_gbps + many.link_gbps) / 2
+    per_expert_s = (many_call_s - one_call_s) / (n - 1)
+    if per_expert_s <= 0:
+        return PathRates(link_gbps=link, cpu_gbps=many.cpu_gbps)
+    call_s = min(max(0.0, one_call_s - per_expert_s), one_call_s)
+    return PathRates(link_gbps=link, cpu_gbps=nbytes / per_expert_s / 1e9, cpu_call_s=call_s)
 
 
 def _cached() -> dict:
