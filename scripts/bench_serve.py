@@ -13,8 +13,8 @@ DeepSeek's 129280: the LM head is then ~0.8 ms cheaper per step, on both sides a
 --smoke: the embedded tiny model, experts in host memory, on whatever device is there.
 
 The child first times the engine's decode step (the executor directly, as bench_offload.py does) at
-each batch size, and at each of them as the server runs it (in the max-batch slots, the other rows
-free), then serves the model with `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to
+each batch size, and at each of them the server's own step without the HTTP side (`DecodeBatch.decode`
+in the max-batch slots, the other rows free, from a thread as the scheduler runs it), then serves the model with `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to
 stop. The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
 streaming /v1/completions at once (a warm-up round first, which compiles the prefill shapes), each a
 fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
@@ -128,8 +128,9 @@ def build_model(args):
 
 
 def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadline: float, warm: int) -> dict:
-    """The executor's decode step timed directly at each batch size (a cache of B rows), and as the
-    server runs it (max_batch rows, B of them active): median step, tokens/s, experts per step."""
+    """The executor's decode step timed directly at each batch size (a cache of B rows), then the server's
+    own step at each (`DecodeBatch.decode` in the max_batch slots, B of them in use): median step, tokens/s,
+    experts per step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -142,58 +143,84 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     sampling = Sampling.of(0.0, 0, 1.0)
     key = jax.random.key(0)
     out = {}
-    # The server's model runs on its scheduler's thread, not the main thread: batch 1 in the slots again
-    # from a thread of its own, to see what that alone costs (the host kernels' parallel loops are
-    # started from that thread).
-    runs = ([(B, B, None, False) for B in batches] + [(slots, B, B, False) for B in batches if B < slots]
-            + ([(slots, 1, 1, True)] if 1 in batches and slots > 1 else []))
-    for rows, B, active, threaded in runs:
-        name = (f"engine_b{B}" if active is None else f"engine_b{B}_in_{slots}_slots") + ("_from_a_thread" if threaded
-                                                                                        else "")
+    for B in batches:
+        name = f"engine_b{B}"
         if time.perf_counter() > deadline:
             log(f"child: {name} skipped (engine deadline)")
             continue
-        if threaded:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(1) as pool:
-                out[name] = pool.submit(_engine_row, ex, cfg, rows, B, active, max_len, start_pos, warm, steps,
-                                        sampling, key).result()
-        else:
-            out[name] = _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampling, key)
-        row = out[name]
+        out[name] = row = _engine_row(ex, cfg, B, max_len, start_pos, warm, steps, sampling, key)
         log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), "
             f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}; each segment waited for (ms): "
             + ", ".join(f"{k} {v:.2f}" for k, v in row["segments_ms"].items()))
+    # The server's own step without the HTTP side: its DecodeBatch in the max_batch slots, B of them in use,
+    # stepped from a thread of its own as the scheduler steps it.
+    from concurrent.futures import ThreadPoolExecutor
+    if slots > 1 and time.perf_counter() < deadline:
+        with ThreadPoolExecutor(1) as pool:
+            out.update(pool.submit(_slots_rows, model, [B for B in batches if B <= slots], max_len, warm, steps,
+                                   deadline).result())
     return out
 
 
-def _engine_row(ex, cfg, rows, B, active, max_len, start_pos, warm, steps, sampling, key) -> dict:
-    """Decode steps of a cache of `rows` rows, `active` of them in use (None: all): the median step and its stats."""
+def _slots_rows(model, batches, max_len, warm, steps, deadline) -> dict:
+    """`DecodeBatch.decode` in the slots with B rows in use: median step and host-CPU seconds per step."""
+    import numpy as np
+
+    from ktjax.serve.batch import DecodeBatch
+    slots = model.placement.max_batch
+    batch = DecodeBatch(model, slots, max_len)
+    t = time.perf_counter()
+    batch.warm_up()
+    log(f"child: the slots' decode step compiled at every size in {time.perf_counter() - t:.1f} s")
+    out = {}
+    for B in batches:
+        if time.perf_counter() > deadline:
+            log(f"child: slots_b{B} skipped (engine deadline)")
+            continue
+        active = np.arange(slots) < B
+        times, cpu = [], []
+        for s in range(warm + steps):
+            t = time.perf_counter()
+            batch.decode(active)
+            if s >= warm:
+                times.append(time.perf_counter() - t)
+                cpu.append(sum(batch.last_stats.host_cpu_seconds))
+        step = float(np.median(times))
+        out[f"slots_b{B}"] = {"batch": B, "step_s": step, "tokens_per_s": B / step,
+                              "steps_ms": [round(t * 1e3, 2) for t in times],
+                              "host_cpu_s_per_step": float(np.median(cpu))}
+        log(f"child: slots_b{B} (DecodeBatch.decode in {slots} slots, from a thread): {step * 1e3:.1f} ms/step "
+            f"(host CPU {np.median(cpu) * 1e3:.1f}), {B / step:.1f} tok/s")
+    del batch
+    return out
+
+
+def _engine_row(ex, cfg, B, max_len, start_pos, warm, steps, sampling, key) -> dict:
+    """Decode steps of a cache of B rows: the median step and its stats."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    active_B = None if active is None else np.arange(rows) < active
-    cache = ex.init_cache(rows, max_len)
-    tok = jnp.asarray((np.arange(rows) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
+    cache = ex.init_cache(B, max_len)
+    tok = jnp.asarray((np.arange(B) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
     times, stats = [], []
     t0 = time.perf_counter()
     for s in range(warm + steps):
-        pos = jnp.asarray(np.full((rows,), start_pos + s, np.int32))
+        pos = jnp.asarray(np.full((B,), start_pos + s, np.int32))
         t = time.perf_counter()
-        tok, cache, st = ex.decode(cache, tok, pos, key, sampling, active_B=active_B)
+        tok, cache, st = ex.decode(cache, tok, pos, key, sampling)
         jax.block_until_ready(tok)
         if s >= warm:
             times.append(time.perf_counter() - t)
             stats.append(st)
     step = float(np.median(times))
-    # Then a few steps with each segment waited for in turn: which program grows with the cache's rows.
+    # Then a few steps with each segment waited for in turn: which program grows with the cache's B.
     segments = []
     for s in range(warm + steps, warm + steps + 4):
-        pos = jnp.asarray(np.full((rows,), start_pos + s, np.int32))
-        tok, cache, st = ex.decode(cache, tok, pos, key, sampling, active_B=active_B, profile=True)
+        pos = jnp.asarray(np.full((B,), start_pos + s, np.int32))
+        tok, cache, st = ex.decode(cache, tok, pos, key, sampling, profile=True)
         segments.append(st.segment_seconds)
     row_segments = {k: round(float(np.median([d.get(k, 0.0) for d in segments[1:]]) * 1e3), 3) for k in segments[0]}
-    row = {"batch": B, "cache_rows": rows, "step_s": step, "tokens_per_s": B / step, "segments_ms": row_segments,
+    row = {"batch": B, "step_s": step, "tokens_per_s": B / step, "segments_ms": row_segments,
            "steps_ms": [round(t * 1e3, 2) for t in times], "seconds_with_compile": time.perf_counter() - t0,
            "experts_per_step": {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
                                 (("device", "experts_on_device"), ("link", "experts_fetched"),
@@ -229,7 +256,7 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
     buckets = bursts + ["admit while stepping"] + others
     context = min(model.placement.max_context, model.config.max_position_embeddings)
     batch = DecodeBatch(model, slots, cache_length(context, 0))
-    batch.decode()  # as the scheduler starts: later arrays are a step's outputs (they may compile apart)
+    batch.warm_up()  # as the scheduler starts: later arrays are a step's outputs (they may compile apart)
     rng = np.random.default_rng(1)
     opts = SamplingOptions(max_new_tokens=8, temperature=0.0)
     done = {}
@@ -483,12 +510,12 @@ def step_split(m: dict) -> str:
 
 
 def table(levels: dict, engine: dict, slots: int) -> str:
-    lines = ["| concurrency | server tok/s | wall tok/s | engine tok/s | ratio | engine in "
-             f"{slots} slots tok/s | TTFT p50 / p99 | ITL p50 / p99 | server step: model + emit | tokens ok |",
+    lines = ["| concurrency | server tok/s | wall tok/s | engine tok/s | ratio | server's step without HTTP "
+             f"({slots} slots) tok/s | TTFT p50 / p99 | ITL p50 / p99 | server step: model + emit | tokens ok |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for c, m in levels.items():
         e = engine.get(f"engine_b{c}", {}).get("tokens_per_s")
-        ep = engine.get(f"engine_b{c}_in_{slots}_slots", {}).get("tokens_per_s") if c < slots else e
+        ep = engine.get(f"slots_b{c}", {}).get("tokens_per_s")
         ratio = m["server_tok_s"] / e if m.get("server_tok_s") and e else None
         m["engine_tok_s"], m["ratio"] = e, ratio
         lines.append(f"| {c} | {fmt(m.get('server_tok_s'))} | {fmt(m.get('wall_tok_s'))} | {fmt(e)} | "
@@ -658,11 +685,6 @@ def driver(args) -> int:
               f"{place.get('host_experts', '?')} in host memory; device {engine.get('device', '?')}; max batch "
               f"{args.max_batch}; prompts {args.prompt_tokens} tokens, {args.max_tokens} new tokens each (ignore_eos).")
     lines = [header, "", md, ""] + [f"- {'PASS' if p else 'FAIL'}: {n}" for n, p in checks]
-    main_row = engine.get(f"engine_b1_in_{args.max_batch}_slots", {})
-    thread_row = engine.get(f"engine_b1_in_{args.max_batch}_slots_from_a_thread", {})
-    if main_row and thread_row:
-        lines.append(f"- the engine's batch-1 step in {args.max_batch} slots: {main_row['step_s'] * 1e3:.1f} ms from the main "
-                     f"thread, {thread_row['step_s'] * 1e3:.1f} ms from a thread of its own (as the server runs it)")
     st = result.get("staggered")
     if st:
         lines.append(f"- staggered arrivals ({st['requests']} requests, one every {st['gap_s']:.2f} s): ITL p50 / p99 / "

@@ -205,6 +205,35 @@ def test_an_idle_batch_admits_every_waiting_request_in_one_prefill(model, solo):
     assert scheduler.stats["decoded_tokens"] == sum(len(solo[p].token_ids) - 1 for p in PROMPTS)
 
 
+def test_rows_in_use_step_alone_in_the_smallest_batch_that_holds_them(model, solo):
+    """Three requests in slots 6, 1 and 3 of 8: each decode step runs a batch of 4 (the three and free
+    slot 0, their cache rows taken out and put back), so the other slots' cache rows are never written,
+    and each request continues exactly as `ktjax.generate` alone."""
+    import jax
+    import numpy as np
+
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.runtime.shapes import cache_length
+    from ktjax.serve.batch import DecodeBatch
+
+    batch = DecodeBatch(model, 8, cache_length(256, 0))
+    batch.warm_up()  # every size compiled; the rows hold garbage from it
+    slots, prompts = [6, 1, 3], PROMPTS[:3]
+    tokens = [[t] for t in batch.prefill_into(slots, [model.tokenizer.encode(p) for p in prompts],
+                                              [SamplingOptions(N, temperature=0.0)] * 3)]
+    untouched = [2, 4, 5, 7]
+    before = [np.asarray(a)[:, untouched] for a in jax.tree.leaves(batch.cache_B)]
+    active = np.isin(np.arange(8), slots)
+    for _ in range(N - 1):
+        sampled = batch.decode(active)
+        for t, slot in zip(tokens, slots):
+            t.append(int(sampled[slot]))
+    for a, b in zip(before, jax.tree.leaves(batch.cache_B)):
+        np.testing.assert_array_equal(np.asarray(b)[:, untouched], a)
+    for t, p in zip(tokens, prompts):
+        assert t[:len(solo[p].token_ids)] == solo[p].token_ids
+
+
 def test_requests_arriving_together_share_one_prefill_within_the_admission_window(model):
     """An offloaded model's prefill streams every host expert whatever its tokens, so an idle batch waits
     up to `admission_window` after the first arrival for others; filling the free slots ends the wait."""

@@ -1,13 +1,15 @@
 """Continuous batching: one thread owns the model and steps a decode batch of fixed slots.
 
-The batch has the shape the model was loaded for (`max_batch` rows, a cache of the whole context),
-so the compiled decode step never changes as requests come and go. At each step boundary the
+The batch has the shape the model was loaded for (`max_batch` rows, a cache of the whole context).
+Each decode step runs the slots in use in the smallest power-of-two batch that holds them
+(`DecodeBatch.decode`: one request pays for one row, not for the free ones); every such size is
+compiled when the server starts, so requests coming and going change no shape. At each step boundary the
 waiting requests that fit the free slots are admitted together: their prompts are prefilled in one
 padded batch (rows of their own lengths, each sampled with its own settings and seed, as
 `ktjax.generate` would sample it alone), and that cache's rows are copied into their slots. Every
-decode step then advances all slots at their own positions, with their own sampling settings and
-keys; free rows compute a throw-away token, and an offloaded model moves no expert for them. A
-request leaves its slot when it finishes or its client goes away.
+decode step then advances the slots in use at their own positions, with their own sampling settings
+and keys; free rows filling the batch to its size compute a throw-away token, and an offloaded model
+moves no expert for them. A request leaves its slot when it finishes or its client goes away.
 
 An admission's prefill runs in the executor's parts (`Executor.prefill_steps`), one per loop
 iteration, with a decode step of the decoding slots between two parts: a resident model prefills in
@@ -208,7 +210,7 @@ class Scheduler:
         try:
             with self.model.lock:
                 batch = DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
-                batch.decode()  # compiles the step; free rows' positions are reset as requests take them
+                batch.warm_up()  # compiles the step at each size; free rows' positions are reset when taken
         except Exception:  # reported; requests will retry building the batch and fail with the reason
             traceback.print_exc(file=sys.stderr)
             batch = None
