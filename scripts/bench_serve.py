@@ -14,7 +14,9 @@ DeepSeek's 129280: the LM head is then ~0.8 ms cheaper per step, on both sides a
 
 The child first times the engine's decode step (the executor directly, as bench_offload.py does) at
 each batch size, and at each of them the server's own step without the HTTP side (`DecodeBatch.decode`
-in the max-batch slots, the other rows free, from a thread as the scheduler runs it), then serves the model with `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to
+in the max-batch slots, the other rows free, from a thread as the scheduler runs it), both after B
+prompts of random ids like the requests' were prefilled (routing, hence the experts a step moves,
+depends on the tokens; experts per step are printed for all three), then serves the model with `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to
 stop. The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
 streaming /v1/completions at once (a warm-up round first, which compiles the prefill shapes), each a
 fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
@@ -129,8 +131,8 @@ def build_model(args):
 
 def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadline: float, warm: int) -> dict:
     """The executor's decode step timed directly at each batch size (a cache of B rows), then the server's
-    own step at each (`DecodeBatch.decode` in the max_batch slots, B of them in use): median step, tokens/s,
-    experts per step."""
+    own step at each (`DecodeBatch.decode` in the max_batch slots, B of them in use), each after B prompts of
+    random ids were prefilled, as the driver's requests bring: median step, tokens/s, experts per step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -138,7 +140,7 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     from ktjax.runtime.model import Sampling
     from ktjax.runtime.shapes import cache_length
 
-    ex, cfg, slots = model.executor, model.config, model.placement.max_batch
+    cfg, slots = model.config, model.placement.max_batch
     max_len = cache_length(min(model.placement.max_context, cfg.max_position_embeddings), 0)  # the server's
     sampling = Sampling.of(0.0, 0, 1.0)
     key = jax.random.key(0)
@@ -148,7 +150,7 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
         if time.perf_counter() > deadline:
             log(f"child: {name} skipped (engine deadline)")
             continue
-        out[name] = row = _engine_row(ex, cfg, B, max_len, start_pos, warm, steps, sampling, key)
+        out[name] = row = _engine_row(model, B, max_len, start_pos, warm, steps, sampling, key)
         log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), "
             f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}; each segment waited for (ms): "
             + ", ".join(f"{k} {v:.2f}" for k, v in row["segments_ms"].items()))
@@ -157,55 +159,99 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     from concurrent.futures import ThreadPoolExecutor
     if slots > 1 and time.perf_counter() < deadline:
         with ThreadPoolExecutor(1) as pool:
-            out.update(pool.submit(_slots_rows, model, [B for B in batches if B <= slots], max_len, warm, steps,
-                                   deadline).result())
+            out.update(pool.submit(_slots_rows, model, [B for B in batches if B <= slots], max_len, start_pos, warm,
+                                   steps, deadline).result())
     return out
 
 
-def _slots_rows(model, batches, max_len, warm, steps, deadline) -> dict:
-    """`DecodeBatch.decode` in the slots with B rows in use: median step and host-CPU seconds per step."""
+def prompted_batch(model, rows: int, B: int, max_len: int, prompt_tokens: int, warm_up: bool = False):
+    """A DecodeBatch of `rows` slots with B prompts of random ids (drawn as the driver draws its requests')
+    prefilled into slots 0..B-1: the workload the server's requests bring (their routing decides how many
+    distinct experts a step moves)."""
     import numpy as np
 
+    from ktjax.runtime.generation import SamplingOptions
     from ktjax.serve.batch import DecodeBatch
+    batch = DecodeBatch(model, rows, max_len)
+    if warm_up:
+        batch.warm_up()
+    rng = np.random.default_rng(B)
+    prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(B)]
+    batch.prefill_into(list(range(B)), prompts, [SamplingOptions(max_new_tokens=1)] * B)
+    return batch
+
+
+class _TimedExecutor:
+    """An executor whose decode calls are timed (the rest of a DecodeBatch step is the batch's own work)."""
+
+    def __init__(self, ex):
+        self._ex, self.seconds = ex, []
+
+    def __getattr__(self, name):
+        return getattr(self._ex, name)
+
+    def decode(self, *args, **kw):
+        t = time.perf_counter()
+        out = self._ex.decode(*args, **kw)
+        self.seconds.append(time.perf_counter() - t)
+        return out
+
+
+def _experts(stats: list) -> dict:
+    import numpy as np
+    return {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
+            (("device", "experts_on_device"), ("link", "experts_fetched"), ("host_cpu", "experts_on_host_cpu"))}
+
+
+def _slots_rows(model, batches, max_len, prompt_tokens, warm, steps, deadline) -> dict:
+    """`DecodeBatch.decode` in the slots with B prompted rows in use: median step, the executor's part of it,
+    host-CPU seconds and experts per step."""
+    import numpy as np
+
     slots = model.placement.max_batch
-    batch = DecodeBatch(model, slots, max_len)
-    t = time.perf_counter()
-    batch.warm_up()
-    log(f"child: the slots' decode step compiled at every size in {time.perf_counter() - t:.1f} s")
     out = {}
-    for B in batches:
+    for k, B in enumerate(batches):
         if time.perf_counter() > deadline:
             log(f"child: slots_b{B} skipped (engine deadline)")
             continue
+        t = time.perf_counter()
+        batch = prompted_batch(model, slots, B, max_len, prompt_tokens, warm_up=k == 0)
+        if k == 0:
+            log(f"child: the slots' decode step compiled at every size in {time.perf_counter() - t:.1f} s")
+        batch.executor = timed = _TimedExecutor(batch.executor)
         active = np.arange(slots) < B
-        times, cpu = [], []
+        times, stats = [], []
         for s in range(warm + steps):
             t = time.perf_counter()
             batch.decode(active)
             if s >= warm:
                 times.append(time.perf_counter() - t)
-                cpu.append(sum(batch.last_stats.host_cpu_seconds))
-        step = float(np.median(times))
-        out[f"slots_b{B}"] = {"batch": B, "step_s": step, "tokens_per_s": B / step,
-                              "steps_ms": [round(t * 1e3, 2) for t in times],
-                              "host_cpu_s_per_step": float(np.median(cpu))}
-        log(f"child: slots_b{B} (DecodeBatch.decode in {slots} slots, from a thread): {step * 1e3:.1f} ms/step "
-            f"(host CPU {np.median(cpu) * 1e3:.1f}), {B / step:.1f} tok/s")
-    del batch
+                stats.append(batch.last_stats)
+        step, inner = float(np.median(times)), float(np.median(timed.seconds[warm:]))
+        out[f"slots_b{B}"] = row = {"batch": B, "step_s": step, "executor_s": inner, "tokens_per_s": B / step,
+                                    "steps_ms": [round(t * 1e3, 2) for t in times],
+                                    "host_cpu_s_per_step": float(np.median([sum(s.host_cpu_seconds) for s in stats])),
+                                    "experts_per_step": _experts(stats)}
+        log(f"child: slots_b{B} (DecodeBatch.decode in {slots} slots, from a thread): {step * 1e3:.1f} ms/step, of "
+            f"which the executor {inner * 1e3:.1f} (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), {B / step:.1f} "
+            f"tok/s, experts/step {row['experts_per_step']}")
+        del batch
     return out
 
 
-def _engine_row(ex, cfg, B, max_len, start_pos, warm, steps, sampling, key) -> dict:
-    """Decode steps of a cache of B rows: the median step and its stats."""
+def _engine_row(model, B, max_len, start_pos, warm, steps, sampling, key) -> dict:
+    """Decode steps of the executor on a cache of B rows after B prompts' prefill: the median step and its stats."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    cache = ex.init_cache(B, max_len)
-    tok = jnp.asarray((np.arange(B) * 7919 + 13) % cfg.vocab_size, jnp.int32)  # rows route differently
+    ex = model.executor
+    batch = prompted_batch(model, B, B, max_len, start_pos)
+    cache, tok, pos_B = batch.cache_B, jnp.asarray(batch.token_B), batch.pos_B.copy()
+    del batch
     times, stats = [], []
     t0 = time.perf_counter()
     for s in range(warm + steps):
-        pos = jnp.asarray(np.full((B,), start_pos + s, np.int32))
+        pos = jnp.asarray(pos_B + s)
         t = time.perf_counter()
         tok, cache, st = ex.decode(cache, tok, pos, key, sampling)
         jax.block_until_ready(tok)
@@ -213,18 +259,16 @@ def _engine_row(ex, cfg, B, max_len, start_pos, warm, steps, sampling, key) -> d
             times.append(time.perf_counter() - t)
             stats.append(st)
     step = float(np.median(times))
-    # Then a few steps with each segment waited for in turn: which program grows with the cache's B.
+    # Then a few steps with each segment waited for in turn: which program grows with the cache's rows.
     segments = []
     for s in range(warm + steps, warm + steps + 4):
-        pos = jnp.asarray(np.full((B,), start_pos + s, np.int32))
+        pos = jnp.asarray(pos_B + s)
         tok, cache, st = ex.decode(cache, tok, pos, key, sampling, profile=True)
         segments.append(st.segment_seconds)
     row_segments = {k: round(float(np.median([d.get(k, 0.0) for d in segments[1:]]) * 1e3), 3) for k in segments[0]}
     row = {"batch": B, "step_s": step, "tokens_per_s": B / step, "segments_ms": row_segments,
            "steps_ms": [round(t * 1e3, 2) for t in times], "seconds_with_compile": time.perf_counter() - t0,
-           "experts_per_step": {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
-                                (("device", "experts_on_device"), ("link", "experts_fetched"),
-                                 ("host_cpu", "experts_on_host_cpu"))},
+           "experts_per_step": _experts(stats),
            "host_bytes_per_step": float(np.mean([s.bytes_from_host for s in stats])),
            "host_cpu_s_per_step": float(np.median([sum(s.host_cpu_seconds) for s in stats]))}
     del cache, tok
@@ -505,13 +549,16 @@ def step_split(m: dict) -> str:
     if not n or "decode_seconds" not in st:
         return "-"
     cpu = st.get("decode_host_cpu_seconds")
+    moved = [st.get(f"decode_experts_{k}") for k in ("on_device", "fetched", "on_host_cpu")]
     return (f"{st['decode_seconds'] / n * 1e3:.1f} + {st['emit_seconds'] / n * 1e3:.1f} ms"
-            + (f" (host CPU {cpu / n * 1e3:.1f})" if cpu else ""))
+            + (f" (host CPU {cpu / n * 1e3:.1f})" if cpu else "")
+            + (" experts/step " + " / ".join(f"{v / n:.1f}" for v in moved) if None not in moved else ""))
 
 
 def table(levels: dict, engine: dict, slots: int) -> str:
     lines = ["| concurrency | server tok/s | wall tok/s | engine tok/s | ratio | server's step without HTTP "
-             f"({slots} slots) tok/s | TTFT p50 / p99 | ITL p50 / p99 | server step: model + emit | tokens ok |",
+             f"({slots} slots) tok/s | TTFT p50 / p99 | ITL p50 / p99 | server step: model + emit "
+             "(experts/step device / link / CPU) | tokens ok |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for c, m in levels.items():
         e = engine.get(f"engine_b{c}", {}).get("tokens_per_s")

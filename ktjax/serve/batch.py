@@ -27,22 +27,18 @@ def insert_rows(cache_B: KVCache, cache_k: KVCache, slots_k: jax.Array) -> KVCac
 
 
 @jax.jit
-def take_rows(cache_B: KVCache, rows_n: jax.Array) -> KVCache:
-    """The cache of rows rows_n only (a copy: [layers, n, S, dim])."""
-    return jax.tree.map(lambda a: a[:, rows_n], cache_B)
+def take_rows(cache_B: KVCache, keys_B: jax.Array, rows_n: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
+    """The cache of rows rows_n only (a copy: [layers, n, S, dim]), with their keys split as `split_rows`
+    splits every row's: (that cache, keys_B with those rows' next keys, their keys for this step [n]).
+    One program: each dispatch is on a serving step's path."""
+    pairs_n2 = jax.vmap(jax.random.split)(keys_B[rows_n])
+    return jax.tree.map(lambda a: a[:, rows_n], cache_B), keys_B.at[rows_n].set(pairs_n2[:, 0]), pairs_n2[:, 1]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def put_rows(cache_B: KVCache, cache_n: KVCache, rows_n: jax.Array) -> KVCache:
     """cache_B with rows rows_n replaced by cache_n's rows (the inverse of `take_rows`)."""
     return jax.tree.map(lambda big, small: big.at[:, rows_n].set(small), cache_B, cache_n)
-
-
-@jax.jit
-def split_some(keys_B: jax.Array, rows_n: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`split_rows` for rows rows_n only: (keys_B with those rows' next keys, their keys for this step [n])."""
-    pairs_n2 = jax.vmap(jax.random.split)(keys_B[rows_n])
-    return keys_B.at[rows_n].set(pairs_n2[:, 0]), pairs_n2[:, 1]
 
 
 @jax.jit
@@ -79,6 +75,7 @@ class DecodeBatch:
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
         self.top_p_B = np.ones(max_batch, np.float32)
+        self._sampling_cache = None  # (rows and settings, their Sampling on the device)
 
     def prefill_into(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> list[int]:
         """Prefill prompts into slots at once (`start_prefill` run to its end); the first token of
@@ -198,18 +195,24 @@ class DecodeBatch:
             return self._advance(np.asarray(sampled_B))
         in_use = np.flatnonzero(active_B)
         rows_n = np.concatenate([in_use, np.flatnonzero(~active_B)[:n - len(in_use)]]).astype(np.int32)
-        rows = jnp.asarray(rows_n)
-        self.keys_B, subs_n = split_some(self.keys_B, rows)
-        sampling = Sampling(jnp.asarray(self.temperature_B[rows_n]), jnp.asarray(self.top_k_B[rows_n]),
-                            jnp.asarray(self.top_p_B[rows_n]))
+        rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))
+        cache_n, self.keys_B, subs_n = take_rows(self.cache_B, self.keys_B, rows)
         active_n = np.arange(n) < len(in_use)
         sampled_n, cache_n, self.last_stats = self.executor.decode(
-            take_rows(self.cache_B, rows), jnp.asarray(self.token_B[rows_n]), jnp.asarray(self.pos_B[rows_n]),
-            subs_n, sampling, active_B=None if active_n.all() else active_n)
+            cache_n, token_n, pos_n, subs_n, self._sampling(rows_n), active_B=None if active_n.all() else active_n)
         self.cache_B = put_rows(self.cache_B, cache_n, rows)
         sampled_B = self.token_B.copy()
         sampled_B[rows_n] = np.asarray(sampled_n)
         return self._advance(sampled_B)
+
+    def _sampling(self, rows_n: np.ndarray) -> Sampling:
+        """The rows' sampling settings on the device, uploaded again only when the rows or their settings
+        change (an admission, a request leaving), not every step."""
+        settings = (self.temperature_B[rows_n], self.top_k_B[rows_n], self.top_p_B[rows_n])
+        key = (rows_n.tobytes(),) + tuple(a.tobytes() for a in settings)
+        if self._sampling_cache is None or self._sampling_cache[0] != key:
+            self._sampling_cache = (key, Sampling(*jax.device_put(settings)))
+        return self._sampling_cache[1]
 
     def warm_up(self) -> None:
         """Compile the decode step at every size `decode` runs (each power of two up to the slots), so no

@@ -131,10 +131,12 @@ class Scheduler:
         # seconds spent in decode steps (their model calls, an admission's shared pass included) and in
         # handing their tokens to the requests (detokenizing, emitting): a step's interval beyond these two
         # is the loop's own. Of the decode steps' model calls: the seconds the host CPU's expert kernels took
-        # (an offloaded model's), to compare with the engine's own steps.
+        # and the experts resident, streamed and computed by the host CPU (an offloaded model's), to compare
+        # with the engine's own steps.
         self.stats = {"prefill_calls": 0, "prefilled_requests": 0, "prefill_chunks": 0, "decode_steps": 0,
                       "decoded_tokens": 0, "decode_steps_between_prefill_chunks": 0, "prefills_with_decode": 0,
-                      "decode_seconds": 0.0, "emit_seconds": 0.0, "decode_host_cpu_seconds": 0.0}
+                      "decode_seconds": 0.0, "emit_seconds": 0.0, "decode_host_cpu_seconds": 0.0,
+                      "decode_experts_on_device": 0, "decode_experts_fetched": 0, "decode_experts_on_host_cpu": 0}
         # The longest prompt + completion a request may ask for.
         self.context = min(model.placement.max_context, model.config.max_position_embeddings)
         self._stop_ids = stop_token_ids(model)
@@ -326,9 +328,9 @@ class Scheduler:
         t1 = time.perf_counter()
         for key, n in (("prefill_calls", 1), ("prefilled_requests", len(requests)), ("prefill_chunks", 1),
                        ("decode_steps", 1), ("decoded_tokens", int(active_B.sum())), ("prefills_with_decode", 1),
-                       ("decode_seconds", t1 - t0),
-                       ("decode_host_cpu_seconds", float(sum(batch.last_stats.host_cpu_seconds)))):
+                       ("decode_seconds", t1 - t0)):
             self.stats[key] += n
+        self._count_model_work(batch)
         for b in np.flatnonzero(active_B):
             self._push(int(b), int(sampled_B[b]))
         for slot, first in zip(slots, firsts):
@@ -363,8 +365,16 @@ class Scheduler:
         for b in np.flatnonzero(active_B):
             self._push(int(b), int(sampled_B[b]))
         self.stats["decode_seconds"] += t1 - t0
-        self.stats["decode_host_cpu_seconds"] += float(sum(batch.last_stats.host_cpu_seconds))
+        self._count_model_work(batch)
         self.stats["emit_seconds"] += time.perf_counter() - t1
+
+    def _count_model_work(self, batch: DecodeBatch) -> None:
+        """A decode step's host-CPU seconds and experts by path (an offloaded model's; zeros otherwise)."""
+        last = batch.last_stats
+        self.stats["decode_host_cpu_seconds"] += float(sum(last.host_cpu_seconds))
+        for key, n in (("on_device", last.experts_on_device), ("fetched", last.experts_fetched),
+                       ("on_host_cpu", last.experts_on_host_cpu)):
+            self.stats["decode_experts_" + key] += int(n)
 
     def _push(self, slot: int, token: int) -> None:
         request = self._slots[slot]
