@@ -164,6 +164,41 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     return out
 
 
+def host_kernels_by_thread(model, calls: int = 40, per_call: int = 2) -> dict:
+    """The host kernels on `per_call` experts per call (distinct experts call after call, 1 ms apart as a
+    step's GPU work spaces them) from the main thread and from a thread of its own, as the engine rows and
+    the server's scheduler call them: median ms per call. Empty where no expert is computed on the host."""
+    import numpy as np
+    ex = model.executor
+    if getattr(ex, "host", None) is None:
+        return {}
+    by_layer: dict[int, list[int]] = {}
+    for i, e in sorted(model.placement.host_experts):
+        by_layer.setdefault(i, []).append(e)
+    layer, hosted = max(by_layer.items(), key=lambda kv: len(kv[1]))
+    h = np.random.default_rng(0).standard_normal((1, model.config.hidden_size)).astype(np.float32)
+    weights = np.full((1, per_call), 1.0 / per_call, np.float32)
+
+    def timed() -> float:
+        times = []
+        for c in range(calls):
+            ids = [hosted[(c * per_call + j) % len(hosted)] for j in range(per_call)]
+            t = time.perf_counter()
+            ex.host.compute(layer, ids, np.asarray([ids], np.int64), weights, h)
+            times.append(time.perf_counter() - t)
+            time.sleep(0.001)
+        return float(np.median(times[2:])) * 1e3
+
+    out = {"main_thread_ms": timed()}
+    result = []
+    th = threading.Thread(target=lambda: result.append(timed()))
+    th.start()
+    th.join()
+    out["own_thread_ms"] = result[0]
+    out["main_thread_again_ms"] = timed()
+    return out
+
+
 def prompted_batch(model, rows: int, B: int, max_len: int, prompt_tokens: int, warm_up: bool = False):
     """A DecodeBatch of `rows` slots with B prompts of random ids (drawn as the driver draws its requests')
     prefilled into slots 0..B-1: the workload the server's requests bring (their routing decides how many
@@ -359,6 +394,10 @@ def child(args) -> int:
     model = build_model(args)
     log(f"child: model built in {time.perf_counter() - t:.1f} s: {model!r}")
     serve_by = T_START + args.serve_by  # the driver waits this long for /health (less a margin)
+    # Where the scheduler's thread could make the host kernels slower (serve.md, run 13): timed at the start
+    # and again just before serving.
+    probe_start = host_kernels_by_thread(model)
+    log(f"child: host kernels, 2 experts per call, by calling thread (ms per call): {probe_start}")
     t = time.perf_counter()
     engine = engine_decode(model, args.concurrency, args.engine_steps, args.prompt_tokens,
                            min(time.perf_counter() + args.engine_budget, serve_by - 90), 3 if args.smoke else 5)
@@ -366,6 +405,9 @@ def child(args) -> int:
     t = time.perf_counter()
     engine["server_precompile_s"] = precompile_server_shapes(model, args.prompt_tokens, args.concurrency, serve_by - 35)
     engine["server_precompile_seconds"] = time.perf_counter() - t
+    engine["host_kernels_by_thread"] = {"at_start": probe_start, "before_serving": host_kernels_by_thread(model)}
+    log(f"child: host kernels by calling thread, before serving (ms per call): "
+        f"{engine['host_kernels_by_thread']['before_serving']}")
     mem = jax.devices()[0].memory_stats() or {}
     engine["device"] = jax.devices()[0].device_kind
     engine["peak_device_bytes"], engine["device_bytes_limit"] = mem.get("peak_bytes_in_use"), mem.get("bytes_limit")
@@ -732,6 +774,13 @@ def driver(args) -> int:
               f"{place.get('host_experts', '?')} in host memory; device {engine.get('device', '?')}; max batch "
               f"{args.max_batch}; prompts {args.prompt_tokens} tokens, {args.max_tokens} new tokens each (ignore_eos).")
     lines = [header, "", md, ""] + [f"- {'PASS' if p else 'FAIL'}: {n}" for n, p in checks]
+    probe = engine.get("host_kernels_by_thread", {})
+    if probe.get("at_start") and probe.get("before_serving"):
+        lines.append("- the host kernels on 2 experts per call, ms per call from the main thread / a thread of its own "
+                     "(the server's scheduler calls them from one): at the start " + " / ".join(
+                         f"{probe['at_start'][k]:.2f}" for k in ("main_thread_ms", "own_thread_ms")) +
+                     ", before serving " + " / ".join(f"{probe['before_serving'][k]:.2f}"
+                                                      for k in ("main_thread_ms", "own_thread_ms")))
     st = result.get("staggered")
     if st:
         lines.append(f"- staggered arrivals ({st['requests']} requests, one every {st['gap_s']:.2f} s): ITL p50 / p99 / "
