@@ -234,6 +234,46 @@ def test_rows_in_use_step_alone_in_the_smallest_batch_that_holds_them(model, sol
         assert t[:len(solo[p].token_ids)] == solo[p].token_ids
 
 
+def test_an_offloaded_batch_compiles_every_one_row_split_of_its_experts_before_any_request():
+    """int4 experts in host memory decode one row in the fused form, whose programs vary with how many of
+    the chosen experts the host CPU, the link and the device take: the batch's warm-up runs them all, so
+    one-row steps under every split (all on the CPU, all over the link, the cost model's) compile nothing."""
+    import jax
+    import numpy as np
+
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.runtime.shapes import cache_length
+    from ktjax.serve.batch import DecodeBatch
+
+    offloaded = ktjax.load(experts="int4", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
+                           max_batch=4, max_context=256)
+    assert offloaded.executor.fuses_decode and offloaded.executor.host is not None
+    batch = DecodeBatch(offloaded, 4, cache_length(256, 0))
+    batch.warm_up()
+    compiles, listening = [], [False]
+
+    def on_event(event, seconds, **kw):
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    executor = batch.executor
+    try:
+        for mode, prompt in zip(("cpu", "gpu", "auto"), PROMPTS):
+            batch.executor = executor.with_expert_compute(mode)
+            batch.prefill_into([0], [offloaded.tokenizer.encode(prompt)], [SamplingOptions(4)])
+            listening[0] = True
+            for _ in range(3):
+                batch.decode(np.arange(4) < 1)
+            listening[0] = False
+            moved = batch.last_stats
+            if mode != "auto":  # the tiny model's experts are small: its cost model sends them over the link
+                assert (moved.experts_on_host_cpu > 0, moved.experts_fetched > 0) == (mode == "cpu", mode == "gpu")
+    finally:
+        listening[0] = False
+    assert compiles == []
+
+
 def test_requests_arriving_together_share_one_prefill_within_the_admission_window(model):
     """An offloaded model's prefill streams every host expert whatever its tokens, so an idle batch waits
     up to `admission_window` after the first arrival for others; filling the free slots ends the wait."""

@@ -54,6 +54,11 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs_B2[:, 0], pairs_B2[:, 1]
 
 
+def committed(tree):
+    """The arrays of tree placed on their device for good (those a mesh already placed stay as they are)."""
+    return jax.tree.map(lambda a: a if a.committed else jax.device_put(a, jax.devices()[0]), tree)
+
+
 def seed_keys(opts: list[SamplingOptions]) -> tuple[jax.Array, jax.Array]:
     """Each request's keys as `ktjax.generate` splits its seed: (the key kept for decoding, the prefill
     sample's), each [k]."""
@@ -67,10 +72,12 @@ class DecodeBatch:
 
     def __init__(self, model: LoadedModel, max_batch: int, max_len: int):
         self.executor = model.executor
-        self.cache_B = self.executor.init_cache(max_batch, max_len)
+        # Committed to their device from the start, as every step's outputs are: a program compiled for
+        # uncommitted inputs (what `warm_up` would meet first) is compiled again for committed ones.
+        self.cache_B = committed(self.executor.init_cache(max_batch, max_len))
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
-        self.keys_B = jax.random.split(jax.random.key(0), max_batch)
+        self.keys_B = committed(jax.random.split(jax.random.key(0), max_batch))
         self.last_stats = StepStats()  # the last step's, decode or admission (what moved, the host CPU's time)
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
@@ -215,11 +222,16 @@ class DecodeBatch:
         return self._sampling_cache[1]
 
     def warm_up(self) -> None:
-        """Compile the decode step at every size `decode` runs (each power of two up to the slots), so no
-        request meets a compile; the rows' contents are left as garbage (free rows are reset when taken)."""
+        """Compile the decode step at every size `decode` runs (each power of two up to the slots), and an
+        offloaded model's one-row programs for every split of its experts, so requests meet no compile at
+        one row; the rows' contents are left as garbage (free rows are reset when taken)."""
         B = len(self.token_B)
         for n in sorted({batch_bucket(k) for k in range(1, B + 1)}):
             self.decode(np.arange(B) < n)
+        # An offloaded step of one row also meets programs by its routing (how many experts on each path);
+        # wider batches rarely choose few enough experts for those (`moe_block.FUSED_MAX_EXPERTS`).
+        if hasattr(self.executor, "compile_decode"):
+            self.executor.compile_decode(1)
 
 class Admission:
     """One admission's prefill in progress (`DecodeBatch.start_prefill`): `advance` runs its next

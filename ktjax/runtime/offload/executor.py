@@ -31,7 +31,7 @@ from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, fitted_rates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
-from ktjax.runtime.offload.moe_block import moe_block
+from ktjax.runtime.offload.moe_block import compile_fused, moe_block
 from ktjax.runtime.offload.segments import LayerSegments, Segments, embed_segment, head_segment, logits_segment
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
 from ktjax.runtime.mesh import replicated
@@ -275,6 +275,11 @@ class OffloadedExecutor:
         out = copy.copy(self)
         out.layers = merge_layers(self.config, self.layers, adapters, lcfg)
         return out
+
+    def compile_decode(self, batch: int) -> int:
+        """Run every program variant a decode step of `batch` rows may meet by its routing (the fused MoE
+        programs: `moe_block.compile_fused`), so a server's streams never wait for one to compile."""
+        return compile_fused(self, batch)
 
     def host_zeros(self, shape) -> jax.Array:
         """A device f32 zeros array standing for an empty host-CPU share (cached per shape; its sharding

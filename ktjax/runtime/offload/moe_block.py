@@ -150,3 +150,35 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
     stats.host_cpu_seconds.append(time.perf_counter() - t)
     stats.experts_on_host_cpu += len(cpu_ids)
     return jax.device_put(out_ND, ex.store.on_device)
+
+
+def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
+    """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
+    mid-stream: each expert-slot count (none, 2, 4, 8), each capacity, with the host CPU's share (`moe_device`
+    and the combine) and without (`moe_tail`). A step meets these by its routing and split, so a server's
+    first steps would otherwise stall every stream for a compile now and then (~1 s each on the H200:
+    bench_serve run 12). Zeros in, outputs dropped. Returns the number of programs run."""
+    cfg = ex.config
+    if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
+        return 0
+    i = cfg.moe_layers[0]
+    seg, state, on = ex.segments[cfg.layer_kinds[i]], ex.layers[i], ex.store.on_device
+    K = cfg.num_experts_per_tok
+    x_BTD, h_ND = (jax.device_put(np.zeros(shape, ex.dtype), on) for shape in ((N, 1, cfg.hidden_size),
+                                                                               (N, cfg.hidden_size)))
+    w_NK = jax.device_put(np.zeros((N, K), np.float32), on)
+    idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
+    host_ND = ex.host_zeros(h_ND.shape)
+    rows_A = np.arange(pow2(N), dtype=np.int32)
+    stats, n = StepStats(), 0
+    for S in (0,) + tuple(sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})):
+        ids = [e % cfg.n_routed_experts for e in range(S)]  # any experts: only their shapes matter
+        slots = tuple(ex.store.fetch(i, ids, stats))
+        ids_C = np.array(ids, np.int32)
+        for capacity in sorted({capacity_for(len(rows_A), [c]) for c in (1, 2, N)} if S else {capacity_for(N, [])}):
+            jax.block_until_ready(seg.moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, host_ND,
+                                               capacity=capacity))
+            shared_ND, routed_ND = seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity)
+            jax.block_until_ready(combine_segment(x_BTD, shared_ND, (routed_ND, host_ND)))
+            n += 3
+    return n
