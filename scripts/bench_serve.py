@@ -808,6 +808,16 @@ def parse_size_plain(s: str) -> int:
     return int(float(s))
 
 
+def probe_threads(args) -> int:
+    """--probe-threads: the host kernels by calling thread on this model, in this process, as JSON."""
+    os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "110")
+    args.max_batch, args.max_context = args.max_batch or 32, args.max_context or 512
+    model = build_model(args)
+    out = {str(k): host_kernels_by_thread(model, per_call=k) for k in (1, 2, 4)}
+    print(json.dumps({"threads_probe_ms_per_call": out}), flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the embedded tiny model, concurrency 1 and 4, a few tokens")
@@ -849,7 +859,12 @@ def main() -> int:
     p.add_argument("--small-layers", action="store_true",
                    help="with the full-size path (no --smoke): small layer shapes instead, the odd experts in host "
                         "memory (a CPU check of that path)")
+    p.add_argument("--probe-threads", action="store_true",
+                   help="only build the model and time its host kernels from the main thread and from a thread of "
+                        "their own (1, 2 and 4 experts per call), then exit: about a minute on the GPU machine")
     args = p.parse_args()
+    if args.probe_threads:
+        return probe_threads(args)
     smoke = args.smoke
     defaults = dict(max_batch=4 if smoke else 32, max_context=256 if smoke else 512,
                     concurrency=[1, 4] if smoke else [1, 4, 16, 32], prompt_tokens=16 if smoke else 32,
