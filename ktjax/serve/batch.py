@@ -192,22 +192,20 @@ class DecodeBatch:
         B = len(self.token_B)
         active_B = np.ones(B, bool) if active_B is None else np.asarray(active_B, bool)
         n = batch_bucket(max(1, int(active_B.sum())))
-        if n >= B:
-            self.keys_B, subs_B = split_rows(self.keys_B)
-            sampling = Sampling(jnp.asarray(self.temperature_B), jnp.asarray(self.top_k_B),
-                                jnp.asarray(self.top_p_B))
-            sampled_B, self.cache_B, self.last_stats = self.executor.decode(
-                self.cache_B, jnp.asarray(self.token_B), jnp.asarray(self.pos_B), subs_B, sampling,
-                active_B=None if active_B.all() else active_B)
-            return self._advance(np.asarray(sampled_B))
-        in_use = np.flatnonzero(active_B)
-        rows_n = np.concatenate([in_use, np.flatnonzero(~active_B)[:n - len(in_use)]]).astype(np.int32)
-        rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))
-        cache_n, self.keys_B, subs_n = take_rows(self.cache_B, self.keys_B, rows)
-        active_n = np.arange(n) < len(in_use)
+        if n >= B:  # every row steps, in the cache as it is
+            rows_n = np.arange(B, dtype=np.int32)
+            self.keys_B, subs_n = split_rows(self.keys_B)
+            cache_n = self.cache_B
+        else:
+            in_use = np.flatnonzero(active_B)
+            rows_n = np.concatenate([in_use, np.flatnonzero(~active_B)[:n - len(in_use)]]).astype(np.int32)
+            rows = jax.device_put(rows_n)
+            cache_n, self.keys_B, subs_n = take_rows(self.cache_B, self.keys_B, rows)
+        active_n = active_B[rows_n]
+        token_n, pos_n = jax.device_put((self.token_B[rows_n], self.pos_B[rows_n]))
         sampled_n, cache_n, self.last_stats = self.executor.decode(
             cache_n, token_n, pos_n, subs_n, self._sampling(rows_n), active_B=None if active_n.all() else active_n)
-        self.cache_B = put_rows(self.cache_B, cache_n, rows)
+        self.cache_B = cache_n if n >= B else put_rows(self.cache_B, cache_n, rows)
         sampled_B = self.token_B.copy()
         sampled_B[rows_n] = np.asarray(sampled_n)
         return self._advance(sampled_B)
@@ -232,6 +230,7 @@ class DecodeBatch:
         # wider batches rarely choose few enough experts for those (`moe_block.FUSED_MAX_EXPERTS`).
         if hasattr(self.executor, "compile_decode"):
             self.executor.compile_decode(1)
+
 
 class Admission:
     """One admission's prefill in progress (`DecodeBatch.start_prefill`): `advance` runs its next
