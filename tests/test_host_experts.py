@@ -183,10 +183,10 @@ def test_info_shows_the_cpu_link_switch_point_from_measured_rates_once_there_are
     assert main(argv) == 0
     assert "rates assumed until the first load on a GPU measures them" in capsys.readouterr().out
     # What a load on a GPU would store, for the default kernel (int8 activations)
-    cached_rates(kernel_name("int8", "int8"), lambda: PathRates(link_gbps=10.0, cpu_gbps=30.0))
+    cached_rates(kernel_name("int8", "int8"), lambda: PathRates(link_gbps=10.0, cpu_gbps=30.0, cpu_call_s=3e-4))
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert ("up to 3 token(s)" in out and "rates measured on this machine by an earlier load: CPU 30 GB/s per token, "
-            "link 10 GB/s" in out)
+    assert ("up to 3 token(s)" in out and "rates measured on this machine by an earlier load: CPU 30 GB/s per token "
+            "and 0.3 ms per call, link 10 GB/s" in out)
     assert main(argv + ["--host-activations", "float32"]) == 0  # another kernel: its rates are not known yet
     assert "rates assumed until the first load on a GPU measures them" in capsys.readouterr().out

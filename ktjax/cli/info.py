@@ -99,5 +99,6 @@ def run(args) -> int:
                       "assumed until the first load on a GPU measures them")
             print(f"host experts: computed on the host CPU when they serve up to {rates.max_cpu_tokens()} token(s) "
                   f"in a step and the link is busier, else streamed to the GPU (rates {source}: CPU "
-                  f"{rates.cpu_gbps:.3g} GB/s per token, link {rates.link_gbps:.3g} GB/s; --expert-compute overrides)")
+                  f"{rates.cpu_gbps:.3g} GB/s per token and {rates.cpu_call_s * 1e3:.2g} ms per call, link "
+                  f"{rates.link_gbps:.3g} GB/s; --expert-compute overrides)")
     return 0
