@@ -16,8 +16,8 @@ The child first times the engine's decode step (the executor directly, as bench_
 each batch size, and at each of them the server's own step without the HTTP side (`DecodeBatch.decode`
 in the max-batch slots, the other rows free, from a thread as the scheduler runs it), both after B
 prompts of random ids like the requests' were prefilled (routing, hence the experts a step moves,
-depends on the tokens; experts per step are printed for all three), then serves the model with `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to
-stop. The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
+depends on the tokens; experts per step are printed for all three), then serves the model with
+`ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop. The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
 streaming /v1/completions at once (a warm-up round first, which compiles the prefill shapes), each a
 fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
 
@@ -60,6 +60,8 @@ T_START = time.perf_counter()
 TARGET_RATIO = 0.85
 TARGET_TTFT_P50_S = 2.0  # at concurrency 16
 MODEL_ID = "bench"
+# Prompts' random token ids: the embedded tokenizer's ordinary tokens (4096 with the specials at 0-4, 4094-4095).
+PROMPT_IDS = (10, 4000)
 _log_file = None
 
 
@@ -129,7 +131,7 @@ def build_model(args):
                        path=None)
 
 
-def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadline: float, warm: int) -> dict:
+def engine_decode(model, batches: list[int], steps: int, prompt_tokens: int, deadline: float, warm: int) -> dict:
     """The executor's decode step timed directly at each batch size (a cache of B rows), then the server's
     own step at each (`DecodeBatch.decode` in the max_batch slots, B of them in use), each after B prompts of
     random ids were prefilled, as the driver's requests bring: median step, tokens/s, experts per step."""
@@ -150,7 +152,7 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
         if time.perf_counter() > deadline:
             log(f"child: {name} skipped (engine deadline)")
             continue
-        out[name] = row = _engine_row(model, B, max_len, start_pos, warm, steps, sampling, key)
+        out[name] = row = _engine_row(model, B, max_len, prompt_tokens, warm, steps, sampling, key)
         log(f"child: {name}: {row['step_s'] * 1e3:.1f} ms/step (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), "
             f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}; each segment waited for (ms): "
             + ", ".join(f"{k} {v:.2f}" for k, v in row["segments_ms"].items()))
@@ -159,8 +161,8 @@ def engine_decode(model, batches: list[int], steps: int, start_pos: int, deadlin
     from concurrent.futures import ThreadPoolExecutor
     if slots > 1 and time.perf_counter() < deadline:
         with ThreadPoolExecutor(1) as pool:
-            out.update(pool.submit(_slots_rows, model, [B for B in batches if B <= slots], max_len, start_pos, warm,
-                                   steps, deadline).result())
+            out.update(pool.submit(_slots_rows, model, [B for B in batches if B <= slots], max_len, prompt_tokens,
+                                   warm, steps, deadline).result())
     return out
 
 
@@ -211,7 +213,7 @@ def prompted_batch(model, rows: int, B: int, max_len: int, prompt_tokens: int, w
     if warm_up:
         batch.warm_up()
     rng = np.random.default_rng(B)
-    prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(B)]
+    prompts = [list(map(int, rng.integers(*PROMPT_IDS, prompt_tokens))) for _ in range(B)]
     batch.prefill_into(list(range(B)), prompts, [SamplingOptions(max_new_tokens=1)] * B)
     return batch
 
@@ -274,13 +276,13 @@ def _slots_rows(model, batches, max_len, prompt_tokens, warm, steps, deadline) -
     return out
 
 
-def _engine_row(model, B, max_len, start_pos, warm, steps, sampling, key) -> dict:
+def _engine_row(model, B, max_len, prompt_tokens, warm, steps, sampling, key) -> dict:
     """Decode steps of the executor on a cache of B rows after B prompts' prefill: the median step and its stats."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     ex = model.executor
-    batch = prompted_batch(model, B, B, max_len, start_pos)
+    batch = prompted_batch(model, B, B, max_len, prompt_tokens)
     cache, tok, pos_B = batch.cache_B, jnp.asarray(batch.token_B), batch.pos_B.copy()
     del batch
     times, stats = [], []
@@ -347,7 +349,7 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
         t = time.perf_counter()
         if k == "admit while stepping":
             for r in range(rounds):  # 1, 2, 3 rows decoding, one prompt admitted beside them
-                prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(r + 2)]
+                prompts = [list(map(int, rng.integers(*PROMPT_IDS, prompt_tokens))) for _ in range(r + 2)]
                 for j in range(r + 1):  # one at a time: the 1-row prefill is compiled
                     batch.prefill_into([j], prompts[j:j + 1], [opts])
                 active = np.arange(slots) < r + 1
@@ -359,7 +361,7 @@ def precompile_server_shapes(model, prompt_tokens: int, levels: list[int], deadl
                 f"in {done[k]:.1f} s")
             continue
         for _ in range(rounds):  # later rounds: the routing-dependent variants (experts' capacity) of more data
-            prompts = [list(map(int, rng.integers(10, 4000, prompt_tokens))) for _ in range(k)]
+            prompts = [list(map(int, rng.integers(*PROMPT_IDS, prompt_tokens))) for _ in range(k)]
             batch.prefill_into(list(range(k)), prompts, [opts] * k)
             batch.decode(np.arange(slots) < k)
         done[k] = time.perf_counter() - t
@@ -677,20 +679,19 @@ def driver(args) -> int:
                 time.sleep(0.5)
         log(f"server up: {health}")
         rng = random.Random(0)
-        vocab_hi = 4000  # the embedded tokenizer's ordinary tokens (4096 with the specials at 0-4, 4094-4095)
         for c in args.concurrency:
             left = deadline - time.perf_counter() - 20
             if left < 15:
                 log(f"concurrency {c}: skipped (deadline)")
                 continue
-            prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(c)]
+            prompts = [[rng.randrange(*PROMPT_IDS) for _ in range(args.prompt_tokens)] for _ in range(c)]
             for w in range(args.warm_rounds):  # compiles what a burst of c needs (routing-dependent variants)
                 t = time.perf_counter()
                 warm = asyncio.run(fire(host, port, prompts, args.warm_tokens, min(left, args.level_timeout)))
                 wm = level_metrics(warm, args.warm_tokens)
                 log(f"concurrency {c}: warm-up {w + 1}: {wm['ok']}/{c} ok in {time.perf_counter() - t:.1f} s (TTFT max "
                     f"{fmt(wm['ttft_max_s'], 1, 2)} s){' errors: ' + str(wm['errors']) if wm['errors'] else ''}")
-                prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(c)]
+                prompts = [[rng.randrange(*PROMPT_IDS) for _ in range(args.prompt_tokens)] for _ in range(c)]
                 left = deadline - time.perf_counter() - 20
                 if left < 15:
                     break
@@ -699,7 +700,7 @@ def driver(args) -> int:
                 log(f"concurrency {c}: measurement skipped (deadline)")
                 continue
             before = get_json(url + "/health").get("stats", {})
-            prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(c)]
+            prompts = [[rng.randrange(*PROMPT_IDS) for _ in range(args.prompt_tokens)] for _ in range(c)]
             t = time.perf_counter()
             res = asyncio.run(fire(host, port, prompts, args.max_tokens, min(left, args.level_timeout)))
             m = level_metrics(res, args.max_tokens)
@@ -716,7 +717,7 @@ def driver(args) -> int:
         if args.stagger and left > 15:
             # Requests arriving one by one while others decode: each admission's cost to the decoding ones.
             for _ in range(2):  # a warm-up round (compiles the admissions beside decoding rows), then the measured one
-                prompts = [[rng.randrange(10, vocab_hi) for _ in range(args.prompt_tokens)] for _ in range(args.stagger)]
+                prompts = [[rng.randrange(*PROMPT_IDS) for _ in range(args.prompt_tokens)] for _ in range(args.stagger)]
                 before = get_json(url + "/health").get("stats", {})
                 res = asyncio.run(fire(host, port, prompts, args.max_tokens, min(left, args.level_timeout),
                                        args.stagger_gap))
