@@ -1,7 +1,7 @@
 """Serving benchmark: `ktjax serve`'s HTTP API under concurrent streaming clients, beside the engine's
 own batched decode at the same batch sizes, in one run.
 
-    python3 scripts/bench_serve.py --out $OUT                      # the GPU machine (about 5 minutes)
+    python3 scripts/bench_serve.py --out $OUT                      # the GPU machine (about 9 minutes)
     python scripts/bench_serve.py --smoke --out /tmp/bench_serve    # a CPU check, end to end
 
 The model (a child process): DeepSeek-V3's full-size layers with random weights (1 dense + 4 MoE
@@ -834,8 +834,8 @@ def main() -> int:
     p.add_argument("--warm-tokens", type=int, default=4, help="new tokens per request of a level's warm-up rounds")
     p.add_argument("--warm-rounds", type=int, default=2, help="warm-up rounds of requests before each level")
     p.add_argument("--engine-steps", type=int, default=None, help="timed engine decode steps (default 10; --smoke 3)")
-    p.add_argument("--engine-budget", type=float, default=150.0, help="seconds for the engine measurements")
-    p.add_argument("--startup-timeout", type=float, default=330.0,
+    p.add_argument("--engine-budget", type=float, default=240.0, help="seconds for the engine measurements")
+    p.add_argument("--startup-timeout", type=float, default=420.0,
                    help="seconds for the child to build the model, time the engine, compile the server's "
                         "shapes and answer /health (it skips compiles to be up 30 s before)")
     p.add_argument("--level-timeout", type=float, default=120.0, help="seconds for each round of requests")
@@ -843,7 +843,7 @@ def main() -> int:
                    help="a last round of this many requests arriving one by one (default 8; --smoke 3; 0: none)")
     p.add_argument("--stagger-gap", type=float, default=None,
                    help="seconds between their arrivals (default 0.5; --smoke 0.05)")
-    p.add_argument("--deadline", type=float, default=450.0, help="seconds for the whole run (the device allows 600)")
+    p.add_argument("--deadline", type=float, default=570.0, help="seconds for the whole run (the device allows 600)")
     p.add_argument("--port", type=int, default=0, help="the server's port (default: a free one)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_serve_out"))
     # The child's own options.
