@@ -47,6 +47,20 @@ def decode_logits(model, tokens: np.ndarray, prompt: int) -> np.ndarray:
     return np.stack(out, axis=1)
 
 
+def served(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens of one request in slot 1 of a serving batch of 2 (its steps run in a batch of one,
+    the slot's cache rows taken out of the batch's and put back)."""
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.runtime.shapes import cache_length
+    from ktjax.serve.batch import DecodeBatch
+    batch = DecodeBatch(model, 2, cache_length(len(prompt), new_tokens))
+    batch.warm_up()
+    tokens = batch.prefill_into([1], [prompt], [SamplingOptions(new_tokens)])
+    for _ in range(new_tokens - 1):
+        tokens.append(int(batch.decode(np.array([False, True]))[1]))
+    return tokens
+
+
 def expert_shards(model) -> list[list[int]]:
     """Resident: per addressable shard of layer-stacked gate_proj [L, E, F, D]: device id, first
     expert, count. Offloaded: per store (one per device) and expert it holds: store, layer, expert,
@@ -110,6 +124,7 @@ def main(path: str, out: str) -> None:
         results[f"{name}/decode"] = decode_logits(model, tokens, 4)
         generated = ktjax.generate(model, prompt, max_new_tokens=8)
         results[f"{name}/greedy"] = np.asarray(generated.token_ids)
+        results[f"{name}/served"] = np.asarray(served(model, prompt, 8))
         results[f"{name}/streamed_per_step"] = generated.stats.decode_experts_per_step["link"]
         results[f"{name}/expert_shards"] = np.asarray(expert_shards(model))
         results[f"{name}/core_shards"] = np.asarray(core_shards(model))

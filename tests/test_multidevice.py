@@ -60,6 +60,13 @@ def test_greedy_tokens_equal_one_device_and_transformers(runs, reference):
         assert runs[f"{run}/greedy"].tolist() == single, run
 
 
+@pytest.mark.parametrize("run", ("single",) + MULTI)
+def test_a_serving_batch_decodes_as_generate_does_on_every_layout(runs, run):
+    """One request in slot 1 of a serving batch of 2 (its rows taken out of the mesh-replicated cache for a
+    batch of one, and put back) continues as `ktjax.generate` on one device does."""
+    assert runs[f"{run}/served"].tolist() == runs["single/greedy"].tolist()
+
+
 def test_four_devices_match_transformers(runs, reference):
     ref, _ = reference
     assert rel_err(runs["devices4/prefill"], reference_logits(ref, runs["tokens"])) < 1e-4

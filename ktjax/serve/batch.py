@@ -77,7 +77,9 @@ class DecodeBatch:
         self.cache_B = committed(self.executor.init_cache(max_batch, max_len))
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
-        self.keys_B = committed(jax.random.split(jax.random.key(0), max_batch))
+        # Where the cache is (one device, or replicated over a mesh), so that programs taking both agree.
+        self.keys_B = jax.device_put(jax.random.split(jax.random.key(0), max_batch),
+                                     jax.tree.leaves(self.cache_B)[0].sharding)
         self.last_stats = StepStats()  # the last step's, decode or admission (what moved, the host CPU's time)
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
