@@ -31,8 +31,8 @@ def take_rows(cache_B: KVCache, keys_B: jax.Array, rows_n: jax.Array) -> tuple[K
     """The cache of rows rows_n only (a copy: [layers, n, S, dim]), with their keys split as `split_rows`
     splits every row's: (that cache, keys_B with those rows' next keys, their keys for this step [n]).
     One program: each dispatch is on a serving step's path."""
-    pairs_n2 = jax.vmap(jax.random.split)(keys_B[rows_n])
-    return jax.tree.map(lambda a: a[:, rows_n], cache_B), keys_B.at[rows_n].set(pairs_n2[:, 0]), pairs_n2[:, 1]
+    next_n, subs_n = split_rows(keys_B[rows_n])
+    return jax.tree.map(lambda a: a[:, rows_n], cache_B), keys_B.at[rows_n].set(next_n), subs_n
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -54,11 +54,6 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs_B2[:, 0], pairs_B2[:, 1]
 
 
-def committed(tree):
-    """The arrays of tree placed on their device for good (those a mesh already placed stay as they are)."""
-    return jax.tree.map(lambda a: a if a.committed else jax.device_put(a, jax.devices()[0]), tree)
-
-
 def seed_keys(opts: list[SamplingOptions]) -> tuple[jax.Array, jax.Array]:
     """Each request's keys as `ktjax.generate` splits its seed: (the key kept for decoding, the prefill
     sample's), each [k]."""
@@ -72,14 +67,15 @@ class DecodeBatch:
 
     def __init__(self, model: LoadedModel, max_batch: int, max_len: int):
         self.executor = model.executor
-        # Committed to their device from the start, as every step's outputs are: a program compiled for
-        # uncommitted inputs (what `warm_up` would meet first) is compiled again for committed ones.
-        self.cache_B = committed(self.executor.init_cache(max_batch, max_len))
+        # The cache and keys committed to where the cache is (one device, or replicated over a mesh), as
+        # every step's outputs are: a program compiled for uncommitted inputs (what `warm_up` would meet
+        # first) is compiled again for committed ones, and programs taking both must find them together.
+        cache = self.executor.init_cache(max_batch, max_len)
+        place = jax.tree.leaves(cache)[0].sharding
+        self.cache_B = jax.device_put(cache, place)
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
-        # Where the cache is (one device, or replicated over a mesh), so that programs taking both agree.
-        self.keys_B = jax.device_put(jax.random.split(jax.random.key(0), max_batch),
-                                     jax.tree.leaves(self.cache_B)[0].sharding)
+        self.keys_B = jax.device_put(jax.random.split(jax.random.key(0), max_batch), place)
         self.last_stats = StepStats()  # the last step's, decode or admission (what moved, the host CPU's time)
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
