@@ -80,6 +80,30 @@ def test_kernel_matches_numpy_dequantization(fmt, F, D, C, K, tiles, stacked):
     assert rel_err(out, reference_np(x, bufs, layout, wt, acc)) < 2e-6
 
 
+@pytest.mark.parametrize("fmt,stacked", [("int8", False), ("int4", True)])
+def test_a_slot_no_token_chose_is_never_read(fmt, stacked):
+    """A fused program pads its expert slots (id -1, weight 0 for every token): such a slot must cost no
+    bandwidth, so the kernels never read it. Its buffer here is all 0xFF bytes (NaN scales), which would make
+    the output NaN if read; the output equals the kernels' result without the slot. A slot that one token of
+    two chose is still computed, for that token only."""
+    rng = np.random.default_rng(11)
+    layout = PackedLayout(fmt, 40, 300)
+    C = 2
+    x = rng.standard_normal((C, 300)).astype(np.float32)
+    acc = rng.standard_normal((C, 300)).astype(np.float32)
+    good = [poisoned_buffer(layout, rng) for _ in range(2)]
+    unread = np.full(layout.nbytes, 0xFF, np.uint8)
+    wt = np.array([[0.5, 0.0, 0.3], [0.0, 0.0, 0.7]], np.float32)  # slot 1: nobody; slot 0: token 0 only
+    if stacked:
+        ids = jnp.asarray([2, 1, 0], jnp.int32)  # slots: good[0], unread, good[1]
+        out = experts_pallas(jnp.asarray(x), jnp.asarray(np.stack([good[1], unread, good[0]])), jnp.asarray(wt),
+                             jnp.asarray(acc), layout=layout, ids_K=ids, tiles=SMALL, interpret=True)
+    else:
+        out = experts_pallas(jnp.asarray(x), tuple(map(jnp.asarray, (good[0], unread, good[1]))), jnp.asarray(wt),
+                             jnp.asarray(acc), layout=layout, tiles=SMALL, interpret=True)
+    assert rel_err(out, reference_np(x, good, layout, wt[:, [0, 2]], acc)) < 2e-6
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_add_experts_kernel_path_matches_the_xla_path(fmt):
     """The wiring: `experts_segment` (add_experts' decode branch, compiled, acc donated) and expert_ffn with

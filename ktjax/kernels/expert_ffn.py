@@ -258,73 +258,98 @@ def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt)
     return acc
 
 
-# ---- kernel 1: h = silu(gate x) * up x ---------------------------------------------------------------
+# ---- the program's expert ----------------------------------------------------------------------------
 
-def _experts(refs, K, stacked):
-    """The K experts' byte accessors and the refs after them: (ids, stack) when stacked, else K buffers."""
+def _program_expert(refs, K, stacked, run):
+    """Run `run(buf)` for this program's expert (grid axis 0: the chunk's slot e) if any token chose it; returns
+    the refs after the experts'. Stacked: the expert is row ids[e] of the stack. Separate buffers: one branch per
+    slot (a program can only name its operand statically), each taken by the programs of its slot only."""
+    e = pl.program_id(0)
     if stacked:
         ids_ref, stack_ref = refs[:2]
-        return [_Buf(stack_ref, ids_ref[e]) for e in range(K)], refs[2:]
-    return [_Buf(r) for r in refs[:K]], refs[K:]
+        run(_Buf(stack_ref, ids_ref[e]))
+        return refs[2:]
+    for k in range(K):
+        pl.when(e == k)(functools.partial(run, _Buf(refs[k])))
+    return refs[K:]
 
 
-def _gate_up_kernel(x_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked):
-    buf_refs, (h_ref,) = _experts(refs, K, stacked)
-    p = pl.program_id(0)
+def _chosen(wt_ref, e, C, Cp, K):
+    """Whether any token has a nonzero weight for slot e: a slot no token chose (the chunk's padding, or an
+    expert only other rows of a batch chose) is never read, so padding a program's slots costs no bandwidth."""
+    c = jnp.arange(Cp, dtype=jnp.int32)
+    wt = plgpu.load(wt_ref.at[c * K + e], mask=c < C, other=0)
+    return jnp.max(jnp.abs(wt)) > 0
+
+
+# ---- kernel 1: h = silu(gate x) * up x ---------------------------------------------------------------
+
+def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked):
+    h_ref = refs[-1]
+    e, p = pl.program_id(0), pl.program_id(1)
     f = p * BF + jnp.arange(BF, dtype=jnp.int32)  # rows of gate (up: F + f)
     row_ok = (f < F) if Hw != F or F % BF else None
     n_k = pl.cdiv(gu.Kp, BK)
     col_mask = gu.Kp % BK != 0 or D % BK != 0
-
-    idx = jnp.arange(Cp, dtype=jnp.int32)[:, None] * Hw + f[None, :]
+    idx = e * Cp * Hw + jnp.arange(Cp, dtype=jnp.int32)[:, None] * Hw + f[None, :]
     zeros = jnp.zeros((Cp, BF), jnp.float32)
-    for e in range(K):  # experts one after another: each loop streams full-width tiles (16-byte copies)
-        def body(i, carry, buf=buf_refs[e]):
-            g_acc, u_acc = carry
-            k0 = i * BK
-            xt = _x_tiles(x_ref, gu.fmt, C, Cp, D, k0, BK, col_mask)  # small, from L1/L2 after the first expert
-            return (g_acc + _dot_chunk(xt, buf, gu, f, k0, BK, row_ok, col_mask, dt),
-                    u_acc + _dot_chunk(xt, buf, gu, F + f, k0, BK, row_ok, col_mask, dt))
+    chosen = _chosen(wt_ref, e, C, Cp, K)
 
-        g_acc, u_acc = lax.fori_loop(0, n_k, body, (zeros, zeros))
-        g = g_acc.astype(dt).astype(jnp.float32)  # the reference's matmul rounds to x's dtype
-        u = u_acc.astype(dt).astype(jnp.float32)
-        h = g * jax.nn.sigmoid(g) * u  # = jax.nn.silu(g) * u (padding rows: 0)
-        h_ref[idx + e * Cp * Hw] = h.astype(h_ref.dtype)
+    def run(buf):
+        @pl.when(chosen)
+        def _():
+            def body(i, carry):
+                g_acc, u_acc = carry
+                k0 = i * BK
+                xt = _x_tiles(x_ref, gu.fmt, C, Cp, D, k0, BK, col_mask)  # small, from L1/L2
+                return (g_acc + _dot_chunk(xt, buf, gu, f, k0, BK, row_ok, col_mask, dt),
+                        u_acc + _dot_chunk(xt, buf, gu, F + f, k0, BK, row_ok, col_mask, dt))
+
+            g_acc, u_acc = lax.fori_loop(0, n_k, body, (zeros, zeros))
+            g = g_acc.astype(dt).astype(jnp.float32)  # the reference's matmul rounds to x's dtype
+            u = u_acc.astype(dt).astype(jnp.float32)
+            h = g * jax.nn.sigmoid(g) * u  # = jax.nn.silu(g) * u (padding rows: 0)
+            h_ref[idx] = h.astype(h_ref.dtype)  # a slot no token chose leaves h unwritten: kernel 2 skips it too
+
+    _program_expert(refs[:-1], K, stacked, run)
 
 
-# ---- kernel 2: acc + sum_e wt_e * down_e(h_e) --------------------------------------------------------
+# ---- kernel 2: y_e = down_e(h_e) ---------------------------------------------------------------------
 
-def _down_kernel(h_ref, wt_ref, acc_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked):
-    buf_refs, (o_ref,) = _experts(refs, K, stacked)
-    p = pl.program_id(0)
+def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked):
+    y_ref = refs[-1]
+    e, p = pl.program_id(0), pl.program_id(1)
     r = p * BR + jnp.arange(BR, dtype=jnp.int32)  # rows of down = columns of y
     row_ok = (r < D) if D % BR else None
     n_k = pl.cdiv(dn.Kp, BK)
     col_mask = dn.Kp % BK != 0  # h is written zero-padded up to Hw >= n_k * BK: its loads need no mask
     c = jnp.arange(Cp, dtype=jnp.int32)
+    mask = _and((c < C)[:, None], None if row_ok is None else row_ok[None, :])
+    idx = (e * C + c[:, None]) * D + r[None, :]
+    chosen = _chosen(wt_ref, e, C, Cp, K)
 
-    c_ok = c < C
-    mask = _and(c_ok[:, None], None if row_ok is None else row_ok[None, :])
-    idx = c[:, None] * D + r[None, :]
-    y = _load(acc_ref, idx, mask)
-    zeros = jnp.zeros((Cp, BR), jnp.float32)
-    for e in range(K):  # experts one after another, each added as soon as it is done (the reference's order)
-        def body(i, acc, e=e):
-            k0 = i * BK
-            if dn.fmt == "int8":
-                ht = [h_ref[e * Cp * Hw + c[:, None] * Hw + k0 + jnp.arange(BK, dtype=jnp.int32)[None, :]]]
-            else:
-                base = (e * Cp * Hw + c[:, None, None] * Hw + k0
-                        + jnp.arange(BK // RUN, dtype=jnp.int32)[None, :, None] * RUN
-                        + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :])
-                ht = [h_ref[base + half * GROUP].reshape(Cp, BK // 2) for half in (0, 1)]
-            return acc + _dot_chunk(ht, buf_refs[e], dn, r, k0, BK, row_ok, col_mask, dt)
+    def run(buf):
+        @pl.when(chosen)
+        def _():
+            def body(i, acc):
+                k0 = i * BK
+                if dn.fmt == "int8":
+                    ht = [h_ref[e * Cp * Hw + c[:, None] * Hw + k0 + jnp.arange(BK, dtype=jnp.int32)[None, :]]]
+                else:
+                    base = (e * Cp * Hw + c[:, None, None] * Hw + k0
+                            + jnp.arange(BK // RUN, dtype=jnp.int32)[None, :, None] * RUN
+                            + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :])
+                    ht = [h_ref[base + half * GROUP].reshape(Cp, BK // 2) for half in (0, 1)]
+                return acc + _dot_chunk(ht, buf, dn, r, k0, BK, row_ok, col_mask, dt)
 
-        acc_e = lax.fori_loop(0, n_k, body, zeros)
-        wt = plgpu.load(wt_ref.at[c * K + e], mask=c_ok, other=0)  # [Cp]
-        y = y + acc_e.astype(dt).astype(jnp.float32) * wt[:, None]
-    plgpu.store(o_ref.at[idx], y, mask=mask)
+            y = lax.fori_loop(0, n_k, body, jnp.zeros((Cp, BR), jnp.float32))
+            plgpu.store(y_ref.at[idx], y.astype(y_ref.dtype), mask=mask)  # rounded, as the reference's matmul
+
+    @pl.when(jnp.logical_not(chosen))
+    def _():  # zeros, not garbage: the caller weights every slot's y (0 * NaN would be NaN)
+        plgpu.store(y_ref.at[idx], jnp.zeros((Cp, BR), y_ref.dtype), mask=mask)
+
+    _program_expert(refs[:-1], K, stacked, run)
 
 
 # ---- entry point -------------------------------------------------------------------------------------
@@ -366,18 +391,27 @@ def experts_pallas(x_CD: jax.Array, bufs, wt_CK: jax.Array, acc_CD: jax.Array, *
     params = CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     common = dict(K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dt=dt, stacked=stacked)
 
+    wt = wt_CK.astype(jnp.float32).reshape(-1)
+    # Grid (slot, row tile): every slot's rows in parallel, enough programs for every SM to keep loads in
+    # flight; a slot no token chose returns at once.
     k1 = functools.partial(_gate_up_kernel, gu=gu, BF=BF, BK=BK1, **common)
     h = pl.pallas_call(
-        k1, grid=(Hw // BF,), out_shape=jax.ShapeDtypeStruct((K * Cp * Hw,), dt),
+        k1, grid=(K, Hw // BF), out_shape=jax.ShapeDtypeStruct((K * Cp * Hw,), dt),
         compiler_params=params, interpret=interpret, name="expert_gate_up",
-    )(x_CD.reshape(-1), *operands)
+    )(x_CD.reshape(-1), wt, *operands)
 
     k2 = functools.partial(_down_kernel, dn=dn, BR=BR2, BK=BK2, **common)
-    out = pl.pallas_call(
-        k2, grid=(pl.cdiv(D, BR2),), out_shape=jax.ShapeDtypeStruct((C * D,), jnp.float32),
-        input_output_aliases={2: 0}, compiler_params=params, interpret=interpret, name="expert_down",
-    )(h, wt_CK.astype(jnp.float32).reshape(-1), acc_CD.astype(jnp.float32).reshape(-1), *operands)
-    return out.reshape(C, D)
+    y = pl.pallas_call(
+        k2, grid=(K, pl.cdiv(D, BR2)), out_shape=jax.ShapeDtypeStruct((K * C * D,), dt),
+        compiler_params=params, interpret=interpret, name="expert_down",
+    )(h, wt, *operands)
+    # Each expert's output (rounded to x's dtype, as the reference's matmul) weighted and added in slot order,
+    # the reference's order: one small elementwise fusion over [K, C, D].
+    y_KCD = y.reshape(K, C, D).astype(jnp.float32)
+    out = acc_CD.astype(jnp.float32)
+    for e in range(K):
+        out = out + y_KCD[e] * wt_CK[:, e:e + 1].astype(jnp.float32)
+    return out
 
 
 __all__ = ["experts_pallas", "supported", "default_tiles", "token_pad", "Tiles", "MAX_TOKENS", "FORMATS"]
