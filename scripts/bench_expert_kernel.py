@@ -157,6 +157,9 @@ def main():
                    help="paths to time: xla (dequantize, then matmul), inline / grouped (multiply-reduce over the "
                         "quantized bytes, expert_ffn_matvec), kernel (Pallas)")
     p.add_argument("--sweep", type=int, default=1, help="1: tile sweep at C=1 after the table's timings")
+    p.add_argument("--tiles", nargs="+", default=[],
+                   help="the sweep's tiles instead of its defaults, each BF,BK1,BR2,BK2,warps,stages")
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1], help="tokens of the sweep's calls")
     p.add_argument("--budget", type=float, default=120,
                    help="seconds: no new row or sweep point starts past this (rows run C=1 first)")
     p.add_argument("--smoke", action="store_true", help="small shapes, kernels in the Pallas interpreter")
@@ -270,24 +273,26 @@ def main():
         fmt, experts, stack, kernel_ok, why = state[fmt_name]
         if not kernel_ok:
             continue
-        for K in chunk_sizes:
+        for K, C in [(K, C) for C in args.sweep_tokens for K in chunk_sizes]:
             R = E // K if args.smoke else min(E // K, max(1, -(-int(CHAIN_BYTES) // (K * fmt.nbytes))))
-            base = default_tiles(fmt_name, K, 1, F, D)
+            base = default_tiles(fmt_name, K, C, F, D)
             v = base.__dict__
             cands = [base, Tiles(**{**v, "num_stages": 4}), Tiles(**{**v, "num_stages": 2}),
                      Tiles(**{**v, "num_warps": 8}),
                      Tiles(**{**v, "BK1": base.BK1 * 2, "BK2": base.BK2 * 2}),  # 16K weights per step
                      Tiles(**{**v, "BF": 32, "BR2": 64}), Tiles(**{**v, "BR2": 16}),
                      Tiles(**{**v, "BK1": base.BK1 // 2, "BK2": base.BK2 // 2}), Tiles(**{**v, "num_warps": 2})]
+            if args.tiles:
+                cands = [base] + [Tiles(*map(int, t.split(","))) for t in args.tiles]
             if args.smoke:
                 cands = cands[:2]
-            h = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
-            idx = jnp.asarray(rng.permutation(E)[None], jnp.int32)  # every slot chosen
+            h = jnp.asarray(rng.standard_normal((C, D)), jnp.bfloat16)
+            idx = jnp.asarray(np.stack([rng.permutation(E) for _ in range(C)]), jnp.int32)  # every slot chosen
             w = jnp.full(idx.shape, 0.2, jnp.float32)
             ref = None
             for tiles in dict.fromkeys(cands):
                 if time.perf_counter() - t_start > args.budget:
-                    print(f"sweep {fmt_name} K={K}: budget reached", flush=True)
+                    print(f"sweep {fmt_name} K={K} C={C}: budget reached", flush=True)
                     break
                 try:
                     tiles.check(fmt_name)
@@ -298,11 +303,11 @@ def main():
                     if not err < 3e-2:
                         raise AssertionError(f"tiles {tiles}: rel. max error {err:.2e} against the default tiles")
                     t = median_time(lambda: f(h, w, idx, stack), reps) / R
-                    s_ = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "gpu_us": t * 1e6,
+                    s_ = {"fmt": fmt_name, "K": K, "C": C, "tiles": tiles.__dict__, "gpu_us": t * 1e6,
                           "gbps": K * fmt.nbytes / t / 1e9, "of_floor": K * fmt.nbytes / hbm / t,
                           "rel_err_vs_default": err}
                 except Exception as e:
-                    s_ = {"fmt": fmt_name, "K": K, "C": 1, "tiles": tiles.__dict__, "error": first_lines(e, 3)}
+                    s_ = {"fmt": fmt_name, "K": K, "C": C, "tiles": tiles.__dict__, "error": first_lines(e, 3)}
                 sweep.append(s_)
                 print("SWEEP " + json.dumps(s_), flush=True)
     del state
@@ -320,10 +325,10 @@ def main():
     print(f"\nHBM ceiling {ceil['hbm_gbps']:.0f} GB/s (copy {ceil['copy_gbps']:.0f}, read {ceil['read_gbps']:.0f}); "
           f"checks: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
     if sweep:
-        print("\n| fmt | K | tiles (BF, BK1, BR2, BK2, warps, stages) | gpu us | GB/s | of floor |\n| --- | ---: | --- | ---: | ---: | ---: |")
+        print("\n| fmt | K | C | tiles (BF, BK1, BR2, BK2, warps, stages) | gpu us | GB/s | of floor |\n| --- | ---: | ---: | --- | ---: | ---: | ---: |")
         for s in sweep:
             t = s["tiles"]
-            print(f"| {s['fmt']} | {s['K']} | {t['BF']}, {t['BK1']}, {t['BR2']}, {t['BK2']}, {t['num_warps']}, "
+            print(f"| {s['fmt']} | {s['K']} | {s['C']} | {t['BF']}, {t['BK1']}, {t['BR2']}, {t['BK2']}, {t['num_warps']}, "
                   f"{t['num_stages']} | {num(s.get('gpu_us'), '{:.1f}')} | {num(s.get('gbps'), '{:.0f}')} | "
                   f"{num(s.get('of_floor'), '{:.0%}')} |" + (f" {s['error'][:80]}" if "error" in s else ""))
     tags = ["xla"] + [t for t in ("inline", "grouped", "split", "kernel") if any(f"{t}_gpu_us" in r for r in rows)]

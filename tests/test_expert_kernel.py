@@ -56,6 +56,7 @@ CASES = [  # (fmt, F, D, C, K, tiles, stacked): F, D ragged against groups (32),
     ("int8", 48, 160, 17, 2, None, True),   # 17 tokens -> 32; two experts of a stack of 3, by id; default tiles
     ("int4", 40, 300, 1, 2, SMALL, False),  # D=300 -> 512 (two super-blocks), F=40 -> 256; two buffers
     ("int4", 64, 256, 5, 1, None, True),    # whole super-blocks, default tiles (the DeepSeek case's masks: tokens only)
+    ("int4", 40, 300, 3, 2, SMALL, True),   # 3 tokens -> 4, multiplied per token (no dot): the token mask
 ]
 
 
@@ -145,7 +146,9 @@ def test_paths():
     x1 = jnp.zeros((1, 64), jnp.bfloat16)
     many = jnp.zeros((MAX_TOKENS + 1, 64), jnp.bfloat16)
     on_gpu = jax.default_backend() == "gpu"
-    assert kernels.expert_path(x1, "int8", 32, 64, impl="auto") == "reference"  # measured no faster on the H200
+    assert kernels.expert_path(x1, "int8", 32, 64, impl="auto") == "reference"  # int8: XLA (and no GPU here)
+    assert kernels.expert_path(x1, "int4", 32, 64, impl="auto") == ("pallas" if on_gpu else "reference")
+    assert kernels.expert_path(jnp.zeros((3, 64), jnp.bfloat16), "int4", 32, 64, impl="auto") == "reference"
     assert kernels.expert_path(x1, "int4", 32, 64, impl="interpret") == "interpret"
     assert kernels.expert_path(x1, "int4", 32, 64, impl="pallas") == "pallas"
     assert kernels.expert_path(x1, "int4", 32, 64, impl="reference") == "reference"

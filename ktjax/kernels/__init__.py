@@ -22,6 +22,7 @@ package: reach the modules with `from ktjax.kernels.mla_decode import ...` (not 
 from __future__ import annotations
 
 import os
+import types
 
 import jax
 
@@ -98,14 +99,20 @@ def prefill_path(q_BTHK, v_BSHV, *, impl: str | None = None) -> str:
 
 def expert_path(x_CD, fmt_name: str, F: int, D: int, *, impl: str | None = None) -> str:
     """The path int8/int4 routed experts take on the device for tokens x_CD: "pallas" (the fused kernels of
-    `expert_ffn`), "interpret" or "reference" (dequantize whole matrices in XLA, then matmul). The kernels
-    cover 1..MAX_TOKENS tokens (decode); "auto" takes the reference: on the H200 the kernels measured
-    0.79-1.15x XLA's path for a full-size expert (1 and 32 tokens, 1 and 8 experts; 9-12% of HBM
-    bandwidth either way, benchmarks/kernels.md), and a program of many experts compiled very slowly."""
-    return _path(impl, _expert_mod.supported(x_CD, fmt_name, F, D), EXPERT_KERNEL_PAYS, x_CD)
+    `expert_ffn`), "interpret" or "reference" (XLA: a multiply-reduce over the quantized bytes at 1-2 tokens,
+    else whole matrices dequantized, then matmuls). The kernels cover 1..MAX_TOKENS tokens; "auto" takes them up
+    to EXPERT_KERNEL_MAX_TOKENS[format] tokens."""
+    pays = x_CD.shape[0] <= EXPERT_KERNEL_MAX_TOKENS.get(fmt_name, 0)
+    return _path(impl, _expert_mod.supported(x_CD, fmt_name, F, D), pays, x_CD)
 
 
-EXPERT_KERNEL_PAYS = False  # see expert_path
+# "auto" takes the expert kernels up to this many tokens, by format. Measured on the H200 (benchmarks/kernels.md,
+# expert kernel runs 2-4; offload.md runs 15-16). A decode step of 4 full-size MoE layers, int4, batch 1: 12.0 ms
+# with the kernels against 13.3 with XLA's multiply-reduce, in one run. A fused decode program pads its expert
+# slots to 2/4/8; the kernels skip a slot no token chose, XLA computes it. Per chunk of 8 experts, all chosen,
+# the two are close (1 token int4 449-495 against 468-504 us), and int8's kernel measured 392-638 against XLA's
+# 392-465 us: int8 keeps XLA's path.
+EXPERT_KERNEL_MAX_TOKENS = types.MappingProxyType({"int4": 2})
 
 
 def mla_decode(q_latent_BHL, q_rope_BHR, kv_latent_BTL, k_rope_BTR, lengths_B, *, sm_scale,
@@ -129,4 +136,4 @@ def mla_prefill(q_BTHK, k_BSHK, v_BSHV, q_start_B, *, sm_scale, impl: str | None
 
 __all__ = ["mla_decode", "mla_prefill", "mla_decode_reference", "mla_prefill_reference", "mla_prefill_blocked",
            "mla_decode_pallas", "mla_prefill_pallas", "IMPLS", "DEFAULT_IMPL", "impl_from_env", "on_gpu",
-           "decode_path", "prefill_path", "DECODE_MIN_SLOTS", "expert_path", "experts_pallas"]
+           "decode_path", "prefill_path", "DECODE_MIN_SLOTS", "expert_path", "EXPERT_KERNEL_MAX_TOKENS", "experts_pallas"]

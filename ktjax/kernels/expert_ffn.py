@@ -9,19 +9,19 @@ bitcast or copied in XLA before them; a layer's chunk of K experts is K buffers,
 
     y = acc + sum_e wt[:, e] * down_e(silu(gate_e x) * up_e x)          (x [C, D], C <= MAX_TOKENS)
 
-Two launches, whatever K:
+Two launches, whatever K, each over a grid (row tile, slot): every slot's rows run in parallel, and a slot no
+token chose (a fused program's padding, or an expert only other rows chose) returns at once, never read.
 
-1. `_gate_up_kernel`, grid (Hw / BF,): program p owns rows [p*BF, (p+1)*BF) of gate and of up (F + rows) of
-   every expert. For each expert in turn it loops over D in chunks of BK1: loads x[:, chunk] (tokens masked
-   up to Cp, a power of two >= 16, so Triton's dot has M >= 16; from L1/L2), the gate and up bytes of the
-   chunk (contiguous runs of 32 bytes per group: Triton pipelines them as 16-byte cp.async over num_stages
-   steps), their scales, dequantizes in float32 in GGUF's order of operations, rounds to x's dtype and
-   accumulates x @ w.T in float32. After the loop it rounds g and u to x's dtype (as the reference's matmuls
-   do), applies silu(g) * u in float32 and writes h [K, Cp, Hw] in x's dtype (padding rows/columns: zeros).
-2. `_down_kernel`, grid (cdiv(D, BR2),): program p owns rows [p*BR2, ...) of every expert's down. The same
-   loop over F (chunks of BK2) against h for each expert in turn, each added as it finishes:
-   out = acc + y_0 * wt_0 + y_1 * wt_1 + ... (each y rounded to x's dtype first, the reference's order) for
-   its columns of the [C, D] float32 output (aliased to acc).
+1. `_gate_up_kernel`: program (p, e) owns rows [p*BF, (p+1)*BF) of gate and of up (F + rows) of slot e's
+   expert. It loops over D in chunks of BK1: loads x[:, chunk] (from L1/L2), the gate and up bytes of the
+   chunk (contiguous runs of 32 bytes per group), their scales, dequantizes in float32 in GGUF's order of
+   operations, rounds to x's dtype and accumulates x @ w.T in float32: up to FEW_TOKENS tokens as a
+   multiply and sum per token, beyond as Triton's dot with the tokens padded to >= 16 (its weight loads are
+   then 16-byte cp.async pipelined over num_stages steps). After the loop it rounds g and u to x's dtype (as
+   the reference's matmuls do), applies silu(g) * u in float32 and writes h [K, Cp, Hw] in x's dtype.
+2. `_down_kernel`: program (p, e) owns rows [p*BR2, ...) of slot e's down: the same loop over F (chunks of
+   BK2) against h, written as y [K, C, D] in x's dtype (the reference's rounding; zeros for a slot nobody
+   chose). XLA then adds acc + y_0 * wt_0 + y_1 * wt_1 + ... in slot order, the reference's order.
 
 Dequantization (as `quant.dequantize_*`, float32):
     int8: w = float(q) * float(f16 scale)                   (scale from its two bytes, bitcast)
@@ -34,9 +34,11 @@ Ragged shapes: rows past R and columns past the padded width are masked (loaded 
 x's columns past D are masked, so the layout's zero padding never contributes. For DeepSeek-V3 sizes
 (F=2048, D=7168) the default tiles divide everything and no mask is compiled except the token one.
 
-Status: checked in the Pallas interpreter (tests/test_expert_kernel.py) and compiled offline for sm_90a
-(scripts/expert_kernel_ptx.py: 16-byte cp.async for the weights, mma.sync bf16, no spills); not yet run or
-tuned on the H200 (scripts/bench_expert_kernel.py measures it against the XLA path and sweeps tiles).
+Status: checked in the Pallas interpreter (tests/test_expert_kernel.py), compiled offline for sm_90a
+(scripts/expert_kernel_ptx.py) and measured on the H200 (scripts/bench_expert_kernel.py, benchmarks/kernels.md):
+at 1-2 tokens about as fast as XLA's multiply-reduce per chosen expert (~12-14% of HBM bandwidth either way,
+whatever the tiles: the dequantization's instructions are the likely limit, not the loads), faster in the model
+because padding slots are skipped; "auto" takes them for int4 at 1-2 tokens (`ktjax.kernels.EXPERT_KERNEL_MAX_TOKENS`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ from jax.experimental import pallas as pl
 from ktjax.kernels.tiles import MIN_TILE, CompilerParams, dot_t, is_pow2, plgpu
 
 MAX_TOKENS = 64  # the kernels are for decode: more tokens per expert take the XLA path (a real GEMM)
+# Up to this many tokens a weight tile is multiplied and summed per token instead of fed to a dot padded to 16
+# tokens: the padded x tile's loads cost as many instructions as the weights' (H200: 5-14% of HBM bandwidth).
+FEW_TOKENS = 4
 FORMATS = ("int8", "int4")
 GROUP, SUPER, RUN = 32, 256, 64  # quant.GROUP, quant.SUPER; int4 bytes come in runs of 64 values
 
@@ -80,24 +85,30 @@ class Tiles:
 
 
 def token_pad(C: int) -> int:
-    """Tokens as the kernels compute them: a power of two >= 16 (Triton's dot needs M >= 16)."""
-    return max(MIN_TILE, pl.next_power_of_2(C))
+    """Tokens as the kernels compute them: a power of two, up to FEW_TOKENS as they are (each weight tile is
+    multiplied and summed per token), beyond it >= 16 (Triton's dot needs M >= 16)."""
+    return pl.next_power_of_2(C) if C <= FEW_TOKENS else max(MIN_TILE, pl.next_power_of_2(C))
 
 
 def default_tiles(fmt: str, K: int, C: int, F: int, D: int) -> Tiles:
-    """Tiles for K experts and C tokens (the same for every K: the experts of a chunk run one after another in
-    each program). Per loop step a program dequantizes 8K weights (8 KB of int8 / 4 KB of int4 bytes, which
-    Triton pipelines with 16-byte cp.async over num_stages steps): compiled offline with Triton 3.9 for sm_90a,
-    DeepSeek sizes, bf16, 4 warps, that is 140-170 registers and no spills, where 16K weights per step spill.
-    The x/h tile Cp x BK stays within 16K elements. Programs: F=2048 -> 128 of 16 gate+up rows, D=7168 -> 224 of 32 down rows (~132 SMs).
-    Untuned on the GPU: scripts/bench_expert_kernel.py sweeps around these."""
+    """Tiles for K experts and C tokens (the same for every K: each program computes one expert's row tile).
+
+    Up to FEW_TOKENS tokens (no dot): BK 1024 weights per loop step for int4, 512 for int8, measured best on the
+    H200 among 11 tilings (benchmarks/kernels.md, expert kernel run 3: 8 experts, 1 and 2 tokens).
+    Beyond (Triton's dot): 8K weights per loop step (8 KB of int8 / 4 KB of int4 bytes, pipelined as 16-byte
+    cp.async over num_stages steps); compiled offline with Triton 3.9 for sm_90a, DeepSeek sizes, bf16, 4 warps,
+    that is 140-170 registers and no spills, where 16K weights per step spill. The x/h tile Cp x BK stays within
+    16K elements."""
     Cp = token_pad(C)
     unit = RUN if fmt == "int4" else GROUP
     BF, BR2 = 16, 32
 
     def chunk(rows_per_expert, cols):
-        bk = min(8192 // rows_per_expert, 16384 // Cp, 1024,
-                 pl.next_power_of_2(-(-cols // unit) * unit))  # no wider than the (padded) row
+        if C <= FEW_TOKENS:
+            bk = 1024 if fmt == "int4" else 512
+        else:
+            bk = min(8192 // rows_per_expert, 16384 // Cp, 1024)
+        bk = min(bk, pl.next_power_of_2(-(-cols // unit) * unit))  # no wider than the (padded) row
         bk = 1 << max(bk, 1).bit_length() - 1
         return max(bk, unit, MIN_TILE)
 
@@ -253,7 +264,11 @@ def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt)
         ws = _dequant_int4(buf_ref, m, rows, k0, BK, row_ok, col_mask)
     acc = None
     for xt, w in zip(x_tiles, ws):
-        y = dot_t(xt, w.astype(dt))
+        w = w.astype(dt)
+        if xt.shape[0] <= FEW_TOKENS:  # [Cp, 1, BK] * [1, BR, BK] summed over BK, in float32 as the dot accumulates
+            y = jnp.sum(xt.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None, :, :], axis=2)
+        else:
+            y = dot_t(xt, w)
         acc = y if acc is None else acc + y
     return acc
 
@@ -261,10 +276,11 @@ def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt)
 # ---- the program's expert ----------------------------------------------------------------------------
 
 def _program_expert(refs, K, stacked, run):
-    """Run `run(buf)` for this program's expert (grid axis 0: the chunk's slot e) if any token chose it; returns
-    the refs after the experts'. Stacked: the expert is row ids[e] of the stack. Separate buffers: one branch per
-    slot (a program can only name its operand statically), each taken by the programs of its slot only."""
-    e = pl.program_id(0)
+    """Run `run(buf)` for this program's expert (grid axis 1: the chunk's slot e); returns the refs after the
+    experts'. Stacked: the expert is row ids[e] of the stack. Separate buffers: one branch per slot (a program
+    can only name its operand statically), each taken by the programs of its slot only. The slot is the slower
+    grid axis, so the programs running at once mostly share one branch's code."""
+    e = pl.program_id(1)
     if stacked:
         ids_ref, stack_ref = refs[:2]
         run(_Buf(stack_ref, ids_ref[e]))
@@ -286,7 +302,7 @@ def _chosen(wt_ref, e, C, Cp, K):
 
 def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked):
     h_ref = refs[-1]
-    e, p = pl.program_id(0), pl.program_id(1)
+    p, e = pl.program_id(0), pl.program_id(1)
     f = p * BF + jnp.arange(BF, dtype=jnp.int32)  # rows of gate (up: F + f)
     row_ok = (f < F) if Hw != F or F % BF else None
     n_k = pl.cdiv(gu.Kp, BK)
@@ -318,7 +334,7 @@ def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, B
 
 def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked):
     y_ref = refs[-1]
-    e, p = pl.program_id(0), pl.program_id(1)
+    p, e = pl.program_id(0), pl.program_id(1)
     r = p * BR + jnp.arange(BR, dtype=jnp.int32)  # rows of down = columns of y
     row_ok = (r < D) if D % BR else None
     n_k = pl.cdiv(dn.Kp, BK)
@@ -392,17 +408,17 @@ def experts_pallas(x_CD: jax.Array, bufs, wt_CK: jax.Array, acc_CD: jax.Array, *
     common = dict(K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dt=dt, stacked=stacked)
 
     wt = wt_CK.astype(jnp.float32).reshape(-1)
-    # Grid (slot, row tile): every slot's rows in parallel, enough programs for every SM to keep loads in
+    # Grid (row tile, slot): every slot's rows in parallel, enough programs for every SM to keep loads in
     # flight; a slot no token chose returns at once.
     k1 = functools.partial(_gate_up_kernel, gu=gu, BF=BF, BK=BK1, **common)
     h = pl.pallas_call(
-        k1, grid=(K, Hw // BF), out_shape=jax.ShapeDtypeStruct((K * Cp * Hw,), dt),
+        k1, grid=(Hw // BF, K), out_shape=jax.ShapeDtypeStruct((K * Cp * Hw,), dt),
         compiler_params=params, interpret=interpret, name="expert_gate_up",
     )(x_CD.reshape(-1), wt, *operands)
 
     k2 = functools.partial(_down_kernel, dn=dn, BR=BR2, BK=BK2, **common)
     y = pl.pallas_call(
-        k2, grid=(K, pl.cdiv(D, BR2)), out_shape=jax.ShapeDtypeStruct((K * C * D,), dt),
+        k2, grid=(pl.cdiv(D, BR2), K), out_shape=jax.ShapeDtypeStruct((K * C * D,), dt),
         compiler_params=params, interpret=interpret, name="expert_down",
     )(h, wt, *operands)
     # Each expert's output (rounded to x's dtype, as the reference's matmul) weighted and added in slot order,

@@ -135,9 +135,10 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
 
 def fused_slots(n: int) -> int:
     """The expert slots of a fused MoE program for n chosen experts: 2, 4 or 8 up to FUSED_MAX_EXPERTS,
-    powers of two beyond. A padded slot computes as much as a real one (~60 us for a full-size int4
-    expert at one token), but each variant is a compile that a serving batch meets mid-stream the
-    first time (bench_serve run 4: 1-2 s stalls with six slot sizes), so few sizes."""
+    powers of two beyond. Each variant is a compile that a serving batch meets mid-stream the first time
+    (bench_serve run 4: 1-2 s stalls with six slot sizes), so few sizes. A padded slot costs nothing where
+    the expert kernels run (they skip a slot no token chose); XLA's path computes it (~60 us for a
+    full-size int4 expert at one token)."""
     return max(2, pow2(n))
 
 
