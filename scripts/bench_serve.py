@@ -14,7 +14,7 @@ DeepSeek's 129280: the LM head is then ~0.8 ms cheaper per step, on both sides a
 
 The child first times the engine's decode step (the executor directly, as bench_offload.py does) at
 each batch size, and at each of them the server's own step without the HTTP side (`DecodeBatch.decode`
-in the max-batch slots, the other rows free, from a thread as the scheduler runs it), both after B
+in the max-batch slots, the other rows free, on the main thread as `ktjax serve` runs it), both after B
 prompts of random ids like the requests' were prefilled (routing, hence the experts a step moves,
 depends on the tokens; experts per step are printed for all three), then serves the model with
 `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop. The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
@@ -157,19 +157,19 @@ def engine_decode(model, batches: list[int], steps: int, prompt_tokens: int, dea
             f"{B / row['step_s']:.1f} tok/s, experts/step {row['experts_per_step']}; each segment waited for (ms): "
             + ", ".join(f"{k} {v:.2f}" for k, v in row["segments_ms"].items()))
     # The server's own step without the HTTP side: its DecodeBatch in the max_batch slots, B of them in use,
-    # stepped from a thread of its own as the scheduler steps it.
-    from concurrent.futures import ThreadPoolExecutor
+    # stepped on this (the main) thread, as `ktjax serve` runs its scheduler's loop.
     if slots > 1 and time.perf_counter() < deadline:
-        with ThreadPoolExecutor(1) as pool:
-            out.update(pool.submit(_slots_rows, model, [B for B in batches if B <= slots], max_len, prompt_tokens,
-                                   warm, steps, deadline).result())
+        out.update(_slots_rows(model, [B for B in batches if B <= slots], max_len, prompt_tokens, warm, steps,
+                               deadline))
     return out
 
 
 def host_kernels_by_thread(model, calls: int = 40, per_call: int = 2) -> dict:
     """The host kernels on `per_call` experts per call (distinct experts call after call, 1 ms apart as a
-    step's GPU work spaces them) from the main thread and from a thread of its own, as the engine rows and
-    the server's scheduler call them: median ms per call. Empty where no expert is computed on the host."""
+    step's GPU work spaces them) from the main thread (where the engine rows and, since run 15, the server's
+    loop call them) and from a thread of its own (where the server's loop called them until then, and numba's
+    OpenMP keeps a second pool of threads: `ktjax.serve.scheduler`): median ms per call. Empty where no expert
+    is computed on the host."""
     import numpy as np
     ex = model.executor
     if getattr(ex, "host", None) is None:
@@ -269,7 +269,7 @@ def _slots_rows(model, batches, max_len, prompt_tokens, warm, steps, deadline) -
                                     "steps_ms": [round(t * 1e3, 2) for t in times],
                                     "host_cpu_s_per_step": float(np.median([sum(s.host_cpu_seconds) for s in stats])),
                                     "experts_per_step": _experts(stats)}
-        log(f"child: slots_b{B} (DecodeBatch.decode in {slots} slots, from a thread): {step * 1e3:.1f} ms/step, of "
+        log(f"child: slots_b{B} (DecodeBatch.decode in {slots} slots, on the main thread): {step * 1e3:.1f} ms/step, of "
             f"which the executor {inner * 1e3:.1f} (host CPU {row['host_cpu_s_per_step'] * 1e3:.1f}), {B / step:.1f} "
             f"tok/s, experts/step {row['experts_per_step']}")
         del batch
@@ -396,7 +396,7 @@ def child(args) -> int:
     model = build_model(args)
     log(f"child: model built in {time.perf_counter() - t:.1f} s: {model!r}")
     serve_by = T_START + args.serve_by  # the driver waits this long for /health (less a margin)
-    # Where the scheduler's thread could make the host kernels slower (serve.md, run 13): timed at the start
+    # Whether a second calling thread makes the host kernels slower (serve.md, runs 13-14): timed at the start
     # and again just before serving.
     probe_start = host_kernels_by_thread(model)
     log(f"child: host kernels, 2 experts per call, by calling thread (ms per call): {probe_start}")
@@ -778,7 +778,7 @@ def driver(args) -> int:
     probe = engine.get("host_kernels_by_thread", {})
     if probe.get("at_start") and probe.get("before_serving"):
         lines.append("- the host kernels on 2 experts per call, ms per call from the main thread / a thread of its own "
-                     "(the server's scheduler calls them from one): at the start " + " / ".join(
+                     "(the server's loop calls them from the main thread): at the start " + " / ".join(
                          f"{probe['at_start'][k]:.2f}" for k in ("main_thread_ms", "own_thread_ms")) +
                      ", before serving " + " / ".join(f"{probe['before_serving'][k]:.2f}"
                                                       for k in ("main_thread_ms", "own_thread_ms")))

@@ -478,6 +478,20 @@ def test_queue_bound_then_disconnects_free_every_slot_for_reuse(server, client, 
     assert texts == [solo[p].text for p in PROMPTS[:SLOTS]]
 
 
+def test_a_port_in_use_ends_the_second_server_with_an_error_instead_of_a_model_loop_serving_nobody(server):
+    """The model's loop runs on the main thread and uvicorn on another: when uvicorn cannot bind, the loop
+    must stop too, and the process exit with 1 and uvicorn's reason (not hang, holding the model)."""
+    port = server[1].rsplit(":", 1)[1]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "ktjax.cli.main", "serve", "--port", port, "--max-batch", "1",
+                           "--max-context", "64", "--dtype", "float32", "--log-level", "warning"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    get(server[1], "/health")  # the first server still serves
+
+
 def test_ctrl_c_ends_open_streams_and_stops_the_server_cleanly(server, client):
     proc, _, log = server
     stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)

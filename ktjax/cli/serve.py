@@ -90,7 +90,11 @@ def with_serving_threads(model):
 
 def serve(model, args) -> int:
     """Serve a loaded model with the options `ktjax serve` parsed (also used by scripts/bench_serve.py,
-    which builds its model in memory) until Ctrl-C / SIGTERM."""
+    which builds its model in memory) until Ctrl-C / SIGTERM. The model's loop runs on this thread (the
+    main one, which loaded the model: see `ktjax.serve.scheduler` for why), uvicorn on another."""
+    import signal
+    import threading
+
     import uvicorn
 
     from ktjax.serve.app import ServeConfig, create_app
@@ -105,13 +109,35 @@ def serve(model, args) -> int:
           "(33 s for DeepSeek-V3's layers offloaded on an H200; uvicorn's 'Application startup complete' follows)",
           file=sys.stderr)
     scheduler = Scheduler(model, max_queue=config.max_queue, max_prefill_tokens=args.max_prefill_tokens)
+    server = uvicorn.Server(uvicorn.Config(create_app(model, config, scheduler, start_scheduler=False),
+                                           host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    signals: list[int] = []
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            # Open streams end now (with an error saying why) instead of holding the shutdown.
-            scheduler.stop_soon()
-            super().handle_exit(sig, frame)
+    def handle_exit(sig, frame):
+        # Open streams end at the next step boundary (with an error saying why) instead of holding the
+        # shutdown; a second Ctrl-C makes uvicorn stop without waiting for its connections.
+        signals.append(sig)
+        scheduler.stop_soon()
+        server.handle_exit(sig, frame)
 
-    Server(uvicorn.Config(create_app(model, config, scheduler), host=args.host, port=args.port,
-                          log_level=args.log_level, timeout_graceful_shutdown=5)).run()
-    return 0
+    def http():
+        try:
+            server.run()  # in a thread uvicorn installs no signal handlers: this thread's are the ones above
+        finally:
+            scheduler.stop_soon()  # the server ended (or never started: a port in use): so does the model's loop
+
+    on_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = {sig: signal.signal(sig, handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
+    thread = threading.Thread(target=http, name="ktjax-serve-http")
+    try:
+        thread.start()
+        scheduler.run()
+    finally:
+        server.should_exit = True
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signals:  # as uvicorn does on the main thread: the signal's own effect once shut down (Ctrl-C: exit 130)
+        signal.raise_signal(signals[0])
+    return 0 if server.started else 1

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/chat/completions, /v1/completions,
-streamed as server-sent events or not, and /health. Generation happens on the scheduler's thread;
-a handler only renders the prompt, submits it, and relays its events."""
+streamed as server-sent events or not, and /health. Generation happens on the model's thread (the
+scheduler's loop); a handler only renders the prompt, submits it, and relays its events."""
 
 from __future__ import annotations
 
@@ -52,17 +52,23 @@ class Prepared:
     ignore_eos: bool = False
 
 
-def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | None = None) -> FastAPI:
-    """The app; it starts the scheduler (owning `model`) with its lifespan and stops it after."""
+def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | None = None, *,
+               start_scheduler: bool = True) -> FastAPI:
+    """The app. With start_scheduler, its lifespan starts the scheduler (owning `model`) on a thread of its
+    own and stops it after; without, the caller runs `scheduler.run()` on a thread of its choosing (`ktjax
+    serve`: the main thread) and the app waits for it to be ready, then tells it to stop at shutdown."""
     scheduler = scheduler or Scheduler(model, max_queue=config.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(scheduler.start)
+        await asyncio.to_thread(scheduler.start if start_scheduler else scheduler.wait_ready)
         try:
             yield
         finally:
-            await asyncio.to_thread(scheduler.stop)
+            if start_scheduler:
+                await asyncio.to_thread(scheduler.stop)
+            else:
+                scheduler.stop_soon()
 
     app = FastAPI(title="ktjax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -211,7 +217,7 @@ def create_app(model: LoadedModel, config: ServeConfig, scheduler: Scheduler | N
 
 
 class Events:
-    """A request's events as the scheduler's thread sends them, and whether its client is still there
+    """A request's events as the model's thread sends them, and whether its client is still there
     (a waiting request sends nothing, so a client that left is noticed by asking, every
     DISCONNECT_POLL_S)."""
 

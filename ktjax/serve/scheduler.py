@@ -1,5 +1,17 @@
 """Continuous batching: one thread owns the model and steps a decode batch of fixed slots.
 
+Which thread: `ktjax serve` runs the loop (`Scheduler.run`) on the process's main thread, the one that loaded
+the model, and the HTTP server in another. The host CPU's expert kernels are numba parallel loops; under
+OpenMP (numba's threading layer where libgomp is present) every thread that starts parallel loops keeps a
+pool of worker threads of its own, and while two pools live the loops run slower (likely libgomp's rule
+that idle threads spin less once the process holds more of them than it has CPUs, so each loop waits for
+sleeping threads to wake). So the kernels run on one thread only, the one that measured their rates at
+load. Measured: on the dev box's 2 cores a small parallel loop took 164-192 us from a second thread while
+the main thread's pool lived, 143-155 us from either alone; on the H200 the kernels took 5-15% longer per
+call from a second thread, and the server's steps (on a second thread then) ~30-40% longer per host expert
+than the engine's (benchmarks/serve.md, run 14).
+`Scheduler.start` runs the loop on a thread of its own instead (tests, embedding in another program).
+
 The batch has the shape the model was loaded for (`max_batch` rows, a cache of the whole context).
 Each decode step runs the slots in use in the smallest power-of-two batch that holds them
 (`DecodeBatch.decode`: one request pays for one row, not for the free ones); every such size is
@@ -92,7 +104,7 @@ class Event:
 
 class Request:
     """One generation: its prompt, options, and where its events go (`emit` is called from the
-    scheduler's thread)."""
+    model's thread)."""
 
     def __init__(self, prompt_ids: list[int], opts: SamplingOptions, emit: Callable[[Event], None], *,
                  ignore_eos: bool = False):
@@ -110,7 +122,8 @@ class Request:
 
 
 class Scheduler:
-    """Owns the model from its own thread. submit() and cancel() may be called from any thread."""
+    """Owns the model from the thread that runs its loop (`run`, or `start` for a thread of its own).
+    submit() and cancel() may be called from any thread."""
 
     def __init__(self, model: LoadedModel, *, max_queue: int = 64, max_prefill_tokens: int | None = None,
                  admission_window: float | None = None):
@@ -147,16 +160,21 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ktjax-serve-scheduler", daemon=True)
+        self._thread: threading.Thread | None = None
 
     # --- any thread ---
 
     def start(self) -> Scheduler:
-        """Start the model's thread; returns once its decode step is compiled (the first request
+        """Run the loop on a thread of its own; returns once its decode step is compiled (the first request
         then waits only for its prompt's prefill)."""
+        self._thread = threading.Thread(target=self.run, name="ktjax-serve-scheduler", daemon=True)
         self._thread.start()
         self._ready.wait()
         return self
+
+    def wait_ready(self) -> None:
+        """Block until the loop (run elsewhere) has compiled its decode step."""
+        self._ready.wait()
 
     def stop_soon(self) -> None:
         """Take no new requests, and end the open ones at the next step boundary (safe in a signal
@@ -167,7 +185,7 @@ class Scheduler:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         self.stop_soon()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
     def check(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -205,9 +223,11 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    # --- the scheduler's thread ---
+    # --- the model's thread ---
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop, on the calling thread, until `stop_soon`: compiles the decode step at every batch size,
+        then admits, prefills and steps; at the end, the requests still open get an error saying why."""
         batch = None
         try:
             with self.model.lock:
