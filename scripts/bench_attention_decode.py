@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_offload import median_time  # noqa: E402 (one warm-up call, then the median)
 from fullsize import fullsize_config, random_state  # noqa: E402
 
 from ktjax.config import ModelConfig  # noqa: E402
@@ -55,21 +55,11 @@ def chained(piece, x, reps: int):
     return run
 
 
-def timed(f, reps: int) -> float:
-    jax.block_until_ready(f())
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def hbm_read_gbps(tiny: bool) -> float:
     n = (1 << 20) if tiny else (1 << 30)
     a = jnp.ones((n,), jnp.float32)
     f = jax.jit(lambda a: a.sum())
-    return 4 * n / timed(lambda: f(a), 5 if tiny else 20) / 1e9
+    return 4 * n / median_time(lambda: f(a), 5 if tiny else 20) / 1e9
 
 
 def main() -> int:
@@ -144,9 +134,9 @@ def main() -> int:
             row = {"context": ctx, "piece": name, "bytes": moved, "floor_us": moved / hbm * 1e6}
             try:
                 run = chained(piece, arg, reps)
-                row["chained_us"] = timed(lambda: run(arg), 3 if args.tiny else 10) / reps * 1e6
+                row["chained_us"] = median_time(lambda: run(arg), 3 if args.tiny else 10) / reps * 1e6
                 f = jax.jit(piece)
-                row["call_us"] = timed(lambda: f(arg), reps) * 1e6
+                row["call_us"] = median_time(lambda: f(arg), reps) * 1e6
                 row["of_floor"] = row["floor_us"] / row["chained_us"]
             except Exception as e:  # report and go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
