@@ -57,7 +57,7 @@ MAX_TOKENS = 64  # the kernels are for decode: more tokens per expert take the X
 # Up to this many tokens a weight tile is multiplied and summed per token instead of fed to a dot padded to 16
 # tokens. On the H200 the two measured within 10% of each other at their best tiles (8 experts, 1 token: int4
 # 495 against 461 us, int8 392 against 414; benchmarks/kernels.md runs 2-3), the per-token form with fewer
-# registers (72-128 against 178-251 per thread, compiled offline) and no loads for 15 padding tokens.
+# registers (64-128 against 128-251 per thread, compiled offline) and no loads for 15 padding tokens.
 FEW_TOKENS = 4
 FORMATS = ("int8", "int4")
 GROUP, SUPER, RUN = 32, 256, 64  # quant.GROUP, quant.SUPER; int4 bytes come in runs of 64 values
