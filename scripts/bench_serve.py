@@ -17,7 +17,8 @@ each batch size, and at each of them the server's own step without the HTTP side
 in the max-batch slots, the other rows free, on the main thread as `ktjax serve` runs it), both after B
 prompts of random ids like the requests' were prefilled (routing, hence the experts a step moves,
 depends on the tokens; experts per step are printed for all three), then serves the model with
-`ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop. The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
+`ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop, then times the engine's batch-1 step once
+more (this machine drifts by more than the ratio's margin within a run). The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
 streaming /v1/completions at once (a warm-up round first, which compiles the prefill shapes), each a
 fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
 
@@ -131,10 +132,12 @@ def build_model(args):
                        path=None)
 
 
-def engine_decode(model, batches: list[int], steps: int, prompt_tokens: int, deadline: float, warm: int) -> dict:
-    """The executor's decode step timed directly at each batch size (a cache of B rows), then the server's
-    own step at each (`DecodeBatch.decode` in the max_batch slots, B of them in use), each after B prompts of
-    random ids were prefilled, as the driver's requests bring: median step, tokens/s, experts per step."""
+def engine_decode(model, batches: list[int], steps: int, prompt_tokens: int, deadline: float, warm: int,
+                  slots_rows: bool = True) -> dict:
+    """The executor's decode step timed directly at each batch size (a cache of B rows), then (slots_rows) the
+    server's own step at each (`DecodeBatch.decode` in the max_batch slots, B of them in use), each after B
+    prompts of random ids were prefilled, as the driver's requests bring: median step, tokens/s, experts per
+    step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -158,7 +161,7 @@ def engine_decode(model, batches: list[int], steps: int, prompt_tokens: int, dea
             + ", ".join(f"{k} {v:.2f}" for k, v in row["segments_ms"].items()))
     # The server's own step without the HTTP side: its DecodeBatch in the max_batch slots, B of them in use,
     # stepped on this (the main) thread, as `ktjax serve` runs its scheduler's loop.
-    if slots > 1 and time.perf_counter() < deadline:
+    if slots_rows and slots > 1 and time.perf_counter() < deadline:
         out.update(_slots_rows(model, [B for B in batches if B <= slots], max_len, prompt_tokens, warm, steps,
                                deadline))
     return out
@@ -427,9 +430,17 @@ def child(args) -> int:
                                "--max-queue", "64", "--served-model-name", MODEL_ID, "--log-level", "warning"])
     try:
         serve_cli.serve(model, sargs)
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled
+    except KeyboardInterrupt:  # the server re-raises the Ctrl-C it handled
         pass
     print("child: server stopped", flush=True)
+    # The engine's batch-1 step again, after serving: this machine drifts by more than the ratio's margin within a
+    # run (serve.md, runs 11-14), and the engine rows above ran minutes before the server's.
+    after = engine_decode(model, [1], args.engine_steps, args.prompt_tokens, time.perf_counter() + 30,
+                          3 if args.smoke else 5, slots_rows=False)
+    with open(args.engine_json + ".after", "w") as f:
+        json.dump(after, f, indent=1)
+    if "engine_b1" in after:
+        log(f"child: engine_b1 after serving: {after['engine_b1']['step_s'] * 1e3:.1f} ms/step")
     return 0
 
 
@@ -636,8 +647,9 @@ def driver(args) -> int:
         elif not total:
             log("nvidia-smi gave no GPU size: the budget is the placement plan's only, not the allocator's")
     engine_json = os.path.join(args.out, "engine.json")
-    if os.path.exists(engine_json):
-        os.remove(engine_json)
+    for stale in (engine_json, engine_json + ".after"):
+        if os.path.exists(stale):
+            os.remove(stale)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--port", str(port), "--engine-json", engine_json,
            "--child-timeout", str(int(args.deadline + 60)), "--engine-budget", str(args.engine_budget),
            "--serve-by", str(int(args.startup_timeout - 30)),
@@ -739,11 +751,11 @@ def driver(args) -> int:
             print("server.log, last lines:\n" + "".join(f.readlines()[-40:]), flush=True)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: the server's own clean shutdown
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: the server's own clean shutdown, then the engine once more
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=75)
             except subprocess.TimeoutExpired:
-                log("the server did not stop in 30 s: killed")
+                log("the child did not end in 75 s: killed")
                 proc.kill()
                 proc.wait(timeout=10)
         pumper.join(timeout=5)
@@ -753,6 +765,9 @@ def driver(args) -> int:
             result["engine"] = json.load(f)
     else:
         log("no engine measurement (the child failed before it finished; see server.log)")
+    if os.path.exists(engine_json + ".after"):
+        with open(engine_json + ".after") as f:
+            result["engine_after_serving"] = json.load(f)
     engine = result["engine"]
     md = table(levels, engine, args.max_batch)
     result["levels"] = {str(c): m for c, m in levels.items()}
@@ -782,6 +797,11 @@ def driver(args) -> int:
                          f"{probe['at_start'][k]:.2f}" for k in ("main_thread_ms", "own_thread_ms")) +
                      ", before serving " + " / ".join(f"{probe['before_serving'][k]:.2f}"
                                                       for k in ("main_thread_ms", "own_thread_ms")))
+    before, after = engine.get("engine_b1", {}), result.get("engine_after_serving", {}).get("engine_b1", {})
+    if before.get("step_s") and after.get("step_s"):
+        lines.append(f"- the engine's batch-1 step before / after serving: {before['step_s'] * 1e3:.1f} / "
+                     f"{after['step_s'] * 1e3:.1f} ms (host CPU {before['host_cpu_s_per_step'] * 1e3:.1f} / "
+                     f"{after['host_cpu_s_per_step'] * 1e3:.1f} ms): the machine's drift over the run")
     st = result.get("staggered")
     if st:
         lines.append(f"- staggered arrivals ({st['requests']} requests, one every {st['gap_s']:.2f} s): ITL p50 / p99 / "
