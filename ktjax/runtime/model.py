@@ -105,6 +105,11 @@ class Executor(Protocol):
         the rows that matter; an executor may skip work for the others (offloaded: their experts are
         not moved), whose tokens are then garbage."""
 
+    def compile_decode(self, batch: int) -> int:
+        """Run once every program a decode step of `batch` rows may meet beyond the ones its shape decides
+        (offloaded: the fused MoE programs each routing split takes), so that a server's streams never wait
+        for a compile mid-stream; returns how many ran (resident: 0, its step is one program)."""
+
     def logits(self, tokens_BT: np.ndarray) -> jax.Array:
         """float32 logits [B, T, V] of a full forward pass from position 0."""
 

@@ -226,8 +226,7 @@ class DecodeBatch:
             self.decode(np.arange(B) < n)
         # An offloaded step of one row also meets programs by its routing (how many experts on each path);
         # wider batches rarely choose few enough experts for those (`moe_block.FUSED_MAX_EXPERTS`).
-        if hasattr(self.executor, "compile_decode"):
-            self.executor.compile_decode(1)
+        self.executor.compile_decode(1)
 
 
 class Admission:
