@@ -158,7 +158,7 @@ def main():
                         "quantized bytes, expert_ffn_matvec), kernel (Pallas)")
     p.add_argument("--sweep", type=int, default=1, help="1: tile sweep at C=1 after the table's timings")
     p.add_argument("--tiles", nargs="+", default=[],
-                   help="the sweep's tiles instead of its defaults, each BF,BK1,BR2,BK2,warps,stages")
+                   help="the sweep's tiles instead of its defaults, each BF,BK1,BR2,BK2,warps,stages[,vector_scales 0/1]")
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=[1], help="tokens of the sweep's calls")
     p.add_argument("--budget", type=float, default=120,
                    help="seconds: no new row or sweep point starts past this (rows run C=1 first)")
@@ -325,11 +325,11 @@ def main():
     print(f"\nHBM ceiling {ceil['hbm_gbps']:.0f} GB/s (copy {ceil['copy_gbps']:.0f}, read {ceil['read_gbps']:.0f}); "
           f"checks: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
     if sweep:
-        print("\n| fmt | K | C | tiles (BF, BK1, BR2, BK2, warps, stages) | gpu us | GB/s | of floor |\n| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+        print("\n| fmt | K | C | tiles (BF, BK1, BR2, BK2, warps, stages, vector scales) | gpu us | GB/s | of floor |\n| --- | ---: | ---: | --- | ---: | ---: | ---: |")
         for s in sweep:
             t = s["tiles"]
             print(f"| {s['fmt']} | {s['K']} | {s['C']} | {t['BF']}, {t['BK1']}, {t['BR2']}, {t['BK2']}, {t['num_warps']}, "
-                  f"{t['num_stages']} | {num(s.get('gpu_us'), '{:.1f}')} | {num(s.get('gbps'), '{:.0f}')} | "
+                  f"{t['num_stages']}, {int(t.get('vector_scales', False))} | {num(s.get('gpu_us'), '{:.1f}')} | {num(s.get('gbps'), '{:.0f}')} | "
                   f"{num(s.get('of_floor'), '{:.0%}')} |" + (f" {s['error'][:80]}" if "error" in s else ""))
     tags = ["xla"] + [t for t in ("inline", "grouped", "split", "kernel") if any(f"{t}_gpu_us" in r for r in rows)]
     print("\nGPU time of one chunk (K experts, C tokens) inside a chained program; GB/s of the experts' stored bytes; "

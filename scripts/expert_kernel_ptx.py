@@ -14,6 +14,7 @@ that the kernels lower and fit, not a guarantee.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="expert_kernel_ttir")
     p.add_argument("--cases", nargs="+", default=["int8,1,1", "int4,1,1", "int8,1,8", "int4,1,8", "int8,32,1",
-                                                   "int4,32,1"], help="fmt,C,K")
+                                                   "int4,32,1"],
+                   help="fmt,C,K (default tiles); fmt,C,K,vec: int4 scales read as contiguous runs "
+                        "(Tiles.vector_scales); fmt,C,K,vec|bytes,BK1,BK2: other loop steps")
     p.add_argument("--triton-python", help="a Python with `triton` installed: compile the TTIR for sm_90a")
     args = p.parse_args()
     from jax._src.pallas.triton import lowering, pallas_call_registration as reg
@@ -76,16 +79,19 @@ def main():
     reg.lowering.lower_jaxpr_to_triton_module = capture
     warps = stages = None
     for case in args.cases:
-        fmt, C, K = case.split(",")
+        fmt, C, K, *more = case.split(",")
         C, K = int(C), int(K)
         lay = PackedLayout(fmt, 2048, 7168)
-        tiles = default_tiles(fmt, K, C, 2048, 7168)
+        vec = bool(more) and more[0] == "vec"
+        tiles = dataclasses.replace(default_tiles(fmt, K, C, 2048, 7168), vector_scales=vec)
+        if len(more) == 3:  # BK1, BK2
+            tiles = dataclasses.replace(tiles, BK1=int(more[1]), BK2=int(more[2]))
         warps, stages = tiles.num_warps, tiles.num_stages
-        tag[0] = f"{fmt}_C{C}_K{K}"
+        tag[0] = f"{fmt}_C{C}_K{K}" + ("_vec" if vec else "") + (f"_bk{more[1]}_{more[2]}" if len(more) == 3 else "")
         x = jax.ShapeDtypeStruct((C, 7168), jnp.bfloat16)
         bufs = tuple(jax.ShapeDtypeStruct((lay.nbytes,), jnp.uint8) for _ in range(K))
         wt, acc = jax.ShapeDtypeStruct((C, K), jnp.float32), jax.ShapeDtypeStruct((C, 7168), jnp.float32)
-        jax.jit(lambda x, b, w, a: experts_pallas(x, b, w, a, layout=lay)).trace(x, bufs, wt, acc).lower(
+        jax.jit(lambda x, b, w, a: experts_pallas(x, b, w, a, layout=lay, tiles=tiles)).trace(x, bufs, wt, acc).lower(
             lowering_platforms=("cuda",))
         print(f"{case}: lowered, tiles {tiles}", flush=True)
     reg.lowering.lower_jaxpr_to_triton_module = orig

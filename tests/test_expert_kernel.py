@@ -8,6 +8,8 @@ arrays shows up as NaN; so does any element of h or of the output that the kerne
 interpreter fills outputs with NaN, checked in test_kernels.py).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,27 @@ def test_kernel_matches_numpy_dequantization(fmt, F, D, C, K, tiles, stacked):
                              layout=layout, tiles=tiles, interpret=True)
     assert out.shape == (C, D) and out.dtype == jnp.float32
     assert rel_err(out, reference_np(x, bufs, layout, wt, acc)) < 2e-6
+
+
+@pytest.mark.parametrize("C", [1, 2])
+def test_int4_scales_read_as_contiguous_runs_give_the_same_outputs(C):
+    """`Tiles.vector_scales`: each row's scale bytes of a chunk read as one run and taken apart in registers
+    (whole super-blocks, no masks) compute exactly what the byte-by-byte reads compute, and match numpy."""
+    rng = np.random.default_rng(21 + C)
+    layout = PackedLayout("int4", 256, 512)  # gate_up rows of 2 super-blocks, down rows of 1: no masks
+    bufs = [poisoned_buffer(layout, rng) for _ in range(2)]
+    x = rng.standard_normal((C, 512)).astype(np.float32)
+    wt = rng.uniform(0.1, 1.0, (C, 2)).astype(np.float32)
+    acc = rng.standard_normal((C, 512)).astype(np.float32)
+    args = (jnp.asarray(x), tuple(map(jnp.asarray, bufs)), jnp.asarray(wt), jnp.asarray(acc))
+    outs = {}
+    for vec in (False, True):
+        tiles = Tiles(BF=16, BK1=256, BR2=32, BK2=256, vector_scales=vec)
+        run = functools.partial(experts_pallas, layout=layout, tiles=tiles, interpret=True)
+        outs[vec] = (np.asarray(run(*args)), str(jax.make_jaxpr(run)(*args)))
+    assert outs[True][1] != outs[False][1]  # a different kernel was built
+    np.testing.assert_array_equal(outs[True][0], outs[False][0])
+    assert rel_err(outs[True][0], reference_np(x, bufs, layout, wt, acc)) < 2e-6
 
 
 @pytest.mark.parametrize("fmt,stacked", [("int8", False), ("int4", True)])

@@ -75,6 +75,9 @@ class Tiles:
     BK2: int = 256
     num_warps: int = 4
     num_stages: int = 3
+    # int4: read each row's scale bytes of a chunk as one contiguous run instead of a byte load per value
+    # (`_int4_scales_vectors`); unmeasured on the GPU, so off by default.
+    vector_scales: bool = False
 
     def check(self, fmt: str):
         for name in ("BF", "BK1", "BR2", "BK2"):
@@ -210,7 +213,7 @@ def _dequant_int8(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
     return (q * scale[:, :, None]).reshape(BR, BK)
 
 
-def _dequant_int4(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
+def _dequant_int4(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool, vector_scales: bool = False):
     """float32 ([BR, BK/2], [BR, BK/2]): the even groups (low nibbles) and odd groups (high nibbles) of rows
     `rows` of an int4 matrix, columns [k0, k0 + BK): column k0 + 64 r + j (+ 32) is [.., 32 r + j] of the
     low (high) half."""
@@ -223,18 +226,55 @@ def _dequant_int4(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
     b_idx = (m.at("q") + rows[:, None, None] * (m.Kp // 2) + run[None, :, None] * (RUN // 2)
              + jnp.arange(RUN // 2, dtype=jnp.int32)[None, None, :])
     b = _bytes(buf_ref, b_idx, mask3)  # uint8 [BR, nr, 32]
-    g_lo = (rows[:, None] * m.G + run[None, :] * 2)  # [BR, nr] flat index of the even group
-    s_idx = rows[:, None] * (m.Kp // SUPER) + lax.div(run, SUPER // RUN)[None, :]  # super-block of both
-    d = _f32_at(buf_ref, m.at("d") + s_idx * 4, mask2)
-    dmin = _f32_at(buf_ref, m.at("dmin") + s_idx * 4, mask2)
+    if vector_scales and mask2 is None and nr % (SUPER // RUN) == 0:
+        d, dmin, scales = _int4_scales_vectors(buf_ref, m, rows, k0, nr)
+    else:
+        g_lo = (rows[:, None] * m.G + run[None, :] * 2)  # [BR, nr] flat index of the even group
+        s_idx = rows[:, None] * (m.Kp // SUPER) + lax.div(run, SUPER // RUN)[None, :]  # super-block of both
+        d = _f32_at(buf_ref, m.at("d") + s_idx * 4, mask2)
+        dmin = _f32_at(buf_ref, m.at("dmin") + s_idx * 4, mask2)
+        scales = [tuple(_bytes(buf_ref, m.at(a) + g_lo + half, mask2).astype(jnp.float32) for a in ("sc", "mn"))
+                  for half in (0, 1)]
     out = []
     for half in (0, 1):
-        sc = _bytes(buf_ref, m.at("sc") + g_lo + half, mask2).astype(jnp.float32)
-        mn = _bytes(buf_ref, m.at("mn") + g_lo + half, mask2).astype(jnp.float32)
+        sc, mn = scales[half]
         q = ((b & 15) if half == 0 else (b >> 4)).astype(jnp.float32)
         step, offset = d * sc, dmin * mn  # as GGUF: d * sc, dmin * mn in float32
         out.append((q * step[:, :, None] - offset[:, :, None]).reshape(BR, BK // 2))
     return out
+
+
+def _int4_scales_vectors(buf_ref, m: _Matrix, rows, k0, nr):
+    """d, dmin float32 [BR, nr] (each run's super-block's) and [(sc, mn) of the even groups, (sc, mn) of the odd
+    ones], float32 [BR, nr], for a chunk of whole super-blocks without masks: each row's bytes of each array read
+    as one contiguous run (which Triton can load as vectors) instead of one byte load per value, then taken
+    apart in registers."""
+    BR = rows.shape[0]
+    per_sb = SUPER // RUN  # runs per super-block
+    nsb = nr // per_sb
+    sb0 = lax.div(k0, SUPER)
+
+    def row_bytes(name, start, width):  # uint8 [BR, width]: `width` bytes of each row from `start` (per row)
+        idx = m.at(name) + start + jnp.arange(width, dtype=jnp.int32)[None, :]
+        return _bytes(buf_ref, idx, None)
+
+    four = jnp.arange(4, dtype=jnp.uint32)
+
+    def f32s(name):  # float32 [BR, nr]: the chunk's super-blocks' values, one per run
+        raw = row_bytes(name, (rows[:, None] * (m.Kp // SUPER) + sb0) * 4, 4 * nsb).reshape(BR, nsb, 4)
+        bits = jnp.sum(raw.astype(jnp.uint32) << (8 * four)[None, None, :], axis=2)  # little-endian, disjoint bytes
+        v = lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.broadcast_to(v[:, :, None], (BR, nsb, per_sb)).reshape(BR, nr)
+
+    pick = [(jnp.arange(2, dtype=jnp.int32) == half).astype(jnp.float32) for half in (0, 1)]
+
+    def halves(name):  # float32 [BR, nr] each: the even groups' bytes, the odd groups'
+        raw = row_bytes(name, rows[:, None] * m.G + lax.div(k0, RUN) * 2, 2 * nr).reshape(BR, nr, 2)
+        raw = raw.astype(jnp.float32)
+        return [jnp.sum(raw * pick[half][None, None, :], axis=2) for half in (0, 1)]
+
+    sc, mn = halves("sc"), halves("mn")
+    return f32s("d"), f32s("dmin"), [(sc[0], mn[0]), (sc[1], mn[1])]
 
 
 def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
@@ -258,12 +298,12 @@ def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
     return out
 
 
-def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt):
+def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt, vector_scales=False):
     """sum over the chunk of x @ w.T, float32 [Cp, BR], with w rounded to dt first (as the reference does)."""
     if m.fmt == "int8":
         ws = [_dequant_int8(buf_ref, m, rows, k0, BK, row_ok, col_mask)]
     else:
-        ws = _dequant_int4(buf_ref, m, rows, k0, BK, row_ok, col_mask)
+        ws = _dequant_int4(buf_ref, m, rows, k0, BK, row_ok, col_mask, vector_scales)
     acc = None
     for xt, w in zip(x_tiles, ws):
         w = w.astype(dt)
@@ -302,7 +342,7 @@ def _chosen(wt_ref, e, C, Cp, K):
 
 # ---- kernel 1: h = silu(gate x) * up x ---------------------------------------------------------------
 
-def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked):
+def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked, vector_scales):
     h_ref = refs[-1]
     p, e = pl.program_id(0), pl.program_id(1)
     f = p * BF + jnp.arange(BF, dtype=jnp.int32)  # rows of gate (up: F + f)
@@ -320,8 +360,8 @@ def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, B
                 g_acc, u_acc = carry
                 k0 = i * BK
                 xt = _x_tiles(x_ref, gu.fmt, C, Cp, D, k0, BK, col_mask)  # small, from L1/L2
-                return (g_acc + _dot_chunk(xt, buf, gu, f, k0, BK, row_ok, col_mask, dt),
-                        u_acc + _dot_chunk(xt, buf, gu, F + f, k0, BK, row_ok, col_mask, dt))
+                return (g_acc + _dot_chunk(xt, buf, gu, f, k0, BK, row_ok, col_mask, dt, vector_scales),
+                        u_acc + _dot_chunk(xt, buf, gu, F + f, k0, BK, row_ok, col_mask, dt, vector_scales))
 
             g_acc, u_acc = lax.fori_loop(0, n_k, body, (zeros, zeros))
             g = g_acc.astype(dt).astype(jnp.float32)  # the reference's matmul rounds to x's dtype
@@ -334,7 +374,7 @@ def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, B
 
 # ---- kernel 2: y_e = down_e(h_e) ---------------------------------------------------------------------
 
-def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked):
+def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked, vector_scales):
     y_ref = refs[-1]
     p, e = pl.program_id(0), pl.program_id(1)
     r = p * BR + jnp.arange(BR, dtype=jnp.int32)  # rows of down = columns of y
@@ -358,7 +398,7 @@ def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, 
                             + jnp.arange(BK // RUN, dtype=jnp.int32)[None, :, None] * RUN
                             + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :])
                     ht = [h_ref[base + half * GROUP].reshape(Cp, BK // 2) for half in (0, 1)]
-                return acc + _dot_chunk(ht, buf, dn, r, k0, BK, row_ok, col_mask, dt)
+                return acc + _dot_chunk(ht, buf, dn, r, k0, BK, row_ok, col_mask, dt, vector_scales)
 
             y = lax.fori_loop(0, n_k, body, jnp.zeros((Cp, BR), jnp.float32))
             plgpu.store(y_ref.at[idx], y.astype(y_ref.dtype), mask=mask)  # rounded, as the reference's matmul
@@ -407,7 +447,7 @@ def experts_pallas(x_CD: jax.Array, bufs, wt_CK: jax.Array, acc_CD: jax.Array, *
     # h's width: every column kernel 2 reads (whole BK2 chunks of down's padded F), in whole BF row tiles.
     Hw = pl.cdiv(pl.cdiv(dn.Kp, BK2) * BK2, BF) * BF
     params = CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    common = dict(K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dt=dt, stacked=stacked)
+    common = dict(K=K, C=C, Cp=Cp, D=D, F=F, Hw=Hw, dt=dt, stacked=stacked, vector_scales=tiles.vector_scales)
 
     wt = wt_CK.astype(jnp.float32).reshape(-1)
     # Grid (row tile, slot): every slot's rows in parallel, enough programs for every SM to keep loads in
