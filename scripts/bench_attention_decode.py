@@ -10,7 +10,8 @@ HBM reads. Each piece is timed two ways:
 - "chained": R calls inside one jitted `fori_loop`, each call's input depending on the previous output (so XLA
   can neither hoist nor drop it), divided by R: the device time of the piece, launch gaps inside a program
   included, Python dispatch excluded;
-- "call": back-to-back jitted calls from Python (the executor's form), median per call: dispatch included.
+- "call": back-to-back jitted calls from Python (the executor's form), median per call: dispatch included
+  (the segment's cache is not donated here, so its call also copies the cache).
 Floor = the piece's weight and cache bytes / the HBM read ceiling measured in the same run (a large reduction).
 The table is printed last; JSON to --out.
 """
@@ -18,6 +19,7 @@ The table is printed last; JSON to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,15 +45,17 @@ TINY = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=256, intermedi
             qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
 
 
-def chained(piece, x, reps: int):
-    """piece(x) R times in one program, each input nudged by the previous output's first element."""
+def chained(piece, reps: int):
+    """piece(x, carried) -> (out, carried) R times in one program, each input nudged by the previous output's
+    first element; `carried` (the segment's cache) threads through, so its writes are neither dropped nor
+    copied from a constant each time."""
     @jax.jit
-    def run(x):
-        def body(_, carry):
-            x, acc = carry
-            out = piece(x + (acc * 1e-30).astype(x.dtype))
-            return x, acc + jnp.ravel(out)[0].astype(jnp.float32)
-        return jax.lax.fori_loop(0, reps, body, (x, jnp.zeros((), jnp.float32)))[1]
+    def run(x, carried):
+        def body(_, c):
+            acc, carried = c
+            out, carried = piece(x + (acc * 1e-30).astype(x.dtype), carried)
+            return acc + jnp.ravel(out)[0].astype(jnp.float32), carried
+        return jax.lax.fori_loop(0, reps, body, (jnp.zeros((), jnp.float32), carried))[0]
     return run
 
 
@@ -108,9 +112,9 @@ def main() -> int:
         pieces = {
             # the whole segment: attention (cache written at slice j) and routing
             "attention_route (segment)": (
-                lambda x: seg.attention_route.__wrapped__(state, x, rope, start, latent, rp, j)[1],
-                x, nbytes(*jax.tree.leaves(state)) - nbytes(*[v for k, v in _flat(state) if "shared_experts" in k])
-                + cache_bytes),
+                functools.partial(_segment, seg, state, rope, start, j), x,
+                nbytes(*jax.tree.leaves(state)) - nbytes(*[v for k, v in _flat(state) if "shared_experts" in k])
+                + cache_bytes, (latent, rp)),
             "input norm + q_a + norm + q_b": (
                 lambda x: attn.queries(layer.input_layernorm(x)), x,
                 nbytes(w(attn.q_a_proj), w(attn.q_b_proj))),
@@ -130,13 +134,16 @@ def main() -> int:
                        nbytes(w(attn.o_proj))),
             "post norm + router": (lambda x: route(layer, x)[1], x, nbytes(layer.mlp.gate.weight[...])),
         }
-        for name, (piece, arg, moved) in pieces.items():
+        for name, (piece, arg, moved, *carried) in pieces.items():
             row = {"context": ctx, "piece": name, "bytes": moved, "floor_us": moved / hbm * 1e6}
+            carried = carried[0] if carried else ()
+            if not carried:
+                piece = functools.partial(_stateless, piece)
             try:
-                run = chained(piece, arg, reps)
-                row["chained_us"] = median_time(lambda: run(arg), 3 if args.tiny else 10) / reps * 1e6
+                run = chained(piece, reps)
+                row["chained_us"] = median_time(lambda: run(arg, carried), 3 if args.tiny else 10) / reps * 1e6
                 f = jax.jit(piece)
-                row["call_us"] = median_time(lambda: f(arg), reps) * 1e6
+                row["call_us"] = median_time(lambda: f(arg, carried), reps) * 1e6
                 row["of_floor"] = row["floor_us"] / row["chained_us"]
             except Exception as e:  # report and go on
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -152,6 +159,18 @@ def main() -> int:
               f"{r.get('chained_us', float('nan')):.1f} | {r.get('of_floor', float('nan')):.0%} | "
               f"{r.get('call_us', float('nan')):.1f} |" + (f" {r['error']}" if "error" in r else ""))
     return 0
+
+
+def _stateless(piece, x, carried):
+    return piece(x), carried
+
+
+def _segment(seg, state, rope, start, j, x, cache):
+    """The executor's attention_route on x; every output kept (routing included), the cache carried."""
+    x, h, w, idx, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start, *cache, j)
+    out = (x.ravel()[0].astype(jnp.float32) + h.ravel()[0].astype(jnp.float32) + w.ravel()[0]
+           + idx.ravel()[0].astype(jnp.float32))
+    return out, (latent, rp)
 
 
 def _flat(tree, prefix=""):
