@@ -175,7 +175,7 @@ def scheduler_for(model, max_batch: int, **kw):
 
 def collect_events(scheduler, prompt_ids, max_new_tokens, **kw):
     from ktjax.runtime.generation import SamplingOptions
-    from ktjax.serve.scheduler import Request
+    from ktjax.serve.requests import Request
     events, done = [], threading.Event()
 
     def emit(e):
@@ -323,7 +323,7 @@ def test_a_long_prompts_prefill_runs_chunk_by_chunk_between_the_others_decode_st
     request its next token; both results still equal their solo `ktjax.generate`."""
     from ktjax.runtime import shapes
     from ktjax.runtime.generation import SamplingOptions
-    from ktjax.serve.scheduler import Request
+    from ktjax.serve.requests import Request
     short_ids = model.tokenizer.encode(PROMPTS[2])
     long_ids = model.tokenizer.encode(" ".join(PROMPTS))[:30]
     refs = [ktjax.generate(model, ids, max_new_tokens=n) for ids, n in ((short_ids, 24), (long_ids, N))]
@@ -365,7 +365,7 @@ def test_an_offloaded_admission_runs_in_the_same_layer_pass_as_the_decoding_rows
     another decodes is prefilled in the same layer pass as the other's next decode step (one expert stream
     for both, `DecodeBatch.admit_while_stepping`); both results still equal their solo `ktjax.generate`."""
     from ktjax.runtime.generation import SamplingOptions
-    from ktjax.serve.scheduler import Request
+    from ktjax.serve.requests import Request
     offloaded = ktjax.load(dtype="float32", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
                            max_batch=4, max_context=256)
     assert offloaded.placement.offloaded

@@ -25,7 +25,8 @@ from ktjax.runtime.model import LoadedModel
 from ktjax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ValidationError, error_body,
                                   validation_message)
 from ktjax.serve.reasoning import ReasoningSplitter
-from ktjax.serve.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
+from ktjax.serve.requests import Event, QueueFull, Request, ShuttingDown
+from ktjax.serve.scheduler import Scheduler
 from ktjax.text.reasoning import THINK_OPEN
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there

@@ -58,68 +58,22 @@ CPU in float32 differs by ~1e-5 in the logits.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 
 import numpy as np
 
-from ktjax.runtime.generation import Row, SamplingOptions, check_limits, stop_token_ids
+from ktjax.runtime.generation import Row, check_limits, stop_token_ids
 from ktjax.runtime.model import LoadedModel
 from ktjax.runtime.shapes import batch_bucket, cache_length, padded_prompt_length
 from ktjax.serve.batch import Admission, DecodeBatch
+from ktjax.serve.requests import FINISH_REASONS, Event, QueueFull, Request, ShuttingDown
 
 DEFAULT_MAX_PREFILL_TOKENS = 2048  # resident models: 32 prompts of up to 64 tokens, or 2 of 1024, per admission
-# Offloaded models: how long an admission waits for more requests after the first arrives (see `_admit_now`).
+# Offloaded models: how long an admission waits for more requests after the first arrives (see `_admission_wait`).
 OFFLOADED_ADMISSION_WINDOW_S = 0.05
-
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # generation's -> OpenAI's
-
-
-class QueueFull(Exception):
-    """Every slot is busy and the waiting queue is at its bound."""
-
-
-class ShuttingDown(Exception):
-    """The server is stopping and takes no new requests."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """What a request's consumer receives: text safe to show, then one event with `finish_reason`
-    (OpenAI's "stop" or "length") or `error`."""
-
-    text: str = ""
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-class Request:
-    """One generation: its prompt, options, and where its events go (`emit` is called from the
-    model's thread)."""
-
-    def __init__(self, prompt_ids: list[int], opts: SamplingOptions, emit: Callable[[Event], None], *,
-                 ignore_eos: bool = False):
-        self.prompt_ids, self.opts, self.emit = prompt_ids, opts, emit
-        self.ignore_eos = ignore_eos  # generate through end-of-sequence tokens (benchmarks)
-        self.cancelled = False
-        self.row: Row | None = None
-        self.arrived = time.monotonic()
-
-    def send(self, event: Event) -> None:
-        try:
-            self.emit(event)
-        except Exception:  # the consumer is gone (closed event loop): nothing to tell
-            self.cancelled = True
-
 
 class Scheduler:
     """Owns the model from the thread that runs its loop (`run`, or `start` for a thread of its own).
