@@ -23,12 +23,9 @@ token chose (a fused program's padding, or an expert only other rows chose) retu
    BK2) against h, written as y [K, C, D] in x's dtype (the reference's rounding; zeros for a slot nobody
    chose). XLA then adds acc + y_0 * wt_0 + y_1 * wt_1 + ... in slot order, the reference's order.
 
-Dequantization (as `quant.dequantize_*`, float32):
-    int8: w = float(q) * float(f16 scale)                   (scale from its two bytes, bitcast)
-    int4: w = float(q) * (d * float(sc)) - dmin * float(mn)  (d, dmin float32 from their four bytes)
-int4 bytes hold value l of a 64-value run in the low nibble and 32 + l in the high one, so a chunk's low
-nibbles form the even groups and the high nibbles the odd ones: the kernel dots them with the matching
-halves of x (two dots) instead of interleaving nibbles in registers.
+Dequantization, and every read of a buffer: `ktjax.kernels.packed_reads`. int4's low nibbles form the even
+groups of a chunk and its high nibbles the odd ones, so the kernels multiply them with the matching halves of x
+instead of interleaving nibbles in registers.
 
 Ragged shapes: rows past R and columns past the padded width are masked (loaded as zeros, so w = 0 there);
 x's columns past D are masked, so the layout's zero padding never contributes. For DeepSeek-V3 sizes
@@ -51,6 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ktjax.experts.quant import GROUP
+from ktjax.kernels.packed_reads import RUN, Buf, Matrix, all_of, dequant_int4, dequant_int8, load, matrix
 from ktjax.kernels.tiles import MIN_TILE, CompilerParams, dot_t, is_pow2, plgpu
 
 MAX_TOKENS = 64  # the kernels are for decode: more tokens per expert take the XLA path (a real GEMM)
@@ -60,7 +59,6 @@ MAX_TOKENS = 64  # the kernels are for decode: more tokens per expert take the X
 # registers (64-128 against 128-251 per thread, compiled offline) and no loads for 15 padding tokens.
 FEW_TOKENS = 4
 FORMATS = ("int8", "int4")
-GROUP, SUPER, RUN = 32, 256, 64  # quant.GROUP, quant.SUPER; int4 bytes come in runs of 64 values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +74,7 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     # int4: read each row's scale bytes of a chunk as one contiguous run instead of a byte load per value
-    # (`_int4_scales_vectors`); unmeasured on the GPU, so off by default.
+    # (`int4_scales_vectors`); unmeasured on the GPU, so off by default.
     vector_scales: bool = False
 
     def check(self, fmt: str):
@@ -127,156 +125,6 @@ def supported(x_CD, fmt_name: str, F: int, D: int) -> bool:
             and x_CD.shape[1] == D and x_CD.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and F >= 1)
 
 
-# ---- in-kernel reads of the packed buffer -------------------------------------------------------------
-
-def _load(ref, idx, mask):
-    return plgpu.load(ref.at[idx], mask=mask, other=0) if mask is not None else ref[idx]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Buf:
-    """One expert's bytes: a flat uint8 ref (its own buffer), or row `row` (a traced int32) of a stacked
-    [E, nbytes] ref. Indexed by byte offsets within the expert."""
-
-    ref: object
-    row: object = None
-
-    def at(self, idx):
-        return self.ref.at[idx] if self.row is None else self.ref.at[self.row, idx]
-
-    def __getitem__(self, idx):
-        return self.ref[idx] if self.row is None else self.ref[self.row, idx]
-
-
-def _bytes(buf: _Buf, idx, mask):
-    return plgpu.load(buf.at(idx), mask=mask, other=0) if mask is not None else buf[idx]
-
-
-def _and(*masks):
-    out = None
-    for m in masks:
-        if m is not None:
-            out = m if out is None else out & m
-    return out
-
-
-def _f16_at(buf_ref, idx, mask):
-    """float32 of the float16 whose two bytes (little-endian) start at buf[idx]."""
-    lo = _bytes(buf_ref, idx, mask).astype(jnp.uint16)
-    hi = _bytes(buf_ref, idx + 1, mask).astype(jnp.uint16)
-    return lax.bitcast_convert_type(lo | (hi << 8), jnp.float16).astype(jnp.float32)
-
-
-def _f32_at(buf_ref, idx, mask):
-    """The float32 whose four bytes (little-endian) start at buf[idx]."""
-    bits = _bytes(buf_ref, idx, mask).astype(jnp.uint32)
-    for i in range(1, 4):
-        bits = bits | (_bytes(buf_ref, idx + i, mask).astype(jnp.uint32) << (8 * i))
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Matrix:
-    """Where one quantized matrix lies in an expert's buffer (static): rows R, padded columns Kp, the byte
-    offsets of its arrays."""
-
-    fmt: str
-    R: int
-    Kp: int
-    off: tuple  # (name, offset) pairs
-
-    @property
-    def G(self) -> int:
-        return self.Kp // GROUP
-
-    def at(self, name: str) -> int:
-        return dict(self.off)[name]
-
-
-def _matrix(layout, name: str) -> _Matrix:
-    m = layout.matrices[name]
-    offs = tuple((a, off) for (mn, a), (off, _, _) in layout.sections.items() if mn == name)
-    return _Matrix(layout.fmt, m.rows, m.padded_cols, offs)
-
-
-def _dequant_int8(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool):
-    """float32 [BR, BK]: rows `rows` (int32 [BR]) of an int8 matrix, columns [k0, k0 + BK)."""
-    BR = rows.shape[0]
-    ng = BK // GROUP
-    g = lax.div(k0, GROUP) + jnp.arange(ng, dtype=jnp.int32)  # [ng] global group index
-    g_ok = (g < m.G)[None, :] if col_mask else None
-    mask2 = _and(None if row_ok is None else row_ok[:, None], g_ok)
-    mask3 = None if mask2 is None else mask2[:, :, None]
-    q_idx = m.at("q") + rows[:, None, None] * m.Kp + g[None, :, None] * GROUP + jnp.arange(GROUP, dtype=jnp.int32)[None, None, :]
-    q = lax.bitcast_convert_type(_bytes(buf_ref, q_idx, mask3), jnp.int8).astype(jnp.float32)
-    scale = _f16_at(buf_ref, m.at("scale") + (rows[:, None] * m.G + g[None, :]) * 2, mask2)
-    return (q * scale[:, :, None]).reshape(BR, BK)
-
-
-def _dequant_int4(buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask: bool, vector_scales: bool = False):
-    """float32 ([BR, BK/2], [BR, BK/2]): the even groups (low nibbles) and odd groups (high nibbles) of rows
-    `rows` of an int4 matrix, columns [k0, k0 + BK): column k0 + 64 r + j (+ 32) is [.., 32 r + j] of the
-    low (high) half."""
-    BR = rows.shape[0]
-    nr = BK // RUN
-    run = lax.div(k0, RUN) + jnp.arange(nr, dtype=jnp.int32)  # [nr] global run index
-    r_ok = (run * 2 < m.G)[None, :] if col_mask else None
-    mask2 = _and(None if row_ok is None else row_ok[:, None], r_ok)
-    mask3 = None if mask2 is None else mask2[:, :, None]
-    b_idx = (m.at("q") + rows[:, None, None] * (m.Kp // 2) + run[None, :, None] * (RUN // 2)
-             + jnp.arange(RUN // 2, dtype=jnp.int32)[None, None, :])
-    b = _bytes(buf_ref, b_idx, mask3)  # uint8 [BR, nr, 32]
-    if vector_scales and mask2 is None and nr % (SUPER // RUN) == 0:
-        d, dmin, scales = _int4_scales_vectors(buf_ref, m, rows, k0, nr)
-    else:
-        g_lo = (rows[:, None] * m.G + run[None, :] * 2)  # [BR, nr] flat index of the even group
-        s_idx = rows[:, None] * (m.Kp // SUPER) + lax.div(run, SUPER // RUN)[None, :]  # super-block of both
-        d = _f32_at(buf_ref, m.at("d") + s_idx * 4, mask2)
-        dmin = _f32_at(buf_ref, m.at("dmin") + s_idx * 4, mask2)
-        scales = [tuple(_bytes(buf_ref, m.at(a) + g_lo + half, mask2).astype(jnp.float32) for a in ("sc", "mn"))
-                  for half in (0, 1)]
-    out = []
-    for half in (0, 1):
-        sc, mn = scales[half]
-        q = ((b & 15) if half == 0 else (b >> 4)).astype(jnp.float32)
-        step, offset = d * sc, dmin * mn  # as GGUF: d * sc, dmin * mn in float32
-        out.append((q * step[:, :, None] - offset[:, :, None]).reshape(BR, BK // 2))
-    return out
-
-
-def _int4_scales_vectors(buf_ref, m: _Matrix, rows, k0, nr):
-    """d, dmin float32 [BR, nr] (each run's super-block's) and [(sc, mn) of the even groups, (sc, mn) of the odd
-    ones], float32 [BR, nr], for a chunk of whole super-blocks without masks: each row's bytes of each array read
-    as one contiguous run (which Triton can load as vectors) instead of one byte load per value, then taken
-    apart in registers."""
-    BR = rows.shape[0]
-    per_sb = SUPER // RUN  # runs per super-block
-    nsb = nr // per_sb
-    sb0 = lax.div(k0, SUPER)
-
-    def row_bytes(name, start, width):  # uint8 [BR, width]: `width` bytes of each row from `start` (per row)
-        idx = m.at(name) + start + jnp.arange(width, dtype=jnp.int32)[None, :]
-        return _bytes(buf_ref, idx, None)
-
-    four = jnp.arange(4, dtype=jnp.uint32)
-
-    def f32s(name):  # float32 [BR, nr]: the chunk's super-blocks' values, one per run
-        raw = row_bytes(name, (rows[:, None] * (m.Kp // SUPER) + sb0) * 4, 4 * nsb).reshape(BR, nsb, 4)
-        bits = jnp.sum(raw.astype(jnp.uint32) << (8 * four)[None, None, :], axis=2)  # little-endian, disjoint bytes
-        v = lax.bitcast_convert_type(bits, jnp.float32)
-        return jnp.broadcast_to(v[:, :, None], (BR, nsb, per_sb)).reshape(BR, nr)
-
-    pick = [(jnp.arange(2, dtype=jnp.int32) == half).astype(jnp.float32) for half in (0, 1)]
-
-    def halves(name):  # float32 [BR, nr] each: the even groups' bytes, the odd groups'
-        raw = row_bytes(name, rows[:, None] * m.G + lax.div(k0, RUN) * 2, 2 * nr).reshape(BR, nr, 2)
-        raw = raw.astype(jnp.float32)
-        return [jnp.sum(raw * pick[half][None, None, :], axis=2) for half in (0, 1)]
-
-    sc, mn = halves("sc"), halves("mn")
-    return f32s("d"), f32s("dmin"), [(sc[0], mn[0]), (sc[1], mn[1])]
-
-
 def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
     """x's tokens (padded to Cp with zeros) at columns [k0, k0 + BK) of its D (zeros past D), arranged as
     the weights' tiles are: int8 one [Cp, BK] tile, int4 (low-half, high-half) [Cp, BK/2] tiles."""
@@ -284,26 +132,26 @@ def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
     c_ok = (c < C) if Cp != C else None
     if fmt == "int8":
         cols = k0 + jnp.arange(BK, dtype=jnp.int32)
-        mask = _and(None if c_ok is None else c_ok[:, None], (cols < D)[None, :] if col_mask else None)
+        mask = all_of(None if c_ok is None else c_ok[:, None], (cols < D)[None, :] if col_mask else None)
         idx = c[:, None] * D + cols[None, :]
-        return [_load(x_ref, idx, mask)]
+        return [load(x_ref, idx, mask)]
     nr = BK // RUN
     out = []
     for half in (0, 1):
         cols = (k0 + jnp.arange(nr, dtype=jnp.int32)[:, None] * RUN + half * GROUP
                 + jnp.arange(GROUP, dtype=jnp.int32)[None, :])  # [nr, 32]
-        mask = _and(None if c_ok is None else c_ok[:, None, None], (cols < D)[None] if col_mask else None)
+        mask = all_of(None if c_ok is None else c_ok[:, None, None], (cols < D)[None] if col_mask else None)
         idx = c[:, None, None] * D + cols[None]
-        out.append(_load(x_ref, idx, mask).reshape(Cp, BK // 2))
+        out.append(load(x_ref, idx, mask).reshape(Cp, BK // 2))
     return out
 
 
-def _dot_chunk(x_tiles, buf_ref, m: _Matrix, rows, k0, BK, row_ok, col_mask, dt, vector_scales=False):
+def _dot_chunk(x_tiles, buf_ref, m: Matrix, rows, k0, BK, row_ok, col_mask, dt, vector_scales=False):
     """sum over the chunk of x @ w.T, float32 [Cp, BR], with w rounded to dt first (as the reference does)."""
     if m.fmt == "int8":
-        ws = [_dequant_int8(buf_ref, m, rows, k0, BK, row_ok, col_mask)]
+        ws = [dequant_int8(buf_ref, m, rows, k0, BK, row_ok, col_mask)]
     else:
-        ws = _dequant_int4(buf_ref, m, rows, k0, BK, row_ok, col_mask, vector_scales)
+        ws = dequant_int4(buf_ref, m, rows, k0, BK, row_ok, col_mask, vector_scales)
     acc = None
     for xt, w in zip(x_tiles, ws):
         w = w.astype(dt)
@@ -325,10 +173,10 @@ def _program_expert(refs, K, stacked, run):
     e = pl.program_id(1)
     if stacked:
         ids_ref, stack_ref = refs[:2]
-        run(_Buf(stack_ref, ids_ref[e]))
+        run(Buf(stack_ref, ids_ref[e]))
         return refs[2:]
     for k in range(K):
-        pl.when(e == k)(functools.partial(run, _Buf(refs[k])))
+        pl.when(e == k)(functools.partial(run, Buf(refs[k])))
     return refs[K:]
 
 
@@ -342,7 +190,7 @@ def _chosen(wt_ref, e, C, Cp, K):
 
 # ---- kernel 1: h = silu(gate x) * up x ---------------------------------------------------------------
 
-def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, BK, dt, stacked, vector_scales):
+def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: Matrix, BF, BK, dt, stacked, vector_scales):
     h_ref = refs[-1]
     p, e = pl.program_id(0), pl.program_id(1)
     f = p * BF + jnp.arange(BF, dtype=jnp.int32)  # rows of gate (up: F + f)
@@ -374,7 +222,7 @@ def _gate_up_kernel(x_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, gu: _Matrix, BF, B
 
 # ---- kernel 2: y_e = down_e(h_e) ---------------------------------------------------------------------
 
-def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, dt, stacked, vector_scales):
+def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: Matrix, BR, BK, dt, stacked, vector_scales):
     y_ref = refs[-1]
     p, e = pl.program_id(0), pl.program_id(1)
     r = p * BR + jnp.arange(BR, dtype=jnp.int32)  # rows of down = columns of y
@@ -382,7 +230,7 @@ def _down_kernel(h_ref, wt_ref, *refs, K, C, Cp, D, F, Hw, dn: _Matrix, BR, BK, 
     n_k = pl.cdiv(dn.Kp, BK)
     col_mask = dn.Kp % BK != 0  # h is written zero-padded up to Hw >= n_k * BK: its loads need no mask
     c = jnp.arange(Cp, dtype=jnp.int32)
-    mask = _and((c < C)[:, None], None if row_ok is None else row_ok[None, :])
+    mask = all_of((c < C)[:, None], None if row_ok is None else row_ok[None, :])
     idx = (e * C + c[:, None]) * D + r[None, :]
     chosen = _chosen(wt_ref, e, C, Cp, K)
 
@@ -442,7 +290,7 @@ def experts_pallas(x_CD: jax.Array, bufs, wt_CK: jax.Array, acc_CD: jax.Array, *
     tiles.check(fmt)
     dt = x_CD.dtype
     Cp = token_pad(C)
-    gu, dn = _matrix(layout, "gate_up"), _matrix(layout, "down")
+    gu, dn = matrix(layout, "gate_up"), matrix(layout, "down")
     BF, BK1, BR2, BK2 = tiles.BF, tiles.BK1, tiles.BR2, tiles.BK2
     # h's width: every column kernel 2 reads (whole BK2 chunks of down's padded F), in whole BF row tiles.
     Hw = pl.cdiv(pl.cdiv(dn.Kp, BK2) * BK2, BF) * BF
