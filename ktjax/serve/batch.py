@@ -192,15 +192,15 @@ class DecodeBatch:
         n = batch_bucket(max(1, int(active_B.sum())))
         if n >= B:  # every row steps, in the cache as it is
             rows_n = np.arange(B, dtype=np.int32)
+            token_n, pos_n = jax.device_put((self.token_B, self.pos_B))
             self.keys_B, subs_n = split_rows(self.keys_B)
             cache_n = self.cache_B
         else:
             in_use = np.flatnonzero(active_B)
             rows_n = np.concatenate([in_use, np.flatnonzero(~active_B)[:n - len(in_use)]]).astype(np.int32)
-            rows = jax.device_put(rows_n)
+            rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))  # one transfer
             cache_n, self.keys_B, subs_n = take_rows(self.cache_B, self.keys_B, rows)
         active_n = active_B[rows_n]
-        token_n, pos_n = jax.device_put((self.token_B[rows_n], self.pos_B[rows_n]))
         sampled_n, cache_n, self.last_stats = self.executor.decode(
             cache_n, token_n, pos_n, subs_n, self._sampling(rows_n), active_B=None if active_n.all() else active_n)
         self.cache_B = cache_n if n >= B else put_rows(self.cache_B, cache_n, rows)
