@@ -17,10 +17,10 @@ each batch size, and at each of them the server's own step without the HTTP side
 in the max-batch slots, the other rows free, on the main thread as `ktjax serve` runs it), both after B
 prompts of random ids like the requests' were prefilled (routing, hence the experts a step moves,
 depends on the tokens; experts per step are printed for all three), then serves the model with
-`ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop, then times the engine's batch-1 step once
-more (this machine drifts by more than the ratio's margin within a run). The driver (this process, no JAX) waits for /health, then for each concurrency fires that many
-streaming /v1/completions at once (a warm-up round first, which compiles the prefill shapes), each a
-fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
+`ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop, then times the engine's batch-1 step
+once more (this machine drifts by more than the ratio's margin within a run). The driver (this process, no
+JAX) waits for /health, then for each concurrency fires that many streaming /v1/completions at once (a
+warm-up round first, which compiles the prefill shapes), each a fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
 
   server tok/s   aggregate decode rate: the sum over requests of (tokens - 1) / (last - first token
                  time); all requests of a level decode together, so this is tokens per step / step time
@@ -169,7 +169,7 @@ def engine_decode(model, batches: list[int], steps: int, prompt_tokens: int, dea
 
 def host_kernels_by_thread(model, calls: int = 40, per_call: int = 2) -> dict:
     """The host kernels on `per_call` experts per call (distinct experts call after call, 1 ms apart as a
-    step's GPU work spaces them) from the main thread (where the engine rows and, since run 15, the server's
+    step's GPU work spaces them) from the main thread (where the engine rows and, since 5d7d9fe, the server's
     loop call them) and from a thread of its own (where the server's loop called them until then, and numba's
     OpenMP keeps a second pool of threads: `ktjax.serve.scheduler`): median ms per call. Empty where no expert
     is computed on the host."""
