@@ -20,7 +20,8 @@ depends on the tokens; experts per step are printed for all three), then serves 
 `ktjax serve`'s own code (ktjax.cli.serve.serve) until told to stop, then times the engine's batch-1 step
 once more (this machine drifts by more than the ratio's margin within a run). The driver (this process, no
 JAX) waits for /health, then for each concurrency fires that many streaming /v1/completions at once (a
-warm-up round first, which compiles the prefill shapes), each a fixed prompt of --prompt-tokens token ids and --max-tokens new tokens with `ignore_eos`, and measures:
+warm-up round first, which compiles the prefill shapes), each a fixed prompt of --prompt-tokens token ids
+and --max-tokens new tokens with `ignore_eos`, and measures:
 
   server tok/s   aggregate decode rate: the sum over requests of (tokens - 1) / (last - first token
                  time); all requests of a level decode together, so this is tokens per step / step time
