@@ -58,6 +58,12 @@ class _Skip(Exception):
     pass
 
 
+def routed_to_all(rng, E: int, C: int) -> jax.Array:
+    """Expert ids [C, E]: every token routed to all E experts, so every slot of every chunk is chosen by every
+    token. The kernel skips a slot no token chose, and a row must time the same work on every path."""
+    return jnp.asarray(np.stack([rng.permutation(E) for _ in range(C)]), jnp.int32)
+
+
 def first_lines(e: BaseException, n: int = 8) -> str:
     lines = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
     return "\n".join(lines[:n])
@@ -218,9 +224,7 @@ def main():
         fmt, experts, stack, kernel_ok, why = state[fmt_name]
         R = E // K if args.smoke else min(E // K, max(1, -(-int(CHAIN_BYTES) // (K * fmt.nbytes))))
         h = jnp.asarray(rng.standard_normal((C, D)), jnp.bfloat16)
-        # Every token routed to all E experts, so every slot of every chunk is chosen by every token: the kernel
-        # skips a slot no token chose, and a row must time the same work on every path.
-        idx = jnp.asarray(np.stack([rng.permutation(E) for _ in range(C)]), jnp.int32)
+        idx = routed_to_all(rng, E, C)
         w = jnp.asarray(rng.uniform(0.05, 0.3, idx.shape), jnp.float32)
         nbytes = K * fmt.nbytes
         row = {"fmt": fmt_name, "K": K, "C": C, "bytes": nbytes, "chain": R}
@@ -287,7 +291,7 @@ def main():
             if args.smoke:
                 cands = cands[:2]
             h = jnp.asarray(rng.standard_normal((C, D)), jnp.bfloat16)
-            idx = jnp.asarray(np.stack([rng.permutation(E) for _ in range(C)]), jnp.int32)  # every slot chosen
+            idx = routed_to_all(rng, E, C)
             w = jnp.full(idx.shape, 0.2, jnp.float32)
             ref = None
             for tiles in dict.fromkeys(cands):
