@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ktjax.experts.quant import GROUP
-from ktjax.kernels.packed_reads import RUN, Buf, Matrix, all_of, dequant_int4, dequant_int8, load, matrix
+from ktjax.kernels.packed_reads import RUN, Buf, Matrix, all_of, dequant_int4, dequant_int8, matrix
 from ktjax.kernels.tiles import MIN_TILE, CompilerParams, dot_t, is_pow2, plgpu
 
 MAX_TOKENS = 64  # the kernels are for decode: more tokens per expert take the XLA path (a real GEMM)
@@ -125,6 +125,10 @@ def supported(x_CD, fmt_name: str, F: int, D: int) -> bool:
             and x_CD.shape[1] == D and x_CD.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) and F >= 1)
 
 
+def _load(ref, idx, mask):
+    return plgpu.load(ref.at[idx], mask=mask, other=0) if mask is not None else ref[idx]
+
+
 def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
     """x's tokens (padded to Cp with zeros) at columns [k0, k0 + BK) of its D (zeros past D), arranged as
     the weights' tiles are: int8 one [Cp, BK] tile, int4 (low-half, high-half) [Cp, BK/2] tiles."""
@@ -134,7 +138,7 @@ def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
         cols = k0 + jnp.arange(BK, dtype=jnp.int32)
         mask = all_of(None if c_ok is None else c_ok[:, None], (cols < D)[None, :] if col_mask else None)
         idx = c[:, None] * D + cols[None, :]
-        return [load(x_ref, idx, mask)]
+        return [_load(x_ref, idx, mask)]
     nr = BK // RUN
     out = []
     for half in (0, 1):
@@ -142,7 +146,7 @@ def _x_tiles(x_ref, fmt, C, Cp, D, k0, BK, col_mask: bool):
                 + jnp.arange(GROUP, dtype=jnp.int32)[None, :])  # [nr, 32]
         mask = all_of(None if c_ok is None else c_ok[:, None, None], (cols < D)[None] if col_mask else None)
         idx = c[:, None, None] * D + cols[None]
-        out.append(load(x_ref, idx, mask).reshape(Cp, BK // 2))
+        out.append(_load(x_ref, idx, mask).reshape(Cp, BK // 2))
     return out
 
 

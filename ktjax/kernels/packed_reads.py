@@ -19,10 +19,6 @@ from ktjax.kernels.tiles import plgpu
 RUN = 64  # int4 bytes come in runs of 64 values: value l in byte l's low nibble, 32 + l in its high nibble
 
 
-def load(ref, idx, mask):
-    return plgpu.load(ref.at[idx], mask=mask, other=0) if mask is not None else ref[idx]
-
-
 @dataclasses.dataclass(frozen=True)
 class Buf:
     """One expert's bytes: a flat uint8 ref (its own buffer), or row `row` (a traced int32) of a stacked
