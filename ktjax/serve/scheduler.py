@@ -6,10 +6,10 @@ OpenMP (numba's threading layer where libgomp is present) every thread that star
 pool of worker threads of its own, and while two pools live the loops run slower (likely libgomp's rule
 that idle threads spin less once the process holds more of them than it has CPUs, so each loop waits for
 sleeping threads to wake). So the kernels run on one thread only, the one that measured their rates at
-load. Measured: on the dev box's 2 cores a small parallel loop took 164-192 us from a second thread while
-the main thread's pool lived, 143-155 us from either alone; on the H200 the kernels took 5-15% longer per
-call from a second thread, and the server's steps (on a second thread then) ~30-40% longer per host expert
-than the engine's (benchmarks/serve.md, run 14).
+load. Measured (scripts/probe_omp_pools.py, 2026-12-04): on the dev box's 2 cores a small parallel loop took
+164-192 us from a second thread while the main thread's pool lived, 143-155 us from either alone; on the H200
+the kernels took 5-15% longer per call from a second thread, and the server's steps (on a second thread then)
+~30-40% longer per host expert than the engine's (scripts/bench_serve.py, benchmarks/serve.md run 14).
 `Scheduler.start` runs the loop on a thread of its own instead (tests, embedding in another program).
 
 The batch has the shape the model was loaded for (`max_batch` rows, a cache of the whole context).
