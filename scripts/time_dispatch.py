@@ -1,10 +1,12 @@
 """Host-side cost of one decode step: the offloaded executor's per-layer segments against the
 resident executor's one scanned program, on a tiny random model (CPU is fine: what is measured is
-Python and dispatch, not the device).
+Python and dispatch, not the device), and the compiled programs each step runs (counted where the
+offloaded executor runs its segments: on a GPU at batch 1 the step waits on each one's dispatch).
 
     python scripts/time_dispatch.py [--steps 30] [--repeats 1]   # with repeats: the median, and each
 """
 
+import collections
 import tempfile
 import time
 
@@ -17,6 +19,7 @@ from ktjax.config import ModelConfig
 from ktjax.io.save import save_params
 from ktjax.models import DeepseekForCausalLM
 from ktjax.runtime.model import Sampling
+from ktjax.runtime.offload.segments import Segments
 
 CONFIG = dict(model_type="deepseek_v3", vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, n_shared_experts=1,
@@ -36,6 +39,25 @@ def ms_per_step(model, steps: int = 30) -> float:
         tok, cache, _ = ex.decode(cache, tok, jnp.asarray([3 + s]), key, sampling)
     jax.block_until_ready(tok)
     return (time.perf_counter() - t) / steps * 1e3
+
+
+def programs_per_step(model, steps: int = 4) -> str:
+    """The offloaded executor's segments per decode step, by name (each a dispatch)."""
+    counts: collections.Counter = collections.Counter()
+    call = Segments.__call__
+
+    def counted(self, name, fn, *args, **kwargs):
+        counts[name] += 1
+        return call(self, name, fn, *args, **kwargs)
+
+    Segments.__call__ = counted
+    try:
+        ms_per_step(model, steps)
+    finally:
+        Segments.__call__ = call
+    # ms_per_step runs 3 untimed steps before its timed ones.
+    per_step = {k: v / (steps + 3) for k, v in counts.items()}
+    return f"{sum(per_step.values()):g} programs/step (" + ", ".join(f"{k} {v:g}" for k, v in per_step.items()) + ")"
 
 
 def main() -> None:
@@ -58,9 +80,13 @@ def main() -> None:
         offloaded = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024)
         host_cpu = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024, experts="int8",
                               expert_compute="cpu")
+        host_int4 = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024, experts="int4",
+                               expert_compute="cpu")
         resident = ktjax.load(path)
-        print(f"offloaded (per-layer segments): {timed(offloaded)}")
-        print(f"offloaded, int8 experts on the host CPU: {timed(host_cpu)}")
+        for name, model in (("offloaded (per-layer segments)", offloaded),
+                            ("offloaded, int8 experts on the host CPU (streamed form)", host_cpu),
+                            ("offloaded, int4 experts on the host CPU (fused form)", host_int4)):
+            print(f"{name}: {timed(model)}; {programs_per_step(model)}")
         print(f"resident (one scanned program): {timed(resident)}")
 
 

@@ -31,8 +31,9 @@ from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, fitted_rates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
-from ktjax.runtime.offload.moe_block import compile_fused, moe_block
-from ktjax.runtime.offload.segments import LayerSegments, Segments, embed_segment, head_segment, logits_segment
+from ktjax.runtime.offload.moe_block import FUSED_MAX_TOKENS, compile_fused, moe_block
+from ktjax.runtime.offload.segments import (LayerSegments, Segments, embed_segment, head_segment, logits_segment,
+                                             settled)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
@@ -154,7 +155,7 @@ class OffloadedExecutor:
         run = Segments(stats, profile)
         x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run, active=active_B)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
-                      np.zeros(x_BTD.shape[0], np.int32), key, sampling)
+                      np.zeros(np.shape(token_B)[0], np.int32), key, sampling)
         return token_B, cache, stats.finish()
 
     def logits(self, tokens_BT) -> jax.Array:
@@ -281,17 +282,22 @@ class OffloadedExecutor:
         programs: `moe_block.compile_fused`), so a server's streams never wait for one to compile."""
         return compile_fused(self, batch)
 
-    def host_zeros(self, shape) -> jax.Array:
-        """A device f32 zeros array standing for an empty host-CPU share (cached per shape; its sharding
-        is the host share's, so the fused program does not compile apart for it)."""
-        if shape not in self._zeros:
-            self._zeros[shape] = jax.device_put(np.zeros(shape, np.float32), self.store.on_device)
-        return self._zeros[shape]
+    def zeros(self, shape) -> jax.Array:
+        """Device f32 zeros standing for an absent term of a MoE layer's output (`segments.Unsummed`), with
+        the sharding of the terms it stands for, so the next program does not compile apart for it. Cached
+        per decode-sized shape: made anew, they would cost a dispatch on the step's path."""
+        if shape in self._zeros:
+            return self._zeros[shape]
+        out = jax.device_put(np.zeros(shape, np.float32), self.store.on_device)
+        if shape[0] <= FUSED_MAX_TOKENS:
+            self._zeros[shape] = out
+        return out
 
     # ---- the forward pass ------------------------------------------------------------------
     def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments, *,
                 active: np.ndarray | None = None):
-        """Hidden states after the last layer for a chunk at positions start[b] + t; updates the cache.
+        """Hidden states after the last layer for a chunk at positions start[b] + t (`segments.Unsummed`
+        when that is a MoE layer on one device: the head sums them); updates the cache.
         active (host bools, [B] or [B, T]): the tokens whose routed experts count (None: all); the
         others get none (their outputs are garbage: padding, a serving batch's free slots)."""
         cfg = self.config
@@ -313,6 +319,7 @@ class OffloadedExecutor:
             if kind == "dense" and short:
                 x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
             elif kind == "dense":
+                x_BTD = settled(x_BTD, run)
                 x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                 x_BTD = run("dense_mlp", seg.dense_mlp, state, x_BTD)
             else:
@@ -320,6 +327,7 @@ class OffloadedExecutor:
                     x_BTD, h_ND, w_NK, idx_NK, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,
                                                                 rope, start_B, latent, rp, j)
                 else:
+                    x_BTD = settled(x_BTD, run)
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
                 x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)

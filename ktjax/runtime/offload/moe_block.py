@@ -1,11 +1,12 @@
 """One MoE layer of the offloaded executor's forward pass: the layer's chosen experts on their paths
 (resident on the device, streamed over the link, or computed by the host CPU where they live), split by
-`scheduler.split`, then combined with the shared expert.
+`scheduler.split`, beside the shared expert.
 
 Decode-sized layers with few chosen experts take the "fused" form (`fused_moe`: transfers start, the host
-CPU computes its share, one program does the rest); others the "streamed" form (a program per expert
-chunk as it lands, dispatched by a worker thread beside the host CPU's kernels). Over several devices the
-layer goes to `devices.moe_over_devices`.
+CPU computes its share, one program computes the device's); others the "streamed" form (a program per
+expert chunk as it lands, dispatched by a worker thread beside the host CPU's kernels). Either returns the
+layer's output as its terms (`segments.Unsummed`), which the next layer's first program sums. Over several
+devices the layer goes to `devices.moe_over_devices`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.devices import moe_over_devices
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import split
-from ktjax.runtime.offload.segments import LayerSegments, Segments, combine_segment, mask_routes_segment
+from ktjax.runtime.offload.segments import LayerSegments, Segments, Unsummed, mask_routes_segment
 from ktjax.runtime.offload.streaming import Prefetch, capacity_for, pow2, routing_counts, streams_everything
 
 if TYPE_CHECKING:
@@ -33,9 +34,9 @@ FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each
 
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
               prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
-    """The MoE block of layer i: the shared expert while the first transfer runs, the chosen
-    experts on their paths, and the combine. active_N: the tokens whose experts are chosen (None:
-    all); the others may meet a chosen expert but never bring one in."""
+    """The MoE block of layer i: the shared expert while the first transfer runs and the chosen
+    experts on their paths, returned unsummed (one device; over several, summed). active_N: the tokens
+    whose experts are chosen (None: all); the others may meet a chosen expert but never bring one in."""
     cfg = ex.config
     if ex.mesh is not None:
         if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
@@ -67,8 +68,9 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
 
     if host is None:
-        parts = (ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
-                                 stream_all=stream_all),)
+        on_gpu = ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
+                                 stream_all=stream_all)
+        on_host = None
     else:
         chosen = [int(e) for e in np.flatnonzero(counts)]
         hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
@@ -77,31 +79,32 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
         # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
         # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
-        on_gpu = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all)
-        on_host = (host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats),) if cpu_ids else ()
-        parts = on_gpu.result() + on_host
+        job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all)
+        on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
+        on_gpu = job.result()
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
-    return run("combine", combine_segment, x_BTD, shared[0], parts)
+    return Unsummed(x_BTD, shared[0], ex.zeros(h_ND.shape) if on_gpu is None else on_gpu,
+                    ex.zeros(h_ND.shape) if on_host is None else on_host)
 
 
 def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
-             stream_all: bool | None = None) -> tuple:
+             stream_all: bool | None = None) -> jax.Array | None:
     """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
-    that are resident or streamed."""
+    that are resident or streamed (their f32 sum; None when there are none)."""
     if not gpu_ids:
         run_shared()
-        return ()
-    return (ex.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
-                            stream_all=stream_all),)
+        return None
+    return ex.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
+                           stream_all=stream_all)
 
 
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
-    """A decode-sized MoE layer in one program after routing: the streamed experts' transfers
-    start, then `moe_tail` runs once they have landed. Where the host CPU has a share, the device's
-    share (`moe_device`) runs while this thread computes the host's, and `combine_segment` adds them.
-    Two or three programs per MoE layer whatever the experts' number: a dispatch costs ~0.25 ms of
-    this thread (offload.md, run 8), more than a decode-sized expert's compute."""
+    """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
+    transfers start, then `moe_device` runs once they have landed. Where the host CPU has a share, the
+    worker thread dispatches it, and it runs while this thread computes the host's. One program per MoE
+    layer after routing whatever the experts' number (a dispatch costs ~0.25 ms of this thread,
+    offload.md run 8, more than a decode-sized expert's compute); the next layer's first program sums."""
     chosen = [int(e) for e in np.flatnonzero(counts)]
     hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
     if host is not None:
@@ -121,16 +124,15 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     rows_A = np.full(pow2(len(rows)), N, np.int32)
     rows_A[:len(rows)] = rows
     capacity = capacity_for(len(rows_A), counts[gpu_ids])
-    if not cpu_ids:  # zeros for the host's share, not None: one compiled variant whether or not it had one
-        return run("moe_tail", seg.moe_tail, state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
-                   ex.host_zeros(h_ND.shape), capacity=capacity)
-    # The device's share is dispatched by the worker thread and runs (once its transfers land) while
-    # this thread's host kernels compute theirs: the GPU's experts no longer wait for the CPU's.
-    on_gpu = ex.dispatcher.submit(run, "moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
-                                  capacity=capacity)
+
+    def device_share():
+        return run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity)
+
+    if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
+        return Unsummed(x_BTD, *device_share(), ex.zeros(h_ND.shape))
+    on_gpu = ex.dispatcher.submit(device_share)
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
-    shared_ND, routed_ND = on_gpu.result()
-    return run("combine", combine_segment, x_BTD, shared_ND, (routed_ND, host_ND))
+    return Unsummed(x_BTD, *on_gpu.result(), host_ND)
 
 
 def fused_slots(n: int) -> int:
@@ -155,21 +157,20 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
 
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
-    mid-stream: each expert-slot count (none, 2, 4, 8), each capacity, with the host CPU's share (`moe_device`
-    and the combine) and without (`moe_tail`). A step meets these by its routing and split, so a server's
-    first steps would otherwise stall every stream for a compile now and then (~1 s each on the H200:
-    bench_serve run 12). Zeros in, outputs dropped. Returns the number of programs run."""
+    mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity. A step meets these
+    by its routing and split, so a server's first steps would otherwise stall every stream for a compile now
+    and then (~1 s each on the H200: bench_serve run 12); the programs around them (attention with the
+    previous layer's terms, the head) every step meets. Zeros in, outputs dropped. Returns the number of
+    programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
     i = cfg.moe_layers[0]
     seg, state, on = ex.segments[cfg.layer_kinds[i]], ex.layers[i], ex.store.on_device
     K = cfg.num_experts_per_tok
-    x_BTD, h_ND = (jax.device_put(np.zeros(shape, ex.dtype), on) for shape in ((N, 1, cfg.hidden_size),
-                                                                               (N, cfg.hidden_size)))
+    h_ND = jax.device_put(np.zeros((N, cfg.hidden_size), ex.dtype), on)
     w_NK = jax.device_put(np.zeros((N, K), np.float32), on)
     idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
-    host_ND = ex.host_zeros(h_ND.shape)
     rows_A = np.arange(pow2(N), dtype=np.int32)
     stats, n = StepStats(), 0
     for S in (0,) + tuple(sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})):
@@ -177,9 +178,6 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
         slots = tuple(ex.store.fetch(i, ids, stats))
         ids_C = np.array(ids, np.int32)
         for capacity in sorted({capacity_for(len(rows_A), [c]) for c in (1, 2, N)} if S else {capacity_for(N, [])}):
-            jax.block_until_ready(seg.moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, host_ND,
-                                               capacity=capacity))
-            shared_ND, routed_ND = seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity)
-            jax.block_until_ready(combine_segment(x_BTD, shared_ND, (routed_ND, host_ND)))
-            n += 3
+            jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity))
+            n += 1
     return n

@@ -4,9 +4,11 @@ grouped into the few programs that run between expert transfers.
 Why per-layer segments: measured on the H200 (DESIGN.md), host->device transfers overlap compute
 only across separately dispatched programs, not inside one. So each MoE layer is: attention and
 routing (one program), the shared expert (issued once the first transfer is under way), the routed
-experts in chunks as they land (`ktjax.experts.device.experts_segment`), then the combine. Decode-
-sized batches instead run the whole MoE block after routing as one program (`moe_tail`) once their
-few experts have landed: at batch 1 each dispatch costs more than the compute it overlaps.
+experts in chunks as they land (`ktjax.experts.device.experts_segment`). Decode-sized batches instead
+run the device's share of the MoE block after routing as one program (`moe_device`) once their few
+experts have landed. A MoE layer's terms (x, shared, routed, the host CPU's share) are summed by the
+next program that reads them (`Unsummed`), not by a program of their own: at batch 1 the step waits on
+every dispatch between the host CPU's share and the next layer's attention.
 
 The layer compositions below are pure functions of a merged layer; the training path differentiates
 the same functions (`ktjax.train.offloaded`).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,32 @@ def combine_segment(x_BTD, shared_ND, routed_ND):
     return combine(x_BTD.reshape(total_ND.shape), shared_ND, total_ND).reshape(x_BTD.shape)
 
 
+class Unsummed(NamedTuple):
+    """A MoE layer's output as its terms: x_BTD + shared_ND + routed_ND (the device's experts, f32) +
+    host_ND (the host CPU's experts, f32; zeros when it had none). Every segment that reads hidden
+    states takes this or a plain array, and sums it first (`settle`)."""
+
+    x_BTD: jax.Array
+    shared_ND: jax.Array
+    routed_ND: jax.Array
+    host_ND: jax.Array
+
+
+def settle(x):
+    """The hidden states [B, T, D] that x stands for (inside a program)."""
+    if isinstance(x, Unsummed):
+        return combine_segment(x.x_BTD, x.shared_ND, (x.routed_ND, x.host_ND))
+    return x
+
+
+def settled(x, run: Segments):
+    """x as an array on the device, summed by a program of its own if it is `Unsummed` (for the few
+    readers that slice it first: chunked prefill attention)."""
+    if isinstance(x, Unsummed):
+        return run("combine", combine_segment, x.x_BTD, x.shared_ND, (x.routed_ND, x.host_ND))
+    return x
+
+
 class LayerSegments:
     """The compiled programs of one layer kind, with its structure bound in (no per-call hashing of
     the graph); layer parameters travel as plain dicts of arrays, which flatten fast. Cache arrays
@@ -76,17 +105,18 @@ class LayerSegments:
     def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig):
         merge = functools.partial(nnx.merge, graphdef)
 
+        # x_BTD: an array or `Unsummed` (the previous MoE layer's terms, summed here).
         def attention(state, x_BTD, rope, start_B, latent, rp, j):
-            return attend_cached(merge(state), x_BTD, rope, start_B, latent, rp, j)
+            return attend_cached(merge(state), settle(x_BTD), rope, start_B, latent, rp, j)
 
         def dense_layer(state, x_BTD, rope, start_B, latent, rp, j):
             layer = merge(state)
-            x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
+            x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
             return dense_mlp(layer, x_BTD), latent, rp
 
         def attention_route(state, x_BTD, rope, start_B, latent, rp, j):
             layer = merge(state)
-            x_BTD, latent, rp = attend_cached(layer, x_BTD, rope, start_B, latent, rp, j)
+            x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
             return (x_BTD, *route(layer, x_BTD), latent, rp)
 
         self.attention = jax.jit(attention, donate_argnums=(4, 5))
@@ -106,19 +136,12 @@ class LayerSegments:
             routed_AD = add_experts(None, h_AD, w_AK, idx_AK, ids_C, experts, capacity=capacity)
             return jnp.zeros((N, routed_AD.shape[1]), routed_AD.dtype).at[rows_A].add(routed_AD, mode="drop")
 
-        def moe_tail(state, x_BTD, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, host_ND, capacity):
-            routed_ND = routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
-            return combine_segment(x_BTD, shared(merge(state), h_ND), (routed_ND, host_ND))
-
         def moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
             return shared(merge(state), h_ND), routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
 
-        # The MoE block after routing as one program (the executor's "fused" decode): the shared
-        # expert, the chosen experts on the device (resident or just fetched; ids_C -1 pads) for the
-        # active tokens rows_A, and the host CPU's sum (zeros when it had none), combined.
-        self.moe_tail = jax.jit(moe_tail, static_argnames="capacity")
-        # The same block's device share alone (shared expert, routed sum), to run while the host CPU
-        # computes its own; `combine_segment` then adds the two.
+        # The device's share of the MoE block after routing as one program (the executor's "fused"
+        # decode): the shared expert and the chosen experts on the device (resident or just fetched;
+        # ids_C -1 pads) for the active tokens rows_A. It runs while the host CPU computes its own share.
         self.moe_device = jax.jit(moe_device, static_argnames="capacity")
 
 
@@ -129,12 +152,15 @@ def embed_segment(cfg: ModelConfig, embed_VD, tokens_BT, start_B):
     return embed_VD[tokens_BT], cos_sin(cfg, positions(start_B, tokens_BT.shape[1])), start_B
 
 
-logits_segment = jax.jit(final_logits, static_argnums=2)
+@functools.partial(jax.jit, static_argnums=2)
+def logits_segment(norm_D, head_VD, eps: float, x_BTD):
+    return final_logits(norm_D, head_VD, eps, settle(x_BTD))
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def head_segment(norm_D, head_VD, eps: float, x_BTD, last_B, key, sampling):
-    """Sample from row last_B[b] of each sequence."""
+    """Sample from row last_B[b] of each sequence (x_BTD: an array or `Unsummed`)."""
+    x_BTD = settle(x_BTD)
     x_BD = jnp.take_along_axis(x_BTD, last_B.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
     return sample_rows(final_logits(norm_D, head_VD, eps, x_BD), key, sampling)
 
