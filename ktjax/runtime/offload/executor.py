@@ -332,7 +332,7 @@ class OffloadedExecutor:
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
                 x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
             groups[kind] = LayerCache(latent, rp)
-        jax.block_until_ready(x_BTD)
+        # Not waited for: the head's dispatch overlaps the last layer's compute.
         return x_BTD, KVCache(groups)
 
     def _attention(self, seg: LayerSegments, state, x_BTD, rope, start_B, latent, rp, j, run: Segments):
