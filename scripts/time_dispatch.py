@@ -60,6 +60,23 @@ def programs_per_step(model, steps: int = 4) -> str:
     return f"{sum(per_step.values()):g} programs/step (" + ", ".join(f"{k} {v:g}" for k, v in per_step.items()) + ")"
 
 
+def us_per_host_call(model, calls: int = 2000) -> float:
+    """The host CPU's share of one MoE layer at batch 1 (2 of its 3 chosen experts), tiny experts: what a
+    call costs beyond the experts' bytes (on the H200 machine: ~0.1 ms, offload.md run 14)."""
+    import numpy as np
+    host, layer = model.executor.host, model.config.moe_layers[0]
+    idx_NK = np.array([[0, 3, 5]])
+    w_NK = np.full((1, 3), 1 / 3, np.float32)
+    h_ND = np.random.default_rng(0).standard_normal((1, model.config.hidden_size)).astype(np.float32)
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls // 5):
+            host.compute(layer, [0, 3], idx_NK, w_NK, h_ND)
+        runs.append((time.perf_counter() - t) / (calls // 5) * 1e6)
+    return float(np.median(runs))
+
+
 def main() -> None:
     import argparse
 
@@ -87,6 +104,9 @@ def main() -> None:
                             ("offloaded, int8 experts on the host CPU (streamed form)", host_cpu),
                             ("offloaded, int4 experts on the host CPU (fused form)", host_int4)):
             print(f"{name}: {timed(model)}; {programs_per_step(model)}")
+        for name, model in (("int8", host_cpu), ("int4", host_int4)):
+            print(f"host CPU's share of a layer, {name} (2 tiny experts, int8 activations): "
+                  f"{us_per_host_call(model):.0f} us per call")
         print(f"resident (one scanned program): {timed(resident)}")
 
 

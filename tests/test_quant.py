@@ -127,6 +127,24 @@ def int8_per_group(v):
     return (np.rint(g * inv) * scale).reshape(-1)[:n].astype(np.float64)
 
 
+def test_assignments_list_each_experts_tokens_in_order_with_their_weights():
+    """The host CPU's view of a routing: per chosen expert, the tokens that chose it (in token order) and
+    their weights, padded to the busiest expert's count; an expert no token chose has none."""
+    rng = np.random.default_rng(3)
+    idx = np.stack([rng.permutation(16)[:4] for _ in range(6)]).astype(np.int32)  # jax's ids are int32
+    weights = rng.random(idx.shape).astype(np.float32)
+    chosen = np.array([int(idx[2, 1]), 16, int(idx[5, 3]), int(idx[0, 0])], np.int64)  # 16: no token's
+    tok, wt, ntok = assignments(idx, weights, chosen)
+    assert ntok[1] == 0
+    want = [[(n, weights[n, j]) for n in range(6) for j in range(4) if idx[n, j] == e] for e in chosen]
+    assert ntok.tolist() == [len(w) for w in want]
+    assert tok.shape == wt.shape == (len(chosen), max(1, max(len(w) for w in want)))
+    for k, w in enumerate(want):
+        assert tok[k, :len(w)].tolist() == [n for n, _ in w]
+        assert wt[k, :len(w)].tolist() == [v for _, v in w]
+        assert not tok[k, len(w):].any() and not wt[k, len(w):].any()
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 @pytest.mark.parametrize("F, D", [(32, 64), (40, 300)])
 def test_host_kernels_compute_the_routed_sum_of_the_dequantized_experts(fmt, F, D):

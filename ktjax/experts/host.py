@@ -37,28 +37,30 @@ class HostExperts:
         self.int_dots = hk.INT8_DOTS if int_dots is None else int_dots
         mats = layout.matrices
         self.gate_up, self.down = mats["gate_up"], mats["down"]
-        self.gate_up_offsets = layout.offsets("gate_up")
-        self.down_offsets = layout.offsets("down")
+        # Per matrix: (format, rows, padded columns, groups, its arrays' byte offsets as a column),
+        # read once here: a decode step calls `compute` per MoE layer, and its Python is on the step's path.
+        self._dims = {name: (m.fmt, m.rows, m.padded_cols, m.groups, layout.offsets(name)[:, None])
+                      for name, m in mats.items()}
 
-    def _matvec(self, matrix, offsets, bases_K, x_KTC, ntok_K, out_KTR):
-        addr = [bases_K + off for off in offsets]
-        R, C = matrix.rows, matrix.padded_cols
+    def _matvec(self, name: str, bases_K, x_KTC, ntok_K, out_KTR):
+        fmt, R, C, G, offsets_P1 = self._dims[name]
+        addr = bases_K + offsets_P1  # [arrays, K]: each array's address in each chosen expert
         if self.int8_activations:
             xq = np.zeros(x_KTC.shape, np.int8)
-            xs, xsum = (np.zeros(x_KTC.shape[:2] + (matrix.groups,), np.float32) for _ in range(2))
+            xs, xsum = np.zeros(x_KTC.shape[:2] + (G,), np.float32), np.zeros(x_KTC.shape[:2] + (G,), np.float32)
             hk.quantize_groups(x_KTC, ntok_K, xq, xs, xsum)
-            if self.int_dots and matrix.groups <= hk.MAX_GROUPS:
-                if matrix.fmt == "int8":
+            if self.int_dots and G <= hk.MAX_GROUPS:
+                if fmt == "int8":
                     hk.matvec_int8_q8(*addr, R, C, xq.ctypes.data, xs, ntok_K, out_KTR, hk.F16_POW2)
                 else:
                     hk.matvec_int4_q8(*addr, R, C, xq.ctypes.data, xs, xsum, ntok_K, out_KTR)
                 return
             # The float kernels on the values the int8 activations stand for.
             x_KTC = (xq.reshape(xs.shape + (-1,)) * xs[..., None]).reshape(x_KTC.shape)
-        if matrix.fmt == "int8":
+        if fmt == "int8":
             hk.matvec_int8(*addr, R, C, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
         else:
-            xsum = np.zeros(x_KTC.shape[:2] + (matrix.groups,), np.float32)
+            xsum = np.zeros(x_KTC.shape[:2] + (G,), np.float32)
             hk.group_sums(x_KTC, ntok_K, xsum)
             hk.matvec_int4(*addr, R, C, x_KTC, xsum, ntok_K, out_KTR)
 
@@ -71,30 +73,21 @@ class HostExperts:
         K, T = tok_KT.shape
         N, D = x_ND.shape
         F = self.layout.F
-        x_KTC = np.zeros((K, T, self.gate_up.padded_cols), np.float32)
+        x_KTC = np.zeros((K, T, self._dims["gate_up"][2]), np.float32)
         x_KTC[:, :, :D] = x_ND[tok_KT]
         gu_KTR = np.empty((K, T, 2 * F), np.float32)
-        self._matvec(self.gate_up, self.gate_up_offsets, bases_K, x_KTC, ntok_K, gu_KTR)
-        h_KTC = np.zeros((K, T, self.down.padded_cols), np.float32)
+        self._matvec("gate_up", bases_K, x_KTC, ntok_K, gu_KTR)
+        h_KTC = np.zeros((K, T, self._dims["down"][2]), np.float32)
         hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
         y_KTD = np.empty((K, T, D), np.float32)
-        self._matvec(self.down, self.down_offsets, bases_K, h_KTC, ntok_K, y_KTD)
+        self._matvec("down", bases_K, h_KTC, ntok_K, y_KTD)
         out_ND = np.zeros((N, D), np.float32)
-        hk.scatter_add(y_KTD, weight_KT.astype(np.float32), tok_KT.astype(np.int64), ntok_K, out_ND)
+        hk.scatter_add(y_KTD, weight_KT.astype(np.float32, copy=False), tok_KT.astype(np.int64, copy=False), ntok_K,
+                       out_ND)
         return out_ND
 
 
 def assignments(idx_NK: np.ndarray, weights_NK: np.ndarray, experts: np.ndarray):
     """For each expert in `experts`: the tokens routed to it and their weights, padded to the
     largest count (tok_KT, weight_KT, ntok_K)."""
-    hits = [np.nonzero(idx_NK == e) for e in experts]
-    T = max((len(n) for n, _ in hits), default=0)
-    K = len(experts)
-    tok = np.zeros((K, max(T, 1)), np.int64)
-    weight = np.zeros((K, max(T, 1)), np.float32)
-    ntok = np.zeros(K, np.int64)
-    for k, (n, j) in enumerate(hits):
-        tok[k, :len(n)] = n
-        weight[k, :len(n)] = weights_NK[n, j]
-        ntok[k] = len(n)
-    return tok, weight, ntok
+    return hk.routed_tokens(np.asarray(idx_NK), np.asarray(weights_NK, np.float32), np.asarray(experts, np.int64))

@@ -344,3 +344,29 @@ def scatter_add(y_KTD, weight_KT, tok_KT, ntok_K, out_ND):
             w = weight_KT[k, t]
             for c in range(out_ND.shape[1]):
                 out_ND[n, c] += w * y_KTD[k, t, c]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def routed_tokens(idx_NK, weights_NK, experts_E):
+    """For each expert in experts_E: the tokens routed to it (in token order) and their routing weights,
+    padded to the largest count: (tok [E, T] int64, weight [E, T] float32, ntok [E] int64)."""
+    E = experts_E.shape[0]
+    N, K = idx_NK.shape
+    ntok = np.zeros(E, np.int64)
+    for e in range(E):
+        for n in range(N):
+            for j in range(K):
+                if idx_NK[n, j] == experts_E[e]:
+                    ntok[e] += 1
+    T = max(1, ntok.max()) if E else 1
+    tok = np.zeros((E, T), np.int64)
+    weight = np.zeros((E, T), np.float32)
+    for e in range(E):
+        t = 0
+        for n in range(N):
+            for j in range(K):
+                if idx_NK[n, j] == experts_E[e]:
+                    tok[e, t] = n
+                    weight[e, t] = weights_NK[n, j]
+                    t += 1
+    return tok, weight, ntok

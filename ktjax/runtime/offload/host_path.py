@@ -39,7 +39,9 @@ class HostPath:
         experts = np.asarray(ids, np.int64)
         tok, weight, ntok = assignments(idx_NK, weights_NK, experts)
         bases = np.array([self.bases[(layer, e)] for e in ids], np.int64)
-        numba.set_num_threads(min(self.threads or default_threads(), numba.config.NUMBA_NUM_THREADS))
+        threads = min(self.threads or default_threads(), numba.config.NUMBA_NUM_THREADS)
+        if numba.get_num_threads() != threads:  # per calling thread; setting it costs ~10 us a call
+            numba.set_num_threads(threads)
         return self.kernels.compute(bases, tok, ntok, weight, np.asarray(h_ND, np.float32))
 
 
