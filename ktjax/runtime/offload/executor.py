@@ -31,7 +31,7 @@ from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, fitted_rates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
-from ktjax.runtime.offload.moe_block import FUSED_MAX_TOKENS, compile_fused, moe_block
+from ktjax.runtime.offload.moe_block import compile_fused, moe_block
 from ktjax.runtime.offload.segments import (LayerSegments, Segments, embed_segment, head_segment, logits_segment,
                                              settled)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
@@ -283,15 +283,12 @@ class OffloadedExecutor:
         return compile_fused(self, batch)
 
     def zeros(self, shape) -> jax.Array:
-        """Device f32 zeros standing for an absent term of a MoE layer's output (`segments.Unsummed`), with
-        the sharding of the terms it stands for, so the next program does not compile apart for it. Cached
-        per decode-sized shape: made anew, they would cost a dispatch on the step's path."""
-        if shape in self._zeros:
-            return self._zeros[shape]
-        out = jax.device_put(np.zeros(shape, np.float32), self.store.on_device)
-        if shape[0] <= FUSED_MAX_TOKENS:
-            self._zeros[shape] = out
-        return out
+        """Device f32 zeros [N, D] standing for an absent term of a decode-sized MoE layer's output
+        (`segments.Unsummed`), cached per shape (made anew, they would cost a transfer on the step's path),
+        with the sharding of the terms they stand for, so the next program does not compile apart for them."""
+        if shape not in self._zeros:
+            self._zeros[shape] = jax.device_put(np.zeros(shape, np.float32), self.store.on_device)
+        return self._zeros[shape]
 
     # ---- the forward pass ------------------------------------------------------------------
     def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments, *,

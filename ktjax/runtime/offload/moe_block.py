@@ -4,9 +4,9 @@
 
 Decode-sized layers with few chosen experts take the "fused" form (`fused_moe`: transfers start, the host
 CPU computes its share, one program computes the device's); others the "streamed" form (a program per
-expert chunk as it lands, dispatched by a worker thread beside the host CPU's kernels). Either returns the
-layer's output as its terms (`segments.Unsummed`), which the next layer's first program sums. Over several
-devices the layer goes to `devices.moe_over_devices`.
+expert chunk as it lands, dispatched by a worker thread beside the host CPU's kernels). Decode-sized layers
+return their output as its terms (`segments.Unsummed`), which the next layer's first program sums. Over
+several devices the layer goes to `devices.moe_over_devices`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.devices import moe_over_devices
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import split
-from ktjax.runtime.offload.segments import LayerSegments, Segments, Unsummed, mask_routes_segment
+from ktjax.runtime.offload.segments import LayerSegments, Segments, Unsummed, combine_segment, mask_routes_segment
 from ktjax.runtime.offload.streaming import Prefetch, capacity_for, pow2, routing_counts, streams_everything
 
 if TYPE_CHECKING:
@@ -35,8 +35,9 @@ FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
               prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
     """The MoE block of layer i: the shared expert while the first transfer runs and the chosen
-    experts on their paths, returned unsummed (one device; over several, summed). active_N: the tokens
-    whose experts are chosen (None: all); the others may meet a chosen expert but never bring one in."""
+    experts on their paths; its output unsummed where it is decode-sized on one device, else summed.
+    active_N: the tokens whose experts are chosen (None: all); the others may meet a chosen expert but
+    never bring one in."""
     cfg = ex.config
     if ex.mesh is not None:
         if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
@@ -83,6 +84,8 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
         on_gpu = job.result()
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
+    if N > FUSED_MAX_TOKENS:  # prefill-sized: summed here (zeros standing for a missing term would cost a transfer)
+        return run("combine", combine_segment, x_BTD, shared[0], tuple(p for p in (on_gpu, on_host) if p is not None))
     return Unsummed(x_BTD, shared[0], ex.zeros(h_ND.shape) if on_gpu is None else on_gpu,
                     ex.zeros(h_ND.shape) if on_host is None else on_host)
 
