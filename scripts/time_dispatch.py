@@ -1,7 +1,8 @@
 """Host-side cost of one decode step: the offloaded executor's per-layer segments against the
 resident executor's one scanned program, on a tiny random model (CPU is fine: what is measured is
 Python and dispatch, not the device), and the compiled programs each step runs (counted where the
-offloaded executor runs its segments: on a GPU at batch 1 the step waits on each one's dispatch).
+offloaded executor runs its segments: on a GPU at batch 1 the step waits on each one's dispatch), and
+what a server's batch adds to a step of one request.
 
     python scripts/time_dispatch.py [--steps 30] [--repeats 1]   # with repeats: the median, and each
 """
@@ -77,6 +78,48 @@ def us_per_host_call(model, calls: int = 2000) -> float:
     return float(np.median(runs))
 
 
+def serving_step_overhead(model, slots: int = 32, steps: int = 300) -> str:
+    """A server's step for one request in `slots` slots (`DecodeBatch.decode`): its own host time beyond
+    the executor's decode (median), and its own programs per step."""
+    import numpy as np
+
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.serve import batch as serve_batch
+    batch = serve_batch.DecodeBatch(model, slots, 256)
+    batch.prefill_into([0], [[5, 9, 13]], [SamplingOptions(max_new_tokens=1)])
+    active = np.arange(slots) < 1
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(serve_batch, name) for name in ("take_rows", "put_rows", "split_rows")}
+    for name, fn in originals.items():
+        setattr(serve_batch, name, lambda *a, _fn=fn, _name=name: (counts.update([_name]), _fn(*a))[1])
+    decode, executor_s = batch.executor.decode, []
+
+    def timed_decode(*args, **kwargs):
+        t = time.perf_counter()
+        out = decode(*args, **kwargs)
+        executor_s.append(time.perf_counter() - t)
+        return out
+
+    batch.executor = type("Timed", (), {"decode": staticmethod(timed_decode),
+                                        "__getattr__": lambda self, n: getattr(model.executor, n)})()
+    try:
+        for _ in range(5):
+            batch.decode(active)
+        counts.clear()
+        own = []
+        for s in range(steps):
+            t = time.perf_counter()
+            batch.decode(active)
+            own.append(time.perf_counter() - t - executor_s[-1])
+            if s % 100 == 99:
+                batch.pos_B[:] = 10  # stay inside the cache
+    finally:
+        for name, fn in originals.items():
+            setattr(serve_batch, name, fn)
+    return (f"{np.median(own) * 1e6:.0f} us per step beyond the executor's decode; its own programs per step: "
+            + (", ".join(f"{k} {v / steps:g}" for k, v in counts.items()) or "none"))
+
+
 def main() -> None:
     import argparse
 
@@ -98,7 +141,7 @@ def main() -> None:
         host_cpu = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024, experts="int8",
                               expert_compute="cpu")
         host_int4 = ktjax.load(path, placement={r".*\.mlp\.experts\..*": "host"}, max_context=1024, experts="int4",
-                               expert_compute="cpu")
+                               expert_compute="cpu", max_batch=32)
         resident = ktjax.load(path)
         for name, model in (("offloaded (per-layer segments)", offloaded),
                             ("offloaded, int8 experts on the host CPU (streamed form)", host_cpu),
@@ -107,6 +150,7 @@ def main() -> None:
         for name, model in (("int8", host_cpu), ("int4", host_int4)):
             print(f"host CPU's share of a layer, {name} (2 tiny experts, int8 activations): "
                   f"{us_per_host_call(model):.0f} us per call")
+        print(f"serving batch, one request in 32 slots, int4 host CPU: {serving_step_overhead(host_int4)}")
         print(f"resident (one scanned program): {timed(resident)}")
 
 

@@ -234,6 +234,33 @@ def test_rows_in_use_step_alone_in_the_smallest_batch_that_holds_them(model, sol
         assert t[:len(solo[p].token_ids)] == solo[p].token_ids
 
 
+def test_seeded_sampling_in_the_slots_continues_as_generate_while_the_rows_that_step_change(model):
+    """A sampled request keeps its own key sequence, as `ktjax.generate` with its seed draws it, while it
+    decodes alone (its rows kept out of the slots' cache between steps), beside a request admitted later
+    (the rows that step change: put back, taken out again), and alone again once that one has left."""
+    import numpy as np
+
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.runtime.shapes import cache_length
+    from ktjax.serve.batch import DecodeBatch
+
+    first, second = (model.tokenizer.encode(p) for p in PROMPTS[:2])
+    a, b = SamplingOptions(12, temperature=0.9, seed=7), SamplingOptions(5, temperature=0.9, seed=11)
+    batch = DecodeBatch(model, 8, cache_length(256, 0))
+    tokens = {5: batch.prefill_into([5], [first], [a]), 2: []}
+    for steps, rows in ((3, [5]), (0, None), (4, [5, 2]), (4, [5])):
+        if rows is None:  # the second request arrives
+            tokens[2] = batch.prefill_into([2], [second], [b])
+            continue
+        for _ in range(steps):
+            sampled = batch.decode(np.isin(np.arange(8), rows))
+            for r in rows:
+                tokens[r].append(int(sampled[r]))
+    for got, ids, o in ((tokens[5], first, a), (tokens[2], second, b)):
+        want = ktjax.generate(model, ids, max_new_tokens=o.max_new_tokens, temperature=0.9, seed=o.seed).token_ids
+        assert len(want) > 2 and got[:len(want)] == want  # generate stops at end of sequence; the slots do not
+
+
 def test_an_offloaded_batch_compiles_every_one_row_split_of_its_experts_before_any_request():
     """int4 experts in host memory decode one row in the fused form, whose programs vary with how many of
     the chosen experts the host CPU, the link and the device take: the batch's warm-up runs them all, so

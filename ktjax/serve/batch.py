@@ -4,6 +4,7 @@ advanced part by part (`Admission`). `ktjax.serve.scheduler` decides who takes w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,16 +30,18 @@ def insert_rows(cache_B: KVCache, cache_k: KVCache, slots_k: jax.Array) -> KVCac
 @jax.jit
 def take_rows(cache_B: KVCache, keys_B: jax.Array, rows_n: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
     """The cache of rows rows_n only (a copy: [layers, n, S, dim]), with their keys split as `split_rows`
-    splits every row's: (that cache, keys_B with those rows' next keys, their keys for this step [n]).
-    One program: each dispatch is on a serving step's path."""
+    splits every row's: (that cache, their next keys [n], their keys for this step [n]). One program:
+    each dispatch is on a serving step's path."""
     next_n, subs_n = split_rows(keys_B[rows_n])
-    return jax.tree.map(lambda a: a[:, rows_n], cache_B), keys_B.at[rows_n].set(next_n), subs_n
+    return jax.tree.map(lambda a: a[:, rows_n], cache_B), next_n, subs_n
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def put_rows(cache_B: KVCache, cache_n: KVCache, rows_n: jax.Array) -> KVCache:
-    """cache_B with rows rows_n replaced by cache_n's rows (the inverse of `take_rows`)."""
-    return jax.tree.map(lambda big, small: big.at[:, rows_n].set(small), cache_B, cache_n)
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def put_rows(cache_B: KVCache, keys_B: jax.Array, cache_n: KVCache, keys_n: jax.Array,
+             rows_n: jax.Array) -> tuple[KVCache, jax.Array]:
+    """cache_B and keys_B with rows rows_n replaced by cache_n's and keys_n's (the inverse of `take_rows`)."""
+    return (jax.tree.map(lambda big, small: big.at[:, rows_n].set(small), cache_B, cache_n),
+            keys_B.at[rows_n].set(keys_n))
 
 
 @jax.jit
@@ -52,6 +55,17 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each row's key split as generation splits its one key per step: (next keys, this step's)."""
     pairs_B2 = jax.vmap(jax.random.split)(keys_B)
     return pairs_B2[:, 0], pairs_B2[:, 1]
+
+
+@dataclasses.dataclass
+class Stepping:
+    """Rows that step in a batch of their own size (`DecodeBatch.decode`), with their cache rows and keys
+    held apart from the slots' until another set of rows steps or anything reads the slots' cache."""
+
+    rows_n: np.ndarray  # host int32 [n]: the slots, in the order of the cache's rows
+    rows: jax.Array  # the same on the device
+    cache_n: KVCache
+    keys_n: jax.Array
 
 
 def seed_keys(opts: list[SamplingOptions]) -> tuple[jax.Array, jax.Array]:
@@ -72,15 +86,34 @@ class DecodeBatch:
         # first) is compiled again for committed ones, and programs taking both must find them together.
         cache = self.executor.init_cache(max_batch, max_len)
         place = jax.tree.leaves(cache)[0].sharding
-        self.cache_B = jax.device_put(cache, place)
+        self._cache_B = jax.device_put(cache, place)
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
-        self.keys_B = jax.device_put(jax.random.split(jax.random.key(0), max_batch), place)
+        self._keys_B = jax.device_put(jax.random.split(jax.random.key(0), max_batch), place)
+        self._stepping: Stepping | None = None  # rows whose cache and keys are out of the slots' (`decode`)
         self.last_stats = StepStats()  # the last step's, decode or admission (what moved, the host CPU's time)
         self.temperature_B = np.zeros(max_batch, np.float32)
         self.top_k_B = np.zeros(max_batch, np.int32)
         self.top_p_B = np.ones(max_batch, np.float32)
         self._sampling_cache = None  # (rows and settings, their Sampling on the device)
+
+    @property
+    def cache_B(self) -> KVCache:
+        """The slots' KV cache, every row current."""
+        self._put_back()
+        return self._cache_B
+
+    @property
+    def keys_B(self) -> jax.Array:
+        """Each slot's key for its next step."""
+        self._put_back()
+        return self._keys_B
+
+    def _put_back(self) -> None:
+        """The stepping rows' cache and keys back into the slots'."""
+        if self._stepping is not None:
+            st, self._stepping = self._stepping, None
+            self._cache_B, self._keys_B = put_rows(self._cache_B, self._keys_B, st.cache_n, st.keys_n, st.rows)
 
     def prefill_into(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions]) -> list[int]:
         """Prefill prompts into slots at once (`start_prefill` run to its end); the first token of
@@ -117,8 +150,9 @@ class DecodeBatch:
         slots, k = admission.slots, len(admission.slots)
         B = cache_k.batch
         rows = jnp.asarray(slots + [self.token_B.shape[0]] * (B - k), jnp.int32)  # padding rows: dropped
-        self.cache_B = insert_rows(self.cache_B, cache_k, rows)
-        self.keys_B = set_rows(self.keys_B, admission.keys_B, rows)
+        # The stepping rows go back first (`cache_B`): a slot taken here may have filled out their batch.
+        self._cache_B = insert_rows(self.cache_B, cache_k, rows)
+        self._keys_B = set_rows(self._keys_B, admission.keys_B, rows)
         first_B = np.asarray(first_B)
         for r, (slot, o) in enumerate(zip(slots, admission.opts)):
             self.token_B[slot], self.pos_B[slot] = int(first_B[r]), admission.lengths[r]
@@ -132,7 +166,8 @@ class DecodeBatch:
         if not hasattr(self.executor, "extend"):
             return False
         T = padded_prompt_length(max(len(p) for p in prompts))
-        return T <= self.cache_B.max_len and int(np.max(self.pos_B[active_B], initial=0)) + T <= self.cache_B.max_len
+        S = self._cache_B.max_len
+        return T <= S and int(np.max(self.pos_B[active_B], initial=0)) + T <= S
 
     def admit_while_stepping(self, slots: list[int], prompts: list[list[int]], opts: list[SamplingOptions],
                              active_B: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -141,6 +176,7 @@ class DecodeBatch:
         prefill streams every host expert: alone, it would stall them for a whole extra pass). Each
         prompt is sampled as `start_prefill` samples it; each decoding row as `decode` advances it.
         Returns (each prompt's first token, the sampled tokens [B])."""
+        self._put_back()
         B, T = len(self.token_B), padded_prompt_length(max(len(p) for p in prompts))
         tokens_BT = np.zeros((B, T), np.int32)
         tokens_BT[:, 0] = self.token_B
@@ -148,7 +184,7 @@ class DecodeBatch:
         active_BT[:, 0] = active_B
         start_B = np.where(active_B, self.pos_B, 0).astype(np.int32)  # free rows write from 0: always in range
         last_B = np.zeros(B, np.int32)
-        self.keys_B, subs_B = split_rows(self.keys_B)
+        keys_B, subs_B = split_rows(self._keys_B)
         temperature_B, top_k_B, top_p_B = self.temperature_B.copy(), self.top_k_B.copy(), self.top_p_B.copy()
         for slot, p, o in zip(slots, prompts, opts):
             tokens_BT[slot] = 0
@@ -158,11 +194,11 @@ class DecodeBatch:
             temperature_B[slot], top_k_B[slot], top_p_B[slot] = o.temperature, o.top_k, o.top_p
         keys_k, prefill_k = seed_keys(opts)
         rows = jnp.asarray(slots, jnp.int32)
-        self.keys_B = set_rows(self.keys_B, keys_k, rows)
+        self._keys_B = set_rows(keys_B, keys_k, rows)
         subs_B = set_rows(subs_B, prefill_k, rows)
         sampling = Sampling(jnp.asarray(temperature_B), jnp.asarray(top_k_B), jnp.asarray(top_p_B))
-        sampled_B, self.cache_B, self.last_stats = self.executor.extend(self.cache_B, tokens_BT, start_B, last_B,
-                                                                        active_BT, subs_B, sampling)
+        sampled_B, self._cache_B, self.last_stats = self.executor.extend(self._cache_B, tokens_BT, start_B, last_B,
+                                                                         active_BT, subs_B, sampling)
         sampled_B = self._advance(sampled_B)
         self.temperature_B, self.top_k_B, self.top_p_B = temperature_B, top_k_B, top_p_B
         for slot, p in zip(slots, prompts):
@@ -173,7 +209,7 @@ class DecodeBatch:
         """After a step: each row's next token is what it sampled, one position further on (host arrays)."""
         sampled_B = np.asarray(sampled_B)
         self.token_B = sampled_B.astype(np.int32)
-        self.pos_B = np.minimum(self.pos_B + 1, self.cache_B.max_len - 1)
+        self.pos_B = np.minimum(self.pos_B + 1, self._cache_B.max_len - 1)
         return sampled_B
 
     def decode(self, active_B: np.ndarray | None = None) -> np.ndarray:
@@ -186,24 +222,38 @@ class DecodeBatch:
         around a step compiled for that size. A step's cost grows with its rows (attention over each
         row's cache, routing, the LM head), so one request in 32 slots would otherwise pay for 31 free
         rows (bench_serve run 10: 19.4 against 17.4 ms at batch 1). The copies are of at most half the
-        cache, which fits the workspace that prefill's expanded keys and values reserve."""
+        cache, which fits the workspace that prefill's expanded keys and values reserve. While the same rows
+        step, their cache and keys stay out (`Stepping`): a request decoding alone then costs one program
+        beside the executor's per step (its key's split) instead of two and their copies."""
         B = len(self.token_B)
         active_B = np.ones(B, bool) if active_B is None else np.asarray(active_B, bool)
         n = batch_bucket(max(1, int(active_B.sum())))
         if n >= B:  # every row steps, in the cache as it is
+            self._put_back()
             rows_n = np.arange(B, dtype=np.int32)
             token_n, pos_n = jax.device_put((self.token_B, self.pos_B))
-            self.keys_B, subs_n = split_rows(self.keys_B)
-            cache_n = self.cache_B
+            self._keys_B, subs_n = split_rows(self._keys_B)
+            cache_n = self._cache_B
         else:
             in_use = np.flatnonzero(active_B)
             rows_n = np.concatenate([in_use, np.flatnonzero(~active_B)[:n - len(in_use)]]).astype(np.int32)
-            rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))  # one transfer
-            cache_n, self.keys_B, subs_n = take_rows(self.cache_B, self.keys_B, rows)
+            st = self._stepping
+            if st is not None and np.array_equal(st.rows_n, rows_n):  # the same rows: their cache is out already
+                rows, cache_n = st.rows, st.cache_n
+                token_n, pos_n = jax.device_put((self.token_B[rows_n], self.pos_B[rows_n]))  # one transfer
+                keys_n, subs_n = split_rows(st.keys_n)
+            else:
+                self._put_back()
+                rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))
+                cache_n, keys_n, subs_n = take_rows(self._cache_B, self._keys_B, rows)
+            self._stepping = None  # its cache goes to the step below (donated)
         active_n = active_B[rows_n]
         sampled_n, cache_n, self.last_stats = self.executor.decode(
             cache_n, token_n, pos_n, subs_n, self._sampling(rows_n), active_B=None if active_n.all() else active_n)
-        self.cache_B = cache_n if n >= B else put_rows(self.cache_B, cache_n, rows)
+        if n >= B:
+            self._cache_B = cache_n
+        else:
+            self._stepping = Stepping(rows_n, rows, cache_n, keys_n)
         sampled_B = self.token_B.copy()
         sampled_B[rows_n] = np.asarray(sampled_n)
         return self._advance(sampled_B)
@@ -223,7 +273,8 @@ class DecodeBatch:
         one row; the rows' contents are left as garbage (free rows are reset when taken)."""
         B = len(self.token_B)
         for n in sorted({batch_bucket(k) for k in range(1, B + 1)}):
-            self.decode(np.arange(B) < n)
+            for _ in range(2):  # the second: the same rows again, their cache already out
+                self.decode(np.arange(B) < n)
         # An offloaded step of one row also meets programs by its routing (how many experts on each path);
         # wider batches rarely choose few enough experts for those (`moe_block.FUSED_MAX_EXPERTS`).
         self.executor.compile_decode(1)
