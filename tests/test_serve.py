@@ -234,6 +234,32 @@ def test_rows_in_use_step_alone_in_the_smallest_batch_that_holds_them(model, sol
         assert t[:len(solo[p].token_ids)] == solo[p].token_ids
 
 
+def test_a_request_admitted_into_a_free_slot_that_filled_out_the_stepping_batch_keeps_its_prompt(model, solo):
+    """Three requests (slots 6, 1, 3 of 8) step in a batch of 4 that free slot 0 fills out, their cache rows
+    kept out of the slots' between steps; a fourth request then takes slot 0. Its prompt's cache is not
+    overwritten by the stale row the batch held for slot 0, and all four continue as `ktjax.generate` alone."""
+    import numpy as np
+
+    from ktjax.runtime.generation import SamplingOptions
+    from ktjax.runtime.shapes import cache_length
+    from ktjax.serve.batch import DecodeBatch
+
+    batch = DecodeBatch(model, 8, cache_length(256, 0))
+    greedy = [SamplingOptions(N, temperature=0.0)]
+    slots, prompts = [6, 1, 3], PROMPTS[:3]
+    tokens = {s: [t] for s, t in zip(slots, batch.prefill_into(slots, [model.tokenizer.encode(p) for p in prompts],
+                                                                  greedy * 3))}
+    for step in range(N - 1):
+        if step == 3:
+            tokens[0] = batch.prefill_into([0], [model.tokenizer.encode(PROMPTS[3])], greedy)
+        sampled = batch.decode(np.isin(np.arange(8), list(tokens)))
+        for s, t in tokens.items():
+            t.append(int(sampled[s]))
+    for s, p in zip(slots + [0], prompts + [PROMPTS[3]]):
+        n = min(len(tokens[s]), len(solo[p].token_ids))  # generate stops at end of sequence; the slots do not
+        assert n >= 5 and tokens[s][:n] == solo[p].token_ids[:n]
+
+
 def test_seeded_sampling_in_the_slots_continues_as_generate_while_the_rows_that_step_change(model):
     """A sampled request keeps its own key sequence, as `ktjax.generate` with its seed draws it, while it
     decodes alone (its rows kept out of the slots' cache between steps), beside a request admitted later
