@@ -103,12 +103,6 @@ class DecodeBatch:
         self._put_back()
         return self._cache_B
 
-    @property
-    def keys_B(self) -> jax.Array:
-        """Each slot's key for its next step."""
-        self._put_back()
-        return self._keys_B
-
     def _put_back(self) -> None:
         """The stepping rows' cache and keys back into the slots'."""
         if self._stepping is not None:
