@@ -222,7 +222,7 @@ def prompted_batch(model, rows: int, B: int, max_len: int, prompt_tokens: int, w
     return batch
 
 
-class _TimedExecutor:
+class TimedExecutor:
     """An executor whose decode calls are timed (the rest of a DecodeBatch step is the batch's own work)."""
 
     def __init__(self, ex):
@@ -259,7 +259,7 @@ def _slots_rows(model, batches, max_len, prompt_tokens, warm, steps, deadline) -
         batch = prompted_batch(model, slots, B, max_len, prompt_tokens, warm_up=k == 0)
         if k == 0:
             log(f"child: the slots' decode step compiled at every size in {time.perf_counter() - t:.1f} s")
-        batch.executor = timed = _TimedExecutor(batch.executor)
+        batch.executor = timed = TimedExecutor(batch.executor)
         active = np.arange(slots) < B
         times, stats = [], []
         for s in range(warm + steps):

@@ -22,6 +22,8 @@ from ktjax.models import DeepseekForCausalLM
 from ktjax.runtime.model import Sampling
 from ktjax.runtime.offload.segments import Segments
 
+from bench_serve import TimedExecutor  # this folder's serving benchmark: its executor with timed decode calls
+
 CONFIG = dict(model_type="deepseek_v3", vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, n_shared_experts=1,
               num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24,
@@ -90,18 +92,16 @@ def serving_step_overhead(model, slots: int = 32, steps: int = 300) -> str:
     active = np.arange(slots) < 1
     counts: collections.Counter = collections.Counter()
     originals = {name: getattr(serve_batch, name) for name in ("take_rows", "put_rows", "split_rows")}
+
+    def counted(name, fn):
+        def run(*args):
+            counts[name] += 1
+            return fn(*args)
+        return run
+
     for name, fn in originals.items():
-        setattr(serve_batch, name, lambda *a, _fn=fn, _name=name: (counts.update([_name]), _fn(*a))[1])
-    decode, executor_s = batch.executor.decode, []
-
-    def timed_decode(*args, **kwargs):
-        t = time.perf_counter()
-        out = decode(*args, **kwargs)
-        executor_s.append(time.perf_counter() - t)
-        return out
-
-    batch.executor = type("Timed", (), {"decode": staticmethod(timed_decode),
-                                        "__getattr__": lambda self, n: getattr(model.executor, n)})()
+        setattr(serve_batch, name, counted(name, fn))
+    batch.executor = timed = TimedExecutor(batch.executor)
     try:
         for _ in range(5):
             batch.decode(active)
@@ -110,7 +110,7 @@ def serving_step_overhead(model, slots: int = 32, steps: int = 300) -> str:
         for s in range(steps):
             t = time.perf_counter()
             batch.decode(active)
-            own.append(time.perf_counter() - t - executor_s[-1])
+            own.append(time.perf_counter() - t - timed.seconds[-1])
             if s % 100 == 99:
                 batch.pos_B[:] = 10  # stay inside the cache
     finally:

@@ -7,6 +7,8 @@ routing weights, and returns the weighted sum of the experts' outputs per token.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ktjax.experts import host_kernels as hk
@@ -23,6 +25,16 @@ def check_activations(activations: str) -> str:
     return activations
 
 
+class MatrixDims(NamedTuple):
+    """One packed matrix's sizes and its arrays' byte offsets in an expert's buffer (a column [arrays, 1])."""
+
+    fmt: str
+    rows: int
+    cols: int  # padded
+    groups: int
+    offsets_P1: np.ndarray
+
+
 class HostExperts:
     """Host-CPU compute for experts of one layout (format and sizes).
 
@@ -35,12 +47,9 @@ class HostExperts:
         self.layout = layout
         self.int8_activations = check_activations(activations) == "int8"
         self.int_dots = hk.INT8_DOTS if int_dots is None else int_dots
-        mats = layout.matrices
-        self.gate_up, self.down = mats["gate_up"], mats["down"]
-        # Per matrix: (format, rows, padded columns, groups, its arrays' byte offsets as a column),
-        # read once here: a decode step calls `compute` per MoE layer, and its Python is on the step's path.
-        self._dims = {name: (m.fmt, m.rows, m.padded_cols, m.groups, layout.offsets(name)[:, None])
-                      for name, m in mats.items()}
+        # Read once here: a decode step calls `compute` per MoE layer, and its Python is on the step's path.
+        self._dims = {name: MatrixDims(m.fmt, m.rows, m.padded_cols, m.groups, layout.offsets(name)[:, None])
+                      for name, m in layout.matrices.items()}
 
     def _matvec(self, name: str, bases_K, x_KTC, ntok_K, out_KTR):
         fmt, R, C, G, offsets_P1 = self._dims[name]
@@ -73,11 +82,11 @@ class HostExperts:
         K, T = tok_KT.shape
         N, D = x_ND.shape
         F = self.layout.F
-        x_KTC = np.zeros((K, T, self._dims["gate_up"][2]), np.float32)
+        x_KTC = np.zeros((K, T, self._dims["gate_up"].cols), np.float32)
         x_KTC[:, :, :D] = x_ND[tok_KT]
         gu_KTR = np.empty((K, T, 2 * F), np.float32)
         self._matvec("gate_up", bases_K, x_KTC, ntok_K, gu_KTR)
-        h_KTC = np.zeros((K, T, self._dims["down"][2]), np.float32)
+        h_KTC = np.zeros((K, T, self._dims["down"].cols), np.float32)
         hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
         y_KTD = np.empty((K, T, D), np.float32)
         self._matvec("down", bases_K, h_KTC, ntok_K, y_KTD)

@@ -92,9 +92,7 @@ def settle(x):
 def settled(x, run: Segments):
     """x as an array on the device, summed by a program of its own if it is `Unsummed` (for the few
     readers that slice it first: chunked prefill attention)."""
-    if isinstance(x, Unsummed):
-        return run("combine", combine_segment, x.x_BTD, x.shared_ND, (x.routed_ND, x.host_ND))
-    return x
+    return run("combine", settle, x) if isinstance(x, Unsummed) else x
 
 
 class LayerSegments:
