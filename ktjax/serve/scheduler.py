@@ -123,7 +123,7 @@ class Scheduler:
         then waits only for its prompt's prefill)."""
         self._thread = threading.Thread(target=self.run, name="ktjax-serve-scheduler", daemon=True)
         self._thread.start()
-        self._ready.wait()
+        self.wait_ready()
         return self
 
     def wait_ready(self) -> None:
