@@ -3,20 +3,24 @@
 `HostExperts.compute` takes the chosen experts' base addresses (their buffers stay where they
 are: pinned host memory shared with the link) and, for each, the tokens routed to it with their
 routing weights, and returns the weighted sum of the experts' outputs per token.
+
+The whole computation (activations quantized, gate_up, SwiGLU, down, the weighted sum) is one
+compiled function (`routed_sum`) calling the parallel kernels of `host_kernels`: a batch-1 decode
+step calls it once per MoE layer with 1-3 experts, where a call's fixed cost, not the experts'
+bytes, is what it waits for (offload.md, run 14: ~0.1 ms per call on the H200 machine). Python
+glue between the kernels cost more than the tiny experts' arithmetic (time_dispatch.py).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
+from numba import njit
 
 from ktjax.experts import host_kernels as hk
 from ktjax.experts.packed import PackedLayout
 
 
 ACTIVATIONS = ("float32", "int8")
-
 
 def check_activations(activations: str) -> str:
     """`activations` if it names a form the host CPU can multiply int8/int4 experts by, else a one-line error."""
@@ -25,14 +29,73 @@ def check_activations(activations: str) -> str:
     return activations
 
 
-class MatrixDims(NamedTuple):
-    """One packed matrix's sizes and its arrays' byte offsets in an expert's buffer (a column [arrays, 1])."""
+# Which kernels routed_sum calls is chosen by which of its arguments are None: numba drops a branch on
+# `arg is not None` while it compiles when arg is None, so only the kernels one layout and activation
+# form use compile (all of them take ~14 s, once per machine: numba caches them). The weights' addresses
+# come as int8_PK or int4_PK, the other None; of dots (int8 activations, integer dot products) and floats
+# (float kernels), one is True and the other None; q8 (True or None): with floats, the float kernels
+# multiply the values int8 activations stand for (CPUs without AVX2; the same numbers up to rounding).
 
-    fmt: str
-    rows: int
-    cols: int  # padded
-    groups: int
-    offsets_P1: np.ndarray
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _quantized(x_KTC, ntok_K, G):
+    K, T, C = x_KTC.shape
+    xq = np.zeros((K, T, C), np.int8)
+    xs, xsum = np.zeros((K, T, G), np.float32), np.zeros((K, T, G), np.float32)
+    hk.quantize_groups(x_KTC, ntok_K, xq, xs, xsum)
+    return xq, xs, xsum
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _matvec(int8_PK, int4_PK, dots, floats, q8, R, C, G, x_KTC, ntok_K, out_KTR):
+    """out[k, t] = w_k x[k, t] for one matrix of each chosen expert (its arrays at *_PK[:, k])."""
+    if dots is not None:
+        xq, xs, xsum = _quantized(x_KTC, ntok_K, G)
+        if int4_PK is not None:
+            hk.matvec_int4_q8(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq.ctypes.data, xs,
+                              xsum, ntok_K, out_KTR)
+        if int8_PK is not None:
+            hk.matvec_int8_q8(int8_PK[0], int8_PK[1], R, C, xq.ctypes.data, xs, ntok_K, out_KTR, hk.F16_POW2)
+    if floats is not None:
+        if q8 is not None:
+            xq, xs, _ = _quantized(x_KTC, ntok_K, G)
+            for k in range(x_KTC.shape[0]):
+                for t in range(ntok_K[k]):
+                    for c in range(C):
+                        x_KTC[k, t, c] = np.float32(xq[k, t, c]) * xs[k, t, c // hk.GROUP]
+        if int4_PK is not None:
+            xsum = np.zeros((x_KTC.shape[0], x_KTC.shape[1], G), np.float32)
+            hk.group_sums(x_KTC, ntok_K, xsum)
+            hk.matvec_int4(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, x_KTC, xsum, ntok_K,
+                           out_KTR)
+        if int8_PK is not None:
+            hk.matvec_int8(int8_PK[0], int8_PK[1], R, C, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def routed_sum(int8, int4, dots, floats, q8, gate_up_PK, gate_up_RCG, down_PK, down_RCG, F, tok_KT, ntok_K,
+               weight_KT, x_ND):
+    """sum over chosen experts k of weight[k, t] * down_k(swiglu(gate_up_k(x[tok[k, t]]))), float32 [N, D].
+
+    *_PK: each matrix's array addresses [arrays, K]; *_RCG: its rows, padded columns and groups;
+    int8 / int4 / dots / floats / q8: the switches above (True or None)."""
+    K, T = tok_KT.shape
+    N, D = x_ND.shape
+    x_KTC = np.zeros((K, T, gate_up_RCG[1]), np.float32)
+    for k in range(K):
+        for t in range(ntok_K[k]):
+            x_KTC[k, t, :D] = x_ND[tok_KT[k, t]]
+    gu_KTR = np.zeros((K, T, 2 * F), np.float32)
+    _matvec(gate_up_PK if int8 is not None else None, gate_up_PK if int4 is not None else None, dots, floats, q8,
+            gate_up_RCG[0], gate_up_RCG[1], gate_up_RCG[2], x_KTC, ntok_K, gu_KTR)
+    h_KTC = np.zeros((K, T, down_RCG[1]), np.float32)
+    hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
+    y_KTD = np.zeros((K, T, D), np.float32)
+    _matvec(down_PK if int8 is not None else None, down_PK if int4 is not None else None, dots, floats, q8,
+            down_RCG[0], down_RCG[1], down_RCG[2], h_KTC, ntok_K, y_KTD)
+    out_ND = np.zeros((N, D), np.float32)
+    hk.scatter_add(y_KTD, weight_KT, tok_KT, ntok_K, out_ND)
+    return out_ND
 
 
 class HostExperts:
@@ -45,33 +108,16 @@ class HostExperts:
 
     def __init__(self, layout: PackedLayout, activations: str = "float32", int_dots: bool | None = None):
         self.layout = layout
+        mats = layout.matrices
         self.int8_activations = check_activations(activations) == "int8"
-        self.int_dots = hk.INT8_DOTS if int_dots is None else int_dots
+        self.int_dots = (self.int8_activations and (hk.INT8_DOTS if int_dots is None else int_dots)
+                         and max(m.groups for m in mats.values()) <= hk.MAX_GROUPS)
+        int4 = layout.fmt == "int4"
+        self._switches = tuple(True if on else None for on in (not int4, int4, self.int_dots, not self.int_dots,
+                                                                 self.int8_activations))
         # Read once here: a decode step calls `compute` per MoE layer, and its Python is on the step's path.
-        self._dims = {name: MatrixDims(m.fmt, m.rows, m.padded_cols, m.groups, layout.offsets(name)[:, None])
-                      for name, m in layout.matrices.items()}
-
-    def _matvec(self, name: str, bases_K, x_KTC, ntok_K, out_KTR):
-        fmt, R, C, G, offsets_P1 = self._dims[name]
-        addr = bases_K + offsets_P1  # [arrays, K]: each array's address in each chosen expert
-        if self.int8_activations:
-            xq = np.zeros(x_KTC.shape, np.int8)
-            xs, xsum = np.zeros(x_KTC.shape[:2] + (G,), np.float32), np.zeros(x_KTC.shape[:2] + (G,), np.float32)
-            hk.quantize_groups(x_KTC, ntok_K, xq, xs, xsum)
-            if self.int_dots and G <= hk.MAX_GROUPS:
-                if fmt == "int8":
-                    hk.matvec_int8_q8(*addr, R, C, xq.ctypes.data, xs, ntok_K, out_KTR, hk.F16_POW2)
-                else:
-                    hk.matvec_int4_q8(*addr, R, C, xq.ctypes.data, xs, xsum, ntok_K, out_KTR)
-                return
-            # The float kernels on the values the int8 activations stand for.
-            x_KTC = (xq.reshape(xs.shape + (-1,)) * xs[..., None]).reshape(x_KTC.shape)
-        if fmt == "int8":
-            hk.matvec_int8(*addr, R, C, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
-        else:
-            xsum = np.zeros(x_KTC.shape[:2] + (G,), np.float32)
-            hk.group_sums(x_KTC, ntok_K, xsum)
-            hk.matvec_int4(*addr, R, C, x_KTC, xsum, ntok_K, out_KTR)
+        self._offsets = {name: layout.offsets(name)[:, None] for name in mats}  # [arrays, 1]
+        self._dims = {name: np.array([m.rows, m.padded_cols, m.groups], np.int64) for name, m in mats.items()}
 
     def compute(self, bases_K: np.ndarray, tok_KT: np.ndarray, ntok_K: np.ndarray, weight_KT: np.ndarray,
                 x_ND: np.ndarray) -> np.ndarray:
@@ -79,21 +125,11 @@ class HostExperts:
 
         bases_K: int64 addresses of the chosen experts' buffers; tok_KT / weight_KT: the tokens
         routed to each (the first ntok[k] entries count) and their routing weights."""
-        K, T = tok_KT.shape
-        N, D = x_ND.shape
-        F = self.layout.F
-        x_KTC = np.zeros((K, T, self._dims["gate_up"].cols), np.float32)
-        x_KTC[:, :, :D] = x_ND[tok_KT]
-        gu_KTR = np.empty((K, T, 2 * F), np.float32)
-        self._matvec("gate_up", bases_K, x_KTC, ntok_K, gu_KTR)
-        h_KTC = np.zeros((K, T, self._dims["down"].cols), np.float32)
-        hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
-        y_KTD = np.empty((K, T, D), np.float32)
-        self._matvec("down", bases_K, h_KTC, ntok_K, y_KTD)
-        out_ND = np.zeros((N, D), np.float32)
-        hk.scatter_add(y_KTD, weight_KT.astype(np.float32, copy=False), tok_KT.astype(np.int64, copy=False), ntok_K,
-                       out_ND)
-        return out_ND
+        bases_K = np.asarray(bases_K, np.int64)
+        return routed_sum(*self._switches, bases_K + self._offsets["gate_up"],
+                          self._dims["gate_up"], bases_K + self._offsets["down"], self._dims["down"], self.layout.F,
+                          np.asarray(tok_KT, np.int64), np.asarray(ntok_K, np.int64),
+                          np.asarray(weight_KT, np.float32), np.asarray(x_ND, np.float32))
 
 
 def assignments(idx_NK: np.ndarray, weights_NK: np.ndarray, experts: np.ndarray):
