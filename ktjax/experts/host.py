@@ -22,6 +22,7 @@ from ktjax.experts.packed import PackedLayout
 
 ACTIVATIONS = ("float32", "int8")
 
+
 def check_activations(activations: str) -> str:
     """`activations` if it names a form the host CPU can multiply int8/int4 experts by, else a one-line error."""
     if activations not in ACTIVATIONS:
