@@ -57,15 +57,26 @@ def split_rows(keys_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs_B2[:, 0], pairs_B2[:, 1]
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def advance_rows(keys_n: jax.Array, pos_n: jax.Array, max_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The stepping rows' keys and positions for their next step, from their last step's (the same rows
+    again: nothing to upload): (next keys, this step's keys, positions one further on, as `_advance`)."""
+    next_n, subs_n = split_rows(keys_n)
+    return next_n, subs_n, jnp.minimum(pos_n + 1, max_len - 1)
+
+
 @dataclasses.dataclass
 class Stepping:
-    """Rows that step in a batch of their own size (`DecodeBatch.decode`), with their cache rows and keys
-    held apart from the slots' until another set of rows steps or anything reads the slots' cache."""
+    """Rows that step in a batch of their own size (`DecodeBatch.decode`), with their cache rows, keys,
+    last positions and sampled tokens held on the device, apart from the slots', until another set of
+    rows steps or anything reads the slots' cache."""
 
     rows_n: np.ndarray  # host int32 [n]: the slots, in the order of the cache's rows
     rows: jax.Array  # the same on the device
     cache_n: KVCache
     keys_n: jax.Array
+    pos_n: jax.Array  # the positions they last stepped at
+    token_n: jax.Array  # what they sampled there: their next tokens
 
 
 def seed_keys(opts: list[SamplingOptions]) -> tuple[jax.Array, jax.Array]:
@@ -218,7 +229,8 @@ class DecodeBatch:
         rows (bench_serve run 10: 19.4 against 17.4 ms at batch 1). The copies are of at most half the
         cache, which fits the workspace that prefill's expanded keys and values reserve. While the same rows
         step, their cache and keys stay out (`Stepping`): a request decoding alone then costs one program
-        beside the executor's per step (its key's split) instead of two and their copies."""
+        beside the executor's per step (its key's split and position's step) instead of two and their copies,
+        and no upload."""
         B = len(self.token_B)
         active_B = np.ones(B, bool) if active_B is None else np.asarray(active_B, bool)
         n = batch_bucket(max(1, int(active_B.sum())))
@@ -232,10 +244,9 @@ class DecodeBatch:
             in_use = np.flatnonzero(active_B)
             rows_n = np.concatenate([in_use, np.flatnonzero(~active_B)[:n - len(in_use)]]).astype(np.int32)
             st = self._stepping
-            if st is not None and np.array_equal(st.rows_n, rows_n):  # the same rows: their cache is out already
-                rows, cache_n = st.rows, st.cache_n
-                token_n, pos_n = jax.device_put((self.token_B[rows_n], self.pos_B[rows_n]))  # one transfer
-                keys_n, subs_n = split_rows(st.keys_n)
+            if st is not None and np.array_equal(st.rows_n, rows_n):  # the same rows: their inputs are out already
+                rows, cache_n, token_n = st.rows, st.cache_n, st.token_n
+                keys_n, subs_n, pos_n = advance_rows(st.keys_n, st.pos_n, cache_n.max_len)
             else:
                 self._put_back()
                 rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))
@@ -247,7 +258,7 @@ class DecodeBatch:
         if n >= B:
             self._cache_B = cache_n
         else:
-            self._stepping = Stepping(rows_n, rows, cache_n, keys_n)
+            self._stepping = Stepping(rows_n, rows, cache_n, keys_n, pos_n, sampled_n)
         sampled_B = self.token_B.copy()
         sampled_B[rows_n] = np.asarray(sampled_n)
         return self._advance(sampled_B)
