@@ -93,7 +93,7 @@ class OffloadedExecutor:
         self.rates = rates or DEFAULT_RATES.get(kernel_name(fmt.name, host_activations))
         self.decode_form = decode_form
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
-        self._zeros: dict[tuple, jax.Array] = {}
+        self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
 
     @property
     def dtype(self):
@@ -289,6 +289,15 @@ class OffloadedExecutor:
         if shape not in self._zeros:
             self._zeros[shape] = jax.device_put(np.zeros(shape, np.float32), self.store.on_device)
         return self._zeros[shape]
+
+    def no_host_share(self, shape):
+        """What stands for the host CPU's term of a decode-sized MoE layer (`segments.Unsummed`) that had no
+        experts there: zeros of the kind its share comes as, so the next program compiles once. Where the host
+        CPU may compute (in any `expert_compute` mode: a server may switch), its share stays a host array
+        (`moe_block.host_share`), and so do these."""
+        if self.host is not None:
+            return self._zeros.setdefault(("host",) + tuple(shape), np.zeros(shape, np.float32))
+        return self.zeros(shape)
 
     # ---- the forward pass ------------------------------------------------------------------
     def forward(self, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments, *,

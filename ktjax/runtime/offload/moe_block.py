@@ -87,7 +87,7 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     if N > FUSED_MAX_TOKENS:  # prefill-sized: summed here (zeros standing for a missing term would cost a transfer)
         return run("combine", combine_segment, x_BTD, shared[0], tuple(p for p in (on_gpu, on_host) if p is not None))
     return Unsummed(x_BTD, shared[0], ex.zeros(h_ND.shape) if on_gpu is None else on_gpu,
-                    ex.zeros(h_ND.shape) if on_host is None else on_host)
+                    ex.no_host_share(h_ND.shape) if on_host is None else on_host)
 
 
 def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
@@ -132,7 +132,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         return run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity)
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
-        return Unsummed(x_BTD, *device_share(), ex.zeros(h_ND.shape))
+        return Unsummed(x_BTD, *device_share(), ex.no_host_share(h_ND.shape))
     on_gpu = ex.dispatcher.submit(device_share)
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     return Unsummed(x_BTD, *on_gpu.result(), host_ND)
@@ -147,15 +147,16 @@ def fused_slots(n: int) -> int:
     return max(2, pow2(n))
 
 
-def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK, h_ND, stats: StepStats) -> jax.Array:
-    """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats), their sum
-    put on the device for the combine."""
+def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK, h_ND, stats: StepStats) -> np.ndarray:
+    """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats): their sum, a host
+    array. The program that adds it takes it as an argument, and jit's call moves it: ~3 us of this thread,
+    where `jax.device_put` first cost ~80 (dev box, CPU backend), once per MoE layer on a batch-1 step's path."""
     w_NK, h_ND = np.asarray(w_NK), np.asarray(h_ND)  # their copies were started after routing; not timed
     t = time.perf_counter()
     out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)
     stats.host_cpu_seconds.append(time.perf_counter() - t)
     stats.experts_on_host_cpu += len(cpu_ids)
-    return jax.device_put(out_ND, ex.store.on_device)
+    return out_ND
 
 
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:

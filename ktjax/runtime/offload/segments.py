@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ktjax.config import ModelConfig
@@ -73,13 +74,14 @@ def combine_segment(x_BTD, shared_ND, routed_ND):
 
 class Unsummed(NamedTuple):
     """A MoE layer's output as its terms: x_BTD + shared_ND + routed_ND (the device's experts, f32) +
-    host_ND (the host CPU's experts, f32; zeros when it had none). Every segment that reads hidden
-    states takes this or a plain array, and sums it first (`settle`)."""
+    host_ND (the host CPU's experts, f32, a host array where the host CPU may compute: the program that
+    sums it moves it; zeros when it had none). Every segment that reads hidden states takes this or a plain
+    array, and sums it first (`settle`)."""
 
     x_BTD: jax.Array
     shared_ND: jax.Array
     routed_ND: jax.Array
-    host_ND: jax.Array
+    host_ND: jax.Array | np.ndarray
 
 
 def settle(x):
