@@ -234,6 +234,43 @@ def test_rows_in_use_step_alone_in_the_smallest_batch_that_holds_them(model, sol
         assert t[:len(solo[p].token_ids)] == solo[p].token_ids
 
 
+class CountingExecutor:
+    """An executor that records the rows of each decode step it runs (and otherwise is the one it wraps)."""
+
+    def __init__(self, executor):
+        self.executor, self.rows = executor, []
+
+    def decode(self, cache, token_B, *args, **kwargs):
+        self.rows.append(len(token_B))
+        return self.executor.decode(cache, token_B, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+
+def test_a_stop_during_the_warm_up_ends_it_at_the_next_batch_size(model):
+    """Ctrl-C while a server compiles its decode steps (the signal handler's `Scheduler.stop_soon`) ends
+    the warm-up before the next batch size, not after all of them: a scheduler stopped before its loop
+    runs compiles nothing and returns; a warm-up told to stop after its first size steps only that."""
+    from ktjax.runtime.shapes import cache_length
+    from ktjax.serve.batch import DecodeBatch
+
+    counting = CountingExecutor(model.executor)
+    scheduler = scheduler_for(dataclasses.replace(model, executor=counting), 8)
+    scheduler.stop_soon()
+    scheduler.run()  # returns: nothing to serve
+    assert counting.rows == []
+
+    batch = DecodeBatch(model, 8, cache_length(256, 0))
+    batch.executor = counting
+    answers = iter([False, True])
+    assert batch.warm_up(stop=lambda: next(answers)) is False
+    assert counting.rows == [1, 1]
+    counting.rows.clear()
+    assert batch.warm_up() is True
+    assert counting.rows == [1, 1, 2, 2, 4, 4, 8, 8]
+
+
 def test_a_request_admitted_into_a_free_slot_that_filled_out_the_stepping_batch_keeps_its_prompt(model, solo):
     """Three requests (slots 6, 1, 3 of 8) step in a batch of 4 that free slot 0 fills out, their cache rows
     kept out of the slots' between steps; a fourth request then takes slot 0. Its prompt's cache is not

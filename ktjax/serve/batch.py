@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -272,17 +273,24 @@ class DecodeBatch:
             self._sampling_cache = (key, Sampling(*jax.device_put(settings)))
         return self._sampling_cache[1]
 
-    def warm_up(self) -> None:
+    def warm_up(self, stop: Callable[[], bool] = lambda: False) -> bool:
         """Compile the decode step at every size `decode` runs (each power of two up to the slots), and an
         offloaded model's one-row programs for every split of its experts, so requests meet no compile at
-        one row; the rows' contents are left as garbage (free rows are reset when taken)."""
+        one row; the rows' contents are left as garbage (free rows are reset when taken). stop is asked
+        before each size: True ends the warm-up there (a server's Ctrl-C, which would otherwise wait for
+        every size: 33 s for DeepSeek-V3's layers offloaded on an H200). Returns whether it ran to the end."""
         B = len(self.token_B)
         for n in sorted({batch_bucket(k) for k in range(1, B + 1)}):
+            if stop():
+                return False
             for _ in range(2):  # the second: the same rows again, their cache already out
                 self.decode(np.arange(B) < n)
+        if stop():
+            return False
         # An offloaded step of one row also meets programs by its routing (how many experts on each path);
         # wider batches rarely choose few enough experts for those (`moe_block.FUSED_MAX_EXPERTS`).
         self.executor.compile_decode(1)
+        return True
 
 
 class Admission:

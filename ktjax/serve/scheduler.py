@@ -186,7 +186,8 @@ class Scheduler:
         try:
             with self.model.lock:
                 batch = DecodeBatch(self.model, self.max_batch, cache_length(self.context, 0))
-                batch.warm_up()  # compiles the step at each size; free rows' positions are reset when taken
+                # Compiles the step at each size (free rows' positions are reset when taken); Ctrl-C ends it.
+                batch.warm_up(stop=lambda: self._stopping)
         except Exception:  # reported; requests will retry building the batch and fail with the reason
             traceback.print_exc(file=sys.stderr)
             batch = None
