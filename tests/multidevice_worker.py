@@ -84,8 +84,8 @@ def core_shards(model) -> list[list[int]]:
 def collectives(model, tokens: np.ndarray) -> list[str]:
     """Which cross-device collectives the compiled prefill program holds."""
     ex = model.executor
-    text = resident.forward.lower(ex.graphdef, ex.params, ex.init_cache(*tokens.shape), tokens,
-                                  np.zeros(tokens.shape[0], np.int32)).compile().as_text()
+    text = ex.programs.forward.lower(ex.param_arrays, ex.init_cache(*tokens.shape), tokens,
+                                     np.zeros(tokens.shape[0], np.int32)).compile().as_text()
     return [op for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
             if f" {op}(" in text or f" {op}-start(" in text]
 

@@ -94,10 +94,11 @@ def test_eos_ends_a_row(pair):
 def test_generating_again_in_the_same_buckets_compiles_nothing(checkpoint):
     model = ktjax.load(checkpoint[1], dtype="float32")
     ktjax.generate(model, [1, 2, 3], max_new_tokens=4)
-    compiled = (resident.prefill_chunk._cache_size(), resident.decode_segment._cache_size())
+    programs = model.executor.programs
+    compiled = (programs.prefill_chunk._cache_size(), programs.decode._cache_size())
     ktjax.generate(model, [4, 5, 6, 7, 8, 9], max_new_tokens=20, temperature=0.7, top_k=5, top_p=0.9, seed=3)
     ktjax.generate(model, [9, 8], max_new_tokens=9, temperature=1.0, seed=4)
-    assert (resident.prefill_chunk._cache_size(), resident.decode_segment._cache_size()) == compiled
+    assert (programs.prefill_chunk._cache_size(), programs.decode._cache_size()) == compiled
 
 
 def test_a_seed_samples_the_same_tokens_wherever_the_experts_live(models, small_chunks):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,28 +25,41 @@ from ktjax.runtime.shapes import prefill_chunks
 from ktjax.train.resident import ResidentTrainer
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def forward(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens_BT: jax.Array,
-            start_B: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Logits [B, T, V] of a chunk at positions start[b] + t, and the updated cache."""
-    return nnx.merge(graphdef, params)(tokens_BT, start_B, cache)
+class Programs(NamedTuple):
+    """The resident executor's compiled programs for one module structure; params: plain nested dicts of
+    arrays (`nnx.to_pure_dict`)."""
+
+    forward: Callable  # (params, cache, tokens_BT, start_B) -> (logits [B, T, V], cache)
+    prefill_chunk: Callable  # (params, cache, tokens_BT, start_B, last_B, kept_BV, ends_here_B) -> (kept_BV, cache)
+    decode: Callable  # (params, cache, token_B, pos_B, key, sampling) -> (token_B, cache)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 6))
-def prefill_chunk(graphdef, params, cache, tokens_BT, start_B, last_B, kept_BV, ends_here_B):
-    """Write a (padded) chunk into the cache; the logits at row b's position last_B[b] replace
-    kept_BV[b] where the row's prompt ends in this chunk."""
-    module = nnx.merge(graphdef, params)
-    x_BTD, cache = module.hidden(tokens_BT, start_B, cache)
-    x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
-    logits_BV = module.head(x_B1D)[:, 0]
-    return jnp.where(ends_here_B[:, None], logits_BV, kept_BV), cache
+@functools.cache
+def programs(graphdef: nnx.GraphDef) -> Programs:
+    """The programs with the module's structure bound in, shared by executors of equal structure. Why not a
+    static graphdef argument and the parameters as an `nnx.State`: each call would hash the one and flatten
+    the other in Python, ~0.7 ms of a decode step on the dev box, more than the embedded model's step."""
+    merge = functools.partial(nnx.merge, graphdef)
 
+    def forward(params, cache: KVCache, tokens_BT, start_B):
+        """Logits [B, T, V] of a chunk at positions start[b] + t, and the updated cache."""
+        return merge(params)(tokens_BT, start_B, cache)
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def decode_segment(graphdef, params, cache, token_B, pos_B, key, sampling: Sampling):
-    logits_B1V, cache = nnx.merge(graphdef, params)(token_B[:, None], pos_B, cache)
-    return sample_rows(logits_B1V[:, 0], key, sampling), cache
+    def prefill_chunk(params, cache, tokens_BT, start_B, last_B, kept_BV, ends_here_B):
+        """Write a (padded) chunk into the cache; the logits at row b's position last_B[b] replace
+        kept_BV[b] where the row's prompt ends in this chunk."""
+        module = merge(params)
+        x_BTD, cache = module.hidden(tokens_BT, start_B, cache)
+        x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+        logits_BV = module.head(x_B1D)[:, 0]
+        return jnp.where(ends_here_B[:, None], logits_BV, kept_BV), cache
+
+    def decode(params, cache, token_B, pos_B, key, sampling: Sampling):
+        logits_B1V, cache = merge(params)(token_B[:, None], pos_B, cache)
+        return sample_rows(logits_B1V[:, 0], key, sampling), cache
+
+    return Programs(jax.jit(forward, donate_argnums=1), jax.jit(prefill_chunk, donate_argnums=(1, 5)),
+                    jax.jit(decode, donate_argnums=1))
 
 
 class ResidentExecutor:
@@ -58,6 +72,7 @@ class ResidentExecutor:
                  base_params: nnx.State | None = None, attention: str = "auto",
                  mesh: jax.sharding.Mesh | None = None):
         self.config, self.graphdef, self.params = config, graphdef, params
+        self.programs, self.param_arrays = programs(graphdef), nnx.to_pure_dict(params)
         self.base_params = params if base_params is None else base_params
         self.attention = attention
         self.mesh = mesh
@@ -92,9 +107,9 @@ class ResidentExecutor:
                 yield  # between chunks: the caller may run other programs on the device
             last = np.clip(lengths_B - 1 - start, 0, T - 1).astype(np.int32)
             ends_here = (lengths_B - 1 >= start) & (lengths_B - 1 < start + T)
-            kept, cache = prefill_chunk(self.graphdef, self.params, cache, jnp.asarray(tokens_BT[:, start:start + T]),
-                                        jnp.full((B,), start, jnp.int32), jnp.asarray(last), kept,
-                                        jnp.asarray(ends_here))
+            kept, cache = self.programs.prefill_chunk(
+                self.param_arrays, cache, jnp.asarray(tokens_BT[:, start:start + T]), jnp.full((B,), start, jnp.int32),
+                jnp.asarray(last), kept, jnp.asarray(ends_here))
         token_B = sample_segment(kept, key, sampling)
         if profile:
             jax.block_until_ready(token_B)
@@ -104,7 +119,7 @@ class ResidentExecutor:
     def decode(self, cache, token_B, pos_B, key, sampling, *, profile: bool = False, active_B=None):
         """active_B: accepted for the protocol; every row is computed in the one program anyway."""
         stats = StepStats()
-        token_B, cache = decode_segment(self.graphdef, self.params, cache, token_B, pos_B, key, sampling)
+        token_B, cache = self.programs.decode(self.param_arrays, cache, token_B, pos_B, key, sampling)
         if profile:
             jax.block_until_ready(token_B)
             stats.segment_seconds["decode_step"] = time.perf_counter() - stats.started
@@ -118,7 +133,8 @@ class ResidentExecutor:
         return self.chunk_logits(self.init_cache(B, T), tokens_BT, np.zeros((B,), np.int32))[0]
 
     def chunk_logits(self, cache, tokens_BT, start_B):
-        return forward(self.graphdef, self.params, cache, jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(start_B, jnp.int32))
+        return self.programs.forward(self.param_arrays, cache, jnp.asarray(tokens_BT, jnp.int32),
+                                     jnp.asarray(start_B, jnp.int32))
 
     def trainer(self, lora, sites, train_config) -> ResidentTrainer:
         if self.mesh is not None:  # its adapters and optimizer state live on one device
