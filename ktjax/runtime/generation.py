@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ktjax.runtime.model import LoadedModel, Sampling, StepStats
@@ -174,6 +173,13 @@ def _steps(model: LoadedModel, prompts: list[list[int]], opts: SamplingOptions, 
         yield from _generate(model, prompts, opts, profile)
 
 
+@jax.jit
+def split_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the key kept, this step's): `jax.random.split`'s two halves, in one program."""
+    pair = jax.random.split(key)
+    return pair[0], pair[1]
+
+
 def _generate(model: LoadedModel, prompts: list[list[int]], opts: SamplingOptions, profile: bool) -> Iterator[list[Row]]:
     t0 = time.perf_counter()
     ex = model.executor
@@ -190,7 +196,7 @@ def _generate(model: LoadedModel, prompts: list[list[int]], opts: SamplingOption
     tokens = np.zeros((B, padded), np.int32)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p
-    key, sub = jax.random.split(key)
+    key, sub = split_key(key)
     next_B, cache, prefill = ex.prefill(cache, tokens, lengths, sub, sampling, profile=profile)
     next_B = np.asarray(next_B)
     t_first = time.perf_counter()
@@ -202,8 +208,10 @@ def _generate(model: LoadedModel, prompts: list[list[int]], opts: SamplingOption
     steps: list[StepStats] = []
     pos = lengths.copy()
     while not all(r.done for r in rows):
-        key, sub = jax.random.split(key)
-        sampled, cache, stats = ex.decode(cache, jnp.asarray(next_B), jnp.asarray(pos), sub, sampling, profile=profile)
+        key, sub = split_key(key)
+        # Host arrays in: the step's first program moves them with its call (jnp.asarray each would cost
+        # a dispatch of its own, as would the split's halves taken eagerly).
+        sampled, cache, stats = ex.decode(cache, next_B, pos, sub, sampling, profile=profile)
         steps.append(stats)
         next_B = np.asarray(sampled)
         pos = np.minimum(pos + 1, max_len - 1)
