@@ -71,6 +71,9 @@ def main() -> int:
     p.add_argument("--context", type=int, nargs="+", default=[512, 4096], help="tokens already in the cache")
     p.add_argument("--cache", type=int, default=8448, help="the cache's length (the executor's plan: 8K + 256)")
     p.add_argument("--reps", type=int, default=50, help="calls per chained program (and timed calls)")
+    p.add_argument("--stack", type=int, default=58,
+                   help="layers in the cache stack of the segment's second row (DeepSeek-R1's 58 MoE layers share one "
+                        "stack): if its time grows with the stack, the update copies the stack (default 58)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -109,12 +112,18 @@ def main() -> int:
         o_latent = jnp.asarray(rng.standard_normal((1, H, L)), dt)
         q_nope = jnp.asarray(rng.standard_normal((1, H, Dn)), dt)
         from ktjax import kernels
+        segment_bytes = (nbytes(*jax.tree.leaves(state)) - nbytes(*[v for k, v in _flat(state) if "shared_experts" in k])
+                         + cache_bytes)
+        N = 2 if args.tiny else args.stack
         pieces = {
             # the whole segment: attention (cache written at slice j) and routing
             "attention_route (segment)": (
-                functools.partial(_segment, seg, state, rope, start, j), x,
-                nbytes(*jax.tree.leaves(state)) - nbytes(*[v for k, v in _flat(state) if "shared_experts" in k])
-                + cache_bytes, (latent, rp)),
+                functools.partial(_segment, seg, state, rope, start, j), x, segment_bytes, (latent, rp)),
+            # the same with the layer's cache the last of a stack of N (the executor's cache groups): the same bytes
+            # to read, so the same time unless the update copies the stack
+            f"attention_route (segment), stack of {N}": (
+                functools.partial(_segment, seg, state, rope, start, jnp.int32(N - 1)), x, segment_bytes,
+                (jnp.zeros((N,) + latent.shape[1:], dt), jnp.zeros((N,) + rp.shape[1:], dt))),
             "input norm + q_a + norm + q_b": (
                 lambda x: attn.queries(layer.input_layernorm(x)), x,
                 nbytes(w(attn.q_a_proj), w(attn.q_b_proj))),
