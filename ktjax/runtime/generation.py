@@ -197,28 +197,37 @@ def _generate(model: LoadedModel, prompts: list[list[int]], opts: SamplingOption
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p
     key, sub = split_key(key)
-    next_B, cache, prefill = ex.prefill(cache, tokens, lengths, sub, sampling, profile=profile)
-    next_B = np.asarray(next_B)
+    first_B, cache, prefill = ex.prefill(cache, tokens, lengths, sub, sampling, profile=profile)
+    next_B = np.asarray(first_B)
     t_first = time.perf_counter()
     for b, row in enumerate(rows):
         row.push(int(next_B[b]))
         row.stats.time_to_first_token_s = t_first - t0
     yield rows
 
+    # One step ahead: each step is dispatched from the previous step's tokens on the device before this loop
+    # reads them, so the device does not wait for the loop's Python between steps (a resident model's step is
+    # one program). A row that ends on a token read here leaves one step computed and never read.
     steps: list[StepStats] = []
     pos = lengths.copy()
-    while not all(r.done for r in rows):
-        key, sub = split_key(key)
-        # Host arrays in: the step's first program moves them with its call (jnp.asarray each would cost
-        # a dispatch of its own, as would the split's halves taken eagerly).
-        sampled, cache, stats = ex.decode(cache, next_B, pos, sub, sampling, profile=profile)
-        steps.append(stats)
-        next_B = np.asarray(sampled)
-        pos = np.minimum(pos + 1, max_len - 1)
-        for b, row in enumerate(rows):
-            if not row.done:
-                row.push(int(next_B[b]))
-        yield rows
+    todo = opts.max_new_tokens - 1  # decode steps the longest row may need
+    tokens_B, ahead = first_B, None  # ahead: the step dispatched and not yet read, (sampled, stats)
+    while True:
+        launched = None
+        if todo > 0 and not all(r.done for r in rows):
+            key, sub = split_key(key)
+            tokens_B, cache, stats = ex.decode(cache, tokens_B, pos, sub, sampling, profile=profile)
+            launched, todo, pos = (tokens_B, stats), todo - 1, np.minimum(pos + 1, max_len - 1)
+        if ahead is not None and not all(r.done for r in rows):
+            steps.append(ahead[1])
+            next_B = np.asarray(ahead[0])
+            for b, row in enumerate(rows):
+                if not row.done:
+                    row.push(int(next_B[b]))
+            yield rows
+        elif launched is None:
+            break
+        ahead = launched
 
     t_end = time.perf_counter()
     summary = _step_summary(prefill, steps)
