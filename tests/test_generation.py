@@ -91,6 +91,37 @@ def test_eos_ends_a_row(pair):
     assert result.stats.finish_reason == "eos"
 
 
+class CountedDecode:
+    """The model's executor, counting its decode steps."""
+
+    def __init__(self, executor):
+        self.executor, self.steps = executor, 0
+
+    def decode(self, *args, **kwargs):
+        self.steps += 1
+        return self.executor.decode(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+
+def test_decoding_one_step_ahead_computes_at_most_one_step_unread(pair):
+    """Generation dispatches each step before it reads the previous one's tokens: a row that runs to
+    max_new_tokens costs exactly max_new_tokens - 1 steps (the first token is prefill's), and one that
+    ends at end-of-sequence at most one step beyond it, whose token is never shown."""
+    _, model = pair
+    counted = CountedDecode(model.executor)
+    plain = ktjax.generate(dataclasses.replace(model, executor=counted), [5, 9, 13], max_new_tokens=7)
+    assert len(plain.token_ids) == 7 and counted.steps == 6
+    eos = plain.token_ids[3]
+    ended = dataclasses.replace(model, executor=CountedDecode(model.executor),
+                                config=dataclasses.replace(model.config, eos_token_id=eos))
+    result = ktjax.generate(ended, [5, 9, 13], max_new_tokens=7)
+    first_eos = plain.token_ids.index(eos)
+    assert result.token_ids == plain.token_ids[:first_eos + 1]
+    assert first_eos <= ended.executor.steps <= first_eos + 1
+
+
 def test_generating_again_in_the_same_buckets_compiles_nothing(checkpoint):
     model = ktjax.load(checkpoint[1], dtype="float32")
     ktjax.generate(model, [1, 2, 3], max_new_tokens=4)
