@@ -31,6 +31,7 @@ import ktjax
 from ktjax.cli.main import main
 from ktjax.experts.quant import dequantize as dequantize_quant
 from ktjax.experts.weights import ExpertFormat
+from ktjax.io import gguf_decode
 from ktjax.io.checkpoint import CheckpointError
 from ktjax.io.gguf import expert_arrays, expert_buffer, open_gguf
 from reference import make_reference, reference_logits, save_reference
@@ -432,6 +433,28 @@ def test_random_blocks_decode_bit_exactly_as_gguf_decodes_them(qtype, fmt):
         ref = gguf.quants.dequantize(raw, qtype)
         ours = dequantize_quant(expert_arrays(raw, qtype.name, C), fmt, C)
     assert same_bits(ours, ref)
+
+
+@pytest.mark.parametrize("type_name", gguf_decode.DECODED)
+def test_every_type_with_a_kernel_decodes_bit_exactly_as_gguf_decodes_it(type_name):
+    """Every byte random (NaN, infinite and subnormal scales included), as a stack of experts'
+    rows, against gguf's numpy decoder."""
+    rng = np.random.default_rng(len(type_name) * 31 + ord(type_name[-1]))
+    block, size = gguf.GGML_QUANT_SIZES[Q[type_name]]
+    raw = rng.integers(0, 256, (3, 4, 4 * size), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.dequantize(raw, Q[type_name])
+    ours = gguf_decode.dequantize(raw, type_name)
+    assert ours.shape == ref.shape == (3, 4, 4 * block) and same_bits(ours, ref)
+
+
+def test_decoding_into_a_wrong_array_or_from_partial_blocks_is_refused():
+    raw = np.zeros((2, 34 * 2), np.uint8)  # two Q8_0 blocks per row
+    with pytest.raises(ValueError, match="Q8_0: out must be C-contiguous float32 \\(2, 64\\)"):
+        gguf_decode.dequantize(raw, "Q8_0", np.empty((2, 32), np.float32))
+    with pytest.raises(ValueError, match="Q8_0: rows of 67 bytes are not whole blocks of 34"):
+        gguf_decode.dequantize(raw[:, :67], "Q8_0")
+    assert gguf_decode.dequantize(raw, "IQ2_XXS") is None  # no kernel: the caller takes gguf's
 
 
 @pytest.mark.parametrize("qtype, fmt", EXACT_TYPES, ids=[t.name for t, _ in EXACT_TYPES])

@@ -17,7 +17,8 @@ conversion/deepseek.py since 2026):
   along `in` like the experts of `ktjax.experts.quant`.
 
 `GGUFCheckpoint` offers the parameters under ktjax's (transformers') tensor names, with the interface
-of `ktjax.io.checkpoint.Checkpoint`: non-expert tensors are dequantized with `gguf.quants.dequantize`
+of `ktjax.io.checkpoint.Checkpoint`: non-expert tensors are decoded to float32 as
+`gguf.quants.dequantize` decodes them (`ktjax.io.gguf_decode`'s kernels, gguf's where it has none)
 and converted to the model dtype on their target. Routed experts are built by `read_expert` in the
 expert format chosen by `expert_format`: blocks that an expert format holds exactly are copied into it
 (Q8_0, Q4_0, Q5_0, Q3_K -> int8; Q4_K -> int4), float ones take the model dtype. In a mixed file
@@ -247,7 +248,7 @@ class GGUFCheckpoint:
         return name if g is None else g + (".bias" if name.endswith("_bias") else ".weight")
 
     def read(self, name: str) -> np.ndarray:
-        """float32, dequantized with gguf.quants.dequantize, in the transformers shape."""
+        """float32, decoded as gguf.quants.dequantize decodes it, in the transformers shape."""
         self.info(name)
         try:
             value = self._sources[name]()
@@ -261,8 +262,8 @@ class GGUFCheckpoint:
     def read_blocks(self, name: str) -> tuple[str, dict[str, np.ndarray]] | None:
         """A 2-D tensor whose GGML blocks an integer format holds exactly (Q8_0, Q4_K, ...) as that
         format's arrays, the blocks' bytes copied: the loader moves ~1 byte per value to the device and
-        dequantizes there, rather than float32 from gguf's numpy dequantizer (~0.3 GB/s, most of a
-        load's time: benchmarks/gguf.md). None for other tensors (read them with `read`)."""
+        dequantizes there, rather than 4 bytes per value of float32 decoded on the host (with gguf's
+        numpy decoders, most of a load's time: benchmarks/gguf.md). None for other tensors (read them with `read`)."""
         shape = self.info(name).shape
         piece = self.pieces.get(name)
         if (piece is None or piece.expert is not None or piece.type_name not in EXACT or len(shape) != 2

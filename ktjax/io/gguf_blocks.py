@@ -1,6 +1,10 @@
 """GGUF's quantized blocks into ktjax's int8/int4 expert formats (`ktjax.experts.quant`), bit for bit
 where the format holds them: Q8_0, Q4_0, Q5_0 and Q3_K into int8, Q4_K into int4. Other types are
-dequantized with `gguf.quants.dequantize` and quantized again (`expert_buffer`)."""
+decoded (`ktjax.io.gguf_decode`, or gguf's own decoder where it has no kernel) and quantized again
+(`expert_buffer`).
+
+Q8_0 and Q4_K are byte copies (numpy); Q4_0, Q5_0 and Q3_K unpack their bits in parallel numba loops
+(in numpy they ran at 0.14-0.65 G values/s on the dev box: `scripts/bench_gguf_decode.py`)."""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import gguf
 import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType as GGML
+from numba import njit, prange
 
 from ktjax.experts.quant import QuantMatrix
 from ktjax.experts.weights import ExpertFormat
+from ktjax.io import gguf_decode
 
 # Expert blocks an expert format holds bit for bit (see `write_blocks`).
 EXACT = {"Q8_0": "int8", "Q4_0": "int8", "Q5_0": "int8", "Q3_K": "int8", "Q4_K": "int4"}
@@ -54,16 +60,9 @@ def write_blocks(out: dict[str, np.ndarray], raw_RB: np.ndarray, type_name: str)
     Q4_K's fields as they are for int4. Each byte is copied once, straight from the file's pages."""
     b = _blocks(raw_RB, type_name)
     R, nb = b.shape[:2]
-    if type_name in ("Q8_0", "Q4_0", "Q5_0"):  # an f16 d per 32 values, then the values: w = d * q
+    if type_name == "Q8_0":  # an f16 d per 32 values, then the values: w = d * q
         out["scale"].reshape(R, nb)[...] = _f16_bits(b[..., :2])
-        q = out["q"].reshape(R, nb, 2, 16)
-        if type_name == "Q8_0":
-            q[...] = b[..., 2:].view(np.int8).reshape(R, nb, 2, 16)
-            return
-        qs = b[..., -16:]  # low nibbles are values 0-15, high nibbles 16-31
-        high = 0 if type_name == "Q4_0" else np.unpackbits(b[..., 2:6], axis=-1, bitorder="little").reshape(R, nb, 2, 16) << 4
-        offset = 8 if type_name == "Q4_0" else 16
-        q[...] = ((np.stack([qs & 15, qs >> 4], axis=2) | high).astype(np.int16) - offset).astype(np.int8)
+        out["q"].reshape(R, nb, 32)[...] = b[..., 2:].view(np.int8)
         return
     if type_name == "Q4_K":  # f16 d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
         out["d"][...] = b[..., 0:2].view(np.float16)[..., 0]
@@ -77,33 +76,64 @@ def write_blocks(out: dict[str, np.ndarray], raw_RB: np.ndarray, type_name: str)
         mn[..., 1] = ((w[..., 2] >> 4) & 0x0F0F0F0F) | ((w[..., 1] >> 2) & 0x30303030)
         out["q"].reshape(R, nb, 128)[...] = b[..., 16:]  # Q4_K's qs is the int4 format's nibble order
         return
-    if type_name == "Q3_K":
-        _q3_k_int8(out, b)
-        return
-    raise ValueError(f"GGML type {type_name} has no exact integer expert format")
+    unpack = {"Q4_0": _q4_0_int8, "Q5_0": _q5_0_int8, "Q3_K": _q3_k_int8}.get(type_name)
+    if unpack is None:
+        raise ValueError(f"GGML type {type_name} has no exact integer expert format")
+    blocks = np.ascontiguousarray(b).reshape(R * nb, -1)
+    unpack(blocks, out["q"].reshape(R * nb, -1), out["scale"].reshape(R * nb, -1))
 
 
-def _q3_k_int8(out: dict[str, np.ndarray], b: np.ndarray) -> None:
+@njit(parallel=True, cache=True)
+def _q4_0_int8(blocks, q, scale):
+    """Q4_0 (f16 d, 16 bytes of nibbles: values 0-15 low, 16-31 high, w = d * (q - 8)) as int8 q and d's bits."""
+    for n in prange(blocks.shape[0]):
+        b = blocks[n]
+        scale[n, 0] = np.uint16(b[0]) | (np.uint16(b[1]) << 8)
+        for i in range(16):
+            x = np.int32(b[2 + i])
+            q[n, i] = (x & 15) - 8
+            q[n, i + 16] = (x >> 4) - 8
+
+
+@njit(parallel=True, cache=True)
+def _q5_0_int8(blocks, q, scale):
+    """Q5_0 (f16 d, 32 fifth bits, 16 bytes of nibbles, w = d * (q - 16)) as int8 q and d's bits."""
+    for n in prange(blocks.shape[0]):
+        b = blocks[n]
+        scale[n, 0] = np.uint16(b[0]) | (np.uint16(b[1]) << 8)
+        qh = gguf_decode._bits32(b, 2)
+        for i in range(16):
+            x = np.int32(b[6 + i])
+            q[n, i] = ((x & 15) | np.int32(((qh >> i) & 1) << 4)) - 16
+            q[n, i + 16] = ((x >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)) - 16
+
+
+@njit(parallel=True, cache=True)
+def _q3_k_int8(blocks, q, scale):
     """Q3_K: per 256 values an f16 d, per 16 a 6-bit signed scale s, 3-bit q in [-4, 3]: w = d * s * q.
     As int8, per group of 32: scale d and q' = s * q in [-124, 128]; a group reaching 128 stores
-    -d and -q' instead (in [-128, 124]). Every product is exact in float32, so the values match."""
-    R, nb = b.shape[:2]
-    hmask, qs, scales, d = b[..., :32], b[..., 32:96], b[..., 96:108], b[..., 108:110]
-    low = (scales[..., None, :8] >> np.array([[0], [4]], np.uint8)).reshape(R, nb, 16) & 15
-    high = (scales[..., 8:, None] >> np.array([0, 2, 4, 6], np.uint8)).transpose(0, 1, 3, 2).reshape(R, nb, 16) & 3
-    s_raw = low | (high << 4)  # s + 32, in 0..63, per 16 values
-    ql = (qs.reshape(R, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
-    qh = (hmask.reshape(R, nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
-    q_raw = ql.reshape(R, nb, 16, 16) | (qh.reshape(R, nb, 16, 16) << 2)  # q + 4, in 0..7
-    # s * q through a table of all 64 x 8 products; only s = -32 with q = -4 reaches 128.
-    q8 = _Q3_PRODUCTS[(s_raw[..., None].astype(np.uint16) << 3) | q_raw].reshape(R, nb, 8, 32)
-    flip = ((s_raw == 0)[..., None] & (q_raw == 0)).reshape(R, nb, 8, 32).any(-1)  # [R, nb, 8]
-    out["q"].reshape(R, nb, 8, 32)[...] = np.where(flip[..., None], -q8, q8)
-    d_bits = np.repeat(_f16_bits(d)[..., None], 8, axis=-1)
-    out["scale"].reshape(R, nb, 8)[...] = np.where(flip, d_bits ^ np.uint16(0x8000), d_bits)
-
-
-_Q3_PRODUCTS = ((np.arange(64)[:, None] - 32) * (np.arange(8)[None, :] - 4)).astype(np.int16).ravel()
+    -d and -q' instead (in [-128, 124]). Every product is exact in float32, so the values match.
+    Value h*128 + j*32 + lane (group g = 4h + j): low bits 2j of byte 32 + h*32 + lane, high bit g
+    of byte lane (clear: minus 4); sub-block scales as `gguf_decode`'s Q3_K."""
+    for n in prange(blocks.shape[0]):
+        b = blocks[n]
+        d_bits = np.uint16(b[108]) | (np.uint16(b[109]) << 8)
+        for g in range(8):
+            h, j = g // 4, g % 4
+            s0, s1 = 2 * g, 2 * g + 1
+            sc0 = np.int32(((b[96 + s0 % 8] >> (4 * (s0 // 8))) & 15) | (((b[104 + s0 % 4] >> (2 * (s0 // 4))) & 3) << 4)) - 32
+            sc1 = np.int32(((b[96 + s1 % 8] >> (4 * (s1 // 8))) & 15) | (((b[104 + s1 % 4] >> (2 * (s1 // 4))) & 3) << 4)) - 32
+            flip = False  # a first pass finds a product of 128 (only s = -32 with q = -4)
+            for lane in range(32):
+                low = np.int32((b[32 + h * 32 + lane] >> (2 * j)) & 3)
+                high = np.int32((b[lane] >> g) & 1)
+                flip |= (sc0 if lane < 16 else sc1) * (low - ((high ^ 1) << 2)) == 128
+            sign = -1 if flip else 1
+            for lane in range(32):
+                low = np.int32((b[32 + h * 32 + lane] >> (2 * j)) & 3)
+                high = np.int32((b[lane] >> g) & 1)
+                q[n, g * 32 + lane] = sign * (sc0 if lane < 16 else sc1) * (low - ((high ^ 1) << 2))
+            scale[n, g] = d_bits ^ np.uint16(0x8000) if flip else d_bits
 
 
 def expert_arrays(raw_RB: np.ndarray, type_name: str, cols: int) -> dict[str, np.ndarray]:
@@ -126,7 +156,9 @@ def expert_buffer(fmt: ExpertFormat, mats: list[tuple[np.ndarray, str]]) -> np.n
         if EXACT.get(type_name) == fmt.name:
             write_blocks(out, raw, type_name)
         else:
-            values = np.asarray(gguf.quants.dequantize(raw, GGML[type_name]), np.float32)
+            values = gguf_decode.dequantize(raw, type_name)
+            if values is None:  # no kernel here for this type: gguf's decoder
+                values = np.asarray(gguf.quants.dequantize(raw, GGML[type_name]), np.float32)
             for k, v in _quantizer(fmt.name)(values).items():
                 out[k][...] = np.asarray(v)
     return buf

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as GGML
 
+from ktjax.io import gguf_decode
 from ktjax.io.checkpoint import CheckpointError
 
 ARCH = "deepseek2"
@@ -212,6 +213,8 @@ class Piece:
     def dequantize(self) -> np.ndarray:
         """float32, in the checkpoint's shape order."""
         qtype, raw = self.tensor.tensor_type, self.raw
+        if self.type_name in gguf_decode.DECODED:  # ~30 times faster than gguf's decoders, the same bits
+            return gguf_decode.dequantize(raw, self.type_name)
         try:
             if raw.ndim < 2 or raw.nbytes <= DEQUANTIZE_CHUNK:
                 return np.asarray(gguf.quants.dequantize(raw, qtype), np.float32)
