@@ -30,6 +30,11 @@ import numpy as np
 GROUP = 32  # values per scale
 SUPER = 256  # values per int4 super-block (8 groups share d and dmin)
 FORMATS = ("int8", "int4")
+# Divisions by constants as multiplications by their float32 reciprocals: XLA rewrites x / c into
+# x * (1 / c), so numpy's and XLA's quantizers give the same scales only when both multiply (measured
+# on XLA:CPU over 3 random 2048 x 7168 matrices: int8 identical; int4 scales identical, 1-3 of 14.7 M
+# values one level apart at near-ties, which is why the host quantizes in numpy).
+RECIP_127, RECIP_15, RECIP_255 = np.float32(1 / 127), np.float32(1 / 15), np.float32(1 / 255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +98,7 @@ def quantize_int8(w_RC) -> dict:
     xp = _xp(w_RC)
     m = QuantMatrix("int8", *w_RC.shape)
     w = _groups(w_RC, m.padded_cols)
-    scale16 = (xp.abs(w).max(-1) / 127.0).astype(xp.float16)
+    scale16 = (xp.abs(w).max(-1) * RECIP_127).astype(xp.float16)
     q = xp.clip(xp.rint(w * _inverse(scale16.astype(xp.float32))[..., None]), -127, 127).astype(xp.int8)
     return {"q": q.reshape(m.rows, -1), "scale": _bits16(scale16)}
 
@@ -132,11 +137,11 @@ def quantize_int4(w_RC) -> dict:
     R, S = m.rows, m.padded_cols // SUPER
     w = _groups(w_RC, m.padded_cols)  # [R, G, 32]
     lo = xp.minimum(w.min(-1), 0.0)  # as Q4_K: the minimum is never above zero
-    scale_g = (w.max(-1) - lo) / 15.0  # [R, G]
+    scale_g = (w.max(-1) - lo) * RECIP_15  # [R, G]
     min_g = -lo
     # Second level: per super-block a float32 base, per group an 8-bit multiple of it.
-    d = (scale_g.reshape(R, S, 8).max(-1) / 255.0).astype(xp.float32)
-    dmin = (min_g.reshape(R, S, 8).max(-1) / 255.0).astype(xp.float32)
+    d = (scale_g.reshape(R, S, 8).max(-1) * RECIP_255).astype(xp.float32)
+    dmin = (min_g.reshape(R, S, 8).max(-1) * RECIP_255).astype(xp.float32)
 
     def level(x_RG, base_RS):
         inv = xp.repeat(_inverse(base_RS), 8, axis=1)

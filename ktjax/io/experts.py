@@ -1,8 +1,14 @@
 """Routed experts read from a checkpoint one at a time, into the expert format the model keeps them
 in (`ktjax.experts.weights`): as stored (bf16, FP8, or the int8/int4 arrays of a `ktjax quantize`
 checkpoint), or quantized while loading (int8, int4, or FP8 blocks from float weights). One expert's
-matrices are in host memory at a time; quantizing runs on the GPU when there is one (milliseconds per
-full-size expert, against a second in numpy).
+matrices are in host memory at a time.
+
+The stored values become float32 in a compiled program on the default device, fed the stored bytes
+(FP8 values and their scales, or bf16): on a GPU the link carries 1-2 bytes per value, and the GPU
+dequantizes and quantizes in milliseconds. Dequantizing an FP8 matrix of 2048 x 7168 in numpy took
+90-200 ms on the dev box (ml_dtypes' float8 conversion; XLA:CPU 25-32 ms), three per expert: about an
+hour for DeepSeek-R1's 14,848 experts, where a load should be limited by the disk. Without a GPU the
+int8/int4 quantizer runs in numpy (`ktjax.experts.quant`: XLA:CPU's differs at rare near-ties).
 """
 
 from __future__ import annotations
@@ -55,12 +61,33 @@ def fp8_blocks(w_RC, block: int):
 
 
 @functools.cache
+def _values(block: tuple[int, int], fp8: bool):
+    """float32 values of one expert's gate, up and down matrices (FP8 with their scales when `fp8`,
+    else any float dtype), computed on the default device."""
+    def values(mats, scales):
+        return [dequantize_fp8(m, s, block, jnp.float32) if fp8 else m.astype(jnp.float32) for m, s in zip(mats, scales)]
+    return jax.jit(values)
+
+
+@functools.cache
 def _device_pack(fmt: ExpertFormat):
     return jax.jit(fmt.packed.pack)
 
 
 def _on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def _convert(fmt: ExpertFormat, w: list) -> ExpertWeights:
+    """An expert in `fmt` from its float32 values [gate, up, down] (numpy, or arrays on the default device)."""
+    if fmt.name in FLOAT_FORMATS:
+        return float_expert(*w, fmt)
+    if fmt.name == "fp8":
+        (g, gs), (u, us), (d, ds) = (fp8_blocks(np.asarray(m), fmt.block) for m in w)
+        return fp8_expert(g, u, d, gs, us, ds, fmt)
+    if _on_gpu():
+        return packed_expert(_device_pack(fmt)(*w), fmt)
+    return packed_expert(fmt.packed.pack(*(np.asarray(m) for m in w)), fmt)
 
 
 def stored_nbytes(ckpt: Checkpoint, mats: list[Tensor], stored: str | None = None) -> int:
@@ -74,7 +101,8 @@ def stored_nbytes(ckpt: Checkpoint, mats: list[Tensor], stored: str | None = Non
 
 def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: tuple[int, int],
                 stored: str | None = None) -> ExpertWeights:
-    """One expert in `fmt`: host numpy arrays, or arrays on the GPU where it quantized them.
+    """One expert in `fmt`: host numpy arrays where it is kept as stored, else arrays on the default
+    device, which converted it.
     block: the checkpoint's FP8 scale block; stored: the integer format the checkpoint stores the
     experts in (`ktjax quantize`), or None for float/FP8 weights."""
     if hasattr(ckpt, "read_expert"):  # a GGUF model: quantized blocks the format holds are copied, not requantized
@@ -87,20 +115,14 @@ def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: 
             gate_up = {a: np.concatenate([gate[a], up[a]]) for a in gate}  # per-row arrays stack as rows
             return packed_expert(fmt.packed.place({"gate_up": gate_up, "down": down}), fmt)
         # Another format: from the dequantized values (an int8 <-> int4 conversion compounds both errors).
-        w = [dequantize(gate, stored, fmt.D), dequantize(up, stored, fmt.D), dequantize(down, stored, fmt.F)]
-    else:
-        raw = [ckpt.read(name) for name, _ in mats]
-        if fmt.name == "fp8" and all(scale is not None for _, scale in mats):
-            return fp8_expert(*raw, *[ckpt.read(scale) for _, scale in mats], fmt)
-        # Every other case starts from float values, each FP8 matrix dequantised with its own scales.
-        w = [np.asarray(m, np.float32) if scale is None else dequantize_fp8(m, ckpt.read(scale), block, np.float32)
-             for m, (_, scale) in zip(raw, mats)]
-    if fmt.name in FLOAT_FORMATS:
-        return float_expert(*w, fmt)
-    if fmt.name == "fp8":
-        (g, gs), (u, us), (d, ds) = (fp8_blocks(m, fmt.block) for m in w)
-        return fp8_expert(g, u, d, gs, us, ds, fmt)
-    if _on_gpu():
-        return packed_expert(_device_pack(fmt)(*(jnp.asarray(m) for m in w)), fmt)
-    return packed_expert(fmt.packed.pack(*w), fmt)
-
+        return _convert(fmt, [dequantize(gate, stored, fmt.D), dequantize(up, stored, fmt.D),
+                              dequantize(down, stored, fmt.F)])
+    raw = [ckpt.read(name) for name, _ in mats]
+    scales = [None if scale is None else ckpt.read(scale) for _, scale in mats]
+    if fmt.name == "fp8" and all(s is not None for s in scales):  # as stored
+        return fp8_expert(*raw, *scales, fmt)
+    if all(s is not None for s in scales) or all(s is None for s in scales):  # the stored bytes cross, not float32
+        return _convert(fmt, _values(tuple(block), scales[0] is not None)(raw, scales))
+    # Some matrices FP8, some not: each dequantised with its own scales.
+    return _convert(fmt, [np.asarray(m, np.float32) if s is None else dequantize_fp8(m, s, block, np.float32)
+                          for m, s in zip(raw, scales)])
