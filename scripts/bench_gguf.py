@@ -36,15 +36,26 @@ def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     Q = gguf.GGMLQuantizationType
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    unit = {Q.Q8_0: 1 / 127, Q.Q4_K: 1 / 15 / 32}[qtype]
-    for lo in ((0,) if qtype == Q.Q8_0 else (0, 2)):
+    unit = {Q.Q8_0: 1 / 127, Q.Q4_K: 1 / 15 / 32, Q.Q6_K: 1 / 32 / 128}[qtype]
+    for lo in {Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[qtype]:
         d = np.full((rows, cols // block), unit / np.sqrt(cols), np.float16)
         b[..., lo:lo + 2] = d.view(np.uint8).reshape(rows, cols // block, 2)
     return b.reshape(rows, -1)
 
 
-def write_gguf(path: str, cfg, expert_type, rng) -> None:
-    """The converter's deepseek2 layout (see tests/test_gguf.py): core matrices Q8_0, norms F32."""
+def expert_types(type_name: str) -> dict:
+    """GGML type of each routed-expert projection. "Q4_K_M": llama.cpp's Q4_K_M mix at its heaviest
+    (Q4_K gate and up, Q6_K down in every layer, where llama.cpp gives half the layers' down Q6_K)."""
+    import gguf
+    Q = gguf.GGMLQuantizationType
+    if type_name == "Q4_K_M":
+        return {"gate_proj": Q.Q4_K, "up_proj": Q.Q4_K, "down_proj": Q.Q6_K}
+    return dict.fromkeys(("gate_proj", "up_proj", "down_proj"), Q[type_name])
+
+
+def write_gguf(path: str, cfg, types: dict, rng) -> None:
+    """The converter's deepseek2 layout (see tests/test_gguf.py): core matrices Q8_0, norms F32,
+    routed experts in `types` (projection -> GGML type)."""
     import gguf
     from flax import nnx
 
@@ -96,10 +107,11 @@ def write_gguf(path: str, cfg, expert_type, rng) -> None:
         if leaf_path[1:3] == ("mlp", "experts"):
             for layer in cfg.layer_groups["moe"]:
                 rows, cols = var.shape[2:]
+                expert_type = types[leaf_path[3]]
                 name = names.get_name(f"model.layers.{layer}.mlp.experts.{leaf_path[3]}") + ".weight"
                 shape = (cfg.n_routed_experts, rows, row_bytes(expert_type, cols))
-                tensors.append((name, shape, np.dtype(np.uint8), expert_type, lambda rows=rows, cols=cols: np.stack(
-                    [random_blocks(expert_type, rows, cols, rng) for _ in range(cfg.n_routed_experts)])))
+                tensors.append((name, shape, np.dtype(np.uint8), expert_type, lambda rows=rows, cols=cols, t=expert_type: np.stack(
+                    [random_blocks(t, rows, cols, rng) for _ in range(cfg.n_routed_experts)])))
             continue
         for hf, index in tensor_names(cfg, leaf_path):
             shape = tuple(var.shape[len(index):])
@@ -180,7 +192,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--moe-layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=64, help="routed experts per layer")
-    p.add_argument("--types", nargs="+", default=["Q4_K", "Q8_0"])
+    p.add_argument("--types", nargs="+", default=["Q4_K", "Q8_0"], help="expert types: Q4_K, Q8_0, or Q4_K_M "
+                   "(Q4_K gate/up, Q6_K down: requantized into int4 while loading)")
     p.add_argument("--gpu-memory", default="24GiB")
     p.add_argument("--modes", nargs="+", default=["auto", "gpu", "cpu"])
     p.add_argument("--steps", type=int, default=7)
@@ -190,8 +203,6 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/bench_gguf")
     p.add_argument("--out", help="also write the rows as JSON to this file")
     args = p.parse_args()
-
-    import gguf
 
     from fullsize import fullsize_config
     from ktjax.config import ModelConfig
@@ -208,7 +219,7 @@ def main() -> None:
     for type_name in ([] if args.baseline_only else args.types):
         path = os.path.join(args.dir, f"model-{type_name}.gguf")
         t = time.perf_counter()
-        write_gguf(path, cfg, gguf.GGMLQuantizationType[type_name], np.random.default_rng(0))
+        write_gguf(path, cfg, expert_types(type_name), np.random.default_rng(0))
         log(f"wrote {path}: {os.path.getsize(path) / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s")
         rows.append(measure(f"gguf {type_name}", path, args, None))
         os.remove(path)
@@ -218,7 +229,7 @@ def main() -> None:
         write_safetensors(path, cfg)
         log(f"wrote {path} in {time.perf_counter() - t:.1f} s")
         for type_name in args.types:
-            fmt = {"Q4_K": "int4", "Q8_0": "int8"}[type_name]
+            fmt = {"Q4_K": "int4", "Q4_K_M": "int4", "Q8_0": "int8"}[type_name]
             rows.append(measure(f"safetensors bf16 -> {fmt} on load", path, args, fmt))
     print("RESULTS " + json.dumps(rows), flush=True)
     if args.out:
