@@ -112,6 +112,12 @@ def main():
         for k, tokens in ((1, 1), (8, 1), (8, 8)):
             rows.append((fmt, f"cpu, int8 activations: {k} experts, {tokens} token(s)",
                          median_s(lambda: cpu(k, tokens, he=q8)), k * L.nbytes))
+        if q8.vnni:  # the default above took AVX-512 VNNI: the AVX2 kernel beside it, in the same run
+            res["int4_vnni"] = True
+            avx2 = HostExperts(L, activations="int8", vnni=False)
+            for k, tokens in ((8, 1), (8, 8)):
+                rows.append((fmt, f"cpu, int8 activations, AVX2 kernel: {k} experts, {tokens} token(s)",
+                             median_s(lambda: cpu(k, tokens, he=avx2)), k * L.nbytes))
         for n in args.threads:
             numba.set_num_threads(n)
             rows.append((fmt, f"cpu, int8 activations: 8 experts, 1 token, {n} threads",

@@ -154,18 +154,26 @@ def test_host_kernels_compute_the_routed_sum_of_the_dequantized_experts(fmt, F, 
     assert rel(out, routed_sum_reference(layout, bufs, x, idx, weights, chosen)) < 1e-5
 
 
-@pytest.mark.parametrize("int_dots", [True, False], ids=["integer-dots", "float-kernel"])
+KERNELS = {"avx2": dict(int_dots=True, vnni=False), "avx512-vnni": dict(int_dots=True, vnni=True),
+           "float-kernel": dict(int_dots=False)}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("F, D", [(32, 64), (40, 300)])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_experts_with_int8_activations_compute_the_routed_sum_of_the_quantized_activations(fmt, F, D, int_dots):
+def test_experts_with_int8_activations_compute_the_routed_sum_of_the_quantized_activations(fmt, F, D, kernel):
     """activations="int8": every matrix multiplies its input quantized to int8 per group of 32, on the
-    integer kernel (AVX2) and on the float kernel alike; about 0.5% from the float32 result."""
+    integer kernels (AVX2; AVX-512 VNNI for int4) and on the float kernel alike; about 0.5% from the
+    float32 result."""
     from ktjax.experts import host_kernels
-    if int_dots and not host_kernels.INT8_DOTS:
+    if KERNELS[kernel]["int_dots"] and not host_kernels.INT8_DOTS:
         pytest.skip("this CPU has no AVX2")
+    if KERNELS[kernel].get("vnni") and (fmt != "int4" or not host_kernels.INT4_VNNI):
+        pytest.skip("AVX-512 VNNI: int4 only, on CPUs that have it")
     layout, bufs, x, idx, weights, chosen = routed_experts_problem(fmt, F, D)
     tok, wt, ntok = assignments(idx, weights, chosen)
-    host = HostExperts(layout, activations="int8", int_dots=int_dots)
+    host = HostExperts(layout, activations="int8", **KERNELS[kernel])
+    assert host.vnni == bool(KERNELS[kernel].get("vnni") and fmt == "int4")
     out = host.compute(np.array([bufs[e].ctypes.data for e in chosen], np.int64), tok, ntok, wt, x)
     assert rel(out, routed_sum_reference(layout, bufs, x, idx, weights, chosen, int8_per_group)) < 1e-5
     exact = routed_sum_reference(layout, bufs, x, idx, weights, chosen)

@@ -35,7 +35,8 @@ def check_activations(activations: str) -> str:
 # form use compile (all of them take ~14 s, once per machine: numba caches them). The weights' addresses
 # come as int8_PK or int4_PK, the other None; of dots (int8 activations, integer dot products) and floats
 # (float kernels), one is True and the other None; q8 (True or None): with floats, the float kernels
-# multiply the values int8 activations stand for (CPUs without AVX2; the same numbers up to rounding).
+# multiply the values int8 activations stand for (CPUs without AVX2; the same numbers up to rounding);
+# vnni (True or None): with dots, int4 weights go through the AVX-512 VNNI kernel.
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -48,11 +49,14 @@ def _quantized(x_KTC, ntok_K, G):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _matvec(int8_PK, int4_PK, dots, floats, q8, R, C, G, x_KTC, ntok_K, out_KTR):
+def _matvec(int8_PK, int4_PK, dots, floats, q8, vnni, R, C, G, x_KTC, ntok_K, out_KTR):
     """out[k, t] = w_k x[k, t] for one matrix of each chosen expert (its arrays at *_PK[:, k])."""
     if dots is not None:
         xq, xs, xsum = _quantized(x_KTC, ntok_K, G)
-        if int4_PK is not None:
+        if int4_PK is not None and vnni is not None:
+            hk.matvec_int4_q8_vnni(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq.ctypes.data,
+                                   xs, xsum, ntok_K, out_KTR)
+        if int4_PK is not None and vnni is None:
             hk.matvec_int4_q8(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq.ctypes.data, xs,
                               xsum, ntok_K, out_KTR)
         if int8_PK is not None:
@@ -74,12 +78,12 @@ def _matvec(int8_PK, int4_PK, dots, floats, q8, R, C, G, x_KTC, ntok_K, out_KTR)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def routed_sum(int8, int4, dots, floats, q8, gate_up_PK, gate_up_RCG, down_PK, down_RCG, F, tok_KT, ntok_K,
+def routed_sum(int8, int4, dots, floats, q8, vnni, gate_up_PK, gate_up_RCG, down_PK, down_RCG, F, tok_KT, ntok_K,
                weight_KT, x_ND):
     """sum over chosen experts k of weight[k, t] * down_k(swiglu(gate_up_k(x[tok[k, t]]))), float32 [N, D].
 
     *_PK: each matrix's array addresses [arrays, K]; *_RCG: its rows, padded columns and groups;
-    int8 / int4 / dots / floats / q8: the switches above (True or None)."""
+    int8 / int4 / dots / floats / q8 / vnni: the switches above (True or None)."""
     K, T = tok_KT.shape
     N, D = x_ND.shape
     x_KTC = np.zeros((K, T, gate_up_RCG[1]), np.float32)
@@ -87,12 +91,12 @@ def routed_sum(int8, int4, dots, floats, q8, gate_up_PK, gate_up_RCG, down_PK, d
         for t in range(ntok_K[k]):
             x_KTC[k, t, :D] = x_ND[tok_KT[k, t]]
     gu_KTR = np.zeros((K, T, 2 * F), np.float32)
-    _matvec(gate_up_PK if int8 is not None else None, gate_up_PK if int4 is not None else None, dots, floats, q8,
+    _matvec(gate_up_PK if int8 is not None else None, gate_up_PK if int4 is not None else None, dots, floats, q8, vnni,
             gate_up_RCG[0], gate_up_RCG[1], gate_up_RCG[2], x_KTC, ntok_K, gu_KTR)
     h_KTC = np.zeros((K, T, down_RCG[1]), np.float32)
     hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
     y_KTD = np.zeros((K, T, D), np.float32)
-    _matvec(down_PK if int8 is not None else None, down_PK if int4 is not None else None, dots, floats, q8,
+    _matvec(down_PK if int8 is not None else None, down_PK if int4 is not None else None, dots, floats, q8, vnni,
             down_RCG[0], down_RCG[1], down_RCG[2], h_KTC, ntok_K, y_KTD)
     out_ND = np.zeros((N, D), np.float32)
     hk.scatter_add(y_KTD, weight_KT, tok_KT, ntok_K, out_ND)
@@ -105,17 +109,20 @@ class HostExperts:
     activations: what the weights multiply: "float32" (exact) or "int8", quantized per group of 32
     (integer dot products: faster, ~0.5% error per expert output with int4 weights). int_dots:
     whether int8 activations use the integer kernel (default: where the CPU has AVX2) or the float
-    kernel on the values they stand for (the same numbers, up to float rounding)."""
+    kernel on the values they stand for (the same numbers, up to float rounding). vnni: whether int4
+    weights with integer dots use AVX-512 VNNI (default: where the CPU has it), else AVX2."""
 
-    def __init__(self, layout: PackedLayout, activations: str = "float32", int_dots: bool | None = None):
+    def __init__(self, layout: PackedLayout, activations: str = "float32", int_dots: bool | None = None,
+                 vnni: bool | None = None):
         self.layout = layout
         mats = layout.matrices
         self.int8_activations = check_activations(activations) == "int8"
         self.int_dots = (self.int8_activations and (hk.INT8_DOTS if int_dots is None else int_dots)
                          and max(m.groups for m in mats.values()) <= hk.MAX_GROUPS)
         int4 = layout.fmt == "int4"
+        self.vnni = bool(int4 and self.int_dots and (hk.INT4_VNNI if vnni is None else vnni))
         self._switches = tuple(True if on else None for on in (not int4, int4, self.int_dots, not self.int_dots,
-                                                                 self.int8_activations))
+                                                                 self.int8_activations, self.vnni))
         # Read once here: a decode step calls `compute` per MoE layer, and its Python is on the step's path.
         self._offsets = {name: layout.offsets(name)[:, None] for name in mats}  # [arrays, 1]
         self._dims = {name: np.array([m.rows, m.padded_cols, m.groups], np.int64) for name, m in mats.items()}
