@@ -1,7 +1,7 @@
-"""Is the host CPU's int4 kernel bound by memory or by its own instructions? One thread and two (or
---threads N), on 16 distinct full-size int4 gate_up matrices (4096 x 7168; together above the L3), 1 token:
-the AVX2 kernel, the AVX-512 VNNI kernel where the CPU has it, and a plain parallel sum over the same
-bytes (what memory gives those threads).
+"""Are the host CPU's int4 and int8 kernels (int8 activations, 1 token) bound by memory or by their own
+instructions? One thread and all (or --threads N), on 16 distinct full-size gate_up matrices (4096 x 7168;
+together above the L3): int4 through the AVX2 kernel and the AVX-512 VNNI kernel where the CPU has it, int8
+through its kernel, each beside a plain parallel sum over the same bytes (what memory gives those threads).
 
     python scripts/probe_host_kernel_bound.py [--threads 1 2 16]
 """
@@ -76,7 +76,19 @@ def main() -> None:
         print(f"{n:3d} threads: " + "   ".join(f"{k} {v:.1f}" for k, v in row.items()))
     if len(outs) == 2:
         a, b = outs.values()
-        print(f"kernels agree to {float(np.abs(a - b).max() / np.abs(a).max()):.1e} (relative)")
+        print(f"int4 kernels agree to {float(np.abs(a - b).max() / np.abs(a).max()):.1e} (relative)")
+    del arrays
+    q8 = [rng.integers(-127, 128, (R, C), dtype=np.int8) for _ in range(K)]
+    s8 = [(rng.uniform(0.5, 1, (R, G)) * 1e-3).astype(np.float16).view(np.uint16) for _ in range(K)]
+    qa, sa = (np.array([a.ctypes.data for a in v], np.int64) for v in (q8, s8))
+    out = np.zeros((K, 1, R), np.float32)
+    nbytes = sum(a.nbytes for a in q8) + sum(a.nbytes for a in s8)
+    print("GB/s of int8 weights, the same shapes")
+    for n in args.threads:
+        numba.set_num_threads(n)
+        read = K * R * C / best(lambda: plain_read(qa, R * C // 8)) / 1e9
+        int8 = nbytes / best(lambda: hk.matvec_int8_q8(qa, sa, R, C, xq.ctypes.data, xs, ntok, out, hk.F16_POW2)) / 1e9
+        print(f"{n:3d} threads: plain read {read:.1f}   int8 {int8:.1f}")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ KERNELS = {"avx2": dict(int_dots=True, vnni=False), "avx512-vnni": dict(int_dots
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("F, D", [(32, 64), (40, 300)])
+@pytest.mark.parametrize("F, D", [(32, 64), (40, 300), (48, 600)])  # 600: 16 groups a step and a tail
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_experts_with_int8_activations_compute_the_routed_sum_of_the_quantized_activations(fmt, F, D, kernel):
     """activations="int8": every matrix multiplies its input quantized to int8 per group of 32, on the
