@@ -33,7 +33,8 @@ from ktjax.io import gguf_blocks, gguf_decode
 SCALES = {"Q8_0": ((0, 2),), "Q4_0": ((0, 2),), "Q4_1": ((0, 2), (2, 4)), "Q5_0": ((0, 2),),
           "Q5_1": ((0, 2), (2, 4)), "Q2_K": ((80, 82), (82, 84)), "Q3_K": ((108, 110),),
           "Q4_K": ((0, 2), (2, 4)), "Q5_K": ((0, 2), (2, 4)), "Q6_K": ((208, 210),),
-          "IQ4_NL": ((0, 2),), "IQ4_XS": ((0, 2),)}
+          "IQ4_NL": ((0, 2),), "IQ4_XS": ((0, 2),), "IQ2_XXS": ((0, 2),), "IQ2_XS": ((0, 2),),
+          "IQ3_XXS": ((0, 2),), "IQ1_S": ((0, 2),), "IQ1_M": ()}  # IQ1_M spreads d over four nibbles
 
 
 def random_blocks(type_name: str, rows: int, cols: int, rng) -> np.ndarray:
