@@ -180,6 +180,17 @@ def _int4_scales(sc_addr, mn_addr, d_addr, dmin_addr, R, G, S):
             numba.carray(_voidptr(d_addr), (R, S), np.float32), numba.carray(_voidptr(dmin_addr), (R, S), np.float32))
 
 
+@njit(inline="always")
+def _int4_row_scales(scale, sc, mn, d, dmin, r, xs, xsum):
+    """Row r's group scales for int8 activations, scale[g] = d*sc[g]*xs[g], in one vectorised loop before
+    the dot products; returns the minimums' term the row subtracts, the sum of dmin*mn[g]*xsum[g]."""
+    offset = np.float32(0.0)
+    for g in range(sc.shape[1]):
+        scale[g] = d[r, g // 8] * np.float32(sc[r, g]) * xs[g]
+        offset += dmin[r, g // 8] * np.float32(mn[r, g]) * xsum[g]
+    return offset
+
+
 @njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")
 def matvec_int4(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, x_KTC, xsum_KTG, ntok_K, out_KTR):
     """As `matvec_int8` for int4 matrices: w = d*sc*q - dmin*mn, so each group adds
@@ -335,10 +346,7 @@ def matvec_int4_q8_vnni(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_ad
                 xs = xs_KTG[k, t]
                 xsum = xsum_KTG[k, t]
                 x_row = xq_addr + (k * T + t) * C
-                offset = np.float32(0.0)
-                for g in range(G):
-                    scale[g] = d[r, g // 8] * np.float32(sc[r, g]) * xs[g]
-                    offset += dmin[r, g // 8] * np.float32(mn[r, g]) * xsum[g]
+                offset = _int4_row_scales(scale, sc, mn, d, dmin, r, xs, xsum)
                 for l in range(16):
                     acc[l] = 0
                 for j in range(G // 4):  # G is a multiple of 8: rows are whole super-blocks
@@ -401,10 +409,7 @@ def matvec_int4_q8(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_addr, x
                 xs = xs_KTG[k, t]
                 xsum = xsum_KTG[k, t]
                 x_row = xq_addr + (k * T + t) * C
-                offset = np.float32(0.0)
-                for g in range(G):  # the groups' scales first, in one vectorised loop
-                    scale[g] = d[r, g // 8] * np.float32(sc[r, g]) * xs[g]
-                    offset += dmin[r, g // 8] * np.float32(mn[r, g]) * xsum[g]
+                offset = _int4_row_scales(scale, sc, mn, d, dmin, r, xs, xsum)
                 for l in range(8):
                     acc[l] = 0
                 for p in range(G // 2):

@@ -166,6 +166,14 @@ def _scale_min_k4(b, r):
     return (b[8 + r] & 15) | ((b[r] >> 2) & 0x30), (b[8 + r] >> 4) | ((b[4 + r] >> 2) & 0x30)
 
 
+@njit(inline="always")
+def _k4_pair(b, c, d, dmin):
+    """d * scale and dmin * min of sub-blocks 2c and 2c + 1 (the nibbles' low and high halves of bytes c*32..)."""
+    sc0, m0 = _scale_min_k4(b, 2 * c)
+    sc1, m1 = _scale_min_k4(b, 2 * c + 1)
+    return d * np.float32(sc0), dmin * np.float32(m0), d * np.float32(sc1), dmin * np.float32(m1)
+
+
 @njit(parallel=True, cache=True)
 def _q4_k(blocks, half, out):
     """d, dmin, 12 bytes of 6-bit scales and mins per 32 values, 128 bytes of nibbles (byte
@@ -174,10 +182,7 @@ def _q4_k(blocks, half, out):
         b, o = blocks[n], out[n]
         d, dmin = _half(b, 0, half), _half(b, 2, half)
         for c in range(4):
-            sc0, m0 = _scale_min_k4(b, 2 * c)
-            sc1, m1 = _scale_min_k4(b, 2 * c + 1)
-            d0, dm0 = d * np.float32(sc0), dmin * np.float32(m0)
-            d1, dm1 = d * np.float32(sc1), dmin * np.float32(m1)
+            d0, dm0, d1, dm1 = _k4_pair(b, c, d, dmin)
             for lane in range(32):
                 x = b[16 + c * 32 + lane]
                 o[c * 64 + lane] = d0 * np.float32(x & 15) - dm0
@@ -191,10 +196,7 @@ def _q5_k(blocks, half, out):
         b, o = blocks[n], out[n]
         d, dmin = _half(b, 0, half), _half(b, 2, half)
         for c in range(4):
-            sc0, m0 = _scale_min_k4(b, 2 * c)
-            sc1, m1 = _scale_min_k4(b, 2 * c + 1)
-            d0, dm0 = d * np.float32(sc0), dmin * np.float32(m0)
-            d1, dm1 = d * np.float32(sc1), dmin * np.float32(m1)
+            d0, dm0, d1, dm1 = _k4_pair(b, c, d, dmin)
             for lane in range(32):
                 x, h = np.int32(b[48 + c * 32 + lane]), np.int32(b[16 + lane]) >> (2 * c)
                 o[c * 64 + lane] = d0 * np.float32((x & 15) | ((h & 1) << 4)) - dm0
