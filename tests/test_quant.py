@@ -56,6 +56,51 @@ def test_int4_is_q4_k_blocks_with_ragged_rows_padded(cols):
     assert np.abs(ref[:, :cols] - w).max() < step_size  # within a step of the coarsest group
 
 
+def float16_tie_maxima() -> list[np.float32]:
+    """Group maxima whose scale max / 127 rounds to a different float16 when divided than when multiplied by
+    the float32 reciprocal (what the quantizers do): near the midpoints between float16 values."""
+    found = []
+    halves = np.arange(0x3000, 0x3800, dtype=np.uint16).view(np.float16).astype(np.float64)
+    for mid in (halves[:-1] + halves[1:]) / 2:
+        x = np.float32(mid * 127)
+        for _ in range(3):
+            if (x * quant.RECIP_127).astype(np.float16) != (x / np.float32(127)).astype(np.float16):
+                found.append(x)
+            x = np.nextafter(x, np.float32(np.inf))
+    assert found
+    return found
+
+
+def host_quantizer_cases():
+    rng = np.random.default_rng(7)
+    ties = float16_tie_maxima()
+    at_ties = (rng.standard_normal((1, 32 * len(ties))) * 0.01).astype(np.float32)
+    at_ties[0, ::32] = ties
+    zeros_inside = rng.standard_normal((6, 512)).astype(np.float32)
+    zeros_inside[2], zeros_inside[3, :100] = 0, 0  # a zero row; a row whose first groups are zero
+    return {"ragged": rng.standard_normal((64, 300)).astype(np.float32),
+            "shifted": (rng.standard_normal((33, 600)) + 0.3).astype(np.float32),
+            "all-zero": np.zeros((4, 256), np.float32),
+            "all-positive": np.abs(rng.standard_normal((8, 512))).astype(np.float32),
+            "tiny": (rng.standard_normal((16, 1000)) * 1e-6).astype(np.float32),  # float16 scales go subnormal
+            "huge": (rng.standard_normal((4, 96)) * 1e5).astype(np.float32),  # int8 scales overflow float16
+            "zeros-inside": zeros_inside, "float16 ties": at_ties}
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_the_host_quantizer_gives_numpys_arrays_bit_for_bit(fmt):
+    """`quant_host.quantize` (numba, what loading and `ktjax quantize` run without a GPU) against the
+    numpy quantizer above, on rows that reach float16's subnormals and infinity, zero rows and groups."""
+    from ktjax.experts import quant_host
+    for name, w in host_quantizer_cases().items():
+        want = quant.quantize_int8(w) if fmt == "int8" else quant.quantize_int4(w)
+        got = quant_host.quantize(w, fmt)
+        assert set(got) == set(want), name
+        for a in want:
+            assert got[a].dtype == want[a].dtype and got[a].shape == want[a].shape, (name, a)
+            np.testing.assert_array_equal(got[a].view(np.uint8), want[a].view(np.uint8), err_msg=f"{name}: {a}")
+
+
 def test_an_expert_buffer_holds_both_matrices_and_the_device_reads_them_back():
     rng = np.random.default_rng(0)
     for fmt in quant.FORMATS:

@@ -17,7 +17,7 @@ from fp8 import dequantize_reference, read_tensors, write_fp8_checkpoint
 from ktjax.api import default_model_path
 from ktjax.cli.main import main
 from ktjax.config import ModelConfig
-from ktjax.experts import packed, quant
+from ktjax.experts import packed, quant, quant_host
 from reference import make_reference, reference_logits, save_reference
 
 FORMATS = ("int8", "int4")
@@ -135,7 +135,7 @@ def test_loading_runs_no_quantizer_and_gives_the_model_quantized_while_loading(s
         raise AssertionError("a quantizer ran")
 
     for module, name in [(quant, "quantize"), (quant, "quantize_int8"), (quant, "quantize_int4"),
-                         (packed, "quantize")]:
+                         (packed, "quantize"), (quant_host, "quantize")]:
         monkeypatch.setattr(module, name, refuse)
     with pytest.raises(AssertionError, match="a quantizer ran"):  # the patch is on the loader's way
         ktjax.load(src, experts=fmt)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ktjax.experts import quant_host
 from ktjax.experts.quant import GROUP, QuantMatrix, dequantize, quantize
 
 ALIGN = 64
@@ -52,10 +53,12 @@ class PackedLayout:
 
     def pack(self, gate_FD, up_FD, down_DF):
         """Quantize one expert's float matrices into its buffer (uint8 [nbytes]); numpy arrays on
-        the host, or jax arrays (a jitted caller quantizes on the device)."""
+        the host (`quant_host`'s parallel loops, numpy's arrays bit for bit), or jax arrays (a jitted
+        caller quantizes on the device)."""
         xp = np if isinstance(gate_FD, np.ndarray) else jnp
         mats = {"gate_up": xp.concatenate([gate_FD, up_FD]).astype(xp.float32), "down": down_DF.astype(xp.float32)}
-        return self.place({m_name: quantize(w, self.fmt) for m_name, w in mats.items()})
+        quantizer = quant_host.quantize if xp is np else quantize
+        return self.place({m_name: quantizer(w, self.fmt) for m_name, w in mats.items()})
 
     def place(self, arrays: dict[str, dict]):
         """The buffer of already quantized arrays ({"gate_up": {...}, "down": {...}}, as `quantize`

@@ -35,12 +35,16 @@ def exact_format(type_name: str, dtype) -> str | None:
 
 @functools.cache
 def _quantizer(fmt: str) -> Callable:
-    """`ktjax.experts.quant.quantize` compiled (on a GPU a full-size matrix takes milliseconds, in numpy a second)."""
+    """`ktjax.experts.quant.quantize`: compiled for the GPU where there is one (a full-size matrix in
+    milliseconds), else the host's parallel loops (`quant_host`, numpy's arrays bit for bit)."""
     import jax
 
+    from ktjax.experts import quant_host
     from ktjax.experts.quant import quantize
 
-    return jax.jit(lambda w: quantize(w, fmt))
+    if jax.default_backend() in ("gpu", "cuda", "rocm"):
+        return jax.jit(lambda w: quantize(w, fmt))
+    return lambda w: quant_host.quantize(w, fmt)
 
 
 def _blocks(raw_RB: np.ndarray, type_name: str) -> np.ndarray:
