@@ -8,7 +8,8 @@ The stored values become float32 in a compiled program on the default device, fe
 dequantizes and quantizes in milliseconds. Dequantizing an FP8 matrix of 2048 x 7168 in numpy took
 90-200 ms on the dev box (ml_dtypes' float8 conversion; XLA:CPU 25-32 ms), three per expert: about an
 hour for DeepSeek-R1's 14,848 experts, where a load should be limited by the disk. Without a GPU the
-int8/int4 quantizer runs in numpy (`ktjax.experts.quant`: XLA:CPU's differs at rare near-ties).
+int8/int4 quantizer runs on the host (`ktjax.experts.quant_host`: numpy's arrays bit for bit, which
+XLA:CPU's quantizer is not at rare near-ties).
 """
 
 from __future__ import annotations
