@@ -101,6 +101,20 @@ def test_the_host_quantizer_gives_numpys_arrays_bit_for_bit(fmt):
             np.testing.assert_array_equal(got[a].view(np.uint8), want[a].view(np.uint8), err_msg=f"{name}: {a}")
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float32"])
+def test_a_float_or_fp8_expert_stacks_gate_up_and_down_transposed_as_numpy_does(dtype):
+    """The host path's stacking (a tiled transpose in numba) against np.stack, on sizes that are not whole tiles."""
+    import ml_dtypes
+    from ktjax.experts.weights import _stacked
+    rng = np.random.default_rng(5)
+    dt = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    g, u, d = (rng.integers(0, 120, s).astype(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(dt)
+               for s in ((40, 300), (40, 300), (300, 40)))
+    got, want = _stacked(g, u, d), np.stack([g, u, d.T])
+    assert got.dtype == want.dtype and got.shape == want.shape == (3, 40, 300)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
 def test_an_expert_buffer_holds_both_matrices_and_the_device_reads_them_back():
     rng = np.random.default_rng(0)
     for fmt in quant.FORMATS:

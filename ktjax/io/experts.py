@@ -66,7 +66,8 @@ def _values(block: tuple[int, int], fp8: bool):
     """float32 values of one expert's gate, up and down matrices (FP8 with their scales when `fp8`,
     else any float dtype), computed on the default device."""
     def values(mats, scales):
-        return [dequantize_fp8(m, s, block, jnp.float32) if fp8 else m.astype(jnp.float32) for m, s in zip(mats, scales)]
+        return [dequantize_fp8(m, s, block, jnp.float32) if fp8 else m.astype(jnp.float32)
+                for m, s in zip(mats, scales)]
     return jax.jit(values)
 
 
@@ -122,6 +123,8 @@ def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: 
     scales = [None if scale is None else ckpt.read(scale) for _, scale in mats]
     if fmt.name == "fp8" and all(s is not None for s in scales):  # as stored
         return fp8_expert(*raw, *scales, fmt)
+    if fmt.name in FLOAT_FORMATS and all(s is None and m.dtype == FLOAT_FORMATS[fmt.name] for m, s in zip(raw, scales)):
+        return float_expert(*raw, fmt)  # as stored: stacked on the host, nothing to convert
     if all(s is not None for s in scales) or all(s is None for s in scales):  # the stored bytes cross, not float32
         return _convert(fmt, _values(tuple(block), scales[0] is not None)(raw, scales))
     # Some matrices FP8, some not: each dequantised with its own scales.

@@ -124,9 +124,7 @@ def _q3_k_int8(blocks, q, scale):
         d_bits = np.uint16(b[108]) | (np.uint16(b[109]) << 8)
         for g in range(8):
             h, j = g // 4, g % 4
-            s0, s1 = 2 * g, 2 * g + 1
-            sc0 = np.int32(((b[96 + s0 % 8] >> (4 * (s0 // 8))) & 15) | (((b[104 + s0 % 4] >> (2 * (s0 // 4))) & 3) << 4)) - 32
-            sc1 = np.int32(((b[96 + s1 % 8] >> (4 * (s1 // 8))) & 15) | (((b[104 + s1 % 4] >> (2 * (s1 // 4))) & 3) << 4)) - 32
+            sc0, sc1 = gguf_decode.q3_k_scale(b, 2 * g), gguf_decode.q3_k_scale(b, 2 * g + 1)
             flip = False  # a first pass finds a product of 128 (only s = -32 with q = -4)
             for lane in range(32):
                 low = np.int32((b[32 + h * 32 + lane] >> (2 * j)) & 3)

@@ -130,10 +130,16 @@ def _q2_k(blocks, half, out):
 
 
 @njit(inline="always")
-def _q3_scale(b, d, s):
+def q3_k_scale(b, s):
+    """Sub-block s's signed 6-bit scale in a Q3_K block b: 4 low bits in bytes 96-103, 2 high in 104-107."""
     low = (b[96 + s % 8] >> (4 * (s // 8))) & 15
     high = (b[104 + s % 4] >> (2 * (s // 4))) & 3
-    return d * np.float32(np.int32(low | (high << 4)) - 32)
+    return np.int32(low | (high << 4)) - 32
+
+
+@njit(inline="always")
+def _q3_scale(b, d, s):
+    return d * np.float32(q3_k_scale(b, s))
 
 
 @njit(parallel=True, cache=True)
