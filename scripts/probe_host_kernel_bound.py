@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from ktjax.experts import host_kernels as hk
+from ktjax.experts import host_simd
 
 R, C, K = 4096, 7168, 16
 G, S = C // 32, C // 256
@@ -26,7 +27,7 @@ def plain_read(addrs, words):
     parts = 64
     tot = np.zeros(addrs.shape[0] * parts, np.uint64)
     for job in prange(addrs.shape[0] * parts):
-        a = numba.carray(hk._voidptr(addrs[job // parts]), (words,), np.uint64)
+        a = numba.carray(host_simd.voidptr(addrs[job // parts]), (words,), np.uint64)
         chunk = words // parts
         s = np.uint64(0)
         for i in range((job % parts) * chunk, (job % parts + 1) * chunk):

@@ -33,7 +33,7 @@ FORMATS = ("int8", "int4")
 # Divisions by constants as multiplications by their float32 reciprocals: XLA rewrites x / c into
 # x * (1 / c), so numpy's and XLA's quantizers give the same scales only when both multiply (measured
 # on XLA:CPU over 3 random 2048 x 7168 matrices: int8 identical; int4 scales identical, 1-3 of 14.7 M
-# values one level apart at near-ties, which is why the host quantizes in numpy).
+# values one level apart at near-ties, so without a GPU the host quantizes with `quant_host`, numpy's twin).
 RECIP_127, RECIP_15, RECIP_255 = np.float32(1 / 127), np.float32(1 / 15), np.float32(1 / 255)
 
 

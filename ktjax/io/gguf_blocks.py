@@ -105,7 +105,7 @@ def _q5_0_int8(blocks, q, scale):
     for n in prange(blocks.shape[0]):
         b = blocks[n]
         scale[n, 0] = np.uint16(b[0]) | (np.uint16(b[1]) << 8)
-        qh = gguf_decode._bits32(b, 2)
+        qh = gguf_decode.u32(b, 2)
         for i in range(16):
             x = np.int32(b[6 + i])
             q[n, i] = ((x & 15) | np.int32(((qh >> i) & 1) << 4)) - 16

@@ -9,14 +9,12 @@ with gguf's own order of float32 operations (scale times sub-scale first, then t
 then minus the minimum), so the results are the same bits; no FMA contraction (numba contracts
 only under fastmath).
 
-Also the i-quants of the low-bit DeepSeek-R1 files (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ3_XXS), decoded
-through gguf's own grids. Types without a kernel here (IQ2_S, IQ3_S, TQ*, MXFP4, ...) return None: the
-caller uses gguf's decoder.
+Also the i-quants of the low-bit DeepSeek-R1 files (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ3_XXS:
+`gguf_iquants`). Types without a kernel (IQ2_S, IQ3_S, TQ*, MXFP4, ...) return None: the caller uses
+gguf's decoder.
 """
 
 from __future__ import annotations
-
-import functools
 
 import gguf
 import numpy as np
@@ -32,7 +30,7 @@ IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 
 
 
 @njit(inline="always")
-def _half(b, i, half):
+def f16_at(b, i, half):
     """The float16 stored little-endian at bytes i, i+1 of b, as float32."""
     return half[np.int64(b[i]) | (np.int64(b[i + 1]) << 8)]
 
@@ -41,7 +39,7 @@ def _half(b, i, half):
 def _q8_0(blocks, half, out):
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
+        d = f16_at(b, 0, half)
         for i in range(32):
             o[i] = np.float32(np.int8(b[2 + i])) * d
 
@@ -51,7 +49,7 @@ def _q4_0(blocks, half, out):
     """d, 16 bytes of nibbles (values 0-15 low, 16-31 high): w = d * (q - 8)."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
+        d = f16_at(b, 0, half)
         for i in range(16):
             x = b[2 + i]
             o[i] = d * np.float32(np.int32(x & 15) - 8)
@@ -63,7 +61,7 @@ def _q4_1(blocks, half, out):
     """d, m, 16 bytes of nibbles: w = d * q + m."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d, m = _half(b, 0, half), _half(b, 2, half)
+        d, m = f16_at(b, 0, half), f16_at(b, 2, half)
         for i in range(16):
             x = b[4 + i]
             o[i] = d * np.float32(x & 15) + m
@@ -71,7 +69,8 @@ def _q4_1(blocks, half, out):
 
 
 @njit(inline="always")
-def _bits32(b, i):
+def u32(b, i):
+    """The uint32 stored little-endian at bytes i..i+3 of b."""
     return np.uint32(b[i]) | (np.uint32(b[i + 1]) << 8) | (np.uint32(b[i + 2]) << 16) | (np.uint32(b[i + 3]) << 24)
 
 
@@ -80,8 +79,8 @@ def _q5_0(blocks, half, out):
     """d, 32 fifth bits (uint32), 16 bytes of nibbles: w = d * (q - 16)."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
-        qh = _bits32(b, 2)
+        d = f16_at(b, 0, half)
+        qh = u32(b, 2)
         for i in range(16):
             x = b[6 + i]
             lo = np.int32(x & 15) | np.int32(((qh >> i) & 1) << 4)
@@ -95,8 +94,8 @@ def _q5_1(blocks, half, out):
     """d, m, 32 fifth bits (uint32), 16 bytes of nibbles: w = d * q + m."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d, m = _half(b, 0, half), _half(b, 2, half)
-        qh = _bits32(b, 4)
+        d, m = f16_at(b, 0, half), f16_at(b, 2, half)
+        qh = u32(b, 4)
         for i in range(16):
             x = b[8 + i]
             o[i] = d * np.float32(np.int32(x & 15) | np.int32(((qh >> i) & 1) << 4)) + m
@@ -112,7 +111,7 @@ def _q2_k(blocks, half, out):
     q byte h*32 + lane holds values h*128 + j*32 + lane in bits 2j."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d, dmin = _half(b, 80, half), _half(b, 82, half)
+        d, dmin = f16_at(b, 80, half), f16_at(b, 82, half)
         for h in range(2):
             for k in range(2):
                 s0, s1, s2, s3 = b[h * 8 + k], b[h * 8 + 2 + k], b[h * 8 + 4 + k], b[h * 8 + 6 + k]
@@ -149,7 +148,7 @@ def _q3_k(blocks, half, out):
     byte 32 + h*32 + lane, high bit 4h + j of byte lane."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 108, half)
+        d = f16_at(b, 108, half)
         for h in range(2):
             for k in range(2):
                 d0, d1 = _q3_scale(b, d, h * 8 + k), _q3_scale(b, d, h * 8 + 2 + k)
@@ -186,7 +185,7 @@ def _q4_k(blocks, half, out):
     c*32 + lane: value c*64 + lane low, c*64 + 32 + lane high): w = d*sc * q - dmin*m."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d, dmin = _half(b, 0, half), _half(b, 2, half)
+        d, dmin = f16_at(b, 0, half), f16_at(b, 2, half)
         for c in range(4):
             d0, dm0, d1, dm1 = _k4_pair(b, c, d, dmin)
             for lane in range(32):
@@ -200,7 +199,7 @@ def _q5_k(blocks, half, out):
     """Q4_K's fields with 32 bytes of fifth bits before the nibbles (bit r of byte lane: value r*32 + lane)."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d, dmin = _half(b, 0, half), _half(b, 2, half)
+        d, dmin = f16_at(b, 0, half), f16_at(b, 2, half)
         for c in range(4):
             d0, dm0, d1, dm1 = _k4_pair(b, c, d, dmin)
             for lane in range(32):
@@ -215,7 +214,7 @@ def _q6_k(blocks, half, out):
     h*128 + j*32 + lane: nibble j // 2 of byte h*64 + (j % 2)*32 + lane, bits 2j of byte 128 + h*32 + lane."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 208, half)
+        d = f16_at(b, 208, half)
         for h in range(2):
             for k in range(2):
                 d0 = d * np.float32(np.int8(b[192 + h * 8 + k]))
@@ -237,7 +236,7 @@ def _iq4_nl(blocks, half, values, out):
     """d, 16 bytes of nibbles indexing a table of 16 non-linear levels: w = d * level."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
+        d = f16_at(b, 0, half)
         for i in range(32):
             o[i] = d * values[(b[2 + i % 16] >> (4 * (i // 16))) & 15]
 
@@ -247,7 +246,7 @@ def _iq4_xs(blocks, half, values, out):
     """d, 2 + 4 bytes of 6-bit scales (minus 32) per 32 values, 128 bytes of nibbles indexing IQ4_NL's levels."""
     for n in prange(blocks.shape[0]):
         b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
+        d = f16_at(b, 0, half)
         scales_h = np.int32(b[2]) | (np.int32(b[3]) << 8)
         for r in range(8):
             low = np.int32((b[4 + r // 2] >> (4 * (r % 2))) & 15)
@@ -256,117 +255,9 @@ def _iq4_xs(blocks, half, values, out):
                 o[r * 32 + lane] = dl * values[(b[8 + r * 16 + lane % 16] >> (4 * (lane // 16))) & 15]
 
 
-# ---- the i-quants: 8 (or 4) values at a time from a grid of sign-free patterns (gguf's own tables) ----
-
-@functools.cache
-def _grid(cls) -> np.ndarray:
-    """float32 [entries, values per entry]: the grid gguf decodes with (`gguf.quants.IQ*.grid`)."""
-    cls.init_grid()
-    return np.ascontiguousarray(cls.grid.reshape(cls.grid_shape), np.float32)
-
-
-KSIGNS = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8).copy()  # 7 sign bits -> 8, with even parity
-
-
-@njit(inline="always")
-def _u32(b, i):
-    return np.uint32(b[i]) | (np.uint32(b[i + 1]) << 8) | (np.uint32(b[i + 2]) << 16) | (np.uint32(b[i + 3]) << 24)
-
-
-@njit(inline="always")
-def _signed8(o, at, scaled_grid_row, db, signs):
-    """o[at:at+8] = db * grid row * (+1 or -1 by the bits of `signs`)."""
-    for v in range(8):
-        x = db * scaled_grid_row[v]
-        o[at + v] = -x if (signs >> v) & 1 else x
-
-
-@njit(parallel=True, cache=True)
-def _iq2_xxs(blocks, half, grid, ksigns, out):
-    """d; per 32 values two uint32: 4 grid indices (8 values each), then 4 x 7 sign bits and a 4-bit
-    scale s: w = d * (0.5 + s) * 0.25 * grid * sign."""
-    for n in prange(blocks.shape[0]):
-        b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
-        for g in range(8):
-            aux1 = _u32(b, 2 + 8 * g + 4)
-            db = d * (np.float32(0.5) + np.float32(aux1 >> 28)) * np.float32(0.25)
-            for l in range(4):
-                _signed8(o, 32 * g + 8 * l, grid[b[2 + 8 * g + l]], db, ksigns[(aux1 >> (7 * l)) & 127])
-
-
-@njit(parallel=True, cache=True)
-def _iq2_xs(blocks, half, grid, ksigns, out):
-    """d; 32 uint16 of 9-bit grid index (8 values) and 7 sign bits; 16 4-bit scales s (16 values each):
-    w = d * (0.5 + s) * 0.25 * grid * sign."""
-    for n in prange(blocks.shape[0]):
-        b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
-        for i in range(32):
-            q = np.int32(b[2 + 2 * i]) | (np.int32(b[3 + 2 * i]) << 8)
-            sc = (b[66 + i // 4] >> (4 * ((i // 2) % 2))) & 15
-            db = d * (np.float32(0.5) + np.float32(sc)) * np.float32(0.25)
-            _signed8(o, 8 * i, grid[q & 511], db, ksigns[q >> 9])
-
-
-@njit(parallel=True, cache=True)
-def _iq3_xxs(blocks, half, grid, ksigns, out):
-    """d; 64 grid indices (4 values each); per 32 values a uint32 of 4 x 7 sign bits and a 4-bit scale s:
-    w = d * (0.5 + s) * 0.5 * grid * sign."""
-    for n in prange(blocks.shape[0]):
-        b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
-        for g in range(8):
-            aux = _u32(b, 66 + 4 * g)
-            db = d * (np.float32(0.5) + np.float32(aux >> 28)) * np.float32(0.5)
-            for l in range(4):
-                signs = ksigns[(aux >> (7 * l)) & 127]
-                for h in range(2):
-                    row = grid[b[2 + 8 * g + 2 * l + h]]
-                    for v in range(4):
-                        x = db * row[v]
-                        o[32 * g + 8 * l + 4 * h + v] = -x if (signs >> (4 * h + v)) & 1 else x
-
-
-@njit(parallel=True, cache=True)
-def _iq1_s(blocks, half, grid, out):
-    """d; 32 grid index bytes; per 32 values a uint16: 4 x 3 high index bits, a 3-bit scale s and the
-    sign of a shift delta: w = d * (2s + 1) * (grid + delta), delta = +-0.125."""
-    for n in prange(blocks.shape[0]):
-        b, o = blocks[n], out[n]
-        d = _half(b, 0, half)
-        for g in range(8):
-            qh = np.int32(b[34 + 2 * g]) | (np.int32(b[35 + 2 * g]) << 8)
-            dl = d * np.float32(2 * ((qh >> 12) & 7) + 1)
-            delta = np.float32(-0.125) if qh & 0x8000 else np.float32(0.125)
-            for k in range(4):
-                row = grid[np.int32(b[2 + 4 * g + k]) | (((qh >> (3 * k)) & 7) << 8)]
-                for v in range(8):
-                    o[32 * g + 8 * k + v] = dl * (row[v] + delta)
-
-
-@njit(parallel=True, cache=True)
-def _iq1_m(blocks, half, grid, out):
-    """32 grid index bytes; 16 bytes of 3 high index bits and a delta sign per index (a nibble each);
-    8 bytes of 3-bit scales (per 16 values) with the float16 d spread over their top nibbles:
-    w = d * (2s + 1) * (grid + delta), delta = +-0.125."""
-    for n in prange(blocks.shape[0]):
-        b, o = blocks[n], out[n]
-        w0, w1 = np.int32(b[48]) | (np.int32(b[49]) << 8), np.int32(b[50]) | (np.int32(b[51]) << 8)
-        w2, w3 = np.int32(b[52]) | (np.int32(b[53]) << 8), np.int32(b[54]) | (np.int32(b[55]) << 8)
-        d = half[((w0 >> 12) & 15) | (((w1 >> 12) & 15) << 4) | (((w2 >> 12) & 15) << 8) | (((w3 >> 12) & 15) << 12)]
-        for i in range(32):  # grid index i: 8 values, in half i // 2 of group i // 4
-            nib = (np.int32(b[32 + i // 2]) >> (4 * (i % 2))) & 15
-            s = i // 2  # the scale of values 16 * s .. 16 * s + 15
-            word = np.int32(b[48 + 2 * (s // 4)]) | (np.int32(b[49 + 2 * (s // 4)]) << 8)
-            dl = d * np.float32(2 * ((word >> (3 * (s % 4))) & 7) + 1)
-            delta = np.float32(-0.125) if nib & 8 else np.float32(0.125)
-            row = grid[np.int32(b[i]) | ((nib & 7) << 8)]
-            for v in range(8):
-                o[8 * i + v] = dl * (row[v] + delta)
-
-
 def _decoder(type_name: str):
+    from ktjax.io import gguf_iquants  # it builds on this module's helpers
+
     return {
         "Q8_0": _q8_0,
         "Q4_0": _q4_0,
@@ -380,12 +271,7 @@ def _decoder(type_name: str):
         "Q6_K": _q6_k,
         "IQ4_NL": lambda b, h, o: _iq4_nl(b, h, IQ4_VALUES, o),
         "IQ4_XS": lambda b, h, o: _iq4_xs(b, h, IQ4_VALUES, o),
-        "IQ2_XXS": lambda b, h, o: _iq2_xxs(b, h, _grid(gguf.quants.IQ2_XXS), KSIGNS, o),
-        "IQ2_XS": lambda b, h, o: _iq2_xs(b, h, _grid(gguf.quants.IQ2_XS), KSIGNS, o),
-        "IQ3_XXS": lambda b, h, o: _iq3_xxs(b, h, _grid(gguf.quants.IQ3_XXS), KSIGNS, o),
-        "IQ1_S": lambda b, h, o: _iq1_s(b, h, _grid(gguf.quants.IQ1_S), o),
-        "IQ1_M": lambda b, h, o: _iq1_m(b, h, _grid(gguf.quants.IQ1_M), o),
-    }.get(type_name)
+    }.get(type_name) or gguf_iquants.decoder(type_name)
 
 
 DECODED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
