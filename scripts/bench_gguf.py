@@ -170,15 +170,20 @@ def measure(label: str, path: str, args, experts: str | None) -> dict:
     import ktjax
     from bench_offload import decode_steps
     from ktjax.runtime.model import Sampling
-    t = time.perf_counter()
+    import resource
+    t, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     model = ktjax.load(path, gpu_memory=args.gpu_memory, max_context=2048, experts=experts, progress=False)
     load_s = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_SELF)  # is a load bound by its work or by faulting in new memory?
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) \
         else os.path.getsize(path)
     row = {"run": label, "experts": model.placement.expert_format.name, "load_s": load_s, "file_gb": size / 1e9,
+           "load_user_s": after.ru_utime - usage.ru_utime, "load_system_s": after.ru_stime - usage.ru_stime,
+           "load_minor_faults": after.ru_minflt - usage.ru_minflt,
            "host_experts": len(model.placement.host_experts), "device_experts": len(model.placement.device_experts)}
     log(f"{label}: loaded in {load_s:.1f} s ({size / 1e9:.2f} GB, {size / 1e9 / load_s:.2f} GB/s), "
-        f"{row['host_experts']} experts in host memory")
+        f"{row['host_experts']} experts in host memory; user {row['load_user_s']:.1f} s, system "
+        f"{row['load_system_s']:.1f} s, {row['load_minor_faults']} minor page faults")
     sampling = Sampling.of(0.0, 0, 1.0)
     for mode in args.modes:
         times, _ = decode_steps(model.executor.with_expert_compute(mode), 1, 256, args.steps, sampling)
