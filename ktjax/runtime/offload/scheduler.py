@@ -83,9 +83,10 @@ def _machine_key(fmt: str) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
     except OSError:
         cpu = "cpu"
-    # The method's version: rates measured by an earlier method (v1 read the same few experts again and
-    # again, from the CPU's caches) are measured again.
-    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}|v2"
+    # The version of the method and of the host kernels: rates measured by an earlier one are measured
+    # again (v1 read the same few experts again and again, from the CPU's caches; v2 measured the kernels
+    # before int4 took AVX-512 VNNI and int8 rows converted their scales with F16C).
+    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}|v3"
 
 
 def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: float = 0.3) -> tuple[PathRates, float]:
