@@ -2,6 +2,7 @@
 answers as the all-on-device model, with the offload code path running here on the CPU."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +183,33 @@ def test_host_experts_live_in_pinned_host_memory(ckpt):
     assert memory_kind(experts_of(model)[1][0].w) == "device"
     assert memory_kind(experts_of(model)[1][5].w) == "pinned_host"
     assert memory_kind(experts_of(model)[3][7].w) == "pinned_host"
+
+
+def test_an_offloaded_load_asks_the_disk_for_each_expert_before_it_reads_it(fp8_ckpt, monkeypatch):
+    """While one expert converts, the next one's bytes (FP8 values and scales) are being read: each
+    expert's file ranges are asked for (posix_fadvise WILLNEED) before the loader reads them."""
+    from ktjax.io.checkpoint import Checkpoint
+    events = []
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, offset, n, advice: events.append(("ask", os.readlink(f"/proc/self/fd/{fd}"),
+                                                                     offset, n, advice)))
+    read = Checkpoint.read
+
+    def recording_read(self, name):
+        t = self.info(name)
+        if ".mlp.experts." in name:
+            events.append(("read", os.path.realpath(t.file), t.offset, t.nbytes, os.POSIX_FADV_WILLNEED))
+        return read(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", recording_read)
+    cfg = ktjax.load(fp8_ckpt, dtype="float32", placement=ALL_HOST, **SMALL).config
+    reads = [e for e in events if e[0] == "read"]
+    asked = {e[1:] for e in events if e[0] == "ask"}
+    first_expert = 6  # its gate, up, down and their scales: the loop has nothing to prefetch it behind
+    assert len(reads) == len(cfg.moe_layers) * cfg.n_routed_experts * 6
+    for i, r in enumerate(reads[first_expert:], first_expert):
+        assert r[1:] in asked, r
+        assert events.index(("ask", *r[1:])) < events.index(r), "asked for only after it was read"
 
 
 def test_offloaded_logits_equal_transformers(ckpt, ref):

@@ -98,6 +98,24 @@ def read_header(file: str) -> dict[str, TensorInfo]:
     return infos
 
 
+def prefetch_range(file: str, offset: int, nbytes: int) -> None:
+    """Ask the kernel to read file[offset:offset + nbytes] into the page cache in the background (a hint:
+    the data read later is the same either way). The loader asks for the next expert's bytes before it
+    converts the current one, so the disk works while the CPU or GPU converts."""
+    if nbytes <= 0 or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return  # the read that follows names the file at fault
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class Checkpoint:
     """All tensors of a checkpoint directory (one file or shards), read one memory-mapped tensor at a time."""
 
@@ -165,6 +183,13 @@ class Checkpoint:
         if hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_WILLNEED)  # read ahead the whole tensor rather than page by page
         return np.frombuffer(mm, dtype, math.prod(t.shape), t.offset - start).reshape(t.shape)
+
+    def prefetch(self, names) -> None:
+        """Start reading these tensors into the page cache (`prefetch_range`); unknown names are skipped."""
+        for name in names:
+            t = self.tensors.get(name)
+            if t is not None:
+                prefetch_range(t.file, t.offset, t.nbytes)
 
     def read_blocks(self, name: str) -> tuple[str, dict[str, np.ndarray]] | None:
         """A tensor stored in integer blocks ("int8"/"int4", the arrays of `ktjax.experts.quant`) that

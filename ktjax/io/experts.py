@@ -92,13 +92,16 @@ def _convert(fmt: ExpertFormat, w: list) -> ExpertWeights:
     return packed_expert(fmt.packed.pack(*(np.asarray(m) for m in w)), fmt)
 
 
+def stored_names(mats: list[Tensor], stored: str | None = None) -> list[str]:
+    """The names of one expert's tensors in the files (scales included)."""
+    if stored is not None:
+        return [n for name, _ in mats for n in quantized_names(name, stored).values()]
+    return [n for name, scale in mats for n in (name, scale) if n]
+
+
 def stored_nbytes(ckpt: Checkpoint, mats: list[Tensor], stored: str | None = None) -> int:
     """Bytes of one expert's tensors in the files (scales included)."""
-    if stored is not None:
-        names = [n for name, _ in mats for n in quantized_names(name, stored).values()]
-    else:
-        names = [n for name, scale in mats for n in (name, scale) if n]
-    return sum(ckpt.info(n).nbytes for n in names)
+    return sum(ckpt.info(n).nbytes for n in stored_names(mats, stored))
 
 
 def read_expert(ckpt: Checkpoint, mats: list[Tensor], fmt: ExpertFormat, block: tuple[int, int],

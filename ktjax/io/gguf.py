@@ -44,7 +44,7 @@ import numpy as np
 
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.experts.weights import FLOAT_FORMATS, ExpertFormat, ExpertWeights, packed_expert
-from ktjax.io.checkpoint import Checkpoint, CheckpointError, TensorInfo
+from ktjax.io.checkpoint import Checkpoint, CheckpointError, TensorInfo, prefetch_range
 from ktjax.io.gguf_blocks import EXACT, FLOAT_TYPES, exact_format, expert_arrays, expert_buffer, write_blocks
 from ktjax.io.gguf_file import ARCH, Metadata, Piece, config_dict, gguf_files, gguf_version, is_gguf, open_reader
 
@@ -246,6 +246,13 @@ class GGUFCheckpoint:
         except Exception:  # noqa: BLE001 - only names the missing tensor
             g = None
         return name if g is None else g + (".bias" if name.endswith("_bias") else ".weight")
+
+    def prefetch(self, names) -> None:
+        """Start reading these tensors' bytes into the page cache (`prefetch_range`); others are skipped."""
+        for name in names:
+            piece = self.pieces.get(name)
+            if piece is not None:
+                prefetch_range(piece.file, piece.start, piece.nbytes)
 
     def read(self, name: str) -> np.ndarray:
         """float32, decoded as gguf.quants.dequantize decodes it, in the transformers shape."""

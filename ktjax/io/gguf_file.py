@@ -195,6 +195,11 @@ class Piece:
         return self.tensor.data if self.expert is None else self.tensor.data[self.expert]
 
     @property
+    def start(self) -> int:
+        """Where this piece's bytes begin in its file."""
+        return self.tensor.data_offset + (0 if self.expert is None else self.expert * self.nbytes)
+
+    @property
     def nbytes(self) -> int:
         return self.tensor.n_bytes // (1 if self.expert is None else int(self.tensor.shape[-1]))
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from ktjax.config import ModelConfig
 from ktjax.io.checkpoint import check_unexpected
-from ktjax.io.experts import expert_tensors, read_expert, stored_nbytes
+from ktjax.io.experts import expert_tensors, read_expert, stored_names, stored_nbytes
 from ktjax.io.load import abstract_params, is_routed_expert, open_checkpoint, plan_leaves, progress_bar, read_leaves
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.offload.executor import OffloadedExecutor
@@ -63,7 +63,10 @@ def load_offloaded(path: str, cfg: ModelConfig, dtype, plan: PlacementPlan, *, p
         top, layers = split_layers(cfg, nnx.from_flat_state(flat))
         del flat
         experts: dict[int, list] = {}
-        for (i, e), mats in sorted(tensors.items()):
+        order = sorted(tensors.items())
+        for k, ((i, e), mats) in enumerate(order):
+            if k + 1 < len(order):  # the disk reads the next expert while this one converts
+                ckpt.prefetch(stored_names(order[k + 1][1], cfg.expert_quant))
             ex = read_expert(ckpt, mats, fmt, block, stored=cfg.expert_quant)
             experts.setdefault(i, []).append(jax.block_until_ready(jax.device_put(ex, target(i, e))))
             bar.update(stored_nbytes(ckpt, mats, cfg.expert_quant))
