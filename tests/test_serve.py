@@ -187,6 +187,73 @@ def collect_events(scheduler, prompt_ids, max_new_tokens, **kw):
     return request, events, done
 
 
+def test_seeded_sampling_matches_generate_with_that_seed(client, model):
+    # top_k (an extension) given: left out, it would be the checkpoint's generation_config.json's.
+    prompt, kw = PROMPTS[2], dict(max_tokens=N, temperature=1.2, top_p=0.9, seed=7, extra_body={"top_k": 5})
+    ref = ktjax.generate(model, prompt, max_new_tokens=N, temperature=1.2, top_p=0.9, top_k=5, seed=7)
+    assert client.completions.create(model=MODEL, prompt=prompt, **kw).choices[0].text == ref.text
+
+
+def test_stop_strings_across_token_boundaries(client, model, solo):
+    prompt = PROMPTS[0]
+    ref = solo[prompt]
+    tok = model.tokenizer
+    # A stop string made of the end of one token and the start of the next.
+    boundary = len(tok.decode(ref.token_ids[:3], skip_special_tokens=True))
+    stop = ref.text[boundary - 2:boundary + 2]
+    assert len(stop) == 4 and ref.text.find(stop) >= 0
+    expected = ref.text[:ref.text.find(stop)]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0, stop=[stop, "NEVER"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
+    text, chunks = stream_completion(client, prompt, stop=stop)
+    assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_reasoning_apart_or_inline(client, model):
+    messages = [{"role": "user", "content": "Think about lists."}]
+    ref = ktjax.generate(model, chat_prompt(model, messages, thinking=True), max_new_tokens=N).text
+    kw = dict(model=MODEL, messages=messages, max_tokens=N, temperature=0,
+              extra_body={"chat_template_kwargs": {"thinking": True}})
+    apart = client.chat.completions.create(**kw)
+    message = apart.choices[0].message.model_dump()
+    # An unfinished block is all reasoning, as if it closed where the reply ends.
+    reasoning, answer = split_reasoning({"content": THINK_OPEN + ref + ("" if "</think>" in ref else "\n</think>")})
+    assert (message["reasoning_content"], message["content"]) == (reasoning, answer["content"])
+    kw["extra_body"] = {**kw["extra_body"], "separate_reasoning": False}
+    assert client.chat.completions.create(**kw).choices[0].message.content == THINK_OPEN + ref
+
+
+def test_reasoning_splitter_matches_split_reasoning_at_any_piece_boundaries():
+    reply = "plan: sort,\nthen merge\n</think>\n\nanswer: <b>merged</b>\n"
+    reference, answer = split_reasoning({"content": THINK_OPEN + reply})
+    for size in (1, 2, 3, 5, 8, len(reply)):
+        splitter, parts = ReasoningSplitter(), []
+        for i in range(0, len(reply), size):
+            parts.append(splitter.feed(reply[i:i + size]))
+        parts.append(splitter.finish())
+        assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == (reference, answer["content"])
+
+
+def test_a_batch_samples_each_row_with_its_own_settings_and_key():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from ktjax.runtime.sampling import sample
+
+    logits_BV = jax.random.normal(jax.random.key(0), (4, 64)) * 3
+    keys_B = jax.random.split(jax.random.key(1), 4)
+    temperature_B, top_k_B, top_p_B = jnp.array([0.0, 1.0, 1.0, 0.7]), jnp.array([0, 1, 3, 0]), jnp.ones(4)
+    sample_jit = jax.jit(sample)
+    batch_B = np.asarray(sample_jit(logits_BV, keys_B, temperature_B, top_k_B, top_p_B))
+    logits = np.asarray(logits_BV)
+    assert batch_B[0] == logits[0].argmax() and batch_B[1] == logits[1].argmax()  # greedy; top-1
+    assert batch_B[2] in np.argsort(-logits[2])[:3]
+    # Row b samples as a batch of one would with key b.
+    for b in range(4):
+        alone = sample_jit(logits_BV[b:b + 1], keys_B[b], temperature_B[b], top_k_B[b], top_p_B[b])
+        assert int(alone[0]) == int(batch_B[b])
+
+
 def test_an_idle_batch_admits_every_waiting_request_in_one_prefill(model, solo):
     """16 requests waiting when the scheduler starts: one batched prefill (a padded batch of rows of
     different lengths), and each request's greedy text still equals its own `ktjax.generate`."""
