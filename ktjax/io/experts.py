@@ -76,7 +76,8 @@ def _device_pack(fmt: ExpertFormat):
     return jax.jit(fmt.packed.pack)
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
+    """Whether the default device, which converts experts, is a GPU."""
     return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
@@ -87,7 +88,7 @@ def _convert(fmt: ExpertFormat, w: list) -> ExpertWeights:
     if fmt.name == "fp8":
         (g, gs), (u, us), (d, ds) = (fp8_blocks(np.asarray(m), fmt.block) for m in w)
         return fp8_expert(g, u, d, gs, us, ds, fmt)
-    if _on_gpu():
+    if on_gpu():
         return packed_expert(_device_pack(fmt)(*w), fmt)
     return packed_expert(fmt.packed.pack(*(np.asarray(m) for m in w)), fmt)
 

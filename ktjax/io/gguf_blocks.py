@@ -41,8 +41,9 @@ def _quantizer(fmt: str) -> Callable:
 
     from ktjax.experts import quant_host
     from ktjax.experts.quant import quantize
+    from ktjax.io.experts import on_gpu
 
-    if jax.default_backend() in ("gpu", "cuda", "rocm"):
+    if on_gpu():
         return jax.jit(lambda w: quantize(w, fmt))
     return lambda w: quant_host.quantize(w, fmt)
 
@@ -92,7 +93,7 @@ def _q4_0_int8(blocks, q, scale):
     """Q4_0 (f16 d, 16 bytes of nibbles: values 0-15 low, 16-31 high, w = d * (q - 8)) as int8 q and d's bits."""
     for n in prange(blocks.shape[0]):
         b = blocks[n]
-        scale[n, 0] = np.uint16(b[0]) | (np.uint16(b[1]) << 8)
+        scale[n, 0] = gguf_decode.u16(b, 0)
         for i in range(16):
             x = np.int32(b[2 + i])
             q[n, i] = (x & 15) - 8
@@ -104,7 +105,7 @@ def _q5_0_int8(blocks, q, scale):
     """Q5_0 (f16 d, 32 fifth bits, 16 bytes of nibbles, w = d * (q - 16)) as int8 q and d's bits."""
     for n in prange(blocks.shape[0]):
         b = blocks[n]
-        scale[n, 0] = np.uint16(b[0]) | (np.uint16(b[1]) << 8)
+        scale[n, 0] = gguf_decode.u16(b, 0)
         qh = gguf_decode.u32(b, 2)
         for i in range(16):
             x = np.int32(b[6 + i])
@@ -121,7 +122,7 @@ def _q3_k_int8(blocks, q, scale):
     of byte lane (clear: minus 4); sub-block scales as `gguf_decode`'s Q3_K."""
     for n in prange(blocks.shape[0]):
         b = blocks[n]
-        d_bits = np.uint16(b[108]) | (np.uint16(b[109]) << 8)
+        d_bits = gguf_decode.u16(b, 108)
         for g in range(8):
             h, j = g // 4, g % 4
             sc0, sc1 = gguf_decode.q3_k_scale(b, 2 * g), gguf_decode.q3_k_scale(b, 2 * g + 1)

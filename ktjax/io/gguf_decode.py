@@ -69,6 +69,12 @@ def _q4_1(blocks, half, out):
 
 
 @njit(inline="always")
+def u16(b, i):
+    """The uint16 stored little-endian at bytes i, i+1 of b (a float16's bits, as GGUF stores its scales)."""
+    return np.uint16(b[i]) | (np.uint16(b[i + 1]) << 8)
+
+
+@njit(inline="always")
 def u32(b, i):
     """The uint32 stored little-endian at bytes i..i+3 of b."""
     return np.uint32(b[i]) | (np.uint32(b[i + 1]) << 8) | (np.uint32(b[i + 2]) << 16) | (np.uint32(b[i + 3]) << 24)
