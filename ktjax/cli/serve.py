@@ -106,7 +106,7 @@ def serve(model, args) -> int:
           f"({model.placement.max_batch} slots, {min(model.placement.max_context, model.config.max_position_embeddings)}"
           f" tokens of context)", file=sys.stderr)
     print("ktjax serve: compiling the decode step for each batch size up to the slots before taking requests "
-          "(33 s for DeepSeek-V3's layers offloaded on an H200; uvicorn's 'Application startup complete' follows)",
+          "(~40 s for DeepSeek-V3's layers offloaded on an H200; uvicorn's 'Application startup complete' follows)",
           file=sys.stderr)
     scheduler = Scheduler(model, max_queue=config.max_queue, max_prefill_tokens=args.max_prefill_tokens)
     server = uvicorn.Server(uvicorn.Config(create_app(model, config, scheduler, start_scheduler=False),

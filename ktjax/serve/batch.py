@@ -278,7 +278,8 @@ class DecodeBatch:
         offloaded model's one-row programs for every split of its experts, so requests meet no compile at
         one row; the rows' contents are left as garbage (free rows are reset when taken). stop is asked
         before each size: True ends the warm-up there (a server's Ctrl-C, which would otherwise wait for
-        every size: 33 s for DeepSeek-V3's layers offloaded on an H200). Returns whether it ran to the end."""
+        every size: 39.9 s for DeepSeek-V3's layers offloaded on an H200 in serve.md's run 15, and 33.0 s after a
+        signal on the dev box's embedded model at --max-batch 32). Returns whether it ran to the end."""
         B = len(self.token_B)
         for n in sorted({batch_bucket(k) for k in range(1, B + 1)}):
             if stop():
