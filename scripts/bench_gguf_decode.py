@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import time
 import warnings
 
 import numba
@@ -27,6 +26,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as GGML
 
+from benchparts import best_of
 from ktjax.io import gguf_blocks, gguf_decode
 
 # Where each type keeps its float16 scales (byte ranges within a block), and a value's size per scale unit.
@@ -53,12 +53,8 @@ def fill(out):
 
 
 def best_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    """The fastest of `repeat` calls (`benchparts.best_of`, one call a round)."""
+    return best_of(fn, reps=1, rounds=repeat)
 
 
 def main() -> None:

@@ -9,12 +9,12 @@ through its kernel, each beside a plain parallel sum over the same bytes (what m
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from benchparts import best_of
 from ktjax.experts import host_kernels as hk
 from ktjax.experts import host_simd
 
@@ -37,13 +37,9 @@ def plain_read(addrs, words):
 
 
 def best(f, n=5):
+    """The fastest of n calls after one to compile (`benchparts.best_of`)."""
     f()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+    return best_of(f, reps=1, rounds=n)
 
 
 def main() -> None:
