@@ -256,33 +256,20 @@ def run_ktjax(args) -> dict:
             row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_name(fmt, act))
             name = (f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
                     + (f"_{form}" if form != args.decode_forms[0] else "") + suffix)
-            n_moe = len(cfg.moe_layers)
-            spacing = (float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"]
-                       else row["step_s"] / n_moe)
-            # R1: 58 MoE layers at the measured spacing, plus the rest of this step (dense layer, head).
-            row["r1_extrapolated_s"] = spacing * 58 + max(0.0, row["step_s"] - spacing * n_moe)
             row["host_activations"] = act
             res[name] = row
             print(f"ROW {name} " + json.dumps(row), flush=True)
             log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
                 f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms "
                 f"({100 * row['floor_over_measured']:.0f}%), outside experts {100 * row['outside_experts_share']:.0f}%")
+        if args.r1_gpu_memory and model.host is not None:
+            r1 = r1_share_row(args, cfg, plan, model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0]),
+                              ceil, ctx, sampling, kernel_name(fmt, act))
+            if r1:
+                res["decode_b1_r1_share" + suffix] = r1
     model = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
     if args.profile and not resident:
-        # Each segment waited for in turn (no overlap): where a batch-1 step's time goes, per MoE layer's parts.
-        cache = model.init_cache(1, ctx + 16)
-        tok, key, parts = jnp.zeros((1,), jnp.int32), jax.random.key(0), []
-        for s in range(5):
-            t = time.perf_counter()
-            tok, cache, st = model.decode(cache, tok, np.full((1,), ctx + s, np.int32), key, sampling, profile=True)
-            jax.block_until_ready(tok)
-            if s >= 2:  # the first steps compile
-                parts.append({**{k: v * 1e3 for k, v in st.segment_seconds.items()},
-                              "host_cpu": float(np.sum(st.host_cpu_seconds)) * 1e3,
-                              "step": (time.perf_counter() - t) * 1e3})
-        prof = {k: float(np.median([p.get(k, 0.0) for p in parts])) for k in parts[0]}
-        prof["other (python, transfers, syncs)"] = prof["step"] - sum(v for k, v in prof.items() if k != "step")
-        res["decode_b1_profile_ms"] = prof
+        res["decode_b1_profile_ms"] = prof = profile_step(model, ctx, sampling)
         print("ROW decode_b1_profile_ms " + json.dumps(prof), flush=True)
         log("decode B=1, segments waited for one by one (ms per step): "
             + ", ".join(f"{k} {v:.2f}" for k, v in prof.items()))
@@ -321,6 +308,69 @@ def run_ktjax(args) -> dict:
     res["peak_device_bytes"] = stats.get("peak_bytes_in_use")
     res["device_bytes_limit"] = stats.get("bytes_limit")
     return res
+
+
+def profile_step(model, ctx: int, sampling) -> dict:
+    """Batch-1 decode steps with each segment waited for in turn (no overlap): where a step's time goes, in ms
+    per segment kind, the host CPU's kernels, and the rest."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    cache = model.init_cache(1, ctx + 16)
+    tok, key, parts = jnp.zeros((1,), jnp.int32), jax.random.key(0), []
+    for s in range(5):
+        t = time.perf_counter()
+        tok, cache, st = model.decode(cache, tok, np.full((1,), ctx + s, np.int32), key, sampling, profile=True)
+        jax.block_until_ready(tok)
+        if s >= 2:  # the first steps compile
+            parts.append({**{k: v * 1e3 for k, v in st.segment_seconds.items()},
+                          "host_cpu": float(np.sum(st.host_cpu_seconds)) * 1e3,
+                          "step": (time.perf_counter() - t) * 1e3})
+    prof = {k: float(np.median([p.get(k, 0.0) for p in parts])) for k in parts[0]}
+    prof["other (python, transfers, syncs)"] = prof["step"] - sum(v for k, v in prof.items() if k != "step")
+    return prof
+
+
+def r1_share_row(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel: str) -> dict | None:
+    """Batch-1 decode with each MoE layer keeping on the device only the share of its experts that the whole
+    DeepSeek-R1 keeps on a GPU of --r1-gpu-memory (`fullsize.r1_resident_per_layer`), and R1's step extrapolated
+    from it: the median spacing of MoE layers x 58, plus the rest of this step (embedding, dense layer, head),
+    plus R1's other dense layers at this run's profiled dense-layer time. None where this model's budget
+    already keeps no more per layer than R1 would."""
+    import numpy as np
+    from fullsize import REFERENCE, capped_rules, plan_for, r1_resident_per_layer
+    fmt = plan.expert_format.name
+    with open(REFERENCE) as f:
+        r1 = json.load(f)
+    r1_moe = r1["num_hidden_layers"] - r1["first_k_dense_replace"]
+    share = r1_resident_per_layer(fmt, args.r1_gpu_memory, plan.max_context) / r1["n_routed_experts"]
+    per_layer = int(share * cfg.n_routed_experts)
+    here = min(sum(1 for i, _ in plan.device_experts if i == layer) for layer in cfg.moe_layers)
+    log(f"R1 on {args.r1_gpu_memory}: {100 * share:.1f}% of each layer's {fmt} experts on the device; this model "
+        f"{100 * here / cfg.n_routed_experts:.1f}%")
+    if per_layer >= here:
+        return None
+    rules = {r".*\.experts\.\d*[13579]": "host"} if args.tiny else {}  # as the part's own plan
+    capped = plan_for(cfg, model.dtype, experts=fmt, gpu_memory=args.gpu_memory, max_batch=1,
+                      rules={**rules, **capped_rules(cfg, per_layer)}, max_context=plan.max_context,
+                      expert_chunk=args.expert_chunk)
+    r1_model = model.with_placement(capped).with_host_threads(model.host.threads)
+    r1_model = r1_model.with_host_activations(model.host_activations).with_decode_form(model.decode_form)
+    times, stats = decode_steps(r1_model, 1, ctx, args.steps, sampling)
+    row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
+    prof = profile_step(r1_model, ctx, sampling)
+    dense_s = prof["dense_layer"] / 1e3
+    n_moe, n_dense = len(cfg.moe_layers), cfg.num_hidden_layers - len(cfg.moe_layers)
+    spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
+    row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share, device_share=per_layer / cfg.n_routed_experts,
+               dense_layer_s=dense_s, host_activations=model.host_activations, profile_ms=prof,
+               r1_extrapolated_s=spacing * r1_moe + max(0.0, row["step_s"] - spacing * n_moe)
+               + (r1["first_k_dense_replace"] - n_dense) * dense_s)
+    print("ROW decode_b1_r1_share " + json.dumps(row), flush=True)
+    log(f"decode_b1 at R1's device share: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}, "
+        f"floor {100 * row['floor_over_measured']:.0f}%; R1 extrapolated {row['r1_extrapolated_s'] * 1e3:.1f} ms "
+        f"({1 / row['r1_extrapolated_s']:.2f} tokens/s)")
+    return row
 
 
 def tiny_config(moe_layers: int):
@@ -446,6 +496,11 @@ def table(results: list[dict]) -> str:
             t = v.get("step_s", v.get("seconds"))
             lines.append(f"| {name} | {k} | {v['tokens_per_s']:.2f} | {t * 1e3:.1f} ms | {paths} | "
                          f"{gb(v.get('host_bytes_per_step', v.get('host_bytes')))} | {floor} | {ratio} | {outside} |")
+            if "r1_extrapolated_s" in v:
+                notes.append(f"{name} {k}: {100 * v['device_share']:.1f}% of each layer's experts on the device, as "
+                             f"R1 would keep on {v['r1_gpu_memory']} ({100 * v['r1_device_share']:.1f}%); R1 "
+                             f"extrapolated {v['r1_extrapolated_s'] * 1e3:.0f} ms per token, "
+                             f"{1 / v['r1_extrapolated_s']:.2f} tokens/s")
         if r.get("decode_b1_profile_ms"):
             prof = ", ".join(f"{k} {v:.2f}" for k, v in r["decode_b1_profile_ms"].items())
             notes.append(f"{name}: batch-1 step with each segment waited for (ms): {prof}")
@@ -490,6 +545,10 @@ def main():
                    "on the H200 the traced steps died with CUDA_ERROR_LAUNCH_FAILED, offload.md run 11)")
     p.add_argument("--profile", action="store_true",
                    help="3 B=1 decode steps with each segment waited for: time per segment kind, host CPU, the rest")
+    p.add_argument("--r1-gpu-memory", default="132GiB",
+                   help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the share "
+                        "of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one H200's 139 GiB), "
+                        "and extrapolate R1 from that row; '' to skip")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -508,7 +567,8 @@ def main():
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
-        "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations]
+        "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations,
+        "--r1-gpu-memory", args.r1_gpu_memory]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

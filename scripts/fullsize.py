@@ -42,6 +42,27 @@ def fullsize_config(moe_layers: int, *, dense_layers: int = 1, n_routed_experts:
     return ModelConfig.from_dict(d)
 
 
+def r1_resident_per_layer(experts: str, gpu_memory: str, max_context: int, path: str = REFERENCE) -> float:
+    """How many of each MoE layer's routed experts the whole DeepSeek-V3/R1 (58 MoE layers) keeps on a GPU of
+    `gpu_memory` in the `experts` format, once its core (32 GiB of bf16), cache and workspace are placed: the
+    hot-expert cache a real R1 has, where a few-layer benchmark model under the same budget has far more per
+    layer. ktjax's own planner decides it."""
+    with open(path) as f:
+        d = json.load(f)
+    d.update(num_nextn_predict_layers=0)
+    cfg = ModelConfig.from_dict(d)
+    _, abstract = abstract_params(cfg, jnp.bfloat16)
+    fmt = ExpertFormat(experts, cfg.moe_intermediate_size, cfg.hidden_size)
+    p = plan(cfg, abstract, jnp.bfloat16, fmt, gpu_memory=gpu_memory, max_batch=1, max_context=max_context)
+    return len(p.device_experts) / len(cfg.moe_layers)
+
+
+def capped_rules(cfg: ModelConfig, per_layer: int) -> dict[str, str]:
+    """Placement rules that keep experts per_layer and above of every MoE layer in host memory."""
+    ids = "|".join(map(str, range(per_layer, cfg.n_routed_experts)))
+    return {rf"model\.layers\.\d+\.mlp\.experts\.({ids})": "host"} if ids else {}
+
+
 def _normal(key, shape, dtype, scale):
     return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
