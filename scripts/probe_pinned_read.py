@@ -38,6 +38,28 @@ def huge_pages_used() -> int:
         return next((int(line.split()[1]) << 10 for line in f if line.startswith("AnonHugePages")), 0)
 
 
+def mapping_of(addr: int) -> str:
+    """The /proc/self/smaps entry holding addr, condensed: its size, page sizes, huge pages, and flags."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            lo, hi = (int(v, 16) for v in head[0].split("-"))
+            if lo <= addr < hi:
+                info = {}
+                for entry in lines[i + 1:]:
+                    key = entry.split(":")[0]
+                    if "-" in entry.split()[0] and " " in entry and ":" not in entry.split()[0]:
+                        break
+                    if key in ("Size", "KernelPageSize", "AnonHugePages", "Locked", "VmFlags"):
+                        info[key] = entry.split(":", 1)[1].strip()
+                    if key == "VmFlags":
+                        break
+                return f"{(hi - lo) >> 20} MiB {' '.join(head[1:])}; " + "; ".join(f"{k} {v}" for k, v in info.items())
+    return "not found"
+
+
 def small_pages(nbytes: int) -> np.ndarray:
     """A uint8 array on anonymous memory that refuses transparent huge pages."""
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -90,6 +112,7 @@ def main() -> None:
             if name.startswith("_"):
                 continue
             addrs = np.array([b.ctypes.data for b in bufs], np.int64)
+            print(f"       {name}: {mapping_of(int(addrs[0]))}")
             calls = [0]
 
             def read():

@@ -103,39 +103,56 @@ def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: Step
 
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
-    """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
-    transfers start, then `moe_device` runs once they have landed. Where the host CPU has a share, the
-    worker thread dispatches it, and it runs while this thread computes the host's. One program per MoE
-    layer after routing whatever the experts' number (a dispatch costs ~0.25 ms of this thread,
-    offload.md run 8, more than a decode-sized expert's compute); the next layer's first program sums."""
+    """A decode-sized MoE layer's device share in few programs after routing: the streamed experts'
+    transfers start, `moe_device` computes the shared expert and the resident experts meanwhile, and
+    `moe_landed` adds the streamed ones once they have landed (one program when the layer has only one
+    kind). Where the host CPU has a share, the worker thread dispatches these, and they run while this
+    thread computes the host's. Few programs per MoE layer whatever the experts' number (a dispatch
+    costs ~0.25 ms of this thread, offload.md run 8, more than a decode-sized expert's compute); the next
+    layer's first program sums."""
     chosen = [int(e) for e in np.flatnonzero(counts)]
     hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
     if host is not None:
         cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
     else:
         cpu_ids, link_ids = [], hosted
-    gpu_ids = [e for e in chosen if not ex.store.is_hosted(i, e)] + link_ids
-    slots = tuple(ex.store.fetch(i, gpu_ids, stats))  # asynchronous: the link works from here
-    # Few compiled variants (each is a compile the first time a step meets it: a serving batch's
-    # stall), little padding (id -1, a fetched array reused; each still costs its compute).
-    pad = fused_slots(len(gpu_ids)) - len(gpu_ids) if gpu_ids else 0
-    ids_C = np.array(gpu_ids + [-1] * pad, np.int32)
-    slots += (slots[0],) * pad if slots else ()
+    resident = [e for e in chosen if not ex.store.is_hosted(i, e)]
+    landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
+    if not resident or not link_ids:  # one kind: one program
+        resident, link_ids, landing = resident + link_ids, [], tuple(ex.store.fetch(i, resident, stats)) + landing
+    else:
+        resident_slots = tuple(ex.store.fetch(i, resident, stats))
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
     rows_A = np.full(pow2(len(rows)), N, np.int32)
     rows_A[:len(rows)] = rows
-    capacity = capacity_for(len(rows_A), counts[gpu_ids])
 
     def device_share():
-        return run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity)
+        slots = landing if not link_ids else resident_slots
+        ids_C, slots = padded(resident, slots)
+        capacity = capacity_for(len(rows_A), counts[resident])
+        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+                                   capacity=capacity)
+        if link_ids:
+            ids_C, slots = padded(link_ids, landing)
+            routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+                            capacity=capacity_for(len(rows_A), counts[link_ids]))
+        return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
         return Unsummed(x_BTD, *device_share(), ex.no_host_share(h_ND.shape))
     on_gpu = ex.dispatcher.submit(device_share)
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     return Unsummed(x_BTD, *on_gpu.result(), host_ND)
+
+
+def padded(ids: list[int], slots: tuple) -> tuple[np.ndarray, tuple]:
+    """A fused program's expert ids and arrays padded to `fused_slots` (id -1, a fetched array reused;
+    each still costs its compute where XLA's path runs). Few compiled variants: each is a compile the first
+    time a step meets it, a serving batch's stall."""
+    pad = fused_slots(len(ids)) - len(ids) if ids else 0
+    return np.array(ids + [-1] * pad, np.int32), slots + (slots[0],) * pad if slots else ()
 
 
 def fused_slots(n: int) -> int:
@@ -161,11 +178,11 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
 
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
-    mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity. A step meets these
-    by its routing and split, so a server's first steps would otherwise stall every stream for a compile now
-    and then (~1 s each on the H200: bench_serve run 12); the programs around them (attention with the
-    previous layer's terms, the head) every step meets. Zeros in, outputs dropped. Returns the number of
-    programs run."""
+    mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity, and `moe_landed`
+    at each of its own. A step meets these by its routing and split, so a server's first steps would
+    otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12);
+    the programs around them (attention with the previous layer's terms, the head) every step meets. Zeros
+    in, outputs dropped. Returns the number of programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
@@ -182,6 +199,11 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
         slots = tuple(ex.store.fetch(i, ids, stats))
         ids_C = np.array(ids, np.int32)
         for capacity in sorted({capacity_for(len(rows_A), [c]) for c in (1, 2, N)} if S else {capacity_for(N, [])}):
-            jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots, capacity=capacity))
+            _, routed_ND = jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+                                                                capacity=capacity))
             n += 1
+            if S:  # a layer's streamed experts, beside resident ones
+                jax.block_until_ready(seg.moe_landed(routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+                                                     capacity=capacity))
+                n += 1
     return n

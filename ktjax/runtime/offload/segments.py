@@ -139,10 +139,17 @@ class LayerSegments:
         def moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
             return shared(merge(state), h_ND), routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
 
-        # The device's share of the MoE block after routing as one program (the executor's "fused"
-        # decode): the shared expert and the chosen experts on the device (resident or just fetched;
-        # ids_C -1 pads) for the active tokens rows_A. It runs while the host CPU computes its own share.
+        def moe_landed(routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
+            return routed_ND + routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
+
+        # The device's share of the MoE block after routing (the executor's "fused" decode): the shared
+        # expert and the chosen experts on the device (resident or just fetched; ids_C -1 pads) for the
+        # active tokens rows_A. It runs while the host CPU computes its own share. Where a layer has both
+        # resident and streamed experts, `moe_device` takes the resident ones, which need not wait for the
+        # link, and `moe_landed` adds the streamed ones to its sum once they have landed (a program
+        # starts only when all its inputs are there).
         self.moe_device = jax.jit(moe_device, static_argnames="capacity")
+        self.moe_landed = jax.jit(moe_landed, static_argnames="capacity", donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
