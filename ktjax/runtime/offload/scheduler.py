@@ -46,12 +46,12 @@ def kernel_name(fmt: str, activations: str) -> str:
 
 
 # Measured on the H200 machine (16 Sapphire Rapids cores, PCIe gen5), both paths at once as `ktjax.load`
-# measures them: the int8-activation kernels from DRAM, with their fixed cost per call (benchmarks/offload.md,
-# run 14); the float-activation ones from run 13, on experts its 300 MiB L3 may have held, so high.
-# Used where no measurement is cached.
+# measures them: the int8-activation kernels (AVX-512 VNNI for int4, F16C scales for int8) from DRAM on 14
+# threads, with their fixed cost per call (benchmarks/offload.md, run 17); the float-activation ones from
+# run 13, on experts its 300 MiB L3 may have held, so high. Used where no measurement is cached.
 DEFAULT_RATES = {"int8": PathRates(link_gbps=45.5, cpu_gbps=46.8), "int4": PathRates(link_gbps=41.8, cpu_gbps=29.0),
-                 "int8-int8-activations": PathRates(link_gbps=44.3, cpu_gbps=54.9, cpu_call_s=9e-5),
-                 "int4-int8-activations": PathRates(link_gbps=40.9, cpu_gbps=38.8, cpu_call_s=1.2e-4)}
+                 "int8-int8-activations": PathRates(link_gbps=46.1, cpu_gbps=64.8, cpu_call_s=1.2e-4),
+                 "int4-int8-activations": PathRates(link_gbps=41.4, cpu_gbps=53.9, cpu_call_s=1.3e-4)}
 
 
 def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, mode: str) -> tuple[list[int], list[int]]:
