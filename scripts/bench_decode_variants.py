@@ -8,6 +8,8 @@ experts under a 24 GiB budget, max batch 32). Rule sets, each a pair (capacity r
   current:   capacities 1, 2, then powers of two >= 16; fused programs of 2/4/8 expert slots
   pow2-cap:  capacities any power of two (the rule before 2026-12-03's change)
   fine-slots: fused programs of 1/2/3/4/6/8 slots (the rule before)
+  one-program: a fused layer's resident and streamed experts in one program (before moe_landed; rules may repeat,
+               to alternate them)
 Per rule set and batch: median step over --steps (after --warm), and one profiled step's segment times
 (each segment waited for: where the step's time goes). Prints a table; writes decode_variants.json.
 """
@@ -33,7 +35,8 @@ def main() -> int:
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--cases", nargs="+", default=["32:1", "32:4", "32:32", "1:1", "16:16"],
                    help="ROWS:ACTIVE decode batches (rows of the cache, rows active)")
-    p.add_argument("--rules", nargs="+", default=["current", "pow2-cap", "fine-slots"])
+    p.add_argument("--rules", nargs="+", default=["current", "pow2-cap", "fine-slots"],
+                   choices=["current", "pow2-cap", "fine-slots", "one-program"])
     p.add_argument("--small-layers", action="store_true", help="small shapes (a CPU check)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -51,7 +54,7 @@ def main() -> int:
 
     build = argparse.Namespace(smoke=False, experts=args.experts, gpu_memory=args.gpu_memory,
                                moe_layers=args.moe_layers, max_batch=32, max_context=512,
-                               small_layers=args.small_layers, host_threads=0)
+                               small_layers=args.small_layers, host_threads=0, host_activations="int8")
     t0 = time.perf_counter()
     model = bench_serve.build_model(build)
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -66,15 +69,15 @@ def main() -> int:
     def fine_slots(n):
         return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), streaming.pow2(n))
 
-    rules = {"current": (current_capacity, current_slots), "pow2-cap": (pow2_capacity, current_slots),
-             "fine-slots": (current_capacity, fine_slots)}
+    rules = {"current": (current_capacity, current_slots, True), "pow2-cap": (pow2_capacity, current_slots, True),
+             "fine-slots": (current_capacity, fine_slots, True), "one-program": (current_capacity, current_slots, False)}
     max_len = cache_length(512, 0)
     sampling, key = Sampling.of(0.0, 0, 1.0), jax.random.key(0)
     rows_out = []
     for rule in args.rules:
-        cap, slots = rules[rule]
+        cap, slots, apart = rules[rule]
         streaming.capacity_for = moe_block.capacity_for = cap
-        moe_block.fused_slots = slots
+        moe_block.fused_slots, moe_block.RESIDENT_APART = slots, apart
         for case in args.cases:
             rows, active = map(int, case.split(":"))
             active_B = None if active == rows else np.arange(rows) < active

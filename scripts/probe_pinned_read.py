@@ -138,6 +138,7 @@ def link_rate(bufs: list, nbytes: int) -> float:
     dev = jax.devices()[0]
     if dev.platform != "gpu":
         return 0.0
+    dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")  # pinned buffers need the kind named
     calls = [0]
 
     def put():

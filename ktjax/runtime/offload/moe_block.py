@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
 FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
+RESIDENT_APART = True  # fused: resident experts in a program of their own, not waiting for the streamed ones
 
 
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
@@ -118,7 +119,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         cpu_ids, link_ids = [], hosted
     resident = [e for e in chosen if not ex.store.is_hosted(i, e)]
     landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
-    if not resident or not link_ids:  # one kind: one program
+    if not RESIDENT_APART or not resident or not link_ids:  # one kind: one program
         resident, link_ids, landing = resident + link_ids, [], tuple(ex.store.fetch(i, resident, stats)) + landing
     else:
         resident_slots = tuple(ex.store.fetch(i, resident, stats))
