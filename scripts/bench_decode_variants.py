@@ -37,6 +37,8 @@ def main() -> int:
                    help="ROWS:ACTIVE decode batches (rows of the cache, rows active)")
     p.add_argument("--rules", nargs="+", default=["current", "pow2-cap", "fine-slots"],
                    choices=["current", "pow2-cap", "fine-slots", "one-program"])
+    p.add_argument("--host-threads", type=int, nargs="+", default=[0],
+                   help="host-kernel thread counts, each run through every rule (0: the default)")
     p.add_argument("--small-layers", action="store_true", help="small shapes (a CPU check)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -58,7 +60,7 @@ def main() -> int:
     t0 = time.perf_counter()
     model = bench_serve.build_model(build)
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
-    ex, cfg = model.executor, model.config
+    base, cfg = model.executor, model.config
 
     current_capacity, current_slots = streaming.capacity_for, moe_block.fused_slots
 
@@ -74,7 +76,8 @@ def main() -> int:
     max_len = cache_length(512, 0)
     sampling, key = Sampling.of(0.0, 0, 1.0), jax.random.key(0)
     rows_out = []
-    for rule in args.rules:
+    for threads, rule in [(n, r) for n in args.host_threads for r in args.rules]:
+        ex = base.with_host_threads(threads or None)
         cap, slots, apart = rules[rule]
         streaming.capacity_for = moe_block.capacity_for = cap
         moe_block.fused_slots, moe_block.RESIDENT_APART = slots, apart
@@ -94,7 +97,7 @@ def main() -> int:
                     times.append(time.perf_counter() - t)
                     stats.append(st)
             segs = {k: round(v * 1e3, 2) for k, v in sorted(st.segment_seconds.items(), key=lambda kv: -kv[1])}
-            row = {"rule": rule, "rows": rows, "active": active, "step_ms": float(np.median(times)) * 1e3,
+            row = {"rule": rule, "host_threads": threads or "default", "rows": rows, "active": active, "step_ms": float(np.median(times)) * 1e3,
                    "steps_ms": [round(t * 1e3, 1) for t in times],
                    "experts": {k: float(np.mean([getattr(x, f) for x in stats])) for k, f in
                                (("device", "experts_on_device"), ("link", "experts_fetched"),
@@ -102,17 +105,17 @@ def main() -> int:
                    "host_cpu_ms": float(np.mean([sum(x.host_cpu_seconds) for x in stats])) * 1e3,
                    "profiled_step_ms": st.seconds * 1e3, "profiled_segments_ms": segs}
             rows_out.append(row)
-            print(f"{rule:10s} {rows:3d} rows, {active:2d} active: {row['step_ms']:7.1f} ms/step "
+            print(f"{rule:10s} {threads or 'default'} threads {rows:3d} rows, {active:2d} active: {row['step_ms']:7.1f} ms/step "
                   f"(host CPU {row['host_cpu_ms']:.1f} ms), steps {row['steps_ms']}; profiled "
                   f"{row['profiled_step_ms']:.1f} ms: {dict(list(segs.items())[:5])}", flush=True)
             del cache, tok
     with open(os.path.join(args.out, "decode_variants.json"), "w") as f:
         json.dump(rows_out, f, indent=1)
-    print("\n| rule | rows | active | step ms | host CPU ms | experts device/link/cpu |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    print("\n| rule | host threads | rows | active | step ms | host CPU ms | experts device/link/cpu |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows_out:
         e = r["experts"]
-        print(f"| {r['rule']} | {r['rows']} | {r['active']} | {r['step_ms']:.1f} | {r['host_cpu_ms']:.1f} | "
+        print(f"| {r['rule']} | {r['host_threads']} | {r['rows']} | {r['active']} | {r['step_ms']:.1f} | {r['host_cpu_ms']:.1f} | "
               f"{e['device']:.1f} / {e['link']:.1f} / {e['host_cpu']:.1f} |")
     return 0
 
