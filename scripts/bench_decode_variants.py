@@ -8,8 +8,9 @@ experts under a 24 GiB budget, max batch 32). Rule sets, each a pair (capacity r
   current:   capacities 1, 2, then powers of two >= 16; fused programs of 2/4/8 expert slots
   pow2-cap:  capacities any power of two (the rule before 2026-12-03's change)
   fine-slots: fused programs of 1/2/3/4/6/8 slots (the rule before)
-  one-program: a fused layer's resident and streamed experts in one program (before moe_landed; rules may repeat,
-               to alternate them)
+  apart:     a fused layer's resident experts in a program of their own, the streamed ones added by
+             moe_landed once they land (moe_block.RESIDENT_APART)
+Rules may repeat, to alternate them.
 Per rule set and batch: median step over --steps (after --warm), and one profiled step's segment times
 (each segment waited for: where the step's time goes). Prints a table; writes decode_variants.json.
 """
@@ -36,7 +37,7 @@ def main() -> int:
     p.add_argument("--cases", nargs="+", default=["32:1", "32:4", "32:32", "1:1", "16:16"],
                    help="ROWS:ACTIVE decode batches (rows of the cache, rows active)")
     p.add_argument("--rules", nargs="+", default=["current", "pow2-cap", "fine-slots"],
-                   choices=["current", "pow2-cap", "fine-slots", "one-program"])
+                   choices=["current", "pow2-cap", "fine-slots", "apart"])
     p.add_argument("--host-threads", type=int, nargs="+", default=[0],
                    help="host-kernel thread counts, each run through every rule (0: the default)")
     p.add_argument("--small-layers", action="store_true", help="small shapes (a CPU check)")
@@ -71,8 +72,8 @@ def main() -> int:
     def fine_slots(n):
         return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), streaming.pow2(n))
 
-    rules = {"current": (current_capacity, current_slots, True), "pow2-cap": (pow2_capacity, current_slots, True),
-             "fine-slots": (current_capacity, fine_slots, True), "one-program": (current_capacity, current_slots, False)}
+    rules = {"current": (current_capacity, current_slots, False), "pow2-cap": (pow2_capacity, current_slots, False),
+             "fine-slots": (current_capacity, fine_slots, False), "apart": (current_capacity, current_slots, True)}
     max_len = cache_length(512, 0)
     sampling, key = Sampling.of(0.0, 0, 1.0), jax.random.key(0)
     rows_out = []

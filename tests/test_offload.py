@@ -17,6 +17,7 @@ from ktjax.experts.packed import PackedLayout
 from ktjax.experts.weights import ExpertFormat, ExpertWeights, float_expert, fp8_expert
 from ktjax.runtime import offload
 from ktjax.runtime.offload import executor as executor_module
+from ktjax.runtime.offload import moe_block
 from ktjax.runtime.offload.segments import head_segment
 from ktjax.runtime.placement import PlacementError, fmt_bytes, parse_size, training_nbytes
 from ktjax.runtime.resident import ResidentExecutor
@@ -293,8 +294,7 @@ def test_decode_steps_reuse_their_compiled_segments(mixed, form):
     experts' and those that read a MoE layer's terms (the next layer's attention, the head)."""
     model = dataclasses.replace(mixed, executor=mixed.executor.with_decode_form(form))
     seg = model.executor.segments["moe"]
-    segments = ((seg.moe_device, seg.moe_landed) if form == "fused" else (experts_segment,)) + (seg.attention_route,
-                                                                                                head_segment)
+    segments = (seg.moe_device if form == "fused" else experts_segment, seg.attention_route, head_segment)
     ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
     ktjax.generate(model, [11, 3, 2, 40, 5], max_new_tokens=2)  # its prefill's variant (a prompt's own count of experts)
     compiled = [s._cache_size() for s in segments]
@@ -310,10 +310,19 @@ def test_both_decode_forms_generate_transformers_tokens(mixed, ref, form):
     got = ktjax.generate(model, prompts, max_new_tokens=6, profile=True)
     assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]
     assert ("moe_device" in got[0].stats.segment_seconds) == (form == "fused")
-    # Layer 2 mixes resident and streamed experts: the resident ones are computed apart, before the others land.
-    assert ("moe_landed" in got[0].stats.segment_seconds) == (form == "fused")
     # A MoE layer's terms are summed by the next program that reads them, not by a program of their own.
     assert "combine" not in got[0].stats.segment_seconds
+
+
+def test_resident_experts_apart_from_streamed_ones_generate_transformers_tokens(mixed, ref, monkeypatch):
+    """The fused form with a layer's resident experts computed in a program of their own (`moe_device`) and the
+    streamed ones added when they land (`moe_landed`): layer 2 mixes both, and the tokens stay transformers'."""
+    monkeypatch.setattr(moe_block, "RESIDENT_APART", True)
+    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form("fused"))
+    prompts = [[5, 9, 13, 2], [3, 4]]
+    got = ktjax.generate(model, prompts, max_new_tokens=6, profile=True)
+    assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]
+    assert "moe_landed" in got[0].stats.segment_seconds
 
 
 def test_long_prefill_streams_every_host_expert_once_and_equals_transformers(ckpt, ref, monkeypatch):

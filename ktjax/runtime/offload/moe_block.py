@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 
 FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
 FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
-RESIDENT_APART = True  # fused: resident experts in a program of their own, not waiting for the streamed ones
+# Fused: a layer's resident experts in a program of their own (`moe_device`), which need not wait for the streamed
+# ones, and those added by `moe_landed` once they have landed. Off until measured on the GPU: offload runs 19-20
+# could not separate it from the host CPU's slower speed in those runs, and on the CPU backend it is slower (XLA's
+# path computes each program's padded slots). `scripts/bench_decode_variants.py --rules current one-program`
+# is the A/B.
+RESIDENT_APART = False
 
 
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
@@ -180,7 +185,7 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
     mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity, and `moe_landed`
-    at each of its own. A step meets these by its routing and split, so a server's first steps would
+    at each of its own where resident experts run apart (`RESIDENT_APART`). A step meets these by its routing and split, so a server's first steps would
     otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12);
     the programs around them (attention with the previous layer's terms, the head) every step meets. Zeros
     in, outputs dropped. Returns the number of programs run."""
@@ -203,7 +208,7 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
             _, routed_ND = jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                                                 capacity=capacity))
             n += 1
-            if S:  # a layer's streamed experts, beside resident ones
+            if S and RESIDENT_APART:  # a layer's streamed experts, beside resident ones
                 jax.block_until_ready(seg.moe_landed(routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                                      capacity=capacity))
                 n += 1
