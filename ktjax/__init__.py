@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+# First, before any jax backend can start: the limit of XLA's pinned host pool, where offloaded experts live
+# (64 GiB unless set), raised to the machine's memory unless the user set it.
+from ktjax.runtime import host_memory  # noqa: E402, F401  (isort: skip)
 from ktjax.api import apply_adapter, finetune, load, load_adapter, logits, merge_adapter, plan_placement, quantize
 from ktjax.config import ConfigError, ModelConfig
 from ktjax.io.checkpoint import CheckpointError
