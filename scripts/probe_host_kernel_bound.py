@@ -18,8 +18,8 @@ from benchparts import best_of
 from ktjax.experts import host_kernels as hk
 from ktjax.experts import host_simd
 
-R, C, K = 4096, 7168, 16
-G, S = C // 32, C // 256
+K = 16
+SHAPES = {"gate_up": (4096, 7168), "down": (7168, 2048)}  # an expert's two matrices (rows, columns)
 
 
 @njit(parallel=True, nogil=True)
@@ -45,7 +45,16 @@ def best(f, n=5):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, numba.config.NUMBA_NUM_THREADS])
+    ap.add_argument("--shapes", nargs="+", default=["gate_up"], choices=list(SHAPES),
+                    help="which of an expert's matrices: gate_up (4096 x 7168) or down (7168 x 2048, short rows)")
     args = ap.parse_args()
+    for shape in args.shapes:
+        print(f"== {shape}")
+        probe(*SHAPES[shape], args.threads)
+
+
+def probe(R: int, C: int, thread_counts: list[int]) -> None:
+    G, S = C // 32, C // 256
     rng = np.random.default_rng(0)
     arrays = dict(q=[rng.integers(0, 256, (R, C // 2), dtype=np.uint8) for _ in range(K)],
                   sc=[rng.integers(0, 64, (R, G), dtype=np.uint8) for _ in range(K)],
@@ -63,7 +72,7 @@ def main() -> None:
         kernels["avx512-vnni"] = hk.matvec_int4_q8_vnni
     outs = {}
     print(f"GB/s of int4 weights, {K} matrices {R} x {C}, 1 token, best of 5")
-    for n in args.threads:
+    for n in thread_counts:
         numba.set_num_threads(n)
         row = {"plain read": K * R * C // 2 / best(lambda: plain_read(addr["q"], R * C // 16)) / 1e9}
         for name, kernel in kernels.items():
@@ -81,7 +90,7 @@ def main() -> None:
     out = np.zeros((K, 1, R), np.float32)
     nbytes = sum(a.nbytes for a in q8) + sum(a.nbytes for a in s8)
     print("GB/s of int8 weights, the same shapes")
-    for n in args.threads:
+    for n in thread_counts:
         numba.set_num_threads(n)
         read = K * R * C / best(lambda: plain_read(qa, R * C // 8)) / 1e9
         int8 = nbytes / best(lambda: hk.matvec_int8_q8(qa, sa, R, C, xq.ctypes.data, xs, ntok, out, hk.F16_POW2)) / 1e9
