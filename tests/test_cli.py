@@ -152,6 +152,17 @@ def test_info_with_a_budget_prints_the_placement_plan(ckpt, capsys):
     assert "placement under gpu_memory=1TB" in out and "kv_cache" in out and "device total" in out
 
 
+def test_info_says_whether_host_experts_fit_the_machine(ckpt, capsys, monkeypatch):
+    import ktjax.cli.info
+    args = ["info", "--model", ckpt, "--gpu-memory", "200MiB", "--max-context", "64"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "of routed experts; this machine has" in out and "loading would stop" not in out
+    monkeypatch.setattr(ktjax.cli.info, "available_memory", lambda: 1 << 10)  # a machine with 1 KiB to spare
+    assert main(args) == 0
+    assert "host memory: loading would stop:" in capsys.readouterr().out
+
+
 def test_budget_too_small_is_one_line_saying_what_is_needed(ckpt, capsys):
     assert main(["generate", "--model", ckpt, "--prompt", "x", "--gpu-memory", "1MB"]) == 1
     err = capsys.readouterr().err.strip()

@@ -16,6 +16,7 @@ from ktjax.quantization_config import EXPERT_QUANT_GROUP
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves
+from ktjax.runtime.host_memory import PINNED_POOL_GIB, available_memory, room_error
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, kernel_name, known_rates
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 
@@ -89,6 +90,17 @@ def run(args) -> int:
         print(f"\nplacement under gpu_memory={args.gpu_memory}{over} (KV cache for {args.max_batch} x "
               f"{args.max_context} tokens):")
         print(plan.table())
+        if plan.offloaded:  # what `ktjax.load` checks before it reads anything
+            import jax
+            host_bytes = len(plan.host_experts) * plan.expert_bytes
+            available = available_memory()
+            pool = PINNED_POOL_GIB << 30 if jax.default_backend() == "gpu" else None
+            print(f"host memory: {fmt_bytes(host_bytes)} of routed experts; this machine has "
+                  + (f"{fmt_bytes(available)} available" if available is not None else "an unknown amount available")
+                  + (f", XLA's pinned host pool stops at {fmt_bytes(pool)}" if pool is not None else ""))
+            problem = room_error(host_bytes, available, pool)
+            if problem:
+                print(f"host memory: loading would stop: {problem}")
         kernel = kernel_name(plan.expert_format.name, args.host_activations)
         measured = known_rates(kernel)
         rates = measured or DEFAULT_RATES.get(kernel)
