@@ -263,8 +263,8 @@ def run_ktjax(args) -> dict:
                 f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms "
                 f"({100 * row['floor_over_measured']:.0f}%), outside experts {100 * row['outside_experts_share']:.0f}%")
         if args.r1_gpu_memory and model.host is not None:
-            r1 = r1_share_row(args, cfg, plan, model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0]),
-                              ceil, ctx, sampling, kernel_name(fmt, act))
+            first = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
+            r1 = r1_share_row(args, cfg, plan, first, ceil, ctx, sampling, kernel_name(fmt, act))
             if r1:
                 res["decode_b1_r1_share" + suffix] = r1
     model = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
@@ -546,9 +546,9 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="3 B=1 decode steps with each segment waited for: time per segment kind, host CPU, the rest")
     p.add_argument("--r1-gpu-memory", default="132GiB",
-                   help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the share "
-                        "of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one H200's 139 GiB), "
-                        "and extrapolate R1 from that row; '' to skip")
+                   help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
+                        "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "
+                        "H200's 139 GiB), and extrapolate R1 from that row; '' to skip")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()

@@ -194,7 +194,8 @@ def main() -> None:
             c = nbytes / best_of(compute, reps=3, rounds=7) / 1e9
             link = link_rate(bufs if not name.startswith("JAX") else experts["_keep"], nbytes)
             print(f"{fmt:6s} {name:36s} {r:10.1f} {c:11.1f} {link:6.1f}")
-        print(f"       AnonHugePages grew by {(huge_pages_used() - before) / 2**20:.0f} MiB while {fmt}'s buffers were made")
+        grew = (huge_pages_used() - before) / 2**20
+        print(f"       AnonHugePages grew by {grew:.0f} MiB while {fmt}'s buffers were made")
 
 
 if __name__ == "__main__":

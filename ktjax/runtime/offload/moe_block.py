@@ -33,8 +33,7 @@ FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each
 # Fused: a layer's resident experts in a program of their own (`moe_device`), which need not wait for the streamed
 # ones, and those added by `moe_landed` once they have landed. Off until measured on the GPU: offload runs 19-20
 # could not separate it from the host CPU's slower speed in those runs, and on the CPU backend it is slower (XLA's
-# path computes each program's padded slots). `scripts/bench_decode_variants.py --rules current one-program`
-# is the A/B.
+# path computes each program's padded slots). `scripts/bench_decode_variants.py --rules current apart` is the A/B.
 RESIDENT_APART = False
 
 
@@ -109,11 +108,12 @@ def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: Step
 
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
-    """A decode-sized MoE layer's device share in few programs after routing: the streamed experts'
-    transfers start, `moe_device` computes the shared expert and the resident experts meanwhile, and
-    `moe_landed` adds the streamed ones once they have landed (one program when the layer has only one
-    kind). Where the host CPU has a share, the worker thread dispatches these, and they run while this
-    thread computes the host's. Few programs per MoE layer whatever the experts' number (a dispatch
+    """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
+    transfers start, then `moe_device` computes them with the shared expert and the resident experts once they
+    have landed. With `RESIDENT_APART` (and both kinds in the layer), `moe_device` takes only the resident
+    ones, which need not wait for the link, and `moe_landed` adds the streamed ones once they have landed.
+    Where the host CPU has a share, the worker thread dispatches these, and they run while this thread
+    computes the host's. Few programs per MoE layer whatever the experts' number (a dispatch
     costs ~0.25 ms of this thread, offload.md run 8, more than a decode-sized expert's compute); the next
     layer's first program sums."""
     chosen = [int(e) for e in np.flatnonzero(counts)]
@@ -185,10 +185,10 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
     mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity, and `moe_landed`
-    at each of its own where resident experts run apart (`RESIDENT_APART`). A step meets these by its routing and split, so a server's first steps would
-    otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12);
-    the programs around them (attention with the previous layer's terms, the head) every step meets. Zeros
-    in, outputs dropped. Returns the number of programs run."""
+    at each of its own where resident experts run apart (`RESIDENT_APART`). A step meets these by its routing
+    and split, so a server's first steps would otherwise stall every stream for a compile now and then (~1 s
+    each on the H200: bench_serve run 12); the programs around them (attention with the previous layer's
+    terms, the head) every step meets. Zeros in, outputs dropped. Returns the number of programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
