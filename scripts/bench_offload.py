@@ -181,6 +181,15 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     # Time outside the experts' own transfer/compute: the step minus, per layer, the slower path's work.
     expert_s = [sum(max(c, lb / (h2d * 1e9)) for c, lb in zip(s.host_cpu_seconds + [0.0] * n_moe, s.link_bytes))
                 for s in stats]
+    # A layer's parts on the step's clock, for the steps whose every MoE layer had a host share: routing on the
+    # host -> host share starts (split, transfers and the device's programs dispatched), the host share, and its
+    # end -> the next layer's routing on the host (what the device still had to do, then attention and routing).
+    full = [s for s in stats if len(s.host_started_at) == n_moe == len(s.routed_at)]
+    if full and n_moe > 1:
+        parts = [[(h - r, c, r2 - (h + c)) for r, h, c, r2 in zip(s.routed_at, s.host_started_at, s.host_cpu_seconds,
+                                                                   s.routed_at[1:])] for s in full]
+        row["layer_parts_ms"] = {k: round(float(np.median([p[j] for step in parts for p in step])) * 1e3, 3)
+                                 for j, k in enumerate(("to_host_share", "host_share", "after_host_share"))}
     row["host_cpu_s_per_step"] = float(np.median(cpu_s))
     row["link_s_per_step"] = float(np.median(link_s))
     row["outside_experts_share"] = float(np.median([(t - e) / t for t, e in zip(times, expert_s)]))
@@ -496,6 +505,11 @@ def table(results: list[dict]) -> str:
             t = v.get("step_s", v.get("seconds"))
             lines.append(f"| {name} | {k} | {v['tokens_per_s']:.2f} | {t * 1e3:.1f} ms | {paths} | "
                          f"{gb(v.get('host_bytes_per_step', v.get('host_bytes')))} | {floor} | {ratio} | {outside} |")
+            if "layer_parts_ms" in v:
+                p = v["layer_parts_ms"]
+                notes.append(f"{name} {k}: per MoE layer, routing to its host share {p['to_host_share']:.2f} ms, the "
+                             f"host share {p['host_share']:.2f} ms, its end to the next layer's routing "
+                             f"{p['after_host_share']:.2f} ms")
             if "r1_extrapolated_s" in v:
                 notes.append(f"{name} {k}: {100 * v['device_share']:.1f}% of each layer's experts on the device, as "
                              f"R1 would keep on {v['r1_gpu_memory']} ({100 * v['r1_device_share']:.1f}%); R1 "

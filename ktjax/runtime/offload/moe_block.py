@@ -178,6 +178,7 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
     t = time.perf_counter()
     out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)
     stats.host_cpu_seconds.append(time.perf_counter() - t)
+    stats.host_started_at.append(t - stats.started)
     stats.experts_on_host_cpu += len(cpu_ids)
     return out_ND
 
