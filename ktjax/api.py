@@ -24,7 +24,7 @@ from ktjax.io.peft import read_adapter
 from ktjax.io.quantized import quantize_checkpoint
 from ktjax.lora.config import LoRAConfig
 from ktjax.runtime import placement as placing
-from ktjax.runtime.host_memory import PINNED_POOL_GIB, available_memory, room_error
+from ktjax.runtime.host_memory import host_room, room_error
 from ktjax.runtime.mesh import devices_of, expert_mesh, param_sharding
 from ktjax.runtime.model import LoadedModel, Sampling
 from ktjax.runtime.offload.build import load_offloaded
@@ -157,8 +157,7 @@ def load(path: str | os.PathLike | None = None, *, dtype: Any = None, experts: s
                           max_batch=max_batch, max_context=max_context, expert_chunk=expert_chunk, training=training,
                           devices=devices_of(xmesh))
     if plan.offloaded:  # before a long load that would end in an OOM kill or XLA's pinned-pool error
-        problem = room_error(len(plan.host_experts) * plan.expert_bytes, available_memory(),
-                             PINNED_POOL_GIB << 30 if jax.default_backend() == "gpu" else None)
+        problem = room_error(*host_room(plan))
         if problem:
             raise placing.PlacementError(problem)
     fmt = plan.expert_format

@@ -153,12 +153,12 @@ def test_info_with_a_budget_prints_the_placement_plan(ckpt, capsys):
 
 
 def test_info_says_whether_host_experts_fit_the_machine(ckpt, capsys, monkeypatch):
-    import ktjax.cli.info
+    from ktjax.runtime import host_memory
     args = ["info", "--model", ckpt, "--gpu-memory", "200MiB", "--max-context", "64"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "of routed experts; this machine has" in out and "loading would stop" not in out
-    monkeypatch.setattr(ktjax.cli.info, "available_memory", lambda: 1 << 10)  # a machine with 1 KiB to spare
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 1 << 10)  # a machine with 1 KiB to spare
     assert main(args) == 0
     assert "host memory: loading would stop:" in capsys.readouterr().out
 

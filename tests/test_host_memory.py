@@ -10,6 +10,7 @@ import pytest
 
 import ktjax
 from ktjax import api
+from ktjax.runtime import host_memory
 from ktjax.runtime.host_memory import PINNED_POOL_VAR, physical_memory, room_error
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
@@ -34,7 +35,7 @@ def test_experts_above_xlas_pinned_pool_name_the_variable_to_set():
 
 def test_load_refuses_experts_the_machine_cannot_hold_before_reading_any(monkeypatch):
     loaded = []
-    monkeypatch.setattr(api, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB to spare
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB to spare
     monkeypatch.setattr(api, "load_offloaded", lambda *a, **k: loaded.append(a))
     with pytest.raises(ktjax.PlacementError, match="GiB available"):
         ktjax.load(placement=ALL_HOST, max_context=64)

@@ -16,7 +16,7 @@ from ktjax.quantization_config import EXPERT_QUANT_GROUP
 from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves
-from ktjax.runtime.host_memory import PINNED_POOL_GIB, available_memory, room_error
+from ktjax.runtime.host_memory import host_room, room_error
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, kernel_name, known_rates
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 
@@ -91,10 +91,7 @@ def run(args) -> int:
               f"{args.max_context} tokens):")
         print(plan.table())
         if plan.offloaded:  # what `ktjax.load` checks before it reads anything
-            import jax
-            host_bytes = len(plan.host_experts) * plan.expert_bytes
-            available = available_memory()
-            pool = PINNED_POOL_GIB << 30 if jax.default_backend() == "gpu" else None
+            host_bytes, available, pool = host_room(plan)
             print(f"host memory: {fmt_bytes(host_bytes)} of routed experts; this machine has "
                   + (f"{fmt_bytes(available)} available" if available is not None else "an unknown amount available")
                   + (f", XLA's pinned host pool stops at {fmt_bytes(pool)}" if pool is not None else ""))

@@ -58,6 +58,14 @@ def raise_pinned_pool_limit() -> int:
 PINNED_POOL_GIB = raise_pinned_pool_limit()
 
 
+def host_room(plan) -> tuple[int, int | None, int | None]:
+    """(bytes of routed experts a `PlacementPlan` keeps in host memory, bytes the machine has available, bytes
+    XLA's pinned pool may grow to where there is one: on GPUs), what `room_error` judges."""
+    from ktjax.io.experts import on_gpu  # the device that holds host experts behind it
+    return (len(plan.host_experts) * plan.expert_bytes, available_memory(),
+            PINNED_POOL_GIB << 30 if on_gpu() else None)
+
+
 def room_error(host_bytes: int, available: int | None, pinned_pool: int | None) -> str | None:
     """Why `host_bytes` of routed experts cannot be kept in host memory (None: they can). available: what the
     machine can give (None: unknown, not checked); pinned_pool: the bytes XLA's pinned pool may grow to (None:
