@@ -122,12 +122,12 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
     else:
         cpu_ids, link_ids = [], hosted
-    resident = [e for e in chosen if not ex.store.is_hosted(i, e)]
     landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
-    if not RESIDENT_APART or not resident or not link_ids:  # one kind: one program
-        resident, link_ids, landing = resident + link_ids, [], tuple(ex.store.fetch(i, resident, stats)) + landing
-    else:
-        resident_slots = tuple(ex.store.fetch(i, resident, stats))
+    resident = [e for e in chosen if not ex.store.is_hosted(i, e)]
+    resident_slots = tuple(ex.store.fetch(i, resident, stats))
+    # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
+    programs = ([(resident, resident_slots), (link_ids, landing)] if RESIDENT_APART and resident and link_ids
+                else [(resident + link_ids, resident_slots + landing)])
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
@@ -135,15 +135,12 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     rows_A[:len(rows)] = rows
 
     def device_share():
-        slots = landing if not link_ids else resident_slots
-        ids_C, slots = padded(resident, slots)
-        capacity = capacity_for(len(rows_A), counts[resident])
-        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
-                                   capacity=capacity)
-        if link_ids:
-            ids_C, slots = padded(link_ids, landing)
-            routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
-                            capacity=capacity_for(len(rows_A), counts[link_ids]))
+        (ids, slots), *landed = programs
+        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
+                                   capacity=capacity_for(len(rows_A), counts[ids]))
+        for ids, slots in landed:
+            routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
+                            capacity=capacity_for(len(rows_A), counts[ids]))
         return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
