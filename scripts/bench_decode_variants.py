@@ -98,7 +98,8 @@ def main() -> int:
                     times.append(time.perf_counter() - t)
                     stats.append(st)
             segs = {k: round(v * 1e3, 2) for k, v in sorted(st.segment_seconds.items(), key=lambda kv: -kv[1])}
-            row = {"rule": rule, "host_threads": threads or "default", "rows": rows, "active": active, "step_ms": float(np.median(times)) * 1e3,
+            row = {"rule": rule, "host_threads": threads or "default", "rows": rows, "active": active,
+                   "step_ms": float(np.median(times)) * 1e3,
                    "steps_ms": [round(t * 1e3, 1) for t in times],
                    "experts": {k: float(np.mean([getattr(x, f) for x in stats])) for k, f in
                                (("device", "experts_on_device"), ("link", "experts_fetched"),
@@ -106,7 +107,8 @@ def main() -> int:
                    "host_cpu_ms": float(np.mean([sum(x.host_cpu_seconds) for x in stats])) * 1e3,
                    "profiled_step_ms": st.seconds * 1e3, "profiled_segments_ms": segs}
             rows_out.append(row)
-            print(f"{rule:10s} {threads or 'default'} threads {rows:3d} rows, {active:2d} active: {row['step_ms']:7.1f} ms/step "
+            print(f"{rule:10s} {threads or 'default'} threads {rows:3d} rows, {active:2d} active: "
+                  f"{row['step_ms']:7.1f} ms/step "
                   f"(host CPU {row['host_cpu_ms']:.1f} ms), steps {row['steps_ms']}; profiled "
                   f"{row['profiled_step_ms']:.1f} ms: {dict(list(segs.items())[:5])}", flush=True)
             del cache, tok
@@ -116,7 +118,8 @@ def main() -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows_out:
         e = r["experts"]
-        print(f"| {r['rule']} | {r['host_threads']} | {r['rows']} | {r['active']} | {r['step_ms']:.1f} | {r['host_cpu_ms']:.1f} | "
+        print(f"| {r['rule']} | {r['host_threads']} | {r['rows']} | {r['active']} | {r['step_ms']:.1f} | "
+              f"{r['host_cpu_ms']:.1f} | "
               f"{e['device']:.1f} / {e['link']:.1f} / {e['host_cpu']:.1f} |")
     return 0
 

@@ -28,7 +28,7 @@ import safetensors.numpy
 
 from ktjax.experts.weights import ExpertFormat
 from ktjax.io.checkpoint import Checkpoint
-from ktjax.io.experts import read_expert
+from ktjax.io.experts import read_expert, stored_names, stored_nbytes
 
 F, D, BLOCK = 2048, 7168, 128
 R1_EXPERTS = 58 * 256
@@ -105,11 +105,11 @@ def main() -> None:
                 times = []
                 for e in range(args.experts):
                     if prefetch and e + 1 < args.experts:
-                        ckpt.prefetch([n for m in mats_of(e + 1) for n in m if n])
+                        ckpt.prefetch(stored_names(mats_of(e + 1)))
                     t = time.perf_counter()
                     jax.block_until_ready(jax.device_put(read_expert(ckpt, mats_of(e), fmt, (BLOCK, BLOCK)), target))
                     times.append(time.perf_counter() - t)
-                stored = sum(ckpt.info(n).nbytes for m in mats_of(0) for n in m if n)
+                stored = stored_nbytes(ckpt, mats_of(0))
                 # Warm, the first expert compiles and is left out; cold, every expert counts (compiled before).
                 ms = float(np.median(times if args.cold or len(times) == 1 else times[1:])) * 1e3
                 rows.append(dict(source=source, experts=fmt_name, cold=args.cold, prefetch=prefetch, ms_per_expert=ms,
@@ -122,8 +122,8 @@ def main() -> None:
     print(f"{'source':7s} {'experts':7s} {'prefetch':8s} {'ms':>8s} {'first ms':>9s} {'GB/s':>6s} {'read GB/s':>10s} "
           f"{'R1 min':>7s}")
     for r in rows:
-        print(f"{r['source']:7s} {r['experts']:7s} {str(r['prefetch']):8s} {r['ms_per_expert']:8.1f} {r['first_ms']:9.0f} "
-              f"{r['gbs']:6.2f} {r['read_gbs']:10.2f} {r['r1_minutes']:7.1f}")
+        print(f"{r['source']:7s} {r['experts']:7s} {str(r['prefetch']):8s} {r['ms_per_expert']:8.1f} "
+              f"{r['first_ms']:9.0f} {r['gbs']:6.2f} {r['read_gbs']:10.2f} {r['r1_minutes']:7.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -26,6 +26,8 @@ sys.path.insert(0, HERE)
 from benchparts import run_parts, summarize_trace  # noqa: E402
 
 T_START = time.perf_counter()
+# On a laptop (--tiny) the budget holds every tiny expert: the odd ones go to host memory instead.
+TINY_HOST_RULES = {r".*\.experts\.\d*[13579]": "host"}
 FORMAT_OF_PART = {"bf16": "bf16", "fp8": "fp8", "int8": "int8", "int4": "int4", "resident": "bf16"}
 
 
@@ -217,8 +219,7 @@ def run_ktjax(args) -> dict:
     dtype = jnp.bfloat16
     resident = args.run == "resident"
     max_ctx = (args.prefill_max if not args.tiny else 512) + 256
-    # On a laptop (--tiny) the budget holds every tiny expert: put the odd ones in host memory instead.
-    rules = {r".*\.experts\.\d*[13579]": "host"} if args.tiny and not resident else None
+    rules = TINY_HOST_RULES if args.tiny and not resident else None
     # The budget holds the larger of the phases measured: one 8K prompt (decode batches of 1K-token rows
     # need less), as in the earlier runs this one is compared with.
     plan = plan_for(cfg, dtype, experts=fmt, gpu_memory=args.gpu_memory, all_on_device=resident, rules=rules,
@@ -347,19 +348,17 @@ def r1_share_row(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel:
     plus R1's other dense layers at this run's profiled dense-layer time. None where this model's budget
     already keeps no more per layer than R1 would."""
     import numpy as np
-    from fullsize import REFERENCE, capped_rules, plan_for, r1_resident_per_layer
+    from fullsize import capped_rules, plan_for, r1_resident_per_layer, reference_config
     fmt = plan.expert_format.name
-    with open(REFERENCE) as f:
-        r1 = json.load(f)
-    r1_moe = r1["num_hidden_layers"] - r1["first_k_dense_replace"]
-    share = r1_resident_per_layer(fmt, args.r1_gpu_memory, plan.max_context) / r1["n_routed_experts"]
+    r1 = reference_config()
+    share = r1_resident_per_layer(r1, fmt, args.r1_gpu_memory, plan.max_context) / r1.n_routed_experts
     per_layer = int(share * cfg.n_routed_experts)
     here = min(sum(1 for i, _ in plan.device_experts if i == layer) for layer in cfg.moe_layers)
     log(f"R1 on {args.r1_gpu_memory}: {100 * share:.1f}% of each layer's {fmt} experts on the device; this model "
         f"{100 * here / cfg.n_routed_experts:.1f}%")
     if per_layer >= here:
         return None
-    rules = {r".*\.experts\.\d*[13579]": "host"} if args.tiny else {}  # as the part's own plan
+    rules = TINY_HOST_RULES if args.tiny else {}  # as the part's own plan
     capped = plan_for(cfg, model.dtype, experts=fmt, gpu_memory=args.gpu_memory, max_batch=1,
                       rules={**rules, **capped_rules(cfg, per_layer)}, max_context=plan.max_context,
                       expert_chunk=args.expert_chunk)
@@ -369,12 +368,12 @@ def r1_share_row(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel:
     row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
     prof = profile_step(r1_model, ctx, sampling)
     dense_s = prof["dense_layer"] / 1e3
-    n_moe, n_dense = len(cfg.moe_layers), cfg.num_hidden_layers - len(cfg.moe_layers)
+    n_moe = len(cfg.moe_layers)
     spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
     row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share, device_share=per_layer / cfg.n_routed_experts,
                dense_layer_s=dense_s, host_activations=model.host_activations, profile_ms=prof,
-               r1_extrapolated_s=spacing * r1_moe + max(0.0, row["step_s"] - spacing * n_moe)
-               + (r1["first_k_dense_replace"] - n_dense) * dense_s)
+               r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
+               + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
     print("ROW decode_b1_r1_share " + json.dumps(row), flush=True)
     log(f"decode_b1 at R1's device share: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}, "
         f"floor {100 * row['floor_over_measured']:.0f}%; R1 extrapolated {row['r1_extrapolated_s'] * 1e3:.1f} ms "

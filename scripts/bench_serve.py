@@ -110,9 +110,9 @@ def build_model(args):
     tokenizer = load_tokenizer(default_model_path())
     rules = None
     if args.small_layers:  # a CPU check of this path: small shapes, the odd experts in host memory
-        from bench_offload import tiny_config
+        from bench_offload import TINY_HOST_RULES, tiny_config
         cfg = tiny_config(args.moe_layers)
-        rules = {r".*\.experts\.\d*[13579]": "host"}
+        rules = TINY_HOST_RULES
     else:
         cfg = fullsize_config(args.moe_layers)
     cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size)  # ids the tokenizer can write as text

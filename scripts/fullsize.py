@@ -29,32 +29,36 @@ from ktjax.runtime.placement import plan
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseek_v3_671B_config.json")
 
 
-def fullsize_config(moe_layers: int, *, dense_layers: int = 1, n_routed_experts: int | None = None,
-                    path: str = REFERENCE) -> ModelConfig:
-    """DeepSeek-V3's config with fewer layers (and optionally fewer experts per layer)."""
+def reference_config(path: str = REFERENCE, **changes) -> ModelConfig:
+    """DeepSeek-V3's config (the whole 671B model: 3 dense and 58 MoE layers, without the next-token
+    prediction layer), with `changes` to its fields."""
     with open(path) as f:
         d = json.load(f)
-    d.update(num_hidden_layers=dense_layers + moe_layers, first_k_dense_replace=dense_layers,
-             num_nextn_predict_layers=0)
-    if n_routed_experts is not None:
-        d.update(n_routed_experts=n_routed_experts, n_group=min(d["n_group"], n_routed_experts // 2),
-                 topk_group=min(d["topk_group"], n_routed_experts // 4 or 1))
+    d.update(num_nextn_predict_layers=0, **changes)
     return ModelConfig.from_dict(d)
 
 
-def r1_resident_per_layer(experts: str, gpu_memory: str, max_context: int, path: str = REFERENCE) -> float:
-    """How many of each MoE layer's routed experts the whole DeepSeek-V3/R1 (58 MoE layers) keeps on a GPU of
-    `gpu_memory` in the `experts` format, once its core (32 GiB of bf16), cache and workspace are placed: the
-    hot-expert cache a real R1 has, where a few-layer benchmark model under the same budget has far more per
-    layer. ktjax's own planner decides it."""
-    with open(path) as f:
-        d = json.load(f)
-    d.update(num_nextn_predict_layers=0)
-    cfg = ModelConfig.from_dict(d)
-    _, abstract = abstract_params(cfg, jnp.bfloat16)
-    fmt = ExpertFormat(experts, cfg.moe_intermediate_size, cfg.hidden_size)
-    p = plan(cfg, abstract, jnp.bfloat16, fmt, gpu_memory=gpu_memory, max_batch=1, max_context=max_context)
-    return len(p.device_experts) / len(cfg.moe_layers)
+def fullsize_config(moe_layers: int, *, dense_layers: int = 1, n_routed_experts: int | None = None,
+                    path: str = REFERENCE) -> ModelConfig:
+    """DeepSeek-V3's config with fewer layers (and optionally fewer experts per layer)."""
+    layers = dict(num_hidden_layers=dense_layers + moe_layers, first_k_dense_replace=dense_layers)
+    if n_routed_experts is None:
+        return reference_config(path, **layers)
+    full = reference_config(path)
+    return reference_config(path, **layers, n_routed_experts=n_routed_experts,
+                            n_group=min(full.n_group, n_routed_experts // 2),
+                            topk_group=min(full.topk_group, n_routed_experts // 4 or 1))
+
+
+def r1_resident_per_layer(r1: ModelConfig, experts: str, gpu_memory: str, max_context: int) -> float:
+    """How many of each MoE layer's routed experts the whole DeepSeek-V3/R1 (`reference_config()`, 58 MoE layers)
+    keeps on a GPU of `gpu_memory` in the `experts` format, once its core (32 GiB of bf16), cache and workspace
+    are placed: the hot-expert cache a real R1 has, where a few-layer benchmark model under the same budget has
+    far more per layer. ktjax's own planner decides it."""
+    _, abstract = abstract_params(r1, jnp.bfloat16)
+    fmt = ExpertFormat(experts, r1.moe_intermediate_size, r1.hidden_size)
+    p = plan(r1, abstract, jnp.bfloat16, fmt, gpu_memory=gpu_memory, max_batch=1, max_context=max_context)
+    return len(p.device_experts) / len(r1.moe_layers)
 
 
 def capped_rules(cfg: ModelConfig, per_layer: int) -> dict[str, str]:
