@@ -159,7 +159,10 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     link_bytes = float(np.mean([s.bytes_from_host for s in stats]))
     per_path = {k: float(np.mean([getattr(s, f) for s in stats])) for k, f in
                 (("device", "experts_on_device"), ("link", "experts_fetched"), ("host_cpu", "experts_on_host_cpu"))}
-    host_experts = per_path["link"] + per_path["host_cpu"]
+    # The floor counts the host experts the step needed: not those fetched a layer early and then not chosen
+    # (OffloadedExecutor.lookahead), which the link did carry.
+    wasted = float(np.mean([s.experts_ahead - s.experts_ahead_used for s in stats]))
+    host_experts = per_path["link"] + per_path["host_cpu"] - wasted
     core_read = sum(v for k, v in plan.core_bytes.items() if k != "embeddings")
     cache_bytes = cfg.num_hidden_layers * B * (ctx + 1) * cfg.cache_dim * 2
     device_s = (core_read + cache_bytes + per_path["device"] * plan.expert_bytes) / (ceil["hbm_gbps"] * 1e9)
@@ -274,9 +277,8 @@ def run_ktjax(args) -> dict:
                 f"({100 * row['floor_over_measured']:.0f}%), outside experts {100 * row['outside_experts_share']:.0f}%")
         if args.r1_gpu_memory and model.host is not None:
             first = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
-            r1 = r1_share_row(args, cfg, plan, first, ceil, ctx, sampling, kernel_name(fmt, act))
-            if r1:
-                res["decode_b1_r1_share" + suffix] = r1
+            for name, row in r1_share_rows(args, cfg, plan, first, ceil, ctx, sampling, kernel_name(fmt, act)).items():
+                res[name + suffix] = row
     model = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
     if args.profile and not resident:
         res["decode_b1_profile_ms"] = prof = profile_step(model, ctx, sampling)
@@ -341,11 +343,12 @@ def profile_step(model, ctx: int, sampling) -> dict:
     return prof
 
 
-def r1_share_row(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel: str) -> dict | None:
+def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel: str) -> dict[str, dict]:
     """Batch-1 decode with each MoE layer keeping on the device only the share of its experts that the whole
     DeepSeek-R1 keeps on a GPU of --r1-gpu-memory (`fullsize.r1_resident_per_layer`), and R1's step extrapolated
     from it: the median spacing of MoE layers x 58, plus the rest of this step (embedding, dense layer, head),
-    plus R1's other dense layers at this run's profiled dense-layer time. None where this model's budget
+    plus R1's other dense layers at this run's profiled dense-layer time. A row per --lookahead value, in the same
+    process: decode_b1_r1_share (lookahead 0), decode_b1_r1_share_lookahead{N}. None where this model's budget
     already keeps no more per layer than R1 would."""
     import numpy as np
     from fullsize import capped_rules, plan_for, r1_resident_per_layer, reference_config
@@ -357,28 +360,38 @@ def r1_share_row(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel:
     log(f"R1 on {args.r1_gpu_memory}: {100 * share:.1f}% of each layer's {fmt} experts on the device; this model "
         f"{100 * here / cfg.n_routed_experts:.1f}%")
     if per_layer >= here:
-        return None
+        return {}
     rules = TINY_HOST_RULES if args.tiny else {}  # as the part's own plan
     capped = plan_for(cfg, model.dtype, experts=fmt, gpu_memory=args.gpu_memory, max_batch=1,
                       rules={**rules, **capped_rules(cfg, per_layer)}, max_context=plan.max_context,
                       expert_chunk=args.expert_chunk)
     r1_model = model.with_placement(capped).with_host_threads(model.host.threads)
     r1_model = r1_model.with_host_activations(model.host_activations).with_decode_form(model.decode_form)
-    times, stats = decode_steps(r1_model, 1, ctx, args.steps, sampling)
-    row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
     prof = profile_step(r1_model, ctx, sampling)
     dense_s = prof["dense_layer"] / 1e3
     n_moe = len(cfg.moe_layers)
-    spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
-    row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share, device_share=per_layer / cfg.n_routed_experts,
-               dense_layer_s=dense_s, host_activations=model.host_activations, profile_ms=prof,
-               r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
-               + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
-    print("ROW decode_b1_r1_share " + json.dumps(row), flush=True)
-    log(f"decode_b1 at R1's device share: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}, "
-        f"floor {100 * row['floor_over_measured']:.0f}%; R1 extrapolated {row['r1_extrapolated_s'] * 1e3:.1f} ms "
-        f"({1 / row['r1_extrapolated_s']:.2f} tokens/s)")
-    return row
+    rows = {}
+    for n in args.lookahead:
+        times, stats = decode_steps(r1_model.with_lookahead(n), 1, ctx, args.steps, sampling)
+        row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
+        spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
+        row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share,
+                   device_share=per_layer / cfg.n_routed_experts, dense_layer_s=dense_s,
+                   host_activations=model.host_activations, profile_ms=prof, lookahead=n,
+                   r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
+                   + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
+        if n:
+            row["early_experts_per_step"] = float(np.mean([s.experts_ahead for s in stats]))
+            row["early_used_per_step"] = float(np.mean([s.experts_ahead_used for s in stats]))
+        name = "decode_b1_r1_share" + (f"_lookahead{n}" if n else "")
+        print(f"ROW {name} " + json.dumps(row), flush=True)
+        log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}"
+            + (f" ({row['early_experts_per_step']:.1f} fetched a layer early, {row['early_used_per_step']:.1f} used)"
+               if n else "")
+            + f", floor {100 * row['floor_over_measured']:.0f}%; R1 extrapolated {row['r1_extrapolated_s'] * 1e3:.1f} "
+              f"ms ({1 / row['r1_extrapolated_s']:.2f} tokens/s)")
+        rows[name] = row
+    return rows
 
 
 def tiny_config(moe_layers: int):
@@ -509,6 +522,9 @@ def table(results: list[dict]) -> str:
                 notes.append(f"{name} {k}: per MoE layer, routing to its host share {p['to_host_share']:.2f} ms, the "
                              f"host share {p['host_share']:.2f} ms, its end to the next layer's routing "
                              f"{p['after_host_share']:.2f} ms")
+            if v.get("lookahead"):
+                notes.append(f"{name} {k}: lookahead {v['lookahead']}: {v['early_experts_per_step']:.1f} experts per step "
+                             f"fetched a layer early, {v['early_used_per_step']:.1f} of them used")
             if "r1_extrapolated_s" in v:
                 notes.append(f"{name} {k}: {100 * v['device_share']:.1f}% of each layer's experts on the device, as "
                              f"R1 would keep on {v['r1_gpu_memory']} ({100 * v['r1_device_share']:.1f}%); R1 "
@@ -558,6 +574,9 @@ def main():
                    "on the H200 the traced steps died with CUDA_ERROR_LAUNCH_FAILED, offload.md run 11)")
     p.add_argument("--profile", action="store_true",
                    help="3 B=1 decode steps with each segment waited for: time per segment kind, host CPU, the rest")
+    p.add_argument("--lookahead", type=int, nargs="+", default=[0],
+                   help="the R1-share row once per value, in one process: experts of the next MoE layer fetched a "
+                        "layer early (OffloadedExecutor.lookahead; 0: none)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
                         "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "
@@ -581,7 +600,7 @@ def main():
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
         "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations,
-        "--r1-gpu-memory", args.r1_gpu_memory]
+        "--r1-gpu-memory", args.r1_gpu_memory, "--lookahead", *map(str, args.lookahead)]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

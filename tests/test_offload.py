@@ -447,3 +447,35 @@ def test_an_fp8_checkpoint_gives_transformers_logits_on_its_dequantised_weights(
 def test_profile_times_segments(all_host):
     stats = ktjax.generate(all_host, [5, 9, 13], max_new_tokens=2, profile=True).stats
     assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)  # float experts: streamed
+
+
+def test_experts_fetched_a_layer_early_generate_transformers_tokens(mixed, ref):
+    """Lookahead: each MoE layer fetches the next one's likely host experts (that layer's router on this one's
+    residual after attention), and the next layer computes the ones it chooses from those copies: the tokens
+    stay transformers', and some of the early experts are used."""
+    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form("fused").with_lookahead(2))
+    prompts = [[5, 9, 13, 2], [3, 4]]
+    got = ktjax.generate(model, prompts, max_new_tokens=6)
+    assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]
+    paths = got[0].stats.decode_experts_per_step
+    # 2 rows x 3 experts, 2 MoE layers predicted per step: at most 2 fetched early for each.
+    assert 0 < paths["early_used"] <= paths["link_early"] <= 2 * 2
+
+
+def test_lookahead_fetches_the_next_layers_likeliest_host_experts(mixed):
+    """The experts fetched early: the largest routing weight summed over the active tokens, among the next
+    layer's host experts (layer 2 keeps experts 0-3 on the device), at most `experts` of them, likeliest first."""
+    ex = mixed.executor
+    idx_NK = np.array([[0, 5, 6, 7], [5, 1, 4, 6], [5, 4, 0, 1]], np.int32)
+    w_NK = np.array([[0.9, 0.1, 0.5, 0.3], [0.15, 0.8, 0.05, 0.1], [0.9, 0.9, 0.9, 0.9]], np.float32)
+    stats = offload.executor.StepStats()
+    lookahead = moe_block.Lookahead(2, predicted=(2, jnp.asarray(w_NK), jnp.asarray(idx_NK)))
+    got = moe_block.fetch_ahead(ex, lookahead, np.array([0, 1]), stats)  # row 2 is not active
+    # 6: 0.6, 7: 0.3, 5: 0.25, 4: 0.05; experts 0 (0.9) and 1 (0.8) are on the device. With row 2: 5, 4.
+    assert list(got) == [6, 7]
+    assert stats.experts_ahead == stats.experts_fetched == 2
+    assert stats.bytes_from_host == 2 * mixed.placement.expert_bytes
+    for e, arrays in got.items():
+        for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(experts_of(mixed)[2][e])):
+            assert a.sharding.memory_kind == "device"
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

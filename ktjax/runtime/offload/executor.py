@@ -31,7 +31,7 @@ from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import DEFAULT_RATES, MODES, PathRates, fitted_rates, kernel_name, measure
 from ktjax.runtime.offload.devices import owned_by
-from ktjax.runtime.offload.moe_block import compile_fused, moe_block
+from ktjax.runtime.offload.moe_block import FUSED_MAX_TOKENS, Lookahead, compile_fused, moe_block
 from ktjax.runtime.offload.segments import (LayerSegments, Segments, embed_segment, head_segment, logits_segment,
                                              settled)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
@@ -55,12 +55,14 @@ class OffloadedExecutor:
     host CPU's kernels), or "auto": fused for int4 experts, streamed for the others (measured at
     batch 1 on the H200, offload.md run 10: int4 18.4 against 20.6 ms, int8 24.7 against 22.4 ms). mesh: the
     expert mesh the core arrays are replicated over and the experts split over (None: one device);
-    experts then live on (or behind) their owner's device."""
+    experts then live on (or behind) their owner's device. lookahead: in fused decode steps on one device, how many
+    of the next MoE layer's likely host experts each MoE layer fetches early (`moe_block.Lookahead`; 0: none).
+    Off by default until measured on the GPU (`scripts/bench_offload.py --lookahead`)."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
                  rates: PathRates | None = None, decode_form: str = "auto",
-                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8"):
+                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8", lookahead: int = 0):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -92,6 +94,7 @@ class OffloadedExecutor:
                                                                            thread_name_prefix="ktjax-device")
         self.rates = rates or DEFAULT_RATES.get(kernel_name(fmt.name, host_activations))
         self.decode_form = decode_form
+        self.lookahead = lookahead
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
 
@@ -237,6 +240,14 @@ class OffloadedExecutor:
         out.host = self.host and self.host.with_activations(activations)
         return out
 
+    def with_lookahead(self, experts: int) -> OffloadedExecutor:
+        """This model fetching that many of the next MoE layer's likely experts a layer early (`moe_block.Lookahead`)."""
+        if experts < 0:
+            raise ValueError(f"lookahead={experts}: the number of experts fetched early, 0 or more")
+        out = copy.copy(self)
+        out.lookahead = experts
+        return out
+
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates
@@ -257,7 +268,8 @@ class OffloadedExecutor:
             experts[i][e] = jax.block_until_ready(jax.device_put(experts[i][e], self.store.on_device))
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
-                                 decode_form=self.decode_form, host_activations=self.host_activations)
+                                 decode_form=self.decode_form, host_activations=self.host_activations,
+                                 lookahead=self.lookahead)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""
@@ -319,6 +331,8 @@ class OffloadedExecutor:
         groups = dict(cache.groups)
         # Per device: the next MoE layer's first chunk of its experts, fetched ahead.
         prefetched: list[list[Prefetch]] = [[] for _ in self.stores]
+        lookahead = self._lookahead(x_BTD.shape[0] * x_BTD.shape[1])
+        next_moe = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
         for i, kind in enumerate(cfg.layer_kinds):
             seg, state, j = self.segments[kind], self.layers[i], self._stack_index[i]
             latent, rp = groups[kind]
@@ -329,17 +343,34 @@ class OffloadedExecutor:
                 x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                 x_BTD = run("dense_mlp", seg.dense_mlp, state, x_BTD)
             else:
-                if short:
+                ahead_of = next_moe.get(i) if lookahead is not None else None
+                if short and ahead_of is not None and cfg.layer_kinds[ahead_of] == kind:
+                    x_BTD, h_ND, w_NK, idx_NK, ahead_w, ahead_idx, latent, rp = run(
+                        "attention_route", seg.attention_route_ahead, state, self.layers[ahead_of], x_BTD, rope, start_B,
+                        latent, rp, j)
+                    lookahead.predicted = (ahead_of, ahead_w, ahead_idx)
+                elif short:
                     x_BTD, h_ND, w_NK, idx_NK, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,
                                                                 rope, start_B, latent, rp, j)
                 else:
                     x_BTD = settled(x_BTD, run)
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
-                x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N)
+                x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N,
+                                  lookahead)
+                if lookahead is not None:
+                    lookahead.predicted = None
             groups[kind] = LayerCache(latent, rp)
         # Not waited for: the head's dispatch overlaps the last layer's compute.
         return x_BTD, KVCache(groups)
+
+    def _lookahead(self, n_tokens: int) -> Lookahead | None:
+        """A forward's `Lookahead`, where it applies: decode-sized fused steps on one device, where the link may
+        carry experts (not with expert_compute="cpu")."""
+        if (self.lookahead and self.mesh is None and self.fuses_decode and n_tokens <= FUSED_MAX_TOKENS
+                and self.expert_compute != "cpu"):
+            return Lookahead(self.lookahead)
+        return None
 
     def _attention(self, seg: LayerSegments, state, x_BTD, rope, start_B, latent, rp, j, run: Segments):
         """Attention over query chunks, so prefill activations stay bounded for long prompts."""

@@ -11,6 +11,7 @@ several devices the layer goes to `devices.moe_over_devices`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from ktjax.experts.device import experts_segment
+from ktjax.experts.weights import ExpertWeights
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.devices import moe_over_devices
 from ktjax.runtime.offload.host_path import HostPath
@@ -37,13 +39,36 @@ FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each
 RESIDENT_APART = False
 
 
+@dataclasses.dataclass
+class Lookahead:
+    """A decode step's experts fetched one MoE layer early (`OffloadedExecutor.lookahead` per layer): the next
+    MoE layer's router, applied to this layer's residual after attention, names its likely experts, and their
+    transfers queue behind this layer's own, where the link would idle while the host CPU, attention and
+    routing run. Those the next layer then chooses are on the device by then; the others were wasted link time.
+    The outputs are the same: only where an expert is computed changes.
+
+    predicted: (the next MoE layer, its routing weights and expert ids [N, K] on this layer's residual), set
+    for the layer that runs next; fetched: per layer, the experts fetched early and their device arrays."""
+
+    experts: int
+    predicted: tuple[int, jax.Array, jax.Array] | None = None
+    fetched: dict[int, dict[int, ExpertWeights]] = dataclasses.field(default_factory=dict)
+
+
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
-              prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
+              prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
+              lookahead: Lookahead | None = None):
     """The MoE block of layer i: the shared expert while the first transfer runs and the chosen
     experts on their paths; its output unsummed where it is decode-sized on one device, else summed.
     active_N: the tokens whose experts are chosen (None: all); the others may meet a chosen expert but
-    never bring one in."""
+    never bring one in. lookahead: experts fetched a layer early, and this layer's guess at the next one's
+    (the fused form only; elsewhere they are dropped)."""
     cfg = ex.config
+    early = lookahead.fetched.pop(i, {}) if lookahead is not None else {}
+    predicted = lookahead.predicted if lookahead is not None else None
+    if predicted is not None:
+        for a in predicted[1:]:
+            a.copy_to_host_async()
     if ex.mesh is not None:
         if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
             idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
@@ -60,7 +85,8 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
     if (ex.fuses_decode and not everything and N <= FUSED_MAX_TOKENS
             and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
-        x_BTD = fused_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run, active_N)
+        x_BTD = fused_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run, active_N,
+                          lookahead, early)
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return x_BTD
     if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
@@ -107,7 +133,8 @@ def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: Step
 
 
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
-              host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None):
+              host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
+              lookahead: Lookahead | None = None, early: dict[int, ExpertWeights] | None = None):
     """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
     transfers start, then `moe_device` computes them with the shared expert and the resident experts once they
     have landed. With `RESIDENT_APART` (and both kinds in the layer), `moe_device` takes only the resident
@@ -115,22 +142,29 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     Where the host CPU has a share, the worker thread dispatches these, and they run while this thread
     computes the host's. Few programs per MoE layer whatever the experts' number (a dispatch
     costs ~0.25 ms of this thread, offload.md run 8, more than a decode-sized expert's compute); the next
-    layer's first program sums."""
+    layer's first program sums. early: this layer's experts the previous one fetched (`Lookahead`), which
+    count as resident."""
+    early = early or {}
     chosen = [int(e) for e in np.flatnonzero(counts)]
-    hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
+    hosted = [e for e in chosen if ex.store.is_hosted(i, e) and e not in early]
     if host is not None:
         cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
     else:
         cpu_ids, link_ids = [], hosted
     landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
-    resident = [e for e in chosen if not ex.store.is_hosted(i, e)]
-    resident_slots = tuple(ex.store.fetch(i, resident, stats))
-    # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
-    programs = ([(resident, resident_slots), (link_ids, landing)] if RESIDENT_APART and resident and link_ids
-                else [(resident + link_ids, resident_slots + landing)])
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
+    if lookahead is not None and lookahead.predicted is not None:
+        lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats)  # behind `landing`
+    resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
+    stats.experts_ahead_used += sum(e in early for e in chosen)
+    on_device = [e for e in resident if e not in early]
+    slots = dict(zip(on_device, ex.store.fetch(i, on_device, stats))) | early
+    resident_slots = tuple(slots[e] for e in resident)
+    # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
+    programs = ([(resident, resident_slots), (link_ids, landing)] if RESIDENT_APART and resident and link_ids
+                else [(resident + link_ids, resident_slots + landing)])
     rows_A = np.full(pow2(len(rows)), N, np.int32)
     rows_A[:len(rows)] = rows
 
@@ -148,6 +182,19 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     on_gpu = ex.dispatcher.submit(device_share)
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     return Unsummed(x_BTD, *on_gpu.result(), host_ND)
+
+
+def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray, stats: StepStats) -> dict[int, ExpertWeights]:
+    """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `lookahead.experts`
+    with the largest summed routing weight over the active tokens `rows`, among those it keeps in host memory."""
+    j, w_NK, idx_NK = lookahead.predicted
+    E = ex.config.n_routed_experts
+    idx_R, w_R = np.asarray(idx_NK)[rows].ravel(), np.asarray(w_NK, np.float64)[rows].ravel()
+    score_E = np.bincount(idx_R, weights=w_R, minlength=E)[:E]
+    likely = [int(e) for e in np.argsort(-score_E, kind="stable") if score_E[e] > 0 and ex.store.is_hosted(j, e)]
+    likely = likely[:lookahead.experts]
+    stats.experts_ahead += len(likely)
+    return dict(zip(likely, ex.store.fetch(j, likely, stats)))
 
 
 def padded(ids: list[int], slots: tuple) -> tuple[np.ndarray, tuple]:

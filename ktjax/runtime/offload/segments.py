@@ -119,9 +119,17 @@ class LayerSegments:
             x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
             return (x_BTD, *route(layer, x_BTD), latent, rp)
 
+        def attention_route_ahead(state, ahead_state, x_BTD, rope, start_B, latent, rp, j):
+            # Also the next MoE layer's router (ahead_state: that layer's arrays) on this layer's residual after
+            # attention: its likely experts, a layer before its own routing (the executor's lookahead).
+            x_BTD, h_ND, w_NK, idx_NK, latent, rp = attention_route(state, x_BTD, rope, start_B, latent, rp, j)
+            _, ahead_w_NK, ahead_idx_NK = route(merge(ahead_state), x_BTD)
+            return x_BTD, h_ND, w_NK, idx_NK, ahead_w_NK, ahead_idx_NK, latent, rp
+
         self.attention = jax.jit(attention, donate_argnums=(4, 5))
         self.dense_layer = jax.jit(dense_layer, donate_argnums=(4, 5))
         self.attention_route = jax.jit(attention_route, donate_argnums=(4, 5))
+        self.attention_route_ahead = jax.jit(attention_route_ahead, donate_argnums=(5, 6))
         self.dense_mlp = jax.jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
         self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
         self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
