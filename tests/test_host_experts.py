@@ -109,6 +109,21 @@ def test_forced_splits_generate_the_same_tokens(split_model, mode):
         assert (paths["host_cpu"] > 0) == (mode == "cpu") and (paths["link"] > 0) == (mode == "gpu")
 
 
+@pytest.mark.parametrize("fmt, form", [("int8", "streamed"), ("int4", "fused")])
+def test_experts_fetched_a_layer_early_change_only_where_they_run(split_model, fmt, form):
+    """Lookahead (the next MoE layer's likely host experts fetched a layer early) beside the host CPU's and the
+    link's shares, in both decode forms: the tokens of the model with every host expert streamed, and the early
+    experts used."""
+    reference = ktjax.generate(split_model(fmt, "gpu"), [5, 9, 13, 2], max_new_tokens=6)
+    model = split_model(fmt, "auto")
+    even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
+    model = dataclasses.replace(model, executor=model.executor.with_decode_form(form).with_rates(even).with_lookahead(2))
+    result = ktjax.generate(model, [5, 9, 13, 2], max_new_tokens=6)
+    assert result.token_ids == reference.token_ids
+    paths = result.stats.decode_experts_per_step
+    assert paths["early_used"] > 0 and paths["host_cpu"] > 0
+
+
 def test_asking_for_the_cpu_without_placement_computes_every_routed_expert_there(ckpt):
     """expert_compute="cpu" with no rules: the experts go to host memory and the host CPU computes
     them all (the plan would otherwise keep them on the device, and "cpu" would mean nothing)."""

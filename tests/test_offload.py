@@ -356,10 +356,10 @@ def count_live_fetches(model) -> list[int]:
     fetched, live = [], []
     fetch = store.fetch
 
-    def counting(layer, ids, stats):
+    def counting(layer, ids, stats, *early):
         gc.collect()
         live.append(sum(r() is not None for r in fetched))
-        out = fetch(layer, ids, stats)
+        out = fetch(layer, ids, stats, *early)
         fetched.extend(weakref.ref(ex.w) for ex in out)
         return out
 
@@ -449,11 +449,12 @@ def test_profile_times_segments(all_host):
     assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)  # float experts: streamed
 
 
-def test_experts_fetched_a_layer_early_generate_transformers_tokens(mixed, ref):
+@pytest.mark.parametrize("form", ["fused", "streamed"])
+def test_experts_fetched_a_layer_early_generate_transformers_tokens(mixed, ref, form):
     """Lookahead: each MoE layer fetches the next one's likely host experts (that layer's router on this one's
     residual after attention), and the next layer computes the ones it chooses from those copies: the tokens
     stay transformers', and some of the early experts are used."""
-    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form("fused").with_lookahead(2))
+    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form(form).with_lookahead(2))
     prompts = [[5, 9, 13, 2], [3, 4]]
     got = ktjax.generate(model, prompts, max_new_tokens=6)
     assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]

@@ -55,7 +55,7 @@ class OffloadedExecutor:
     host CPU's kernels), or "auto": fused for int4 experts, streamed for the others (measured at
     batch 1 on the H200, offload.md run 10: int4 18.4 against 20.6 ms, int8 24.7 against 22.4 ms). mesh: the
     expert mesh the core arrays are replicated over and the experts split over (None: one device);
-    experts then live on (or behind) their owner's device. lookahead: in fused decode steps on one device, how many
+    experts then live on (or behind) their owner's device. lookahead: in decode steps on one device, how many
     of the next MoE layer's likely host experts each MoE layer fetches early (`moe_block.Lookahead`; 0: none).
     Off by default until measured on the GPU (`scripts/bench_offload.py --lookahead`)."""
 
@@ -365,10 +365,9 @@ class OffloadedExecutor:
         return x_BTD, KVCache(groups)
 
     def _lookahead(self, n_tokens: int) -> Lookahead | None:
-        """A forward's `Lookahead`, where it applies: decode-sized fused steps on one device, where the link may
-        carry experts (not with expert_compute="cpu")."""
-        if (self.lookahead and self.mesh is None and self.fuses_decode and n_tokens <= FUSED_MAX_TOKENS
-                and self.expert_compute != "cpu"):
+        """A forward's `Lookahead`, where it applies: decode-sized steps on one device, where the link may carry
+        experts (not with expert_compute="cpu")."""
+        if self.lookahead and self.mesh is None and n_tokens <= FUSED_MAX_TOKENS and self.expert_compute != "cpu":
             return Lookahead(self.lookahead)
         return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import jax
@@ -62,7 +63,7 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     experts on their paths; its output unsummed where it is decode-sized on one device, else summed.
     active_N: the tokens whose experts are chosen (None: all); the others may meet a chosen expert but
     never bring one in. lookahead: experts fetched a layer early, and this layer's guess at the next one's
-    (the fused form only; elsewhere they are dropped)."""
+    (decode-sized layers; prefill-sized ones, which stream whole layers, drop them)."""
     cfg = ex.config
     early = lookahead.fetched.pop(i, {}) if lookahead is not None else {}
     predicted = lookahead.predicted if lookahead is not None else None
@@ -99,19 +100,23 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     def compute(acc, ids_C, slots, capacity):
         return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
 
+    if stream_all:  # whole layers stream: nothing fetched early is of use, nor is a guess at the next layer
+        early, lookahead = {}, None
     if host is None:
         on_gpu = ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
-                                 stream_all=stream_all)
+                                 stream_all=stream_all, early=early)
+        look_ahead(ex, lookahead, active_N, N, stats)
         on_host = None
     else:
         chosen = [int(e) for e in np.flatnonzero(counts)]
-        hosted = [e for e in chosen if ex.store.is_hosted(i, e)]
+        hosted = [e for e in chosen if ex.store.is_hosted(i, e) and e not in early]
         cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
-        gpu_ids = [e for e in chosen if not ex.store.is_hosted(i, e)] + link_ids
+        gpu_ids = [e for e in chosen if e not in hosted] + link_ids
         # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
         # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
         # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
-        job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all)
+        job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all, early,
+                                   lambda: look_ahead(ex, lookahead, active_N, N, stats))
         on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
         on_gpu = job.result()
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
@@ -122,14 +127,20 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
 
 
 def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: StepStats, gpu_ids: list[int], run_shared,
-             stream_all: bool | None = None) -> jax.Array | None:
+             stream_all: bool | None = None, early: dict[int, ExpertWeights] | None = None,
+             then: Callable[[], None] | None = None) -> jax.Array | None:
     """A MoE layer's device work beside the host CPU's: the shared expert, and the chosen experts
-    that are resident or streamed (their f32 sum; None when there are none)."""
+    that are resident, fetched early or streamed (their f32 sum; None when there are none); then `then`, once
+    the layer's transfers are queued."""
     if not gpu_ids:
         run_shared()
-        return None
-    return ex.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
-                           stream_all=stream_all)
+        out = None
+    else:
+        out = ex.store.stream(i, counts, N, compute, None, stats, ids=gpu_ids, started=run_shared,
+                              stream_all=stream_all, early=early)
+    if then is not None:
+        then()
+    return out
 
 
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
@@ -155,13 +166,9 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
-    if lookahead is not None and lookahead.predicted is not None:
-        lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats)  # behind `landing`
+    look_ahead(ex, lookahead, active_N, N, stats)  # its transfers queue behind `landing`
     resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
-    stats.experts_ahead_used += sum(e in early for e in chosen)
-    on_device = [e for e in resident if e not in early]
-    slots = dict(zip(on_device, ex.store.fetch(i, on_device, stats))) | early
-    resident_slots = tuple(slots[e] for e in resident)
+    resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
     # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
     programs = ([(resident, resident_slots), (link_ids, landing)] if RESIDENT_APART and resident and link_ids
                 else [(resident + link_ids, resident_slots + landing)])
@@ -182,6 +189,14 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     on_gpu = ex.dispatcher.submit(device_share)
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     return Unsummed(x_BTD, *on_gpu.result(), host_ND)
+
+
+def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, active_N: np.ndarray | None, N: int,
+               stats: StepStats) -> None:
+    """Where this layer guessed the next one's experts (`Lookahead.predicted`), fetch the likeliest early."""
+    if lookahead is not None and lookahead.predicted is not None:
+        rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
+        lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats)
 
 
 def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray, stats: StepStats) -> dict[int, ExpertWeights]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -92,20 +92,27 @@ class ExpertStore:
     def is_hosted(self, layer: int, e: int) -> bool:
         return (layer, e) in self.plan.host_experts
 
-    def chunks(self, layer: int, ids: Sequence[int]) -> list[list[int]]:
-        """Chunks of the plan's size, device-resident experts first (their compute need not wait)."""
-        ordered = [e for e in ids if not self.is_hosted(layer, e)] + [e for e in ids if self.is_hosted(layer, e)]
+    def chunks(self, layer: int, ids: Sequence[int], early: Mapping[int, ExpertWeights] | None = None) -> list[list[int]]:
+        """Chunks of the plan's size, experts already on the device first (resident, or fetched early: their
+        compute need not wait)."""
+        early = early or {}
+        waits = [self.is_hosted(layer, e) and e not in early for e in ids]
+        ordered = [e for e, w in zip(ids, waits) if not w] + [e for e, w in zip(ids, waits) if w]
         size = self.plan.expert_chunk
         return [ordered[k:k + size] for k in range(0, len(ordered), size)]
 
-    def fetch(self, layer: int, ids: Sequence[int], stats: StepStats) -> list[ExpertWeights]:
-        """Start the transfers of a chunk's host experts (asynchronous); device experts as they are."""
+    def fetch(self, layer: int, ids: Sequence[int], stats: StepStats,
+              early: Mapping[int, ExpertWeights] | None = None) -> list[ExpertWeights]:
+        """Start the transfers of a chunk's host experts (asynchronous); device experts as they are, and those
+        fetched early (`moe_block.Lookahead`: their arrays in `early`) as they were."""
+        early = early or {}
         slots = self.experts[layer]
-        hosted = [e for e in ids if self.is_hosted(layer, e)]
+        hosted = [e for e in ids if self.is_hosted(layer, e) and e not in early]
         moved = jax.device_put([slots[e] for e in hosted], self.on_device) if hosted else []
-        by_id = dict(zip(hosted, moved))
+        by_id = {**early, **dict(zip(hosted, moved))}
         stats.experts_fetched += len(hosted)
-        stats.experts_on_device += len(ids) - len(hosted)
+        stats.experts_on_device += sum(not self.is_hosted(layer, e) for e in ids)
+        stats.experts_ahead_used += sum(e in early for e in ids)
         stats.bytes_from_host += sum(slots[e].nbytes for e in hosted)
         return [by_id.get(e, slots[e]) for e in ids]
 
@@ -114,7 +121,8 @@ class ExpertStore:
 
     def stream(self, layer: int, counts: np.ndarray, n_tokens: int, compute: Callable, acc, stats: StepStats, *,
                ids: Sequence[int] | None = None, group: int = 1, prefetched: list[Prefetch] | None = None,
-               started: Callable[[], None] | None = None, stream_all: bool | None = None):
+               started: Callable[[], None] | None = None, stream_all: bool | None = None,
+               early: Mapping[int, ExpertWeights] | None = None):
         """acc = compute(acc, ids_C, experts, capacity) over the experts of `layer` that `ids` lists
         (default: every expert for a prefill-sized batch, else those routed to), in groups.
 
@@ -125,24 +133,25 @@ class ExpertStore:
         prefetched: a list holding at most one `Prefetch`; taken, and refilled with the next MoE
         layer's first chunk. started: called once the first transfer is under way. stream_all:
         whether the chunk is prefill-sized (default: from n_tokens; the caller knows better when
-        some tokens route nowhere).
+        some tokens route nowhere). early: experts of this layer fetched a layer early (`moe_block.Lookahead`),
+        computed from those arrays.
         """
         stream_all = streams_everything(self.cfg, n_tokens) if stream_all is None else stream_all
         if ids is None:
             ids = self.owned if stream_all else [e for e in np.flatnonzero(counts) if self.plan.owner(e) == self.index]
-        chunks = self.chunks(layer, [int(e) for e in ids])
+        chunks = self.chunks(layer, [int(e) for e in ids], early)
         ahead = prefetched.pop() if prefetched else None
         if ahead is not None and ahead.layer == layer and chunks and chunks[0] == ahead.ids:
             fetched = ahead.arrays
         else:
-            fetched = self.fetch(layer, chunks[0], stats) if chunks else []
+            fetched = self.fetch(layer, chunks[0], stats, early) if chunks else []
         del ahead
         if started is not None:
             started()
         group = self.plan.expert_chunk if stream_all else group
         for c, ids_c in enumerate(chunks):
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
-            upcoming = self.fetch(layer, chunks[c + 1], stats) if c + 1 < len(chunks) else None
+            upcoming = self.fetch(layer, chunks[c + 1], stats, early) if c + 1 < len(chunks) else None
             nxt = self._next_moe_layer(layer)
             if upcoming is None and stream_all and prefetched is not None and nxt is not None:
                 if c > 0:
