@@ -10,6 +10,8 @@ experts under a 24 GiB budget, max batch 32). Rule sets, each a pair (capacity r
   fine-slots: fused programs of 1/2/3/4/6/8 slots (the rule before)
   apart:     a fused layer's resident experts in a program of their own, the streamed ones added by
              moe_landed once they land (moe_block.RESIDENT_APART)
+  lookahead: the current rules, each MoE layer fetching the next one's 2 likeliest host experts a layer
+             early (OffloadedExecutor.with_lookahead)
 Rules may repeat, to alternate them.
 Per rule set and batch: median step over --steps (after --warm), and one profiled step's segment times
 (each segment waited for: where the step's time goes). Prints a table; writes decode_variants.json.
@@ -37,7 +39,7 @@ def main() -> int:
     p.add_argument("--cases", nargs="+", default=["32:1", "32:4", "32:32", "1:1", "16:16"],
                    help="ROWS:ACTIVE decode batches (rows of the cache, rows active)")
     p.add_argument("--rules", nargs="+", default=["current", "pow2-cap", "fine-slots"],
-                   choices=["current", "pow2-cap", "fine-slots", "apart"])
+                   choices=["current", "pow2-cap", "fine-slots", "apart", "lookahead"])
     p.add_argument("--host-threads", type=int, nargs="+", default=[0],
                    help="host-kernel thread counts, each run through every rule (0: the default)")
     p.add_argument("--small-layers", action="store_true", help="small shapes (a CPU check)")
@@ -73,12 +75,13 @@ def main() -> int:
         return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), streaming.pow2(n))
 
     rules = {"current": (current_capacity, current_slots, False), "pow2-cap": (pow2_capacity, current_slots, False),
-             "fine-slots": (current_capacity, fine_slots, False), "apart": (current_capacity, current_slots, True)}
+             "fine-slots": (current_capacity, fine_slots, False), "apart": (current_capacity, current_slots, True),
+             "lookahead": (current_capacity, current_slots, False)}
     max_len = cache_length(512, 0)
     sampling, key = Sampling.of(0.0, 0, 1.0), jax.random.key(0)
     rows_out = []
     for threads, rule in [(n, r) for n in args.host_threads for r in args.rules]:
-        ex = base.with_host_threads(threads or None)
+        ex = base.with_host_threads(threads or None).with_lookahead(2 if rule == "lookahead" else 0)
         cap, slots, apart = rules[rule]
         streaming.capacity_for = moe_block.capacity_for = cap
         moe_block.fused_slots, moe_block.RESIDENT_APART = slots, apart
@@ -103,7 +106,8 @@ def main() -> int:
                    "steps_ms": [round(t * 1e3, 1) for t in times],
                    "experts": {k: float(np.mean([getattr(x, f) for x in stats])) for k, f in
                                (("device", "experts_on_device"), ("link", "experts_fetched"),
-                                ("host_cpu", "experts_on_host_cpu"))},
+                                ("host_cpu", "experts_on_host_cpu"), ("link_early", "experts_ahead"),
+                                ("early_used", "experts_ahead_used"))},
                    "host_cpu_ms": float(np.mean([sum(x.host_cpu_seconds) for x in stats])) * 1e3,
                    "profiled_step_ms": st.seconds * 1e3, "profiled_segments_ms": segs}
             rows_out.append(row)
@@ -114,13 +118,15 @@ def main() -> int:
             del cache, tok
     with open(os.path.join(args.out, "decode_variants.json"), "w") as f:
         json.dump(rows_out, f, indent=1)
-    print("\n| rule | host threads | rows | active | step ms | host CPU ms | experts device/link/cpu |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n| rule | host threads | rows | active | step ms | host CPU ms | experts device/link/cpu "
+          "| early / used |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows_out:
         e = r["experts"]
         print(f"| {r['rule']} | {r['host_threads']} | {r['rows']} | {r['active']} | {r['step_ms']:.1f} | "
               f"{r['host_cpu_ms']:.1f} | "
-              f"{e['device']:.1f} / {e['link']:.1f} / {e['host_cpu']:.1f} |")
+              f"{e['device']:.1f} / {e['link']:.1f} / {e['host_cpu']:.1f} | "
+              f"{e['link_early']:.1f} / {e['early_used']:.1f} |")
     return 0
 
 

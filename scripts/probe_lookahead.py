@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="a transformers-format DeepSeek checkpoint (default: the embedded model)")
+    p.add_argument("--model", default=None,
+                   help="a transformers-format DeepSeek checkpoint (default: the embedded model)")
     p.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
@@ -73,7 +74,8 @@ def main() -> None:
                     share = [len(set(g[:P]) & set(c)) / P for g, c in zip(likeliest, chosen[b])]
                     hits.setdefault((a, b, P), []).extend(share)
     rows = [{"layers": [a, b], "guessed": P, "chosen_share": float(np.mean(v))} for (a, b, P), v in hits.items()]
-    print(f"{args.model or 'the embedded model'}: {E} routed experts, {K} chosen per token (a random guess: {K / E:.2f}); "
+    print(f"{args.model or 'the embedded model'}: {E} routed experts, {K} chosen per token "
+          f"(a random guess: {K / E:.2f}); "
           f"{sum(len(w) for w in windows)} held-out tokens")
     print("| layers | experts guessed | share the next layer chose |")
     print("| --- | ---: | ---: |")
@@ -81,7 +83,8 @@ def main() -> None:
         print(f"| {r['layers'][0]} -> {r['layers'][1]} | {r['guessed']} | {r['chosen_share']:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": args.model or "the embedded model (ktjax/models/tiny)", "held_out": info, "experts": E, "per_token": K, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model or "the embedded model (ktjax/models/tiny)", "held_out": info,
+                       "experts": E, "per_token": K, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

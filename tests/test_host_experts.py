@@ -117,7 +117,8 @@ def test_experts_fetched_a_layer_early_change_only_where_they_run(split_model, f
     reference = ktjax.generate(split_model(fmt, "gpu"), [5, 9, 13, 2], max_new_tokens=6)
     model = split_model(fmt, "auto")
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
-    model = dataclasses.replace(model, executor=model.executor.with_decode_form(form).with_rates(even).with_lookahead(2))
+    executor = model.executor.with_decode_form(form).with_rates(even).with_lookahead(2)
+    model = dataclasses.replace(model, executor=executor)
     result = ktjax.generate(model, [5, 9, 13, 2], max_new_tokens=6)
     assert result.token_ids == reference.token_ids
     paths = result.stats.decode_experts_per_step

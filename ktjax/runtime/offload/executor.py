@@ -241,7 +241,8 @@ class OffloadedExecutor:
         return out
 
     def with_lookahead(self, experts: int) -> OffloadedExecutor:
-        """This model fetching that many of the next MoE layer's likely experts a layer early (`moe_block.Lookahead`)."""
+        """This model fetching that many of the next MoE layer's likely experts a layer early
+        (`moe_block.Lookahead`)."""
         if experts < 0:
             raise ValueError(f"lookahead={experts}: the number of experts fetched early, 0 or more")
         out = copy.copy(self)
@@ -346,8 +347,8 @@ class OffloadedExecutor:
                 ahead_of = next_moe.get(i) if lookahead is not None else None
                 if short and ahead_of is not None and cfg.layer_kinds[ahead_of] == kind:
                     x_BTD, h_ND, w_NK, idx_NK, ahead_w, ahead_idx, latent, rp = run(
-                        "attention_route", seg.attention_route_ahead, state, self.layers[ahead_of], x_BTD, rope, start_B,
-                        latent, rp, j)
+                        "attention_route", seg.attention_route_ahead, state, self.layers[ahead_of], x_BTD, rope,
+                        start_B, latent, rp, j)
                     lookahead.predicted = (ahead_of, ahead_w, ahead_idx)
                 elif short:
                     x_BTD, h_ND, w_NK, idx_NK, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,

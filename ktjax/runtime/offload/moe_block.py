@@ -199,7 +199,8 @@ def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, active_N: np.
         lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats)
 
 
-def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray, stats: StepStats) -> dict[int, ExpertWeights]:
+def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray,
+                stats: StepStats) -> dict[int, ExpertWeights]:
     """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `lookahead.experts`
     with the largest summed routing weight over the active tokens `rows`, among those it keeps in host memory."""
     j, w_NK, idx_NK = lookahead.predicted

@@ -92,7 +92,8 @@ class ExpertStore:
     def is_hosted(self, layer: int, e: int) -> bool:
         return (layer, e) in self.plan.host_experts
 
-    def chunks(self, layer: int, ids: Sequence[int], early: Mapping[int, ExpertWeights] | None = None) -> list[list[int]]:
+    def chunks(self, layer: int, ids: Sequence[int],
+               early: Mapping[int, ExpertWeights] | None = None) -> list[list[int]]:
         """Chunks of the plan's size, experts already on the device first (resident, or fetched early: their
         compute need not wait)."""
         early = early or {}
