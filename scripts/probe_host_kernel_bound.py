@@ -2,6 +2,8 @@
 instructions? One thread and all (or --threads N), on 16 distinct full-size gate_up matrices (4096 x 7168;
 together above the L3): int4 through the AVX2 kernel and the AVX-512 VNNI kernel where the CPU has it, int8
 through its kernel, each beside a plain parallel sum over the same bytes (what memory gives those threads).
+A bound beside the VNNI kernel: the same dot products with each row's scale work done once per 16 rows (wrong
+numbers), which says how much of the kernel's time that per-row work takes.
 
     python scripts/probe_host_kernel_bound.py [--threads 1 2 16]
 """
@@ -19,6 +21,7 @@ from ktjax.experts import host_kernels as hk
 from ktjax.experts import host_simd
 
 K = 16
+MAX_GROUPS = hk.MAX_GROUPS  # a module constant: numba takes it as a literal (stack_f32 needs one)
 SHAPES = {"gate_up": (4096, 7168), "down": (7168, 2048)}  # an expert's two matrices (rows, columns)
 
 
@@ -34,6 +37,45 @@ def plain_read(addrs, words):
             s += a[i]
         tot[job] = s
     return tot.sum()
+
+
+@njit(parallel=True, nogil=True, fastmath=True, error_model="numpy")
+def int4_vnni_scales_once(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_addr, xs_KTG, xsum_KTG, ntok_K, out_KTR):
+    """`hk.matvec_int4_q8_vnni` with each row's scales (`hk._int4_row_scales`) worked out once per 16 rows, not per
+    row: wrong numbers, the same dot products, and the same bytes (each row's scale and minimum bytes are still
+    read, one value per cache line, into out_KTR's sign). What the kernel would reach if its per-row scale work
+    cost nothing (a bound, not a kernel)."""
+    K, T = xs_KTG.shape[:2]
+    G = C // hk.GROUP
+    S = C // hk.SUPER
+    blocks = (R + hk.ROWS - 1) // hk.ROWS
+    for job in prange(K * blocks):
+        k = job // blocks
+        r0 = (job % blocks) * hk.ROWS
+        sc, mn, d, dmin = hk._int4_scales(sc_addr[k], mn_addr[k], d_addr[k], dmin_addr[k], R, G, S)
+        acc_p = host_simd.stack_f32(16)
+        acc = numba.carray(acc_p, (16,))
+        scale_p = host_simd.stack_f32(MAX_GROUPS)
+        scale = numba.carray(scale_p, (MAX_GROUPS,))
+        offset = hk._int4_row_scales(scale, sc, mn, d, dmin, r0, xs_KTG[k, 0], xsum_KTG[k, 0])
+        for r in range(r0, min(R, r0 + hk.ROWS)):
+            q_row = q_addr[k] + r * (C // 2)
+            for t in range(ntok_K[k]):
+                x_row = xq_addr + (k * T + t) * C
+                for lane in range(16):
+                    acc[lane] = 0
+                for j in range(G // 4):
+                    host_simd.int4_quad_dots(acc_p, q_row + j * 2 * hk.GROUP, x_row + j * 4 * hk.GROUP, scale_p, j)
+                total = np.float32(0.0)
+                for lane in range(16):
+                    total += acc[lane]
+                touched = 0
+                for g in range(0, G, 64):  # one byte per 64-byte line of this row's scales and minimums
+                    touched += sc[r, g] + mn[r, g]
+                for g in range(0, S, 16):  # one float per line of its bases
+                    touched += d[r, g] > 0
+                    touched += dmin[r, g] > 0
+                out_KTR[k, t, r] = total - offset if touched >= 0 else -total
 
 
 def best(f, n=5):
@@ -70,6 +112,7 @@ def probe(R: int, C: int, thread_counts: list[int]) -> None:
     kernels = {"avx2": hk.matvec_int4_q8}
     if hk.INT4_VNNI:
         kernels["avx512-vnni"] = hk.matvec_int4_q8_vnni
+        kernels["vnni, scales per 16 rows (bound)"] = int4_vnni_scales_once
     outs = {}
     print(f"GB/s of int4 weights, {K} matrices {R} x {C}, 1 token, best of 5")
     for n in thread_counts:
@@ -80,8 +123,8 @@ def probe(R: int, C: int, thread_counts: list[int]) -> None:
             row[name] = nbytes / best(lambda: kernel(addr["q"], addr["sc"], addr["mn"], addr["d"], addr["dmin"], R, C,
                                                      xq.ctypes.data, xs, xsum, ntok, out)) / 1e9
         print(f"{n:3d} threads: " + "   ".join(f"{k} {v:.1f}" for k, v in row.items()))
-    if len(outs) == 2:
-        a, b = outs.values()
+    if len(outs) >= 2:
+        a, b = list(outs.values())[:2]
         print(f"int4 kernels agree to {float(np.abs(a - b).max() / np.abs(a).max()):.1e} (relative)")
     del arrays
     q8 = [rng.integers(-127, 128, (R, C), dtype=np.int8) for _ in range(K)]
