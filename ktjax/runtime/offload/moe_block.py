@@ -66,10 +66,6 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     (decode-sized layers; prefill-sized ones, which stream whole layers, drop them)."""
     cfg = ex.config
     early = lookahead.fetched.pop(i, {}) if lookahead is not None else {}
-    predicted = lookahead.predicted if lookahead is not None else None
-    if predicted is not None:
-        for a in predicted[1:]:
-            a.copy_to_host_async()
     if ex.mesh is not None:
         if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
             idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
@@ -82,6 +78,9 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     host = None if everything else ex.host
     for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
         a.copy_to_host_async()  # queued behind the routing: no host round trip before it
+    if lookahead is not None and lookahead.predicted is not None:
+        for a in lookahead.predicted[1:]:  # behind this layer's own routing, which the host waits for first
+            a.copy_to_host_async()
     moved_before = stats.bytes_from_host
     idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
     if (ex.fuses_decode and not everything and N <= FUSED_MAX_TOKENS
@@ -166,7 +165,6 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
-    look_ahead(ex, lookahead, active_N, N, stats)  # its transfers queue behind `landing`
     resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
     resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
     # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
@@ -182,6 +180,9 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         for ids, slots in landed:
             routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
                             capacity=capacity_for(len(rows_A), counts[ids]))
+        # The next layer's likely experts: their transfers queue behind `landing`, and this runs on the worker
+        # where the host CPU has a share, so its dispatch does not hold up the host kernels' start.
+        look_ahead(ex, lookahead, active_N, N, stats)
         return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
