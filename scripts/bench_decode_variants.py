@@ -106,8 +106,8 @@ def main() -> int:
                    "steps_ms": [round(t * 1e3, 1) for t in times],
                    "experts": {k: float(np.mean([getattr(x, f) for x in stats])) for k, f in
                                (("device", "experts_on_device"), ("link", "experts_fetched"),
-                                ("host_cpu", "experts_on_host_cpu"), ("link_early", "experts_ahead"),
-                                ("early_used", "experts_ahead_used"))},
+                                ("host_cpu", "experts_on_host_cpu"), ("link_early", "experts_early"),
+                                ("early_used", "experts_early_used"))},
                    "host_cpu_ms": float(np.mean([sum(x.host_cpu_seconds) for x in stats])) * 1e3,
                    "profiled_step_ms": st.seconds * 1e3, "profiled_segments_ms": segs}
             rows_out.append(row)

@@ -161,7 +161,7 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
                 (("device", "experts_on_device"), ("link", "experts_fetched"), ("host_cpu", "experts_on_host_cpu"))}
     # The floor counts the host experts the step needed: not those fetched a layer early and then not chosen
     # (OffloadedExecutor.lookahead), which the link did carry.
-    wasted = float(np.mean([s.experts_ahead - s.experts_ahead_used for s in stats]))
+    wasted = float(np.mean([s.experts_early - s.experts_early_used for s in stats]))
     host_experts = per_path["link"] + per_path["host_cpu"] - wasted
     core_read = sum(v for k, v in plan.core_bytes.items() if k != "embeddings")
     cache_bytes = cfg.num_hidden_layers * B * (ctx + 1) * cfg.cache_dim * 2
@@ -381,8 +381,8 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
                    r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
                    + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
         if n:
-            row["early_experts_per_step"] = float(np.mean([s.experts_ahead for s in stats]))
-            row["early_used_per_step"] = float(np.mean([s.experts_ahead_used for s in stats]))
+            row["early_experts_per_step"] = float(np.mean([s.experts_early for s in stats]))
+            row["early_used_per_step"] = float(np.mean([s.experts_early_used for s in stats]))
         name = "decode_b1_r1_share" + (f"_lookahead{n}" if n else "")
         print(f"ROW {name} " + json.dumps(row), flush=True)
         log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}"

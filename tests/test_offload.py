@@ -474,7 +474,7 @@ def test_lookahead_fetches_the_next_layers_likeliest_host_experts(mixed):
     got = moe_block.fetch_ahead(ex, lookahead, np.array([0, 1]), stats)  # row 2 is not active
     # 6: 0.6, 7: 0.3, 5: 0.25, 4: 0.05; experts 0 (0.9) and 1 (0.8) are on the device. With row 2: 5, 4.
     assert list(got) == [6, 7]
-    assert stats.experts_ahead == stats.experts_fetched == 2
+    assert stats.experts_early == stats.experts_fetched == 2
     assert stats.bytes_from_host == 2 * mixed.placement.expert_bytes
     for e, arrays in got.items():
         for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(experts_of(mixed)[2][e])):

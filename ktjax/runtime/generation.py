@@ -262,10 +262,10 @@ def _step_summary(prefill: StepStats, decode: list[StepStats]) -> dict[str, Any]
                        "device": sum(s.experts_on_device for s in decode) / len(decode),
                        "link": sum(s.experts_fetched for s in decode) / len(decode),
                        "host_cpu": sum(s.experts_on_host_cpu for s in decode) / len(decode)})
-        early = sum(s.experts_ahead for s in decode)
+        early = sum(s.experts_early for s in decode)
         if early:  # the executor's lookahead: of the link's experts, those fetched a layer early, and used
             out["decode_experts_per_step"].update(link_early=early / len(decode),
-                                                  early_used=sum(s.experts_ahead_used for s in decode) / len(decode))
+                                                  early_used=sum(s.experts_early_used for s in decode) / len(decode))
     return out
 
 

@@ -53,8 +53,8 @@ class StepStats:
     experts_fetched: int = 0  # streamed over the link
     experts_on_host_cpu: int = 0  # computed where they live
     experts_on_device: int = 0  # resident in device memory
-    experts_ahead: int = 0  # of experts_fetched: fetched a MoE layer early, on a guess (the executor's lookahead)
-    experts_ahead_used: int = 0  # of those, the ones their layer then chose
+    experts_early: int = 0  # of experts_fetched: fetched a MoE layer early, on a guess (the executor's lookahead)
+    experts_early_used: int = 0  # of those, the ones their layer then chose
     seconds: float = 0.0
     segment_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # with profiling on
     # When each MoE layer's routing reached the host, in seconds from the step's start: the spacing
@@ -75,8 +75,8 @@ class StepStats:
         self.bytes_from_host += other.bytes_from_host
         self.experts_fetched += other.experts_fetched
         self.experts_on_device += other.experts_on_device
-        self.experts_ahead += other.experts_ahead
-        self.experts_ahead_used += other.experts_ahead_used
+        self.experts_early += other.experts_early
+        self.experts_early_used += other.experts_early_used
         for name, seconds in other.segment_seconds.items():
             self.segment_seconds[name] = self.segment_seconds.get(name, 0.0) + seconds
 

@@ -210,7 +210,7 @@ def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray,
     score_E = np.bincount(idx_R, weights=w_R, minlength=E)[:E]
     likely = [int(e) for e in np.argsort(-score_E, kind="stable") if score_E[e] > 0 and ex.store.is_hosted(j, e)]
     likely = likely[:lookahead.experts]
-    stats.experts_ahead += len(likely)
+    stats.experts_early += len(likely)
     return dict(zip(likely, ex.store.fetch(j, likely, stats)))
 
 

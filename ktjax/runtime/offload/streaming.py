@@ -113,7 +113,7 @@ class ExpertStore:
         by_id = {**early, **dict(zip(hosted, moved))}
         stats.experts_fetched += len(hosted)
         stats.experts_on_device += sum(not self.is_hosted(layer, e) for e in ids)
-        stats.experts_ahead_used += sum(e in early for e in ids)
+        stats.experts_early_used += sum(e in early for e in ids)
         stats.bytes_from_host += sum(slots[e].nbytes for e in hosted)
         return [by_id.get(e, slots[e]) for e in ids]
 
