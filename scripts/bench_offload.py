@@ -348,8 +348,9 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     DeepSeek-R1 keeps on a GPU of --r1-gpu-memory (`fullsize.r1_resident_per_layer`), and R1's step extrapolated
     from it: the median spacing of MoE layers x 58, plus the rest of this step (embedding, dense layer, head),
     plus R1's other dense layers at this run's profiled dense-layer time. A row per --lookahead value, in the same
-    process: decode_b1_r1_share (lookahead 0), decode_b1_r1_share_lookahead{N}. None where this model's budget
-    already keeps no more per layer than R1 would."""
+    process, and per --decode-forms value: decode_b1_r1_share (the first form, lookahead 0),
+    decode_b1_r1_share[_{form}][_lookahead{N}]. None where this model's budget already keeps no more per layer
+    than R1 would."""
     import numpy as np
     from fullsize import capped_rules, plan_for, r1_resident_per_layer, reference_config
     fmt = plan.expert_format.name
@@ -371,19 +372,20 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     dense_s = prof["dense_layer"] / 1e3
     n_moe = len(cfg.moe_layers)
     rows = {}
-    for n in args.lookahead:
-        times, stats = decode_steps(r1_model.with_lookahead(n), 1, ctx, args.steps, sampling)
+    for form, n in [(f, n) for f in args.decode_forms for n in args.lookahead]:
+        times, stats = decode_steps(r1_model.with_decode_form(form).with_lookahead(n), 1, ctx, args.steps, sampling)
         row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
         row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share,
                    device_share=per_layer / cfg.n_routed_experts, dense_layer_s=dense_s,
-                   host_activations=model.host_activations, profile_ms=prof, lookahead=n,
+                   host_activations=model.host_activations, profile_ms=prof, lookahead=n, decode_form=form,
                    r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
                    + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
         if n:
             row["early_experts_per_step"] = float(np.mean([s.experts_early for s in stats]))
             row["early_used_per_step"] = float(np.mean([s.experts_early_used for s in stats]))
-        name = "decode_b1_r1_share" + (f"_lookahead{n}" if n else "")
+        name = ("decode_b1_r1_share" + (f"_{form}" if form != args.decode_forms[0] else "")
+                + (f"_lookahead{n}" if n else ""))
         print(f"ROW {name} " + json.dumps(row), flush=True)
         log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}"
             + (f" ({row['early_experts_per_step']:.1f} fetched a layer early, {row['early_used_per_step']:.1f} used)"

@@ -206,3 +206,18 @@ def test_info_shows_the_cpu_link_switch_point_from_measured_rates_once_there_are
             "and 0.3 ms per call, link 10 GB/s" in out)
     assert main(argv + ["--host-activations", "float32"]) == 0  # another kernel: its rates are not known yet
     assert "rates assumed until the first load on a GPU measures them" in capsys.readouterr().out
+
+
+def test_experts_fetched_early_are_as_many_as_the_link_has_room_for():
+    """A layer fetches early what the link carries while it would otherwise idle: the host CPU's lead over the
+    link's share, plus the window a layer's attention and routing leave (LOOKAHEAD_WINDOW_S, 1.5 ms)."""
+    from ktjax.runtime.offload.scheduler import early_fetches
+    nbytes = 30_000_000
+    fast = PathRates(link_gbps=60.0, cpu_gbps=30.0, cpu_call_s=0.0)  # 0.5 ms per expert on the link, 1 ms on the CPU
+    assert early_fetches(fast, nbytes, np.array([]), 0, most=8) == 3  # the window: 1.5 ms
+    assert early_fetches(fast, nbytes, np.array([1, 1]), 1, most=8) == 6  # CPU 2 ms, link 0.5: + 1.5 ms
+    assert early_fetches(fast, nbytes, np.array([1]), 4, most=8) == 3  # the link's share is the longer: the window
+    assert early_fetches(fast, nbytes, np.array([1, 1]), 1, most=2) == 2  # never more than asked for
+    slow = PathRates(link_gbps=10.0, cpu_gbps=30.0, cpu_call_s=0.0)  # 3 ms per expert: none fits the window
+    assert early_fetches(slow, nbytes, np.array([]), 0, most=2) == 0
+    assert early_fetches(None, nbytes, np.array([]), 0, most=2) == 2  # float experts: no rates to go by

@@ -12,6 +12,7 @@ several devices the layer goes to `devices.moe_over_devices`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from ktjax.experts.weights import ExpertWeights
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.devices import moe_over_devices
 from ktjax.runtime.offload.host_path import HostPath
-from ktjax.runtime.offload.scheduler import split
+from ktjax.runtime.offload.scheduler import early_fetches, split
 from ktjax.runtime.offload.segments import LayerSegments, Segments, Unsummed, combine_segment, mask_routes_segment
 from ktjax.runtime.offload.streaming import Prefetch, capacity_for, pow2, routing_counts, streams_everything
 
@@ -104,7 +105,8 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     if host is None:
         on_gpu = ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
                                  stream_all=stream_all, early=early)
-        look_ahead(ex, lookahead, active_N, N, stats)
+        streamed = [e for e in np.flatnonzero(counts) if ex.store.is_hosted(i, e) and e not in early]
+        look_ahead(ex, lookahead, active_N, N, stats, np.zeros(0), len(streamed))
         on_host = None
     else:
         chosen = [int(e) for e in np.flatnonzero(counts)]
@@ -114,8 +116,9 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
         # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
         # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
+        then = functools.partial(look_ahead, ex, lookahead, active_N, N, stats, counts[cpu_ids], len(link_ids))
         job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all, early,
-                                   lambda: look_ahead(ex, lookahead, active_N, N, stats))
+                                   then)
         on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
         on_gpu = job.result()
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
@@ -182,7 +185,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
                             capacity=capacity_for(len(rows_A), counts[ids]))
         # The next layer's likely experts: their transfers queue behind `landing`, and this runs on the worker
         # where the host CPU has a share, so its dispatch does not hold up the host kernels' start.
-        look_ahead(ex, lookahead, active_N, N, stats)
+        look_ahead(ex, lookahead, active_N, N, stats, counts[cpu_ids], len(link_ids))
         return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
@@ -193,23 +196,27 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
 
 
 def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, active_N: np.ndarray | None, N: int,
-               stats: StepStats) -> None:
-    """Where this layer guessed the next one's experts (`Lookahead.predicted`), fetch the likeliest early."""
+               stats: StepStats, cpu_tokens: np.ndarray, n_link: int) -> None:
+    """Where this layer guessed the next one's experts (`Lookahead.predicted`), fetch the likeliest early: as many
+    as the link has room for beside this layer's share (`scheduler.early_fetches`; cpu_tokens: the tokens of each
+    expert the host CPU computes here, n_link: the experts the link carries here)."""
     if lookahead is not None and lookahead.predicted is not None:
         rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
-        lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats)
+        most = early_fetches(ex.rates, ex.plan.expert_bytes, cpu_tokens, n_link, lookahead.experts)
+        lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats, most)
 
 
-def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray,
-                stats: StepStats) -> dict[int, ExpertWeights]:
-    """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `lookahead.experts`
-    with the largest summed routing weight over the active tokens `rows`, among those it keeps in host memory."""
+def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray, stats: StepStats,
+                most: int | None = None) -> dict[int, ExpertWeights]:
+    """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `most` (default
+    `lookahead.experts`) with the largest summed routing weight over the active tokens `rows`, among those it keeps
+    in host memory."""
     j, w_NK, idx_NK = lookahead.predicted
     E = ex.config.n_routed_experts
     idx_R, w_R = np.asarray(idx_NK)[rows].ravel(), np.asarray(w_NK, np.float64)[rows].ravel()
     score_E = np.bincount(idx_R, weights=w_R, minlength=E)[:E]
     likely = [int(e) for e in np.argsort(-score_E, kind="stable") if score_E[e] > 0 and ex.store.is_hosted(j, e)]
-    likely = likely[:lookahead.experts]
+    likely = likely[:lookahead.experts if most is None else most]
     stats.experts_early += len(likely)
     return dict(zip(likely, ex.store.fetch(j, likely, stats)))
 

@@ -72,6 +72,26 @@ def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, 
     return chosen, [e for e in hosted if e not in set(chosen)]
 
 
+# The link's idle time in a batch-1 layer beside its own transfers, which experts fetched early may fill: at R1's
+# device share on the H200 an int4 layer took 3.4 ms between routings and its transfers ~1.85 (benchmarks/offload.md,
+# runs 19-20): attention, routing, the round trip and the device's last programs.
+LOOKAHEAD_WINDOW_S = 1.5e-3
+
+
+def early_fetches(rates: PathRates | None, nbytes: int, cpu_tokens: np.ndarray, n_link: int, most: int) -> int:
+    """How many of the next MoE layer's experts this layer may fetch early (`moe_block.Lookahead`), at most `most`:
+    as many as the link carries in the time it would otherwise idle before the next layer's own transfers, the host
+    CPU's lead over the link's share (cpu_tokens: the tokens of each expert the CPU computes; n_link: the experts
+    the link carries) plus LOOKAHEAD_WINDOW_S. More would delay the next layer: its programs wait for them. Without
+    rates (float experts, no host path), `most`."""
+    if rates is None:
+        return most
+    t_cpu = rates.cpu_call_s + float(np.sum(rates.cpu_seconds(nbytes, cpu_tokens))) if len(cpu_tokens) else 0.0
+    per_expert = rates.link_seconds(nbytes)
+    room = max(0.0, t_cpu - n_link * per_expert) + LOOKAHEAD_WINDOW_S
+    return min(most, int(room / per_expert + 1e-9))  # a whole number of experts, whatever the rounding
+
+
 def _cache_file() -> str:
     root = os.environ.get("KTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ktjax")
     return os.path.join(root, "path_rates.json")
