@@ -47,7 +47,8 @@ class Lookahead:
     MoE layer's router, applied to this layer's residual after attention, names its likely experts, and their
     transfers queue behind this layer's own, where the link would idle while the host CPU, attention and
     routing run. Those the next layer then chooses are on the device by then; the others were wasted link time.
-    The outputs are the same: only where an expert is computed changes.
+    The same experts are computed; only where changes (as with any split: with int8 host activations, an expert
+    the device computes instead of the host CPU loses that path's ~0.5% rounding).
 
     predicted: (the next MoE layer, its routing weights and expert ids [N, K] on this layer's residual), set
     for the layer that runs next; fetched: per layer, the experts fetched early and their device arrays."""
