@@ -254,15 +254,19 @@ def test_an_expert_gathers_only_as_many_tokens_as_its_busiest_chunk_member_needs
     assert capacity_for(8, []) == 1
 
 
-@pytest.mark.parametrize("form", ["streamed", "fused"])
-def test_padding_and_inactive_rows_route_to_no_expert(all_host, form):
+@pytest.mark.parametrize("form, lookahead", [("streamed", 0), ("fused", 0), ("fused", 2)])
+def test_padding_and_inactive_rows_route_to_no_expert(all_host, form, lookahead):
     """A prefill's padding, and in decode a serving batch's free slots (active_B False), bring in no
     experts; the active rows' tokens are unchanged, in either decode form (the fused program computes
-    the routed experts on the active rows alone). Shapes as generate() pads a batch of 3 (compiled by
-    the tests above)."""
+    the routed experts on the active rows alone), and with experts fetched a layer early (every transfer is
+    then a chosen expert or a guess). Shapes as generate() pads a batch of 3 (compiled by the tests above)."""
     from ktjax.runtime.model import Sampling, StepStats
     from ktjax.runtime.offload.segments import Segments, settled
-    ex = all_host.executor.with_decode_form(form)
+    ex = all_host.executor.with_decode_form(form).with_lookahead(lookahead)
+
+    def needed(stats):  # the transfers of chosen experts: all of them, less the guesses, plus the guesses used
+        return stats.experts_fetched - stats.experts_early + stats.experts_early_used
+
     tokens_BT = np.zeros((4, 16), np.int32)
     tokens_BT[:, :4] = [[5, 9, 13, 2], [3, 4, 8, 1], [40, 7, 7, 3], [11, 22, 33, 44]]
     greedy = Sampling.of()
@@ -270,7 +274,7 @@ def test_padding_and_inactive_rows_route_to_no_expert(all_host, form):
     token_B, cache, prefill = ex.prefill(ex.init_cache(4, 256), tokens_BT, lengths_B, jax.random.key(0), greedy)
     K = ex.config.num_experts_per_tok
     assert all(int(c.sum()) == 5 * K for c in prefill.expert_counts.values())  # the prompts' tokens, no padding
-    assert prefill.experts_fetched == sum(int((c > 0).sum()) for c in prefill.expert_counts.values())
+    assert needed(prefill) == sum(int((c > 0).sum()) for c in prefill.expert_counts.values())
     pos_B = jnp.asarray(lengths_B)
 
     def decode_hidden(cache, active_B):  # a decode step's last hidden states, each segment timed
@@ -284,7 +288,8 @@ def test_padding_and_inactive_rows_route_to_no_expert(all_host, form):
     np.testing.assert_allclose(one[0], every[0], rtol=1e-5, atol=1e-5 * np.abs(every[0]).max())
     assert ("moe_device" in one_stats.segment_seconds) == (form == "fused")
     moe_layers = len(ex.config.moe_layers)
-    assert one_stats.experts_fetched == K * moe_layers < all_stats.experts_fetched
+    assert needed(one_stats) == K * moe_layers < needed(all_stats)
+    assert one_stats.experts_early == lookahead * (moe_layers - 1)  # the active row guesses 3, 2 of them fetched
     assert all(int((c > 0).sum()) == K for c in one_stats.expert_counts.values())
 
 
