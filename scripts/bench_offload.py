@@ -525,8 +525,8 @@ def table(results: list[dict]) -> str:
                              f"host share {p['host_share']:.2f} ms, its end to the next layer's routing "
                              f"{p['after_host_share']:.2f} ms")
             if v.get("lookahead"):
-                notes.append(f"{name} {k}: lookahead {v['lookahead']}: {v['early_experts_per_step']:.1f} experts per step "
-                             f"fetched a layer early, {v['early_used_per_step']:.1f} of them used")
+                notes.append(f"{name} {k}: lookahead {v['lookahead']}: {v['early_experts_per_step']:.1f} experts "
+                             f"per step fetched a layer early, {v['early_used_per_step']:.1f} of them used")
             if "r1_extrapolated_s" in v:
                 notes.append(f"{name} {k}: {100 * v['device_share']:.1f}% of each layer's experts on the device, as "
                              f"R1 would keep on {v['r1_gpu_memory']} ({100 * v['r1_device_share']:.1f}%); R1 "

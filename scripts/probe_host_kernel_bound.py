@@ -40,7 +40,8 @@ def plain_read(addrs, words):
 
 
 @njit(parallel=True, nogil=True, fastmath=True, error_model="numpy")
-def int4_vnni_scales_once(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_addr, xs_KTG, xsum_KTG, ntok_K, out_KTR):
+def int4_vnni_scales_once(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_addr, xs_KTG, xsum_KTG, ntok_K,
+                          out_KTR):
     """`hk.matvec_int4_q8_vnni` with each row's scales (`hk._int4_row_scales`) worked out once per 16 rows, not per
     row: wrong numbers, the same dot products, and the same bytes (each row's scale and minimum bytes are still
     read, one value per cache line, into out_KTR's sign). What the kernel would reach if its per-row scale work
