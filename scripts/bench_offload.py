@@ -349,7 +349,7 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     from it: the median spacing of MoE layers x 58, plus the rest of this step (embedding, dense layer, head),
     plus R1's other dense layers at this run's profiled dense-layer time. A row per --lookahead value, in the same
     process, and per --decode-forms value: decode_b1_r1_share (the first form, lookahead 0),
-    decode_b1_r1_share[_{form}][_lookahead{N}]. None where this model's budget already keeps no more per layer
+    decode_b1_r1_share[_{form}][_lookahead{N}]. No rows where this model's budget already keeps no more per layer
     than R1 would."""
     import numpy as np
     from fullsize import capped_rules, plan_for, r1_resident_per_layer, reference_config

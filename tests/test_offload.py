@@ -470,13 +470,13 @@ def test_experts_fetched_a_layer_early_generate_transformers_tokens(mixed, ref, 
 
 def test_lookahead_fetches_the_next_layers_likeliest_host_experts(mixed):
     """The experts fetched early: the largest routing weight summed over the active tokens, among the next
-    layer's host experts (layer 2 keeps experts 0-3 on the device), at most `experts` of them, likeliest first."""
+    layer's host experts (layer 2 keeps experts 0-3 on the device), at most `most` of them, likeliest first."""
     ex = mixed.executor
     idx_NK = np.array([[0, 5, 6, 7], [5, 1, 4, 6], [5, 4, 0, 1]], np.int32)
     w_NK = np.array([[0.9, 0.1, 0.5, 0.3], [0.15, 0.8, 0.05, 0.1], [0.9, 0.9, 0.9, 0.9]], np.float32)
     stats = offload.executor.StepStats()
-    lookahead = moe_block.Lookahead(2, predicted=(2, jnp.asarray(w_NK), jnp.asarray(idx_NK)))
-    got = moe_block.fetch_ahead(ex, lookahead, np.array([0, 1]), stats)  # row 2 is not active
+    guess = (2, jnp.asarray(w_NK), jnp.asarray(idx_NK))
+    got = moe_block.fetch_ahead(ex, guess, np.array([0, 1]), stats, most=2)  # row 2 is not active
     # 6: 0.6, 7: 0.3, 5: 0.25, 4: 0.05; experts 0 (0.9) and 1 (0.8) are on the device. With row 2: 5, 4.
     assert list(got) == [6, 7]
     assert stats.experts_early == stats.experts_fetched == 2

@@ -345,11 +345,12 @@ class OffloadedExecutor:
                 x_BTD = run("dense_mlp", seg.dense_mlp, state, x_BTD)
             else:
                 ahead_of = next_moe.get(i) if lookahead is not None else None
-                if short and ahead_of is not None and cfg.layer_kinds[ahead_of] == kind:
+                guess = None
+                if short and ahead_of is not None:  # a MoE layer too: this kind's graph takes its arrays
                     x_BTD, h_ND, w_NK, idx_NK, ahead_w, ahead_idx, latent, rp = run(
                         "attention_route", seg.attention_route_ahead, state, self.layers[ahead_of], x_BTD, rope,
                         start_B, latent, rp, j)
-                    lookahead.predicted = (ahead_of, ahead_w, ahead_idx)
+                    guess = (ahead_of, ahead_w, ahead_idx)
                 elif short:
                     x_BTD, h_ND, w_NK, idx_NK, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,
                                                                 rope, start_B, latent, rp, j)
@@ -358,9 +359,7 @@ class OffloadedExecutor:
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                     h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
                 x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N,
-                                  lookahead)
-                if lookahead is not None:
-                    lookahead.predicted = None
+                                  lookahead, guess)
             groups[kind] = LayerCache(latent, rp)
         # Not waited for: the head's dispatch overlaps the last layer's compute.
         return x_BTD, KVCache(groups)

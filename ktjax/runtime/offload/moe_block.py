@@ -50,22 +50,26 @@ class Lookahead:
     The same experts are computed; only where changes (as with any split: with int8 host activations, an expert
     the device computes instead of the host CPU loses that path's ~0.5% rounding).
 
-    predicted: (the next MoE layer, its routing weights and expert ids [N, K] on this layer's residual), set
-    for the layer that runs next; fetched: per layer, the experts fetched early and their device arrays."""
+    experts: the most fetched per layer; fetched: per layer, the experts fetched early and their device arrays.
+    A layer's guess (`Guess`) comes with its routing."""
 
     experts: int
-    predicted: tuple[int, jax.Array, jax.Array] | None = None
     fetched: dict[int, dict[int, ExpertWeights]] = dataclasses.field(default_factory=dict)
+
+
+# A layer's guess at the next MoE layer's experts: (that layer, its routing weights and expert ids [N, K] on this
+# layer's residual after attention).
+Guess = tuple[int, jax.Array, jax.Array]
 
 
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
               prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
-              lookahead: Lookahead | None = None):
+              lookahead: Lookahead | None = None, guess: Guess | None = None):
     """The MoE block of layer i: the shared expert while the first transfer runs and the chosen
     experts on their paths; its output unsummed where it is decode-sized on one device, else summed.
     active_N: the tokens whose experts are chosen (None: all); the others may meet a chosen expert but
-    never bring one in. lookahead: experts fetched a layer early, and this layer's guess at the next one's
-    (decode-sized layers; prefill-sized ones, which stream whole layers, drop them)."""
+    never bring one in. lookahead: experts fetched a layer early; guess: this layer's at the next one's (decode-sized
+    layers; prefill-sized ones, which stream whole layers, drop both)."""
     cfg = ex.config
     early = lookahead.fetched.pop(i, {}) if lookahead is not None else {}
     if ex.mesh is not None:
@@ -80,15 +84,15 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     host = None if everything else ex.host
     for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
         a.copy_to_host_async()  # queued behind the routing: no host round trip before it
-    if lookahead is not None and lookahead.predicted is not None:
-        for a in lookahead.predicted[1:]:  # behind this layer's own routing, which the host waits for first
+    if guess is not None:
+        for a in guess[1:]:  # behind this layer's own routing, which the host waits for first
             a.copy_to_host_async()
     moved_before = stats.bytes_from_host
     idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
     if (ex.fuses_decode and not everything and N <= FUSED_MAX_TOKENS
             and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
         x_BTD = fused_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run, active_N,
-                          lookahead, early)
+                          lookahead, guess, early)
         stats.link_bytes.append(stats.bytes_from_host - moved_before)
         return x_BTD
     if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
@@ -102,12 +106,13 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         return run("experts", experts_segment, acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
 
     if stream_all:  # whole layers stream: nothing fetched early is of use, nor is a guess at the next layer
-        early, lookahead = {}, None
+        early, guess = {}, None
+    rows = active_rows(active_N, N) if guess is not None else None  # whom the guess is for
     if host is None:
         on_gpu = ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
                                  stream_all=stream_all, early=early)
         streamed = [e for e in np.flatnonzero(counts) if ex.store.is_hosted(i, e) and e not in early]
-        look_ahead(ex, lookahead, active_N, N, stats, np.zeros(0), len(streamed))
+        look_ahead(ex, lookahead, guess, rows, stats, np.zeros(0), len(streamed))
         on_host = None
     else:
         chosen = [int(e) for e in np.flatnonzero(counts)]
@@ -117,7 +122,7 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
         # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
         # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
         # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
-        then = functools.partial(look_ahead, ex, lookahead, active_N, N, stats, counts[cpu_ids], len(link_ids))
+        then = functools.partial(look_ahead, ex, lookahead, guess, rows, stats, counts[cpu_ids], len(link_ids))
         job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all, early,
                                    then)
         on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
@@ -148,7 +153,8 @@ def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: Step
 
 def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
-              lookahead: Lookahead | None = None, early: dict[int, ExpertWeights] | None = None):
+              lookahead: Lookahead | None = None, guess: Guess | None = None,
+              early: dict[int, ExpertWeights] | None = None):
     """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
     transfers start, then `moe_device` computes them with the shared expert and the resident experts once they
     have landed. With `RESIDENT_APART` (and both kinds in the layer), `moe_device` takes only the resident
@@ -168,7 +174,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
-    rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
+    rows = active_rows(active_N, N)
     resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
     resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
     # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
@@ -186,7 +192,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
                             capacity=capacity_for(len(rows_A), counts[ids]))
         # The next layer's likely experts: their transfers queue behind `landing`, and this runs on the worker
         # where the host CPU has a share, so its dispatch does not hold up the host kernels' start.
-        look_ahead(ex, lookahead, active_N, N, stats, counts[cpu_ids], len(link_ids))
+        look_ahead(ex, lookahead, guess, rows, stats, counts[cpu_ids], len(link_ids))
         return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
@@ -196,28 +202,31 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     return Unsummed(x_BTD, *on_gpu.result(), host_ND)
 
 
-def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, active_N: np.ndarray | None, N: int,
+def active_rows(active_N: np.ndarray | None, N: int) -> np.ndarray:
+    """The rows of the N tokens whose experts are chosen (active_N None: all)."""
+    return np.arange(N) if active_N is None else np.flatnonzero(active_N)
+
+
+def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, guess: Guess | None, rows: np.ndarray | None,
                stats: StepStats, cpu_tokens: np.ndarray, n_link: int) -> None:
-    """Where this layer guessed the next one's experts (`Lookahead.predicted`), fetch the likeliest early: as many
-    as the link has room for beside this layer's share (`scheduler.early_fetches`; cpu_tokens: the tokens of each
-    expert the host CPU computes here, n_link: the experts the link carries here)."""
-    if lookahead is not None and lookahead.predicted is not None:
-        rows = np.arange(N) if active_N is None else np.flatnonzero(active_N)
+    """Where this layer guessed the next one's experts, fetch the likeliest early (`Lookahead`), for the active
+    tokens `rows`: as many as the link has room for beside this layer's share (`scheduler.early_fetches`;
+    cpu_tokens: the tokens of each expert the host CPU computes here, n_link: the experts the link carries here)."""
+    if lookahead is not None and guess is not None:
         most = early_fetches(ex.rates, ex.plan.expert_bytes, cpu_tokens, n_link, lookahead.experts)
-        lookahead.fetched[lookahead.predicted[0]] = fetch_ahead(ex, lookahead, rows, stats, most)
+        lookahead.fetched[guess[0]] = fetch_ahead(ex, guess, rows, stats, most)
 
 
-def fetch_ahead(ex: OffloadedExecutor, lookahead: Lookahead, rows: np.ndarray, stats: StepStats,
-                most: int | None = None) -> dict[int, ExpertWeights]:
-    """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `most` (default
-    `lookahead.experts`) with the largest summed routing weight over the active tokens `rows`, among those it keeps
-    in host memory."""
-    j, w_NK, idx_NK = lookahead.predicted
+def fetch_ahead(ex: OffloadedExecutor, guess: Guess, rows: np.ndarray, stats: StepStats,
+                most: int) -> dict[int, ExpertWeights]:
+    """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `most` with the
+    largest summed routing weight over the active tokens `rows`, among those it keeps in host memory."""
+    j, w_NK, idx_NK = guess
     E = ex.config.n_routed_experts
     idx_R, w_R = np.asarray(idx_NK)[rows].ravel(), np.asarray(w_NK, np.float64)[rows].ravel()
     score_E = np.bincount(idx_R, weights=w_R, minlength=E)[:E]
     likely = [int(e) for e in np.argsort(-score_E, kind="stable") if score_E[e] > 0 and ex.store.is_hosted(j, e)]
-    likely = likely[:lookahead.experts if most is None else most]
+    likely = likely[:most]
     stats.experts_early += len(likely)
     return dict(zip(likely, ex.store.fetch(j, likely, stats)))
 
