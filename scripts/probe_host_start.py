@@ -27,7 +27,7 @@ def main() -> None:
 
     import ktjax
     from ktjax.experts import host as host_experts
-    from ktjax.runtime.offload import host_path, moe_block
+    from ktjax.runtime.offload import moe_block
 
     model = ktjax.load(None, experts="int4", expert_compute="cpu")
     model = dataclasses.replace(model, executor=model.executor.with_host_threads(args.threads or None))
@@ -47,10 +47,7 @@ def main() -> None:
         return out
 
     moe_block.routing_counts = timed_routing
-    # Where the decode step calls the kernels from: host_path (from 2026-12-05 on), or HostExperts.compute before.
-    for module in (host_path, host_experts):
-        if hasattr(module, "routed_sum"):
-            module.routed_sum = timed_kernels(module.routed_sum)
+    host_experts.routed_sum = timed_kernels(host_experts.routed_sum)  # what HostExperts.compute calls
     ktjax.generate(model, "def main(", max_new_tokens=8)  # compile
     for _ in range(args.reps):
         for times in (routed, started, ended):
