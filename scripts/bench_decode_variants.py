@@ -9,7 +9,7 @@ experts under a 24 GiB budget, max batch 32). Rule sets, each a pair (capacity r
   pow2-cap:  capacities any power of two (the rule before 2026-12-03's change)
   fine-slots: fused programs of 1/2/3/4/6/8 slots (the rule before)
   apart:     a fused layer's resident experts in a program of their own, the streamed ones added by
-             moe_landed once they land (moe_block.RESIDENT_APART)
+             moe_landed once they land (OffloadedExecutor.with_resident_apart)
   lookahead: the current rules, each MoE layer fetching the next one's 2 likeliest host experts a layer
              early (OffloadedExecutor.with_lookahead)
 Rules may repeat, to alternate them.
@@ -81,10 +81,12 @@ def main() -> int:
     sampling, key = Sampling.of(0.0, 0, 1.0), jax.random.key(0)
     rows_out = []
     for threads, rule in [(n, r) for n in args.host_threads for r in args.rules]:
-        ex = base.with_host_threads(threads or None).with_lookahead(2 if rule == "lookahead" else 0)
         cap, slots, apart = rules[rule]
+        ex = (base.with_host_threads(threads or None).with_lookahead(2 if rule == "lookahead" else 0)
+              .with_resident_apart(apart))
+        # The older rules live in the modules' functions; this script swaps them in for its own A/B.
         streaming.capacity_for = moe_block.capacity_for = cap
-        moe_block.fused_slots, moe_block.RESIDENT_APART = slots, apart
+        moe_block.fused_slots = slots
         for case in args.cases:
             rows, active = map(int, case.split(":"))
             active_B = None if active == rows else np.arange(rows) < active

@@ -319,11 +319,11 @@ def test_both_decode_forms_generate_transformers_tokens(mixed, ref, form):
     assert "combine" not in got[0].stats.segment_seconds
 
 
-def test_resident_experts_apart_from_streamed_ones_generate_transformers_tokens(mixed, ref, monkeypatch):
+def test_resident_experts_apart_from_streamed_ones_generate_transformers_tokens(mixed, ref):
     """The fused form with a layer's resident experts computed in a program of their own (`moe_device`) and the
     streamed ones added when they land (`moe_landed`): layer 2 mixes both, and the tokens stay transformers'."""
-    monkeypatch.setattr(moe_block, "RESIDENT_APART", True)
-    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form("fused"))
+    apart = mixed.executor.with_decode_form("fused").with_resident_apart(True)
+    model = dataclasses.replace(no_eos(mixed), executor=apart)
     prompts = [[5, 9, 13, 2], [3, 4]]
     got = ktjax.generate(model, prompts, max_new_tokens=6, profile=True)
     assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]

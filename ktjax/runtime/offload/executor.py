@@ -57,12 +57,18 @@ class OffloadedExecutor:
     expert mesh the core arrays are replicated over and the experts split over (None: one device);
     experts then live on (or behind) their owner's device. lookahead: in decode steps on one device, how many
     of the next MoE layer's likely host experts each MoE layer fetches early (`moe_block.Lookahead`; 0: none).
-    Off by default until measured on the GPU (`scripts/bench_offload.py --lookahead`)."""
+    resident_apart: in the fused form, a layer's resident experts in a program of their own (`moe_device`),
+    which need not wait for the streamed ones, and those added by `moe_landed` once they have landed.
+    Both off by default until measured on the GPU (`scripts/bench_offload.py --lookahead`,
+    `scripts/bench_decode_variants.py --rules current apart lookahead`): offload runs 19-20 could not separate
+    `resident_apart` from the host CPU's slower speed in those runs, and on the CPU backend it is slower (XLA's
+    path computes each program's padded slots)."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
                  rates: PathRates | None = None, decode_form: str = "auto",
-                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8", lookahead: int = 0):
+                 mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8", lookahead: int = 0,
+                 resident_apart: bool = False):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -95,6 +101,7 @@ class OffloadedExecutor:
         self.rates = rates or DEFAULT_RATES.get(kernel_name(fmt.name, host_activations))
         self.decode_form = decode_form
         self.lookahead = lookahead
+        self.resident_apart = resident_apart
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
 
@@ -249,6 +256,12 @@ class OffloadedExecutor:
         out.lookahead = experts
         return out
 
+    def with_resident_apart(self, apart: bool) -> OffloadedExecutor:
+        """This model computing a fused layer's resident experts apart from the streamed ones (`resident_apart`)."""
+        out = copy.copy(self)
+        out.resident_apart = bool(apart)
+        return out
+
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates
@@ -270,7 +283,7 @@ class OffloadedExecutor:
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
                                  decode_form=self.decode_form, host_activations=self.host_activations,
-                                 lookahead=self.lookahead)
+                                 lookahead=self.lookahead, resident_apart=self.resident_apart)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""

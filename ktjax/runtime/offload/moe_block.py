@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 
 FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
 FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
-# Fused: a layer's resident experts in a program of their own (`moe_device`), which need not wait for the streamed
-# ones, and those added by `moe_landed` once they have landed. Off until measured on the GPU: offload runs 19-20
-# could not separate it from the host CPU's slower speed in those runs, and on the CPU backend it is slower (XLA's
-# path computes each program's padded slots). `scripts/bench_decode_variants.py --rules current apart` is the A/B.
-RESIDENT_APART = False
 
 
 @dataclasses.dataclass
@@ -157,8 +152,8 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
               early: dict[int, ExpertWeights] | None = None):
     """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
     transfers start, then `moe_device` computes them with the shared expert and the resident experts once they
-    have landed. With `RESIDENT_APART` (and both kinds in the layer), `moe_device` takes only the resident
-    ones, which need not wait for the link, and `moe_landed` adds the streamed ones once they have landed.
+    have landed. With the executor's `resident_apart` (and both kinds in the layer), `moe_device` takes only the
+    resident ones, which need not wait for the link, and `moe_landed` adds the streamed ones once they have landed.
     Where the host CPU has a share, the worker thread dispatches these, and they run while this thread
     computes the host's. Few programs per MoE layer whatever the experts' number (a dispatch
     costs ~0.25 ms of this thread, offload.md run 8, more than a decode-sized expert's compute); the next
@@ -178,7 +173,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
     resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
     # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
-    programs = ([(resident, resident_slots), (link_ids, landing)] if RESIDENT_APART and resident and link_ids
+    programs = ([(resident, resident_slots), (link_ids, landing)] if ex.resident_apart and resident and link_ids
                 else [(resident + link_ids, resident_slots + landing)])
     rows_A = np.full(pow2(len(rows)), N, np.int32)
     rows_A[:len(rows)] = rows
@@ -264,8 +259,8 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
     mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity, and `moe_landed`
-    at each of its own where resident experts run apart (`RESIDENT_APART`). A step meets these by its routing
-    and split, so a server's first steps would otherwise stall every stream for a compile now and then (~1 s
+    at each of its own where resident experts run apart (the executor's `resident_apart`). A step meets these by
+    its routing and split, so a server's first steps would otherwise stall every stream for a compile now and then (~1 s
     each on the H200: bench_serve run 12); the programs around them (attention with the previous layer's
     terms, the head) every step meets. Zeros in, outputs dropped. Returns the number of programs run."""
     cfg = ex.config
@@ -287,7 +282,7 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
             _, routed_ND = jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                                                 capacity=capacity))
             n += 1
-            if S and RESIDENT_APART:  # a layer's streamed experts, beside resident ones
+            if S and ex.resident_apart:  # a layer's streamed experts, beside resident ones
                 jax.block_until_ready(seg.moe_landed(routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                                      capacity=capacity))
                 n += 1

@@ -152,8 +152,8 @@ class LayerSegments:
 
         # The device's share of the MoE block after routing (the executor's "fused" decode): the shared
         # expert and the chosen experts on the device (resident or just fetched; ids_C -1 pads) for the
-        # active tokens rows_A. It runs while the host CPU computes its own share. With
-        # `moe_block.RESIDENT_APART`, where a layer has both resident and streamed experts, `moe_device` takes the
+        # active tokens rows_A. It runs while the host CPU computes its own share. With the executor's
+        # `resident_apart`, where a layer has both resident and streamed experts, `moe_device` takes the
         # resident ones, which need not wait for the link, and `moe_landed` adds the streamed ones to its sum once
         # they have landed (a program starts only when all its inputs are there).
         self.moe_device = jax.jit(moe_device, static_argnames="capacity")
