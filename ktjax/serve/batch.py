@@ -97,7 +97,7 @@ class DecodeBatch:
         # every step's outputs are: a program compiled for uncommitted inputs (what `warm_up` would meet
         # first) is compiled again for committed ones, and programs taking both must find them together.
         cache = self.executor.init_cache(max_batch, max_len)
-        place = jax.tree.leaves(cache)[0].sharding
+        self._place = place = jax.tree.leaves(cache)[0].sharding
         self._cache_B = jax.device_put(cache, place)
         self.token_B = np.zeros(max_batch, np.int32)
         self.pos_B = np.zeros(max_batch, np.int32)
@@ -238,7 +238,7 @@ class DecodeBatch:
         if n >= B:  # every row steps, in the cache as it is
             self._put_back()
             rows_n = np.arange(B, dtype=np.int32)
-            token_n, pos_n = jax.device_put((self.token_B, self.pos_B))
+            token_n, pos_n = jax.device_put((self.token_B, self.pos_B), self._place)
             self._keys_B, subs_n = split_rows(self._keys_B)
             cache_n = self._cache_B
         else:
@@ -250,7 +250,8 @@ class DecodeBatch:
                 keys_n, subs_n, pos_n = advance_rows(st.keys_n, st.pos_n, cache_n.max_len)
             else:
                 self._put_back()
-                rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]))
+                # Committed, as the same rows' next steps find them (`advance_rows`' outputs, the step's tokens).
+                rows, token_n, pos_n = jax.device_put((rows_n, self.token_B[rows_n], self.pos_B[rows_n]), self._place)
                 cache_n, keys_n, subs_n = take_rows(self._cache_B, self._keys_B, rows)
             self._stepping = None  # its cache goes to the step below (donated)
         active_n = active_B[rows_n]
