@@ -135,17 +135,11 @@ def test_asking_for_the_cpu_without_placement_computes_every_routed_expert_there
 
 
 def test_a_large_prefill_streams_to_the_gpu_and_decode_uses_the_cpu(ckpt):
-    class Always:  # a cost model in which the CPU always wins a decode step's experts
-        link_gbps, cpu_gbps, cpu_call_s = 1.0, 1e6, 0.0
-
-        def cpu_seconds(self, nbytes, tokens):
-            return nbytes * np.asarray(tokens, np.float64) / 1e15
-
-        def link_seconds(self, nbytes):
-            return 1.0
-
+    # a cost model in which the CPU always wins a decode step's experts (the link: seconds per tiny expert)
+    cpu_always_wins = PathRates(link_gbps=1e-6, cpu_gbps=1e6, cpu_call_s=0.0)
     model = ktjax.load(ckpt, dtype="float32", experts="int8", placement=ALL_HOST, max_context=256)
-    model = ktjax.LoadedModel(model.config, model.executor.with_rates(Always()), model.placement, path=model.path)
+    model = ktjax.LoadedModel(model.config, model.executor.with_rates(cpu_always_wins), model.placement,
+                              path=model.path)
     prompt = np.random.default_rng(4).integers(0, 97, 40).tolist()  # 40 tokens x 3 experts >= 2 x 8 experts
     stats = ktjax.generate(model, prompt, max_new_tokens=3).stats
     hosted = len(model.placement.host_experts)

@@ -32,6 +32,11 @@ class PathRates:
     def cpu_seconds(self, nbytes: int, tokens: np.ndarray) -> np.ndarray:
         return nbytes * np.asarray(tokens, np.float64) / (self.cpu_gbps * 1e9)
 
+    def cpu_finish_seconds(self, nbytes: int, tokens: np.ndarray) -> np.ndarray:
+        """[n + 1]: when the host CPU is done with its first k experts (k = 0 .. n; tokens[k]: the tokens of
+        each, in the order it computes them), in one call: its fixed cost once there is an expert."""
+        return np.concatenate([[0.0], self.cpu_call_s + np.cumsum(self.cpu_seconds(nbytes, tokens))])
+
     def link_seconds(self, nbytes: int) -> float:
         return nbytes / (self.link_gbps * 1e9)
 
@@ -65,7 +70,7 @@ def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, 
     if mode == "gpu":
         return [], list(hosted)
     order = np.argsort(tokens, kind="stable")
-    cpu_time = np.concatenate([[0.0], rates.cpu_call_s + np.cumsum(rates.cpu_seconds(nbytes, np.asarray(tokens)[order]))])
+    cpu_time = rates.cpu_finish_seconds(nbytes, np.asarray(tokens)[order])
     link_time = rates.link_seconds(nbytes) * (len(hosted) - np.arange(len(hosted) + 1))
     k = int(np.argmin(np.maximum(cpu_time, link_time)))
     chosen = [hosted[j] for j in order[:k]]
@@ -86,7 +91,7 @@ def early_fetches(rates: PathRates | None, nbytes: int, cpu_tokens: np.ndarray, 
     rates (float experts, no host path), `most`."""
     if rates is None:
         return most
-    t_cpu = rates.cpu_call_s + float(np.sum(rates.cpu_seconds(nbytes, cpu_tokens))) if len(cpu_tokens) else 0.0
+    t_cpu = float(rates.cpu_finish_seconds(nbytes, cpu_tokens)[-1])
     per_expert = rates.link_seconds(nbytes)
     room = max(0.0, t_cpu - n_link * per_expert) + LOOKAHEAD_WINDOW_S
     return min(most, int(room / per_expert + 1e-9))  # a whole number of experts, whatever the rounding
