@@ -1,18 +1,18 @@
-"""A/B of the offloaded decode step's compiled-variant rules, in one process on one model: the serving
-batch's step (32 slots, B of them active) and plain batches, under each rule set.
+"""A/B of the offloaded decode step's variants (how a fused layer's programs are arranged, experts fetched a
+layer early), in one process on one model: the serving batch's step (32 slots, B of them active) and plain
+batches, under each rule set.
 
     python3 scripts/bench_decode_variants.py --out $OUT     # the GPU machine (about 4 minutes)
 
 The model is bench_serve.py's (DeepSeek-V3 full-size layers, 1 dense + 4 MoE, random weights, int4
-experts under a 24 GiB budget, max batch 32). Rule sets, each a pair (capacity rule, fused slots):
-  current:   capacities 1, 2, then powers of two >= 16; fused programs of 2/4/8 expert slots
-  pow2-cap:  capacities any power of two (the rule before 2026-12-03's change)
-  fine-slots: fused programs of 1/2/3/4/6/8 slots (the rule before)
+experts under a 24 GiB budget, max batch 32). Rule sets:
+  current:   as the executor is (capacities 1, 2, then powers of two >= 16; fused programs of 2/4/8 expert slots)
   apart:     a fused layer's resident experts in a program of their own, the streamed ones added by
              moe_landed once they land (OffloadedExecutor.with_resident_apart)
   lookahead: the current rules, each MoE layer fetching the next one's 2 likeliest host experts a layer
              early (OffloadedExecutor.with_lookahead)
-Rules may repeat, to alternate them.
+Rules may repeat, to alternate them. (The capacity and slot rules this script compared before, `pow2-cap` and
+`fine-slots`, were settled in benchmarks/serve.md's decode_variants_run1; the script at 3a04786 has them.)
 Per rule set and batch: median step over --steps (after --warm), and one profiled step's segment times
 (each segment waited for: where the step's time goes). Prints a table; writes decode_variants.json.
 """
@@ -38,8 +38,8 @@ def main() -> int:
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--cases", nargs="+", default=["32:1", "32:4", "32:32", "1:1", "16:16"],
                    help="ROWS:ACTIVE decode batches (rows of the cache, rows active)")
-    p.add_argument("--rules", nargs="+", default=["current", "pow2-cap", "fine-slots"],
-                   choices=["current", "pow2-cap", "fine-slots", "apart", "lookahead"])
+    p.add_argument("--rules", nargs="+", default=["current", "apart", "lookahead"],
+                   choices=["current", "apart", "lookahead"])
     p.add_argument("--host-threads", type=int, nargs="+", default=[0],
                    help="host-kernel thread counts, each run through every rule (0: the default)")
     p.add_argument("--small-layers", action="store_true", help="small shapes (a CPU check)")
@@ -53,8 +53,6 @@ def main() -> int:
 
     import bench_serve
     from ktjax.runtime.model import Sampling
-    from ktjax.runtime.offload import moe_block
-    from ktjax.runtime.offload import streaming
     from ktjax.runtime.shapes import cache_length
 
     build = argparse.Namespace(smoke=False, experts=args.experts, gpu_memory=args.gpu_memory,
@@ -65,28 +63,12 @@ def main() -> int:
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     base, cfg = model.executor, model.config
 
-    current_capacity, current_slots = streaming.capacity_for, moe_block.fused_slots
-
-    def pow2_capacity(n_tokens, counts):
-        busiest = streaming.pow2(int(np.max(counts, initial=0)))
-        return busiest if busiest < n_tokens else streaming.pow2(n_tokens)
-
-    def fine_slots(n):
-        return next((s for s in (1, 2, 3, 4, 6, 8) if s >= n), streaming.pow2(n))
-
-    rules = {"current": (current_capacity, current_slots, False), "pow2-cap": (pow2_capacity, current_slots, False),
-             "fine-slots": (current_capacity, fine_slots, False), "apart": (current_capacity, current_slots, True),
-             "lookahead": (current_capacity, current_slots, False)}
     max_len = cache_length(512, 0)
     sampling, key = Sampling.of(0.0, 0, 1.0), jax.random.key(0)
     rows_out = []
     for threads, rule in [(n, r) for n in args.host_threads for r in args.rules]:
-        cap, slots, apart = rules[rule]
         ex = (base.with_host_threads(threads or None).with_lookahead(2 if rule == "lookahead" else 0)
-              .with_resident_apart(apart))
-        # The older rules live in the modules' functions; this script swaps them in for its own A/B.
-        streaming.capacity_for = moe_block.capacity_for = cap
-        moe_block.fused_slots = slots
+              .with_resident_apart(rule == "apart"))
         for case in args.cases:
             rows, active = map(int, case.split(":"))
             active_B = None if active == rows else np.arange(rows) < active
