@@ -51,27 +51,35 @@ def get(url: str, path: str) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
+def start_server(log, *options: str, while_starting=lambda: None) -> tuple[subprocess.Popen, str]:
+    """A `ktjax serve` process on the embedded model on a free port, once its /health answers: (process, url).
+    while_starting runs meanwhile."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "ktjax.cli.main", "serve", "--port", str(port), "--max-batch", str(SLOTS),
-           "--max-queue", str(QUEUE), "--max-context", "256", "--dtype", "float32", "--api-key", KEY, "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "ktjax.cli.main", "serve", "--port", str(port), "--dtype", "float32",
+           "--log-level", "warning", *options]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    request.getfixturevalue("solo")  # the references, computed while the server starts
+    while_starting()
     deadline = time.monotonic() + 120
     while True:
         try:
             get(url, "/health")
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"the server did not start:\n{log.read_text()}")
             time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc, url = start_server(log, "--max-batch", str(SLOTS), "--max-queue", str(QUEUE), "--max-context", "256",
+                             "--api-key", KEY,
+                             while_starting=lambda: request.getfixturevalue("solo"))  # the references meanwhile
     yield proc, url, log
     if proc.poll() is None:
         proc.kill()
@@ -649,8 +657,11 @@ def test_a_port_in_use_ends_the_second_server_with_an_error_instead_of_a_model_l
     get(server[1], "/health")  # the first server still serves
 
 
-def test_ctrl_c_ends_open_streams_and_stops_the_server_cleanly(server, client):
-    proc, _, log = server
+def test_ctrl_c_ends_open_streams_and_stops_the_server_cleanly(tmp_path):
+    """A server of its own: the module's serves every other test, in any order."""
+    log = tmp_path / "server.log"
+    proc, url = start_server(log, "--max-batch", "1", "--max-context", "256")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="any", max_retries=0, timeout=120)
     stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0, stream=True)
     chunks = iter(stream)
     next(chunks)
@@ -658,7 +669,11 @@ def test_ctrl_c_ends_open_streams_and_stops_the_server_cleanly(server, client):
     with pytest.raises(openai.APIError, match="shutting down"):
         for _ in chunks:
             pass
-    assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) in (0, 130, -signal.SIGINT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert "Traceback" not in log.read_text()
 
 
