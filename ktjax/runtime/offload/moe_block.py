@@ -60,8 +60,9 @@ Guess = tuple[int, jax.Array, jax.Array]
 def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
               prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
               lookahead: Lookahead | None = None, guess: Guess | None = None):
-    """The MoE block of layer i: the shared expert while the first transfer runs and the chosen
-    experts on their paths; its output unsummed where it is decode-sized on one device, else summed.
+    """The MoE block of layer i: its routing brought to the host, then the shared expert and the chosen experts
+    on their paths, in the fused form (`fused_moe`) or the streamed one (`streamed_moe`), or over several devices
+    (`devices.moe_over_devices`); its output unsummed where it is decode-sized on one device, else summed.
     active_N: the tokens whose experts are chosen (None: all); the others may meet a chosen expert but
     never bring one in. lookahead: experts fetched a layer early; guess: this layer's at the next one's (decode-sized
     layers; prefill-sized ones, which stream whole layers, drop both)."""
@@ -88,8 +89,23 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
             and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
         x_BTD = fused_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run, active_N,
                           lookahead, guess, early)
-        stats.link_bytes.append(stats.bytes_from_host - moved_before)
-        return x_BTD
+    else:
+        x_BTD = streamed_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run,
+                             active_N, prefetched, stream_all, lookahead, guess, early)
+    stats.link_bytes.append(stats.bytes_from_host - moved_before)
+    return x_BTD
+
+
+def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host,
+                 counts, host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None,
+                 prefetched: list[Prefetch], stream_all: bool, lookahead: Lookahead | None, guess: Guess | None,
+                 early: dict[int, ExpertWeights]):
+    """A MoE layer's device share as its experts land, a program per chunk (`ExpertStore.stream`), beside the
+    host CPU's share where it has one (the worker thread dispatches the device's work meanwhile); the shared
+    expert while the first transfer runs. Prefill-sized layers stream every expert (stream_all) and return
+    the layer's output summed; decode-sized ones return its terms (`segments.Unsummed`)."""
+    cfg = ex.config
+    N = h_ND.shape[0]
     if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
         idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
     shared = []
@@ -122,7 +138,6 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
                                    then)
         on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
         on_gpu = job.result()
-    stats.link_bytes.append(stats.bytes_from_host - moved_before)
     if N > FUSED_MAX_TOKENS:  # prefill-sized: summed here (zeros standing for a missing term would cost a transfer)
         return run("combine", combine_segment, x_BTD, shared[0], tuple(p for p in (on_gpu, on_host) if p is not None))
     return Unsummed(x_BTD, shared[0], ex.zeros(h_ND.shape) if on_gpu is None else on_gpu,
