@@ -454,15 +454,18 @@ def test_profile_times_segments(all_host):
     assert {"attention_route", "experts", "shared_expert", "head"} <= set(stats.segment_seconds)  # float experts: streamed
 
 
-@pytest.mark.parametrize("form", ["fused", "streamed"])
-def test_experts_fetched_a_layer_early_generate_transformers_tokens(mixed, ref, form):
+@pytest.mark.parametrize("form, apart", [("fused", False), ("fused", True), ("streamed", False)])
+def test_experts_fetched_a_layer_early_generate_transformers_tokens(mixed, ref, form, apart):
     """Lookahead: each MoE layer fetches the next one's likely host experts (that layer's router on this one's
     residual after attention), and the next layer computes the ones it chooses from those copies: the tokens
-    stay transformers', and some of the early experts are used."""
-    model = dataclasses.replace(no_eos(mixed), executor=mixed.executor.with_decode_form(form).with_lookahead(2))
+    stay transformers', and some of the early experts are used. Also with the fused form's resident experts
+    apart, where the early ones count as resident."""
+    ex = mixed.executor.with_decode_form(form).with_lookahead(2).with_resident_apart(apart)
+    model = dataclasses.replace(no_eos(mixed), executor=ex)
     prompts = [[5, 9, 13, 2], [3, 4]]
-    got = ktjax.generate(model, prompts, max_new_tokens=6)
+    got = ktjax.generate(model, prompts, max_new_tokens=6, profile=apart)
     assert [r.token_ids for r in got] == [reference_greedy(ref, p, 6) for p in prompts]
+    assert ("moe_landed" in got[0].stats.segment_seconds) == apart
     paths = got[0].stats.decode_experts_per_step
     # 2 rows x 3 experts, 2 MoE layers predicted per step: at most 2 fetched early for each.
     assert 0 < paths["early_used"] <= paths["link_early"] <= 2 * 2
