@@ -372,20 +372,24 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     dense_s = prof["dense_layer"] / 1e3
     n_moe = len(cfg.moe_layers)
     rows = {}
-    for form, n in [(f, n) for f in args.decode_forms for n in args.lookahead]:
+    default_switch = sys.getswitchinterval()
+    for form, n, switch in [(f, n, w) for f in args.decode_forms for n in args.lookahead for w in args.switch_intervals]:
+        sys.setswitchinterval(switch or default_switch)  # how often a thread holding the GIL is made to hand it over
         times, stats = decode_steps(r1_model.with_decode_form(form).with_lookahead(n), 1, ctx, args.steps, sampling)
+        sys.setswitchinterval(default_switch)
         row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
         row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share,
                    device_share=per_layer / cfg.n_routed_experts, dense_layer_s=dense_s,
                    host_activations=model.host_activations, profile_ms=prof, lookahead=n, decode_form=form,
+                   switch_interval_s=switch or default_switch,
                    r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
                    + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
         if n:
             row["early_experts_per_step"] = float(np.mean([s.experts_early for s in stats]))
             row["early_used_per_step"] = float(np.mean([s.experts_early_used for s in stats]))
         name = ("decode_b1_r1_share" + (f"_{form}" if form != args.decode_forms[0] else "")
-                + (f"_lookahead{n}" if n else ""))
+                + (f"_lookahead{n}" if n else "") + (f"_switch{switch * 1e6:g}us" if switch else ""))
         print(f"ROW {name} " + json.dumps(row), flush=True)
         log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}"
             + (f" ({row['early_experts_per_step']:.1f} fetched a layer early, {row['early_used_per_step']:.1f} used)"
@@ -579,6 +583,9 @@ def main():
     p.add_argument("--lookahead", type=int, nargs="+", default=[0],
                    help="the R1-share row once per value, in one process: experts of the next MoE layer fetched a "
                         "layer early (OffloadedExecutor.lookahead; 0: none)")
+    p.add_argument("--switch-intervals", type=float, nargs="+", default=[0.0],
+                   help="the R1-share row once per value, in one process: Python's GIL switch interval in seconds "
+                        "while it runs (sys.setswitchinterval; 0: Python's default, 0.005)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
                         "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "
@@ -602,7 +609,8 @@ def main():
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
         "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations,
-        "--r1-gpu-memory", args.r1_gpu_memory, "--lookahead", *map(str, args.lookahead)]
+        "--r1-gpu-memory", args.r1_gpu_memory, "--lookahead", *map(str, args.lookahead),
+        "--switch-intervals", *map(str, args.switch_intervals)]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

@@ -1,0 +1,105 @@
+"""Where a host-CPU expert call's time goes beyond its kernels. On the GPU machines' 14 threads the int4 VNNI
+kernels alone read gate_up and down matrices at 88-102 GB/s (host_experts.md, run 5), while `HostExperts.compute`
+on 8 experts reads them at ~54 GB/s. This times, on the same 8 int4 experts per call (rotating over 24, so the L3
+holds none; int8 activations, 1 token, best of 7), from numpy memory:
+
+- a plain parallel read of the experts' bytes;
+- `HostExperts.compute`, the call a decode step makes;
+- the same call with no token routed to any expert (its fixed cost: allocations, parallel regions, row loops);
+- the gate_up kernel alone, the down kernel alone, and both back to back (their activations quantized beforehand).
+
+GB/s counts each row's own bytes (a matrix's rows with their scales; the call: whole experts).
+
+    python3 scripts/probe_host_call_parts.py [--threads 14] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numba
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchparts import best_of  # noqa: E402
+from probe_host_kernel_bound import plain_read  # noqa: E402
+
+from ktjax.experts import host as host_experts  # noqa: E402
+from ktjax.experts import host_kernels as hk  # noqa: E402
+from ktjax.experts.host import HostExperts, assignments  # noqa: E402
+from ktjax.experts.packed import PackedLayout  # noqa: E402
+
+N_EXPERTS, PER_CALL = 24, 8
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    ap.add_argument("--small", action="store_true", help="small experts: a check of the script")
+    args = ap.parse_args()
+    numba.set_num_threads(args.threads)
+    F, D = (256, 1024) if args.small else (2048, 7168)
+    rng = np.random.default_rng(0)
+    L = PackedLayout("int4", F, D)
+    proto = L.pack(*(rng.standard_normal(s).astype(np.float32) * 0.02 for s in ((F, D), (F, D), (D, F))))
+    experts = [np.roll(proto, e) for e in range(N_EXPERTS)]
+    bases = np.array([b.ctypes.data for b in experts], np.int64)
+    kernels = HostExperts(L, "int8")
+    if not kernels.vnni:
+        sys.exit("this probe times the AVX-512 VNNI kernels, which this CPU does not have")
+    x_1D = rng.standard_normal((1, D)).astype(np.float32)
+    calls = [0]
+
+    def chosen() -> np.ndarray:
+        calls[0] += 1
+        return np.arange(PER_CALL) + PER_CALL * (calls[0] % (N_EXPERTS // PER_CALL))
+
+    weights = np.full((1, PER_CALL), 1 / PER_CALL, np.float32)
+
+    def call(tokens: bool = True):
+        ids = chosen()
+        tok, w, ntok = assignments(ids[None, :], weights, ids)
+        return kernels.compute(bases[ids], tok, ntok if tokens else np.zeros_like(ntok), w, x_1D)
+
+    def read():
+        return plain_read(bases[chosen()], L.nbytes // 8)
+
+    def matrix(name: str):
+        """The kernel on one matrix of each chosen expert, its activations quantized beforehand (as the call does)."""
+        R, C, G = (int(v) for v in kernels._dims[name])
+        x_KTC = rng.standard_normal((PER_CALL, 1, C)).astype(np.float32)
+        ntok = np.ones(PER_CALL, np.int64)
+        xq, xs, xsum = host_experts._quantized(x_KTC, ntok, G)
+        out = np.zeros((PER_CALL, 1, R), np.float32)
+
+        def run():
+            a = bases[chosen()] + kernels._offsets[name]  # [arrays, K]
+            hk.matvec_int4_q8_vnni(a[0], a[1], a[2], a[3], a[4], R, C, xq.ctypes.data, xs, xsum, ntok, out)
+            return out
+        return run, L.matrices[name]
+
+    gate_up, gu = matrix("gate_up")
+    down, dn = matrix("down")
+    cells = {name: m.rows * m.padded_cols for name, m in (("gate_up", gu), ("down", dn))}
+    gu_bytes = PER_CALL * L.nbytes * cells["gate_up"] // sum(cells.values())  # scales in proportion: about
+    dn_bytes = PER_CALL * L.nbytes - gu_bytes
+
+    def both():
+        gate_up()
+        return down()
+
+    rows = [("plain read", read, PER_CALL * L.nbytes), ("HostExperts.compute", call, PER_CALL * L.nbytes),
+            ("the same, no tokens (fixed cost)", lambda: call(False), 0),
+            ("gate_up kernel alone", gate_up, gu_bytes), ("down kernel alone", down, dn_bytes),
+            ("gate_up then down kernels", both, PER_CALL * L.nbytes)]
+    print(f"{args.threads} threads, int4 {F}x{D}, {PER_CALL} experts per call of {N_EXPERTS}, 1 token, best of 7")
+    for name, f, nbytes in rows:
+        f()  # compiled
+        s = best_of(f, reps=3, rounds=7)
+        print(f"  {name:34s} {s * 1e3:7.3f} ms" + (f"  {nbytes / s / 1e9:6.1f} GB/s" if nbytes else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
