@@ -390,6 +390,8 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
             row["early_used_per_step"] = float(np.mean([s.experts_early_used for s in stats]))
         name = ("decode_b1_r1_share" + (f"_{form}" if form != args.decode_forms[0] else "")
                 + (f"_lookahead{n}" if n else "") + (f"_switch{switch * 1e6:g}us" if switch else ""))
+        if name in rows:  # a setting repeated: its second row is _again1, and so on
+            name += f"_again{sum(k == name or k.startswith(name + '_again') for k in rows)}"
         print(f"ROW {name} " + json.dumps(row), flush=True)
         log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}"
             + (f" ({row['early_experts_per_step']:.1f} fetched a layer early, {row['early_used_per_step']:.1f} used)"
