@@ -119,17 +119,14 @@ def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD
     if stream_all:  # whole layers stream: nothing fetched early is of use, nor is a guess at the next layer
         early, guess = {}, None
     rows = active_rows(active_N, N) if guess is not None else None  # whom the guess is for
+    resident, cpu_ids, link_ids = paths(ex, i, counts, host, early)
     if host is None:
         on_gpu = ex.store.stream(i, counts, N, compute, None, stats, prefetched=prefetched, started=run_shared,
                                  stream_all=stream_all, early=early)
-        streamed = [e for e in np.flatnonzero(counts) if ex.store.is_hosted(i, e) and e not in early]
-        look_ahead(ex, lookahead, guess, rows, stats, np.zeros(0), len(streamed))
+        look_ahead(ex, lookahead, guess, rows, stats, counts[cpu_ids], len(link_ids))
         on_host = None
     else:
-        chosen = [int(e) for e in np.flatnonzero(counts)]
-        hosted = [e for e in chosen if ex.store.is_hosted(i, e) and e not in early]
-        cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
-        gpu_ids = [e for e in chosen if e not in hosted] + link_ids
+        gpu_ids = resident + link_ids
         # The host kernels run on this thread (numba's parallel loops measured 52 GB/s here
         # against 36 from a worker thread, benchmarks/host_experts.md); the worker dispatches
         # the layer's GPU work meanwhile (asynchronous, so it is queued well before the CPU is done).
@@ -175,17 +172,11 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     layer's first program sums. early: this layer's experts the previous one fetched (`Lookahead`), which
     count as resident."""
     early = early or {}
-    chosen = [int(e) for e in np.flatnonzero(counts)]
-    hosted = [e for e in chosen if ex.store.is_hosted(i, e) and e not in early]
-    if host is not None:
-        cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
-    else:
-        cpu_ids, link_ids = [], hosted
+    resident, cpu_ids, link_ids = paths(ex, i, counts, host, early)
     landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = active_rows(active_N, N)
-    resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
     resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
     # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
     programs = ([(resident, resident_slots), (link_ids, landing)] if ex.resident_apart and resident and link_ids
@@ -210,6 +201,20 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     on_gpu = ex.dispatcher.submit(device_share)
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     return Unsummed(x_BTD, *on_gpu.result(), host_ND)
+
+
+def paths(ex: OffloadedExecutor, i: int, counts, host: HostPath | None,
+          early: dict[int, ExpertWeights]) -> tuple[list[int], list[int], list[int]]:
+    """Layer i's chosen experts (counts: tokens per expert) by path: (on the device already, resident or fetched
+    early; for the host CPU; for the link). `scheduler.split` divides the host experts between the last two where
+    the host CPU computes (host), else the link takes them all."""
+    chosen = [int(e) for e in np.flatnonzero(counts)]
+    hosted = [e for e in chosen if ex.store.is_hosted(i, e) and e not in early]
+    resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
+    if host is None:
+        return resident, [], hosted
+    cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
+    return resident, cpu_ids, link_ids
 
 
 def active_rows(active_N: np.ndarray | None, N: int) -> np.ndarray:
