@@ -373,7 +373,8 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     n_moe = len(cfg.moe_layers)
     rows = {}
     default_switch = sys.getswitchinterval()
-    for form, n, switch in [(f, n, w) for f in args.decode_forms for n in args.lookahead for w in args.switch_intervals]:
+    settings = [(f, n, w) for f in args.decode_forms for n in args.lookahead for w in args.switch_intervals]
+    for form, n, switch in settings:
         sys.setswitchinterval(switch or default_switch)  # how often a thread holding the GIL is made to hand it over
         times, stats = decode_steps(r1_model.with_decode_form(form).with_lookahead(n), 1, ctx, args.steps, sampling)
         sys.setswitchinterval(default_switch)
