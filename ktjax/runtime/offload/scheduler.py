@@ -10,6 +10,7 @@ The host kernels' time grows with the tokens an expert serves (they are compute-
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import threading
@@ -29,13 +30,15 @@ class PathRates:
     cpu_gbps: float  # host kernels reading an expert's bytes, per token it serves
     cpu_call_s: float = 2e-4  # fixed cost of one host call (Python, quantities, result to the device)
 
-    def cpu_seconds(self, nbytes: int, tokens: np.ndarray) -> np.ndarray:
-        return nbytes * np.asarray(tokens, np.float64) / (self.cpu_gbps * 1e9)
-
-    def cpu_finish_seconds(self, nbytes: int, tokens: np.ndarray) -> np.ndarray:
+    def cpu_finish_seconds(self, nbytes: int, tokens) -> list[float]:
         """[n + 1]: when the host CPU is done with its first k experts (k = 0 .. n; tokens[k]: the tokens of
-        each, in the order it computes them), in one call: its fixed cost once there is an expert."""
-        return np.concatenate([[0.0], self.cpu_call_s + np.cumsum(self.cpu_seconds(nbytes, tokens))])
+        each, in the order it computes them), in one call: its fixed cost once there is an expert. Plain
+        Python: a decode step runs this per MoE layer on a handful of experts, where numpy's calls cost more
+        than the arithmetic."""
+        per_token = nbytes / (self.cpu_gbps * 1e9)
+        finish = list(itertools.accumulate((per_token * int(t) for t in tokens), initial=self.cpu_call_s))
+        finish[0] = 0.0  # no expert, no call
+        return finish
 
     def link_seconds(self, nbytes: int) -> float:
         return nbytes / (self.link_gbps * 1e9)
@@ -69,12 +72,13 @@ def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, 
         return list(hosted), []
     if mode == "gpu":
         return [], list(hosted)
-    order = np.argsort(tokens, kind="stable")
-    cpu_time = rates.cpu_finish_seconds(nbytes, np.asarray(tokens)[order])
-    link_time = rates.link_seconds(nbytes) * (len(hosted) - np.arange(len(hosted) + 1))
-    k = int(np.argmin(np.maximum(cpu_time, link_time)))
+    n, per_link = len(hosted), rates.link_seconds(nbytes)
+    order = sorted(range(n), key=lambda j: int(tokens[j]))  # stable: ties keep the routing's order
+    cpu_time = rates.cpu_finish_seconds(nbytes, [tokens[j] for j in order])
+    k = min(range(n + 1), key=lambda k: max(cpu_time[k], (n - k) * per_link))  # the first best, as argmin
     chosen = [hosted[j] for j in order[:k]]
-    return chosen, [e for e in hosted if e not in set(chosen)]
+    on_cpu = set(chosen)
+    return chosen, [e for e in hosted if e not in on_cpu]
 
 
 # The link's idle time in a batch-1 layer beside its own transfers, which experts fetched early may fill: at R1's
@@ -91,7 +95,7 @@ def early_fetches(rates: PathRates | None, nbytes: int, cpu_tokens: np.ndarray, 
     rates (float experts, no host path), `most`."""
     if rates is None:
         return most
-    t_cpu = float(rates.cpu_finish_seconds(nbytes, cpu_tokens)[-1])
+    t_cpu = rates.cpu_finish_seconds(nbytes, cpu_tokens)[-1]
     per_expert = rates.link_seconds(nbytes)
     room = max(0.0, t_cpu - n_link * per_expert) + LOOKAHEAD_WINDOW_S
     return min(most, int(room / per_expert + 1e-9))  # a whole number of experts, whatever the rounding
