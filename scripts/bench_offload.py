@@ -14,6 +14,7 @@ prints a markdown table last and writes it, with the raw JSON, under $OUT (or --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -195,10 +196,44 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
                                                                    s.routed_at[1:])] for s in full]
         row["layer_parts_ms"] = {k: round(float(np.median([p[j] for step in parts for p in step])) * 1e3, 3)
                                  for j, k in enumerate(("to_host_share", "host_share", "after_host_share"))}
+    if n_moe > 1:
+        row["timeline_ms"] = layer_timeline(stats, n_moe)
     row["host_cpu_s_per_step"] = float(np.median(cpu_s))
     row["link_s_per_step"] = float(np.median(link_s))
     row["outside_experts_share"] = float(np.median([(t - e) / t for t, e in zip(times, expert_s)]))
     return row
+
+
+def layer_timeline(stats, n_moe: int) -> dict:
+    """Where a MoE layer's time goes on the host threads, from the steps' timelines (`StepStats.timeline`): for
+    each kind of span (a segment's dispatch, a wait on the device, the split, the link's transfers started, the
+    host share; with a watcher, the transfers landing and the device share computed), when it first starts after
+    the layer's routing reached the host, when its last ends, and how long its spans in that layer take together, medians over the steps' MoE layers but the last (which the head follows, not a layer),
+    and how many there are per layer. A span before a layer's routing (the next routing's wait) counts in the
+    layer before."""
+    import bisect
+
+    import numpy as np
+    seen: dict[str, list[tuple[float, float]]] = {}
+    counts: dict[str, int] = {}
+    layers = 0
+    for s in stats:
+        if len(s.routed_at) != n_moe:
+            continue
+        layers += n_moe - 1
+        per: dict[tuple[str, int], list[float]] = {}
+        for what, a, b in list(s.timeline):
+            j = bisect.bisect_right(s.routed_at, a) - 1
+            if 0 <= j < n_moe - 1:
+                at, end, took = per.get((what, j), (a - s.routed_at[j], 0.0, 0.0))
+                per[(what, j)] = (at, max(end, b - s.routed_at[j]), took + b - a)
+                counts[what] = counts.get(what, 0) + 1
+        for (what, _), v in per.items():
+            seen.setdefault(what, []).append(v)
+    out = {what: {key: round(float(np.median([v[m] for v in vs])) * 1e3, 3) for m, key in enumerate(("at", "ends",
+                                                                                                     "takes"))}
+           | {"per_layer": round(counts[what] / layers, 2)} for what, vs in seen.items()}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["at"]))
 
 
 def run_ktjax(args) -> dict:
@@ -250,11 +285,16 @@ def run_ktjax(args) -> dict:
             # for each host-kernel thread count asked for; the best pair is used.
             from ktjax.runtime.offload.host_path import default_threads
             measured = {}
+            again = {}
             for n in args.host_threads or [default_threads()]:
-                r = model.with_host_threads(n).measure_rates()
-                measured[n] = r
-                log(f"in-situ rates, {act} activations, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link "
-                    f"{r.link_gbps:.1f} GB/s, {r.cpu_call_s * 1e3:.2f} ms per CPU call")
+                for rep in range(args.rate_repeats):  # the first is used, as ktjax.load would; the others show its spread
+                    r = model.with_host_threads(n).measure_rates()
+                    measured.setdefault(n, r)
+                    again.setdefault(str(n), []).append(dataclasses.asdict(r))
+                    log(f"in-situ rates, {act} activations, {n} host threads: CPU {r.cpu_gbps:.1f} GB/s + link "
+                        f"{r.link_gbps:.1f} GB/s, {r.cpu_call_s * 1e3:.2f} ms per CPU call")
+            if args.rate_repeats > 1:
+                res["rates_in_situ_repeats" + suffix] = again
             best = max(measured, key=lambda n: measured[n].cpu_gbps + measured[n].link_gbps)
             model = model.with_host_threads(best).with_rates(measured[best])
             res["rates_in_situ" + suffix] = {str(n): {"cpu_gbps": r.cpu_gbps, "link_gbps": r.link_gbps,
@@ -347,9 +387,9 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     """Batch-1 decode with each MoE layer keeping on the device only the share of its experts that the whole
     DeepSeek-R1 keeps on a GPU of --r1-gpu-memory (`fullsize.r1_resident_per_layer`), and R1's step extrapolated
     from it: the median spacing of MoE layers x 58, plus the rest of this step (embedding, dense layer, head),
-    plus R1's other dense layers at this run's profiled dense-layer time. A row per --lookahead value, in the same
-    process, and per --decode-forms value: decode_b1_r1_share (the first form, lookahead 0),
-    decode_b1_r1_share[_{form}][_lookahead{N}]. No rows where this model's budget already keeps no more per layer
+    plus R1's other dense layers at this run's profiled dense-layer time. A row per --r1-variants value, in the
+    same process, and per --decode-forms value: decode_b1_r1_share (the first form, 'plain'),
+    decode_b1_r1_share[_{form}][_{variant}]. No rows where this model's budget already keeps no more per layer
     than R1 would."""
     import numpy as np
     from fullsize import capped_rules, plan_for, r1_resident_per_layer, reference_config
@@ -372,25 +412,23 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     dense_s = prof["dense_layer"] / 1e3
     n_moe = len(cfg.moe_layers)
     rows = {}
-    default_switch = sys.getswitchinterval()
-    settings = [(f, n, w) for f in args.decode_forms for n in args.lookahead for w in args.switch_intervals]
-    for form, n, switch in settings:
-        sys.setswitchinterval(switch or default_switch)  # how often a thread holding the GIL is made to hand it over
-        times, stats = decode_steps(r1_model.with_decode_form(form).with_lookahead(n), 1, ctx, args.steps, sampling)
-        sys.setswitchinterval(default_switch)
+    for form, variant in [(f, v) for f in args.decode_forms for v in args.r1_variants]:
+        model_v = with_variant(r1_model.with_decode_form(form), variant, ceil, kernel)
+        times, stats = decode_steps(model_v, 1, ctx, args.steps, sampling)
         row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
+        n = model_v.lookahead
         row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share,
                    device_share=per_layer / cfg.n_routed_experts, dense_layer_s=dense_s,
                    host_activations=model.host_activations, profile_ms=prof, lookahead=n, decode_form=form,
-                   switch_interval_s=switch or default_switch,
+                   variant=variant, split_rates=dataclasses.asdict(model_v.rates),
                    r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
                    + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
         if n:
             row["early_experts_per_step"] = float(np.mean([s.experts_early for s in stats]))
             row["early_used_per_step"] = float(np.mean([s.experts_early_used for s in stats]))
         name = ("decode_b1_r1_share" + (f"_{form}" if form != args.decode_forms[0] else "")
-                + (f"_lookahead{n}" if n else "") + (f"_switch{switch * 1e6:g}us" if switch else ""))
+                + ("" if variant == "plain" else "_" + variant.replace("+", "_").replace("-", "_")))
         if name in rows:  # a setting repeated: its second row is _again1, and so on
             name += f"_again{sum(k == name or k.startswith(name + '_again') for k in rows)}"
         print(f"ROW {name} " + json.dumps(row), flush=True)
@@ -401,6 +439,29 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
               f"ms ({1 / row['r1_extrapolated_s']:.2f} tokens/s)")
         rows[name] = row
     return rows
+
+
+def with_variant(model, variant: str, ceil: dict, kernel: str):
+    """The executor with a --r1-variants setting applied (options joined by '+'; 'plain': as it is)."""
+    from ktjax.runtime.offload.scheduler import PathRates
+    for option in variant.split("+"):
+        if option == "plain":
+            continue
+        if option == "apart":
+            model = model.with_resident_apart(True)
+        elif option == "host-first":
+            model = model.with_host_first(True)
+        elif option == "watch":
+            model = model.with_watcher(True)
+        elif option.startswith("lookahead") and option[len("lookahead"):].isdigit():
+            model = model.with_lookahead(int(option[len("lookahead"):]))
+        elif option == "ceiling-rates":
+            model = model.with_rates(PathRates(link_gbps=ceil[f"{kernel}_both_link_gbps"],
+                                               cpu_gbps=ceil[f"{kernel}_both_cpu_gbps"],
+                                               cpu_call_s=model.rates.cpu_call_s))
+        else:
+            sys.exit(f"--r1-variants: unknown option {option!r} in {variant!r}")
+    return model
 
 
 def tiny_config(moe_layers: int):
@@ -531,6 +592,12 @@ def table(results: list[dict]) -> str:
                 notes.append(f"{name} {k}: per MoE layer, routing to its host share {p['to_host_share']:.2f} ms, the "
                              f"host share {p['host_share']:.2f} ms, its end to the next layer's routing "
                              f"{p['after_host_share']:.2f} ms")
+            if v.get("timeline_ms"):
+                spans = "; ".join(f"{what} {t['at']:.2f}-{t['ends']:.2f}"
+                                  + (f" takes {t['takes']:.2f}" if t["takes"] < t["ends"] - t["at"] - 5e-3 else "")
+                                  + (f" (x{t['per_layer']:g})" if t["per_layer"] != 1 else "")
+                                  for what, t in v["timeline_ms"].items())
+                notes.append(f"{name} {k}: a MoE layer's host-side spans from its routing (ms): {spans}")
             if v.get("lookahead"):
                 notes.append(f"{name} {k}: lookahead {v['lookahead']}: {v['early_experts_per_step']:.1f} experts "
                              f"per step fetched a layer early, {v['early_used_per_step']:.1f} of them used")
@@ -579,16 +646,19 @@ def main():
                         "rows of int8 activations end in _q8)")
     p.add_argument("--host-threads", type=int, nargs="*", default=[],
                    help="host-kernel thread counts to measure the split's rates with (the best is used)")
+    p.add_argument("--rate-repeats", type=int, default=1,
+                   help="measure the split's in-situ rates this many times per thread count (the first is used)")
     p.add_argument("--trace", action="store_true", help="trace two B=1 decode steps of each part (jax.profiler: "
                    "on the H200 the traced steps died with CUDA_ERROR_LAUNCH_FAILED, offload.md run 11)")
     p.add_argument("--profile", action="store_true",
                    help="3 B=1 decode steps with each segment waited for: time per segment kind, host CPU, the rest")
-    p.add_argument("--lookahead", type=int, nargs="+", default=[0],
-                   help="the R1-share row once per value, in one process: experts of the next MoE layer fetched a "
-                        "layer early (OffloadedExecutor.lookahead; 0: none)")
-    p.add_argument("--switch-intervals", type=float, nargs="+", default=[0.0],
-                   help="the R1-share row once per value, in one process: Python's GIL switch interval in seconds "
-                        "while it runs (sys.setswitchinterval; 0: Python's default, 0.005)")
+    p.add_argument("--r1-variants", nargs="+", default=["plain"],
+                   help="the R1-share row once per variant, in one process, in this order (a repeated one again): "
+                        "'plain' (the executor as loaded) or options joined by '+': 'apart' (resident_apart), "
+                        "'host-first' (host_first), 'lookahead<N>' (N experts fetched a layer early), "
+                        "'ceiling-rates' (the split's rates from this run's ceilings, both paths at once, not from "
+                        "the load-time measurement), 'watch' (when transfers land and device shares are computed, "
+                        "in the timeline)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
                         "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "
@@ -611,9 +681,9 @@ def main():
               "--expert-chunk", str(args.expert_chunk), "--batches", *map(str, args.batches), "--modes", *args.modes,
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
+        "--rate-repeats", str(args.rate_repeats),
         "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations,
-        "--r1-gpu-memory", args.r1_gpu_memory, "--lookahead", *map(str, args.lookahead),
-        "--switch-intervals", *map(str, args.switch_intervals)]
+        "--r1-gpu-memory", args.r1_gpu_memory, "--r1-variants", *args.r1_variants]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}

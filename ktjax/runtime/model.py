@@ -68,7 +68,16 @@ class StepStats:
     # took to reach its host share, and how long the rest of it took after).
     host_started_at: list[float] = dataclasses.field(default_factory=list)
     link_bytes: list[int] = dataclasses.field(default_factory=list)
+    # What the step's threads spent their time on, in seconds from its start: (what, start, end) for each
+    # segment's dispatch (the Python call; the device runs it later), each wait on the device, and each MoE
+    # layer's host-side work (its split, the link's transfers started, the host CPU's share). Unprofiled: it
+    # shows where a step's Python time goes without waiting on each segment.
+    timeline: list[tuple[str, float, float]] = dataclasses.field(default_factory=list, repr=False)
     started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
+
+    def span(self, what: str, since: float) -> None:
+        """Add (what, since, now) to the timeline; since: a `time.perf_counter()` reading."""
+        self.timeline.append((what, since - self.started, time.perf_counter() - self.started))
 
     def add(self, other: StepStats) -> None:
         """Count another part of the same step's transfers and segment times (a device's, over several)."""

@@ -62,13 +62,15 @@ class OffloadedExecutor:
     Both off by default until measured on the GPU (`scripts/bench_offload.py --lookahead`,
     `scripts/bench_decode_variants.py --rules current apart lookahead`): offload runs 19-20 could not separate
     `resident_apart` from the host CPU's slower speed in those runs, and on the CPU backend it is slower (XLA's
-    path computes each program's padded slots)."""
+    path computes each program's padded slots). host_first: in the fused form, where the host CPU has a
+    share, the worker thread starts the link's transfers too, so the host kernels start as soon as the split is
+    made (`scripts/bench_offload.py --r1-variants`: its transfers then start later, by the worker's wake-up)."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
                  rates: PathRates | None = None, decode_form: str = "auto",
                  mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8", lookahead: int = 0,
-                 resident_apart: bool = False):
+                 resident_apart: bool = False, host_first: bool = False):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -102,6 +104,8 @@ class OffloadedExecutor:
         self.decode_form = decode_form
         self.lookahead = lookahead
         self.resident_apart = resident_apart
+        self.host_first = host_first
+        self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
 
@@ -141,7 +145,7 @@ class OffloadedExecutor:
         lie in the cache (the writes of inactive columns are garbage that later steps overwrite before
         reading). Returns (token_B, cache, stats)."""
         stats = StepStats()
-        run = Segments(stats, profile)
+        run = Segments(stats, profile, self.watcher)
         x_BTD, cache = self.forward(cache, tokens_BT, np.asarray(start_B, np.int32), stats, run, active=active_BT)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
                       np.asarray(last_B, np.int32), key, sampling)
@@ -162,7 +166,7 @@ class OffloadedExecutor:
         moved and computed; other rows' outputs are garbage (a serving batch's free slots)."""
         # No eager jnp work here: each would be a separate dispatch (~0.1-0.5 ms) on the step's path.
         stats = StepStats()
-        run = Segments(stats, profile)
+        run = Segments(stats, profile, self.watcher)
         x_BTD, cache = self.forward(cache, token_B, pos_B, stats, run, active=active_B)
         token_B = run("head", head_segment, self.top["norm"], self.head_weight, self.config.rms_norm_eps, x_BTD,
                       np.zeros(np.shape(token_B)[0], np.int32), key, sampling)
@@ -262,6 +266,19 @@ class OffloadedExecutor:
         out.resident_apart = bool(apart)
         return out
 
+
+    def with_host_first(self, first: bool) -> OffloadedExecutor:
+        """This model starting a fused layer's host kernels before the link's transfers (`host_first`)."""
+        out = copy.copy(self)
+        out.host_first = first
+        return out
+
+    def with_watcher(self, on: bool) -> OffloadedExecutor:
+        """This model recording in each step's timeline (`StepStats.timeline`) when a fused layer's transfers land
+        and its device share is computed, waited for on threads of their own (`Segments.watch`): a diagnostic."""
+        out = copy.copy(self)
+        out.watcher = ThreadPoolExecutor(2, thread_name_prefix="ktjax-watch") if on else None
+        return out
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates
@@ -283,7 +300,8 @@ class OffloadedExecutor:
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
                                  decode_form=self.decode_form, host_activations=self.host_activations,
-                                 lookahead=self.lookahead, resident_apart=self.resident_apart)
+                                 lookahead=self.lookahead, resident_apart=self.resident_apart,
+                                 host_first=self.host_first)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""

@@ -134,7 +134,7 @@ def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD
         job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all, early,
                                    then)
         on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
-        on_gpu = job.result()
+        on_gpu = joined(job, stats)
     if N > FUSED_MAX_TOKENS:  # prefill-sized: summed here (zeros standing for a missing term would cost a transfer)
         return run("combine", combine_segment, x_BTD, shared[0], tuple(p for p in (on_gpu, on_host) if p is not None))
     return Unsummed(x_BTD, shared[0], ex.zeros(h_ND.shape) if on_gpu is None else on_gpu,
@@ -172,35 +172,45 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     layer's first program sums. early: this layer's experts the previous one fetched (`Lookahead`), which
     count as resident."""
     early = early or {}
+    t = time.perf_counter()
     resident, cpu_ids, link_ids = paths(ex, i, counts, host, early)
-    landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
+    stats.span("split", t)
     # The active tokens (all when active_N is None), padded to a power of two with row N (none).
     N = h_ND.shape[0]
     rows = active_rows(active_N, N)
-    resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
-    # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
-    programs = ([(resident, resident_slots), (link_ids, landing)] if ex.resident_apart and resident and link_ids
-                else [(resident + link_ids, resident_slots + landing)])
-    rows_A = np.full(pow2(len(rows)), N, np.int32)
-    rows_A[:len(rows)] = rows
 
-    def device_share():
+    def start_transfers() -> tuple[ExpertWeights, ...]:
+        landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
+        run.watch("landed", landing)
+        return landing
+
+    def device_share(landing: tuple[ExpertWeights, ...]):
+        resident_slots = tuple(ex.store.fetch(i, resident, stats, early))
+        # The device's programs, each (expert ids, their arrays): the first also computes the shared expert.
+        programs = ([(resident, resident_slots), (link_ids, landing)] if ex.resident_apart and resident and link_ids
+                    else [(resident + link_ids, resident_slots + landing)])
+        rows_A = np.full(pow2(len(rows)), N, np.int32)
+        rows_A[:len(rows)] = rows
         (ids, slots), *landed = programs
         shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
                                    capacity=capacity_for(len(rows_A), counts[ids]))
         for ids, slots in landed:
             routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
                             capacity=capacity_for(len(rows_A), counts[ids]))
+        run.watch("device_share", routed_ND)
         # The next layer's likely experts: their transfers queue behind `landing`, and this runs on the worker
         # where the host CPU has a share, so its dispatch does not hold up the host kernels' start.
         look_ahead(ex, lookahead, guess, rows, stats, counts[cpu_ids], len(link_ids))
         return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
-        return Unsummed(x_BTD, *device_share(), ex.no_host_share(h_ND.shape))
-    on_gpu = ex.dispatcher.submit(device_share)
+        return Unsummed(x_BTD, *device_share(start_transfers()), ex.no_host_share(h_ND.shape))
+    if ex.host_first:  # the worker starts the link's transfers too: the host kernels start at once
+        on_gpu = ex.dispatcher.submit(lambda: device_share(start_transfers()))
+    else:
+        on_gpu = ex.dispatcher.submit(device_share, start_transfers())
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
-    return Unsummed(x_BTD, *on_gpu.result(), host_ND)
+    return Unsummed(x_BTD, *joined(on_gpu, stats), host_ND)
 
 
 def paths(ex: OffloadedExecutor, i: int, counts, host: HostPath | None,
@@ -267,13 +277,24 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
     """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats): their sum, a host
     array. The program that adds it takes it as an argument, and jit's call moves it: ~3 us of this thread,
     where `jax.device_put` first cost ~80 (dev box, CPU backend), once per MoE layer on a batch-1 step's path."""
-    w_NK, h_ND = np.asarray(w_NK), np.asarray(h_ND)  # their copies were started after routing; not timed
+    t = time.perf_counter()
+    w_NK, h_ND = np.asarray(w_NK), np.asarray(h_ND)  # their copies were started after routing
+    stats.span("host_inputs", t)
     t = time.perf_counter()
     out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)
     stats.host_cpu_seconds.append(time.perf_counter() - t)
+    stats.span("host_share", t)
     stats.host_started_at.append(t - stats.started)
     stats.experts_on_host_cpu += len(cpu_ids)
     return out_ND
+
+
+def joined(job, stats: StepStats):
+    """The worker's result (the device's share of a layer, dispatched), its wait in the timeline."""
+    t = time.perf_counter()
+    out = job.result()
+    stats.span("join", t)
+    return out
 
 
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import Executor
 from typing import NamedTuple
 
 import jax
@@ -195,15 +196,26 @@ def combine_shares_segment(x_BTD, shared_ND, shares_nND):
 
 
 class Segments:
-    """Runs compiled segments; with profiling on, waits for each and adds its time to the step's stats."""
+    """Runs compiled segments; with profiling on, waits for each and adds its time to the step's stats.
+    watcher (a thread pool, or None): where `watch` waits for arrays without holding up the step."""
 
-    def __init__(self, stats: StepStats, profile: bool):
-        self.stats, self.profile = stats, profile
+    def __init__(self, stats: StepStats, profile: bool, watcher: Executor | None = None):
+        self.stats, self.profile, self.watcher = stats, profile, watcher
+
+    def watch(self, what: str, arrays) -> None:
+        """With a watcher: (what, now, when `arrays` are ready on the device) into the step's timeline, which
+        shows when a layer's transfers land and its device share is computed without waiting on either here."""
+        if self.watcher is None or self.profile:
+            return
+        t = time.perf_counter()
+        self.watcher.submit(lambda: (jax.block_until_ready(arrays), self.stats.span(what, t)))
 
     def __call__(self, name: str, fn, *args, **kwargs):
-        if not self.profile:
-            return fn(*args, **kwargs)
         t = time.perf_counter()
+        if not self.profile:
+            out = fn(*args, **kwargs)
+            self.stats.span(name, t)  # its dispatch: the calling thread's time
+            return out
         out = jax.block_until_ready(fn(*args, **kwargs))
         seg = self.stats.segment_seconds
         seg[name] = seg.get(name, 0.0) + time.perf_counter() - t

@@ -54,7 +54,9 @@ def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array, stats: StepS
     """The layer's expert ids on the host (the one device->host sync per MoE layer) and each expert's
     token count, recorded in the step's stats (ids past the last expert, masked tokens, count nowhere).
     active_N (host bools): the tokens whose routes count; the others' ids become n_routed_experts."""
+    t = time.perf_counter()
     idx_host = np.asarray(idx_NK)
+    stats.span("routing_wait", t)  # the device's work up to the routing, and its copy to the host
     if active_N is not None:
         idx_host = np.where(active_N[:, None], idx_host, cfg.n_routed_experts).astype(idx_host.dtype)
     stats.routed_at.append(time.perf_counter() - stats.started)
@@ -109,7 +111,11 @@ class ExpertStore:
         early = early or {}
         slots = self.experts[layer]
         hosted = [e for e in ids if self.is_hosted(layer, e) and e not in early]
-        moved = jax.device_put([slots[e] for e in hosted], self.on_device) if hosted else []
+        moved = []
+        if hosted:
+            t = time.perf_counter()
+            moved = jax.device_put([slots[e] for e in hosted], self.on_device)
+            stats.span("link_put", t)
         by_id = {**early, **dict(zip(hosted, moved))}
         stats.experts_fetched += len(hosted)
         stats.experts_on_device += sum(not self.is_hosted(layer, e) for e in ids)
