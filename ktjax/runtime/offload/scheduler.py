@@ -114,13 +114,15 @@ def _machine_key(fmt: str) -> str:
         cpu = "cpu"
     # The version of the method and of the host kernels: rates measured by an earlier one are measured
     # again (v1 read the same few experts again and again, from the CPU's caches; v2 measured the kernels
-    # before int4 took AVX-512 VNNI and int8 rows converted their scales with F16C).
-    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}|v3"
+    # before int4 took AVX-512 VNNI and int8 rows converted their scales with F16C; v3 fitted one round of each kind
+    # of call, by its mean call).
+    return f"{cpu}|{os.cpu_count()}|{jax.devices()[0].device_kind}|{fmt}|v4"
 
 
 def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: float = 0.3) -> tuple[PathRates, float]:
     """Both paths at once for `seconds`: the link in a thread, the CPU here (each call moves or
-    reads the given bytes). Returns the rates and the seconds one CPU call took."""
+    reads the given bytes). Returns the rates and the seconds one CPU call took (the median call: a call
+    the link's thread or the OS held up does not count more than any other)."""
     stop, moved = threading.Event(), [0]
 
     def stream():
@@ -132,14 +134,21 @@ def measure(cpu_call, link_call, nbytes_cpu: int, nbytes_link: int, seconds: flo
     link_call()  # compile and warm up both
     th = threading.Thread(target=stream)
     th.start()
-    t0, n = time.perf_counter(), 0
+    t0, calls = time.perf_counter(), []
     while time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
         cpu_call()
-        n += 1
+        calls.append(time.perf_counter() - t)
     dt = time.perf_counter() - t0
     stop.set()
     th.join()
-    return PathRates(link_gbps=moved[0] / dt / 1e9, cpu_gbps=n * nbytes_cpu / dt / 1e9), dt / n
+    per_call = float(np.median(calls))
+    return PathRates(link_gbps=moved[0] / dt / 1e9, cpu_gbps=nbytes_cpu / per_call / 1e9), per_call
+
+
+def median_round(rounds: list[tuple[PathRates, float]]) -> tuple[PathRates, float]:
+    """Of several `measure` rounds of one kind of call, the one whose CPU call took the median time."""
+    return sorted(rounds, key=lambda r: r[1])[len(rounds) // 2]
 
 
 def fitted_rates(one: PathRates, one_call_s: float, many: PathRates, many_call_s: float, n: int,
