@@ -449,8 +449,6 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             continue
         if option == "apart":
             model = model.with_resident_apart(True)
-        elif option == "host-first":
-            model = model.with_host_first(True)
         elif option == "watch":
             model = model.with_watcher(True)
         elif option.startswith("lookahead") and option[len("lookahead"):].isdigit():
@@ -655,7 +653,7 @@ def main():
     p.add_argument("--r1-variants", nargs="+", default=["plain"],
                    help="the R1-share row once per variant, in one process, in this order (a repeated one again): "
                         "'plain' (the executor as loaded) or options joined by '+': 'apart' (resident_apart), "
-                        "'host-first' (host_first), 'lookahead<N>' (N experts fetched a layer early), "
+                        "'lookahead<N>' (N experts fetched a layer early), "
                         "'ceiling-rates' (the split's rates from this run's ceilings, both paths at once, not from "
                         "the load-time measurement), 'watch' (when transfers land and device shares are computed, "
                         "in the timeline)")

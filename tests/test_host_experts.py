@@ -125,21 +125,6 @@ def test_experts_fetched_a_layer_early_change_only_where_they_run(split_model, f
     assert paths["early_used"] > 0 and paths["host_cpu"] > 0
 
 
-@pytest.mark.parametrize("host_first", [False, True])
-def test_the_fused_form_gives_the_streamed_tokens_whichever_path_starts_first(split_model, host_first):
-    """The fused form with a host share: the link's transfers started before the host kernels (on this thread),
-    or by the worker thread while the host kernels start at once (host_first). The tokens of the model with
-    every host expert streamed, both paths used."""
-    reference = ktjax.generate(split_model("int4", "gpu"), [5, 9, 13, 2], max_new_tokens=6)
-    model = split_model("int4", "auto")
-    even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
-    executor = model.executor.with_decode_form("fused").with_rates(even).with_host_first(host_first)
-    result = ktjax.generate(dataclasses.replace(model, executor=executor), [5, 9, 13, 2], max_new_tokens=6)
-    assert result.token_ids == reference.token_ids
-    paths = result.stats.decode_experts_per_step
-    assert paths["host_cpu"] > 0 and paths["link"] > 0
-
-
 def test_a_watched_decode_step_records_when_its_transfers_land_and_its_device_shares_are_done(split_model):
     """`with_watcher`: a decode step's timeline gains, for each start of the link's transfers, when they landed,
     and for each fused MoE layer, when its device share was computed; unwatched, neither."""

@@ -64,15 +64,13 @@ class OffloadedExecutor:
     Both off by default until measured on the GPU (`scripts/bench_offload.py --lookahead`,
     `scripts/bench_decode_variants.py --rules current apart lookahead`): offload runs 19-20 could not separate
     `resident_apart` from the host CPU's slower speed in those runs, and on the CPU backend it is slower (XLA's
-    path computes each program's padded slots). host_first: in the fused form, where the host CPU has a
-    share, the worker thread starts the link's transfers too, so the host kernels start as soon as the split is
-    made (`scripts/bench_offload.py --r1-variants`: its transfers then start later, by the worker's wake-up)."""
+    path computes each program's padded slots)."""
 
     def __init__(self, config: ModelConfig, plan: PlacementPlan, dtype, top: dict, layers: list[dict],
                  experts: dict[int, list[ExpertWeights]], *, attention: str = "auto", expert_compute: str = "auto",
                  rates: PathRates | None = None, decode_form: str = "auto",
                  mesh: jax.sharding.Mesh | None = None, host_activations: str = "int8", lookahead: int = 0,
-                 resident_apart: bool = False, host_first: bool = False):
+                 resident_apart: bool = False):
         if decode_form not in DECODE_FORMS:
             raise ValueError(f"decode_form={decode_form!r}: use one of {', '.join(DECODE_FORMS)}")
         if expert_compute not in MODES:
@@ -106,7 +104,6 @@ class OffloadedExecutor:
         self.decode_form = decode_form
         self.lookahead = lookahead
         self.resident_apart = resident_apart
-        self.host_first = host_first
         self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
@@ -274,19 +271,13 @@ class OffloadedExecutor:
         out.resident_apart = bool(apart)
         return out
 
-
-    def with_host_first(self, first: bool) -> OffloadedExecutor:
-        """This model starting a fused layer's host kernels before the link's transfers (`host_first`)."""
-        out = copy.copy(self)
-        out.host_first = first
-        return out
-
     def with_watcher(self, on: bool) -> OffloadedExecutor:
         """This model recording in each step's timeline (`StepStats.timeline`) when a fused layer's transfers land
         and its device share is computed, waited for on threads of their own (`Segments.watch`): a diagnostic."""
         out = copy.copy(self)
         out.watcher = ThreadPoolExecutor(2, thread_name_prefix="ktjax-watch") if on else None
         return out
+
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
         out = copy.copy(self)
         out.rates = rates
@@ -308,8 +299,7 @@ class OffloadedExecutor:
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
                                  decode_form=self.decode_form, host_activations=self.host_activations,
-                                 lookahead=self.lookahead, resident_apart=self.resident_apart,
-                                 host_first=self.host_first)
+                                 lookahead=self.lookahead, resident_apart=self.resident_apart)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""

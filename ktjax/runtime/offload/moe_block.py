@@ -205,10 +205,9 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
         return Unsummed(x_BTD, *device_share(start_transfers()), ex.no_host_share(h_ND.shape))
-    if ex.host_first:  # the worker starts the link's transfers too: the host kernels start at once
-        on_gpu = ex.dispatcher.submit(lambda: device_share(start_transfers()))
-    else:
-        on_gpu = ex.dispatcher.submit(device_share, start_transfers())
+    # The transfers start here, before the host kernels: started by the worker instead, the host kernels began 0.3 ms
+    # sooner but ran longer beside it, and the transfers landed later (benchmarks/offload.md, run 24).
+    on_gpu = ex.dispatcher.submit(device_share, start_transfers())
     host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
     return Unsummed(x_BTD, *joined(on_gpu, stats), host_ND)
 
