@@ -208,7 +208,8 @@ def layer_timeline(stats, n_moe: int) -> dict:
     """Where a MoE layer's time goes on the host threads, from the steps' timelines (`StepStats.timeline`): for
     each kind of span (a segment's dispatch, a wait on the device, the split, the link's transfers started, the
     host share; with a watcher, the transfers landing and the device share computed), when it first starts after
-    the layer's routing reached the host, when its last ends, and how long its spans in that layer take together, medians over the steps' MoE layers but the last (which the head follows, not a layer),
+    the layer's routing reached the host, when its last ends, and how long its spans in that layer take together,
+    medians over the steps' MoE layers but the last (which the head follows, not a layer),
     and how many there are per layer. A span before a layer's routing (the next routing's wait) counts in the
     layer before."""
     import bisect
@@ -287,7 +288,7 @@ def run_ktjax(args) -> dict:
             measured = {}
             again = {}
             for n in args.host_threads or [default_threads()]:
-                for rep in range(args.rate_repeats):  # the first is used, as ktjax.load would; the others show its spread
+                for _ in range(args.rate_repeats):  # the first is used, as ktjax.load would; the rest show the spread
                     r = model.with_host_threads(n).measure_rates()
                     measured.setdefault(n, r)
                     again.setdefault(str(n), []).append(dataclasses.asdict(r))
