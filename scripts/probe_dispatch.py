@@ -1,0 +1,101 @@
+"""Where the dispatch of a decode step's attention program goes. On the H100 machine the call of the next MoE
+layer's `attention_route` took ~0.5 ms of the step's thread after the host CPU's share (benchmarks/offload.md, runs
+23-25), ~0.1 ms on the dev box's CPU backend, and it sits on the step's critical path: the program needs the host
+share's sum. This times that call alone, the device idle before each (median and 90th percentile of --reps calls),
+in forms that take one cost away at a time:
+
+- as a decode step makes it: the previous MoE layer's terms (`Unsummed`, the host share a numpy array) and the
+  layer's cache stacks donated;
+- the host share already on the device (`jax.device_put` beforehand, untimed);
+- the terms summed beforehand: one array for the hidden states;
+- a program that only sums the same arguments (what passing them costs, without attention's kernels);
+- a program of one small argument (a dispatch's floor);
+- `jax.device_put` of the host share alone.
+
+One MoE layer of DeepSeek-V3's sizes (random weights; int4 routed experts in host memory, not used here), or small
+ones with --tiny:
+
+    python3 scripts/probe_dispatch.py [--tiny] [--reps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    p.add_argument("--reps", type=int, default=50)
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    from bench_offload import TINY_HOST_RULES, tiny_config
+    from fullsize import fullsize_config, plan_for, random_offloaded_model
+
+    from ktjax.runtime.offload.segments import Unsummed, embed_segment, settle
+
+    cfg = tiny_config(1) if args.tiny else fullsize_config(1)
+    dtype = jnp.bfloat16
+    plan = plan_for(cfg, dtype, experts="int4", gpu_memory="24GiB", max_batch=1, max_context=1280,
+                    rules=TINY_HOST_RULES if args.tiny else None)
+    ex = random_offloaded_model(cfg, plan, dtype, progress=lambda *_: None)
+    i = cfg.moe_layers[0]
+    kind = cfg.layer_kinds[i]
+    seg, state, j = ex.segments[kind], ex.layers[i], ex._stack_index[i]
+    cache = ex.init_cache(1, 1040)
+    latent_rp = list(cache.groups[kind])
+    x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
+                                         np.array([1024], np.int32))
+    D = cfg.hidden_size
+    shared_ND = jnp.zeros((1, D), dtype)
+    routed_ND = jnp.zeros((1, D), jnp.float32)
+    host_np = np.zeros((1, D), np.float32)
+    host_dev = jax.device_put(host_np)
+    summed = jax.jit(settle)(Unsummed(x_BTD, shared_ND, routed_ND, host_dev))
+    sum_args = jax.jit(lambda state, x, rope, start_B, latent, rp, j: settle(x).sum())
+    one_arg = jax.jit(lambda a: a + 1)
+    small = jnp.zeros((8,), jnp.float32)
+
+    def attention(x):
+        def call():
+            out = seg.attention_route(state, x, rope, start_B, *latent_rp, j)
+            latent_rp[:] = out[-2:]  # donated: the next call takes the new stacks
+            return out
+        return call
+
+    forms = {
+        "as a decode step calls it (host share a numpy array)": attention(
+            Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
+        "the host share already on the device": attention(Unsummed(x_BTD, shared_ND, routed_ND, host_dev)),
+        "the terms summed beforehand (one array)": attention(summed),
+        "a program that only sums the same arguments": lambda: sum_args(
+            state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j),
+        "a program of one small argument": lambda: one_arg(small),
+        "jax.device_put of the host share": lambda: jax.device_put(host_np),
+    }
+    print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
+          f"the device idle before each")
+    for name, call in forms.items():
+        jax.block_until_ready(call())  # compiled
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            out = call()
+            times.append(time.perf_counter() - t)
+            jax.block_until_ready(out)
+        us = np.array(times) * 1e6
+        print(f"  {name:55s} median {np.median(us):7.1f} us   90th percentile {np.percentile(us, 90):7.1f} us",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
