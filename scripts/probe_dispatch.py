@@ -10,7 +10,8 @@ in forms that take one cost away at a time:
 - the terms summed beforehand: one array for the hidden states;
 - a program that only sums the same arguments (what passing them costs, without attention's kernels);
 - a program of one small argument (a dispatch's floor);
-- `jax.device_put` of the host share alone.
+- `jax.device_put` of the host share alone;
+- the copies to the host a MoE layer starts before it waits for its routing.
 
 One MoE layer of DeepSeek-V3's sizes (random weights; int4 routed experts in host memory, not used here), or small
 ones with --tiny:
@@ -72,6 +73,15 @@ def main() -> None:
             return out
         return call
 
+    def copies():  # what a MoE layer starts before it waits for its routing on the host
+        out = seg.attention_route(state, summed, rope, start_B, *latent_rp, j)
+        latent_rp[:] = out[-2:]
+        jax.block_until_ready(out)
+        t = time.perf_counter()
+        for a in out[1:4]:
+            a.copy_to_host_async()
+        return time.perf_counter() - t, out
+
     forms = {
         "as a decode step calls it (host share a numpy array)": attention(
             Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
@@ -81,6 +91,7 @@ def main() -> None:
             state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j),
         "a program of one small argument": lambda: one_arg(small),
         "jax.device_put of the host share": lambda: jax.device_put(host_np),
+        "copy_to_host_async of the routing's outputs (h, w, idx)": copies,
     }
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
           f"the device idle before each")
@@ -90,7 +101,10 @@ def main() -> None:
         for _ in range(args.reps):
             t = time.perf_counter()
             out = call()
-            times.append(time.perf_counter() - t)
+            took = time.perf_counter() - t
+            if call is copies:  # it times its own part
+                took, out = out
+            times.append(took)
             jax.block_until_ready(out)
         us = np.array(times) * 1e6
         print(f"  {name:55s} median {np.median(us):7.1f} us   90th percentile {np.percentile(us, 90):7.1f} us",
