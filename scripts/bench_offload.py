@@ -245,6 +245,7 @@ def run_ktjax(args) -> dict:
 
     from ktjax.runtime.model import Sampling
     from ktjax.runtime.offload.scheduler import PathRates, kernel_name
+    from ktjax.runtime.placement import parse_size
 
     fmt = FORMAT_OF_PART[args.run]
     res = {"part": args.run, "experts": fmt}
@@ -264,6 +265,10 @@ def run_ktjax(args) -> dict:
     plan = plan_for(cfg, dtype, experts=fmt, gpu_memory=args.gpu_memory, all_on_device=resident, rules=rules,
                     max_batch=1, max_context=max_ctx, expert_chunk=args.expert_chunk)
     print(plan.table(), flush=True)
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit and not args.tiny and limit < parse_size(args.gpu_memory):  # offload.md run 25 met this
+        log(f"warning: the allocator's limit ({limit / 2**30:.1f} GiB, XLA_PYTHON_CLIENT_MEM_FRACTION) is below "
+            f"--gpu-memory {args.gpu_memory}: XLA will run short and retry allocations; --all sets it from the budget")
     rates = None
     if f"{fmt}_both_cpu_gbps" in ceil:  # the split's cost model, from this machine's measurement
         rates = PathRates(link_gbps=ceil[f"{fmt}_both_link_gbps"], cpu_gbps=ceil[f"{fmt}_both_cpu_gbps"])
