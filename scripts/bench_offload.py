@@ -670,6 +670,7 @@ def main():
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     if not args.all:
         res = run_transformers(args) if args.run == "transformers" else run_ktjax(args)
         print("RESULT " + json.dumps(res), flush=True)
