@@ -28,7 +28,7 @@ from ktjax.runtime.host_memory import host_room, room_error
 from ktjax.runtime.mesh import devices_of, expert_mesh, param_sharding
 from ktjax.runtime.model import LoadedModel, Sampling
 from ktjax.runtime.offload.build import load_offloaded
-from ktjax.runtime.offload.scheduler import cached_rates, kernel_name
+from ktjax.runtime.offload.path_rates import cached_rates, kernel_name
 from ktjax.runtime.resident import ResidentExecutor
 from ktjax.text import load_tokenizer
 from ktjax.text.gguf_vocab import gguf_tokenizer

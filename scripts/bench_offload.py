@@ -59,7 +59,7 @@ def ceilings(tiny: bool) -> dict:
     import numpy as np
 
     from ktjax.experts.host import HostExperts, assignments
-    from ktjax.runtime.offload.scheduler import kernel_name
+    from ktjax.runtime.offload.path_rates import kernel_name
     from ktjax.experts.packed import PackedLayout
     d = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(d, memory_kind="pinned_host")
@@ -244,7 +244,7 @@ def run_ktjax(args) -> dict:
     from fullsize import fullsize_config, plan_for, random_offloaded_model
 
     from ktjax.runtime.model import Sampling
-    from ktjax.runtime.offload.scheduler import PathRates, kernel_name
+    from ktjax.runtime.offload.path_rates import PathRates, kernel_name
     from ktjax.runtime.placement import parse_size
 
     fmt = FORMAT_OF_PART[args.run]
@@ -449,7 +449,7 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
 
 def with_variant(model, variant: str, ceil: dict, kernel: str):
     """The executor with a --r1-variants setting applied (options joined by '+'; 'plain': as it is)."""
-    from ktjax.runtime.offload.scheduler import PathRates
+    from ktjax.runtime.offload.path_rates import PathRates
     for option in variant.split("+"):
         if option == "plain":
             continue

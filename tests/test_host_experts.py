@@ -9,7 +9,8 @@ import pytest
 
 import ktjax
 from ktjax.api import plan_placement, routing_counts
-from ktjax.runtime.offload.scheduler import PathRates, split
+from ktjax.runtime.offload.path_rates import PathRates
+from ktjax.runtime.offload.scheduler import split
 from reference import make_reference, save_reference
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
@@ -199,7 +200,7 @@ def test_the_hot_expert_cache_holds_the_experts_a_calibration_prompt_uses_most(c
 
 
 def test_a_host_calls_fixed_cost_and_rate_are_told_apart_from_calls_of_one_and_of_several_experts():
-    from ktjax.runtime.offload.scheduler import fitted_rates
+    from ktjax.runtime.offload.path_rates import fitted_rates
     nbytes, rate, call_s = 27_500_000, 55e9, 3e-4  # 0.5 ms per expert read, plus 0.3 ms per call
     one = PathRates(link_gbps=40.0, cpu_gbps=nbytes / (call_s + nbytes / rate) / 1e9)
     many = PathRates(link_gbps=42.0, cpu_gbps=3 * nbytes / (call_s + 3 * nbytes / rate) / 1e9)
@@ -215,7 +216,7 @@ def test_a_measured_host_call_is_its_median_call_not_one_held_up():
     OS), the others take ~1 ms; the mean would be ~17 ms. Of several rounds, `median_round` keeps the median one."""
     import time
 
-    from ktjax.runtime.offload.scheduler import measure, median_round
+    from ktjax.runtime.offload.path_rates import measure, median_round
     calls = [0]
 
     def cpu_call():
@@ -237,7 +238,7 @@ def test_the_paths_can_be_measured_where_the_model_runs(ckpt):
 def test_info_shows_the_cpu_link_switch_point_from_measured_rates_once_there_are_some(ckpt, tmp_path, capsys,
                                                                                         monkeypatch):
     from ktjax.cli.main import main
-    from ktjax.runtime.offload.scheduler import PathRates, cached_rates, kernel_name
+    from ktjax.runtime.offload.path_rates import PathRates, cached_rates, kernel_name
 
     monkeypatch.setenv("KTJAX_CACHE_DIR", str(tmp_path))
     argv = ["info", "--model", ckpt, "--experts", "int8", "--gpu-memory", "65.5MiB", "--max-context", "64"]

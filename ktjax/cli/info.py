@@ -17,7 +17,7 @@ from ktjax.io.checkpoint import Checkpoint
 from ktjax.io.gguf import is_gguf, open_gguf
 from ktjax.io.load import abstract_params, model_config, plan_leaves
 from ktjax.runtime.host_memory import host_room, room_error
-from ktjax.runtime.offload.scheduler import DEFAULT_RATES, kernel_name, known_rates
+from ktjax.runtime.offload.path_rates import DEFAULT_RATES, kernel_name, known_rates
 from ktjax.runtime.placement import GROUPS, fmt_bytes, param_group
 
 

@@ -15,7 +15,6 @@ in pinned memory behind it), and one program sums the devices' shares (an all-re
 from __future__ import annotations
 
 import copy
-import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -29,8 +28,8 @@ from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.host_path import HostPath
-from ktjax.runtime.offload.scheduler import (DEFAULT_RATES, MODES, PathRates, fitted_rates, kernel_name, measure,
-                                              median_round)
+from ktjax.runtime.offload.path_rates import DEFAULT_RATES, PathRates, kernel_name, measured_rates
+from ktjax.runtime.offload.scheduler import MODES
 from ktjax.runtime.offload.devices import owned_by
 from ktjax.runtime.offload.moe_block import FUSED_MAX_TOKENS, Lookahead, compile_fused, moe_block
 from ktjax.runtime.offload.segments import (LayerSegments, Segments, embed_segment, head_segment, logits_segment,
@@ -42,7 +41,6 @@ from ktjax.train.offloaded import OffloadedTrainer
 
 
 DECODE_FORMS = ("auto", "fused", "streamed")
-ROUNDS = 3  # rounds of each kind of call in `measure_rates`
 
 
 class OffloadedExecutor:
@@ -188,50 +186,8 @@ class OffloadedExecutor:
         return OffloadedTrainer(self, lora, sites, train_config)
 
     def measure_rates(self, experts_per_call: int = 3, seconds: float = 0.3) -> PathRates:
-        """Both paths into host experts at once, as decode steps use them: the host kernels on one, then
-        on a few experts per call (which separates the call's fixed cost from its rate), the link
-        streaming other experts meanwhile. Each call takes experts the previous calls did not: reading
-        the same few again would measure the CPU's caches (a full-size int4 expert is 27.5 MB, three of
-        them fit a server's L3), where a step's experts come from DRAM."""
-        by_layer: dict[int, list[int]] = {}
-        for i, e in sorted(self.plan.host_experts):
-            by_layer.setdefault(i, []).append(e)
-        layer, hosted = max(by_layer.items(), key=lambda kv: len(kv[1]))
-        n = max(1, min(experts_per_call, len(hosted) // 2))
-        half = max(n, len(hosted) // 2)
-        cpu_pool, link_pool = hosted[:half], hosted[half:] or hosted[:half]
-        h = np.zeros((1, self.config.hidden_size), np.float32)
-        nbytes = self.plan.expert_bytes
-
-        def rotating(pool: list[int], k: int):
-            groups = [pool[j:j + k] for j in range(0, len(pool) - k + 1, k)]
-            return itertools.cycle(groups)
-
-        def run(k: int, seconds: float) -> tuple[PathRates, float]:
-            cpu_groups, link_groups = rotating(cpu_pool, k), rotating(link_pool, n)
-            weights = np.full((1, k), 1.0 / k, np.float32)
-
-            def cpu_call():
-                ids = next(cpu_groups)
-                self.host.compute(layer, ids, np.asarray([ids], np.int64), weights, h)
-
-            def link_call():
-                ids = next(link_groups)
-                jax.block_until_ready(jax.device_put([self.store.experts[layer][e] for e in ids], self.store.on_device))
-
-            return measure(cpu_call, link_call, k * nbytes, n * nbytes, seconds)
-
-        # Rounds of each kind, alternating, and the median of each kind: one round of each scattered the fit on the
-        # H100 machine (CPU 24.8-68.4 GB/s, 0-0.68 ms per call; benchmarks/offload.md, runs 23-24).
-        rounds = {1: [], n: []}
-        for _ in range(ROUNDS):
-            for k in rounds if n > 1 else (n,):
-                rounds[k].append(run(k, seconds / ROUNDS))
-        many, many_call_s = median_round(rounds[n])
-        if n == 1:
-            return many
-        one, one_call_s = median_round(rounds[1])
-        return fitted_rates(one, one_call_s, many, many_call_s, n, nbytes)
+        """Both paths into this model's host experts at once, as decode steps use them (`path_rates.measured_rates`)."""
+        return measured_rates(self, experts_per_call, seconds)
 
     def with_host_threads(self, threads: int | None) -> OffloadedExecutor:
         """This model running its host kernels on `threads` threads (None: every core)."""
