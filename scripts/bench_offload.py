@@ -190,10 +190,10 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     # A layer's parts on the step's clock, for the steps whose every MoE layer had a host share: routing on the
     # host -> host share starts (split, transfers and the device's programs dispatched), the host share, and its
     # end -> the next layer's routing on the host (what the device still had to do, then attention and routing).
-    full = [s for s in stats if len(s.host_started_at) == n_moe == len(s.routed_at)]
+    host = [[(a, b) for what, a, b in s.timeline if what == "host_share"] for s in stats]  # per step, per layer
+    full = [(s, h) for s, h in zip(stats, host) if len(h) == n_moe == len(s.routed_at)]
     if full and n_moe > 1:
-        parts = [[(h - r, c, r2 - (h + c)) for r, h, c, r2 in zip(s.routed_at, s.host_started_at, s.host_cpu_seconds,
-                                                                   s.routed_at[1:])] for s in full]
+        parts = [[(a - r, b - a, r2 - b) for r, (a, b), r2 in zip(s.routed_at, h, s.routed_at[1:])] for s, h in full]
         row["layer_parts_ms"] = {k: round(float(np.median([p[j] for step in parts for p in step])) * 1e3, 3)
                                  for j, k in enumerate(("to_host_share", "host_share", "after_host_share"))}
     if n_moe > 1:

@@ -64,9 +64,6 @@ class StepStats:
     expert_counts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     # Per MoE layer: seconds the host CPU spent on its experts, and bytes its link path moved.
     host_cpu_seconds: list[float] = dataclasses.field(default_factory=list)
-    # When each host CPU share started, in seconds from the step's start (with routed_at: how long a layer
-    # took to reach its host share, and how long the rest of it took after).
-    host_started_at: list[float] = dataclasses.field(default_factory=list)
     link_bytes: list[int] = dataclasses.field(default_factory=list)
     # What the step's threads spent their time on, in seconds from its start: (what, start, end) for each
     # segment's dispatch (the Python call; the device runs it later), each wait on the device, and each MoE

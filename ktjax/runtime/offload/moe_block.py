@@ -283,7 +283,6 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK
     out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)
     stats.host_cpu_seconds.append(time.perf_counter() - t)
     stats.span("host_share", t)
-    stats.host_started_at.append(t - stats.started)
     stats.experts_on_host_cpu += len(cpu_ids)
     return out_ND
 
