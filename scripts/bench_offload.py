@@ -215,14 +215,14 @@ def layer_timeline(stats, n_moe: int) -> dict:
     import bisect
 
     import numpy as np
-    seen: dict[str, list[tuple[float, float]]] = {}
+    seen: dict[str, list[tuple[float, float, float]]] = {}  # per kind: (at, ends, takes) of each layer
     counts: dict[str, int] = {}
     layers = 0
     for s in stats:
         if len(s.routed_at) != n_moe:
             continue
         layers += n_moe - 1
-        per: dict[tuple[str, int], list[float]] = {}
+        per: dict[tuple[str, int], tuple[float, float, float]] = {}
         for what, a, b in list(s.timeline):
             j = bisect.bisect_right(s.routed_at, a) - 1
             if 0 <= j < n_moe - 1:
