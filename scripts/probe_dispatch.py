@@ -51,7 +51,7 @@ def main() -> None:
     ex = random_offloaded_model(cfg, plan, dtype, progress=lambda *_: None)
     i = cfg.moe_layers[0]
     kind = cfg.layer_kinds[i]
-    seg, state, j = ex.segments[kind], ex.layers[i], ex._stack_index[i]
+    seg, state, j = ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i))
     cache = ex.init_cache(1, 1040)
     latent_rp = list(cache.groups[kind])
     x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
