@@ -11,7 +11,11 @@ in forms that take one cost away at a time:
 - a program that only sums the same arguments (what passing them costs, without attention's kernels);
 - a program of one small argument (a dispatch's floor);
 - `jax.device_put` of the host share alone;
-- the copies to the host a MoE layer starts before it waits for its routing.
+- the copies to the host a MoE layer starts before it waits for its routing;
+- the whole round trip a step waits for: the call, its outputs ready, its routing on the host;
+- on a GPU, the program compiled without XLA's CUDA graphs (command buffers), whose update a call may pay.
+
+It also prints how many kernels (fusions, custom calls) the compiled program launches.
 
 One MoE layer of DeepSeek-V3's sizes (random weights; int4 routed experts in host memory, not used here), or small
 ones with --tiny:
@@ -82,6 +86,18 @@ def main() -> None:
             a.copy_to_host_async()
         return time.perf_counter() - t, out
 
+    def round_trip(x, program=None):
+        def call():
+            out = (program or seg.attention_route)(state, x, rope, start_B, *latent_rp, j)
+            latent_rp[:] = out[-2:]
+            for a in out[1:4]:
+                a.copy_to_host_async()
+            np.asarray(out[3])  # the expert ids: what the split waits for
+            return out
+        return call
+
+    step_args = (state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j)
+    print(kernel_counts(seg.attention_route.lower(*step_args).compile().as_text()))
     forms = {
         "as a decode step calls it (host share a numpy array)": attention(
             Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
@@ -92,7 +108,24 @@ def main() -> None:
         "a program of one small argument": lambda: one_arg(small),
         "jax.device_put of the host share": lambda: jax.device_put(host_np),
         "copy_to_host_async of the routing's outputs (h, w, idx)": copies,
+        "the call until its outputs are ready": lambda: jax.block_until_ready(
+            attention(Unsummed(x_BTD, shared_ND, routed_ND, host_np))()),
+        "round trip: the call to its expert ids on the host": round_trip(
+            Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
     }
+    if jax.default_backend() == "gpu":
+        no_graphs = jax.jit(seg.attention_route.__wrapped__, donate_argnums=(4, 5),
+                            compiler_options={"xla_gpu_enable_command_buffer": ""})
+        print("without CUDA graphs:", kernel_counts(no_graphs.lower(*step_args).compile().as_text()))
+
+        def attention_no_graphs():
+            out = no_graphs(state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j)
+            latent_rp[:] = out[-2:]
+            return out
+
+        forms["without CUDA graphs: as a decode step calls it"] = attention_no_graphs
+        forms["without CUDA graphs: round trip to the expert ids"] = round_trip(
+            Unsummed(x_BTD, shared_ND, routed_ND, host_np), no_graphs)
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
           f"the device idle before each")
     for name, call in forms.items():
@@ -109,6 +142,16 @@ def main() -> None:
         us = np.array(times) * 1e6
         print(f"  {name:55s} median {np.median(us):7.1f} us   90th percentile {np.percentile(us, 90):7.1f} us",
               flush=True)
+
+
+def kernel_counts(hlo: str) -> str:
+    """What a compiled program launches, from its optimized HLO: fusions, custom calls (cuBLAS, Pallas), and the
+    command buffers (CUDA graphs) that hold some of them."""
+    lines = [line for line in hlo.splitlines() if " = " in line]
+    count = {kind: sum(f" {kind}(" in line for line in lines) for kind in ("fusion", "custom-call", "call")}
+    graphs = sum("command_buffer" in line for line in lines)
+    return (f"compiled attention_route: {count['fusion']} fusions, {count['custom-call']} custom calls, "
+            f"{count['call']} calls, {graphs} lines naming a command buffer")
 
 
 if __name__ == "__main__":
