@@ -6,7 +6,12 @@ holds none; int8 activations, 1 token, best of 7), from numpy memory:
 - a plain parallel read of the experts' bytes;
 - `HostExperts.compute`, the call a decode step makes;
 - the same call with no token routed to any expert (its fixed cost: allocations, parallel regions, row loops);
-- the gate_up kernel alone, the down kernel alone, and both back to back (their activations quantized beforehand).
+- the gate_up kernel alone, the down kernel alone, and both back to back (their activations quantized beforehand);
+- the call's single-threaded parts at its shapes, each alone: the token copied per expert, the activations quantized
+  for gate_up and for down, SwiGLU, the weighted sum, and the call's fresh arrays zeroed.
+
+Run it again with glibc keeping freed memory (`MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`)
+to see whether the call's fresh arrays cost page faults.
 
 GB/s counts each row's own bytes (a matrix's rows with their scales; the call: whole experts).
 
@@ -90,14 +95,35 @@ def main() -> None:
         gate_up()
         return down()
 
+    gu_R, gu_C, gu_G = (int(v) for v in kernels._dims["gate_up"])
+    dn_R, dn_C, dn_G = (int(v) for v in kernels._dims["down"])
+    ones, tok = np.ones(PER_CALL, np.int64), np.zeros((PER_CALL, 1), np.int64)
+    x_KTC, h_KTC = np.zeros((PER_CALL, 1, gu_C), np.float32), np.zeros((PER_CALL, 1, dn_C), np.float32)
+    gu_KTR = rng.standard_normal((PER_CALL, 1, gu_R)).astype(np.float32)
+    y_KTD, out_ND = np.zeros((PER_CALL, 1, D), np.float32), np.zeros((1, D), np.float32)
+
+    def gather():
+        for k in range(PER_CALL):
+            x_KTC[k, 0, :D] = x_1D[0]
+        return x_KTC
+
+    def fresh_arrays():
+        return [np.zeros(s, np.float32) for s in (x_KTC.shape, gu_KTR.shape, h_KTC.shape, y_KTD.shape, (1, D))]
+
+    serial = [("  part: token copied per expert", gather),
+              ("  part: quantize for gate_up", lambda: host_experts._quantized(x_KTC, ones, gu_G)),
+              ("  part: SwiGLU", lambda: hk.swiglu(gu_KTR, ones, F, h_KTC)),
+              ("  part: quantize for down", lambda: host_experts._quantized(h_KTC, ones, dn_G)),
+              ("  part: weighted sum", lambda: hk.scatter_add(y_KTD, weights.T.copy(), tok, ones, out_ND)),
+              ("  part: its fresh arrays, zeroed", fresh_arrays)]
     rows = [("plain read", read, PER_CALL * L.nbytes), ("HostExperts.compute", call, PER_CALL * L.nbytes),
             ("the same, no tokens (fixed cost)", lambda: call(False), 0),
             ("gate_up kernel alone", gate_up, gu_bytes), ("down kernel alone", down, dn_bytes),
-            ("gate_up then down kernels", both, PER_CALL * L.nbytes)]
-    print(f"{args.threads} threads, int4 {F}x{D}, {PER_CALL} experts per call of {N_EXPERTS}, 1 token, best of 7")
+            ("gate_up then down kernels", both, PER_CALL * L.nbytes)] + [(n, f, 0) for n, f in serial]
+    print(f"{args.threads} threads, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, int4 {F}x{D}, {PER_CALL} experts per call of {N_EXPERTS}, 1 token, best of 7")
     for name, f, nbytes in rows:
         f()  # compiled
-        s = best_of(f, reps=3, rounds=7)
+        s = best_of(f, reps=3 if nbytes else 20, rounds=7)
         print(f"  {name:34s} {s * 1e3:7.3f} ms" + (f"  {nbytes / s / 1e9:6.1f} GB/s" if nbytes else ""), flush=True)
 
 
