@@ -13,7 +13,9 @@ in forms that take one cost away at a time:
 - `jax.device_put` of the host share alone;
 - the copies to the host a MoE layer starts before it waits for its routing;
 - the whole round trip a step waits for: the call, its outputs ready, its routing on the host;
-- on a GPU, the program compiled without XLA's CUDA graphs (command buffers), whose update a call may pay.
+- on a GPU, the program compiled without XLA's CUDA graphs (command buffers), whose update a call may pay;
+- a MoE layer's link transfers of 3 host experts started: by `jax.device_put` of their pinned host buffers (as
+  `ExpertStore.fetch` does), or by one jitted program whose outputs live on the device; each also until landed.
 
 It also prints how many kernels (fusions, custom calls) the compiled program launches.
 
@@ -96,6 +98,9 @@ def main() -> None:
             return out
         return call
 
+    hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)][:3]
+    host_experts = [ex.store.experts[i][e] for e in hosted]
+    copied = jax.jit(lambda experts: experts, out_shardings=ex.store.on_device)
     step_args = (state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j)
     print(kernel_counts(seg.attention_route.lower(*step_args).compile().as_text()))
     forms = {
@@ -112,6 +117,12 @@ def main() -> None:
             attention(Unsummed(x_BTD, shared_ND, routed_ND, host_np))()),
         "round trip: the call to its expert ids on the host": round_trip(
             Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
+        f"jax.device_put of {len(hosted)} host experts": lambda: jax.device_put(host_experts, ex.store.on_device),
+        f"a program copying {len(hosted)} host experts to the device": lambda: copied(host_experts),
+        f"jax.device_put of {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(
+            jax.device_put(host_experts, ex.store.on_device)),
+        f"a program copying {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(
+            copied(host_experts)),
     }
     if jax.default_backend() == "gpu":
         no_graphs = jax.jit(seg.attention_route.__wrapped__, donate_argnums=(4, 5),
