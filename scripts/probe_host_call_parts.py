@@ -7,8 +7,10 @@ holds none; int8 activations, 1 token, best of 7), from numpy memory:
 - `HostExperts.compute`, the call a decode step makes;
 - the same call with no token routed to any expert (its fixed cost: allocations, parallel regions, row loops);
 - the gate_up kernel alone, the down kernel alone, and both back to back (their activations quantized beforehand);
-- the call's single-threaded parts at its shapes, each alone: the token copied per expert, the activations quantized
-  for gate_up and for down, SwiGLU, the weighted sum, and the call's fresh arrays zeroed.
+- the call's parts beside the kernels at its shapes, each alone: the token copied per expert, the activations
+  quantized for gate_up (per expert, as the call did up to the sixteenth session, and once per token, as it does
+  since), SwiGLU and the activations quantized for down (single-threaded, as before, and the one parallel pass that
+  does both since), the weighted sum, and the call's fresh arrays zeroed.
 
 Run it again with glibc keeping freed memory (`MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`)
 to see whether the call's fresh arrays cost page faults.
@@ -110,10 +112,16 @@ def main() -> None:
     def fresh_arrays():
         return [np.zeros(s, np.float32) for s in (x_KTC.shape, gu_KTR.shape, h_KTC.shape, y_KTD.shape, (1, D))]
 
+    hq = np.empty((PER_CALL, 1, dn_C), np.int8)
+    hs, hsum = np.empty((PER_CALL, 1, dn_G), np.float32), np.empty((PER_CALL, 1, dn_G), np.float32)
     serial = [("  part: token copied per expert", gather),
-              ("  part: quantize for gate_up", lambda: host_experts._quantized(x_KTC, ones, gu_G)),
+              ("  part: quantize for gate_up, per expert", lambda: host_experts._quantized(x_KTC, ones, gu_G)),
+              ("  part: quantize for gate_up, per token (the call's)",
+               lambda: host_experts._routed_rows_quantized(x_1D, tok, ones, gu_C, gu_G)),
               ("  part: SwiGLU", lambda: hk.swiglu(gu_KTR, ones, F, h_KTC)),
               ("  part: quantize for down", lambda: host_experts._quantized(h_KTC, ones, dn_G)),
+              ("  part: SwiGLU, quantize for down: parallel (the call's)",
+               lambda: hk.swiglu_quantized(gu_KTR, ones, F, hq, hs, hsum)),
               ("  part: weighted sum", lambda: hk.scatter_add(y_KTD, weights.T.copy(), tok, ones, out_ND)),
               ("  part: its fresh arrays, zeroed", fresh_arrays)]
     rows = [("plain read", read, PER_CALL * L.nbytes), ("HostExperts.compute", call, PER_CALL * L.nbytes),
@@ -124,7 +132,7 @@ def main() -> None:
     for name, f, nbytes in rows:
         f()  # compiled
         s = best_of(f, reps=3 if nbytes else 20, rounds=7)
-        print(f"  {name:34s} {s * 1e3:7.3f} ms" + (f"  {nbytes / s / 1e9:6.1f} GB/s" if nbytes else ""), flush=True)
+        print(f"  {name:56s} {s * 1e3:7.3f} ms" + (f"  {nbytes / s / 1e9:6.1f} GB/s" if nbytes else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,32 +49,58 @@ def _quantized(x_KTC, ntok_K, G):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _matvec(int8_PK, int4_PK, dots, floats, q8, vnni, R, C, G, x_KTC, ntok_K, out_KTR):
-    """out[k, t] = w_k x[k, t] for one matrix of each chosen expert (its arrays at *_PK[:, k])."""
-    if dots is not None:
-        xq, xs, xsum = _quantized(x_KTC, ntok_K, G)
-        if int4_PK is not None and vnni is not None:
-            hk.matvec_int4_q8_vnni(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq.ctypes.data,
-                                   xs, xsum, ntok_K, out_KTR)
-        if int4_PK is not None and vnni is None:
-            hk.matvec_int4_q8(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq.ctypes.data, xs,
-                              xsum, ntok_K, out_KTR)
-        if int8_PK is not None:
-            hk.matvec_int8_q8(int8_PK[0], int8_PK[1], R, C, xq.ctypes.data, xs, ntok_K, out_KTR, hk.F16_POW2)
-    if floats is not None:
-        if q8 is not None:
-            xq, xs, _ = _quantized(x_KTC, ntok_K, G)
-            for k in range(x_KTC.shape[0]):
-                for t in range(ntok_K[k]):
-                    for c in range(C):
-                        x_KTC[k, t, c] = np.float32(xq[k, t, c]) * xs[k, t, c // hk.GROUP]
-        if int4_PK is not None:
-            xsum = np.zeros((x_KTC.shape[0], x_KTC.shape[1], G), np.float32)
-            hk.group_sums(x_KTC, ntok_K, xsum)
-            hk.matvec_int4(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, x_KTC, xsum, ntok_K,
-                           out_KTR)
-        if int8_PK is not None:
-            hk.matvec_int8(int8_PK[0], int8_PK[1], R, C, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
+def _routed_rows_quantized(x_ND, tok_KT, ntok_K, C, G):
+    """The routed tokens' activations in int8 per group, a row per (expert, token) as the kernels read them, padded
+    to C columns: each token quantized once, however many chosen experts it is routed to (at batch 1, every one),
+    and its row copied to each. (Element loops: numba's slice assignment copied these rows ~20 times slower.)"""
+    N, D = x_ND.shape
+    x_1NC = np.zeros((1, N, C), np.float32)
+    for n in range(N):
+        for c in range(D):
+            x_1NC[0, n, c] = x_ND[n, c]
+    xq_1NC, xs_1NG, xsum_1NG = _quantized(x_1NC, np.full(1, N, np.int64), G)
+    K, T = tok_KT.shape
+    xq, xs, xsum = np.empty((K, T, C), np.int8), np.empty((K, T, G), np.float32), np.empty((K, T, G), np.float32)
+    for k in range(K):
+        for t in range(ntok_K[k]):
+            n = tok_KT[k, t]
+            for c in range(C):
+                xq[k, t, c] = xq_1NC[0, n, c]
+            for g in range(G):
+                xs[k, t, g], xsum[k, t, g] = xs_1NG[0, n, g], xsum_1NG[0, n, g]
+    return xq, xs, xsum
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _dots(int8_PK, int4_PK, vnni, R, C, xq_KTC, xs_KTG, xsum_KTG, ntok_K, out_KTR):
+    """out[k, t] = w_k x[k, t] for one matrix of each chosen expert (its arrays at *_PK[:, k]), x in int8 per
+    group (integer dot products)."""
+    if int4_PK is not None and vnni is not None:
+        hk.matvec_int4_q8_vnni(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq_KTC.ctypes.data,
+                               xs_KTG, xsum_KTG, ntok_K, out_KTR)
+    if int4_PK is not None and vnni is None:
+        hk.matvec_int4_q8(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, xq_KTC.ctypes.data,
+                          xs_KTG, xsum_KTG, ntok_K, out_KTR)
+    if int8_PK is not None:
+        hk.matvec_int8_q8(int8_PK[0], int8_PK[1], R, C, xq_KTC.ctypes.data, xs_KTG, ntok_K, out_KTR, hk.F16_POW2)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _floats(int8_PK, int4_PK, q8, R, C, G, x_KTC, ntok_K, out_KTR):
+    """out[k, t] = w_k x[k, t] on the float kernels; with q8, x replaced by the values its int8 form stands for."""
+    if q8 is not None:
+        xq, xs, _ = _quantized(x_KTC, ntok_K, G)
+        for k in range(x_KTC.shape[0]):
+            for t in range(ntok_K[k]):
+                for c in range(C):
+                    x_KTC[k, t, c] = np.float32(xq[k, t, c]) * xs[k, t, c // hk.GROUP]
+    if int4_PK is not None:
+        xsum = np.zeros((x_KTC.shape[0], x_KTC.shape[1], G), np.float32)
+        hk.group_sums(x_KTC, ntok_K, xsum)
+        hk.matvec_int4(int4_PK[0], int4_PK[1], int4_PK[2], int4_PK[3], int4_PK[4], R, C, x_KTC, xsum, ntok_K,
+                       out_KTR)
+    if int8_PK is not None:
+        hk.matvec_int8(int8_PK[0], int8_PK[1], R, C, x_KTC, ntok_K, out_KTR, hk.F16_POW2)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -83,21 +109,31 @@ def routed_sum(int8, int4, dots, floats, q8, vnni, gate_up_PK, gate_up_RCG, down
     """sum over chosen experts k of weight[k, t] * down_k(swiglu(gate_up_k(x[tok[k, t]]))), float32 [N, D].
 
     *_PK: each matrix's array addresses [arrays, K]; *_RCG: its rows, padded columns and groups;
-    int8 / int4 / dots / floats / q8 / vnni: the switches above (True or None)."""
+    int8 / int4 / dots / floats / q8 / vnni: the switches above (True or None). Only rows t < ntok[k] are
+    computed and read, so the others stay uninitialised."""
     K, T = tok_KT.shape
     N, D = x_ND.shape
-    x_KTC = np.zeros((K, T, gate_up_RCG[1]), np.float32)
-    for k in range(K):
-        for t in range(ntok_K[k]):
-            x_KTC[k, t, :D] = x_ND[tok_KT[k, t]]
-    gu_KTR = np.zeros((K, T, 2 * F), np.float32)
-    _matvec(gate_up_PK if int8 is not None else None, gate_up_PK if int4 is not None else None, dots, floats, q8, vnni,
-            gate_up_RCG[0], gate_up_RCG[1], gate_up_RCG[2], x_KTC, ntok_K, gu_KTR)
-    h_KTC = np.zeros((K, T, down_RCG[1]), np.float32)
-    hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
-    y_KTD = np.zeros((K, T, D), np.float32)
-    _matvec(down_PK if int8 is not None else None, down_PK if int4 is not None else None, dots, floats, q8, vnni,
-            down_RCG[0], down_RCG[1], down_RCG[2], h_KTC, ntok_K, y_KTD)
+    gu8, gu4 = (gate_up_PK, None) if int8 is not None else (None, gate_up_PK)
+    dn8, dn4 = (down_PK, None) if int8 is not None else (None, down_PK)
+    gu_KTR = np.empty((K, T, 2 * F), np.float32)
+    y_KTD = np.empty((K, T, D), np.float32)
+    if dots is not None:
+        xq, xs, xsum = _routed_rows_quantized(x_ND, tok_KT, ntok_K, gate_up_RCG[1], gate_up_RCG[2])
+        _dots(gu8, gu4, vnni, gate_up_RCG[0], gate_up_RCG[1], xq, xs, xsum, ntok_K, gu_KTR)
+        hq = np.empty((K, T, down_RCG[1]), np.int8)
+        hs, hsum = np.empty((K, T, down_RCG[2]), np.float32), np.empty((K, T, down_RCG[2]), np.float32)
+        hk.swiglu_quantized(gu_KTR, ntok_K, F, hq, hs, hsum)
+        _dots(dn8, dn4, vnni, down_RCG[0], down_RCG[1], hq, hs, hsum, ntok_K, y_KTD)
+    if floats is not None:
+        x_KTC = np.zeros((K, T, gate_up_RCG[1]), np.float32)
+        for k in range(K):
+            for t in range(ntok_K[k]):
+                for c in range(D):
+                    x_KTC[k, t, c] = x_ND[tok_KT[k, t], c]
+        _floats(gu8, gu4, q8, gate_up_RCG[0], gate_up_RCG[1], gate_up_RCG[2], x_KTC, ntok_K, gu_KTR)
+        h_KTC = np.zeros((K, T, down_RCG[1]), np.float32)
+        hk.swiglu(gu_KTR, ntok_K, F, h_KTC)
+        _floats(dn8, dn4, q8, down_RCG[0], down_RCG[1], down_RCG[2], h_KTC, ntok_K, y_KTD)
     out_ND = np.zeros((N, D), np.float32)
     hk.scatter_add(y_KTD, weight_KT, tok_KT, ntok_K, out_ND)
     return out_ND

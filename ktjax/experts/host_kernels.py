@@ -253,26 +253,52 @@ def matvec_int4_q8(q_addr, sc_addr, mn_addr, d_addr, dmin_addr, R, C, xq_addr, x
                 out_KTR[k, t, r] = total - offset
 
 
+@njit(inline="always")
+def _quantize_group(v, xq_C, g, xs_G, xsum_G):
+    """One group of 32 activations v to int8 at xq_C[32 g:]: its scale xs = max|v| / 127 and xsum = xs * sum(xq),
+    the sum of the values the int8 form stands for (the minimums' term must see the same activations as the dots,
+    or the int4 offsets' large terms stop cancelling)."""
+    amax = np.float32(0.0)
+    for l in range(GROUP):
+        amax = max(amax, abs(v[l]))
+    xs = amax / np.float32(127.0)
+    inv = np.float32(1.0) / xs if amax > 0 else np.float32(0.0)
+    total = 0
+    for l in range(GROUP):
+        q = np.int32(np.rint(v[l] * inv))
+        xq_C[g * GROUP + l] = q
+        total += q
+    xs_G[g] = xs
+    xsum_G[g] = xs * np.float32(total)
+
+
 @njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
 def quantize_groups(x_KTC, ntok_K, xq_KTC, xs_KTG, xsum_KTG):
-    """Activations to int8 per group of 32: xs = max|x| / 127, xq = round(x / xs); xsum = xs * sum(xq),
-    the sum of the values the int8 form stands for (the minimums' term must see the same activations
-    as the dots, or the int4 offsets' large terms stop cancelling)."""
+    """Activations to int8 per group of 32 (`_quantize_group`)."""
     for k in range(x_KTC.shape[0]):
         for t in range(ntok_K[k]):
             for g in range(xs_KTG.shape[2]):
-                amax = np.float32(0.0)
-                for l in range(GROUP):
-                    amax = max(amax, abs(x_KTC[k, t, g * GROUP + l]))
-                xs = amax / np.float32(127.0)
-                inv = np.float32(1.0) / xs if amax > 0 else np.float32(0.0)
-                total = 0
-                for l in range(GROUP):
-                    v = np.int32(np.rint(x_KTC[k, t, g * GROUP + l] * inv))
-                    xq_KTC[k, t, g * GROUP + l] = v
-                    total += v
-                xs_KTG[k, t, g] = xs
-                xsum_KTG[k, t, g] = xs * np.float32(total)
+                _quantize_group(x_KTC[k, t, g * GROUP:(g + 1) * GROUP], xq_KTC[k, t], g, xs_KTG[k, t], xsum_KTG[k, t])
+
+
+@njit(parallel=True, nogil=True, fastmath=True, cache=True, error_model="numpy")
+def swiglu_quantized(gu_KTR, ntok_K, F, xq_KTC, xs_KTG, xsum_KTG):
+    """`swiglu` and then `quantize_groups` of its output, as one parallel loop over (expert, token, group of 32):
+    single-threaded, the two took ~0.11 ms of an 8-expert call on the H100 machine's CPU (host_experts.md, run 7).
+    The padding columns (F and beyond) quantize as zeros."""
+    K, T, C = xq_KTC.shape
+    G = C // GROUP
+    for job in prange(K * T * G):
+        k, t, g = job // (T * G), (job // G) % T, job % G
+        if t < ntok_K[k]:
+            h = numba.carray(stack_f32(32), (GROUP,))
+            for l in range(GROUP):
+                f = g * GROUP + l
+                h[l] = np.float32(0.0)
+                if f < F:
+                    a = gu_KTR[k, t, f]
+                    h[l] = a / (np.float32(1.0) + np.exp(-a)) * gu_KTR[k, t, F + f]
+            _quantize_group(h, xq_KTC[k, t], g, xs_KTG[k, t], xsum_KTG[k, t])
 
 
 @njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
