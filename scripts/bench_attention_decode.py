@@ -176,9 +176,10 @@ def _stateless(piece, x, carried):
 
 def _segment(seg, state, rope, start, j, x, cache):
     """The executor's attention_route on x; every output kept (routing included), the cache carried."""
-    x, h, w, idx, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start, *cache, j)
+    x, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start, *cache, j)
+    h, w, idx, for_host = routing
     out = (x.ravel()[0].astype(jnp.float32) + h.ravel()[0].astype(jnp.float32) + w.ravel()[0]
-           + idx.ravel()[0].astype(jnp.float32))
+           + idx.ravel()[0].astype(jnp.float32) + for_host.ravel()[0])
     return out, (latent, rp)
 
 

@@ -11,7 +11,8 @@ in forms that take one cost away at a time:
 - a program that only sums the same arguments (what passing them costs, without attention's kernels);
 - a program of one small argument (a dispatch's floor);
 - `jax.device_put` of the host share alone;
-- the copies to the host a MoE layer starts before it waits for its routing;
+- the copies to the host a MoE layer starts before it waits for its routing: h, the weights and the ids apart, the
+  ids alone, and the three packed in one array (`segments.Routing`, as a step copies them since run 26);
 - the whole round trip a step waits for: the call, its outputs ready, its routing on the host;
 - on a GPU, the program compiled without XLA's CUDA graphs (command buffers), whose update a call may pay;
 - a MoE layer's link transfers of 3 host experts started: by `jax.device_put` of their pinned host buffers (as
@@ -83,13 +84,13 @@ def main() -> None:
             return out
         return call
 
-    def copies(which=slice(1, 4)):  # what a MoE layer starts before it waits for its routing on the host
+    def copies(which):  # what a MoE layer starts before it waits for its routing on the host
         def call():
             out = seg.attention_route(state, summed, rope, start_B, *latent_rp, j)
             latent_rp[:] = out[-2:]
             jax.block_until_ready(out)
             t = time.perf_counter()
-            for a in out[which]:
+            for a in which(out[1]):
                 a.copy_to_host_async()
             return time.perf_counter() - t, out
         return call
@@ -98,9 +99,8 @@ def main() -> None:
         def call():
             out = (program or seg.attention_route)(state, x, rope, start_B, *latent_rp, j)
             latent_rp[:] = out[-2:]
-            for a in out[1:4]:
-                a.copy_to_host_async()
-            np.asarray(out[3])  # the expert ids: what the split waits for
+            out[1].start_copies(host_inputs=True)
+            out[1].ids_on_host()  # what the split waits for
             return out
         return call
 
@@ -130,8 +130,9 @@ def main() -> None:
             state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j),
         "a program of one small argument": lambda: one_arg(small),
         "jax.device_put of the host share": lambda: jax.device_put(host_np),
-        "copy_to_host_async of the routing's outputs (h, w, idx)": copies(),
-        "copy_to_host_async of the expert ids alone": copies(slice(3, 4)),
+        "copy_to_host_async of the routing's h, w, ids (three)": copies(lambda r: (r.h_ND, r.w_NK, r.idx_NK)),
+        "copy_to_host_async of the expert ids alone": copies(lambda r: (r.idx_NK,)),
+        "copy_to_host_async of the three packed (the step's)": copies(lambda r: (r.for_host,)),
         "the call until its outputs are ready": lambda: jax.block_until_ready(
             attention(Unsummed(x_BTD, shared_ND, routed_ND, host_np))()),
         "round trip: the call to its expert ids on the host": round_trip(

@@ -332,18 +332,18 @@ class OffloadedExecutor:
                 ahead_of = next_moe.get(i) if lookahead is not None else None
                 guess = None
                 if short and ahead_of is not None:  # a MoE layer too: this kind's graph takes its arrays
-                    x_BTD, h_ND, w_NK, idx_NK, ahead_w, ahead_idx, latent, rp = run(
+                    x_BTD, layer_routing, ahead_w, ahead_idx, latent, rp = run(
                         "attention_route", seg.attention_route_ahead, state, self.layers[ahead_of], x_BTD, rope,
                         start_B, latent, rp, j)
                     guess = (ahead_of, ahead_w, ahead_idx)
                 elif short:
-                    x_BTD, h_ND, w_NK, idx_NK, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,
-                                                                rope, start_B, latent, rp, j)
+                    x_BTD, layer_routing, latent, rp = run("attention_route", seg.attention_route, state, x_BTD,
+                                                           rope, start_B, latent, rp, j)
                 else:
                     x_BTD = settled(x_BTD, run)
                     x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
-                    h_ND, w_NK, idx_NK = run("route", seg.route, state, x_BTD)
-                x_BTD = moe_block(self, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, prefetched, stats, run, active_N,
+                    layer_routing = run("route", seg.route, state, x_BTD)
+                x_BTD = moe_block(self, i, seg, state, x_BTD, layer_routing, prefetched, stats, run, active_N,
                                   lookahead, guess)
             groups[kind] = LayerCache(latent, rp)
         # Not waited for: the head's dispatch overlaps the last layer's compute.

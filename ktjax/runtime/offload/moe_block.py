@@ -26,7 +26,8 @@ from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.devices import moe_over_devices
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import early_fetches, split
-from ktjax.runtime.offload.segments import LayerSegments, Segments, Unsummed, combine_segment, mask_routes_segment
+from ktjax.runtime.offload.segments import (LayerSegments, Routing, Segments, Unsummed, combine_segment,
+                                            mask_routes_segment)
 from ktjax.runtime.offload.streaming import Prefetch, capacity_for, pow2, routing_counts, streams_everything
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class Lookahead:
 Guess = tuple[int, jax.Array, jax.Array]
 
 
-def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK,
+def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, routing: Routing,
               prefetched: list[list[Prefetch]], stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
               lookahead: Lookahead | None = None, guess: Guess | None = None):
     """The MoE block of layer i: its routing brought to the host, then the shared expert and the chosen experts
@@ -67,6 +68,7 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     never bring one in. lookahead: experts fetched a layer early; guess: this layer's at the next one's (decode-sized
     layers; prefill-sized ones, which stream whole layers, drop both)."""
     cfg = ex.config
+    h_ND, w_NK, idx_NK = routing.h_ND, routing.w_NK, routing.idx_NK
     early = lookahead.fetched.pop(i, {}) if lookahead is not None else {}
     if ex.mesh is not None:
         if active_N is not None:  # inactive tokens routed to expert E, which no chunk holds
@@ -78,25 +80,24 @@ def moe_block(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     stream_all = streams_everything(cfg, n_active)
     everything = stream_all and ex.expert_compute != "cpu"
     host = None if everything else ex.host
-    for a in (idx_NK, w_NK, h_ND) if host is not None else (idx_NK,):
-        a.copy_to_host_async()  # queued behind the routing: no host round trip before it
+    routing.start_copies(host_inputs=host is not None)  # queued behind the routing: no host round trip before it
     if guess is not None:
         for a in guess[1:]:  # behind this layer's own routing, which the host waits for first
             a.copy_to_host_async()
     moved_before = stats.bytes_from_host
-    idx_host, counts = routing_counts(cfg, i, idx_NK, stats, active_N)  # masked here, on the host
+    idx_host, counts = routing_counts(cfg, i, routing, stats, active_N)  # masked here, on the host
     if (ex.fuses_decode and not everything and N <= FUSED_MAX_TOKENS
             and np.count_nonzero(counts) <= FUSED_MAX_EXPERTS):
-        x_BTD = fused_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run, active_N,
+        x_BTD = fused_moe(ex, i, seg, state, x_BTD, routing, idx_host, counts, host, stats, run, active_N,
                           lookahead, guess, early)
     else:
-        x_BTD = streamed_moe(ex, i, seg, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts, host, stats, run,
+        x_BTD = streamed_moe(ex, i, seg, state, x_BTD, routing, idx_host, counts, host, stats, run,
                              active_N, prefetched, stream_all, lookahead, guess, early)
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
     return x_BTD
 
 
-def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host,
+def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, routing: Routing, idx_host,
                  counts, host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None,
                  prefetched: list[Prefetch], stream_all: bool, lookahead: Lookahead | None, guess: Guess | None,
                  early: dict[int, ExpertWeights]):
@@ -105,6 +106,7 @@ def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD
     expert while the first transfer runs. Prefill-sized layers stream every expert (stream_all) and return
     the layer's output summed; decode-sized ones return its terms (`segments.Unsummed`)."""
     cfg = ex.config
+    h_ND, w_NK, idx_NK = routing.h_ND, routing.w_NK, routing.idx_NK
     N = h_ND.shape[0]
     if active_N is not None:  # on the device too: inactive tokens routed to expert E, which no chunk holds
         idx_NK = run("mask_routes", mask_routes_segment, idx_NK, active_N, cfg.n_routed_experts)
@@ -133,7 +135,7 @@ def streamed_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD
         then = functools.partial(look_ahead, ex, lookahead, guess, rows, stats, counts[cpu_ids], len(link_ids))
         job = ex.dispatcher.submit(gpu_part, ex, i, counts, N, compute, stats, gpu_ids, run_shared, stream_all, early,
                                    then)
-        on_host = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats) if cpu_ids else None
+        on_host = host_share(ex, i, cpu_ids, idx_host, routing, stats) if cpu_ids else None
         on_gpu = joined(job, stats)
     if N > FUSED_MAX_TOKENS:  # prefill-sized: summed here (zeros standing for a missing term would cost a transfer)
         return run("combine", combine_segment, x_BTD, shared[0], tuple(p for p in (on_gpu, on_host) if p is not None))
@@ -158,7 +160,7 @@ def gpu_part(ex: OffloadedExecutor, i: int, counts, N: int, compute, stats: Step
     return out
 
 
-def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h_ND, w_NK, idx_NK, idx_host, counts,
+def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, routing: Routing, idx_host, counts,
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
               lookahead: Lookahead | None = None, guess: Guess | None = None,
               early: dict[int, ExpertWeights] | None = None):
@@ -172,6 +174,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     layer's first program sums. early: this layer's experts the previous one fetched (`Lookahead`), which
     count as resident."""
     early = early or {}
+    h_ND, w_NK, idx_NK = routing.h_ND, routing.w_NK, routing.idx_NK
     t = time.perf_counter()
     resident, cpu_ids, link_ids = paths(ex, i, counts, host, early)
     stats.span("split", t)
@@ -208,7 +211,7 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, h
     # The transfers start here, before the host kernels: started by the worker instead, the host kernels began 0.3 ms
     # sooner but ran longer beside it, and the transfers landed later (benchmarks/offload.md, run 24).
     on_gpu = ex.dispatcher.submit(device_share, start_transfers())
-    host_ND = host_share(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
+    host_ND = host_share(ex, i, cpu_ids, idx_host, routing, stats)
     return Unsummed(x_BTD, *joined(on_gpu, stats), host_ND)
 
 
@@ -272,12 +275,13 @@ def fused_slots(n: int) -> int:
     return max(2, pow2(n))
 
 
-def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK, h_ND, stats: StepStats) -> np.ndarray:
+def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, routing: Routing,
+               stats: StepStats) -> np.ndarray:
     """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats): their sum, a host
     array. The program that adds it takes it as an argument, and jit's call moves it: ~3 us of this thread,
     where `jax.device_put` first cost ~80 (dev box, CPU backend), once per MoE layer on a batch-1 step's path."""
     t = time.perf_counter()
-    w_NK, h_ND = np.asarray(w_NK), np.asarray(h_ND)  # their copies were started after routing
+    w_NK, h_ND = routing.inputs_on_host()  # their copies were started after routing
     stats.span("host_inputs", t)
     t = time.perf_counter()
     out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)

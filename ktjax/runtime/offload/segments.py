@@ -62,6 +62,56 @@ def route(layer: DecoderLayer, x_BTD):
     return (h_ND, *layer.mlp.route(h_ND))
 
 
+# Decode-sized (`moe_block.FUSED_MAX_TOKENS`): the routing crosses to the host in one array.
+HOST_PACKED_MAX_TOKENS = 64
+
+
+class Routing(NamedTuple):
+    """A MoE layer's routing on the device (the block's input h, routing weights, expert ids), and for decode-sized
+    layers the three in one f32 array for the host, [N, D + 2K]: h, the weights, the ids' bits (`for_host`). One
+    copy brings it: each copy's call cost 50-70 us of the step's thread on the H100 machine, on the step's path
+    (benchmarks/offload.md, run 26)."""
+
+    h_ND: jax.Array
+    w_NK: jax.Array
+    idx_NK: jax.Array
+    for_host: jax.Array | None
+
+    def start_copies(self, host_inputs: bool) -> None:
+        """Start the copies to the host of the expert ids, and of h and the weights where host_inputs (the host CPU
+        computes experts)."""
+        if self.for_host is not None:
+            self.for_host.copy_to_host_async()
+            return
+        for a in (self.idx_NK, self.w_NK, self.h_ND) if host_inputs else (self.idx_NK,):
+            a.copy_to_host_async()
+
+    def ids_on_host(self) -> np.ndarray:
+        """The expert ids [N, K] on the host (waits for them)."""
+        if self.for_host is None:
+            return np.asarray(self.idx_NK)
+        K = self.idx_NK.shape[1]
+        return np.ascontiguousarray(np.asarray(self.for_host)[:, -K:]).view(np.int32)
+
+    def inputs_on_host(self) -> tuple[np.ndarray, np.ndarray]:
+        """(routing weights [N, K], h [N, D] in float32) on the host (waits for them)."""
+        if self.for_host is None:
+            return np.asarray(self.w_NK), np.asarray(self.h_ND, np.float32)
+        both = np.asarray(self.for_host)
+        D, K = self.h_ND.shape[1], self.w_NK.shape[1]
+        return both[:, D:D + K], both[:, :D]
+
+
+def routing(layer: DecoderLayer, x_BTD) -> Routing:
+    """`route`'s outputs, and where decode-sized the same packed for the host (`Routing`)."""
+    h_ND, w_NK, idx_NK = route(layer, x_BTD)
+    for_host = None
+    if h_ND.shape[0] <= HOST_PACKED_MAX_TOKENS:
+        bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
+        for_host = jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], axis=1)
+    return Routing(h_ND, w_NK, idx_NK, for_host)
+
+
 def shared(layer: DecoderLayer, h_ND):
     return layer.mlp.shared(h_ND)
 
@@ -118,21 +168,21 @@ class LayerSegments:
         def attention_route(state, x_BTD, rope, start_B, latent, rp, j):
             layer = merge(state)
             x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
-            return (x_BTD, *route(layer, x_BTD), latent, rp)
+            return x_BTD, routing(layer, x_BTD), latent, rp
 
         def attention_route_ahead(state, ahead_state, x_BTD, rope, start_B, latent, rp, j):
             # Also the next MoE layer's router (ahead_state: that layer's arrays) on this layer's residual after
             # attention: its likely experts, a layer before its own routing (the executor's lookahead).
-            x_BTD, h_ND, w_NK, idx_NK, latent, rp = attention_route(state, x_BTD, rope, start_B, latent, rp, j)
+            x_BTD, layer_routing, latent, rp = attention_route(state, x_BTD, rope, start_B, latent, rp, j)
             _, ahead_w_NK, ahead_idx_NK = route(merge(ahead_state), x_BTD)
-            return x_BTD, h_ND, w_NK, idx_NK, ahead_w_NK, ahead_idx_NK, latent, rp
+            return x_BTD, layer_routing, ahead_w_NK, ahead_idx_NK, latent, rp
 
         self.attention = jax.jit(attention, donate_argnums=(4, 5))
         self.dense_layer = jax.jit(dense_layer, donate_argnums=(4, 5))
         self.attention_route = jax.jit(attention_route, donate_argnums=(4, 5))
         self.attention_route_ahead = jax.jit(attention_route_ahead, donate_argnums=(5, 6))
         self.dense_mlp = jax.jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
-        self.route = jax.jit(lambda state, x_BTD: route(merge(state), x_BTD))
+        self.route = jax.jit(lambda state, x_BTD: routing(merge(state), x_BTD))
         self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
 
         def routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):

@@ -19,6 +19,7 @@ import numpy as np
 from ktjax.config import ModelConfig
 from ktjax.experts.weights import ExpertWeights
 from ktjax.runtime.model import StepStats
+from ktjax.runtime.offload.segments import Routing
 from ktjax.runtime.placement import PlacementPlan
 
 
@@ -49,13 +50,13 @@ def streams_everything(cfg: ModelConfig, n_tokens: int) -> bool:
     return n_tokens * cfg.num_experts_per_tok >= 2 * cfg.n_routed_experts
 
 
-def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array, stats: StepStats,
+def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array | Routing, stats: StepStats,
                    active_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The layer's expert ids on the host (the one device->host sync per MoE layer) and each expert's
     token count, recorded in the step's stats (ids past the last expert, masked tokens, count nowhere).
     active_N (host bools): the tokens whose routes count; the others' ids become n_routed_experts."""
     t = time.perf_counter()
-    idx_host = np.asarray(idx_NK)
+    idx_host = idx_NK.ids_on_host() if isinstance(idx_NK, Routing) else np.asarray(idx_NK)
     stats.span("routing_wait", t)  # the device's work up to the routing, and its copy to the host
     if active_N is not None:
         idx_host = np.where(active_N[:, None], idx_host, cfg.n_routed_experts).astype(idx_host.dtype)
