@@ -14,6 +14,7 @@ prints a markdown table last and writes it, with the raw JSON, under $OUT (or --
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -457,6 +458,9 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_resident_apart(True)
         elif option == "watch":
             model = model.with_watcher(True)
+        elif option == "put-copies":  # a fused layer's transfers by jax.device_put, as up to run 26
+            model = copy.copy(model)
+            model.fused_copies_by_program = False
         elif option.startswith("lookahead") and option[len("lookahead"):].isdigit():
             model = model.with_lookahead(int(option[len("lookahead"):]))
         elif option == "ceiling-rates":
@@ -662,7 +666,7 @@ def main():
                         "'lookahead<N>' (N experts fetched a layer early), "
                         "'ceiling-rates' (the split's rates from this run's ceilings, both paths at once, not from "
                         "the load-time measurement), 'watch' (when transfers land and device shares are computed, "
-                        "in the timeline)")
+                        "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not one program)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
                         "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "

@@ -16,7 +16,8 @@ in forms that take one cost away at a time:
 - the whole round trip a step waits for: the call, its outputs ready, its routing on the host;
 - on a GPU, the program compiled without XLA's CUDA graphs (command buffers), whose update a call may pay;
 - a MoE layer's link transfers of 3 host experts started: by `jax.device_put` of their pinned host buffers (as
-  `ExpertStore.fetch` does), or by one jitted program whose outputs live on the device; each also until landed.
+  `ExpertStore.fetch` did up to run 26), or by one program (`fetch(..., by_program=True)`, as a fused layer's
+  transfers start since); each also until landed.
 
 - as a decode step makes it, with the device still busy with earlier work (as in a step: the layer's device share
   may still run when the next layer's attention is called).
@@ -53,6 +54,7 @@ def main() -> None:
     from bench_offload import TINY_HOST_RULES, tiny_config
     from fullsize import fullsize_config, plan_for, random_offloaded_model
 
+    from ktjax.runtime.model import StepStats
     from ktjax.runtime.offload.segments import Unsummed, embed_segment, settle
 
     cfg = tiny_config(1) if args.tiny else fullsize_config(1)
@@ -105,8 +107,10 @@ def main() -> None:
         return call
 
     hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)][:3]
-    host_experts = [ex.store.experts[i][e] for e in hosted]
-    copied = jax.jit(lambda experts: experts, out_shardings=ex.store.on_device)
+    fetched = StepStats()
+
+    def fetch(by_program: bool):  # a fused layer's transfers, as `moe_block.fused_moe` starts them
+        return lambda: ex.store.fetch(i, hosted, fetched, by_program=by_program)
     step_args = (state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j)
     print(kernel_counts(seg.attention_route.lower(*step_args).compile().as_text()))
     busy_DD = jnp.ones((4096, 4096), dtype)
@@ -137,12 +141,10 @@ def main() -> None:
             attention(Unsummed(x_BTD, shared_ND, routed_ND, host_np))()),
         "round trip: the call to its expert ids on the host": round_trip(
             Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
-        f"jax.device_put of {len(hosted)} host experts": lambda: jax.device_put(host_experts, ex.store.on_device),
-        f"a program copying {len(hosted)} host experts to the device": lambda: copied(host_experts),
-        f"jax.device_put of {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(
-            jax.device_put(host_experts, ex.store.on_device)),
-        f"a program copying {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(
-            copied(host_experts)),
+        f"jax.device_put of {len(hosted)} host experts": fetch(False),
+        f"a program copying {len(hosted)} host experts to the device": fetch(True),
+        f"jax.device_put of {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(fetch(False)()),
+        f"a program copying {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(fetch(True)()),
     }
     if jax.default_backend() == "gpu":
         no_graphs = jax.jit(seg.attention_route.__wrapped__, donate_argnums=(4, 5),

@@ -102,6 +102,9 @@ class OffloadedExecutor:
         self.decode_form = decode_form
         self.lookahead = lookahead
         self.resident_apart = resident_apart
+        # A fused layer's transfers as one program (`ExpertStore.fetch`); False: `jax.device_put`, for comparison
+        # (scripts/bench_offload.py --r1-variants put-copies).
+        self.fused_copies_by_program = True
         self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array | np.ndarray] = {}

@@ -183,7 +183,8 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
     rows = active_rows(active_N, N)
 
     def start_transfers() -> tuple[ExpertWeights, ...]:
-        landing = tuple(ex.store.fetch(i, link_ids, stats))  # asynchronous: the link works from here
+        # Asynchronous: the link works from here. As one program, where the device share waits for them all.
+        landing = tuple(ex.store.fetch(i, link_ids, stats, by_program=ex.fused_copies_by_program))
         run.watch("landed", landing)
         return landing
 
@@ -301,9 +302,9 @@ def joined(job, stats: StepStats):
 
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
-    mid-stream: `moe_device` at each expert-slot count (none, 2, 4, 8) and each capacity, and `moe_landed`
-    at each of its own where resident experts run apart (the executor's `resident_apart`). A step meets these by
-    its routing and split, so a server's first steps would otherwise stall every stream for a compile now and then
+    mid-stream: the transfers of 1 to 8 host experts as one program, `moe_device` at each expert-slot count (none,
+    2, 4, 8) and each capacity, and `moe_landed` at each of its own where resident experts run apart (the
+    executor's `resident_apart`). A step meets these by its routing and split, so a server's first steps would otherwise stall every stream for a compile now and then
     (~1 s each on the H200: bench_serve run 12); the programs around them (attention with the previous layer's
     terms, the head) every step meets. Zeros in, outputs dropped. Returns the number of programs run."""
     cfg = ex.config
@@ -317,6 +318,11 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
     rows_A = np.arange(pow2(N), dtype=np.int32)
     stats, n = StepStats(), 0
+    hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)]
+    if ex.fused_copies_by_program:  # a layer's transfers as one program, for each number of them
+        for k in range(1, min(len(hosted), FUSED_MAX_EXPERTS) + 1):
+            jax.block_until_ready(ex.store.fetch(i, hosted[:k], stats, by_program=True))
+            n += 1
     for S in (0,) + tuple(sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})):
         ids = [e % cfg.n_routed_experts for e in range(S)]  # any experts: only their shapes matter
         slots = tuple(ex.store.fetch(i, ids, stats))
