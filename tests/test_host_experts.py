@@ -4,13 +4,16 @@ prefill-sized batches stream; the hot-expert cache holds the experts a calibrati
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
 import ktjax
 from ktjax.api import plan_placement, routing_counts
+from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.path_rates import PathRates
 from ktjax.runtime.offload.scheduler import split
+from ktjax.runtime.offload.segments import HOST_PACKED_MAX_TOKENS
 from reference import make_reference, save_reference
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
@@ -267,3 +270,39 @@ def test_experts_fetched_early_are_as_many_as_the_link_has_room_for():
     slow = PathRates(link_gbps=10.0, cpu_gbps=30.0, cpu_call_s=0.0)  # 3 ms per expert: none fits the window
     assert early_fetches(slow, nbytes, np.array([]), 0, most=2) == 0
     assert early_fetches(None, nbytes, np.array([]), 0, most=2) == 2  # float experts: no rates to go by
+
+
+@pytest.mark.parametrize("tokens", [1, 5, HOST_PACKED_MAX_TOKENS + 1])
+def test_a_decode_sized_routing_reaches_the_host_in_one_array_holding_ids_weights_and_h_exactly(split_model, tokens):
+    """One copy brings a decode-sized layer's routing to the host: the expert ids, routing weights and h (as
+    float32) read from it equal the device's own arrays. A prefill-sized layer has no such array (its h would be a
+    large copy); the host reads its arrays apart, alike."""
+    ex = split_model("int4", "auto").executor
+    i = ex.config.moe_layers[0]
+    seg, state = ex.segments[ex.config.layer_kinds[i]], ex.layers[i]
+    x_BTD = jax.random.normal(jax.random.key(tokens), (1, tokens, ex.config.hidden_size), ex.dtype)
+    routing = seg.route(state, x_BTD)
+    assert (routing.for_host is None) == (tokens > HOST_PACKED_MAX_TOKENS)
+    routing.start_copies(host_inputs=True)
+    ids, (w, h) = routing.ids_on_host(), routing.inputs_on_host()
+    assert ids.dtype.kind == "i" and ids.flags.c_contiguous
+    np.testing.assert_array_equal(ids, np.asarray(routing.idx_NK))
+    np.testing.assert_array_equal(w, np.asarray(routing.w_NK))
+    np.testing.assert_array_equal(h, np.asarray(routing.h_ND, np.float32))
+    assert len(set(ids.ravel().tolist())) > 1  # a routing, not zeros
+
+
+def test_a_layers_host_experts_moved_by_one_program_land_on_the_device_unchanged(split_model):
+    """`ExpertStore.fetch(..., by_program=True)`, as a fused decode layer starts its transfers, and `jax.device_put`
+    (by_program=False) both give device arrays holding the host experts' bytes."""
+    ex = split_model("int4", "auto").executor
+    i = ex.config.moe_layers[-1]
+    hosted = [e for e in range(ex.config.n_routed_experts) if ex.store.is_hosted(i, e)][:3]
+    stats = StepStats()
+    for by_program in (True, False):
+        for e, moved in zip(hosted, ex.store.fetch(i, hosted, stats, by_program=by_program)):
+            there = ex.store.experts[i][e]
+            for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(there), strict=True):
+                assert (a.sharding.memory_kind, b.sharding.memory_kind) == ("device", "pinned_host")
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert stats.experts_fetched == 2 * len(hosted) == 6
