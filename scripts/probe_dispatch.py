@@ -4,8 +4,9 @@ layer's `attention_route` took ~0.5 ms of the step's thread after the host CPU's
 share's sum. This times that call alone, the device idle before each (median and 90th percentile of --reps calls),
 in forms that take one cost away at a time:
 
-- as a decode step makes it: the previous MoE layer's terms (`Unsummed`, the host share a numpy array) and the
-  layer's cache stacks donated;
+- as a decode step makes it: the previous MoE layer's terms (`Unsummed`, the host share in a pinned host buffer,
+  `host_path.ShareLanding`) and the layer's cache stacks donated; and with the host share a numpy array, as steps
+  passed it up to run 28;
 - the host share already on the device (`jax.device_put` beforehand, untimed);
 - the terms summed beforehand: one array for the hidden states;
 - a program that only sums the same arguments (what passing them costs, without attention's kernels);
@@ -74,6 +75,7 @@ def main() -> None:
     routed_ND = jnp.zeros((1, D), jnp.float32)
     host_np = np.zeros((1, D), np.float32)
     host_dev = jax.device_put(host_np)
+    host_pinned = ex.host.landing.put(host_np)  # as a step passes it since run 28 (`host_path.ShareLanding`)
     summed = jax.jit(settle)(Unsummed(x_BTD, shared_ND, routed_ND, host_dev))
     sum_args = jax.jit(lambda state, x, rope, start_B, latent, rp, j: settle(x).sum())
     one_arg = jax.jit(lambda a: a + 1)
@@ -111,7 +113,7 @@ def main() -> None:
 
     def fetch(by_program: bool):  # a fused layer's transfers, as `moe_block.fused_moe` starts them
         return lambda: ex.store.fetch(i, hosted, fetched, by_program=by_program)
-    step_args = (state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j)
+    step_args = (state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
     print(kernel_counts(seg.attention_route.lower(*step_args).compile().as_text()))
     busy_DD = jnp.ones((4096, 4096), dtype)
     busy = jax.jit(lambda a: functools.reduce(lambda acc, _: (acc @ a) * 1e-3, range(8), a))
@@ -125,22 +127,25 @@ def main() -> None:
         return run
 
     forms = {
-        "as a decode step calls it (host share a numpy array)": attention(
+        "as a decode step calls it (host share in a pinned buffer)": attention(
+            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned)),
+        "the same, the host share a numpy array (steps to run 28)": attention(
             Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
-        "the same with the device still busy": while_busy(attention(Unsummed(x_BTD, shared_ND, routed_ND, host_np))),
+        "the same with the device still busy": while_busy(attention(
+            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))),
         "the host share already on the device": attention(Unsummed(x_BTD, shared_ND, routed_ND, host_dev)),
         "the terms summed beforehand (one array)": attention(summed),
         "a program that only sums the same arguments": lambda: sum_args(
-            state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j),
+            state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j),
         "a program of one small argument": lambda: one_arg(small),
         "jax.device_put of the host share": lambda: jax.device_put(host_np),
         "copy_to_host_async of the routing's h, w, ids (three)": copies(lambda r: (r.h_ND, r.w_NK, r.idx_NK)),
         "copy_to_host_async of the expert ids alone": copies(lambda r: (r.idx_NK,)),
         "copy_to_host_async of the three packed (the step's)": copies(lambda r: (r.for_host,)),
         "the call until its outputs are ready": lambda: jax.block_until_ready(
-            attention(Unsummed(x_BTD, shared_ND, routed_ND, host_np))()),
+            attention(Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))()),
         "round trip: the call to its expert ids on the host": round_trip(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
+            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned)),
         f"jax.device_put of {len(hosted)} host experts": fetch(False),
         f"a program copying {len(hosted)} host experts to the device": fetch(True),
         f"jax.device_put of {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(fetch(False)()),
@@ -152,13 +157,13 @@ def main() -> None:
         print("without CUDA graphs:", kernel_counts(no_graphs.lower(*step_args).compile().as_text()))
 
         def attention_no_graphs():
-            out = no_graphs(state, Unsummed(x_BTD, shared_ND, routed_ND, host_np), rope, start_B, *latent_rp, j)
+            out = no_graphs(state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
             latent_rp[:] = out[-2:]
             return out
 
         forms["without CUDA graphs: as a decode step calls it"] = attention_no_graphs
         forms["without CUDA graphs: round trip to the expert ids"] = round_trip(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_np), no_graphs)
+            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), no_graphs)
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
           f"the device idle before each")
     for name, call in forms.items():

@@ -306,3 +306,24 @@ def test_a_layers_host_experts_moved_by_one_program_land_on_the_device_unchanged
                 assert (a.sharding.memory_kind, b.sharding.memory_kind) == ("device", "pinned_host")
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert stats.experts_fetched == 2 * len(hosted) == 6
+
+
+def test_host_shares_land_in_two_pinned_buffers_in_turn_that_programs_read_in_place():
+    """`ShareLanding.put` copies a decode-sized host share into pinned host memory, alternating between two
+    buffers per shape; a program given one reads what was last written there (no copy at the call); its zeros
+    are a buffer of their own."""
+    from ktjax.runtime.offload.host_path import ShareLanding
+    from ktjax.runtime.offload.segments import combine_segment
+    landing = ShareLanding(jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
+    assert landing.in_place
+    rng = np.random.default_rng(0)
+    shares = [rng.standard_normal((2, 8)).astype(np.float32) for _ in range(3)]
+    first, second = landing.put(shares[0]), landing.put(shares[1])
+    assert first is not second and first.sharding.memory_kind == "pinned_host"
+    x, shared, routed = (np.zeros((1, 2, 8), np.float32), np.zeros((2, 8), np.float32), np.ones((2, 8), np.float32))
+    np.testing.assert_array_equal(np.asarray(combine_segment(x, shared, (routed, second)))[0], shares[1] + 1)
+    assert landing.put(shares[2]) is first  # the first buffer again, its program long run
+    np.testing.assert_array_equal(np.asarray(combine_segment(x, shared, (routed, first)))[0], shares[2] + 1)
+    zeros = landing.zeros((2, 8))
+    assert zeros is not first and zeros is not second and not np.asarray(zeros).any()
+    assert ShareLanding(None).put(shares[0]) is shares[0]  # nowhere to land: the numpy array itself

@@ -92,7 +92,7 @@ class OffloadedExecutor:
         # The host-CPU path serves one device: over several, host experts stream to their owner.
         with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
         hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts} if with_host else {}
-        self.host = HostPath(fmt, hosted, activations=host_activations) if with_host else None
+        self.host = HostPath(fmt, hosted, activations=host_activations, landing=self.store.on_host) if with_host else None
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None
@@ -294,10 +294,10 @@ class OffloadedExecutor:
     def no_host_share(self, shape):
         """What stands for the host CPU's term of a decode-sized MoE layer (`segments.Unsummed`) that had no
         experts there: zeros of the kind its share comes as, so the next program compiles once. Where the host
-        CPU may compute (in any `expert_compute` mode: a server may switch), its share stays a host array
-        (`moe_block.host_share`), and so do these."""
+        CPU may compute (in any `expert_compute` mode: a server may switch), its share lands in pinned host memory
+        (`host_path.ShareLanding`), and so do these."""
         if self.host is not None:
-            return self._zeros.setdefault(("host",) + tuple(shape), np.zeros(shape, np.float32))
+            return self.host.landing.zeros(shape)
         return self.zeros(shape)
 
     # ---- the forward pass ------------------------------------------------------------------

@@ -5,7 +5,10 @@ activations cross the link."""
 from __future__ import annotations
 
 import copy
+import ctypes
+import math
 
+import jax
 import numba
 import numpy as np
 
@@ -20,9 +23,10 @@ class HostPath:
     16 threads 41.5 + 34.0 GB/s (CPU + link, int8) against 46.0 + 42.8 with 14."""
 
     def __init__(self, fmt: ExpertFormat, hosted: dict[tuple[int, int], ExpertWeights], threads: int | None = None,
-                 activations: str = "float32"):
+                 activations: str = "float32", landing: jax.sharding.Sharding | None = None):
         self.kernels = HostExperts(fmt.packed, activations)
         self.threads = threads
+        self.landing = ShareLanding(landing)
         # Views keep their buffers alive; their addresses are what the kernels read.
         self.views = {key: np.asarray(ex.w) for key, ex in hosted.items()}
         self.bases = {key: v.ctypes.data for key, v in self.views.items()}
@@ -43,6 +47,58 @@ class HostPath:
         if numba.get_num_threads() != threads:  # per calling thread; setting it costs ~10 us a call
             numba.set_num_threads(threads)
         return self.kernels.compute(bases, tok, ntok, weight, np.asarray(h_ND, np.float32))
+
+
+class ShareLanding:
+    """Where a decode-sized layer's host share lands for the program that adds it: pinned host buffers, which that
+    program reads in place (`segments.combine_segment` moves them to the device inside it). Passed as a numpy array,
+    the share cost that program's call ~100 us more on the H100 machine (benchmarks/offload.md, run 26: 314
+    against 228 us), on a batch-1 step's path once per MoE layer.
+
+    Two buffers per shape, written in turn: a layer writes its share only once its routing is on the host, and the
+    program that read the previous layer's share ran before that routing; so no buffer is written while a queued
+    program may still read it. The zeros that stand for no share are buffers of their own, never written. Where a
+    pinned buffer cannot be written in place (sharding None, or its numpy view is a copy), shares stay numpy arrays."""
+
+    def __init__(self, sharding: jax.sharding.Sharding | None):
+        self.sharding = sharding
+        self._rings: dict[tuple, list] = {}
+        self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
+        self.in_place = sharding is not None and self._writable((1, 1)) is not None
+
+    def put(self, out_ND: np.ndarray) -> jax.Array | np.ndarray:
+        """out_ND in one of the buffers of its shape, as the next program takes it."""
+        if not self.in_place:
+            return out_ND
+        ring = self._rings.get(out_ND.shape)
+        if ring is None:
+            ring = self._rings[out_ND.shape] = [0, self._writable(out_ND.shape), self._writable(out_ND.shape)]
+        ring[0] ^= 1
+        array, view = ring[1 + ring[0]]
+        view[...] = out_ND
+        return array
+
+    def zeros(self, shape) -> jax.Array | np.ndarray:
+        """Zeros [N, D] of the kind `put` gives, for a layer with no host share (one compiled variant of the next
+        program)."""
+        shape = tuple(shape)
+        if shape not in self._zeros:
+            zeros = np.zeros(shape, np.float32)
+            self._zeros[shape] = jax.device_put(zeros, self.sharding) if self.in_place else zeros
+        return self._zeros[shape]
+
+    def _writable(self, shape) -> tuple[jax.Array, np.ndarray] | None:
+        """A pinned host array of zeros and a writable numpy view of its buffer (None where numpy's view is a
+        copy)."""
+        array = jax.block_until_ready(jax.device_put(np.zeros(shape, np.float32), self.sharding))
+        address = np.asarray(array).ctypes.data
+        try:
+            if address != array.unsafe_buffer_pointer():
+                return None
+        except Exception:  # a backend that does not say where its buffers are
+            return None
+        view = np.frombuffer((ctypes.c_float * math.prod(shape)).from_address(address), np.float32).reshape(shape)
+        return array, view
 
 
 def default_threads() -> int:

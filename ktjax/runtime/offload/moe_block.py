@@ -278,9 +278,9 @@ def fused_slots(n: int) -> int:
 
 def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, routing: Routing,
                stats: StepStats) -> np.ndarray:
-    """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats): their sum, a host
-    array. The program that adds it takes it as an argument, and jit's call moves it: ~3 us of this thread,
-    where `jax.device_put` first cost ~80 (dev box, CPU backend), once per MoE layer on a batch-1 step's path."""
+    """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats): their sum, in host
+    memory. Decode-sized, in a pinned buffer that the program adding it reads in place (`host_path.ShareLanding`);
+    larger, a numpy array, which that program's call moves."""
     t = time.perf_counter()
     w_NK, h_ND = routing.inputs_on_host()  # their copies were started after routing
     stats.span("host_inputs", t)
@@ -289,7 +289,7 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, rout
     stats.host_cpu_seconds.append(time.perf_counter() - t)
     stats.span("host_share", t)
     stats.experts_on_host_cpu += len(cpu_ids)
-    return out_ND
+    return ex.host.landing.put(out_ND) if out_ND.shape[0] <= FUSED_MAX_TOKENS else out_ND
 
 
 def joined(job, stats: StepStats):

@@ -118,14 +118,16 @@ def shared(layer: DecoderLayer, h_ND):
 
 @jax.jit
 def combine_segment(x_BTD, shared_ND, routed_ND):
-    """x + routed + shared; routed: the experts' f32 sums (a tuple of parts computed in different places)."""
+    """x + routed + shared; routed: the experts' f32 sums (a tuple of parts computed in different places; the host
+    CPU's may be in pinned host memory, moved here)."""
+    routed_ND = [jax.device_put(r, jax.memory.Space.Device) for r in routed_ND]
     total_ND = sum(routed_ND[1:], routed_ND[0])
     return combine(x_BTD.reshape(total_ND.shape), shared_ND, total_ND).reshape(x_BTD.shape)
 
 
 class Unsummed(NamedTuple):
     """A MoE layer's output as its terms: x_BTD + shared_ND + routed_ND (the device's experts, f32) +
-    host_ND (the host CPU's experts, f32, a host array where the host CPU may compute: the program that
+    host_ND (the host CPU's experts, f32, in pinned host memory where the host CPU may compute: the program that
     sums it moves it; zeros when it had none). Every segment that reads hidden states takes this or a plain
     array, and sums it first (`settle`)."""
 
