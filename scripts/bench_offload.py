@@ -245,7 +245,7 @@ def run_ktjax(args) -> dict:
     from fullsize import fullsize_config, plan_for, random_offloaded_model
 
     from ktjax.runtime.model import Sampling
-    from ktjax.runtime.offload.path_rates import PathRates, kernel_name
+    from ktjax.runtime.offload.path_rates import kernel_name
     from ktjax.runtime.placement import parse_size
 
     fmt = FORMAT_OF_PART[args.run]
@@ -270,12 +270,9 @@ def run_ktjax(args) -> dict:
     if limit and not args.tiny and limit < parse_size(args.gpu_memory):  # offload.md run 25 met this
         log(f"warning: the allocator's limit ({limit / 2**30:.1f} GiB, XLA_PYTHON_CLIENT_MEM_FRACTION) is below "
             f"--gpu-memory {args.gpu_memory}: XLA will run short and retry allocations; --all sets it from the budget")
-    rates = None
-    if f"{fmt}_both_cpu_gbps" in ceil:  # the split's cost model, from this machine's measurement
-        rates = PathRates(link_gbps=ceil[f"{fmt}_both_link_gbps"], cpu_gbps=ceil[f"{fmt}_both_cpu_gbps"])
-        res["rates"] = {"link_gbps": rates.link_gbps, "cpu_gbps": rates.cpu_gbps}
     t = time.perf_counter()
-    model = random_offloaded_model(cfg, plan, dtype, progress=log, rates=rates)
+    # The split's rates: measured below where the model runs, as ktjax.load does (`rates_in_situ`).
+    model = random_offloaded_model(cfg, plan, dtype, progress=log)
     res["build_s"] = time.perf_counter() - t
     res.update(host_experts=len(plan.host_experts), device_experts=len(plan.device_experts),
                expert_bytes=plan.expert_bytes)
