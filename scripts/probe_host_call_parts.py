@@ -128,7 +128,8 @@ def main() -> None:
             ("the same, no tokens (fixed cost)", lambda: call(False), 0),
             ("gate_up kernel alone", gate_up, gu_bytes), ("down kernel alone", down, dn_bytes),
             ("gate_up then down kernels", both, PER_CALL * L.nbytes)] + [(n, f, 0) for n, f in serial]
-    print(f"{args.threads} threads, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, int4 {F}x{D}, {PER_CALL} experts per call of {N_EXPERTS}, 1 token, best of 7")
+    print(f"{args.threads} threads, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
+          f"int4 {F}x{D}, {PER_CALL} experts per call of {N_EXPERTS}, 1 token, best of 7")
     for name, f, nbytes in rows:
         f()  # compiled
         s = best_of(f, reps=3 if nbytes else 20, rounds=7)

@@ -92,7 +92,8 @@ class OffloadedExecutor:
         # The host-CPU path serves one device: over several, host experts stream to their owner.
         with_host = fmt.host_computable and plan.host_experts and expert_compute != "gpu" and mesh is None
         hosted = {(i, e): self.store.experts[i][e] for i, e in plan.host_experts} if with_host else {}
-        self.host = HostPath(fmt, hosted, activations=host_activations, landing=self.store.on_host) if with_host else None
+        self.host = (HostPath(fmt, hosted, activations=host_activations, landing=self.store.on_host) if with_host
+                     else None)
         # While the host kernels run on the calling thread (they release the GIL), one worker thread
         # dispatches the layer's GPU work.
         self.dispatcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-gpu-dispatch") if self.host else None

@@ -304,9 +304,10 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
     mid-stream: the transfers of 1 to 8 host experts as one program, `moe_device` at each expert-slot count (none,
     2, 4, 8) and each capacity, and `moe_landed` at each of its own where resident experts run apart (the
-    executor's `resident_apart`). A step meets these by its routing and split, so a server's first steps would otherwise stall every stream for a compile now and then
-    (~1 s each on the H200: bench_serve run 12); the programs around them (attention with the previous layer's
-    terms, the head) every step meets. Zeros in, outputs dropped. Returns the number of programs run."""
+    executor's `resident_apart`). A step meets these by its routing and split, so a server's first steps would
+    otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12); the programs
+    around them (attention with the previous layer's terms, the head) every step meets. Zeros in, outputs dropped.
+    Returns the number of programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
