@@ -13,7 +13,7 @@ from ktjax.api import plan_placement, routing_counts
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.path_rates import PathRates
 from ktjax.runtime.offload.scheduler import split
-from ktjax.runtime.offload.segments import HOST_PACKED_MAX_TOKENS
+from ktjax.runtime.offload.segments import FUSED_MAX_TOKENS
 from reference import make_reference, save_reference
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
@@ -272,7 +272,7 @@ def test_experts_fetched_early_are_as_many_as_the_link_has_room_for():
     assert early_fetches(None, nbytes, np.array([]), 0, most=2) == 2  # float experts: no rates to go by
 
 
-@pytest.mark.parametrize("tokens", [1, 5, HOST_PACKED_MAX_TOKENS + 1])
+@pytest.mark.parametrize("tokens", [1, 5, FUSED_MAX_TOKENS + 1])
 def test_a_decode_sized_routing_reaches_the_host_in_one_array_holding_ids_weights_and_h_exactly(split_model, tokens):
     """One copy brings a decode-sized layer's routing to the host: the expert ids, routing weights and h (as
     float32) read from it equal the device's own arrays. A prefill-sized layer has no such array (its h would be a
@@ -282,7 +282,7 @@ def test_a_decode_sized_routing_reaches_the_host_in_one_array_holding_ids_weight
     seg, state = ex.segments[ex.config.layer_kinds[i]], ex.layers[i]
     x_BTD = jax.random.normal(jax.random.key(tokens), (1, tokens, ex.config.hidden_size), ex.dtype)
     routing = seg.route(state, x_BTD)
-    assert (routing.for_host is None) == (tokens > HOST_PACKED_MAX_TOKENS)
+    assert (routing.for_host is None) == (tokens > FUSED_MAX_TOKENS)
     routing.start_copies(host_inputs=True)
     ids, (w, h) = routing.ids_on_host(), routing.inputs_on_host()
     assert ids.dtype.kind == "i" and ids.flags.c_contiguous

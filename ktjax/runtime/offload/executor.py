@@ -31,9 +31,9 @@ from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.path_rates import DEFAULT_RATES, PathRates, kernel_name, measured_rates
 from ktjax.runtime.offload.scheduler import MODES
 from ktjax.runtime.offload.devices import owned_by
-from ktjax.runtime.offload.moe_block import FUSED_MAX_TOKENS, Lookahead, compile_fused, moe_block
-from ktjax.runtime.offload.segments import (LayerSegments, Segments, embed_segment, head_segment, logits_segment,
-                                             settled)
+from ktjax.runtime.offload.moe_block import Lookahead, compile_fused, moe_block
+from ktjax.runtime.offload.segments import (FUSED_MAX_TOKENS, LayerSegments, Segments, embed_segment, head_segment,
+                                            logits_segment, settled)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan

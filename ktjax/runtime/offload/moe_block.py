@@ -26,14 +26,13 @@ from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.devices import moe_over_devices
 from ktjax.runtime.offload.host_path import HostPath
 from ktjax.runtime.offload.scheduler import early_fetches, split
-from ktjax.runtime.offload.segments import (LayerSegments, Routing, Segments, Unsummed, combine_segment,
-                                            mask_routes_segment)
+from ktjax.runtime.offload.segments import (FUSED_MAX_TOKENS, LayerSegments, Routing, Segments, Unsummed,
+                                            combine_segment, mask_routes_segment)
 from ktjax.runtime.offload.streaming import Prefetch, capacity_for, pow2, routing_counts, streams_everything
 
 if TYPE_CHECKING:
     from ktjax.runtime.offload.executor import OffloadedExecutor
 
-FUSED_MAX_TOKENS = 64  # decode-sized: every token goes through each chosen expert, weighted
 FUSED_MAX_EXPERTS = 8  # batch 1's; more in one program compiled slowly and each variant is a compile
 
 

@@ -62,15 +62,16 @@ def route(layer: DecoderLayer, x_BTD):
     return (h_ND, *layer.mlp.route(h_ND))
 
 
-# Decode-sized (`moe_block.FUSED_MAX_TOKENS`): the routing crosses to the host in one array.
-HOST_PACKED_MAX_TOKENS = 64
+# Decode-sized layers: every token goes through each chosen expert, weighted (`moe_block.fused_moe`), their
+# routing crosses to the host in one array (`Routing`), their host share lands in pinned buffers.
+FUSED_MAX_TOKENS = 64
 
 
 class Routing(NamedTuple):
     """A MoE layer's routing on the device (the block's input h, routing weights, expert ids), and for decode-sized
     layers the three in one f32 array for the host, [N, D + 2K]: h, the weights, the ids' bits (`for_host`). One
     copy brings it: each copy's call cost 50-70 us of the step's thread on the H100 machine, on the step's path
-    (benchmarks/offload.md, run 26)."""
+    (benchmarks/offload.md, runs 26-27)."""
 
     h_ND: jax.Array
     w_NK: jax.Array
@@ -106,7 +107,7 @@ def routing(layer: DecoderLayer, x_BTD) -> Routing:
     """`route`'s outputs, and where decode-sized the same packed for the host (`Routing`)."""
     h_ND, w_NK, idx_NK = route(layer, x_BTD)
     for_host = None
-    if h_ND.shape[0] <= HOST_PACKED_MAX_TOKENS:
+    if h_ND.shape[0] <= FUSED_MAX_TOKENS:
         bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
         for_host = jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], axis=1)
     return Routing(h_ND, w_NK, idx_NK, for_host)

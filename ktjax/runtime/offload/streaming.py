@@ -93,7 +93,7 @@ class ExpertStore:
                             for e, ex in enumerate(slots)] for i, slots in experts.items()}
         # Host experts moved by one program (`fetch(..., by_program=True)`): for 3 full-size int4 experts on the H100
         # machine, 84 us of the calling thread against 135 for `jax.device_put`, and landed in 1.60 ms against 1.70
-        # (benchmarks/offload.md, run 26). Its copies run on the device's stream of programs, so only where the next
+        # (benchmarks/offload.md, run 27). Its copies run on the device's stream of programs, so only where the next
         # program waits for them anyway (a fused layer's); device_put's overlap the programs before them.
         self._moved = jax.jit(lambda arrays: jax.device_put(arrays, self.on_device), out_shardings=self.on_device)
 
