@@ -276,7 +276,7 @@ def fused_slots(n: int) -> int:
 
 
 def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, routing: Routing,
-               stats: StepStats) -> np.ndarray:
+               stats: StepStats) -> jax.Array | np.ndarray:
     """Layer i's experts cpu_ids computed by the host CPU on this thread (timed into stats): their sum, in host
     memory. Decode-sized, in a pinned buffer that the program adding it reads in place (`host_path.ShareLanding`);
     larger, a numpy array, which that program's call moves."""
