@@ -57,8 +57,9 @@ class ShareLanding:
 
     Two buffers per shape, written in turn: a layer writes its share only once its routing is on the host, and the
     program that read the previous layer's share ran before that routing; so no buffer is written while a queued
-    program may still read it. The zeros that stand for no share are buffers of their own, never written. Where a
-    pinned buffer cannot be written in place (sharding None, or its numpy view is a copy), shares stay numpy arrays."""
+    program may still read it (steps run one at a time, as the model's lock and the server's batch keep them). The
+    zeros that stand for no share are buffers of their own, never written. Where a pinned buffer cannot be written in
+    place (sharding None, or its numpy view is a copy), shares stay numpy arrays."""
 
     def __init__(self, sharding: jax.sharding.Sharding | None):
         self.sharding = sharding
