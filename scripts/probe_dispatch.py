@@ -165,7 +165,7 @@ def main() -> None:
         forms["without CUDA graphs: round trip to the expert ids"] = round_trip(
             Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), no_graphs)
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
-          f"the device idle before each")
+          f"the device idle before each; host shares land in place: {ex.host.landing.in_place}")
     for name, call in forms.items():
         jax.block_until_ready(call())  # compiled
         times = []
