@@ -399,10 +399,12 @@ def test_seeded_sampling_in_the_slots_continues_as_generate_while_the_rows_that_
         assert len(want) > 2 and got[:len(want)] == want  # generate stops at end of sequence; the slots do not
 
 
-def test_an_offloaded_batch_compiles_every_one_row_split_of_its_experts_before_any_request():
-    """int4 experts in host memory decode one row in the fused form, whose programs vary with how many of
-    the chosen experts the host CPU, the link and the device take: the batch's warm-up runs them all, so
-    one-row steps under every split (all on the CPU, all over the link, the cost model's) compile nothing."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_an_offloaded_batch_compiles_every_split_of_its_experts_before_any_request(rows):
+    """int4 experts in host memory decode one row (and two of the embedded model's, whose 4 experts a token fit
+    the form's 8) in the fused form, whose programs vary with how many of the chosen experts the host CPU, the
+    link and the device take: the batch's warm-up runs them all, so steps of those rows under every split (all
+    on the CPU, all over the link, the cost model's) compile nothing."""
     import jax
     import numpy as np
 
@@ -424,12 +426,13 @@ def test_an_offloaded_batch_compiles_every_one_row_split_of_its_experts_before_a
     jax.monitoring.register_event_duration_secs_listener(on_event)
     executor = batch.executor
     try:
-        for mode, prompt in zip(("cpu", "gpu", "auto"), PROMPTS):
+        for k, mode in enumerate(("cpu", "gpu", "auto")):
             batch.executor = executor.with_expert_compute(mode)
-            batch.prefill_into([0], [offloaded.tokenizer.encode(prompt)], [SamplingOptions(4)])
+            prompts = [offloaded.tokenizer.encode(PROMPTS[(k + r) % len(PROMPTS)]) for r in range(rows)]
+            batch.prefill_into(list(range(rows)), prompts, [SamplingOptions(4)] * rows)
             listening[0] = True
             for _ in range(3):
-                batch.decode(np.arange(4) < 1)
+                batch.decode(np.arange(4) < rows)
             listening[0] = False
             moved = batch.last_stats
             if mode != "auto":  # the tiny model's experts are small: its cost model sends them over the link

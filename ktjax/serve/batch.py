@@ -276,22 +276,25 @@ class DecodeBatch:
 
     def warm_up(self, stop: Callable[[], bool] = lambda: False) -> bool:
         """Compile the decode step at every size `decode` runs (each power of two up to the slots), and an
-        offloaded model's one-row programs for every split of its experts, so requests meet no compile at
-        one row; the rows' contents are left as garbage (free rows are reset when taken). stop is asked
+        offloaded model's programs for every split of its experts at the sizes whose rows may choose few enough
+        experts for the fused form (`OffloadedExecutor.compile_decode`), so requests meet no compile there; the
+        rows' contents are left as garbage (free rows are reset when taken). stop is asked
         before each size: True ends the warm-up there (a server's Ctrl-C, which would otherwise wait for
         every size: 39.9 s for DeepSeek-V3's layers offloaded on an H200 in serve.md's run 15, and 33.0 s after a
         signal on the dev box's embedded model at --max-batch 32). Returns whether it ran to the end."""
         B = len(self.token_B)
-        for n in sorted({batch_bucket(k) for k in range(1, B + 1)}):
+        sizes = sorted({batch_bucket(k) for k in range(1, B + 1)})
+        for n in sizes:
             if stop():
                 return False
             for _ in range(2):  # the second: the same rows again, their cache already out
                 self.decode(np.arange(B) < n)
-        if stop():
-            return False
-        # An offloaded step of one row also meets programs by its routing (how many experts on each path);
-        # wider batches rarely choose few enough experts for those (`moe_block.FUSED_MAX_EXPERTS`).
-        self.executor.compile_decode(1)
+        # An offloaded step also meets programs by its routing (how many experts on each path): at 2 rows, before
+        # this warmed more than one, a 4-slot batch of the embedded model compiled two mid-stream.
+        for n in sizes:
+            if stop():
+                return False
+            self.executor.compile_decode(n)
         return True
 
 
