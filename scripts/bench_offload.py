@@ -455,7 +455,7 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_resident_apart(True)
         elif option == "watch":
             model = model.with_watcher(True)
-        elif option == "put-copies":  # a fused layer's transfers by jax.device_put, as up to run 26
+        elif option == "put-copies":  # a fused layer's transfers by jax.device_put, as before dea2747
             model = copy.copy(model)
             model.fused_copies_by_program = False
         elif option.startswith("lookahead") and option[len("lookahead"):].isdigit():

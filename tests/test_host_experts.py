@@ -132,8 +132,6 @@ def test_experts_fetched_a_layer_early_change_only_where_they_run(split_model, f
 def test_a_watched_decode_step_records_when_its_transfers_land_and_its_device_shares_are_done(split_model):
     """`with_watcher`: a decode step's timeline gains, for each start of the link's transfers, when they landed,
     and for each fused MoE layer, when its device share was computed; unwatched, neither."""
-    import jax
-
     from ktjax.runtime.model import Sampling
     model = split_model("int4", "auto")
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)

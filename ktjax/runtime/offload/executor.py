@@ -108,7 +108,7 @@ class OffloadedExecutor:
         self.fused_copies_by_program = True
         self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
-        self._zeros: dict[tuple, jax.Array | np.ndarray] = {}
+        self._zeros: dict[tuple, jax.Array] = {}
 
     @property
     def dtype(self):

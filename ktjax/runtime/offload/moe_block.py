@@ -303,20 +303,19 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
     mid-stream (none where N rows would choose more than twice `FUSED_MAX_EXPERTS` experts, the fused form's most,
     if no two chose the same): the transfers of 1 to 8 host experts as one program, `moe_device` at each expert-slot
-    count (none,
-    2, 4, 8) and each capacity, and `moe_landed` at each of its own where resident experts run apart (the
-    executor's `resident_apart`). A step meets these by its routing and split, so a server's first steps would
+    count (none, 2, 4, 8) and each capacity, and `moe_landed` at each of its own where resident experts run apart
+    (the executor's `resident_apart`). A step meets these by its routing and split, so a server's first steps would
     otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12); the programs
     around them (attention with the previous layer's terms, the head) every step meets. Zeros in, outputs dropped.
     Returns the number of programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
-    if N * cfg.num_experts_per_tok > 2 * FUSED_MAX_EXPERTS:  # its rows rarely choose few enough experts for these
+    K = cfg.num_experts_per_tok
+    if N * K > 2 * FUSED_MAX_EXPERTS:  # its rows rarely choose few enough experts for these
         return 0
     i = cfg.moe_layers[0]
     seg, state, on = ex.segments[cfg.layer_kinds[i]], ex.layers[i], ex.store.on_device
-    K = cfg.num_experts_per_tok
     h_ND = jax.device_put(np.zeros((N, cfg.hidden_size), ex.dtype), on)
     w_NK = jax.device_put(np.zeros((N, K), np.float32), on)
     idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
