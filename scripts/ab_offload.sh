@@ -5,6 +5,7 @@
 #   scripts/ab_offload.sh prepare COMMIT   # here: COMMIT's ktjax/ and scripts/ into ab_base/ (untracked, so
 #                                          # the device tool carries it; delete it afterwards)
 #   OUT=... scripts/ab_offload.sh run [VARIANTS_NEW [VARIANTS_BASE]]   # on the device, after the editable install
+#                                          # (VARIANTS_BASE '-': this tree only, its variants against each other)
 #
 # Each process: bench_offload.py --run int4 (the 24 GiB row, then the R1-share row once per --r1-variants value;
 # defaults below) with the ceilings of offload.md run 24 passed in, so that no ceilings are measured and
@@ -15,7 +16,7 @@ if [ "${1:-}" = prepare ]; then
   rm -rf ab_base && mkdir ab_base && git archive "$2" ktjax scripts | tar -x -C ab_base
   echo "ab_base/ holds $2"; exit
 fi
-[ "${1:-}" = run ] || { sed -n 2,12p "$0"; exit 2; }
+[ "${1:-}" = run ] || { sed -n 2,13p "$0"; exit 2; }
 ROOT=$(pwd)
 TOTAL=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator's limit: the 24 GiB budget
@@ -35,6 +36,7 @@ for line in open(sys.argv[1]):
 PY
 }
 for tree in new base; do
+  [ $tree = base ] && [ "${3:-}" = - ] && continue
   if [ $tree = base ]; then dir=$ROOT/ab_base; variants=${3:-plain ceiling-rates plain}; else dir=$ROOT; variants=${2:-plain ceiling-rates plain}; fi
   (cd "$dir/scripts" && env PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$dir" XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=110 \
      XLA_PYTHON_CLIENT_MEM_FRACTION=$FRAC timeout "${AB_TIMEOUT:-215}" python3 bench_offload.py $ARGS \

@@ -458,6 +458,11 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         elif option == "put-copies":  # a fused layer's transfers by jax.device_put, as before dea2747
             model = copy.copy(model)
             model.fused_copies_by_program = False
+        elif option == "routing-copies":  # the routing copied to the host after the call, as before this session
+            from ktjax.runtime.offload.segments import LayerSegments
+            model = copy.copy(model)
+            model.segments = {k: LayerSegments(s.graphdef, s.cfg, routing_to_host=False)
+                              for k, s in model.segments.items()}
         elif option.startswith("lookahead") and option[len("lookahead"):].isdigit():
             model = model.with_lookahead(int(option[len("lookahead"):]))
         elif option == "ceiling-rates":
@@ -663,7 +668,8 @@ def main():
                         "'lookahead<N>' (N experts fetched a layer early), "
                         "'ceiling-rates' (the split's rates from this run's ceilings, both paths at once, not from "
                         "the load-time measurement), 'watch' (when transfers land and device shares are computed, "
-                        "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not one program)")
+                        "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not one program), "
+                        "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
                         "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "

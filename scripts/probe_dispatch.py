@@ -21,7 +21,13 @@ in forms that take one cost away at a time:
   transfers start since); each also until landed.
 
 - as a decode step makes it, with the device still busy with earlier work (as in a step: the layer's device share
-  may still run when the next layer's attention is called).
+  may still run when the next layer's attention is called);
+- the program's own time on the device: queued behind ~1 ms of work, so that its kernels were all launched before
+  the device reached them, less that work alone;
+- the routing written to pinned host memory by the program itself (`jax.device_put(..., jax.memory.Space.Host)`
+  inside it), no copy started after the call: the round trip;
+- on a GPU, the program compiled with XLA's CUDA graphs forced on for every run of kernels
+  (`xla_gpu_graph_min_graph_size` 1): is the call's time its kernels' launches?
 
 It also prints how many fusions and custom calls the compiled program has.
 
@@ -126,6 +132,30 @@ def main() -> None:
             return time.perf_counter() - t, out
         return run
 
+    def program_time(call):  # the device's time for the call's program, its launches ahead of the device
+        def run():
+            jax.block_until_ready(busy(busy_DD))
+            t = time.perf_counter()
+            jax.block_until_ready(busy(busy_DD))
+            alone = time.perf_counter() - t
+            t = time.perf_counter()
+            busy(busy_DD)
+            jax.block_until_ready(call())
+            return time.perf_counter() - t - alone, None
+        return run
+
+    def routing_to_host(*a):  # the packed routing written to pinned host memory by the program
+        x, r, latent, rp = seg.attention_route.__wrapped__(*a)
+        return x, r._replace(for_host=jax.device_put(r.for_host, jax.memory.Space.Host)), latent, rp
+
+    to_host = jax.jit(routing_to_host, donate_argnums=(4, 5))
+
+    def round_trip_to_host():
+        out = to_host(state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
+        latent_rp[:] = out[-2:]
+        out[1].ids_on_host()
+        return out
+
     forms = {
         "as a decode step calls it (host share in a pinned buffer)": attention(
             Unsummed(x_BTD, shared_ND, routed_ND, host_pinned)),
@@ -146,6 +176,9 @@ def main() -> None:
             attention(Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))()),
         "round trip: the call to its expert ids on the host": round_trip(
             Unsummed(x_BTD, shared_ND, routed_ND, host_pinned)),
+        "the program's time on the device (its launches ahead)": program_time(attention(
+            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))),
+        "round trip, the program writing its routing to the host": round_trip_to_host,
         f"jax.device_put of {len(hosted)} host experts": fetch(False),
         f"a program copying {len(hosted)} host experts to the device": fetch(True),
         f"jax.device_put of {len(hosted)} host experts, until landed": lambda: jax.block_until_ready(fetch(False)()),
@@ -164,6 +197,23 @@ def main() -> None:
         forms["without CUDA graphs: as a decode step calls it"] = attention_no_graphs
         forms["without CUDA graphs: round trip to the expert ids"] = round_trip(
             Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), no_graphs)
+        forced = jax.jit(seg.attention_route.__wrapped__, donate_argnums=(4, 5), compiler_options={
+            "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL", "xla_gpu_graph_min_graph_size": 1})
+        try:
+            print("CUDA graphs forced:", kernel_counts(forced.lower(*step_args).compile().as_text()))
+        except Exception as e:  # an option this XLA does not know
+            print(f"CUDA graphs forced: not compiled ({type(e).__name__}: {str(e)[:200]})")
+        else:
+            def attention_forced():
+                out = forced(state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
+                latent_rp[:] = out[-2:]
+                return out
+
+            forms["CUDA graphs forced: as a decode step calls it"] = attention_forced
+            forms["CUDA graphs forced: the call until ready"] = lambda: jax.block_until_ready(attention_forced())
+            forms["CUDA graphs forced: round trip to the expert ids"] = round_trip(
+                Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), forced)
+            forms["CUDA graphs forced: the program's time on the device"] = program_time(attention_forced)
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
           f"the device idle before each; host shares land in place: {ex.host.landing.in_place}")
     for name, call in forms.items():

@@ -13,7 +13,7 @@ from ktjax.api import plan_placement, routing_counts
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.path_rates import PathRates
 from ktjax.runtime.offload.scheduler import split
-from ktjax.runtime.offload.segments import FUSED_MAX_TOKENS
+from ktjax.runtime.offload.segments import FUSED_MAX_TOKENS, LayerSegments
 from reference import make_reference, save_reference
 
 ALL_HOST = {r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"}
@@ -270,17 +270,24 @@ def test_experts_fetched_early_are_as_many_as_the_link_has_room_for():
     assert early_fetches(None, nbytes, np.array([]), 0, most=2) == 2  # float experts: no rates to go by
 
 
+@pytest.mark.parametrize("to_host", [True, False], ids=["written-by-the-program", "copied"])
 @pytest.mark.parametrize("tokens", [1, 5, FUSED_MAX_TOKENS + 1])
-def test_a_decode_sized_routing_reaches_the_host_in_one_array_holding_ids_weights_and_h_exactly(split_model, tokens):
-    """One copy brings a decode-sized layer's routing to the host: the expert ids, routing weights and h (as
-    float32) read from it equal the device's own arrays. A prefill-sized layer has no such array (its h would be a
-    large copy); the host reads its arrays apart, alike."""
+def test_a_decode_sized_routing_reaches_the_host_in_one_array_holding_ids_weights_and_h_exactly(split_model, tokens,
+                                                                                              to_host):
+    """One array brings a decode-sized layer's routing to the host, written to host memory by the routing's own
+    program (as on one device) or copied after it: the expert ids, routing weights and h (as float32) read from it
+    equal the device's own arrays. A prefill-sized layer has no such array (its h would be a large copy); the host
+    reads its arrays apart, alike."""
     ex = split_model("int4", "auto").executor
     i = ex.config.moe_layers[0]
     seg, state = ex.segments[ex.config.layer_kinds[i]], ex.layers[i]
+    assert seg.routing_to_host  # as the executor builds its segments on one device
+    seg = LayerSegments(seg.graphdef, seg.cfg, routing_to_host=to_host)
     x_BTD = jax.random.normal(jax.random.key(tokens), (1, tokens, ex.config.hidden_size), ex.dtype)
     routing = seg.route(state, x_BTD)
     assert (routing.for_host is None) == (tokens > FUSED_MAX_TOKENS)
+    if routing.for_host is not None:
+        assert (routing.for_host.sharding.memory_kind == "pinned_host") == to_host
     routing.start_copies(host_inputs=True)
     ids, (w, h) = routing.ids_on_host(), routing.inputs_on_host()
     assert ids.dtype.kind == "i" and ids.flags.c_contiguous

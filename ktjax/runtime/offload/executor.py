@@ -80,9 +80,9 @@ class OffloadedExecutor:
         self.config, self.plan, self.attention = config, plan, attention
         self._dtype = jnp.dtype(dtype)
         self.top, self.layers = top, layers
-        self.segments = {k: LayerSegments(layer_structure(config, k, dtype, attention=attention, with_experts=False)[0],
-                                          config) for k in set(config.layer_kinds)}
         self.mesh = mesh
+        self.segments = {k: LayerSegments(layer_structure(config, k, dtype, attention=attention, with_experts=False)[0],
+                                          config, routing_to_host=mesh is None) for k in set(config.layer_kinds)}
         self.devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
         self.stores = [ExpertStore(config, plan, owned_by(experts, plan, d), device, d)
                        for d, device in enumerate(self.devices)]

@@ -71,7 +71,8 @@ class Routing(NamedTuple):
     """A MoE layer's routing on the device (the block's input h, routing weights, expert ids), and for decode-sized
     layers the three in one f32 array for the host, [N, D + 2K]: h, the weights, the ids' bits (`for_host`). One
     copy brings it: each copy's call cost 50-70 us of the step's thread on the H100 machine, on the step's path
-    (benchmarks/offload.md, runs 26-27)."""
+    (benchmarks/offload.md, runs 26-27). Where the program wrote it to host memory itself (`LayerSegments`'
+    routing_to_host), no copy is started at all."""
 
     h_ND: jax.Array
     w_NK: jax.Array
@@ -82,7 +83,8 @@ class Routing(NamedTuple):
         """Start the copies to the host of the expert ids, and of h and the weights where host_inputs (the host CPU
         computes experts)."""
         if self.for_host is not None:
-            self.for_host.copy_to_host_async()
+            if self.for_host.sharding.memory_kind == "device":
+                self.for_host.copy_to_host_async()
             return
         for a in (self.idx_NK, self.w_NK, self.h_ND) if host_inputs else (self.idx_NK,):
             a.copy_to_host_async()
@@ -103,13 +105,16 @@ class Routing(NamedTuple):
         return both[:, D:D + K], both[:, :D]
 
 
-def routing(layer: DecoderLayer, x_BTD) -> Routing:
-    """`route`'s outputs, and where decode-sized the same packed for the host (`Routing`)."""
+def routing(layer: DecoderLayer, x_BTD, to_host: bool = False) -> Routing:
+    """`route`'s outputs, and where decode-sized the same packed for the host (`Routing`); to_host: written to
+    pinned host memory by this program."""
     h_ND, w_NK, idx_NK = route(layer, x_BTD)
     for_host = None
     if h_ND.shape[0] <= FUSED_MAX_TOKENS:
         bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
         for_host = jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], axis=1)
+        if to_host:
+            for_host = jax.device_put(for_host, jax.memory.Space.Host)
     return Routing(h_ND, w_NK, idx_NK, for_host)
 
 
@@ -154,9 +159,12 @@ def settled(x, run: Segments):
 class LayerSegments:
     """The compiled programs of one layer kind, with its structure bound in (no per-call hashing of
     the graph); layer parameters travel as plain dicts of arrays, which flatten fast. Cache arrays
-    are a group's stacks [L, B, S, .] donated and updated at slice j."""
+    are a group's stacks [L, B, S, .] donated and updated at slice j. routing_to_host: a decode-sized layer's
+    routing programs write its packed routing (`Routing.for_host`) to pinned host memory themselves, so that no
+    copy is started after their call (one device; False: copied by `Routing.start_copies`)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig):
+    def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig, routing_to_host: bool = False):
+        self.graphdef, self.cfg, self.routing_to_host = graphdef, cfg, routing_to_host
         merge = functools.partial(nnx.merge, graphdef)
 
         # x_BTD: an array or `Unsummed` (the previous MoE layer's terms, summed here).
@@ -171,7 +179,7 @@ class LayerSegments:
         def attention_route(state, x_BTD, rope, start_B, latent, rp, j):
             layer = merge(state)
             x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
-            return x_BTD, routing(layer, x_BTD), latent, rp
+            return x_BTD, routing(layer, x_BTD, routing_to_host), latent, rp
 
         def attention_route_ahead(state, ahead_state, x_BTD, rope, start_B, latent, rp, j):
             # Also the next MoE layer's router (ahead_state: that layer's arrays) on this layer's residual after
@@ -185,7 +193,7 @@ class LayerSegments:
         self.attention_route = jax.jit(attention_route, donate_argnums=(4, 5))
         self.attention_route_ahead = jax.jit(attention_route_ahead, donate_argnums=(5, 6))
         self.dense_mlp = jax.jit(lambda state, x_BTD: dense_mlp(merge(state), x_BTD))
-        self.route = jax.jit(lambda state, x_BTD: routing(merge(state), x_BTD))
+        self.route = jax.jit(lambda state, x_BTD: routing(merge(state), x_BTD, routing_to_host))
         self.shared = jax.jit(lambda state, h_ND: shared(merge(state), h_ND))
 
         def routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
