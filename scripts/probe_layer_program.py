@@ -1,0 +1,171 @@
+"""Could a batch-1 decode step's MoE layers run as one XLA program, the host CPU's experts called from inside it?
+Today each layer is driven from Python (`moe_block.fused_moe`): the attention program's call, the routing's way to
+the host, the split, the transfers' program, the device share's program on a worker, the host kernels on this
+thread; ~0.8 ms of a ~2.3-2.8 ms layer is outside the experts' two paths (offload.md, runs 29-32). Here the same
+work for 4 layers is one program: attention and routing, a host callback that starts the host kernels on a thread
+of their own and returns at once, the link experts' copies from pinned host memory (indexed inside the program),
+the device share, a second callback that waits for the host share; then the next layer. Launches, routing round
+trips and Python dispatch leave the layer's path; the host kernels and the copies overlap as they do now.
+
+Both forms compute the same fixed experts of one full-size layer (4 on the host CPU, 2 over the link, 2 resident;
+an R1-share layer's mean split in runs 29-32), 4 times in a row as 4 layers, from the routing's h; the experts'
+choice is fixed so both do the same work (the router still runs). Times per layer (median of --reps 4-layer
+passes):
+
+- the current form, as `fused_moe` drives a layer;
+- one program for the 4 layers, host kernels on a thread of their own;
+- the host kernels alone, on this thread and on that thread; the 2 experts' copies alone, by `ExpertStore.fetch`.
+
+    python3 scripts/probe_layer_program.py [--tiny] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+LAYERS = 4
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    from bench_offload import TINY_HOST_RULES, tiny_config
+    from fullsize import fullsize_config, plan_for, random_offloaded_model
+    from jax.experimental import io_callback
+
+    from ktjax.experts.weights import ExpertWeights
+    from ktjax.runtime.model import StepStats
+    from ktjax.runtime.offload.moe_block import padded
+    from ktjax.runtime.offload.segments import Unsummed, embed_segment, settle
+    from ktjax.runtime.offload.streaming import capacity_for
+
+    cfg = tiny_config(1) if args.tiny else fullsize_config(1)
+    dtype = jnp.bfloat16
+    plan = plan_for(cfg, dtype, experts="int4", gpu_memory="8GiB", max_batch=1, max_context=1280,
+                    rules=TINY_HOST_RULES if args.tiny else None)
+    ex = random_offloaded_model(cfg, plan, dtype, progress=lambda *_: None)
+    i = cfg.moe_layers[0]
+    kind = cfg.layer_kinds[i]
+    seg, state, j = ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i))
+    latent_rp = list(ex.init_cache(1, 1040).groups[kind])
+    x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
+                                         np.array([1024], np.int32))
+    D, K, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    store, fmt = ex.store, ex.plan.expert_format
+
+    hosted = [e for e in range(E) if store.is_hosted(i, e)]
+    resident = [e for e in range(E) if not store.is_hosted(i, e)][:2]
+    cpu_ids, link_ids = hosted[:4], hosted[4:6]
+    chosen = cpu_ids + link_ids + resident
+    idx_np = np.array([chosen + hosted[6:6 + K - len(chosen)]], np.int32)[:, :K]
+    w_np = np.full((1, K), 1.0 / K, np.float32)
+    idx_NK, w_NK = jnp.asarray(idx_np), jnp.asarray(w_np)
+    counts = np.bincount(idx_np.ravel(), minlength=E)
+    rows_A = np.zeros(1, np.int32)
+    device_ids = resident + link_ids
+    ids_C, _ = padded(device_ids, tuple(range(len(device_ids))))
+    capacity = capacity_for(1, counts[device_ids])
+    resident_w = tuple(store.experts[i][e] for e in resident)
+    zeros = (jnp.zeros((1, D), dtype), jnp.zeros((1, D), jnp.float32), ex.host.landing.zeros((1, D)))
+    stats = StepStats()
+    worker, host_thread = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+
+    def host_share(h_ND) -> np.ndarray:
+        return ex.host.compute(i, cpu_ids, idx_np, w_np, np.asarray(h_ND, np.float32))
+
+    # ---- the current form: one layer as `fused_moe` drives it --------------------------------------------
+    def device_share(h_ND, landing):
+        ids, slots = padded(device_ids, resident_w + tuple(landing))
+        return seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids, slots, capacity=capacity)
+
+    def current(x):
+        for _ in range(LAYERS):
+            out = seg.attention_route(state, x, rope, start_B, *latent_rp, j)
+            latent_rp[:] = out[-2:]
+            x_BTD, routing = out[0], out[1]
+            routing.start_copies(host_inputs=True)
+            routing.ids_on_host()
+            landing = store.fetch(i, link_ids, stats, by_program=True)
+            job = worker.submit(device_share, routing.h_ND, landing)
+            _, h_host = routing.inputs_on_host()
+            share = ex.host.landing.put(host_share(h_host))
+            x = Unsummed(x_BTD, *job.result(), share)
+        return x
+
+    # ---- one program for the layers ----------------------------------------------------------------------
+    link_on_host = jax.device_put(np.stack([np.asarray(store.experts[i][e].w) for e in link_ids]), store.on_host)
+    pending: list = []
+
+    def start_host(h_ND):  # the host kernels start on their own thread; the program goes on
+        pending.append(host_thread.submit(host_share, np.asarray(h_ND, np.float32)))
+        return np.int32(0)
+
+    def join_host(_):
+        return pending.pop(0).result()
+
+    def program(state, x, rope, start_B, latent, rp, j, link_on_host, resident_w):
+        for _ in range(LAYERS):
+            x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
+            go = io_callback(start_host, jax.ShapeDtypeStruct((), jnp.int32), routing.h_ND, ordered=False)
+            landed = tuple(ExpertWeights(jax.device_put(jax.lax.dynamic_index_in_dim(link_on_host, go + k, 0, False),
+                                                        jax.memory.Space.Device), None, fmt)
+                           for k in range(len(link_ids)))
+            ids, slots = padded(device_ids, resident_w + landed)
+            shared_ND, routed_ND = seg.moe_device.__wrapped__(state, routing.h_ND, w_NK, idx_NK, rows_A, ids, slots,
+                                                              capacity=capacity)
+            host_ND = io_callback(join_host, jax.ShapeDtypeStruct((1, D), jnp.float32), routed_ND[0, :1],
+                                  ordered=False)
+            x = Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
+        return x, latent, rp
+
+    one = jax.jit(program, donate_argnums=(4, 5))
+
+    def one_program(x):
+        x, *latent_rp[:] = one(state, x, rope, start_B, *latent_rp, j, link_on_host, resident_w)
+        return x
+
+    h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
+    forms = {
+        "the current form (fused_moe's steps)": lambda: current(Unsummed(x_BTD, *zeros)),
+        "one program, host callbacks": lambda: one_program(Unsummed(x_BTD, *zeros)),
+        "the host kernels alone, this thread": lambda: [host_share(h_ND) for _ in range(LAYERS)],
+        "the host kernels alone, their own thread": lambda: [host_thread.submit(host_share, h_ND).result()
+                                                             for _ in range(LAYERS)],
+        f"{len(link_ids)} experts' copies alone (landed)": lambda: [jax.block_until_ready(
+            store.fetch(i, link_ids, stats, by_program=True)) for _ in range(LAYERS)],
+    }
+    print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer x {LAYERS}; experts: "
+          f"{len(cpu_ids)} host CPU, {len(link_ids)} link, {len(resident)} resident; {args.reps} passes")
+    for name, form in forms.items():
+        jax.block_until_ready(form())  # compiled
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            jax.block_until_ready(form())
+            times.append((time.perf_counter() - t) / LAYERS)
+        us = np.array(times) * 1e6
+        print(f"  {name:45s} per layer median {np.median(us):7.0f} us   10th-90th percentile "
+              f"{np.percentile(us, 10):7.0f}-{np.percentile(us, 90):7.0f} us", flush=True)
+
+    # Both forms computed the same: the 4 layers' outputs agree.
+    a = jax.jit(settle)
+    first = np.asarray(a(current(Unsummed(x_BTD, *zeros))))
+    second = np.asarray(a(one_program(Unsummed(x_BTD, *zeros))))
+    print(f"  outputs agree: max |difference| {np.abs(first - second).max():.3g} (scale {np.abs(first).max():.3g})")
+
+
+if __name__ == "__main__":
+    main()
