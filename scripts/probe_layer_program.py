@@ -7,13 +7,15 @@ of their own and returns at once, the link experts' copies from pinned host memo
 the device share, a second callback that waits for the host share; then the next layer. Launches, routing round
 trips and Python dispatch leave the layer's path; the host kernels and the copies overlap as they do now.
 
-Both forms compute the same fixed experts of one full-size layer (4 on the host CPU, 2 over the link, 2 resident;
+Each form computes the same fixed experts of one full-size layer (4 on the host CPU, 2 over the link, 2 resident;
 an R1-share layer's mean split in runs 29-32), 4 times in a row as 4 layers, from the routing's h; the experts'
-choice is fixed so both do the same work (the router still runs). Times per layer (median of --reps 4-layer
+choice is fixed so all do the same work (the router still runs). Times per layer (median of --reps 4-layer
 passes):
 
 - the current form, as `fused_moe` drives a layer;
 - one program for the 4 layers, host kernels on a thread of their own;
+- the same program called by a worker thread, the host kernels on the main thread, which the callbacks hand the
+  routing's h to and take the share from (the host kernels ran 25-40% slower off the main thread, run 34);
 - the host kernels alone, on this thread and on that thread; the 2 experts' copies alone, by `ExpertStore.fetch`.
 
     python3 scripts/probe_layer_program.py [--tiny] [--reps 20]
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,13 +111,18 @@ def main() -> None:
     # ---- one program for the layers ----------------------------------------------------------------------
     link_on_host = jax.device_put(np.stack([np.asarray(store.experts[i][e].w) for e in link_ids]), store.on_host)
     pending: list = []
+    on_main = [False]  # D: the host kernels on the main thread, which waits for the callbacks' inputs
+    inputs, shares = queue.Queue(), queue.Queue()
 
-    def start_host(h_ND):  # the host kernels start on their own thread; the program goes on
-        pending.append(host_thread.submit(host_share, np.asarray(h_ND, np.float32)))
+    def start_host(h_ND):  # the host kernels start on another thread; the program goes on
+        if on_main[0]:
+            inputs.put(np.asarray(h_ND, np.float32))
+        else:
+            pending.append(host_thread.submit(host_share, np.asarray(h_ND, np.float32)))
         return np.int32(0)
 
     def join_host(_):
-        return pending.pop(0).result()
+        return shares.get() if on_main[0] else pending.pop(0).result()
 
     def program(state, x, rope, start_B, latent, rp, j, link_on_host, resident_w):
         for _ in range(LAYERS):
@@ -137,10 +145,21 @@ def main() -> None:
         x, *latent_rp[:] = one(state, x, rope, start_B, *latent_rp, j, link_on_host, resident_w)
         return x
 
+    def one_program_main_computes(x):  # the program called by the worker; this thread serves its callbacks
+        on_main[0] = True
+        job = worker.submit(one_program, x)
+        for _ in range(LAYERS):
+            shares.put(host_share(inputs.get()))
+        out = job.result()
+        on_main[0] = False
+        return out
+
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
     forms = {
         "the current form (fused_moe's steps)": lambda: current(Unsummed(x_BTD, *zeros)),
-        "one program, host callbacks": lambda: one_program(Unsummed(x_BTD, *zeros)),
+        "one program, host kernels on their own thread": lambda: one_program(Unsummed(x_BTD, *zeros)),
+        "one program called by a worker, host kernels here": lambda: one_program_main_computes(
+            Unsummed(x_BTD, *zeros)),
         "the host kernels alone, this thread": lambda: [host_share(h_ND) for _ in range(LAYERS)],
         "the host kernels alone, their own thread": lambda: [host_thread.submit(host_share, h_ND).result()
                                                              for _ in range(LAYERS)],
@@ -157,14 +176,16 @@ def main() -> None:
             jax.block_until_ready(form())
             times.append((time.perf_counter() - t) / LAYERS)
         us = np.array(times) * 1e6
-        print(f"  {name:45s} per layer median {np.median(us):7.0f} us   10th-90th percentile "
+        print(f"  {name:50s} per layer median {np.median(us):7.0f} us   10th-90th percentile "
               f"{np.percentile(us, 10):7.0f}-{np.percentile(us, 90):7.0f} us", flush=True)
 
     # Both forms computed the same: the 4 layers' outputs agree.
     a = jax.jit(settle)
     first = np.asarray(a(current(Unsummed(x_BTD, *zeros))))
     second = np.asarray(a(one_program(Unsummed(x_BTD, *zeros))))
-    print(f"  outputs agree: max |difference| {np.abs(first - second).max():.3g} (scale {np.abs(first).max():.3g})")
+    third = np.asarray(a(one_program_main_computes(Unsummed(x_BTD, *zeros))))
+    print(f"  outputs agree: max |difference| {max(np.abs(first - second).max(), np.abs(first - third).max()):.3g} "
+          f"(scale {np.abs(first).max():.3g})")
 
 
 if __name__ == "__main__":
