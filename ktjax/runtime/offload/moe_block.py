@@ -339,3 +339,37 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
                                                      capacity=capacity))
                 n += 1
     return n
+
+
+def compile_streamed(ex: OffloadedExecutor, N: int) -> int:
+    """Run every program a decode step of N rows can meet in the streamed form once (`streamed_moe`: where the
+    fused form does not apply, or its rows choose more experts than it holds): the routes of rows not in use
+    masked, the shared expert, and one expert at each capacity N tokens can take, first and added to a sum. A step
+    meets these by its routing: at 3 rows of the embedded model's 4-slot batch the mask and two of them compiled
+    mid-stream (0.02-0.3 s each on the dev box), every stream waiting. Zeros in, outputs dropped. Returns the
+    number of programs run."""
+    cfg = ex.config
+    K = cfg.num_experts_per_tok
+    if ex.mesh is not None or not cfg.moe_layers or streams_everything(cfg, N):
+        return 0
+    if ex.fuses_decode and N * K <= FUSED_MAX_EXPERTS:  # the fused form holds whatever its rows choose
+        return 0
+    i = cfg.moe_layers[0]
+    seg, state, on = ex.segments[cfg.layer_kinds[i]], ex.layers[i], ex.store.on_device
+    h_ND = jax.device_put(np.zeros((N, cfg.hidden_size), ex.dtype), on)
+    w_NK = jax.device_put(np.zeros((N, K), np.float32), on)
+    idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
+    n = 1
+    jax.block_until_ready(seg.shared(state, h_ND))
+    if N > 1:  # a batch with rows not in use
+        jax.block_until_ready(mask_routes_segment(idx_NK, np.arange(N) > 0, cfg.n_routed_experts))
+        n += 1
+    slots, ids_C = tuple(ex.store.fetch(i, [0], StepStats())), np.zeros(1, np.int32)
+    for capacity in sorted({capacity_for(N, [c]) for c in range(1, N + 1)}):
+        acc = None
+        for _ in range(2):  # a layer's first expert, then one added to the sum
+            acc = experts_segment(acc, h_ND, w_NK, idx_NK, ids_C, slots, capacity=capacity)
+            n += 1
+        jax.block_until_ready(acc)
+    return n
+
