@@ -10,7 +10,6 @@ call time of --reps calls, the device idle before each:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
@@ -20,34 +19,21 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_layer import decode_layer, probe_args  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
-    p.add_argument("--reps", type=int, default=40)
-    p.add_argument("--hlo", help="write each program's optimized HLO into this folder")
-    args = p.parse_args()
+    args = probe_args(__doc__, 40, **{"--hlo": dict(help="write each program's optimized HLO into this folder")})
 
     import jax
     import jax.numpy as jnp
-    from bench_offload import TINY_HOST_RULES, tiny_config
-    from fullsize import fullsize_config, plan_for, random_offloaded_model
 
     from ktjax.runtime.offload.segments import Unsummed, settle
 
-    cfg = tiny_config(1) if args.tiny else fullsize_config(1)
-    dtype = jnp.bfloat16
-    plan = plan_for(cfg, dtype, experts="int4", gpu_memory="8GiB", max_batch=1, max_context=1280,
-                    rules=TINY_HOST_RULES if args.tiny else None)
-    ex = random_offloaded_model(cfg, plan, dtype, progress=lambda *_: None)
-    i = cfg.moe_layers[0]
-    kind = cfg.layer_kinds[i]
-    seg, state, j = ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i))
-    latent_rp = list(ex.init_cache(1, 1040).groups[kind])
-    from ktjax.runtime.offload.segments import embed_segment
-    x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
-                                         np.array([1024], np.int32))
+    layer = decode_layer(args.tiny)
+    cfg, ex, seg, state, j = layer.cfg, layer.ex, layer.seg, layer.state, layer.j
+    rope, start_B, latent_rp = layer.rope, layer.start_B, layer.latent_rp
+    dtype, x_BTD = jnp.bfloat16, layer.x_BTD
     D = cfg.hidden_size
     terms = Unsummed(x_BTD, jnp.zeros((1, D), dtype), jnp.zeros((1, D), jnp.float32),
                      ex.host.landing.put(np.zeros((1, D), np.float32)))

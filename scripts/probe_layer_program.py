@@ -23,7 +23,6 @@ passes):
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import sys
@@ -33,39 +32,28 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_layer import decode_layer, probe_args  # noqa: E402
 
 LAYERS = 4
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
-    p.add_argument("--reps", type=int, default=20)
-    args = p.parse_args()
+    args = probe_args(__doc__, 20)
 
     import jax
     import jax.numpy as jnp
-    from bench_offload import TINY_HOST_RULES, tiny_config
-    from fullsize import fullsize_config, plan_for, random_offloaded_model
     from jax.experimental import io_callback
 
     from ktjax.experts.weights import ExpertWeights
     from ktjax.runtime.model import StepStats
     from ktjax.runtime.offload.moe_block import padded
-    from ktjax.runtime.offload.segments import Unsummed, embed_segment, settle
+    from ktjax.runtime.offload.segments import Unsummed, settle
     from ktjax.runtime.offload.streaming import capacity_for
 
-    cfg = tiny_config(1) if args.tiny else fullsize_config(1)
+    layer = decode_layer(args.tiny)
+    cfg, ex, i, seg, state, j = layer.cfg, layer.ex, layer.i, layer.seg, layer.state, layer.j
+    x_BTD, rope, start_B, latent_rp = layer.x_BTD, layer.rope, layer.start_B, layer.latent_rp
     dtype = jnp.bfloat16
-    plan = plan_for(cfg, dtype, experts="int4", gpu_memory="8GiB", max_batch=1, max_context=1280,
-                    rules=TINY_HOST_RULES if args.tiny else None)
-    ex = random_offloaded_model(cfg, plan, dtype, progress=lambda *_: None)
-    i = cfg.moe_layers[0]
-    kind = cfg.layer_kinds[i]
-    seg, state, j = ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i))
-    latent_rp = list(ex.init_cache(1, 1040).groups[kind])
-    x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
-                                         np.array([1024], np.int32))
     D, K, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
     store, fmt = ex.store, ex.plan.expert_format
 

@@ -19,7 +19,6 @@ ones with --tiny:
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import sys
@@ -29,34 +28,22 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_layer import decode_layer, probe_args  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
-    p.add_argument("--reps", type=int, default=30)
-    args = p.parse_args()
+    args = probe_args(__doc__, 30)
 
     import jax
     import jax.numpy as jnp
-    from bench_offload import TINY_HOST_RULES, tiny_config
-    from fullsize import fullsize_config, plan_for, random_offloaded_model
     from jax.experimental import io_callback
 
-    from ktjax.runtime.offload.segments import Unsummed, embed_segment
+    from ktjax.runtime.offload.segments import Unsummed
 
-    cfg = tiny_config(1) if args.tiny else fullsize_config(1)
+    layer = decode_layer(args.tiny)
+    cfg, ex, i, seg, state, j = layer.cfg, layer.ex, layer.i, layer.seg, layer.state, layer.j
+    x_BTD, rope, start_B, latent_rp = layer.x_BTD, layer.rope, layer.start_B, layer.latent_rp
     dtype = jnp.bfloat16
-    plan = plan_for(cfg, dtype, experts="int4", gpu_memory="8GiB", max_batch=1, max_context=1280,
-                    rules=TINY_HOST_RULES if args.tiny else None)
-    ex = random_offloaded_model(cfg, plan, dtype, progress=lambda *_: None)
-    i = cfg.moe_layers[0]
-    kind = cfg.layer_kinds[i]
-    seg, state, j = ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i))
-    cache = ex.init_cache(1, 1040)
-    latent_rp = list(cache.groups[kind])
-    x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
-                                         np.array([1024], np.int32))
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
     shared_ND = jnp.zeros((1, D), dtype)
     routed_ND = jnp.zeros((1, D), jnp.float32)

@@ -314,11 +314,7 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     K = cfg.num_experts_per_tok
     if N * K > 2 * FUSED_MAX_EXPERTS:  # its rows rarely choose few enough experts for these
         return 0
-    i = cfg.moe_layers[0]
-    seg, state, on = ex.segments[cfg.layer_kinds[i]], ex.layers[i], ex.store.on_device
-    h_ND = jax.device_put(np.zeros((N, cfg.hidden_size), ex.dtype), on)
-    w_NK = jax.device_put(np.zeros((N, K), np.float32), on)
-    idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
+    i, seg, state, h_ND, w_NK, idx_NK = zero_routing(ex, N)
     rows_A = np.arange(pow2(N), dtype=np.int32)
     stats, n = StepStats(), 0
     hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)]
@@ -354,11 +350,7 @@ def compile_streamed(ex: OffloadedExecutor, N: int) -> int:
         return 0
     if ex.fuses_decode and N * K <= FUSED_MAX_EXPERTS:  # the fused form holds whatever its rows choose
         return 0
-    i = cfg.moe_layers[0]
-    seg, state, on = ex.segments[cfg.layer_kinds[i]], ex.layers[i], ex.store.on_device
-    h_ND = jax.device_put(np.zeros((N, cfg.hidden_size), ex.dtype), on)
-    w_NK = jax.device_put(np.zeros((N, K), np.float32), on)
-    idx_NK = jax.device_put(np.zeros((N, K), np.int32), on)
+    i, seg, state, h_ND, w_NK, idx_NK = zero_routing(ex, N)
     n = 1
     jax.block_until_ready(seg.shared(state, h_ND))
     if N > 1:  # a batch with rows not in use
@@ -372,4 +364,14 @@ def compile_streamed(ex: OffloadedExecutor, N: int) -> int:
             n += 1
         jax.block_until_ready(acc)
     return n
+
+
+def zero_routing(ex: OffloadedExecutor, N: int):
+    """(the first MoE layer, its segments and arrays, zeros for h [N, D], routing weights and expert ids [N, K] on
+    the device): what the warm-ups run that layer's programs on."""
+    cfg, on = ex.config, ex.store.on_device
+    i = cfg.moe_layers[0]
+    K = cfg.num_experts_per_tok
+    zeros = (np.zeros((N, cfg.hidden_size), ex.dtype), np.zeros((N, K), np.float32), np.zeros((N, K), np.int32))
+    return (i, ex.segments[cfg.layer_kinds[i]], ex.layers[i], *(jax.device_put(z, on) for z in zeros))
 

@@ -1,0 +1,61 @@
+"""One MoE layer ready for a batch-1 decode step, shared by the decode probes (`probe_dispatch.py`,
+`probe_share_callback.py`, `probe_kernel_census.py`, `probe_layer_program.py`): DeepSeek-V3's sizes with random
+weights (`fullsize.random_offloaded_model`), int4 routed experts, an 8 GiB plan (most experts in host memory), a cache
+of 1040 positions and one token embedded at position 1024; small shapes with --tiny, to check a probe on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class DecodeLayer:
+    cfg: object
+    ex: object  # the OffloadedExecutor
+    i: int  # the MoE layer
+    seg: object  # its LayerSegments
+    state: dict
+    j: object  # its index in its cache stack
+    latent_rp: list  # the cache stacks, replaced by each call that donates them
+    x_BTD: object
+    rope: tuple
+    start_B: object
+
+    def call(self, program, x, state=None):
+        """program(state, x, rope, start, latent, rp, j) as a step calls the layer's attention programs: the cache
+        stacks donated, the new ones kept for the next call."""
+        out = program(self.state if state is None else state, x, self.rope, self.start_B, *self.latent_rp, self.j)
+        self.latent_rp[:] = out[-2:]
+        return out
+
+
+def probe_args(doc: str, reps: int, **more) -> argparse.Namespace:
+    """--tiny and --reps (and `more`: name -> add_argument keywords) for a probe whose docstring is doc."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    p.add_argument("--reps", type=int, default=reps)
+    for name, kw in more.items():
+        p.add_argument(name, **kw)
+    return p.parse_args()
+
+
+def decode_layer(tiny: bool) -> DecodeLayer:
+    import jax.numpy as jnp
+    from bench_offload import TINY_HOST_RULES, tiny_config
+    from fullsize import fullsize_config, plan_for, random_offloaded_model
+
+    from ktjax.runtime.offload.segments import embed_segment
+
+    cfg = tiny_config(1) if tiny else fullsize_config(1)
+    plan = plan_for(cfg, jnp.bfloat16, experts="int4", gpu_memory="8GiB", max_batch=1, max_context=1280,
+                    rules=TINY_HOST_RULES if tiny else None)
+    ex = random_offloaded_model(cfg, plan, jnp.bfloat16, progress=lambda *_: None)
+    i = cfg.moe_layers[0]
+    kind = cfg.layer_kinds[i]
+    x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
+                                         np.array([1024], np.int32))
+    return DecodeLayer(cfg, ex, i, ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i)),
+                       list(ex.init_cache(1, 1040).groups[kind]), x_BTD, rope, start_B)
