@@ -16,6 +16,9 @@ passes):
 - one program for the 4 layers, host kernels on a thread of their own;
 - the same program called by a worker thread, the host kernels on the main thread, which the callbacks hand the
   routing's h to and take the share from (the host kernels ran 25-40% slower off the main thread, run 34);
+- the same with what a real step needs: the split made by the host in the first callback (the link experts'
+  places in a pinned stack of the layer's host experts, and their number), the copies by a loop of that many, each
+  of the device's slots computed under a condition;
 - the host kernels alone, on this thread and on that thread; the 2 experts' copies alone, by `ExpertStore.fetch`.
 
     python3 scripts/probe_layer_program.py [--tiny] [--reps 20]
@@ -44,6 +47,7 @@ def main() -> None:
     import jax.numpy as jnp
     from jax.experimental import io_callback
 
+    from ktjax.experts.device import add_experts
     from ktjax.experts.weights import ExpertWeights
     from ktjax.runtime.model import StepStats
     from ktjax.runtime.offload.moe_block import padded
@@ -142,11 +146,67 @@ def main() -> None:
         on_main[0] = False
         return out
 
+    # E: as a real step must, the host decides the split in the first callback (the link experts' places in the
+    # layer's stack of host experts, and how many), the program copies that many by a loop and computes each
+    # device slot under a condition (an empty one costs nothing).
+    SLOTS = 4
+    stack_ids = np.array(hosted[:8], np.int32)  # the layer's host experts stacked in one pinned array
+    host_stack = jax.device_put(np.stack([np.asarray(store.experts[i][e].w) for e in stack_ids]), store.on_host)
+    link_places = np.zeros(SLOTS, np.int32)
+    link_places[:len(link_ids)] = [int(np.flatnonzero(stack_ids == e)[0]) for e in link_ids]
+
+    def split_and_start(h_ND):
+        inputs.put(np.asarray(h_ND, np.float32))
+        return link_places, np.int32(len(link_ids))
+
+    def dynamic_program(state, x, rope, start_B, latent, rp, j, host_stack, stack_ids, resident_w):
+        resident_C = np.array(resident, np.int32)
+        for _ in range(LAYERS):
+            x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
+            places_L, n = io_callback(split_and_start, (jax.ShapeDtypeStruct((SLOTS,), jnp.int32),
+                                                        jax.ShapeDtypeStruct((), jnp.int32)), routing.h_ND,
+                                      ordered=False)
+
+            def copy(k, buf):
+                row = jax.lax.dynamic_index_in_dim(host_stack, places_L[k], 0, False)
+                return jax.lax.dynamic_update_index_in_dim(buf, jax.device_put(row, jax.memory.Space.Device), k, 0)
+
+            buf = jax.lax.fori_loop(0, n, copy, jnp.zeros((SLOTS, host_stack.shape[1]), host_stack.dtype))
+            shared_ND, routed_ND = seg.moe_device.__wrapped__(state, routing.h_ND, w_NK, idx_NK, rows_A, resident_C,
+                                                              resident_w, capacity=capacity)
+            for k in range(SLOTS):
+                def add(r, k=k):
+                    ids_C = jnp.reshape(stack_ids[places_L[k]], (1,))
+                    return add_experts(r, routing.h_ND, w_NK, idx_NK, ids_C, (ExpertWeights(buf[k], None, fmt),),
+                                       capacity=capacity)
+                routed_ND = jax.lax.cond(k < n, add, lambda r: r, routed_ND)
+            host_ND = io_callback(join_host, jax.ShapeDtypeStruct((1, D), jnp.float32), routed_ND[0, :1],
+                                  ordered=False)
+            x = Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
+        return x, latent, rp
+
+    dynamic = jax.jit(dynamic_program, donate_argnums=(4, 5))
+
+    def dynamic_main_computes(x):
+        on_main[0] = True
+
+        def call():
+            out, *latent_rp[:] = dynamic(state, x, rope, start_B, *latent_rp, j, host_stack, stack_ids, resident_w)
+            return out
+        job = worker.submit(call)
+        for _ in range(LAYERS):
+            shares.put(host_share(inputs.get()))
+        out = job.result()
+        on_main[0] = False
+        return out
+
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
     forms = {
         "the current form (fused_moe's steps)": lambda: current(Unsummed(x_BTD, *zeros)),
         "one program, host kernels on their own thread": lambda: one_program(Unsummed(x_BTD, *zeros)),
         "one program called by a worker, host kernels here": lambda: one_program_main_computes(
+            Unsummed(x_BTD, *zeros)),
+        "one program, the split by the host, a loop of copies": lambda: dynamic_main_computes(
             Unsummed(x_BTD, *zeros)),
         "the host kernels alone, this thread": lambda: [host_share(h_ND) for _ in range(LAYERS)],
         "the host kernels alone, their own thread": lambda: [host_thread.submit(host_share, h_ND).result()
@@ -172,8 +232,10 @@ def main() -> None:
     first = np.asarray(a(current(Unsummed(x_BTD, *zeros))))
     second = np.asarray(a(one_program(Unsummed(x_BTD, *zeros))))
     third = np.asarray(a(one_program_main_computes(Unsummed(x_BTD, *zeros))))
-    print(f"  outputs agree: max |difference| {max(np.abs(first - second).max(), np.abs(first - third).max()):.3g} "
-          f"(scale {np.abs(first).max():.3g})")
+    fourth = np.asarray(a(dynamic_main_computes(Unsummed(x_BTD, *zeros))))
+    print(f"  outputs agree: max |difference| {max(np.abs(first - second).max(), np.abs(first - third).max()):.3g}, "
+          f"the split by the host {np.abs(first - fourth).max():.3g} (its sum in another order; scale "
+          f"{np.abs(first).max():.3g})")
 
 
 if __name__ == "__main__":
