@@ -24,7 +24,8 @@ R='{"int4-int8-activations_cpu_gbps":60.7,"int4-int8-activations_link_gbps":45.5
 ARGS="--run int4 --moe-layers 4 --gpu-memory 24GiB --batches 1 --modes auto --decode-forms auto --steps 30
       --prefill-max 0 --host-threads 14 --host-activations int8 --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640"
 summary() { python3 - "$1" <<'PY'
-import json, sys
+import collections, json, re, statistics, sys
+by_variant = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     if line.startswith("ROW "):
         name, row = line[4:].split(" ", 1)
@@ -33,6 +34,11 @@ for line in open(sys.argv[1]):
         r1 = f", R1 {1 / r['r1_extrapolated_s']:.2f} tok/s" if "r1_extrapolated_s" in r else ""
         print(f"  {name}: {r['step_s'] * 1e3:.2f} ms, spacing {r['layer_spacing_ms']}, outside experts "
               f"{100 * r['outside_experts_share']:.0f}%{r1}\n    {spans}")
+        if "r1_extrapolated_s" in r:  # the R1-share rows by variant, their repeats together
+            by_variant[re.sub(r"_again\d+$", "", name)].append((r["step_s"] * 1e3, 1 / r["r1_extrapolated_s"]))
+for name, rows in by_variant.items():
+    print(f"  median of {name} ({len(rows)} rows): {statistics.median(s for s, _ in rows):.2f} ms, "
+          f"R1 {statistics.median(t for _, t in rows):.2f} tok/s")
 PY
 }
 for tree in new base; do
