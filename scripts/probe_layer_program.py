@@ -1,14 +1,14 @@
 """Could a batch-1 decode step's MoE layers run as one XLA program, the host CPU's experts called from inside it?
 Today each layer is driven from Python (`moe_block.fused_moe`): the attention program's call, the routing's way to
 the host, the split, the transfers' program, the device share's program on a worker, the host kernels on this
-thread; ~0.8 ms of a ~2.3-2.8 ms layer is outside the experts' two paths (offload.md, runs 29-32). Here the same
+thread; ~0.8 ms of a ~2.3-2.8 ms layer is outside the experts' two paths (offload.md, runs 29-33). Here the same
 work for 4 layers is one program: attention and routing, a host callback that starts the host kernels on a thread
 of their own and returns at once, the link experts' copies from pinned host memory (indexed inside the program),
 the device share, a second callback that waits for the host share; then the next layer. Launches, routing round
 trips and Python dispatch leave the layer's path; the host kernels and the copies overlap as they do now.
 
 Each form computes the same fixed experts of one full-size layer (4 on the host CPU, 2 over the link, 2 resident;
-an R1-share layer's mean split in runs 29-32), 4 times in a row as 4 layers, from the routing's h; the experts'
+an R1-share layer's mean split in runs 29-33), 4 times in a row as 4 layers, from the routing's h; the experts'
 choice is fixed so all do the same work (the router still runs). Times per layer (median of --reps 4-layer
 passes):
 
