@@ -105,9 +105,10 @@ def serve(model, args) -> int:
     print(f"ktjax serve: {config.model_id} at http://{args.host}:{args.port}/v1 "
           f"({model.placement.max_batch} slots, {min(model.placement.max_context, model.config.max_position_embeddings)}"
           f" tokens of context)", file=sys.stderr)
-    print("ktjax serve: compiling the decode step for each batch size up to the slots before taking requests "
-          "(~40 s for DeepSeek-V3's layers offloaded on an H200; uvicorn's 'Application startup complete' follows)",
-          file=sys.stderr)
+    print("ktjax serve: compiling the decode step for each batch size up to the slots, and each program its experts' "
+          "routing can meet, before taking requests (40 s for DeepSeek-V3's layers offloaded on an H200 before the "
+          "streamed form's programs joined them, less on a second start, which reads them from the compilation "
+          "cache; uvicorn's 'Application startup complete' follows)", file=sys.stderr)
     scheduler = Scheduler(model, max_queue=config.max_queue, max_prefill_tokens=args.max_prefill_tokens)
     server = uvicorn.Server(uvicorn.Config(create_app(model, config, scheduler, start_scheduler=False),
                                            host=args.host, port=args.port, log_level=args.log_level,
