@@ -137,14 +137,17 @@ def main() -> None:
         x, *latent_rp[:] = one(state, x, rope, start_B, *latent_rp, j, link_on_host, resident_w)
         return x
 
-    def one_program_main_computes(x):  # the program called by the worker; this thread serves its callbacks
+    def served(call, x):  # the program called by the worker; this thread serves its callbacks
         on_main[0] = True
-        job = worker.submit(one_program, x)
+        job = worker.submit(call, x)
         for _ in range(LAYERS):
             shares.put(host_share(inputs.get()))
         out = job.result()
         on_main[0] = False
         return out
+
+    def one_program_main_computes(x):
+        return served(one_program, x)
 
     # E: as a real step must, the host decides the split in the first callback (the link experts' places in the
     # layer's stack of host experts, and how many), the program copies that many by a loop and computes each
@@ -187,18 +190,12 @@ def main() -> None:
 
     dynamic = jax.jit(dynamic_program, donate_argnums=(4, 5))
 
-    def dynamic_main_computes(x):
-        on_main[0] = True
+    def dynamic_program_call(x):
+        x, *latent_rp[:] = dynamic(state, x, rope, start_B, *latent_rp, j, host_stack, stack_ids, resident_w)
+        return x
 
-        def call():
-            out, *latent_rp[:] = dynamic(state, x, rope, start_B, *latent_rp, j, host_stack, stack_ids, resident_w)
-            return out
-        job = worker.submit(call)
-        for _ in range(LAYERS):
-            shares.put(host_share(inputs.get()))
-        out = job.result()
-        on_main[0] = False
-        return out
+    def dynamic_main_computes(x):
+        return served(dynamic_program_call, x)
 
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
     forms = {
