@@ -116,6 +116,18 @@ def main() -> None:
     def join_host(_):
         return shares.get() if on_main[0] else pending.pop(0).result()
 
+    def joined_terms(x_BTD, shared_ND, routed_ND):  # the layer's terms, its host share from the second callback
+        host_ND = io_callback(join_host, jax.ShapeDtypeStruct((1, D), jnp.float32), routed_ND[0, :1], ordered=False)
+        return Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
+
+    def called(program, *arrays):  # a step's call of a program over the layers, the cache stacks donated
+        jitted = jax.jit(program, donate_argnums=(4, 5))
+
+        def call(x):
+            x, *latent_rp[:] = jitted(state, x, rope, start_B, *latent_rp, j, *arrays)
+            return x
+        return call
+
     def program(state, x, rope, start_B, latent, rp, j, link_on_host, resident_w):
         for _ in range(LAYERS):
             x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
@@ -126,16 +138,10 @@ def main() -> None:
             ids, slots = padded(device_ids, resident_w + landed)
             shared_ND, routed_ND = seg.moe_device.__wrapped__(state, routing.h_ND, w_NK, idx_NK, rows_A, ids, slots,
                                                               capacity=capacity)
-            host_ND = io_callback(join_host, jax.ShapeDtypeStruct((1, D), jnp.float32), routed_ND[0, :1],
-                                  ordered=False)
-            x = Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
+            x = joined_terms(x_BTD, shared_ND, routed_ND)
         return x, latent, rp
 
-    one = jax.jit(program, donate_argnums=(4, 5))
-
-    def one_program(x):
-        x, *latent_rp[:] = one(state, x, rope, start_B, *latent_rp, j, link_on_host, resident_w)
-        return x
+    one_program = called(program, link_on_host, resident_w)
 
     def served(call, x):  # the program called by the worker; this thread serves its callbacks
         on_main[0] = True
@@ -183,16 +189,10 @@ def main() -> None:
                     return add_experts(r, routing.h_ND, w_NK, idx_NK, ids_C, (ExpertWeights(buf[k], None, fmt),),
                                        capacity=capacity)
                 routed_ND = jax.lax.cond(k < n, add, lambda r: r, routed_ND)
-            host_ND = io_callback(join_host, jax.ShapeDtypeStruct((1, D), jnp.float32), routed_ND[0, :1],
-                                  ordered=False)
-            x = Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
+            x = joined_terms(x_BTD, shared_ND, routed_ND)
         return x, latent, rp
 
-    dynamic = jax.jit(dynamic_program, donate_argnums=(4, 5))
-
-    def dynamic_program_call(x):
-        x, *latent_rp[:] = dynamic(state, x, rope, start_B, *latent_rp, j, host_stack, stack_ids, resident_w)
-        return x
+    dynamic_program_call = called(dynamic_program, host_stack, stack_ids, resident_w)
 
     def dynamic_main_computes(x):
         return served(dynamic_program_call, x)
