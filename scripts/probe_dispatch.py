@@ -75,17 +75,11 @@ def main() -> None:
     small = jnp.zeros((8,), jnp.float32)
 
     def attention(x):
-        def call():
-            out = seg.attention_route(state, x, rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]  # donated: the next call takes the new stacks
-            return out
-        return call
+        return lambda: layer.call(seg.attention_route, x)
 
     def copies(which):  # what a MoE layer starts before it waits for its routing on the host
         def call():
-            out = seg.attention_route(state, summed, rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]
-            jax.block_until_ready(out)
+            out = jax.block_until_ready(layer.call(seg.attention_route, summed))
             t = time.perf_counter()
             for a in which(out[1]):
                 a.copy_to_host_async()
@@ -94,8 +88,7 @@ def main() -> None:
 
     def round_trip(x, program=None):
         def call():
-            out = (program or seg.attention_route)(state, x, rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]
+            out = layer.call(program or seg.attention_route, x)
             out[1].start_copies(host_inputs=True)
             out[1].ids_on_host()  # what the split waits for
             return out
@@ -138,8 +131,7 @@ def main() -> None:
     to_host = jax.jit(routing_to_host, donate_argnums=(4, 5))
 
     def round_trip_to_host():
-        out = to_host(state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
-        latent_rp[:] = out[-2:]
+        out = layer.call(to_host, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))
         out[1].ids_on_host()
         return out
 
@@ -177,9 +169,7 @@ def main() -> None:
         print("without CUDA graphs:", kernel_counts(no_graphs.lower(*step_args).compile().as_text()))
 
         def attention_no_graphs():
-            out = no_graphs(state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]
-            return out
+            return layer.call(no_graphs, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))
 
         forms["without CUDA graphs: as a decode step calls it"] = attention_no_graphs
         forms["without CUDA graphs: round trip to the expert ids"] = round_trip(
@@ -192,9 +182,7 @@ def main() -> None:
             print(f"CUDA graphs forced: not compiled ({type(e).__name__}: {str(e)[:200]})")
         else:
             def attention_forced():
-                out = forced(state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
-                latent_rp[:] = out[-2:]
-                return out
+                return layer.call(forced, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))
 
             forms["CUDA graphs forced: as a decode step calls it"] = attention_forced
             forms["CUDA graphs forced: the call until ready"] = lambda: jax.block_until_ready(attention_forced())

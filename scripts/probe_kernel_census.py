@@ -40,11 +40,7 @@ def main() -> None:
     summed = jax.jit(settle)(terms)
 
     def cached(program):  # the cache stacks donated: the next call takes the new ones
-        def call(x):
-            out = program(state, x, rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]
-            return out
-        return call
+        return lambda x: layer.call(program, x)
 
     programs = {
         "attention_route (as a step calls it)": (seg.attention_route, cached(seg.attention_route), terms),
@@ -65,9 +61,7 @@ def main() -> None:
     def in_turn(programs_of_layer):
         def call(x):
             k = turn[0] = (turn[0] + 1) % len(copies)
-            out = programs_of_layer(k)(copies[k], x, rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]
-            return out
+            return layer.call(programs_of_layer(k), x, copies[k])
         return call
 
     own = [jax.jit(lambda *a, _k=k: seg.attention_route.__wrapped__(*a), donate_argnums=(4, 5))

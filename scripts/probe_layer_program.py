@@ -88,9 +88,7 @@ def main() -> None:
 
     def current(x):
         for _ in range(LAYERS):
-            out = seg.attention_route(state, x, rope, start_B, *latent_rp, j)
-            latent_rp[:] = out[-2:]
-            x_BTD, routing = out[0], out[1]
+            x_BTD, routing = layer.call(seg.attention_route, x)[:2]
             routing.start_copies(host_inputs=True)
             routing.ids_on_host()
             landing = store.fetch(i, link_ids, stats, by_program=True)
