@@ -19,7 +19,14 @@ passes):
 - the same with what a real step needs: the split made by the host in the first callback (the link experts'
   places in a pinned stack of the layer's host experts, and their number), the copies by a loop of that many, each
   of the device's slots computed under a condition;
+- the split made on the device by a rule the host applies alike (no host round trip before the device's share):
+  a second program after the attention program, or one program a layer with a callback handing h to this thread;
+- the host's split as now, the copies and the device's share one program called by this thread before the host
+  kernels (the executor's `fused_copies` "in_program_here"), or the copies' program and the device's both called
+  by this thread;
 - the host kernels alone, on this thread and on that thread; the 2 experts' copies alone, by `ExpertStore.fetch`.
+
+Each pass times every form once, in turn (the machines' speed drifts within a run).
 
     python3 scripts/probe_layer_program.py [--tiny] [--reps 20]
 """
@@ -78,8 +85,11 @@ def main() -> None:
     stats = StepStats()
     worker, host_thread = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
 
+    def host_share_of(ids, h_ND) -> np.ndarray:
+        return ex.host.compute(i, ids, idx_np, w_np, np.asarray(h_ND, np.float32))
+
     def host_share(h_ND) -> np.ndarray:
-        return ex.host.compute(i, cpu_ids, idx_np, w_np, np.asarray(h_ND, np.float32))
+        return host_share_of(cpu_ids, h_ND)
 
     # ---- the current form: one layer as `fused_moe` drives it --------------------------------------------
     def device_share(h_ND, landing):
@@ -166,34 +176,129 @@ def main() -> None:
         inputs.put(np.asarray(h_ND, np.float32))
         return link_places, np.int32(len(link_ids))
 
+    def link_and_device(state, h_ND, places_L, n, host_stack, stack_ids, resident_w):
+        """The device's share in a program: n link experts copied from the pinned stack by a loop, the resident
+        ones, and each link slot computed under a condition (an empty one costs nothing)."""
+        def copy(k, buf):
+            row = jax.lax.dynamic_index_in_dim(host_stack, places_L[k], 0, False)
+            return jax.lax.dynamic_update_index_in_dim(buf, jax.device_put(row, jax.memory.Space.Device), k, 0)
+
+        buf = jax.lax.fori_loop(0, n, copy, jnp.zeros((SLOTS, host_stack.shape[1]), host_stack.dtype))
+        shared_ND, routed_ND = seg.moe_device.__wrapped__(state, h_ND, w_NK, idx_NK, rows_A,
+                                                          np.array(resident, np.int32), resident_w, capacity=capacity)
+        for k in range(SLOTS):
+            def add(r, k=k):
+                ids_C = jnp.reshape(stack_ids[places_L[k]], (1,))
+                return add_experts(r, h_ND, w_NK, idx_NK, ids_C, (ExpertWeights(buf[k], None, fmt),),
+                                   capacity=capacity)
+            routed_ND = jax.lax.cond(k < n, add, lambda r: r, routed_ND)
+        return shared_ND, routed_ND
+
     def dynamic_program(state, x, rope, start_B, latent, rp, j, host_stack, stack_ids, resident_w):
-        resident_C = np.array(resident, np.int32)
         for _ in range(LAYERS):
             x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
             places_L, n = io_callback(split_and_start, (jax.ShapeDtypeStruct((SLOTS,), jnp.int32),
                                                         jax.ShapeDtypeStruct((), jnp.int32)), routing.h_ND,
                                       ordered=False)
-
-            def copy(k, buf):
-                row = jax.lax.dynamic_index_in_dim(host_stack, places_L[k], 0, False)
-                return jax.lax.dynamic_update_index_in_dim(buf, jax.device_put(row, jax.memory.Space.Device), k, 0)
-
-            buf = jax.lax.fori_loop(0, n, copy, jnp.zeros((SLOTS, host_stack.shape[1]), host_stack.dtype))
-            shared_ND, routed_ND = seg.moe_device.__wrapped__(state, routing.h_ND, w_NK, idx_NK, rows_A, resident_C,
-                                                              resident_w, capacity=capacity)
-            for k in range(SLOTS):
-                def add(r, k=k):
-                    ids_C = jnp.reshape(stack_ids[places_L[k]], (1,))
-                    return add_experts(r, routing.h_ND, w_NK, idx_NK, ids_C, (ExpertWeights(buf[k], None, fmt),),
-                                       capacity=capacity)
-                routed_ND = jax.lax.cond(k < n, add, lambda r: r, routed_ND)
-            x = joined_terms(x_BTD, shared_ND, routed_ND)
+            x = joined_terms(x_BTD, *link_and_device(state, routing.h_ND, places_L, n, host_stack, stack_ids,
+                                                     resident_w))
         return x, latent, rp
 
     dynamic_program_call = called(dynamic_program, host_stack, stack_ids, resident_w)
 
     def dynamic_main_computes(x):
         return served(dynamic_program_call, x)
+
+    # F and G: the split made on the device, by a rule the host applies alike to the ids it reads (the link takes
+    # the last link_count[n] of a token's n hosted experts), so that the device's share needs no host round trip
+    # and no callback waits for the host: F calls a second program after the attention program; G is one program
+    # a layer, a callback handing the routing's h to this thread and returning at once. Each layer's call takes
+    # the previous one's host share.
+    place_E = np.full(E, -1, np.int32)
+    place_E[stack_ids] = np.arange(len(stack_ids))
+    link_count = np.array([round(n / 3) for n in range(K + 1)], np.int32)  # 6 hosted -> 2 over the link
+
+    def device_split(idx_NK):
+        places_K = jnp.asarray(place_E)[idx_NK[0]]
+        hosted_K = places_K >= 0
+        n_hosted = jnp.sum(hosted_K)
+        n = jnp.asarray(link_count)[n_hosted]
+        link_K = hosted_K & (jnp.cumsum(hosted_K) > n_hosted - n)
+        order = jnp.argsort(jnp.where(link_K, 0, 1), stable=True)
+        return jnp.pad(places_K[order], (0, SLOTS))[:SLOTS], n
+
+    def host_split(idx_K) -> list[int]:  # the host's experts by the same rule
+        hosted_K = [int(e) for e in idx_K if place_E[e] >= 0]
+        return hosted_K[:len(hosted_K) - int(link_count[len(hosted_K)])]
+
+    @jax.jit
+    def split_device_program(state, h_ND, host_stack, stack_ids, resident_w):
+        return link_and_device(state, h_ND, *device_split(idx_NK), host_stack, stack_ids, resident_w)
+
+    def host_part(routing) -> jax.Array:
+        routing.ids_on_host()  # waited for, as a step must; the probe's experts are fixed
+        cpu = host_split(idx_np[0])
+        _, h_host = routing.inputs_on_host()
+        return ex.host.landing.put(ex.host.compute(i, cpu, idx_np, w_np, h_host))
+
+    def split_on_device(x):
+        for _ in range(LAYERS):
+            x_BTD, routing = layer.call(seg.attention_route, x)[:2]
+            terms = split_device_program(state, routing.h_ND, host_stack, stack_ids, resident_w)
+            routing.start_copies(host_inputs=True)
+            x = Unsummed(x_BTD, *terms, host_part(routing))
+        return x
+
+    sent = queue.Queue()
+
+    def send(h_ND):
+        sent.put(np.asarray(h_ND, np.float32))
+        return np.int32(0)
+
+    def callback_program(state, x, rope, start_B, latent, rp, j, host_stack, stack_ids, resident_w):
+        x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
+        went = io_callback(send, jax.ShapeDtypeStruct((), jnp.int32), routing.h_ND, ordered=False)
+        places_L, n = device_split(idx_NK)
+        return (x_BTD, *link_and_device(state, routing.h_ND, places_L, n + went, host_stack, stack_ids,
+                                        resident_w)), latent, rp
+
+    callback_layer = called(callback_program, host_stack, stack_ids, resident_w)
+    cpu_first = host_split(idx_np[0])
+
+    def split_on_device_callback(x):
+        for _ in range(LAYERS):
+            terms = callback_layer(x)
+            x = Unsummed(*terms, ex.host.landing.put(host_share_of(cpu_first, sent.get())))
+        return x
+
+    # H: as the current form, the split by the host, but the link experts' copies and the device's share one
+    # program called by this thread before the host kernels (no transfers' program, no worker).
+    link_w = tuple(store.experts[i][e] for e in link_ids)
+
+    @jax.jit
+    def moved_and_device(state, h_ND, link_w, resident_w):
+        ids, slots = padded(device_ids, resident_w + jax.device_put(link_w, jax.memory.Space.Device))
+        return seg.moe_device.__wrapped__(state, h_ND, w_NK, idx_NK, rows_A, ids, slots, capacity=capacity)
+
+    def one_call_here(x):
+        for _ in range(LAYERS):
+            x_BTD, routing = layer.call(seg.attention_route, x)[:2]
+            routing.start_copies(host_inputs=True)
+            routing.ids_on_host()
+            terms = moved_and_device(state, routing.h_ND, link_w, resident_w)
+            _, h_host = routing.inputs_on_host()
+            x = Unsummed(x_BTD, *terms, ex.host.landing.put(host_share(h_host)))
+        return x
+
+    def two_calls_here(x):  # H2: the copies' program and the device's, both called by this thread
+        for _ in range(LAYERS):
+            x_BTD, routing = layer.call(seg.attention_route, x)[:2]
+            routing.start_copies(host_inputs=True)
+            routing.ids_on_host()
+            terms = device_share(routing.h_ND, store.fetch(i, link_ids, stats, by_program=True))
+            _, h_host = routing.inputs_on_host()
+            x = Unsummed(x_BTD, *terms, ex.host.landing.put(host_share(h_host)))
+        return x
 
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
     forms = {
@@ -203,6 +308,10 @@ def main() -> None:
             Unsummed(x_BTD, *zeros)),
         "one program, the split by the host, a loop of copies": lambda: dynamic_main_computes(
             Unsummed(x_BTD, *zeros)),
+        "the split on the device, a second program": lambda: split_on_device(Unsummed(x_BTD, *zeros)),
+        "the split on the device, one program, a callback": lambda: split_on_device_callback(Unsummed(x_BTD, *zeros)),
+        "the host's split, one program here for copies and device": lambda: one_call_here(Unsummed(x_BTD, *zeros)),
+        "the host's split, copies' and device's programs here": lambda: two_calls_here(Unsummed(x_BTD, *zeros)),
         "the host kernels alone, this thread": lambda: [host_share(h_ND) for _ in range(LAYERS)],
         "the host kernels alone, their own thread": lambda: [host_thread.submit(host_share, h_ND).result()
                                                              for _ in range(LAYERS)],
@@ -211,15 +320,18 @@ def main() -> None:
     }
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer x {LAYERS}; experts: "
           f"{len(cpu_ids)} host CPU, {len(link_ids)} link, {len(resident)} resident; {args.reps} passes")
-    for name, form in forms.items():
+    for form in forms.values():
         jax.block_until_ready(form())  # compiled
-        times = []
-        for _ in range(args.reps):
+    # Each pass times every form once, in turn: the machines' speed drifts within a run (offload.md, run 35).
+    times = {name: [] for name in forms}
+    for _ in range(args.reps):
+        for name, form in forms.items():
             t = time.perf_counter()
             jax.block_until_ready(form())
-            times.append((time.perf_counter() - t) / LAYERS)
-        us = np.array(times) * 1e6
-        print(f"  {name:50s} per layer median {np.median(us):7.0f} us   10th-90th percentile "
+            times[name].append((time.perf_counter() - t) / LAYERS)
+    for name, per_layer in times.items():
+        us = np.array(per_layer) * 1e6
+        print(f"  {name:52s} per layer median {np.median(us):7.0f} us   10th-90th percentile "
               f"{np.percentile(us, 10):7.0f}-{np.percentile(us, 90):7.0f} us", flush=True)
 
     # Both forms computed the same: the 4 layers' outputs agree.
@@ -228,9 +340,15 @@ def main() -> None:
     second = np.asarray(a(one_program(Unsummed(x_BTD, *zeros))))
     third = np.asarray(a(one_program_main_computes(Unsummed(x_BTD, *zeros))))
     fourth = np.asarray(a(dynamic_main_computes(Unsummed(x_BTD, *zeros))))
-    print(f"  outputs agree: max |difference| {max(np.abs(first - second).max(), np.abs(first - third).max()):.3g}, "
-          f"the split by the host {np.abs(first - fourth).max():.3g} (its sum in another order; scale "
-          f"{np.abs(first).max():.3g})")
+    fifth = np.asarray(a(split_on_device(Unsummed(x_BTD, *zeros))))
+    sixth = np.asarray(a(split_on_device_callback(Unsummed(x_BTD, *zeros))))
+    seventh = np.asarray(a(one_call_here(Unsummed(x_BTD, *zeros))))
+    eighth = np.asarray(a(two_calls_here(Unsummed(x_BTD, *zeros))))
+    same = max(np.abs(first - second).max(), np.abs(first - third).max(), np.abs(first - seventh).max(),
+               np.abs(first - eighth).max())
+    print(f"  outputs agree: max |difference| {same:.3g}, "
+          f"the split by the host {np.abs(first - fourth).max():.3g}, on the device {np.abs(first - fifth).max():.3g}"
+          f" / {np.abs(first - sixth).max():.3g} (their sums in another order; scale {np.abs(first).max():.3g})")
 
 
 if __name__ == "__main__":
