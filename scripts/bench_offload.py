@@ -456,8 +456,11 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         elif option == "watch":
             model = model.with_watcher(True)
         elif option == "put-copies":  # a fused layer's transfers by jax.device_put, as before dea2747
-            model = copy.copy(model)
-            model.fused_copies_by_program = False
+            model = model.with_fused_copies("put")
+        elif option == "in-program-here":  # the device's program, copies in it, called before the host kernels
+            model = model.with_fused_copies("in_program_here")
+        elif option == "copies-apart":  # by a program of their own before the device's, as before this session
+            model = model.with_fused_copies("program")
         elif option == "routing-copies":  # the routing copied to the host after the call, as before this session
             from ktjax.runtime.offload.segments import LayerSegments
             model = copy.copy(model)
@@ -668,7 +671,10 @@ def main():
                         "'lookahead<N>' (N experts fetched a layer early), "
                         "'ceiling-rates' (the split's rates from this run's ceilings, both paths at once, not from "
                         "the load-time measurement), 'watch' (when transfers land and device shares are computed, "
-                        "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not one program), "
+                        "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not in "
+                        "the device's program), 'copies-apart' (by a program of their own, before the device's), "
+                        "'in-program-here' (in the device's program, called before the host kernels, not by the "
+                        "worker), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "

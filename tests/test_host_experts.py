@@ -11,6 +11,7 @@ import pytest
 import ktjax
 from ktjax.api import plan_placement, routing_counts
 from ktjax.runtime.model import StepStats
+from ktjax.runtime.offload.executor import FUSED_COPIES
 from ktjax.runtime.offload.path_rates import PathRates
 from ktjax.runtime.offload.scheduler import split
 from ktjax.runtime.offload.segments import FUSED_MAX_TOKENS, LayerSegments
@@ -66,16 +67,18 @@ def split_model(ckpt):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_every_path_computes_the_same_model(ckpt, split_model, fmt):
-    """The same quantized experts on the device, streamed to it, or computed on the host CPU."""
+    """The same quantized experts on the device, streamed to it, or computed on the host CPU; streamed in the
+    fused form by the program that computes them, by one of their own, or by `jax.device_put`."""
     resident = ktjax.load(ckpt, dtype="float32", experts=fmt)
     few = TOKENS[:1, :5]  # 5 tokens x 3 experts each: decode-sized (the decode forms); TOKENS streams every expert
     on_device = [np.asarray(ktjax.logits(resident, t)) for t in (TOKENS, few)]
     for mode in ("gpu", "cpu", "auto"):
         model = split_model(fmt, mode)
-        for form in ("fused", "streamed"):
-            model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+        for form, copies in [("fused", how) for how in FUSED_COPIES] + [("streamed", FUSED_COPIES[0])]:
+            ex = model.executor.with_decode_form(form).with_fused_copies(copies)
             for tokens, want in zip((TOKENS, few), on_device):
-                assert rel_err(ktjax.logits(model, tokens), want) < 1e-5, (mode, form, tokens.shape)
+                logits = ktjax.logits(dataclasses.replace(model, executor=ex), tokens)
+                assert rel_err(logits, want) < 1e-5, (mode, form, copies, tokens.shape)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -130,13 +133,17 @@ def test_experts_fetched_a_layer_early_change_only_where_they_run(split_model, f
 
 
 def test_a_watched_decode_step_records_when_its_transfers_land_and_its_device_shares_are_done(split_model):
-    """`with_watcher`: a decode step's timeline gains, for each start of the link's transfers, when they landed,
-    and for each fused MoE layer, when its device share was computed; unwatched, neither."""
+    """`with_watcher`: a decode step's timeline gains, for each fused MoE layer, when its device share was
+    computed, and where the link's transfers are a program of their own (`fused_copies` "program", the default),
+    when they landed; unwatched, neither."""
     from ktjax.runtime.model import Sampling
     model = split_model("int4", "auto")
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)
     plain = model.executor.with_decode_form("fused").with_rates(even)
-    for ex, watched in ((plain, False), (plain.with_watcher(True), True)):
+    assert plain.fused_copies == "program"
+    moved_by_it = plain.with_fused_copies("in_program")
+    for ex, watched in ((plain, False), (moved_by_it, False), (plain.with_watcher(True), True),
+                        (moved_by_it.with_watcher(True), True)):
         key, sampling = jax.random.key(0), Sampling.of()
         cache = ex.init_cache(1, 16)
         token, cache, _ = ex.prefill(cache, np.array([[5, 9, 13, 2]], np.int32), np.array([4], np.int32), key,
@@ -152,12 +159,15 @@ def test_a_watched_decode_step_records_when_its_transfers_land_and_its_device_sh
         if not watched:
             assert "landed" not in spans and "device_share" not in spans
             continue
-        assert len(spans["landed"]) == len(spans["link_put"])
         assert len(spans["device_share"]) == len(spans["moe_device"])
-        for (_, put_end), (watched_from, landed_at) in zip(sorted(spans["link_put"]), sorted(spans["landed"])):
-            assert put_end <= watched_from <= landed_at  # watched from the transfers' start to their landing
         for (_, dispatched), (_, done) in zip(sorted(spans["moe_device"]), sorted(spans["device_share"])):
             assert dispatched <= done
+        if ex.fused_copies.startswith("in_program"):  # moved by the program that computes them: no landing of their own
+            assert "landed" not in spans
+            continue
+        assert len(spans["landed"]) == len(spans["link_put"])
+        for (_, put_end), (watched_from, landed_at) in zip(sorted(spans["link_put"]), sorted(spans["landed"])):
+            assert put_end <= watched_from <= landed_at  # watched from the transfers' start to their landing
 
 
 def test_asking_for_the_cpu_without_placement_computes_every_routed_expert_there(ckpt):

@@ -43,6 +43,9 @@ from ktjax.train.offloaded import OffloadedTrainer
 DECODE_FORMS = ("auto", "fused", "streamed")
 
 
+# `OffloadedExecutor.fused_copies`, the default first
+FUSED_COPIES = ("program", "in_program", "in_program_here", "put")
+
 class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per
     decoder layer (MoE layers without their routed experts); experts: {layer: [ExpertWeights]}.
@@ -103,9 +106,13 @@ class OffloadedExecutor:
         self.decode_form = decode_form
         self.lookahead = lookahead
         self.resident_apart = resident_apart
-        # A fused layer's transfers as one program (`ExpertStore.fetch`); False: `jax.device_put`, for comparison
-        # (scripts/bench_offload.py --r1-variants put-copies).
-        self.fused_copies_by_program = True
+        # How a fused layer's host experts reach the device: "program", by a program of their own called before the
+        # device's; "in_program", by the device's own program, which takes their pinned arrays, dispatched by the
+        # worker beside the host kernels; "in_program_here", the same called by this thread before the host
+        # kernels; "put", by `jax.device_put`. The in_program forms took a probe's layer 11-17% sooner but a step's
+        # no sooner, their programs' call 0.5-0.7 ms of a thread (benchmarks/offload.md, runs 35-41): kept to be
+        # measured on other machines (scripts/bench_offload.py --r1-variants).
+        self.fused_copies = FUSED_COPIES[0]
         self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array] = {}
@@ -229,6 +236,14 @@ class OffloadedExecutor:
         """This model computing a fused layer's resident experts apart from the streamed ones (`resident_apart`)."""
         out = copy.copy(self)
         out.resident_apart = bool(apart)
+        return out
+
+    def with_fused_copies(self, how: str) -> OffloadedExecutor:
+        """This model moving a fused layer's host experts to the device `how` (`fused_copies`)."""
+        if how not in FUSED_COPIES:
+            raise ValueError(f"fused_copies={how!r}: one of {', '.join(FUSED_COPIES)}")
+        out = copy.copy(self)
+        out.fused_copies = how
         return out
 
     def with_watcher(self, on: bool) -> OffloadedExecutor:

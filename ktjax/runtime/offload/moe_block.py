@@ -163,15 +163,16 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
               host: HostPath | None, stats: StepStats, run: Segments, active_N: np.ndarray | None = None,
               lookahead: Lookahead | None = None, guess: Guess | None = None,
               early: dict[int, ExpertWeights] | None = None):
-    """A decode-sized MoE layer's device share in one program after routing: the streamed experts'
-    transfers start, then `moe_device` computes them with the shared expert and the resident experts once they
-    have landed. With the executor's `resident_apart` (and both kinds in the layer), `moe_device` takes only the
-    resident ones, which need not wait for the link, and `moe_landed` adds the streamed ones once they have landed.
-    Where the host CPU has a share, the worker thread dispatches these, and they run while this thread
-    computes the host's. Few programs per MoE layer whatever the experts' number (a dispatch
-    costs ~0.25 ms of this thread, offload.md run 8, more than a decode-sized expert's compute); the next
-    layer's first program sums. early: this layer's experts the previous one fetched (`Lookahead`), which
-    count as resident."""
+    """A decode-sized MoE layer's device share in one program after routing: the streamed experts' transfers
+    start (one program, the executor's `fused_copies` "program"; or `moe_device` moves them itself, "in_program"),
+    then `moe_device` computes them with the shared expert and the resident experts once they have landed. With the
+    executor's `resident_apart` (and both kinds in the layer), `moe_device` takes only the resident ones, which
+    need not wait for the link, and `moe_landed` adds the streamed ones once they have landed. Where the host CPU
+    has a share, the worker thread dispatches these (or, "in_program_here", this thread before the host kernels),
+    and they run while this thread computes the host's. Few programs per MoE layer whatever the experts' number (a
+    dispatch costs ~0.25 ms of this thread, offload.md run 8, more than a decode-sized expert's compute); the next
+    layer's first program sums. early: this layer's experts the previous one fetched (`Lookahead`), which count as
+    resident."""
     early = early or {}
     h_ND, w_NK, idx_NK = routing.h_ND, routing.w_NK, routing.idx_NK
     t = time.perf_counter()
@@ -181,10 +182,16 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
     N = h_ND.shape[0]
     rows = active_rows(active_N, N)
 
+    # The link experts moved by the device share's own program (the executor's `fused_copies` "in_program..."),
+    # where one program computes them: one call fewer.
+    in_program = ex.fused_copies.startswith("in_program") and not (ex.resident_apart and resident and link_ids)
+
     def start_transfers() -> tuple[ExpertWeights, ...]:
         # Asynchronous: the link works from here. As one program, where the device share waits for them all.
-        landing = tuple(ex.store.fetch(i, link_ids, stats, by_program=ex.fused_copies_by_program))
-        run.watch("landed", landing)
+        landing = tuple(ex.store.fetch(i, link_ids, stats, by_program=ex.fused_copies == "program",
+                                       move=not in_program))
+        if not in_program:
+            run.watch("landed", landing)
         return landing
 
     def device_share(landing: tuple[ExpertWeights, ...]):
@@ -195,19 +202,24 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
         rows_A = np.full(pow2(len(rows)), N, np.int32)
         rows_A[:len(rows)] = rows
         (ids, slots), *landed = programs
-        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
+        ids_C, slots_C = (padded_apart(resident, resident_slots, link_ids, landing, ex.store.device_pad)
+                          if in_program else padded(ids, slots))
+        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots_C,
                                    capacity=capacity_for(len(rows_A), counts[ids]))
         for ids, slots in landed:
             routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
                             capacity=capacity_for(len(rows_A), counts[ids]))
         run.watch("device_share", routed_ND)
-        # The next layer's likely experts: their transfers queue behind `landing`, and this runs on the worker
-        # where the host CPU has a share, so its dispatch does not hold up the host kernels' start.
+        # The next layer's likely experts: their transfers queue behind `landing`; where the worker runs this (the
+        # host CPU has a share, and not "in_program_here"), its dispatch does not hold up the host kernels.
         look_ahead(ex, lookahead, guess, rows, stats, counts[cpu_ids], len(link_ids))
         return shared_ND, routed_ND
 
     if not cpu_ids:  # zeros for the host's share, not None: one compiled variant of the next program
         return Unsummed(x_BTD, *device_share(start_transfers()), ex.no_host_share(h_ND.shape))
+    if in_program and ex.fused_copies == "in_program_here":  # called before the host kernels: no worker
+        on_device = device_share(start_transfers())
+        return Unsummed(x_BTD, *on_device, host_share(ex, i, cpu_ids, idx_host, routing, stats))
     # The transfers start here, before the host kernels: started by the worker instead, the host kernels began 0.3 ms
     # sooner but ran longer beside it, and the transfers landed later (benchmarks/offload.md, run 24).
     on_gpu = ex.dispatcher.submit(device_share, start_transfers())
@@ -266,6 +278,17 @@ def padded(ids: list[int], slots: tuple) -> tuple[np.ndarray, tuple]:
     return np.array(ids + [-1] * pad, np.int32), slots + (slots[0],) * pad if slots else ()
 
 
+def padded_apart(device_ids: list[int], on_device: tuple, host_ids: list[int], on_host: tuple,
+                 pad: ExpertWeights) -> tuple[np.ndarray, tuple]:
+    """As `padded`, for a program that moves the experts still in host memory itself: the device's experts and
+    pads (`pad`, an expert on the device) first, the host's last, so that a program's variant is keyed by its slots
+    and how many it moves (a compile each, `compile_fused`), not also by how many of the rest are pads."""
+    n = len(device_ids) + len(host_ids)
+    pads = fused_slots(n) - n if n else 0
+    return (np.array(device_ids + [-1] * pads + host_ids, np.int32),
+            on_device + (on_device[0] if on_device else pad,) * pads + on_host)
+
+
 def fused_slots(n: int) -> int:
     """The expert slots of a fused MoE program for n chosen experts: 2, 4 or 8 up to FUSED_MAX_EXPERTS,
     powers of two beyond. Each variant is a compile that a serving batch meets mid-stream the first time
@@ -302,12 +325,14 @@ def joined(job, stats: StepStats):
 def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     """Run every fused program a decode step of N rows (all in use) can meet once, so that none compiles
     mid-stream (none where N rows would choose more than twice `FUSED_MAX_EXPERTS` experts, the fused form's most,
-    if no two chose the same): the transfers of 1 to 8 host experts as one program, `moe_device` at each expert-slot
-    count (none, 2, 4, 8) and each capacity, and `moe_landed` at each of its own where resident experts run apart
-    (the executor's `resident_apart`). A step meets these by its routing and split, so a server's first steps would
-    otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12); the programs
-    around them (attention with the previous layer's terms, the head) every step meets. Zeros in, outputs dropped.
-    Returns the number of programs run."""
+    if no two chose the same): `moe_device` at each capacity and expert-slot count (none, 2, 4, 8), after the
+    transfers of 1 to 8 host experts as one program (the executor's `fused_copies` "program"), or with
+    "in_program..." at each number of them it moves from pinned host memory (`padded_apart`: each is a variant);
+    `moe_landed` at each of its own where resident experts run apart (`resident_apart`). A step meets these by its
+    routing and split, so a server's first
+    steps would otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12);
+    the programs around them (attention with the previous layer's terms, the head) every step meets. Zeros in,
+    outputs dropped. Returns the number of programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
@@ -317,23 +342,36 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     i, seg, state, h_ND, w_NK, idx_NK = zero_routing(ex, N)
     rows_A = np.arange(pow2(N), dtype=np.int32)
     stats, n = StepStats(), 0
-    hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)]
-    if ex.fused_copies_by_program:  # a layer's transfers as one program, for each number of them
-        for k in range(1, min(len(hosted), FUSED_MAX_EXPERTS) + 1):
-            jax.block_until_ready(ex.store.fetch(i, hosted[:k], stats, by_program=True))
-            n += 1
-    for S in (0,) + tuple(sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})):
-        ids = [e % cfg.n_routed_experts for e in range(S)]  # any experts: only their shapes matter
-        slots = tuple(ex.store.fetch(i, ids, stats))
-        ids_C = np.array(ids, np.int32)
-        for capacity in sorted({capacity_for(len(rows_A), [c]) for c in (1, 2, N)} if S else {capacity_for(N, [])}):
+    hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)][:FUSED_MAX_EXPERTS]
+
+    def moe_device(ids_C, slots, then_landed: bool):
+        nonlocal n
+        capacities = {capacity_for(len(rows_A), [c]) for c in (1, 2, N)} if len(ids_C) else {capacity_for(N, [])}
+        for capacity in sorted(capacities):
             _, routed_ND = jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                                                 capacity=capacity))
             n += 1
-            if S and ex.resident_apart:  # a layer's streamed experts, beside resident ones
+            if then_landed:  # a layer's streamed experts, beside resident ones
                 jax.block_until_ready(seg.moe_landed(routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
                                                      capacity=capacity))
                 n += 1
+
+    if ex.fused_copies.startswith("in_program"):
+        moe_device(np.zeros(0, np.int32), (), False)
+        for S in sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)}):
+            for moved in range(min(S, len(hosted)) + 1):  # any experts: only their shapes and places matter
+                ids = [e % cfg.n_routed_experts for e in range(S - moved)]
+                moe_device(*padded_apart(ids, tuple(ex.store.fetch(i, ids, stats)), hosted[:moved],
+                                         tuple(ex.store.fetch(i, hosted[:moved], stats, move=False)),
+                                         ex.store.device_pad), False)
+    if not ex.fused_copies.startswith("in_program") or ex.resident_apart:
+        if ex.fused_copies == "program":  # a layer's transfers as one program, for each number of them
+            for k in range(1, len(hosted) + 1):
+                jax.block_until_ready(ex.store.fetch(i, hosted[:k], stats, by_program=True))
+                n += 1
+        for S in (0,) + tuple(sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})):
+            ids = [e % cfg.n_routed_experts for e in range(S)]
+            moe_device(np.array(ids, np.int32), tuple(ex.store.fetch(i, ids, stats)), bool(S) and ex.resident_apart)
     return n
 
 

@@ -207,6 +207,9 @@ class LayerSegments:
             return jnp.zeros((N, routed_AD.shape[1]), routed_AD.dtype).at[rows_A].add(routed_AD, mode="drop")
 
         def moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):
+            # Experts still in pinned host memory are moved here, in this program (the executor's `fused_copies`
+            # "in_program"); those on the device stay where they are.
+            experts = tuple(jax.device_put(experts, jax.memory.Space.Device))
             return shared(merge(state), h_ND), routed_rows(h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity)
 
         def moe_landed(routed_ND, h_ND, w_NK, idx_NK, rows_A, ids_C, experts, capacity):

@@ -10,10 +10,12 @@ device at a time (what the placement plan's workspace holds).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ktjax.config import ModelConfig
@@ -100,6 +102,17 @@ class ExpertStore:
     def is_hosted(self, layer: int, e: int) -> bool:
         return (layer, e) in self.plan.host_experts
 
+    @functools.cached_property
+    def device_pad(self) -> ExpertWeights:
+        """An expert's arrays on the device, any layer's (zeros where none is there), for a program's slots that no
+        token chooses: the slot must hold an expert's shapes, and one in host memory would cross the link."""
+        for i, slots in self.experts.items():
+            for e, ex in enumerate(slots):
+                if ex is not None and not self.is_hosted(i, e):
+                    return ex
+        some = next(ex for slots in self.experts.values() for ex in slots if ex is not None)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=self.on_device), some)
+
     def chunks(self, layer: int, ids: Sequence[int],
                early: Mapping[int, ExpertWeights] | None = None) -> list[list[int]]:
         """Chunks of the plan's size, experts already on the device first (resident, or fetched early: their
@@ -111,10 +124,13 @@ class ExpertStore:
         return [ordered[k:k + size] for k in range(0, len(ordered), size)]
 
     def fetch(self, layer: int, ids: Sequence[int], stats: StepStats,
-              early: Mapping[int, ExpertWeights] | None = None, by_program: bool = False) -> list[ExpertWeights]:
+              early: Mapping[int, ExpertWeights] | None = None, by_program: bool = False,
+              move: bool = True) -> list[ExpertWeights]:
         """Start the transfers of a chunk's host experts (asynchronous); device experts as they are, and those
         fetched early (`moe_block.Lookahead`: their arrays in `early`) as they were. by_program: the transfers as
-        one program, which the device's later programs queue behind (see __init__)."""
+        one program, which the device's later programs queue behind (see __init__). move=False: the host experts'
+        pinned arrays as they are, for the program that takes them to move them (`segments`' moe_device), counted
+        as fetched."""
         early = early or {}
         slots = self.experts[layer]
         hosted = [e for e in ids if self.is_hosted(layer, e) and e not in early]
@@ -122,7 +138,8 @@ class ExpertStore:
         if hosted:
             t = time.perf_counter()
             arrays = [slots[e] for e in hosted]
-            moved = self._moved(arrays) if by_program else jax.device_put(arrays, self.on_device)
+            moved = (arrays if not move else self._moved(arrays) if by_program
+                     else jax.device_put(arrays, self.on_device))
             stats.span("link_put", t)
         by_id = {**early, **dict(zip(hosted, moved))}
         stats.experts_fetched += len(hosted)
