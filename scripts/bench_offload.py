@@ -152,9 +152,12 @@ def decode_steps(model, B: int, ctx: int, steps: int, sampling):
     return times, stats
 
 
-def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: str | None = None) -> dict:
+def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: str | None = None,
+               in_situ=None) -> dict:
     """One decode measurement against its floors: link only (host bytes moved over the measured
-    link) and dual path (the host experts' bytes over the CPU and link rates measured at once)."""
+    link) and dual path (the host experts' bytes over the CPU and link rates measured at once: this run's
+    ceilings, or where it measured none for this kernel, the in-situ rates `in_situ` (`PathRates`) the split
+    uses, also measured with both paths at once). row["floor_basis"] says which."""
     import numpy as np
     step = float(np.median(times))
     n_moe = len(cfg.moe_layers)
@@ -178,8 +181,12 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     fmt = kernel or fmt  # the host kernel's own ceilings for the dual floor
     row.update(floor_host_bytes=host_experts * plan.expert_bytes, floor_device_s=device_s)
     row["link_floor_s"] = host_experts * plan.expert_bytes / (h2d * 1e9) + device_s
+    both, row["floor_basis"] = None, "link only"
     if f"{fmt}_both_cpu_gbps" in ceil:
-        both = ceil[f"{fmt}_both_cpu_gbps"] + ceil[f"{fmt}_both_link_gbps"]
+        both, row["floor_basis"] = ceil[f"{fmt}_both_cpu_gbps"] + ceil[f"{fmt}_both_link_gbps"], "dual, ceilings"
+    elif in_situ is not None:  # a single part run without --path-rates: no dual ceilings for this kernel
+        both, row["floor_basis"] = in_situ.cpu_gbps + in_situ.link_gbps, "dual, in-situ rates"
+    if both:
         row["dual_floor_s"] = host_experts * plan.expert_bytes / (both * 1e9) + device_s
     row["floor_s"] = row.get("dual_floor_s", row["link_floor_s"])
     row["floor_over_measured"] = row["floor_s"] / step
@@ -310,7 +317,8 @@ def run_ktjax(args) -> dict:
                 continue  # the host CPU computes nothing: the same as float32's row
             times, stats = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx, args.steps,
                                         sampling)
-            row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_name(fmt, act))
+            row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_name(fmt, act),
+                             in_situ=model.rates if model.host is not None else None)
             name = (f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
                     + (f"_{form}" if form != args.decode_forms[0] else "") + suffix)
             row["host_activations"] = act
@@ -318,7 +326,8 @@ def run_ktjax(args) -> dict:
             print(f"ROW {name} " + json.dumps(row), flush=True)
             log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step ({' '.join(map(str, row['steps_ms']))}), experts/step "
                 f"{row['experts_per_step']}, floor {row['floor_s'] * 1e3:.2f} ms "
-                f"({100 * row['floor_over_measured']:.0f}%), outside experts {100 * row['outside_experts_share']:.0f}%")
+                f"({100 * row['floor_over_measured']:.0f}%, {row['floor_basis']}), outside experts "
+                f"{100 * row['outside_experts_share']:.0f}%")
         if args.r1_gpu_memory and model.host is not None:
             first = model.with_expert_compute(modes[0]).with_decode_form(args.decode_forms[0])
             for name, row in r1_share_rows(args, cfg, plan, first, ceil, ctx, sampling, kernel_name(fmt, act)).items():
@@ -419,7 +428,7 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     for form, variant in [(f, v) for f in args.decode_forms for v in args.r1_variants]:
         model_v = with_variant(r1_model.with_decode_form(form), variant, ceil, kernel)
         times, stats = decode_steps(model_v, 1, ctx, args.steps, sampling)
-        row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel)
+        row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel, in_situ=r1_model.rates)
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
         n = model_v.lookahead
         row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share,
@@ -439,8 +448,8 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
         log(f"{name}: {row['step_s'] * 1e3:.2f} ms/step, experts/step {row['experts_per_step']}"
             + (f" ({row['early_experts_per_step']:.1f} fetched a layer early, {row['early_used_per_step']:.1f} used)"
                if n else "")
-            + f", floor {100 * row['floor_over_measured']:.0f}%; R1 extrapolated {row['r1_extrapolated_s'] * 1e3:.1f} "
-              f"ms ({1 / row['r1_extrapolated_s']:.2f} tokens/s)")
+            + f", floor {100 * row['floor_over_measured']:.0f}% ({row['floor_basis']}); R1 extrapolated "
+              f"{row['r1_extrapolated_s'] * 1e3:.1f} ms ({1 / row['r1_extrapolated_s']:.2f} tokens/s)")
         rows[name] = row
     return rows
 
