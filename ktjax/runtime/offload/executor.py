@@ -200,6 +200,12 @@ class OffloadedExecutor:
         """Both paths into this model's host experts at once, as decode steps use them (`path_rates.measured_rates`)."""
         return measured_rates(self, experts_per_call, seconds)
 
+    def _with(self, **attrs) -> OffloadedExecutor:
+        """A shallow copy with attrs replaced: the `with_*` settings share the weights, segments and threads."""
+        out = copy.copy(self)
+        out.__dict__.update(attrs)
+        return out
+
     def with_host_threads(self, threads: int | None) -> OffloadedExecutor:
         """This model running its host kernels on `threads` threads (None: every core)."""
         out = copy.copy(self)
@@ -211,52 +217,38 @@ class OffloadedExecutor:
     def with_decode_form(self, form: str) -> OffloadedExecutor:
         if form not in DECODE_FORMS:
             raise ValueError(f"decode_form={form!r}: use one of {', '.join(DECODE_FORMS)}")
-        out = copy.copy(self)
-        out.decode_form = form
-        return out
+        return self._with(decode_form=form)
 
     def with_host_activations(self, activations: str) -> OffloadedExecutor:
         """This model with its host CPU multiplying int8/int4 experts by activations in another form
         ("float32" or "int8"); the experts are shared."""
-        out = copy.copy(self)
-        out.host_activations = check_activations(activations)
-        out.host = self.host and self.host.with_activations(activations)
-        return out
+        return self._with(host_activations=check_activations(activations),
+                          host=self.host and self.host.with_activations(activations))
 
     def with_lookahead(self, experts: int) -> OffloadedExecutor:
         """This model fetching that many of the next MoE layer's likely experts a layer early
         (`moe_block.Lookahead`)."""
         if experts < 0:
             raise ValueError(f"lookahead={experts}: the number of experts fetched early, 0 or more")
-        out = copy.copy(self)
-        out.lookahead = experts
-        return out
+        return self._with(lookahead=experts)
 
     def with_resident_apart(self, apart: bool) -> OffloadedExecutor:
         """This model computing a fused layer's resident experts apart from the streamed ones (`resident_apart`)."""
-        out = copy.copy(self)
-        out.resident_apart = bool(apart)
-        return out
+        return self._with(resident_apart=bool(apart))
 
     def with_fused_copies(self, how: str) -> OffloadedExecutor:
         """This model moving a fused layer's host experts to the device `how` (`fused_copies`)."""
         if how not in FUSED_COPIES:
             raise ValueError(f"fused_copies={how!r}: one of {', '.join(FUSED_COPIES)}")
-        out = copy.copy(self)
-        out.fused_copies = how
-        return out
+        return self._with(fused_copies=how)
 
     def with_watcher(self, on: bool) -> OffloadedExecutor:
         """This model recording in each step's timeline (`StepStats.timeline`) when a fused layer's transfers land
         and its device share is computed, waited for on threads of their own (`Segments.watch`): a diagnostic."""
-        out = copy.copy(self)
-        out.watcher = ThreadPoolExecutor(2, thread_name_prefix="ktjax-watch") if on else None
-        return out
+        return self._with(watcher=ThreadPoolExecutor(2, thread_name_prefix="ktjax-watch") if on else None)
 
     def with_rates(self, rates: PathRates) -> OffloadedExecutor:
-        out = copy.copy(self)
-        out.rates = rates
-        return out
+        return self._with(rates=rates)
 
     def with_placement(self, plan: PlacementPlan) -> OffloadedExecutor:
         """This model with its experts moved where another plan (same format) puts them: experts
@@ -274,7 +266,8 @@ class OffloadedExecutor:
         return OffloadedExecutor(self.config, plan, self._dtype, self.top, self.layers, experts,
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
                                  decode_form=self.decode_form, host_activations=self.host_activations,
-                                 lookahead=self.lookahead, resident_apart=self.resident_apart)
+                                 lookahead=self.lookahead, resident_apart=self.resident_apart
+                                 )._with(fused_copies=self.fused_copies)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""
@@ -282,17 +275,13 @@ class OffloadedExecutor:
                                  and self.plan.expert_format.host_computable):
             raise ValueError(f"expert_compute={mode!r}: use one of {', '.join(MODES)} (the model was loaded with "
                              f"expert_compute={self.expert_compute!r})")
-        out = copy.copy(self)
-        out.expert_compute = mode
-        return out
+        return self._with(expert_compute=mode)
 
     def with_adapter(self, adapters, lcfg, *, merge: bool | None = None) -> OffloadedExecutor:
         """This model with a LoRA adapter merged into its core weights (the experts are shared)."""
         if merge is False:
             raise ValueError("an offloaded model takes adapters merged only (merge=True or None)")
-        out = copy.copy(self)
-        out.layers = merge_layers(self.config, self.layers, adapters, lcfg)
-        return out
+        return self._with(layers=merge_layers(self.config, self.layers, adapters, lcfg))
 
     def compile_decode(self, batch: int) -> int:
         """Run every program variant a decode step of `batch` rows may meet by its routing (the fused MoE
