@@ -468,6 +468,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_fused_copies("put")
         elif option == "in-program-here":  # the device's program, copies in it, called before the host kernels
             model = model.with_fused_copies("in_program_here")
+        elif option == "indices-in-place":  # a fused layer's ids and rows in pinned buffers its program reads
+            model = model.with_indices_in_place(True)
         elif option == "copies-apart":  # by a program of their own before the device's, as before this session
             model = model.with_fused_copies("program")
         elif option == "routing-copies":  # the routing copied to the host after the call, as before this session
@@ -683,7 +685,8 @@ def main():
                         "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not in "
                         "the device's program), 'copies-apart' (by a program of their own, before the device's), "
                         "'in-program-here' (in the device's program, called before the host kernels, not by the "
-                        "worker), "
+                        "worker), 'indices-in-place' (a fused layer's expert ids and rows handed to its program in "
+                        "pinned buffers), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "

@@ -68,17 +68,19 @@ def split_model(ckpt):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_every_path_computes_the_same_model(ckpt, split_model, fmt):
     """The same quantized experts on the device, streamed to it, or computed on the host CPU; streamed in the
-    fused form by the program that computes them, by one of their own, or by `jax.device_put`."""
+    fused form by the program that computes them, by one of their own, or by `jax.device_put`, and that program
+    given its expert ids as numpy arrays or in pinned buffers it reads in place (`indices_in_place`)."""
     resident = ktjax.load(ckpt, dtype="float32", experts=fmt)
     few = TOKENS[:1, :5]  # 5 tokens x 3 experts each: decode-sized (the decode forms); TOKENS streams every expert
     on_device = [np.asarray(ktjax.logits(resident, t)) for t in (TOKENS, few)]
     for mode in ("gpu", "cpu", "auto"):
         model = split_model(fmt, mode)
-        for form, copies in [("fused", how) for how in FUSED_COPIES] + [("streamed", FUSED_COPIES[0])]:
-            ex = model.executor.with_decode_form(form).with_fused_copies(copies)
+        for form, copies, in_place in ([("fused", how, False) for how in FUSED_COPIES]
+                                       + [("fused", FUSED_COPIES[0], True), ("streamed", FUSED_COPIES[0], False)]):
+            ex = model.executor.with_decode_form(form).with_fused_copies(copies).with_indices_in_place(in_place)
             for tokens, want in zip((TOKENS, few), on_device):
                 logits = ktjax.logits(dataclasses.replace(model, executor=ex), tokens)
-                assert rel_err(logits, want) < 1e-5, (mode, form, copies, tokens.shape)
+                assert rel_err(logits, want) < 1e-5, (mode, form, copies, in_place, tokens.shape)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -162,7 +164,7 @@ def test_a_watched_decode_step_records_when_its_transfers_land_and_its_device_sh
         assert len(spans["device_share"]) == len(spans["moe_device"])
         for (_, dispatched), (_, done) in zip(sorted(spans["moe_device"]), sorted(spans["device_share"])):
             assert dispatched <= done
-        if ex.fused_copies.startswith("in_program"):  # moved by the program that computes them: no landing of their own
+        if ex.fused_copies.startswith("in_program"):  # moved by the program that computes them: no landing
             assert "landed" not in spans
             continue
         assert len(spans["landed"]) == len(spans["link_put"])
@@ -325,8 +327,8 @@ def test_a_layers_host_experts_moved_by_one_program_land_on_the_device_unchanged
 
 def test_host_shares_land_in_two_pinned_buffers_in_turn_that_programs_read_in_place():
     """`ShareLanding.put` copies a decode-sized host share into pinned host memory, alternating between two
-    buffers per shape; a program given one reads what was last written there (no copy at the call); its zeros
-    are a buffer of their own."""
+    buffers per shape (and dtype: expert ids too); a program given one reads what was last written there (no copy
+    at the call); its zeros are a buffer of their own."""
     from ktjax.runtime.offload.host_path import ShareLanding
     from ktjax.runtime.offload.segments import combine_segment
     landing = ShareLanding(jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host"))
@@ -342,3 +344,9 @@ def test_host_shares_land_in_two_pinned_buffers_in_turn_that_programs_read_in_pl
     zeros = landing.zeros((2, 8))
     assert zeros is not first and zeros is not second and not np.asarray(zeros).any()
     assert ShareLanding(None).put(shares[0]) is shares[0]  # nowhere to land: the numpy array itself
+    ids = np.array([3, -1, 7, 2], np.int32)  # a fused program's expert ids: a ring of their own shape and dtype
+    held = landing.put(ids)
+    assert held is not first and held is not second and held.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(held), ids)
+    empty = np.zeros(0, np.int32)
+    assert landing.put(empty) is empty  # no buffer for no ids

@@ -399,11 +399,14 @@ def test_seeded_sampling_in_the_slots_continues_as_generate_while_the_rows_that_
         assert len(want) > 2 and got[:len(want)] == want  # generate stops at end of sequence; the slots do not
 
 
-@pytest.mark.parametrize("rows, copies", [(1, "program"), (2, "program"), (3, "program"), (2, "in_program")])
-def test_an_offloaded_batch_compiles_every_split_of_its_experts_before_any_request(rows, copies):
+@pytest.mark.parametrize("rows, copies, in_place", [(1, "program", False), (2, "program", False),
+                                                     (3, "program", False), (2, "in_program", False),
+                                                     (2, "program", True)])
+def test_an_offloaded_batch_compiles_every_split_of_its_experts_before_any_request(rows, copies, in_place):
     """int4 experts in host memory decode one row (and two of the embedded model's, whose 4 experts a token fit
     the form's 8) in the fused form, whose programs vary with how many of the chosen experts the host CPU, the
-    link and the device take (and with how many the device's program moves itself, where it does: `fused_copies`);
+    link and the device take (and with how many the device's program moves itself, where it does: `fused_copies`;
+    and with its ids handed over in place, `indices_in_place`);
     more rows in the streamed form, whose programs vary with the capacity each expert needs and with rows not in
     use (3 of the 4 slots). The batch's warm-up runs them all, so steps of those rows under every split (all on the
     CPU, all over the link, the cost model's) compile nothing."""
@@ -417,7 +420,8 @@ def test_an_offloaded_batch_compiles_every_split_of_its_experts_before_any_reque
     offloaded = ktjax.load(experts="int4", placement={r"model\.layers\.\d+\.mlp\.experts\.\d+": "host"},
                            max_batch=4, max_context=256)
     assert offloaded.executor.fuses_decode and offloaded.executor.host is not None
-    offloaded = dataclasses.replace(offloaded, executor=offloaded.executor.with_fused_copies(copies))
+    offloaded = dataclasses.replace(offloaded, executor=offloaded.executor.with_fused_copies(copies)
+                                    .with_indices_in_place(in_place))
     batch = DecodeBatch(offloaded, 4, cache_length(256, 0))
     batch.warm_up()
     compiles, listening = [], [False]

@@ -27,7 +27,7 @@ from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
-from ktjax.runtime.offload.host_path import HostPath
+from ktjax.runtime.offload.host_path import HostPath, ShareLanding
 from ktjax.runtime.offload.path_rates import DEFAULT_RATES, PathRates, kernel_name, measured_rates
 from ktjax.runtime.offload.scheduler import MODES
 from ktjax.runtime.offload.devices import owned_by
@@ -113,6 +113,11 @@ class OffloadedExecutor:
         # no sooner, their programs' call 0.5-0.7 ms of a thread (benchmarks/offload.md, runs 35-41): kept to be
         # measured on other machines (scripts/bench_offload.py --r1-variants).
         self.fused_copies = FUSED_COPIES[0]
+        # A fused layer's expert ids and rows handed to its device program in pinned buffers it reads in place
+        # (`host_path.ShareLanding`), not as numpy arrays, each of which that program's call moves: off until
+        # measured on the GPU (scripts/probe_device_share_call.py, bench_offload --r1-variants indices-in-place).
+        self.indices_in_place = False
+        self.index_landing = ShareLanding(self.store.on_host)
         self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array] = {}
@@ -242,6 +247,10 @@ class OffloadedExecutor:
             raise ValueError(f"fused_copies={how!r}: one of {', '.join(FUSED_COPIES)}")
         return self._with(fused_copies=how)
 
+    def with_indices_in_place(self, on: bool) -> OffloadedExecutor:
+        """This model handing a fused layer's expert ids and rows to its program in place (`indices_in_place`)."""
+        return self._with(indices_in_place=bool(on))
+
     def with_watcher(self, on: bool) -> OffloadedExecutor:
         """This model recording in each step's timeline (`StepStats.timeline`) when a fused layer's transfers land
         and its device share is computed, waited for on threads of their own (`Segments.watch`): a diagnostic."""
@@ -267,7 +276,7 @@ class OffloadedExecutor:
                                  attention=self.attention, expert_compute=self.expert_compute, rates=self.rates,
                                  decode_form=self.decode_form, host_activations=self.host_activations,
                                  lookahead=self.lookahead, resident_apart=self.resident_apart
-                                 )._with(fused_copies=self.fused_copies)
+                                 )._with(fused_copies=self.fused_copies, indices_in_place=self.indices_in_place)
 
     def with_expert_compute(self, mode: str) -> OffloadedExecutor:
         """This model computing host experts on another path ("auto", "gpu", "cpu"); the experts are shared."""

@@ -50,7 +50,8 @@ class HostPath:
 
 
 class ShareLanding:
-    """Where a decode-sized layer's host share lands for the program that adds it: pinned host buffers, which that
+    """Where a decode-sized layer's host share lands for the program that adds it (or a fused layer's expert ids and
+    rows for its device program, `OffloadedExecutor.indices_in_place`): pinned host buffers, which that
     program reads in place (`segments.combine_segment` moves them to the device inside it). Passed as a numpy array,
     the share cost that program's call ~100 us more on the H100 machine (benchmarks/offload.md, run 26: 314
     against 228 us), on a batch-1 step's path once per MoE layer.
@@ -68,12 +69,16 @@ class ShareLanding:
         self.in_place = sharding is not None and self._writable((1, 1)) is not None
 
     def put(self, out_ND: np.ndarray) -> jax.Array | np.ndarray:
-        """out_ND in one of the buffers of its shape, as the next program takes it."""
-        if not self.in_place:
+        """out_ND in one of the buffers of its shape and dtype, as the next program takes it (an empty array, or one
+        no buffer can hold in place, as it is)."""
+        key = (out_ND.shape, out_ND.dtype)
+        if not self.in_place or not out_ND.size:
             return out_ND
-        ring = self._rings.get(out_ND.shape)
+        ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[out_ND.shape] = [0, self._writable(out_ND.shape), self._writable(out_ND.shape)]
+            ring = self._rings[key] = [0, self._writable(*key), self._writable(*key)]
+        if ring[1] is None or ring[2] is None:
+            return out_ND
         ring[0] ^= 1
         array, view = ring[1 + ring[0]]
         view[...] = out_ND
@@ -88,17 +93,19 @@ class ShareLanding:
             self._zeros[shape] = jax.device_put(zeros, self.sharding) if self.in_place else zeros
         return self._zeros[shape]
 
-    def _writable(self, shape) -> tuple[jax.Array, np.ndarray] | None:
+    def _writable(self, shape, dtype=np.float32) -> tuple[jax.Array, np.ndarray] | None:
         """A pinned host array of zeros and a writable numpy view of its buffer (None where numpy's view is a
         copy)."""
-        array = jax.block_until_ready(jax.device_put(np.zeros(shape, np.float32), self.sharding))
+        dtype = np.dtype(dtype)
+        array = jax.block_until_ready(jax.device_put(np.zeros(shape, dtype), self.sharding))
         address = np.asarray(array).ctypes.data
         try:
             if address != array.unsafe_buffer_pointer():
                 return None
         except Exception:  # a backend that does not say where its buffers are
             return None
-        view = np.frombuffer((ctypes.c_float * math.prod(shape)).from_address(address), np.float32).reshape(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        view = np.frombuffer((ctypes.c_byte * nbytes).from_address(address), dtype).reshape(shape)
         return array, view
 
 

@@ -204,8 +204,9 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
         (ids, slots), *landed = programs
         ids_C, slots_C = (padded_apart(resident, resident_slots, link_ids, landing, ex.store.device_pad)
                           if in_program else padded(ids, slots))
-        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots_C,
-                                   capacity=capacity_for(len(rows_A), counts[ids]))
+        capacity = capacity_for(len(rows_A), counts[ids])
+        shared_ND, routed_ND = run("moe_device", seg.moe_device, state, h_ND, w_NK, idx_NK,
+                                   *indices(ex, rows_A, ids_C), slots_C, capacity=capacity)
         for ids, slots in landed:
             routed_ND = run("moe_landed", seg.moe_landed, routed_ND, h_ND, w_NK, idx_NK, rows_A, *padded(ids, slots),
                             capacity=capacity_for(len(rows_A), counts[ids]))
@@ -225,6 +226,15 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
     on_gpu = ex.dispatcher.submit(device_share, start_transfers())
     host_ND = host_share(ex, i, cpu_ids, idx_host, routing, stats)
     return Unsummed(x_BTD, *joined(on_gpu, stats), host_ND)
+
+
+def indices(ex: OffloadedExecutor, rows_A: np.ndarray, ids_C: np.ndarray) -> tuple:
+    """A fused device program's rows and expert ids as it takes them: in pinned buffers it reads in place where the
+    executor says so (`indices_in_place`), else the numpy arrays. Not where resident experts may run apart (a second
+    program's ids could take a buffer of the same ring before the first program has read it)."""
+    if not ex.indices_in_place or ex.resident_apart:
+        return rows_A, ids_C
+    return ex.index_landing.put(rows_A), ex.index_landing.put(ids_C)
 
 
 def paths(ex: OffloadedExecutor, i: int, counts, host: HostPath | None,
@@ -348,7 +358,8 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
         nonlocal n
         capacities = {capacity_for(len(rows_A), [c]) for c in (1, 2, N)} if len(ids_C) else {capacity_for(N, [])}
         for capacity in sorted(capacities):
-            _, routed_ND = jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids_C, slots,
+            _, routed_ND = jax.block_until_ready(seg.moe_device(state, h_ND, w_NK, idx_NK,
+                                                                *indices(ex, rows_A, ids_C), slots,
                                                                 capacity=capacity))
             n += 1
             if then_landed:  # a layer's streamed experts, beside resident ones

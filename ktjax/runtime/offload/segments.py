@@ -200,6 +200,8 @@ class LayerSegments:
             # Routed experts on the tokens that choose them only (rows_A; index N pads): a serving batch's one
             # decoding row among its free slots costs what a batch of one does.
             N = h_ND.shape[0]
+            # In pinned host memory where the executor hands them over in place (`indices_in_place`): read here.
+            rows_A, ids_C = jax.device_put((rows_A, ids_C), jax.memory.Space.Device)
             h_AD = jnp.take(h_ND, rows_A, axis=0, mode="fill", fill_value=0)
             idx_AK = jnp.take(idx_NK, rows_A, axis=0, mode="fill", fill_value=cfg.n_routed_experts)  # no expert
             w_AK = jnp.take(w_NK, rows_A, axis=0, mode="fill", fill_value=0)
