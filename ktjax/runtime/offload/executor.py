@@ -41,10 +41,8 @@ from ktjax.train.offloaded import OffloadedTrainer
 
 
 DECODE_FORMS = ("auto", "fused", "streamed")
+FUSED_COPIES = ("program", "in_program", "in_program_here", "put")  # `OffloadedExecutor.fused_copies`, default first
 
-
-# `OffloadedExecutor.fused_copies`, the default first
-FUSED_COPIES = ("program", "in_program", "in_program_here", "put")
 
 class OffloadedExecutor:
     """top: embed_tokens, norm, lm_head (None when tied); layers: one plain dict of arrays per

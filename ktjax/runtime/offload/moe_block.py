@@ -339,10 +339,9 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     transfers of 1 to 8 host experts as one program (the executor's `fused_copies` "program"), or with
     "in_program..." at each number of them it moves from pinned host memory (`padded_apart`: each is a variant);
     `moe_landed` at each of its own where resident experts run apart (`resident_apart`). A step meets these by its
-    routing and split, so a server's first
-    steps would otherwise stall every stream for a compile now and then (~1 s each on the H200: bench_serve run 12);
-    the programs around them (attention with the previous layer's terms, the head) every step meets. Zeros in,
-    outputs dropped. Returns the number of programs run."""
+    routing and split, so a server's first steps would otherwise stall every stream for a compile now and then (~1 s
+    each on the H200: bench_serve run 12); the programs around them (attention with the previous layer's terms, the
+    head) every step meets. Zeros in, outputs dropped. Returns the number of programs run."""
     cfg = ex.config
     if not ex.fuses_decode or ex.mesh is not None or not cfg.moe_layers:
         return 0
