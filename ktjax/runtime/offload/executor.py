@@ -31,10 +31,11 @@ from ktjax.runtime.offload.host_path import HostPath, ShareLanding
 from ktjax.runtime.offload.path_rates import DEFAULT_RATES, PathRates, kernel_name, measured_rates
 from ktjax.runtime.offload.scheduler import MODES
 from ktjax.runtime.offload.devices import owned_by
-from ktjax.runtime.offload.moe_block import Lookahead, compile_fused, compile_streamed, moe_block
+from ktjax.runtime.offload.moe_block import Lookahead, moe_block
 from ktjax.runtime.offload.segments import (FUSED_MAX_TOKENS, LayerSegments, Segments, embed_segment, head_segment,
                                             logits_segment, settled)
 from ktjax.runtime.offload.streaming import ExpertStore, Prefetch
+from ktjax.runtime.offload.warm_up import compile_fused, compile_streamed
 from ktjax.runtime.mesh import replicated
 from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
@@ -292,7 +293,7 @@ class OffloadedExecutor:
 
     def compile_decode(self, batch: int) -> int:
         """Run every program variant a decode step of `batch` rows may meet by its routing (the fused MoE
-        programs, `moe_block.compile_fused`, and the streamed form's, `moe_block.compile_streamed`), so a server's
+        programs, `warm_up.compile_fused`, and the streamed form's, `warm_up.compile_streamed`), so a server's
         streams never wait for one to compile."""
         return compile_fused(self, batch) + compile_streamed(self, batch)
 
