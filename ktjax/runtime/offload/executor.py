@@ -15,6 +15,7 @@ in pinned memory behind it), and one program sums the devices' shares (an all-re
 from __future__ import annotations
 
 import copy
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -116,10 +117,15 @@ class OffloadedExecutor:
         # (`host_path.ShareLanding`), not as numpy arrays, each of which that program's call moves: off until
         # measured on the GPU (scripts/probe_device_share_call.py, bench_offload --r1-variants indices-in-place).
         self.indices_in_place = False
-        self.index_landing = ShareLanding(self.store.on_host)
         self.watcher: ThreadPoolExecutor | None = None  # `with_watcher`: a diagnostic of the steps' timelines
         self._stack_index = [jnp.int32(config.stack_index(i)) for i in range(config.num_hidden_layers)]
         self._zeros: dict[tuple, jax.Array] = {}
+
+    @functools.cached_property
+    def index_landing(self) -> ShareLanding:
+        """Where `indices_in_place` puts a fused layer's ids and rows: made the first time it is used, not at every
+        load."""
+        return ShareLanding(self.store.on_host)
 
     @property
     def dtype(self):

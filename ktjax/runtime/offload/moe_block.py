@@ -281,18 +281,18 @@ def fetch_ahead(ex: OffloadedExecutor, guess: Guess, rows: np.ndarray, stats: St
 
 
 def padded(ids: list[int], slots: tuple) -> tuple[np.ndarray, tuple]:
-    """A fused program's expert ids and arrays padded to `fused_slots` (id -1, a fetched array reused;
-    each still costs its compute where XLA's path runs). Few compiled variants: each is a compile the first
+    """A fused program's expert ids and their arrays (one each) padded to `fused_slots` (id -1, a fetched array
+    reused; each still costs its compute where XLA's path runs). Few compiled variants: each is a compile the first
     time a step meets it, a serving batch's stall."""
-    pad = fused_slots(len(ids)) - len(ids) if ids else 0
-    return np.array(ids + [-1] * pad, np.int32), slots + (slots[0],) * pad if slots else ()
+    return padded_apart(ids, slots, [], (), None)
 
 
 def padded_apart(device_ids: list[int], on_device: tuple, host_ids: list[int], on_host: tuple,
-                 pad: ExpertWeights) -> tuple[np.ndarray, tuple]:
+                 pad: ExpertWeights | None) -> tuple[np.ndarray, tuple]:
     """As `padded`, for a program that moves the experts still in host memory itself: the device's experts and
-    pads (`pad`, an expert on the device) first, the host's last, so that a program's variant is keyed by its slots
-    and how many it moves (a compile each, `compile_fused`), not also by how many of the rest are pads."""
+    pads (the first of them, else `pad`, an expert on the device) first, the host's last, so that a program's variant
+    is keyed by its slots and how many it moves (a compile each, `compile_fused`), not also by how many of the rest
+    are pads."""
     n = len(device_ids) + len(host_ids)
     pads = fused_slots(n) - n if n else 0
     return (np.array(device_ids + [-1] * pads + host_ids, np.int32),
