@@ -57,19 +57,17 @@ def main() -> None:
     import jax.numpy as jnp
 
     from ktjax.runtime.model import StepStats
-    from ktjax.runtime.offload.segments import Unsummed, settle
+    from ktjax.runtime.offload.segments import settle
 
     layer = decode_layer(args.tiny)
     cfg, ex, i, seg, state, j = layer.cfg, layer.ex, layer.i, layer.seg, layer.state, layer.j
-    x_BTD, rope, start_B, latent_rp = layer.x_BTD, layer.rope, layer.start_B, layer.latent_rp
+    rope, start_B, latent_rp = layer.rope, layer.start_B, layer.latent_rp
     dtype = jnp.bfloat16
     D = cfg.hidden_size
-    shared_ND = jnp.zeros((1, D), dtype)
-    routed_ND = jnp.zeros((1, D), jnp.float32)
     host_np = np.zeros((1, D), np.float32)
     host_dev = jax.device_put(host_np)
     host_pinned = ex.host.landing.put(host_np)  # as a step passes it since run 28 (`host_path.ShareLanding`)
-    summed = jax.jit(settle)(Unsummed(x_BTD, shared_ND, routed_ND, host_dev))
+    summed = jax.jit(settle)(layer.terms(host_dev))
     sum_args = jax.jit(lambda state, x, rope, start_B, latent, rp, j: settle(x).sum())
     one_arg = jax.jit(lambda a: a + 1)
     small = jnp.zeros((8,), jnp.float32)
@@ -99,7 +97,7 @@ def main() -> None:
 
     def fetch(by_program: bool):  # a fused layer's transfers, as `moe_block.fused_moe` starts them
         return lambda: ex.store.fetch(i, hosted, fetched, by_program=by_program)
-    step_args = (state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j)
+    step_args = (state, layer.terms(host_pinned), rope, start_B, *latent_rp, j)
     print(kernel_counts(seg.attention_route.lower(*step_args).compile().as_text()))
     busy_DD = jnp.ones((4096, 4096), dtype)
     busy = jax.jit(lambda a: functools.reduce(lambda acc, _: (acc @ a) * 1e-3, range(8), a))
@@ -131,32 +129,32 @@ def main() -> None:
     to_host = jax.jit(routing_to_host, donate_argnums=(4, 5))
 
     def round_trip_to_host():
-        out = layer.call(to_host, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))
+        out = layer.call(to_host, layer.terms(host_pinned))
         out[1].ids_on_host()
         return out
 
     forms = {
         "as a decode step calls it (host share in a pinned buffer)": attention(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned)),
+            layer.terms(host_pinned)),
         "the same, the host share a numpy array (steps to run 28)": attention(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_np)),
+            layer.terms(host_np)),
         "the same with the device still busy": while_busy(attention(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))),
-        "the host share already on the device": attention(Unsummed(x_BTD, shared_ND, routed_ND, host_dev)),
+            layer.terms(host_pinned))),
+        "the host share already on the device": attention(layer.terms(host_dev)),
         "the terms summed beforehand (one array)": attention(summed),
         "a program that only sums the same arguments": lambda: sum_args(
-            state, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), rope, start_B, *latent_rp, j),
+            state, layer.terms(host_pinned), rope, start_B, *latent_rp, j),
         "a program of one small argument": lambda: one_arg(small),
         "jax.device_put of the host share": lambda: jax.device_put(host_np),
         "copy_to_host_async of the routing's h, w, ids (three)": copies(lambda r: (r.h_ND, r.w_NK, r.idx_NK)),
         "copy_to_host_async of the expert ids alone": copies(lambda r: (r.idx_NK,)),
         "copy_to_host_async of the three packed (the step's)": copies(lambda r: (r.for_host,)),
         "the call until its outputs are ready": lambda: jax.block_until_ready(
-            attention(Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))()),
+            attention(layer.terms(host_pinned))()),
         "round trip: the call to its expert ids on the host": round_trip(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned)),
+            layer.terms(host_pinned)),
         "the program's time on the device (its launches ahead)": program_time(attention(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))),
+            layer.terms(host_pinned))),
         "round trip, the program writing its routing to the host": round_trip_to_host,
         f"jax.device_put of {len(hosted)} host experts": fetch(False),
         f"a program copying {len(hosted)} host experts to the device": fetch(True),
@@ -169,11 +167,11 @@ def main() -> None:
         print("without CUDA graphs:", kernel_counts(no_graphs.lower(*step_args).compile().as_text()))
 
         def attention_no_graphs():
-            return layer.call(no_graphs, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))
+            return layer.call(no_graphs, layer.terms(host_pinned))
 
         forms["without CUDA graphs: as a decode step calls it"] = attention_no_graphs
         forms["without CUDA graphs: round trip to the expert ids"] = round_trip(
-            Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), no_graphs)
+            layer.terms(host_pinned), no_graphs)
         forced = jax.jit(seg.attention_route.__wrapped__, donate_argnums=(4, 5), compiler_options={
             "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL", "xla_gpu_graph_min_graph_size": 1})
         try:
@@ -182,12 +180,12 @@ def main() -> None:
             print(f"CUDA graphs forced: not compiled ({type(e).__name__}: {str(e)[:200]})")
         else:
             def attention_forced():
-                return layer.call(forced, Unsummed(x_BTD, shared_ND, routed_ND, host_pinned))
+                return layer.call(forced, layer.terms(host_pinned))
 
             forms["CUDA graphs forced: as a decode step calls it"] = attention_forced
             forms["CUDA graphs forced: the call until ready"] = lambda: jax.block_until_ready(attention_forced())
             forms["CUDA graphs forced: round trip to the expert ids"] = round_trip(
-                Unsummed(x_BTD, shared_ND, routed_ND, host_pinned), forced)
+                layer.terms(host_pinned), forced)
             forms["CUDA graphs forced: the program's time on the device"] = program_time(attention_forced)
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer, {args.reps} calls each, "
           f"the device idle before each; host shares land in place: {ex.host.landing.in_place}")

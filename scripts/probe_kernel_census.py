@@ -28,15 +28,13 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from ktjax.runtime.offload.segments import Unsummed, settle
+    from ktjax.runtime.offload.segments import settle
 
     layer = decode_layer(args.tiny)
     cfg, ex, seg, state, j = layer.cfg, layer.ex, layer.seg, layer.state, layer.j
     rope, start_B, latent_rp = layer.rope, layer.start_B, layer.latent_rp
-    dtype, x_BTD = jnp.bfloat16, layer.x_BTD
     D = cfg.hidden_size
-    terms = Unsummed(x_BTD, jnp.zeros((1, D), dtype), jnp.zeros((1, D), jnp.float32),
-                     ex.host.landing.put(np.zeros((1, D), np.float32)))
+    terms = layer.terms(ex.host.landing.put(np.zeros((1, D), np.float32)))
     summed = jax.jit(settle)(terms)
 
     def cached(program):  # the cache stacks donated: the next call takes the new ones

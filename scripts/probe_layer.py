@@ -23,6 +23,16 @@ class DecodeLayer:
     x_BTD: object
     rope: tuple
     start_B: object
+    shared_ND: object  # zeros: the shared expert's term [1, D]
+    routed_ND: object  # zeros: the routed experts' f32 sum [1, D]
+
+    def terms(self, host_ND=None):
+        """The previous MoE layer's terms as the layer's attention program takes them (`segments.Unsummed`): x, zero
+        shared and routed sums (made once), and host_ND as the host share (default: the zeros a layer without one
+        passes). Nothing is dispatched: a timed call may build them."""
+        from ktjax.runtime.offload.segments import Unsummed
+        host_ND = self.ex.host.landing.zeros(self.shared_ND.shape) if host_ND is None else host_ND
+        return Unsummed(self.x_BTD, self.shared_ND, self.routed_ND, host_ND)
 
     def call(self, program, x, state=None):
         """program(state, x, rope, start, latent, rp, j) as a step calls the layer's attention programs: the cache
@@ -58,4 +68,5 @@ def decode_layer(tiny: bool) -> DecodeLayer:
     x_BTD, rope, start_B = embed_segment(cfg, ex.top["embed_tokens"], np.array([[7]], np.int32),
                                          np.array([1024], np.int32))
     return DecodeLayer(cfg, ex, i, ex.segments[kind], ex.layers[i], jnp.int32(cfg.stack_index(i)),
-                       list(ex.init_cache(1, 1040).groups[kind]), x_BTD, rope, start_B)
+                       list(ex.init_cache(1, 1040).groups[kind]), x_BTD, rope, start_B,
+                       jnp.zeros((1, cfg.hidden_size), jnp.bfloat16), jnp.zeros((1, cfg.hidden_size), jnp.float32))

@@ -64,7 +64,6 @@ def main() -> None:
     layer = decode_layer(args.tiny)
     cfg, ex, i, seg, state, j = layer.cfg, layer.ex, layer.i, layer.seg, layer.state, layer.j
     x_BTD, rope, start_B, latent_rp = layer.x_BTD, layer.rope, layer.start_B, layer.latent_rp
-    dtype = jnp.bfloat16
     D, K, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
     store, fmt = ex.store, ex.plan.expert_format
 
@@ -81,7 +80,6 @@ def main() -> None:
     ids_C, _ = padded(device_ids, tuple(range(len(device_ids))))
     capacity = capacity_for(1, counts[device_ids])
     resident_w = tuple(store.experts[i][e] for e in resident)
-    zeros = (jnp.zeros((1, D), dtype), jnp.zeros((1, D), jnp.float32), ex.host.landing.zeros((1, D)))
     stats = StepStats()
     worker, host_thread = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
 
@@ -302,16 +300,16 @@ def main() -> None:
 
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
     forms = {
-        "the current form (fused_moe's steps)": lambda: current(Unsummed(x_BTD, *zeros)),
-        "one program, host kernels on their own thread": lambda: one_program(Unsummed(x_BTD, *zeros)),
+        "the current form (fused_moe's steps)": lambda: current(layer.terms()),
+        "one program, host kernels on their own thread": lambda: one_program(layer.terms()),
         "one program called by a worker, host kernels here": lambda: one_program_main_computes(
-            Unsummed(x_BTD, *zeros)),
+            layer.terms()),
         "one program, the split by the host, a loop of copies": lambda: dynamic_main_computes(
-            Unsummed(x_BTD, *zeros)),
-        "the split on the device, a second program": lambda: split_on_device(Unsummed(x_BTD, *zeros)),
-        "the split on the device, one program, a callback": lambda: split_on_device_callback(Unsummed(x_BTD, *zeros)),
-        "the host's split, one program here for copies and device": lambda: one_call_here(Unsummed(x_BTD, *zeros)),
-        "the host's split, copies' and device's programs here": lambda: two_calls_here(Unsummed(x_BTD, *zeros)),
+            layer.terms()),
+        "the split on the device, a second program": lambda: split_on_device(layer.terms()),
+        "the split on the device, one program, a callback": lambda: split_on_device_callback(layer.terms()),
+        "the host's split, one program here for copies and device": lambda: one_call_here(layer.terms()),
+        "the host's split, copies' and device's programs here": lambda: two_calls_here(layer.terms()),
         "the host kernels alone, this thread": lambda: [host_share(h_ND) for _ in range(LAYERS)],
         "the host kernels alone, their own thread": lambda: [host_thread.submit(host_share, h_ND).result()
                                                              for _ in range(LAYERS)],
@@ -336,14 +334,14 @@ def main() -> None:
 
     # Both forms computed the same: the 4 layers' outputs agree.
     a = jax.jit(settle)
-    first = np.asarray(a(current(Unsummed(x_BTD, *zeros))))
-    second = np.asarray(a(one_program(Unsummed(x_BTD, *zeros))))
-    third = np.asarray(a(one_program_main_computes(Unsummed(x_BTD, *zeros))))
-    fourth = np.asarray(a(dynamic_main_computes(Unsummed(x_BTD, *zeros))))
-    fifth = np.asarray(a(split_on_device(Unsummed(x_BTD, *zeros))))
-    sixth = np.asarray(a(split_on_device_callback(Unsummed(x_BTD, *zeros))))
-    seventh = np.asarray(a(one_call_here(Unsummed(x_BTD, *zeros))))
-    eighth = np.asarray(a(two_calls_here(Unsummed(x_BTD, *zeros))))
+    first = np.asarray(a(current(layer.terms())))
+    second = np.asarray(a(one_program(layer.terms())))
+    third = np.asarray(a(one_program_main_computes(layer.terms())))
+    fourth = np.asarray(a(dynamic_main_computes(layer.terms())))
+    fifth = np.asarray(a(split_on_device(layer.terms())))
+    sixth = np.asarray(a(split_on_device_callback(layer.terms())))
+    seventh = np.asarray(a(one_call_here(layer.terms())))
+    eighth = np.asarray(a(two_calls_here(layer.terms())))
     same = max(np.abs(first - second).max(), np.abs(first - third).max(), np.abs(first - seventh).max(),
                np.abs(first - eighth).max())
     print(f"  outputs agree: max |difference| {same:.3g}, "

@@ -43,10 +43,8 @@ def main() -> None:
     layer = decode_layer(args.tiny)
     cfg, ex, i, seg, state, j = layer.cfg, layer.ex, layer.i, layer.seg, layer.state, layer.j
     x_BTD, rope, start_B, latent_rp = layer.x_BTD, layer.rope, layer.start_B, layer.latent_rp
-    dtype = jnp.bfloat16
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
-    shared_ND = jnp.zeros((1, D), dtype)
-    routed_ND = jnp.zeros((1, D), jnp.float32)
+    shared_ND, routed_ND = layer.shared_ND, layer.routed_ND
 
     # A host share of 4 host experts for one token, as an R1-share layer computes on the host CPU.
     hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)]
@@ -81,7 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         out_ND = host_work()
         t1 = time.perf_counter()
-        out = call(seg.attention_route, Unsummed(x_BTD, shared_ND, routed_ND, ex.host.landing.put(out_ND)))
+        out = call(seg.attention_route, layer.terms(ex.host.landing.put(out_ND)))
         out[1].start_copies(host_inputs=True)
         out[1].ids_on_host()
         return t0, t1, time.perf_counter(), out
