@@ -39,6 +39,7 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
     rows_A = np.arange(pow2(N), dtype=np.int32)
     stats, n = StepStats(), 0
     hosted = [e for e in range(cfg.n_routed_experts) if ex.store.is_hosted(i, e)][:FUSED_MAX_EXPERTS]
+    slot_counts = sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})  # 2, 4, 8
 
     def moe_device(ids_C, slots, then_landed: bool):
         nonlocal n
@@ -55,7 +56,7 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
 
     if ex.fused_copies.startswith("in_program"):
         moe_device(np.zeros(0, np.int32), (), False)
-        for S in sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)}):
+        for S in slot_counts:
             for moved in range(min(S, len(hosted)) + 1):  # any experts: only their shapes and places matter
                 ids = [e % cfg.n_routed_experts for e in range(S - moved)]
                 moe_device(*padded_apart(ids, tuple(ex.store.fetch(i, ids, stats)), hosted[:moved],
@@ -66,7 +67,7 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
             for k in range(1, len(hosted) + 1):
                 jax.block_until_ready(ex.store.fetch(i, hosted[:k], stats, by_program=True))
                 n += 1
-        for S in (0,) + tuple(sorted({fused_slots(k) for k in range(1, FUSED_MAX_EXPERTS + 1)})):
+        for S in [0] + slot_counts:
             ids = [e % cfg.n_routed_experts for e in range(S)]
             moe_device(np.array(ids, np.int32), tuple(ex.store.fetch(i, ids, stats)), bool(S) and ex.resident_apart)
     return n
