@@ -466,13 +466,15 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_watcher(True)
         elif option == "put-copies":  # a fused layer's transfers by jax.device_put, as before dea2747
             model = model.with_fused_copies("put")
-        elif option == "in-program-here":  # the device's program, copies in it, called before the host kernels
+        elif option == "in-program":  # the link's experts moved by the device's program, dispatched by the worker
+            model = model.with_fused_copies("in_program")
+        elif option == "in-program-here":  # the same program called by the step's thread before the host kernels
             model = model.with_fused_copies("in_program_here")
         elif option == "indices-in-place":  # a fused layer's ids and rows in pinned buffers its program reads
             model = model.with_indices_in_place(True)
-        elif option == "copies-apart":  # by a program of their own before the device's, as before this session
-            model = model.with_fused_copies("program")
-        elif option == "routing-copies":  # the routing copied to the host after the call, as before this session
+        elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
+            model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
+        elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
             from ktjax.runtime.offload.segments import LayerSegments
             model = copy.copy(model)
             model.segments = {k: LayerSegments(s.graphdef, s.cfg, routing_to_host=False)
@@ -682,11 +684,11 @@ def main():
                         "'lookahead<N>' (N experts fetched a layer early), "
                         "'ceiling-rates' (the split's rates from this run's ceilings, both paths at once, not from "
                         "the load-time measurement), 'watch' (when transfers land and device shares are computed, "
-                        "in the timeline), 'put-copies' (a fused layer's transfers by jax.device_put, not in "
-                        "the device's program), 'copies-apart' (by a program of their own, before the device's), "
-                        "'in-program-here' (in the device's program, called before the host kernels, not by the "
-                        "worker), 'indices-in-place' (a fused layer's expert ids and rows handed to its program in "
-                        "pinned buffers), "
+                        "in the timeline), a fused layer's link experts moved 'put-copies' (by jax.device_put), "
+                        "'copies-apart' (by a program of their own before the device's: the default), 'in-program' "
+                        "(by the device's program, dispatched by the worker) or 'in-program-here' (the same, called "
+                        "before the host kernels), 'indices-in-place' (a fused layer's expert ids and rows handed to "
+                        "its program in pinned buffers), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
