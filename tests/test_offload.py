@@ -296,11 +296,8 @@ def test_padding_and_inactive_rows_route_to_no_expert(all_host, form, lookahead)
 @pytest.mark.parametrize("form", ["fused", "streamed"])
 def test_decode_steps_reuse_their_compiled_segments(mixed, form):
     """Steps that mix device and host experts in a layer, in any proportion, run the same programs: the
-    experts' and those that read a MoE layer's terms (the next layer's attention, the head). The fused form's
-    device program has a variant per expert-slot count and number of experts it moves from host memory, which the
-    executor's decode warm-up (`compile_decode`) compiles before any step."""
+    experts' and those that read a MoE layer's terms (the next layer's attention, the head)."""
     model = dataclasses.replace(mixed, executor=mixed.executor.with_decode_form(form))
-    model.executor.compile_decode(1)
     seg = model.executor.segments["moe"]
     segments = (seg.moe_device if form == "fused" else experts_segment, seg.attention_route, head_segment)
     ktjax.generate(model, [5, 9, 13], max_new_tokens=3)
