@@ -1,0 +1,87 @@
+"""A program that hands arrays to the host and takes the host's answers back in the middle of its run
+(`runtime/offload/handoff.py`), on the CPU backend: what the host receives is what the program computed, what the
+program reads back is what the host answered, in order, over several programs and more calls than ring slots."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ktjax.runtime.offload.handoff import Handoff
+
+
+@pytest.fixture(scope="module")
+def handoff():
+    return Handoff(jax.devices()[0], slot_bytes=256, slots=3, timeout_s=20)
+
+
+def layers(handoff, n_layers):
+    """A program of n_layers steps: each hands x's sine to the host and adds the host's answer to it."""
+    @jax.jit
+    def program(x):
+        for _ in range(n_layers):
+            y = jnp.sin(x)
+            handed = handoff.hand_over(y)
+            x = y + handoff.take_back(x.shape, x.dtype, handed, y)
+        return x
+    return program
+
+
+def host_answer(received: np.ndarray, k: int) -> np.ndarray:
+    return (received * received + k).astype(np.float32)
+
+
+def test_the_host_answers_each_hand_over_in_the_middle_of_the_program(handoff):
+    x = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
+    program = layers(handoff, 4)
+    for run in range(3):  # 12 round trips through 3 slots
+        job = handoff.launch(program, jnp.asarray(x + run))
+        want = x + run
+        for k in range(4):
+            got = handoff.receive(want.shape, np.float32).copy()
+            np.testing.assert_allclose(got, np.sin(want), rtol=1e-6, atol=1e-6)
+            handoff.answer(host_answer(got, k))
+            want = np.sin(want) + host_answer(got, k)
+        np.testing.assert_allclose(np.asarray(job.result()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_answers_given_before_the_launch_are_read_in_order(handoff):
+    x = np.ones((2, 2), np.float32)
+    answers = [np.full((2, 2), 10.0 * k, np.float32) for k in range(3)]
+    for a in answers:
+        handoff.answer(a)
+    out = layers(handoff, 3)(jnp.asarray(x))  # nothing blocks: every wait is already met
+    want = x
+    for a in answers:
+        want = np.sin(want) + a
+        np.testing.assert_allclose(handoff.receive(want.shape, np.float32), want - a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_answer_larger_than_the_slots_is_refused(handoff):
+    with pytest.raises(ValueError, match="257 bytes exceeds the 256-byte slots"):
+        handoff.answer(np.zeros(257, np.uint8))
+
+
+def test_a_hand_over_larger_than_the_slots_fails_the_program_and_names_the_limit(handoff):
+    too_big = jax.jit(lambda x: handoff.hand_over(x))
+    with pytest.raises(Exception, match="larger than the 256-byte slots"):
+        jax.block_until_ready(too_big(jnp.zeros(65, jnp.float32)))
+    small = np.arange(4, dtype=np.float32)
+    jax.block_until_ready(jax.jit(lambda x: handoff.hand_over(x))(jnp.asarray(small)))
+    np.testing.assert_array_equal(handoff.receive((4,), np.float32), small)  # the failed one took no number
+
+
+def test_waiting_for_a_hand_over_that_never_comes_times_out_with_the_count():
+    lonely = Handoff(jax.devices()[0], slot_bytes=64, slots=2, timeout_s=0.2)
+    with pytest.raises(TimeoutError, match="numbered 0 within 0 s .*0 hand-overs"):
+        lonely.receive((1,), np.float32)
+
+
+def test_a_program_abandoned_midway_drains_and_the_next_one_is_answered_rightly(handoff):
+    x = np.full((2, 2), 0.5, np.float32)
+    job = handoff.launch(layers(handoff, 3), jnp.asarray(x))
+    handoff.receive(x.shape, np.float32)  # the host fails after its first hand-over, before answering
+    handoff.abandon(job)
+    assert job.done()
+    test_the_host_answers_each_hand_over_in_the_middle_of_the_program(handoff)
