@@ -15,6 +15,9 @@ passes, every form once per pass in turn:
 - the current form, as `fused_moe` drives a layer;
 - the handoff program, this thread answering;
 - the same with every answer given before the launch (the device's part alone: its floor);
+- one program, the split by the host as now: it copies the device's experts (resident ones from device memory,
+  link ones from pinned host memory) into the program's own buffers (`Handoff.take_into`/`fill`) on a stream of its
+  own, and the program's stream waits for them (the form an executor needs no expert stacks for);
 - the host kernels alone, 4 times.
 
     python3 scripts/probe_handoff.py [--tiny] [--reps 30]
@@ -45,7 +48,7 @@ def main() -> None:
     from ktjax.experts.weights import ExpertWeights
     from ktjax.runtime.model import StepStats
     from ktjax.runtime.offload.handoff import Handoff
-    from ktjax.runtime.offload.moe_block import padded
+    from ktjax.runtime.offload.moe_block import fused_slots, padded
     from ktjax.runtime.offload.segments import Unsummed, settle
     from ktjax.runtime.offload.streaming import capacity_for
 
@@ -139,11 +142,47 @@ def main() -> None:
                 x = Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
             return x, latent, rp
 
-        jitted = jax.jit(handoff_program, donate_argnums=(4, 5))
+        # ---- the same, the split by the host: it copies the device's experts into the program's own slots ---
+        device_w = tuple(store.experts[i][e].w for e in device_ids)
+        slots = fused_slots(len(device_ids))
+        structs = [jax.ShapeDtypeStruct((slots,), jnp.int32)] + [jax.ShapeDtypeStruct(w.shape, w.dtype)
+                                                                  for w in device_w[:1] * slots]
 
-        def launch(x):
+        def filled_program(state, x, rope, start_B, latent, rp, j, host_stack, resident_w):
+            for _ in range(LAYERS):
+                x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
+                bits_NK = jax.lax.bitcast_convert_type(routing.idx_NK, jnp.float32)
+                packed = jnp.concatenate([routing.h_ND.astype(jnp.float32), routing.w_NK, bits_NK], axis=1)
+                handed = handoff.hand_over(packed)
+                ids_C, *w_C = handoff.take_into(structs, handed)
+                shared_ND, routed_ND = seg.moe_device.__wrapped__(
+                    state, routing.h_ND, w_NK, idx_NK, rows_A, ids_C, tuple(ExpertWeights(w, None, fmt) for w in w_C),
+                    capacity=capacity)
+                host_ND = handoff.take_back((1, D), jnp.float32, handed, shared_ND, routed_ND)
+                x = Unsummed(x_BTD, shared_ND, routed_ND, host_ND)
+            return x, latent, rp
+
+        def sources():  # the host's split: the device's experts (pads: the first again), their ids
+            ids = np.full(slots, -1, np.int32)
+            ids[:len(device_ids)] = device_ids
+            chosen = device_w + device_w[:1] * (slots - len(device_w))
+            return [handoff.stage(ids)] + [(w.unsafe_buffer_pointer(), w.nbytes) for w in chosen]
+
+        def with_fills(x):
+            job = launch(x, filled)
+            for _ in range(LAYERS):
+                packed = handoff.receive((1, D + 2 * K), np.float32)
+                packed[0, D + K:].view(np.int32)  # the router's ids, read as a step must; the experts are fixed
+                handoff.fill(sources())
+                handoff.answer(host_share(cpu_ids, packed[:, :D]))
+            return finish(job)
+
+        jitted = jax.jit(handoff_program, donate_argnums=(4, 5))
+        filled = jax.jit(filled_program, donate_argnums=(4, 5))
+
+        def launch(x, program=jitted):
             def call():
-                out = jitted(state, x, rope, start_B, *latent_rp, j, host_stack, resident_w)
+                out = program(state, x, rope, start_B, *latent_rp, j, host_stack, resident_w)
                 launched.append(time.perf_counter())
                 return out
             return handoff.launch(call)
@@ -172,6 +211,7 @@ def main() -> None:
         return {f"{split} the current form (fused_moe's steps)": lambda: current(layer.terms()),
                 f"{split} one program, the stream waiting for the host": lambda: with_handoff(layer.terms()),
                 f"{split} the same, answers given before (device alone)": lambda: answered_before(layer.terms()),
+                f"{split} one program, the host's split and copies": lambda: with_fills(layer.terms()),
                 f"{split} the host kernels alone": lambda: [host_share(cpu_ids, h_ND) for _ in range(LAYERS)]}
 
     forms = {}
@@ -204,10 +244,10 @@ def main() -> None:
 
     a = jax.jit(settle)
     names = list(forms)
-    for k in range(0, len(names), 4):
-        first, second = (np.asarray(a(forms[n]())) for n in names[k:k + 2])
+    for k in range(0, len(names), 5):
+        first, second, third = (np.asarray(a(forms[names[k + m]]())) for m in (0, 1, 3))
         print(f"  {names[k].split()[0]}: outputs agree, max |difference| {np.abs(first - second).max():.3g} "
-              f"(scale {np.abs(first).max():.3g})")
+              f"(the device's split), {np.abs(first - third).max():.3g} (the host's; scale {np.abs(first).max():.3g})")
 
 if __name__ == "__main__":
     main()

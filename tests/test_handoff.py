@@ -74,7 +74,7 @@ def test_a_hand_over_larger_than_the_slots_fails_the_program_and_names_the_limit
 
 def test_waiting_for_a_hand_over_that_never_comes_times_out_with_the_count():
     lonely = Handoff(jax.devices()[0], slot_bytes=64, slots=2, timeout_s=0.2)
-    with pytest.raises(TimeoutError, match="numbered 0 within 0 s .*0 hand-overs"):
+    with pytest.raises(TimeoutError, match="no hand-over numbered 0 within 0 s .*0 hand_over"):
         lonely.receive((1,), np.float32)
 
 
@@ -85,3 +85,33 @@ def test_a_program_abandoned_midway_drains_and_the_next_one_is_answered_rightly(
     handoff.abandon(job)
     assert job.done()
     test_the_host_answers_each_hand_over_in_the_middle_of_the_program(handoff)
+
+
+def test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_hand_over(handoff):
+    table = np.arange(24, dtype=np.float32).reshape(6, 4) ** 2  # rows the host chooses from, by what it receives
+
+    @jax.jit
+    def program(x):
+        handed = handoff.hand_over(x)
+        rows, chosen = handoff.take_into([jax.ShapeDtypeStruct((2,), jnp.int32),
+                                          jax.ShapeDtypeStruct((2, 4), jnp.float32)], handed)
+        return rows, chosen * x[:, None]
+
+    for run in range(4):  # more launches than the staging ring's 3 slots
+        x = np.array([run + 1.0, 2.0 * run], np.float32)
+        job = handoff.launch(program, jnp.asarray(x))
+        got = handoff.receive((2,), np.float32)
+        rows = (np.asarray(got, np.int64) + 1) % 6
+        chosen = table[rows]
+        handoff.fill([handoff.stage(rows.astype(np.int32)), (chosen.ctypes.data, chosen.nbytes)])
+        out_rows, out = (np.asarray(a) for a in job.result())
+        np.testing.assert_array_equal(out_rows, rows)
+        np.testing.assert_allclose(out, table[rows] * x[:, None])
+
+
+def test_a_fill_larger_than_its_output_is_refused_before_any_copy(handoff):
+    program = jax.jit(lambda: handoff.take_into([jax.ShapeDtypeStruct((2,), jnp.int32)]))
+    job = handoff.launch(program)
+    with pytest.raises(ValueError, match="source of 12 bytes for take_into output 0 of 8"):
+        handoff.fill([handoff.stage(np.zeros(3, np.int32))])
+    handoff.abandon(job)
