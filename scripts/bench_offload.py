@@ -472,6 +472,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_fused_copies("in_program_here")
         elif option == "indices-in-place":  # a fused layer's ids and rows in pinned buffers its program reads
             model = model.with_indices_in_place(True)
+        elif option == "handoff":  # batch-1 steps launched whole, each layer's stream waiting for the host
+            model = model.with_decode_form("handoff")
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -688,7 +690,8 @@ def main():
                         "'copies-apart' (by a program of their own before the device's: the default), 'in-program' "
                         "(by the device's program, dispatched by the worker) or 'in-program-here' (the same, called "
                         "before the host kernels), 'indices-in-place' (a fused layer's expert ids and rows handed to "
-                        "its program in pinned buffers), "
+                        "its program in pinned buffers), 'handoff' (batch-1 steps launched whole, each MoE layer's "
+                        "program waiting on its stream for the host's copies and share: decode_form 'handoff'), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "

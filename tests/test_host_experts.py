@@ -10,7 +10,7 @@ import pytest
 
 import ktjax
 from ktjax.api import plan_placement, routing_counts
-from ktjax.runtime.model import StepStats
+from ktjax.runtime.model import Sampling, StepStats
 from ktjax.runtime.offload.executor import FUSED_COPIES
 from ktjax.runtime.offload.path_rates import PathRates
 from ktjax.runtime.offload.scheduler import split
@@ -350,3 +350,30 @@ def test_host_shares_land_in_two_pinned_buffers_in_turn_that_programs_read_in_pl
     np.testing.assert_array_equal(np.asarray(held), ids)
     empty = np.zeros(0, np.int32)
     assert landing.put(empty) is empty  # no buffer for no ids
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt):
+    """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
+    waiting for the host's copies of its device experts and for the host CPU's share) gives a batch-1 decode step the
+    hidden states of the step whose host experts all stream, with the host CPU's, the link's and the resident
+    experts' paths all taken."""
+    from ktjax.runtime.offload.segments import Segments, settle
+
+    def decoded(model) -> np.ndarray:
+        ex = model.executor
+        prompt = np.array([[5, 9, 13, 2]], np.int32)
+        cache = ex.init_cache(1, 16)
+        _, cache, _ = ex.prefill(cache, prompt, [4], jax.random.key(0), Sampling.of())
+        stats = StepStats()
+        x, _ = ex.forward(cache, np.array([7], np.int32), np.array([4], np.int32), stats, Segments(stats, False))
+        return np.asarray(jax.jit(settle)(x)), stats
+
+    want, _ = decoded(split_model(fmt, "gpu"))
+    even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
+    model = split_model(fmt, "auto")
+    model = dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
+    got, stats = decoded(model)
+    assert rel_err(got, want) < 1e-5
+    assert stats.experts_on_host_cpu > 0 and stats.experts_fetched > 0 and stats.experts_on_device > 0
+    assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran

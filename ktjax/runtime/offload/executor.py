@@ -28,6 +28,7 @@ from ktjax.experts.weights import ExpertWeights
 from ktjax.lora.merge import merge_layers
 from ktjax.models import KVCache, LayerCache, layer_structure
 from ktjax.runtime.model import Sampling, StepStats
+from ktjax.runtime.offload.handoff_step import HandoffLayers, handoff_forward, applies as handoff_applies
 from ktjax.runtime.offload.host_path import HostPath, ShareLanding
 from ktjax.runtime.offload.path_rates import DEFAULT_RATES, PathRates, kernel_name, measured_rates
 from ktjax.runtime.offload.scheduler import MODES
@@ -42,7 +43,7 @@ from ktjax.runtime.placement import QUERY_CHUNK, PlacementPlan
 from ktjax.train.offloaded import OffloadedTrainer
 
 
-DECODE_FORMS = ("auto", "fused", "streamed")
+DECODE_FORMS = ("auto", "fused", "streamed", "handoff")
 FUSED_COPIES = ("program", "in_program", "in_program_here", "put")  # `OffloadedExecutor.fused_copies`, default first
 
 
@@ -56,7 +57,9 @@ class OffloadedExecutor:
     program computes the rest: the shared expert, the device's experts and the combine),
     "streamed" (a program per streamed expert as it lands, dispatched by a worker thread beside the
     host CPU's kernels), or "auto": fused for int4 experts, streamed for the others (measured at
-    batch 1 on the H200, offload.md run 10: int4 18.4 against 20.6 ms, int8 24.7 against 22.4 ms). mesh: the
+    batch 1 on the H200, offload.md run 10: int4 18.4 against 20.6 ms, int8 24.7 against 22.4 ms); "handoff": a
+    batch-1 decode step launched whole, each MoE layer's program waiting on its stream for the host's copies and
+    share (`handoff_step`; other steps fused). mesh: the
     expert mesh the core arrays are replicated over and the experts split over (None: one device);
     experts then live on (or behind) their owner's device. lookahead: in decode steps on one device, how many
     of the next MoE layer's likely host experts each MoE layer fetches early (`moe_block.Lookahead`; 0: none).
@@ -127,13 +130,17 @@ class OffloadedExecutor:
         load."""
         return ShareLanding(self.store.on_host)
 
+    @functools.cached_property
+    def handoff_layers(self) -> HandoffLayers:  # made the first time a step takes the handoff form
+        return HandoffLayers(self)
+
     @property
     def dtype(self):
         return self._dtype
 
     @property
     def fuses_decode(self) -> bool:
-        if self.decode_form == "auto":
+        if self.decode_form in ("auto", "handoff"):  # handoff's other steps (batches, prefill) are int4's: fused
             return self.plan.expert_format.name == "int4"
         return self.decode_form == "fused"
 
@@ -334,6 +341,8 @@ class OffloadedExecutor:
             active_N = np.broadcast_to(np.asarray(active, bool).reshape(B, -1), (B, T)).reshape(-1)
             if active_N.all() or not active_N.any():
                 active_N = None
+        if handoff_applies(self, tokens_BT, run):
+            return handoff_forward(self, cache, tokens_BT, start_B, stats, run, active_N)
         # Token ids and positions may be host arrays; they cross to the device once, here.
         x_BTD, rope, start_B = run("embed", embed_segment, cfg, self.top["embed_tokens"], tokens_BT, start_B)
         short = x_BTD.shape[1] <= QUERY_CHUNK  # attention and what follows fit one segment

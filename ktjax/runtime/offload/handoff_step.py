@@ -1,0 +1,156 @@
+"""A batch-1 decode step launched whole, each MoE layer's program waiting on its stream for the host CPU
+(the executor's decode_form "handoff"; `handoff.Handoff`).
+
+The fused form (`moe_block.fused_moe`) drives each MoE layer from Python: the attention program's call, the routing's
+way to the host, the copies' and the device share's calls, ~1 ms of a ~3 ms R1-share layer outside the experts' two
+paths (benchmarks/offload.md, runs 26-41). Here a launching thread calls every layer's program at once, and each MoE
+layer's program hands its routing to the host, waits for the device's experts the host copies into its own buffers
+(resident ones from device memory, the link's from pinned host memory; `Handoff.take_into`), computes them with the
+shared expert, then waits for the host CPU's share. This thread serves the layers in turn: it reads a layer's
+routing, splits its experts as the fused form does (`moe_block.paths`), queues the copies, computes the host's
+share and answers. No program call, callback or round trip of the step's thread sits on a layer's path.
+
+Batch 1 only: the programs are launched before any routing is known, so their expert slots (`SLOTS`) and gather
+capacity (1) are static. One device, with a host path (int8/int4 experts); no lookahead.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ktjax.experts.device import add_experts
+from ktjax.kernels import expert_path
+from ktjax.models import KVCache, LayerCache
+from ktjax.runtime.model import StepStats
+from ktjax.runtime.offload.handoff import Handoff
+from ktjax.runtime.offload.moe_block import FUSED_MAX_EXPERTS, paths
+from ktjax.runtime.offload.segments import Segments, Unsummed, attend_cached, embed_segment, route, settle, shared
+
+if TYPE_CHECKING:
+    from ktjax.runtime.offload.executor import OffloadedExecutor
+
+SLOTS = FUSED_MAX_EXPERTS  # device experts a layer's program can take: every expert batch 1 chooses
+
+
+class HandoffLayers:
+    """The executor's MoE layers in the handoff form: one program per layer kind, bound to one `Handoff`, whose
+    slots hold a token's routing ([1, D + 2K] float32: h, weights, the ids' bits) one way and its host share
+    ([1, D] float32) the other."""
+
+    def __init__(self, ex: OffloadedExecutor):
+        cfg = ex.config
+        D, K = cfg.hidden_size, cfg.num_experts_per_tok
+        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * (D + 2 * K))
+        pad = ex.store.device_pad
+        self.leaves, self.treedef = jax.tree.flatten(pad)
+        # Slots no token chose: the expert kernels skip them; XLA's path reads (and weighs by 0) every one, so there
+        # they must hold an expert's numbers, not garbage.
+        fmt = ex.plan.expert_format.name
+        self.pads_read = expert_path(np.zeros((1, D), ex.dtype), fmt, cfg.moe_intermediate_size, D) != "pallas"
+        self.structs = [jax.ShapeDtypeStruct((SLOTS,), jnp.int32)] + [
+            jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.leaves] * SLOTS
+        self.programs = {kind: jax.jit(functools.partial(self.moe_layer, seg.graphdef), donate_argnums=(4, 5))
+                         for kind, seg in ex.segments.items() if kind != "dense"}
+
+    def moe_layer(self, graphdef, state, x_BTD, rope, start_B, latent, rp, j):
+        """Attention, routing handed to the host, the device's experts as the host fills them in, the shared expert,
+        the host's share taken back: the layer's output as its terms."""
+        handoff, n = self.handoff, len(self.leaves)
+        layer = nnx.merge(graphdef, state)
+        x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
+        h_ND, w_NK, idx_NK = route(layer, x_BTD)
+        bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
+        handed = handoff.hand_over(jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], 1))
+        ids_C, *arrays = handoff.take_into(self.structs, handed)
+        experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(SLOTS))
+        shared_ND = shared(layer, h_ND)
+        routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=1)
+        host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND)
+        return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
+
+
+def applies(ex: OffloadedExecutor, tokens_BT, run: Segments) -> bool:
+    """Whether a forward pass takes the handoff form: a batch-1 decode step on one device with a host path, the
+    executor's decode_form "handoff", not profiled (profiling waits for each program)."""
+    return (ex.decode_form == "handoff" and ex.mesh is None and ex.host is not None and ex.expert_compute != "gpu"
+            and np.size(tokens_BT) == 1 and not run.profile)
+
+
+def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments,
+                    active_N: np.ndarray | None):
+    """`OffloadedExecutor.forward` in the handoff form: the layers launched by the handoff's thread, their host
+    work served here. Returns (the last layer's output, the cache)."""
+    cfg, layers = ex.config, ex.handoff_layers
+    x_BTD, rope, start_B = run("embed", embed_segment, cfg, ex.top["embed_tokens"], tokens_BT, start_B)
+    job = layers.handoff.launch(launch_layers, ex, layers, x_BTD, rope, start_B, dict(cache.groups), run)
+    try:
+        for i in cfg.moe_layers:
+            serve_layer(ex, layers, i, stats, active_N)
+    except BaseException:
+        layers.handoff.abandon(job)
+        raise
+    x_BTD, groups = job.result()
+    return x_BTD, KVCache(groups)
+
+
+def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, x_BTD, rope, start_B, groups: dict, run: Segments):
+    """Every layer's program, called in turn (the handoff's launching thread): dense layers as the fused form runs
+    them, MoE layers in the handoff form."""
+    for i, kind in enumerate(ex.config.layer_kinds):
+        seg, state, j = ex.segments[kind], ex.layers[i], ex._stack_index[i]
+        latent, rp = groups[kind]
+        if kind == "dense":
+            x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
+        else:
+            x_BTD, latent, rp = run("moe_layer", layers.programs[kind], state, x_BTD, rope, start_B, latent, rp, j)
+        groups[kind] = LayerCache(latent, rp)
+    return x_BTD, groups
+
+
+def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, stats: StepStats,
+                active_N: np.ndarray | None) -> None:
+    """MoE layer i's host work: its routing read, its experts split by path (`moe_block.paths`), the device's copied
+    into its program (pads: the store's device pad where XLA's path reads every slot, so none holds garbage), the
+    host CPU's share computed and handed back."""
+    cfg, handoff = ex.config, layers.handoff
+    D, K, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    t = time.perf_counter()
+    packed = handoff.receive((1, D + 2 * K), np.float32)
+    stats.span("routing_wait", t)
+    stats.routed_at.append(time.perf_counter() - stats.started)
+    h_ND, w_NK = packed[:, :D], packed[:, D:D + K]
+    idx_NK = np.ascontiguousarray(packed[:, D + K:]).view(np.int32)
+    if active_N is not None and not active_N[0]:
+        idx_NK = np.full_like(idx_NK, E)  # an inactive row chooses no expert
+    counts = np.bincount(idx_NK.ravel(), minlength=E + 1)[:E]
+    stats.expert_counts[i] = counts
+    t = time.perf_counter()
+    resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
+    ids_C = np.full(SLOTS, -1, np.int32)
+    ids_C[:len(resident) + len(link_ids)] = resident + link_ids
+    chosen = [ex.store.experts[i][e] for e in resident + link_ids]
+    if layers.pads_read:
+        chosen += [ex.store.device_pad] * (SLOTS - len(chosen))
+    handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
+                                           for a in jax.tree.leaves(w)])
+    stats.span("split", t)
+    link_bytes = sum(ex.store.experts[i][e].nbytes for e in link_ids)
+    stats.bytes_from_host += link_bytes
+    stats.link_bytes.append(link_bytes)
+    stats.experts_fetched += len(link_ids)
+    stats.experts_on_device += len(resident)
+    if not cpu_ids:
+        handoff.answer(np.zeros((1, D), np.float32))
+        return
+    t = time.perf_counter()
+    handoff.answer(ex.host.compute(i, cpu_ids, idx_NK, w_NK, h_ND))
+    stats.host_cpu_seconds.append(time.perf_counter() - t)
+    stats.span("host_share", t)
+    stats.experts_on_host_cpu += len(cpu_ids)
