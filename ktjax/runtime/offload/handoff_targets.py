@@ -1,0 +1,298 @@
+"""The XLA FFI targets of `handoff.Handoff`, compiled at run time by numba against the XLA FFI C ABI
+(`xla/ffi/api/c_api.h`, whose structs are versioned and only grow at their ends), and what they need: raw memory
+access and indirect calls (numba intrinsics over LLVM IR), pinned host memory the device maps, and the CUDA driver's
+stream memory operations and copies (through libcuda, loaded already by jax's CUDA plugin). No C compiler at install:
+numba is already ktjax's host-kernel compiler.
+
+A handler runs when XLA launches its program, not when the stream reaches it: it only queues work on the stream
+(on the CPU backend, where there is no stream, it does the work itself: copies, and a spinning wait).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import numpy as np
+from llvmlite import ir
+from numba import cfunc, njit, types
+from numba.extending import intrinsic
+
+if TYPE_CHECKING:
+    from ktjax.runtime.offload.handoff import Handoff
+
+# XLA FFI C ABI offsets (64-bit), from xla/ffi/api/c_api.h.
+FRAME_EXTENSION, FRAME_API, FRAME_CTX, FRAME_STAGE = 8, 16, 24, 32
+FRAME_ARGS, FRAME_RETS = 40 + 32, 80 + 32  # XLA_FFI_Args.args, XLA_FFI_Rets.rets (void**)
+FRAME_RETS_SIZE = 80 + 16  # XLA_FFI_Rets.size
+BUFFER_DTYPE, BUFFER_DATA, BUFFER_RANK, BUFFER_DIMS = 16, 24, 32, 40
+API_VERSION_MAJOR, API_VERSION_MINOR = 32, 36  # XLA_FFI_Api.api_version.{major,minor}_version
+API_ERROR_CREATE, API_STREAM_GET = 48, 80
+EXTENSION_TYPE, METADATA_EXTENSION, METADATA = 8, 1, 24  # XLA_FFI_Extension_Base.type; the metadata's pointer
+STAGE_EXECUTE = 3
+MAX_OUTPUTS = 32  # of a take_into
+STAGING_BYTES = 4096  # a `Handoff.stage` slot
+ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 12: 8, 16: 2}  # XLA_FFI_DataType
+
+WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*flag - value) >= 0
+HOST_ALLOC_FLAGS = 0x01 | 0x02  # CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP
+
+# ---- raw memory and indirect calls for the handlers (numba intrinsics over LLVM IR) --------------------------------
+
+def _loader(bits: int):
+    @intrinsic
+    def load(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            ty = ir.IntType(bits)
+            # Atomic (acquire): the flags are written by another thread or the device; never hoisted from a loop.
+            value = builder.load_atomic(builder.inttoptr(args[0], ty.as_pointer()), "acquire", bits // 8)
+            return builder.sext(value, ir.IntType(64)) if bits < 64 else value
+        return types.int64(types.int64), codegen
+    return load
+
+
+def _storer(bits: int):
+    @intrinsic
+    def store(typingctx, addr, value):
+        def codegen(context, builder, signature, args):
+            ty = ir.IntType(bits)
+            v = builder.trunc(args[1], ty) if bits < 64 else args[1]
+            builder.store_atomic(v, builder.inttoptr(args[0], ty.as_pointer()), "release", bits // 8)
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64), codegen
+    return store
+
+
+_load32, _load64, _store32, _store64 = _loader(32), _loader(64), _storer(32), _storer(64)
+
+
+@intrinsic
+def _call1(typingctx, fn, a):
+    """fn(a) for a C function pointer fn returning a pointer (the FFI API's functions)."""
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        f = builder.inttoptr(args[0], ir.FunctionType(i64, [i64]).as_pointer())
+        return builder.call(f, [args[1]])
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _call4(typingctx, fn, a, b, c, d):
+    """fn(a, b, c, d) for a C function pointer fn returning int32 (the CUDA driver's); 32-bit parameters are passed
+    in 64-bit registers, which the SysV ABI allows (the callee reads their low halves)."""
+    def codegen(context, builder, signature, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i64] * 4).as_pointer())
+        return builder.sext(builder.call(f, list(args[1:])), i64)
+    return types.int64(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _copy(typingctx, dst, src, n):
+    """memcpy(dst, src, n) (the CPU backend's copies)."""
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        builder.call(builder.module.declare_intrinsic("llvm.memcpy", [i8p, i8p, ir.IntType(64)]),
+                     [builder.inttoptr(args[0], i8p), builder.inttoptr(args[1], i8p), args[2],
+                      ir.Constant(ir.IntType(1), 0)])
+        return context.get_dummy_value()
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+# ---- pinned host memory the device can read and write ------------------------------------------------------------
+
+class Pinned:
+    """Page-locked host memory mapped into the device's address space (cuMemHostAlloc), or, on the CPU backend,
+    plain numpy memory. `host`: its address here; `device`: the address the device's stream operations take."""
+
+    def __init__(self, nbytes: int, cuda: CudaDriver | None):
+        self.cuda = cuda
+        if cuda is None:
+            self.array = np.zeros(nbytes, np.uint8)
+            self.host = self.device = self.array.ctypes.data
+            return
+        self.host, self.device = cuda.host_alloc(nbytes)
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(self.host))
+
+
+class CudaDriver:
+    """The CUDA driver functions the handlers queue (their addresses, called from compiled code) and the pinned
+    allocation, through libcuda (loaded already by jax's CUDA plugin)."""
+
+    def __init__(self, ordinal: int):
+        self.lib = lib = ctypes.CDLL("libcuda.so.1")
+
+        def address(*names: str) -> int:
+            for name in names:
+                if hasattr(lib, name):
+                    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            raise OSError(f"libcuda.so.1 has none of {names}")
+
+        self.wait_value = address("cuStreamWaitValue32_v2", "cuStreamWaitValue32")
+        self.write_value = address("cuStreamWriteValue32_v2", "cuStreamWriteValue32")
+        self.to_device = address("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync")
+        self.to_host = address("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync")
+        self.ctx, device = ctypes.c_void_p(), ctypes.c_int()
+        self.check("cuDeviceGet", lib.cuDeviceGet(ctypes.byref(device), ordinal))
+        self.check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), device))
+        # The host's own stream, for the copies it queues into a program's outputs (`Handoff.fill`).
+        self.bind()
+        self.stream = ctypes.c_void_p()
+        self.check("cuStreamCreate", lib.cuStreamCreate(ctypes.byref(self.stream), 1))  # CU_STREAM_NON_BLOCKING
+        self.copy = lib.cuMemcpyAsync
+        self.copy.argtypes = (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
+        self.write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+        self.write.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
+
+    def bind(self) -> None:
+        """Make the device's primary context (XLA's) current on this thread."""
+        self.check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(self.ctx))
+
+    def check(self, what: str, result: int) -> None:
+        if result != 0:
+            raise RuntimeError(f"CUDA driver: {what} failed (CUresult {result})")
+
+    def host_alloc(self, nbytes: int) -> tuple[int, int]:
+        lib = self.lib
+        self.bind()
+        host, device = ctypes.c_void_p(), ctypes.c_uint64()
+        self.check(f"cuMemHostAlloc({nbytes} bytes)",
+                   lib.cuMemHostAlloc(ctypes.byref(host), ctypes.c_size_t(nbytes), HOST_ALLOC_FLAGS))
+        self.check("cuMemHostGetDevicePointer", lib.cuMemHostGetDevicePointer_v2(ctypes.byref(device), host, 0))
+        return host.value, device.value
+
+
+@njit(nogil=True, cache=True)
+def spin(address, target, tries):
+    """Whether the uint32 flag at address reaches target (modulo 2**32) within `tries` reads."""
+    for _ in range(tries):
+        if ((_load32(address) - target) & 0xFFFFFFFF) < 0x80000000:
+            return True
+    return False
+
+
+@njit
+def _error(api, scratch, message):
+    """An XLA_FFI_Error made by the API's Error_Create (code INTERNAL) with a constant message."""
+    _store64(scratch, 28)  # XLA_FFI_Error_Create_Args: struct_size, extension_start, message, errc
+    _store64(scratch + 8, 0)
+    _store64(scratch + 16, message)
+    _store32(scratch + 24, 13)
+    return _call1(_load64(api + API_ERROR_CREATE), scratch)
+
+
+@njit
+def _answered_metadata(frame) -> bool:
+    """Where XLA asks which FFI version the handler was built for (the metadata extension): the one it runs (the
+    layouts used here are the same in every version since 0.1), and no traits (never captured into a CUDA graph)."""
+    ext = _load64(frame + FRAME_EXTENSION)
+    if ext == 0 or _load32(ext + EXTENSION_TYPE) != METADATA_EXTENSION:
+        return False
+    api, md = _load64(frame + FRAME_API), _load64(ext + METADATA)
+    _store64(md + 8, 24)
+    _store64(md + 16, 0)
+    _store32(md + 24, _load32(api + API_VERSION_MAJOR))
+    _store32(md + 28, _load32(api + API_VERSION_MINOR))
+    _store32(md + 32, 0)
+    return True
+
+
+@njit
+def _nbytes(buf, item_table):
+    """An XLA_FFI_Buffer's size in bytes (-1 for a dtype not in ITEM_BYTES)."""
+    code = _load32(buf + BUFFER_DTYPE)
+    nbytes = _load64(item_table + 8 * code) if 0 <= code < 32 else 0
+    if nbytes == 0:
+        return -1
+    dims = _load64(buf + BUFFER_DIMS)
+    for k in range(_load64(buf + BUFFER_RANK)):
+        nbytes *= _load64(dims + 8 * k)
+    return nbytes
+
+
+@njit
+def _stream(frame, scratch):
+    """The call's CUstream (XLA_FFI_Stream_Get), or 0 with the error in scratch[4]."""
+    _store64(scratch, 32)  # XLA_FFI_Stream_Get_Args: struct_size, extension_start, ctx, stream (out)
+    _store64(scratch + 8, 0)
+    _store64(scratch + 16, _load64(frame + FRAME_CTX))
+    _store64(scratch + 32, _call1(_load64(_load64(frame + FRAME_API) + API_STREAM_GET), scratch))
+    return 0 if _load64(scratch + 32) != 0 else _load64(scratch + 24)
+
+
+def compile_handler(h: Handoff, kind: str, constants: list):
+    """The FFI handler of one target (`kind`: hand_over, take_back or take_into), its addresses compiled in as
+    constants (the arrays they point into appended to `constants`)."""
+    which = ("hand_over", "take_back", "take_into").index(kind)
+    over, back = which == 0, which == 1
+    counter = h.counters.ctypes.data + 8 * which
+    scratch = h.scratch.ctypes.data
+    flag_host, flag_device = h.flags.host + 4 * which, h.flags.device + 4 * which
+    ring = h.to_host.device if over else h.to_device.device
+    published, outputs = h.published.ctypes.data, h.outputs.ctypes.data
+    slot_bytes, slots = h.slot_bytes, h.slots
+    cuda = h.cuda is not None
+    wait_value, write_value, to_device, to_host = ((h.cuda.wait_value, h.cuda.write_value, h.cuda.to_device,
+                                                    h.cuda.to_host) if cuda else (0, 0, 0, 0))
+    item = np.zeros(32, np.int64)
+    for code, size in ITEM_BYTES.items():
+        item[code] = size
+    messages = {k: np.frombuffer(f"ktjax handoff: {m}\0".encode(), np.uint8) for k, m in (
+        ("size", f"an array larger than the {slot_bytes}-byte slots"), ("dtype", "an unsupported dtype"),
+        ("cuda", "a CUDA stream operation failed"))}
+    size_error, dtype_error, cuda_error = (messages[k].ctypes.data for k in ("size", "dtype", "cuda"))
+    constants += [item, *messages.values()]
+    item_table = item.ctypes.data
+
+    @cfunc(types.int64(types.int64))
+    def handler(frame):
+        if _answered_metadata(frame):
+            return 0
+        if _load32(frame + FRAME_STAGE) != STAGE_EXECUTE:
+            return 0
+        api = _load64(frame + FRAME_API)
+        n = _load64(counter)
+        if which == 2:  # take_into: publish the outputs' addresses, then wait for the host's copies
+            rets, row = _load64(frame + FRAME_RETS), outputs + (n % slots) * MAX_OUTPUTS * 16
+            for r in range(_load64(frame + FRAME_RETS_SIZE)):
+                buf = _load64(rets + 8 * r)
+                _store64(row + 16 * r, _load64(buf + BUFFER_DATA))
+                _store64(row + 16 * r + 8, _nbytes(buf, item_table))
+            _store64(counter, n + 1)
+            _store64(published, n + 1)
+        else:
+            buf = _load64(_load64(frame + (FRAME_ARGS if over else FRAME_RETS)))
+            nbytes = _nbytes(buf, item_table)
+            if nbytes < 0:
+                return _error(api, scratch, dtype_error)
+            if nbytes > slot_bytes:
+                return _error(api, scratch, size_error)
+            data = _load64(buf + BUFFER_DATA)
+            _store64(counter, n + 1)
+            slot = ring + (n % slots) * slot_bytes
+        if not cuda:
+            if over:
+                _copy(slot, data, nbytes)
+                _store32(flag_host, n + 1)
+                return 0
+            while ((_load32(flag_host) - (n + 1)) & 0xFFFFFFFF) >= 0x80000000:
+                pass
+            if back:
+                _copy(data, slot, nbytes)
+            return 0
+        stream = _stream(frame, scratch)
+        if stream == 0:
+            return _load64(scratch + 32)
+        if over:
+            status = _call4(to_host, slot, data, nbytes, stream)
+            if status == 0:
+                status = _call4(write_value, stream, flag_device, (n + 1) & 0xFFFFFFFF, 0)
+        else:
+            status = _call4(wait_value, stream, flag_device, (n + 1) & 0xFFFFFFFF, WAIT_GEQ)
+            if status == 0 and back:
+                status = _call4(to_device, data, slot, nbytes, stream)
+        if status != 0:
+            return _error(api, scratch, cuda_error)
+        return 0
+
+    return handler
