@@ -75,6 +75,13 @@ def main() -> None:
     zeros = np.zeros((1, D), np.float32)
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
 
+    def attend_hand_over(state, x, rope, start_B, latent, rp, j):
+        """A layer's attention and routing, the routing handed to the host ([1, D + 2K]: h, weights, ids' bits)."""
+        x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
+        bits_NK = jax.lax.bitcast_convert_type(routing.idx_NK, jnp.float32)
+        packed = jnp.concatenate([routing.h_ND.astype(jnp.float32), routing.w_NK, bits_NK], axis=1)
+        return x_BTD, routing, latent, rp, handoff.hand_over(packed)
+
     def split_forms(n_cpu: int, n_link: int) -> dict:
         """The forms for a layer whose token chose n_cpu experts for the host CPU, n_link for the link and the 2
         resident ones (the rest of its K hosted, computed by the host CPU)."""
@@ -97,15 +104,8 @@ def main() -> None:
             return seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids, slots, capacity=capacity)
 
         def current(x):
-            for _ in range(LAYERS):
-                x_BTD, routing = layer.call(seg.attention_route, x)[:2]
-                routing.start_copies(host_inputs=True)
-                routing.ids_on_host()
-                landing = store.fetch(i, link_ids, stats, by_program=True) if link_ids else ()
-                job = worker.submit(device_share, routing.h_ND, landing)
-                _, h_host = routing.inputs_on_host()
-                x = Unsummed(x_BTD, *job.result(), ex.host.landing.put(host_share(cpu_ids, h_host)))
-            return x
+            return layer.fused_steps(x, LAYERS, link_ids, device_share, lambda h: host_share(cpu_ids, h), worker,
+                                     stats)
 
         # ---- the handoff program ------------------------------------------------------------------------
         def device_split(idx_K):
@@ -123,10 +123,7 @@ def main() -> None:
 
         def handoff_program(state, x, rope, start_B, latent, rp, j, host_stack, resident_w):
             for _ in range(LAYERS):
-                x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
-                bits_NK = jax.lax.bitcast_convert_type(routing.idx_NK, jnp.float32)
-                packed = jnp.concatenate([routing.h_ND.astype(jnp.float32), routing.w_NK, bits_NK], axis=1)
-                handed = handoff.hand_over(packed)
+                x_BTD, routing, latent, rp, handed = attend_hand_over(state, x, rope, start_B, latent, rp, j)
                 # The probe's experts are fixed; made to depend on the routing so that no copy starts before it.
                 idx = idx_NK + (routing.idx_NK[:, :1] >= 1 << 30).astype(jnp.int32)
                 h_ND = jax.lax.optimization_barrier((routing.h_ND, handed))[0]  # the device share after hand-over
@@ -150,10 +147,7 @@ def main() -> None:
 
         def filled_program(state, x, rope, start_B, latent, rp, j, host_stack, resident_w):
             for _ in range(LAYERS):
-                x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
-                bits_NK = jax.lax.bitcast_convert_type(routing.idx_NK, jnp.float32)
-                packed = jnp.concatenate([routing.h_ND.astype(jnp.float32), routing.w_NK, bits_NK], axis=1)
-                handed = handoff.hand_over(packed)
+                x_BTD, routing, latent, rp, handed = attend_hand_over(state, x, rope, start_B, latent, rp, j)
                 ids_C, *w_C = handoff.take_into(structs, handed)
                 shared_ND, routed_ND = seg.moe_device.__wrapped__(
                     state, routing.h_ND, w_NK, idx_NK, rows_A, ids_C, tuple(ExpertWeights(w, None, fmt) for w in w_C),

@@ -34,6 +34,23 @@ class DecodeLayer:
         host_ND = self.ex.host.landing.zeros(self.shared_ND.shape) if host_ND is None else host_ND
         return Unsummed(self.x_BTD, self.shared_ND, self.routed_ND, host_ND)
 
+    def fused_steps(self, x, layers: int, link_ids, device_share, host_share, worker, stats):
+        """`layers` layers as `moe_block.fused_moe` drives one, from x: the attention program's call, the routing
+        waited for, the link experts' copies as a program, device_share(h, landing) on the worker, host_share(h) here
+        into a pinned buffer; returns the last layer's terms."""
+        from ktjax.runtime.offload.segments import Unsummed
+        ex, seg, i = self.ex, self.seg, self.i
+        for _ in range(layers):
+            x_BTD, routing = self.call(seg.attention_route, x)[:2]
+            routing.start_copies(host_inputs=True)
+            routing.ids_on_host()
+            landing = ex.store.fetch(i, link_ids, stats, by_program=True) if link_ids else ()
+            job = worker.submit(device_share, routing.h_ND, landing)
+            _, h_host = routing.inputs_on_host()
+            share = ex.host.landing.put(host_share(h_host))
+            x = Unsummed(x_BTD, *job.result(), share)
+        return x
+
     def call(self, program, x, state=None):
         """program(state, x, rope, start, latent, rp, j) as a step calls the layer's attention programs: the cache
         stacks donated, the new ones kept for the next call."""

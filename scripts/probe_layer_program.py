@@ -95,16 +95,7 @@ def main() -> None:
         return seg.moe_device(state, h_ND, w_NK, idx_NK, rows_A, ids, slots, capacity=capacity)
 
     def current(x):
-        for _ in range(LAYERS):
-            x_BTD, routing = layer.call(seg.attention_route, x)[:2]
-            routing.start_copies(host_inputs=True)
-            routing.ids_on_host()
-            landing = store.fetch(i, link_ids, stats, by_program=True)
-            job = worker.submit(device_share, routing.h_ND, landing)
-            _, h_host = routing.inputs_on_host()
-            share = ex.host.landing.put(host_share(h_host))
-            x = Unsummed(x_BTD, *job.result(), share)
-        return x
+        return layer.fused_steps(x, LAYERS, link_ids, device_share, host_share, worker, stats)
 
     # ---- one program for the layers ----------------------------------------------------------------------
     link_on_host = jax.device_put(np.stack([np.asarray(store.experts[i][e].w) for e in link_ids]), store.on_host)
