@@ -30,8 +30,10 @@ from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.handoff import Handoff
-from ktjax.runtime.offload.moe_block import FUSED_MAX_EXPERTS, paths
-from ktjax.runtime.offload.segments import Segments, Unsummed, attend_cached, embed_segment, route, settle, shared
+from ktjax.runtime.offload.moe_block import FUSED_MAX_EXPERTS, host_sum, paths
+from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, routing, settle,
+                                            shared, unpacked)
+from ktjax.runtime.offload.streaming import counted
 
 if TYPE_CHECKING:
     from ktjax.runtime.offload.executor import OffloadedExecutor
@@ -65,9 +67,8 @@ class HandoffLayers:
         handoff, n = self.handoff, len(self.leaves)
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
-        h_ND, w_NK, idx_NK = route(layer, x_BTD)
-        bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
-        handed = handoff.hand_over(jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], 1))
+        h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [1, D + 2K]
+        handed = handoff.hand_over(for_host)
         ids_C, *arrays = handoff.take_into(self.structs, handed)
         experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(SLOTS))
         shared_ND = shared(layer, h_ND)
@@ -120,37 +121,21 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, stats: Ste
     into its program (pads: the store's device pad where XLA's path reads every slot, so none holds garbage), the
     host CPU's share computed and handed back."""
     cfg, handoff = ex.config, layers.handoff
-    D, K, E = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    D, K = cfg.hidden_size, cfg.num_experts_per_tok
     t = time.perf_counter()
-    packed = handoff.receive((1, D + 2 * K), np.float32)
+    h_ND, w_NK, idx_NK = unpacked(handoff.receive((1, D + 2 * K), np.float32), K)
     stats.span("routing_wait", t)
-    stats.routed_at.append(time.perf_counter() - stats.started)
-    h_ND, w_NK = packed[:, :D], packed[:, D:D + K]
-    idx_NK = np.ascontiguousarray(packed[:, D + K:]).view(np.int32)
-    if active_N is not None and not active_N[0]:
-        idx_NK = np.full_like(idx_NK, E)  # an inactive row chooses no expert
-    counts = np.bincount(idx_NK.ravel(), minlength=E + 1)[:E]
-    stats.expert_counts[i] = counts
+    idx_NK, counts = counted(cfg, i, idx_NK, stats, active_N)
     t = time.perf_counter()
+    moved_before = stats.bytes_from_host
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
     ids_C = np.full(SLOTS, -1, np.int32)
     ids_C[:len(resident) + len(link_ids)] = resident + link_ids
-    chosen = [ex.store.experts[i][e] for e in resident + link_ids]
+    chosen = ex.store.fetch(i, resident + link_ids, stats, move=False)  # as they are: the copies are queued here
     if layers.pads_read:
         chosen += [ex.store.device_pad] * (SLOTS - len(chosen))
     handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
                                            for a in jax.tree.leaves(w)])
     stats.span("split", t)
-    link_bytes = sum(ex.store.experts[i][e].nbytes for e in link_ids)
-    stats.bytes_from_host += link_bytes
-    stats.link_bytes.append(link_bytes)
-    stats.experts_fetched += len(link_ids)
-    stats.experts_on_device += len(resident)
-    if not cpu_ids:
-        handoff.answer(np.zeros((1, D), np.float32))
-        return
-    t = time.perf_counter()
-    handoff.answer(ex.host.compute(i, cpu_ids, idx_NK, w_NK, h_ND))
-    stats.host_cpu_seconds.append(time.perf_counter() - t)
-    stats.span("host_share", t)
-    stats.experts_on_host_cpu += len(cpu_ids)
+    stats.link_bytes.append(stats.bytes_from_host - moved_before)
+    handoff.answer(host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids else np.zeros((1, D), np.float32))

@@ -316,12 +316,19 @@ def host_share(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, rout
     t = time.perf_counter()
     w_NK, h_ND = routing.inputs_on_host()  # their copies were started after routing
     stats.span("host_inputs", t)
+    out_ND = host_sum(ex, i, cpu_ids, idx_host, w_NK, h_ND, stats)
+    return ex.host.landing.put(out_ND) if out_ND.shape[0] <= FUSED_MAX_TOKENS else out_ND
+
+
+def host_sum(ex: OffloadedExecutor, i: int, cpu_ids: list[int], idx_host, w_NK, h_ND, stats: StepStats) -> np.ndarray:
+    """Layer i's experts cpu_ids computed by the host CPU on this thread from its routing on the host, timed into
+    stats: their weighted sum [N, D] float32."""
     t = time.perf_counter()
     out_ND = ex.host.compute(i, cpu_ids, idx_host, w_NK, h_ND)
     stats.host_cpu_seconds.append(time.perf_counter() - t)
     stats.span("host_share", t)
     stats.experts_on_host_cpu += len(cpu_ids)
-    return ex.host.landing.put(out_ND) if out_ND.shape[0] <= FUSED_MAX_TOKENS else out_ND
+    return out_ND
 
 
 def joined(job, stats: StepStats):

@@ -93,16 +93,20 @@ class Routing(NamedTuple):
         """The expert ids [N, K] on the host (waits for them)."""
         if self.for_host is None:
             return np.asarray(self.idx_NK)
-        K = self.idx_NK.shape[1]
-        return np.ascontiguousarray(np.asarray(self.for_host)[:, -K:]).view(np.int32)
+        return unpacked(np.asarray(self.for_host), self.idx_NK.shape[1])[2]
 
     def inputs_on_host(self) -> tuple[np.ndarray, np.ndarray]:
         """(routing weights [N, K], h [N, D] in float32) on the host (waits for them)."""
         if self.for_host is None:
             return np.asarray(self.w_NK), np.asarray(self.h_ND, np.float32)
-        both = np.asarray(self.for_host)
-        D, K = self.h_ND.shape[1], self.w_NK.shape[1]
-        return both[:, D:D + K], both[:, :D]
+        h_ND, w_NK, _ = unpacked(np.asarray(self.for_host), self.w_NK.shape[1])
+        return w_NK, h_ND
+
+
+def unpacked(both: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`Routing.for_host` [N, D + 2K] on the host as (h [N, D] float32, routing weights [N, K], expert ids [N, K])."""
+    D = both.shape[1] - 2 * K
+    return both[:, :D], both[:, D:D + K], np.ascontiguousarray(both[:, D + K:]).view(np.int32)
 
 
 def routing(layer: DecoderLayer, x_BTD, to_host: bool = False) -> Routing:

@@ -60,6 +60,12 @@ def routing_counts(cfg: ModelConfig, layer: int, idx_NK: jax.Array | Routing, st
     t = time.perf_counter()
     idx_host = idx_NK.ids_on_host() if isinstance(idx_NK, Routing) else np.asarray(idx_NK)
     stats.span("routing_wait", t)  # the device's work up to the routing, and its copy to the host
+    return counted(cfg, layer, idx_host, stats, active_N)
+
+
+def counted(cfg: ModelConfig, layer: int, idx_host: np.ndarray, stats: StepStats,
+            active_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`routing_counts` for expert ids already on the host: the ids masked by active_N, and each expert's count."""
     if active_N is not None:
         idx_host = np.where(active_N[:, None], idx_host, cfg.n_routed_experts).astype(idx_host.dtype)
     stats.routed_at.append(time.perf_counter() - stats.started)
