@@ -41,6 +41,11 @@ from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, C
 _names = itertools.count()
 
 
+def _u32(count: int) -> np.uint32:
+    """A sequence count as the flags hold it: modulo 2**32 (the waits compare so, `handoff_targets.spin`)."""
+    return np.uint32(count & 0xFFFFFFFF)
+
+
 # ---- the handoff --------------------------------------------------------------------------------------------------
 
 class Handoff:
@@ -123,7 +128,7 @@ class Handoff:
         slot = (m % self.slots) * self.slot_bytes
         self.to_device.array[slot:slot + raw.size] = raw
         self.sent = m + 1
-        self.answered[0] = np.uint32((m + 1) & 0xFFFFFFFF)
+        self.answered[0] = _u32(m + 1)
 
     def stage(self, value: np.ndarray) -> tuple[int, int]:
         """value in the next pinned staging slot, as a source for `fill`: (its address, its bytes)."""
@@ -150,34 +155,33 @@ class Handoff:
             cuda.bind()
             for (source, nbytes), (dest, _) in zip(sources, outputs):
                 cuda.check("cuMemcpyAsync", cuda.copy(int(dest), int(source), nbytes, cuda.stream))
-            cuda.check("cuStreamWriteValue32", cuda.write(cuda.stream, self.flags.device + 8, (n + 1) & 0xFFFFFFFF, 0))
+            cuda.check("cuStreamWriteValue32", cuda.write(cuda.stream, self.flags.device + 8, int(_u32(n + 1)), 0))
         else:
             for (source, nbytes), (dest, _) in zip(sources, outputs):
                 ctypes.memmove(int(dest), int(source), nbytes)
-            self.filled[0] = np.uint32((n + 1) & 0xFFFFFFFF)
+            self.filled[0] = _u32(n + 1)
         self.filled_count = n + 1
 
     def abandon(self, job: Future) -> None:
         """After a failure on the host's side: release every wait the launched program `job` queued, so that the
         device's stream drains (what it reads is garbage), wait for it, and count on from what was launched."""
-        released = 0xFFFFFFFF
         while not job.done():  # its launch may still be queueing waits
             for flag, count in ((self.answered, self.counters[1]), (self.filled, self.counters[2])):
-                flag[0] = np.uint32((int(count) + (1 << 30)) & released)
+                flag[0] = _u32(int(count) + (1 << 30))
             time.sleep(0.001)
         try:
             job.result()
         except Exception:  # noqa: BLE001 - the program's own failure is the caller's to report
             pass
-        self.answered[0] = np.uint32(int(self.counters[1]) & released)
-        self.filled[0] = np.uint32(int(self.counters[2]) & released)
+        self.answered[0] = _u32(int(self.counters[1]))
+        self.filled[0] = _u32(int(self.counters[2]))
         self.received, self.sent, self.filled_count = (int(c) for c in self.counters)
 
     def _wait(self, address: int, target: int, what: str) -> None:
         # Spun in compiled code without the GIL: a Python loop would hold it, and the launching thread, which needs
         # it to make its call, would wait for the interpreter's switch interval (5 ms) each time.
         deadline = time.perf_counter() + self.timeout_s
-        while not spin(address, target & 0xFFFFFFFF, 1 << 20):
+        while not spin(address, _u32(target), 1 << 20):
             if time.perf_counter() > deadline:
                 launched = ", ".join(f"{int(c)} {kind}" for c, kind in zip(self.counters, self.names))
                 raise TimeoutError(f"handoff: no {what} numbered {target - 1} within {self.timeout_s:.0f} s "

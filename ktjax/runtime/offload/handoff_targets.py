@@ -33,6 +33,8 @@ STAGE_EXECUTE = 3
 MAX_OUTPUTS = 32  # of a take_into
 STAGING_BYTES = 4096  # a `Handoff.stage` slot
 ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 12: 8, 16: 2}  # XLA_FFI_DataType
+_ITEM_TABLE = np.zeros(32, np.int64)  # ITEM_BYTES as the handlers read it (0: not supported)
+_ITEM_TABLE[list(ITEM_BYTES)] = list(ITEM_BYTES.values())
 
 WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*flag - value) >= 0
 HOST_ALLOC_FLAGS = 0x01 | 0x02  # CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP
@@ -106,7 +108,6 @@ class Pinned:
     plain numpy memory. `host`: its address here; `device`: the address the device's stream operations take."""
 
     def __init__(self, nbytes: int, cuda: CudaDriver | None):
-        self.cuda = cuda
         if cuda is None:
             self.array = np.zeros(nbytes, np.uint8)
             self.host = self.device = self.array.ctypes.data
@@ -122,16 +123,21 @@ class CudaDriver:
     def __init__(self, ordinal: int):
         self.lib = lib = ctypes.CDLL("libcuda.so.1")
 
-        def address(*names: str) -> int:
+        def function(*names: str):  # the first name libcuda has (the _v2 entry points where there are)
             for name in names:
                 if hasattr(lib, name):
-                    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                    return getattr(lib, name)
             raise OSError(f"libcuda.so.1 has none of {names}")
 
-        self.wait_value = address("cuStreamWaitValue32_v2", "cuStreamWaitValue32")
-        self.write_value = address("cuStreamWriteValue32_v2", "cuStreamWriteValue32")
-        self.to_device = address("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync")
-        self.to_host = address("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync")
+        def address(f) -> int:
+            return ctypes.cast(f, ctypes.c_void_p).value
+
+        self.write = function("cuStreamWriteValue32_v2", "cuStreamWriteValue32")
+        self.write.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
+        self.wait_value = address(function("cuStreamWaitValue32_v2", "cuStreamWaitValue32"))
+        self.write_value = address(self.write)
+        self.to_device = address(function("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync"))
+        self.to_host = address(function("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync"))
         self.ctx, device = ctypes.c_void_p(), ctypes.c_int()
         self.check("cuDeviceGet", lib.cuDeviceGet(ctypes.byref(device), ordinal))
         self.check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), device))
@@ -141,8 +147,6 @@ class CudaDriver:
         self.check("cuStreamCreate", lib.cuStreamCreate(ctypes.byref(self.stream), 1))  # CU_STREAM_NON_BLOCKING
         self.copy = lib.cuMemcpyAsync
         self.copy.argtypes = (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
-        self.write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
-        self.write.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
 
     def bind(self) -> None:
         """Make the device's primary context (XLA's) current on this thread."""
@@ -166,9 +170,15 @@ class CudaDriver:
 def spin(address, target, tries):
     """Whether the uint32 flag at address reaches target (modulo 2**32) within `tries` reads."""
     for _ in range(tries):
-        if ((_load32(address) - target) & 0xFFFFFFFF) < 0x80000000:
+        if _reached(address, target):
             return True
     return False
+
+
+@njit(nogil=True, cache=True)
+def _reached(address, target):
+    """Whether the uint32 flag at address is at or past target, modulo 2**32 (as CU_STREAM_WAIT_VALUE_GEQ)."""
+    return ((_load32(address) - target) & 0xFFFFFFFF) < 0x80000000
 
 
 @njit
@@ -234,15 +244,12 @@ def compile_handler(h: Handoff, kind: str, constants: list):
     cuda = h.cuda is not None
     wait_value, write_value, to_device, to_host = ((h.cuda.wait_value, h.cuda.write_value, h.cuda.to_device,
                                                     h.cuda.to_host) if cuda else (0, 0, 0, 0))
-    item = np.zeros(32, np.int64)
-    for code, size in ITEM_BYTES.items():
-        item[code] = size
     messages = {k: np.frombuffer(f"ktjax handoff: {m}\0".encode(), np.uint8) for k, m in (
         ("size", f"an array larger than the {slot_bytes}-byte slots"), ("dtype", "an unsupported dtype"),
         ("cuda", "a CUDA stream operation failed"))}
     size_error, dtype_error, cuda_error = (messages[k].ctypes.data for k in ("size", "dtype", "cuda"))
-    constants += [item, *messages.values()]
-    item_table = item.ctypes.data
+    constants += messages.values()
+    item_table = _ITEM_TABLE.ctypes.data
 
     @cfunc(types.int64(types.int64))
     def handler(frame):
@@ -275,7 +282,7 @@ def compile_handler(h: Handoff, kind: str, constants: list):
                 _copy(slot, data, nbytes)
                 _store32(flag_host, n + 1)
                 return 0
-            while ((_load32(flag_host) - (n + 1)) & 0xFFFFFFFF) >= 0x80000000:
+            while not _reached(flag_host, n + 1):
                 pass
             if back:
                 _copy(data, slot, nbytes)
