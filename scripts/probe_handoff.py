@@ -49,7 +49,7 @@ def main() -> None:
     from ktjax.runtime.model import StepStats
     from ktjax.runtime.offload.handoff import Handoff
     from ktjax.runtime.offload.moe_block import fused_slots, padded
-    from ktjax.runtime.offload.segments import Unsummed, settle
+    from ktjax.runtime.offload.segments import Unsummed, packed, settle, unpacked
     from ktjax.runtime.offload.streaming import capacity_for
 
     layer = decode_layer(args.tiny)
@@ -78,9 +78,7 @@ def main() -> None:
     def attend_hand_over(state, x, rope, start_B, latent, rp, j):
         """A layer's attention and routing, the routing handed to the host ([1, D + 2K]: h, weights, ids' bits)."""
         x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
-        bits_NK = jax.lax.bitcast_convert_type(routing.idx_NK, jnp.float32)
-        packed = jnp.concatenate([routing.h_ND.astype(jnp.float32), routing.w_NK, bits_NK], axis=1)
-        return x_BTD, routing, latent, rp, handoff.hand_over(packed)
+        return x_BTD, routing, latent, rp, handoff.hand_over(packed(routing.h_ND, routing.w_NK, routing.idx_NK))
 
     def split_forms(n_cpu: int, n_link: int) -> dict:
         """The forms for a layer whose token chose n_cpu experts for the host CPU, n_link for the link and the 2
@@ -165,10 +163,10 @@ def main() -> None:
         def with_fills(x):
             job = launch(x, filled)
             for _ in range(LAYERS):
-                packed = handoff.receive((1, D + 2 * K), np.float32)
-                packed[0, D + K:].view(np.int32)  # the router's ids, read as a step must; the experts are fixed
+                # The routing read whole (its ids as a step reads them); the probe's experts are fixed.
+                h_1D, _, _ = unpacked(handoff.receive((1, D + 2 * K), np.float32), K)
                 handoff.fill(sources())
-                handoff.answer(host_share(cpu_ids, packed[:, :D]))
+                handoff.answer(host_share(cpu_ids, h_1D))
             return finish(job)
 
         jitted = jax.jit(handoff_program, donate_argnums=(4, 5))
@@ -188,9 +186,8 @@ def main() -> None:
         def with_handoff(x):
             job = launch(x)
             for _ in range(LAYERS):
-                packed = handoff.receive((1, D + 2 * K), np.float32)
-                packed[0, D + K:].view(np.int32)  # the router's ids, read as a step must; the experts are fixed
-                handoff.answer(host_share(host_split(idx_np[0]), packed[:, :D]))
+                h_1D, _, _ = unpacked(handoff.receive((1, D + 2 * K), np.float32), K)  # as in with_fills
+                handoff.answer(host_share(host_split(idx_np[0]), h_1D))
             return finish(job)
 
         def answered_before(x):  # the device's part alone

@@ -103,6 +103,13 @@ class Routing(NamedTuple):
         return w_NK, h_ND
 
 
+def packed(h_ND, w_NK, idx_NK) -> jax.Array:
+    """A layer's routing as one f32 array for the host (`Routing.for_host`): [N, D + 2K], h, the weights, the ids'
+    bits (`unpacked` reads it)."""
+    bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
+    return jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], axis=1)
+
+
 def unpacked(both: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`Routing.for_host` [N, D + 2K] on the host as (h [N, D] float32, routing weights [N, K], expert ids [N, K])."""
     D = both.shape[1] - 2 * K
@@ -115,8 +122,7 @@ def routing(layer: DecoderLayer, x_BTD, to_host: bool = False) -> Routing:
     h_ND, w_NK, idx_NK = route(layer, x_BTD)
     for_host = None
     if h_ND.shape[0] <= FUSED_MAX_TOKENS:
-        bits_NK = jax.lax.bitcast_convert_type(idx_NK.astype(jnp.int32), jnp.float32)
-        for_host = jnp.concatenate([h_ND.astype(jnp.float32), w_NK.astype(jnp.float32), bits_NK], axis=1)
+        for_host = packed(h_ND, w_NK, idx_NK)
         if to_host:
             for_host = jax.device_put(for_host, jax.memory.Space.Host)
     return Routing(h_ND, w_NK, idx_NK, for_host)
