@@ -360,7 +360,7 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt):
     experts' paths all taken."""
     from ktjax.runtime.offload.segments import Segments, settle
 
-    def decoded(model) -> np.ndarray:
+    def decoded(model) -> tuple[np.ndarray, StepStats]:
         ex = model.executor
         prompt = np.array([[5, 9, 13, 2]], np.int32)
         cache = ex.init_cache(1, 16)
