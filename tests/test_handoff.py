@@ -2,6 +2,8 @@
 (`runtime/offload/handoff.py`), on the CPU backend: what the host receives is what the program computed, what the
 program reads back is what the host answered, in order, over several programs and more calls than ring slots."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +117,37 @@ def test_a_fill_larger_than_its_output_is_refused_before_any_copy(handoff):
     with pytest.raises(ValueError, match="source of 12 bytes for take_into output 0 of 8"):
         handoff.fill([handoff.stage(np.zeros(3, np.int32))])
     handoff.abandon(job)
+
+
+def test_a_launch_that_fails_raises_its_own_error_at_once_not_a_timeout():
+    handoff = Handoff(jax.devices()[0], slot_bytes=64, slots=2, timeout_s=20)
+
+    def launch_fails():
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory allocating 3 GiB")
+
+    job = handoff.launch(launch_fails)
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match="launched program failed: RESOURCE_EXHAUSTED") as raised:
+        handoff.receive((1,), np.float32)
+    assert time.perf_counter() - t < 5
+    assert isinstance(raised.value.__cause__, MemoryError)
+    handoff.abandon(job)
+    program = layers(handoff, 1)  # the handoff goes on counting from what was launched
+    job = handoff.launch(program, jnp.ones(2, jnp.float32))
+    np.testing.assert_allclose(handoff.receive((2,), np.float32), np.sin(np.ones(2)), rtol=1e-6)
+    handoff.answer(np.full(2, 3.0, np.float32))
+    np.testing.assert_allclose(np.asarray(job.result()), np.sin(np.ones(2)) + 3, rtol=1e-6)
+
+
+def test_the_timeout_counts_from_the_launch_of_what_is_awaited_not_from_a_slow_launch_before_it():
+    handoff = Handoff(jax.devices()[0], slot_bytes=64, slots=2, timeout_s=0.3)
+    program = layers(handoff, 1)
+
+    def compiles_slowly(x):
+        time.sleep(1.0)  # as a first launch compiling its programs
+        return program(x)
+
+    job = handoff.launch(compiles_slowly, jnp.ones(2, jnp.float32))
+    np.testing.assert_allclose(handoff.receive((2,), np.float32), np.sin(np.ones(2)), rtol=1e-6)
+    handoff.answer(np.zeros(2, np.float32))
+    np.testing.assert_allclose(np.asarray(job.result()), np.sin(np.ones(2)), rtol=1e-6)

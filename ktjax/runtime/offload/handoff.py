@@ -71,6 +71,7 @@ class Handoff:
         self.staging = Pinned(STAGING_BYTES * slots, self.cuda)
         self.received = self.sent = self.filled_count = self.staged = 0  # the host side's next sequence numbers
         self.launcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-handoff")
+        self.launched: list[Future] = []  # `launch`'s jobs not known to have finished well
         n = next(_names)
         self.names = {kind: f"ktjax_{kind}_{n}" for kind in ("hand_over", "take_back", "take_into")}
         platform = "CUDA" if gpu else "cpu"
@@ -107,13 +108,17 @@ class Handoff:
 
     # -- the host's side --
     def launch(self, fn, *args, **kwargs) -> Future:
-        """Call fn (a program that takes answers back) on the launching thread."""
-        return self.launcher.submit(fn, *args, **kwargs)
+        """Call fn (a program that takes answers back) on the launching thread. While it runs, the host's waits
+        (`receive`, `fill`) do not time out for a call it has yet to launch (the launch may first compile its
+        programs); if it fails, they raise its error at once."""
+        job = self.launcher.submit(fn, *args, **kwargs)
+        self.launched.append(job)
+        return job
 
     def receive(self, shape, dtype) -> np.ndarray:
         """The next array handed over (waits for its flag): a view of its ring slot, valid until `slots` more."""
         n = self.received
-        self._wait(self.handed.ctypes.data, n + 1, "hand-over")
+        self._wait(self.handed.ctypes.data, n + 1, "hand-over", 0)
         self.received = n + 1
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         slot = (n % self.slots) * self.slot_bytes
@@ -145,7 +150,7 @@ class Handoff:
         outputs of the next take_into, in order, then let its stream go on once they have landed. Outputs without a
         source keep whatever they held."""
         n = self.filled_count
-        self._wait(self.published.ctypes.data, n + 1, "take_into launch")
+        self._wait(self.published.ctypes.data, n + 1, "take_into launch", 2)
         outputs = self.outputs[n % self.slots]
         for k, (source, nbytes) in enumerate(sources):
             if nbytes > outputs[k, 1]:
@@ -169,6 +174,8 @@ class Handoff:
             for flag, count in ((self.answered, self.counters[1]), (self.filled, self.counters[2])):
                 flag[0] = _u32(int(count) + (1 << 30))
             time.sleep(0.001)
+        if job in self.launched:
+            self.launched.remove(job)
         try:
             job.result()
         except Exception:  # noqa: BLE001 - the program's own failure is the caller's to report
@@ -177,12 +184,24 @@ class Handoff:
         self.filled[0] = _u32(int(self.counters[2]))
         self.received, self.sent, self.filled_count = (int(c) for c in self.counters)
 
-    def _wait(self, address: int, target: int, what: str) -> None:
+    def _wait(self, address: int, target: int, what: str, target_kind: int) -> None:
         # Spun in compiled code without the GIL: a Python loop would hold it, and the launching thread, which needs
-        # it to make its call, would wait for the interpreter's switch interval (5 ms) each time.
+        # it to make its call, would wait for the interpreter's switch interval (5 ms) each time. The timeout counts
+        # from when the awaited call is launched (or nothing more is being launched): a launch may compile first.
         deadline = time.perf_counter() + self.timeout_s
         while not spin(address, _u32(target), 1 << 20):
-            if time.perf_counter() > deadline:
+            if self._launching(target_kind, target):
+                deadline = time.perf_counter() + self.timeout_s
+            elif time.perf_counter() > deadline:
                 launched = ", ".join(f"{int(c)} {kind}" for c, kind in zip(self.counters, self.names))
                 raise TimeoutError(f"handoff: no {what} numbered {target - 1} within {self.timeout_s:.0f} s "
                                    f"(launched: {launched})")
+
+    def _launching(self, target_kind: int, target: int) -> bool:
+        """Whether a launched job is still to launch call number target - 1 of a target kind; raises the error of
+        a job that failed."""
+        for job in [j for j in self.launched if j.done()]:
+            self.launched.remove(job)
+            if job.exception() is not None:
+                raise RuntimeError(f"handoff: the launched program failed: {job.exception()}") from job.exception()
+        return bool(self.launched) and int(self.counters[target_kind]) < target

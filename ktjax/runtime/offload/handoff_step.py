@@ -69,9 +69,9 @@ class HandoffLayers:
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [1, D + 2K]
         handed = handoff.hand_over(for_host)
-        ids_C, *arrays = handoff.take_into(self.structs, handed)
+        shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
+        ids_C, *arrays = handoff.take_into(self.structs, handed, shared_ND)
         experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(SLOTS))
-        shared_ND = shared(layer, h_ND)
         routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=1)
         host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND)
         return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
