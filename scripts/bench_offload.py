@@ -474,6 +474,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_indices_in_place(True)
         elif option == "handoff":  # batch-1 steps launched whole, each layer's stream waiting for the host
             model = model.with_decode_form("handoff")
+        elif option == "xla-experts":  # the handoff programs' device experts by "auto"'s path (int8: XLA's)
+            model.handoff_layers.expert_impl = None
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c

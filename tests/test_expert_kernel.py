@@ -129,6 +129,24 @@ def test_a_slot_no_token_chose_is_never_read(fmt, stacked):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_a_slot_no_token_chose_adds_nothing_whatever_it_holds(fmt, impl):
+    """A handoff program's slots the host fills no expert into (`handoff_step`) hold whatever their memory held:
+    add_experts' decode branch, on either path, adds nothing from such a slot (id -1, all 0xFF: NaN scales)."""
+    rng = np.random.default_rng(12)
+    F, D, N = 40, 300, 1
+    fmt_ = ExpertFormat(fmt, F, D)
+    good = packed_expert(jnp.asarray(poisoned_buffer(fmt_.packed, rng)), fmt_)
+    garbage = packed_expert(jnp.full(fmt_.packed.nbytes, 0xFF, jnp.uint8), fmt_)
+    h = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+    idx, w = jnp.asarray([[4, 9]], jnp.int32), jnp.asarray([[0.6, 0.4]], jnp.float32)
+    acc = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+    want = device.add_experts(acc, h, w, idx, jnp.asarray([9], jnp.int32), (good,), capacity=N, impl=impl)
+    got = device.add_experts(acc, h, w, idx, jnp.asarray([9, -1], jnp.int32), (good, garbage), capacity=N, impl=impl)
+    assert rel_err(got, np.asarray(want, np.float64)) < 1e-6  # the kernels' sums may round apart by slot count
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_add_experts_kernel_path_matches_the_xla_path(fmt):
     """The wiring: `experts_segment` (add_experts' decode branch, compiled, acc donated) and expert_ffn with
     impl="interpret" against impl="reference", bf16 activations (weights rounded to bf16 before the dots,

@@ -127,8 +127,9 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
             return _weighted_kernel(h_ND, tuple(ex.w for ex in experts), wt_NC, acc_ND, experts[0].fmt,
                                     path == "interpret")
         for c, ex in enumerate(experts):
-            wt_N = jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1)
-            acc_ND = acc_ND + expert_ffn(h_ND, ex, impl=impl) * wt_N[:, None]
+            wt_N1 = jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1)[:, None]
+            # A slot no token chose may hold anything (a handoff program's unfilled slot): 0 * NaN would be NaN.
+            acc_ND = acc_ND + jnp.where(wt_N1 != 0, expert_ffn(h_ND, ex, impl=impl) * wt_N1, 0)
         return acc_ND
     # Dispatch once for the chunk: a stable sort of the N*K assignments by their expert's slot lays
     # each expert's tokens out contiguously (slot C: routed elsewhere), so each expert takes a slice.

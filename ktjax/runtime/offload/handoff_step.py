@@ -50,12 +50,15 @@ class HandoffLayers:
         cfg = ex.config
         D, K = cfg.hidden_size, cfg.num_experts_per_tok
         self.handoff = Handoff(ex.devices[0], slot_bytes=4 * (D + 2 * K))
-        pad = ex.store.device_pad
-        self.leaves, self.treedef = jax.tree.flatten(pad)
-        # Slots no token chose: the expert kernels skip them; XLA's path reads (and weighs by 0) every one, so there
-        # they must hold an expert's numbers, not garbage.
-        fmt = ex.plan.expert_format.name
-        self.pads_read = expert_path(np.zeros((1, D), ex.dtype), fmt, cfg.moe_intermediate_size, D) != "pallas"
+        self.leaves, self.treedef = jax.tree.flatten(ex.store.device_pad)
+        # The device's experts through the kernels wherever they run (int8's too, which "auto" gives XLA's path): a
+        # layer fills 1-5 of its 8 slots at R1's share, and the kernels skip the rest where XLA's path computes all
+        # 8 (~50-60 us each on the H200, benchmarks/kernels.md). Unmeasured in a step: bench_offload's
+        # --r1-variants handoff+xla-experts runs XLA's path. Unfilled slots hold garbage; either path adds nothing
+        # from them (`add_experts`).
+        fmt = ex.plan.expert_format
+        covered = expert_path(np.zeros((1, D), ex.dtype), fmt.name, fmt.F, fmt.D, impl="pallas") == "pallas"
+        self.expert_impl = "pallas" if covered and ex.devices[0].platform == "gpu" else None
         self.structs = [jax.ShapeDtypeStruct((SLOTS,), jnp.int32)] + [
             jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.leaves] * SLOTS
         self.programs = {kind: jax.jit(functools.partial(self.moe_layer, seg.graphdef), donate_argnums=(4, 5))
@@ -72,7 +75,7 @@ class HandoffLayers:
         shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
         ids_C, *arrays = handoff.take_into(self.structs, handed, shared_ND)
         experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(SLOTS))
-        routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=1)
+        routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=1, impl=self.expert_impl)
         host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND)
         return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
 
@@ -118,8 +121,7 @@ def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, x_BTD, rope, sta
 def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, stats: StepStats,
                 active_N: np.ndarray | None) -> None:
     """MoE layer i's host work: its routing read, its experts split by path (`moe_block.paths`), the device's copied
-    into its program (pads: the store's device pad where XLA's path reads every slot, so none holds garbage), the
-    host CPU's share computed and handed back."""
+    into its program, the host CPU's share computed and handed back."""
     cfg, handoff = ex.config, layers.handoff
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
     t = time.perf_counter()
@@ -132,8 +134,6 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, stats: Ste
     ids_C = np.full(SLOTS, -1, np.int32)
     ids_C[:len(resident) + len(link_ids)] = resident + link_ids
     chosen = ex.store.fetch(i, resident + link_ids, stats, move=False)  # as they are: the copies are queued here
-    if layers.pads_read:
-        chosen += [ex.store.device_pad] * (SLOTS - len(chosen))
     handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
                                            for a in jax.tree.leaves(w)])
     stats.span("split", t)
