@@ -33,7 +33,8 @@ for line in open(sys.argv[1]):
         spans = " ".join(f"{k} {v['at']:.2f}-{v['ends']:.2f}" for k, v in r.get("timeline_ms", {}).items())
         r1 = f", R1 {1 / r['r1_extrapolated_s']:.2f} tok/s" if "r1_extrapolated_s" in r else ""
         print(f"  {name}: {r['step_s'] * 1e3:.2f} ms, spacing {r['layer_spacing_ms']}, outside experts "
-              f"{100 * r['outside_experts_share']:.0f}%{r1}\n    {spans}")
+              f"{100 * r['outside_experts_share']:.0f}% (less the device's reads {100 * r['outside_work_share']:.0f}%)"
+              f"{r1}\n    {spans}")
         if "r1_extrapolated_s" in r:  # the R1-share rows by variant, their repeats together
             by_variant[re.sub(r"_again\d+$", "", name)].append((r["step_s"] * 1e3, 1 / r["r1_extrapolated_s"]))
 for name, rows in by_variant.items():
