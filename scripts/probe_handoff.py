@@ -16,7 +16,7 @@ passes, every form once per pass in turn:
 - the handoff program, this thread answering;
 - the same with every answer given before the launch (the device's part alone: its floor);
 - one program, the split by the host as now: it copies the device's experts (resident ones from device memory,
-  link ones from pinned host memory) into the program's own buffers (`Handoff.take_into`/`fill`) on a stream of its
+  link ones from pinned host memory) into the program's own buffers (`Handoff.hand_over(..., into=...)`, `fill`, `filled`) on a stream of its
   own, and the program's stream waits for them (the form an executor needs no expert stacks for);
 - the host kernels alone, 4 times.
 
@@ -75,10 +75,12 @@ def main() -> None:
     zeros = np.zeros((1, D), np.float32)
     h_ND = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
 
-    def attend_hand_over(state, x, rope, start_B, latent, rp, j):
-        """A layer's attention and routing, the routing handed to the host ([1, D + 2K]: h, weights, ids' bits)."""
+    def attend_hand_over(state, x, rope, start_B, latent, rp, j, into=()):
+        """A layer's attention and routing, the routing handed to the host ([1, D + 2K]: h, weights, ids' bits)
+        (`into`: with arrays for the host to fill, `Handoff.hand_over`)."""
         x_BTD, routing, latent, rp = seg.attention_route.__wrapped__(state, x, rope, start_B, latent, rp, j)
-        return x_BTD, routing, latent, rp, handoff.hand_over(packed(routing.h_ND, routing.w_NK, routing.idx_NK))
+        return x_BTD, routing, latent, rp, handoff.hand_over(packed(routing.h_ND, routing.w_NK, routing.idx_NK),
+                                                             into=into)
 
     def split_forms(n_cpu: int, n_link: int) -> dict:
         """The forms for a layer whose token chose n_cpu experts for the host CPU, n_link for the link and the 2
@@ -145,8 +147,9 @@ def main() -> None:
 
         def filled_program(state, x, rope, start_B, latent, rp, j, host_stack, resident_w):
             for _ in range(LAYERS):
-                x_BTD, routing, latent, rp, handed = attend_hand_over(state, x, rope, start_B, latent, rp, j)
-                ids_C, *w_C = handoff.take_into(structs, handed)
+                x_BTD, routing, latent, rp, (handed, slots_C) = attend_hand_over(state, x, rope, start_B, latent,
+                                                                                 rp, j, into=structs)
+                ids_C, *w_C = handoff.filled(slots_C)
                 shared_ND, routed_ND = seg.moe_device.__wrapped__(
                     state, routing.h_ND, w_NK, idx_NK, rows_A, ids_C, tuple(ExpertWeights(w, None, fmt) for w in w_C),
                     capacity=capacity)

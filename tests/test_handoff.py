@@ -94,10 +94,11 @@ def test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_han
 
     @jax.jit
     def program(x):
-        handed = handoff.hand_over(x)
-        rows, chosen = handoff.take_into([jax.ShapeDtypeStruct((2,), jnp.int32),
-                                          jax.ShapeDtypeStruct((2, 4), jnp.float32)], handed)
-        return rows, chosen * x[:, None]
+        handed, arrays = handoff.hand_over(x, into=[jax.ShapeDtypeStruct((2,), jnp.int32),
+                                                   jax.ShapeDtypeStruct((2, 4), jnp.float32)])
+        busy = jnp.cumsum(jnp.outer(x, x) + 1.0)  # the device's own work meanwhile
+        rows, chosen = handoff.filled(arrays, busy)
+        return rows, chosen * x[:, None] + 0 * busy[-1]
 
     for run in range(4):  # more launches than the staging ring's 3 slots
         x = np.array([run + 1.0, 2.0 * run], np.float32)
@@ -112,9 +113,12 @@ def test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_han
 
 
 def test_a_fill_larger_than_its_output_is_refused_before_any_copy(handoff):
-    program = jax.jit(lambda: handoff.take_into([jax.ShapeDtypeStruct((2,), jnp.int32)]))
-    job = handoff.launch(program)
-    with pytest.raises(ValueError, match="source of 12 bytes for take_into output 0 of 8"):
+    def program(x):
+        handed, arrays = handoff.hand_over(x, into=[jax.ShapeDtypeStruct((2,), jnp.int32)])
+        return handoff.filled(arrays)
+
+    job = handoff.launch(jax.jit(program), jnp.ones(1))
+    with pytest.raises(ValueError, match="source of 12 bytes for array 0 to fill, of 8"):
         handoff.fill([handoff.stage(np.zeros(3, np.int32))])
     handoff.abandon(job)
 

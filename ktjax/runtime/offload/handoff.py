@@ -12,10 +12,13 @@ device's stream wait for the host. `Handoff` does that inside XLA programs, with
 - `take_back(shape, dtype, *after)`: queues a wait until the host's flag reaches its sequence number, then a copy
   of the host's answer from its ring slot (`cuStreamWaitValue32`, `cuMemcpyHtoDAsync`); the host writes the answer
   and then the flag (`answer`). `after`: arrays the wait is ordered behind (the device's own share of the layer).
-- `take_into(structs, *after)`: arrays the host copies into the program's own buffers (`fill`: the handler publishes
-  their addresses at launch; the host queues copies on a stream of its own, from pinned host memory or device arrays,
-  then a flag write the program's stream waits for). A layer's chosen experts reach its program so, whatever their
-  number or place, with no byte crossing twice and no stack of experts to index.
+- `hand_over(x, into=structs)` also returns arrays the host copies into (`fill`: the handler publishes their
+  addresses at launch; the host queues copies on a stream of its own, from pinned host memory or device arrays, then
+  a flag write), and `filled(arrays, *after)` returns them once those copies have landed (a wait on the stream, the
+  buffers passed through in place). A layer's chosen experts reach its program so, whatever their number or place,
+  with no byte crossing twice and no stack of experts to index. The arrays are the hand-over's own results, live
+  until `filled` reads them: the device's work between the two (the shared expert) cannot share their memory while
+  the host writes into it.
 
 The targets' handlers run when XLA launches the program, not when the stream reaches them: each only queues work
 on the stream, and numbers its calls in launch order, which is the order the host sees them. On the CPU backend (the
@@ -35,8 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, CudaDriver, Pinned, compile_handler,
-                                                   spin)
+from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, TARGETS, CudaDriver, Pinned,
+                                                   compile_handler, spin)
 
 _names = itertools.count()
 
@@ -61,10 +64,12 @@ class Handoff:
         self.cuda = CudaDriver(device.local_hardware_id) if gpu else None
         # Flags the stream writes or waits on: handed over (device writes), answered, filled (host writes).
         self.flags = Pinned(16, self.cuda)
-        self.handed, self.answered, self.filled = (self.flags.array[4 * k:4 * k + 4].view(np.uint32) for k in range(3))
-        self.counters = np.zeros(3, np.int64)  # launches of each target (hand_over, take_back, take_into)
-        self.published = np.zeros(1, np.int64)  # take_into launches whose outputs' addresses are in `outputs`
-        self.outputs = np.zeros((slots, MAX_OUTPUTS, 2), np.int64)  # per take_into: each output's address, bytes
+        # Each target's flag at 4 * its index in TARGETS.
+        self.handed_flag, self.answered_flag, self.filled_flag = (self.flags.array[4 * k:4 * k + 4].view(np.uint32)
+                                                                  for k in range(len(TARGETS)))
+        self.counters = np.zeros(3, np.int64)  # launches of each target (hand_over, take_back, filled)
+        self.published = np.zeros(1, np.int64)  # hand-overs whose arrays to fill have their addresses in `outputs`
+        self.outputs = np.zeros((slots, MAX_OUTPUTS, 2), np.int64)  # per such hand-over: each array's address, bytes
         self.scratch = np.zeros(8, np.int64)  # the handlers' argument structs
         self.to_host = Pinned(slot_bytes * slots, self.cuda)
         self.to_device = Pinned(slot_bytes * slots, self.cuda)
@@ -73,7 +78,7 @@ class Handoff:
         self.launcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-handoff")
         self.launched: list[Future] = []  # `launch`'s jobs not known to have finished well
         n = next(_names)
-        self.names = {kind: f"ktjax_{kind}_{n}" for kind in ("hand_over", "take_back", "take_into")}
+        self.names = {kind: f"ktjax_{kind}_{n}" for kind in TARGETS}
         platform = "CUDA" if gpu else "cpu"
         self._constants: list[np.ndarray] = []  # what the handlers' code points at, kept alive with them
         self._handlers = {kind: compile_handler(self, kind, self._constants) for kind in self.names}
@@ -81,13 +86,19 @@ class Handoff:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(self._handlers[kind].address), platform=platform)
 
     # -- inside programs --
-    def hand_over(self, x):
+    def hand_over(self, x, into=()):
         """Queue x's copy to the host (its next ring slot) and the flag after it; returns a token [1] int32 that
-        later work can be ordered behind."""
+        later work can be ordered behind. With `into` (jax.ShapeDtypeStructs): (the token, arrays of those shapes
+        that the host fills once it has received x, `fill`; read them through `filled`)."""
         import jax
         import jax.numpy as jnp
-        return jax.ffi.ffi_call(self.names["hand_over"], jax.ShapeDtypeStruct((1,), jnp.int32),
-                                has_side_effect=True)(x)
+        token = jax.ShapeDtypeStruct((1,), jnp.int32)
+        if len(into) > MAX_OUTPUTS:
+            raise ValueError(f"handoff: a hand-over into {len(into)} arrays; at most {MAX_OUTPUTS}")
+        if not into:
+            return jax.ffi.ffi_call(self.names["hand_over"], token, has_side_effect=True)(x)
+        handed, *arrays = jax.ffi.ffi_call(self.names["hand_over"], [token, *into], has_side_effect=True)(x)
+        return handed, arrays
 
     def take_back(self, shape, dtype, *after):
         """An array of shape and dtype the host answers (`answer`), read once the arrays `after` are computed and the
@@ -97,14 +108,13 @@ class Handoff:
         return jax.ffi.ffi_call(self.names["take_back"], jax.ShapeDtypeStruct(shape, dtype),
                                 has_side_effect=True)(*after)
 
-    def take_into(self, structs, *after):
-        """Arrays (one per jax.ShapeDtypeStruct in structs) that the host copies into itself (`fill`): the device's
-        stream goes on once the host's copies have landed, which its own stream queues (from pinned host memory or
-        from device arrays), so no byte crosses twice. `after`: as for take_back."""
+    def filled(self, arrays, *after):
+        """arrays (those of a `hand_over(..., into=...)`) once the host's copies into them (`fill`) have landed, in
+        place. `after`: arrays the wait is ordered behind."""
         import jax
-        if len(structs) > MAX_OUTPUTS:
-            raise ValueError(f"handoff: take_into of {len(structs)} arrays; at most {MAX_OUTPUTS}")
-        return jax.ffi.ffi_call(self.names["take_into"], list(structs), has_side_effect=True)(*after)
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+        return jax.ffi.ffi_call(self.names["filled"], structs, has_side_effect=True,
+                                input_output_aliases={k: k for k in range(len(arrays))})(*arrays, *after)
 
     # -- the host's side --
     def launch(self, fn, *args, **kwargs) -> Future:
@@ -118,7 +128,7 @@ class Handoff:
     def receive(self, shape, dtype) -> np.ndarray:
         """The next array handed over (waits for its flag): a view of its ring slot, valid until `slots` more."""
         n = self.received
-        self._wait(self.handed.ctypes.data, n + 1, "hand-over", 0)
+        self._wait(self.handed_flag.ctypes.data, n + 1, "hand-over", self.counters[:1])
         self.received = n + 1
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         slot = (n % self.slots) * self.slot_bytes
@@ -133,7 +143,7 @@ class Handoff:
         slot = (m % self.slots) * self.slot_bytes
         self.to_device.array[slot:slot + raw.size] = raw
         self.sent = m + 1
-        self.answered[0] = _u32(m + 1)
+        self.answered_flag[0] = _u32(m + 1)
 
     def stage(self, value: np.ndarray) -> tuple[int, int]:
         """value in the next pinned staging slot, as a source for `fill`: (its address, its bytes)."""
@@ -147,31 +157,32 @@ class Handoff:
 
     def fill(self, sources: list[tuple[int, int]]) -> None:
         """Copy sources ((address, bytes) each: pinned host memory, a device array's buffer, or `stage`'s) into the
-        outputs of the next take_into, in order, then let its stream go on once they have landed. Outputs without a
-        source keep whatever they held."""
+        arrays of the next hand-over `into` arrays, in order, then let its `filled` go on once they have landed.
+        Arrays without a source keep whatever they held."""
         n = self.filled_count
-        self._wait(self.published.ctypes.data, n + 1, "take_into launch", 2)
+        self._wait(self.published.ctypes.data, n + 1, "hand-over into arrays", self.published)
         outputs = self.outputs[n % self.slots]
         for k, (source, nbytes) in enumerate(sources):
             if nbytes > outputs[k, 1]:
-                raise ValueError(f"handoff: a source of {nbytes} bytes for take_into output {k} of {outputs[k, 1]}")
+                raise ValueError(f"handoff: a source of {nbytes} bytes for array {k} to fill, of {outputs[k, 1]}")
         cuda = self.cuda
         if cuda is not None:
             cuda.bind()
             for (source, nbytes), (dest, _) in zip(sources, outputs):
                 cuda.check("cuMemcpyAsync", cuda.copy(int(dest), int(source), nbytes, cuda.stream))
-            cuda.check("cuStreamWriteValue32", cuda.write(cuda.stream, self.flags.device + 8, int(_u32(n + 1)), 0))
+            flag = self.flags.device + 4 * TARGETS.index("filled")
+            cuda.check("cuStreamWriteValue32", cuda.write(cuda.stream, flag, int(_u32(n + 1)), 0))
         else:
             for (source, nbytes), (dest, _) in zip(sources, outputs):
                 ctypes.memmove(int(dest), int(source), nbytes)
-            self.filled[0] = _u32(n + 1)
+            self.filled_flag[0] = _u32(n + 1)
         self.filled_count = n + 1
 
     def abandon(self, job: Future) -> None:
         """After a failure on the host's side: release every wait the launched program `job` queued, so that the
         device's stream drains (what it reads is garbage), wait for it, and count on from what was launched."""
         while not job.done():  # its launch may still be queueing waits
-            for flag, count in ((self.answered, self.counters[1]), (self.filled, self.counters[2])):
+            for flag, count in ((self.answered_flag, self.counters[1]), (self.filled_flag, self.counters[2])):
                 flag[0] = _u32(int(count) + (1 << 30))
             time.sleep(0.001)
         if job in self.launched:
@@ -180,28 +191,31 @@ class Handoff:
             job.result()
         except Exception:  # noqa: BLE001 - the program's own failure is the caller's to report
             pass
-        self.answered[0] = _u32(int(self.counters[1]))
-        self.filled[0] = _u32(int(self.counters[2]))
+        # A launch that failed between a hand-over into arrays and its `filled` leaves the two counts apart: both
+        # go on from the larger, so that the next pair's numbers (and ring rows) agree again.
+        self.counters[2] = self.published[0] = max(int(self.counters[2]), int(self.published[0]))
+        self.answered_flag[0] = _u32(int(self.counters[1]))
+        self.filled_flag[0] = _u32(int(self.counters[2]))
         self.received, self.sent, self.filled_count = (int(c) for c in self.counters)
 
-    def _wait(self, address: int, target: int, what: str, target_kind: int) -> None:
+    def _wait(self, address: int, target: int, what: str, launches: np.ndarray) -> None:
         # Spun in compiled code without the GIL: a Python loop would hold it, and the launching thread, which needs
         # it to make its call, would wait for the interpreter's switch interval (5 ms) each time. The timeout counts
         # from when the awaited call is launched (or nothing more is being launched): a launch may compile first.
         deadline = time.perf_counter() + self.timeout_s
         while not spin(address, _u32(target), 1 << 20):
-            if self._launching(target_kind, target):
+            if self._launching(launches, target):
                 deadline = time.perf_counter() + self.timeout_s
             elif time.perf_counter() > deadline:
                 launched = ", ".join(f"{int(c)} {kind}" for c, kind in zip(self.counters, self.names))
                 raise TimeoutError(f"handoff: no {what} numbered {target - 1} within {self.timeout_s:.0f} s "
                                    f"(launched: {launched})")
 
-    def _launching(self, target_kind: int, target: int) -> bool:
-        """Whether a launched job is still to launch call number target - 1 of a target kind; raises the error of
-        a job that failed."""
+    def _launching(self, launches: np.ndarray, target: int) -> bool:
+        """Whether a launched job is still to launch call number target - 1 (launches[0]: those launched so far);
+        raises the error of a job that failed."""
         for job in [j for j in self.launched if j.done()]:
             self.launched.remove(job)
             if job.exception() is not None:
                 raise RuntimeError(f"handoff: the launched program failed: {job.exception()}") from job.exception()
-        return bool(self.launched) and int(self.counters[target_kind]) < target
+        return bool(self.launched) and int(launches[0]) < target

@@ -5,7 +5,7 @@ The fused form (`moe_block.fused_moe`) drives each MoE layer from Python: the at
 way to the host, the copies' and the device share's calls, ~1 ms of a ~3 ms R1-share layer outside the experts' two
 paths (benchmarks/offload.md, runs 26-41). Here a launching thread calls every layer's program at once, and each MoE
 layer's program hands its routing to the host, waits for the device's experts the host copies into its own buffers
-(resident ones from device memory, the link's from pinned host memory; `Handoff.take_into`), computes them with the
+(resident ones from device memory, the link's from pinned host memory; `Handoff.fill`), computes them with the
 shared expert, then waits for the host CPU's share. This thread serves the layers in turn: it reads a layer's
 routing, splits its experts as the fused form does (`moe_block.paths`), queues the copies, computes the host's
 share and answers. No program call, callback or round trip of the step's thread sits on a layer's path.
@@ -71,9 +71,9 @@ class HandoffLayers:
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [1, D + 2K]
-        handed = handoff.hand_over(for_host)
+        handed, slots = handoff.hand_over(for_host, into=self.structs)
         shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
-        ids_C, *arrays = handoff.take_into(self.structs, handed, shared_ND)
+        ids_C, *arrays = handoff.filled(slots, shared_ND)
         experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(SLOTS))
         routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=1, impl=self.expert_impl)
         host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND)

@@ -30,7 +30,8 @@ API_VERSION_MAJOR, API_VERSION_MINOR = 32, 36  # XLA_FFI_Api.api_version.{major,
 API_ERROR_CREATE, API_STREAM_GET = 48, 80
 EXTENSION_TYPE, METADATA_EXTENSION, METADATA = 8, 1, 24  # XLA_FFI_Extension_Base.type; the metadata's pointer
 STAGE_EXECUTE = 3
-MAX_OUTPUTS = 32  # of a take_into
+TARGETS = ("hand_over", "take_back", "filled")  # a target's flag is at 4 * its index in the flags' memory
+MAX_OUTPUTS = 32  # arrays a hand-over publishes for the host to fill
 STAGING_BYTES = 4096  # a `Handoff.stage` slot
 ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 12: 8, 16: 2}  # XLA_FFI_DataType
 _ITEM_TABLE = np.zeros(32, np.int64)  # ITEM_BYTES as the handlers read it (0: not supported)
@@ -138,6 +139,7 @@ class CudaDriver:
         self.write_value = address(self.write)
         self.to_device = address(function("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync"))
         self.to_host = address(function("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync"))
+        self.on_device = address(function("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync"))
         self.ctx, device = ctypes.c_void_p(), ctypes.c_int()
         self.check("cuDeviceGet", lib.cuDeviceGet(ctypes.byref(device), ordinal))
         self.check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), device))
@@ -231,10 +233,10 @@ def _stream(frame, scratch):
 
 
 def compile_handler(h: Handoff, kind: str, constants: list):
-    """The FFI handler of one target (`kind`: hand_over, take_back or take_into), its addresses compiled in as
+    """The FFI handler of one target (`kind`: hand_over, take_back or filled), its addresses compiled in as
     constants (the arrays they point into appended to `constants`)."""
-    which = ("hand_over", "take_back", "take_into").index(kind)
-    over, back = which == 0, which == 1
+    which = TARGETS.index(kind)
+    over, back, filled = which == 0, which == 1, which == 2
     counter = h.counters.ctypes.data + 8 * which
     scratch = h.scratch.ctypes.data
     flag_host, flag_device = h.flags.host + 4 * which, h.flags.device + 4 * which
@@ -242,12 +244,15 @@ def compile_handler(h: Handoff, kind: str, constants: list):
     published, outputs = h.published.ctypes.data, h.outputs.ctypes.data
     slot_bytes, slots = h.slot_bytes, h.slots
     cuda = h.cuda is not None
-    wait_value, write_value, to_device, to_host = ((h.cuda.wait_value, h.cuda.write_value, h.cuda.to_device,
-                                                    h.cuda.to_host) if cuda else (0, 0, 0, 0))
+    wait_value, write_value, to_device, to_host, on_device = (
+        (h.cuda.wait_value, h.cuda.write_value, h.cuda.to_device, h.cuda.to_host, h.cuda.on_device) if cuda
+        else (0, 0, 0, 0, 0))
     messages = {k: np.frombuffer(f"ktjax handoff: {m}\0".encode(), np.uint8) for k, m in (
         ("size", f"an array larger than the {slot_bytes}-byte slots"), ("dtype", "an unsupported dtype"),
-        ("cuda", "a CUDA stream operation failed"))}
-    size_error, dtype_error, cuda_error = (messages[k].ctypes.data for k in ("size", "dtype", "cuda"))
+        ("cuda", "a CUDA stream operation failed"),
+        ("moved", "an array to be filled is not the buffer its hand-over published (XLA copied it between)"))}
+    size_error, dtype_error, cuda_error, moved_error = (messages[k].ctypes.data
+                                                        for k in ("size", "dtype", "cuda", "moved"))
     constants += messages.values()
     item_table = _ITEM_TABLE.ctypes.data
 
@@ -259,16 +264,15 @@ def compile_handler(h: Handoff, kind: str, constants: list):
             return 0
         api = _load64(frame + FRAME_API)
         n = _load64(counter)
-        if which == 2:  # take_into: publish the outputs' addresses, then wait for the host's copies
-            rets, row = _load64(frame + FRAME_RETS), outputs + (n % slots) * MAX_OUTPUTS * 16
-            for r in range(_load64(frame + FRAME_RETS_SIZE)):
-                buf = _load64(rets + 8 * r)
-                _store64(row + 16 * r, _load64(buf + BUFFER_DATA))
-                _store64(row + 16 * r + 8, _nbytes(buf, item_table))
+        args, rets, n_rets = _load64(frame + FRAME_ARGS), _load64(frame + FRAME_RETS), _load64(frame + FRAME_RETS_SIZE)
+        if filled:  # the arrays its hand-over published, once the host's copies into them have landed
+            row = outputs + (n % slots) * MAX_OUTPUTS * 16
+            for r in range(n_rets):
+                if _load64(_load64(args + 8 * r) + BUFFER_DATA) != _load64(row + 16 * r):
+                    return _error(api, scratch, moved_error)
             _store64(counter, n + 1)
-            _store64(published, n + 1)
         else:
-            buf = _load64(_load64(frame + (FRAME_ARGS if over else FRAME_RETS)))
+            buf = _load64(args if over else rets)
             nbytes = _nbytes(buf, item_table)
             if nbytes < 0:
                 return _error(api, scratch, dtype_error)
@@ -277,6 +281,14 @@ def compile_handler(h: Handoff, kind: str, constants: list):
             data = _load64(buf + BUFFER_DATA)
             _store64(counter, n + 1)
             slot = ring + (n % slots) * slot_bytes
+            if over and n_rets > 1:  # publish the arrays the host will fill (results after the token)
+                p = _load64(published)
+                row = outputs + (p % slots) * MAX_OUTPUTS * 16
+                for r in range(1, n_rets):
+                    out = _load64(rets + 8 * r)
+                    _store64(row + 16 * (r - 1), _load64(out + BUFFER_DATA))
+                    _store64(row + 16 * (r - 1) + 8, _nbytes(out, item_table))
+                _store64(published, p + 1)
         if not cuda:
             if over:
                 _copy(slot, data, nbytes)
@@ -286,6 +298,10 @@ def compile_handler(h: Handoff, kind: str, constants: list):
                 pass
             if back:
                 _copy(data, slot, nbytes)
+            for r in range(n_rets if filled else 0):  # where XLA gave the results buffers of their own
+                src, dst = _load64(_load64(args + 8 * r) + BUFFER_DATA), _load64(_load64(rets + 8 * r) + BUFFER_DATA)
+                if src != dst:
+                    _copy(dst, src, _nbytes(_load64(rets + 8 * r), item_table))
             return 0
         stream = _stream(frame, scratch)
         if stream == 0:
@@ -298,6 +314,10 @@ def compile_handler(h: Handoff, kind: str, constants: list):
             status = _call4(wait_value, stream, flag_device, (n + 1) & 0xFFFFFFFF, WAIT_GEQ)
             if status == 0 and back:
                 status = _call4(to_device, data, slot, nbytes, stream)
+            for r in range(n_rets if filled else 0):
+                src, dst = _load64(_load64(args + 8 * r) + BUFFER_DATA), _load64(_load64(rets + 8 * r) + BUFFER_DATA)
+                if status == 0 and src != dst:
+                    status = _call4(on_device, dst, src, _nbytes(_load64(rets + 8 * r), item_table), stream)
         if status != 0:
             return _error(api, scratch, cuda_error)
         return 0
