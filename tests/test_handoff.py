@@ -155,3 +155,28 @@ def test_the_timeout_counts_from_the_launch_of_what_is_awaited_not_from_a_slow_l
     np.testing.assert_allclose(handoff.receive((2,), np.float32), np.sin(np.ones(2)), rtol=1e-6)
     handoff.answer(np.zeros(2, np.float32))
     np.testing.assert_allclose(np.asarray(job.result()), np.sin(np.ones(2)), rtol=1e-6)
+
+
+def test_a_launch_further_ahead_than_the_ring_is_refused_before_a_wrong_copy(handoff):
+    """The arrays' addresses wait in a ring of `slots` rows for the host's fills: a launch that publishes more
+    before the host's first fill has overwritten that fill's row, which `fill` refuses rather than copy there."""
+    n = handoff.slots + 1
+
+    def program(x):
+        token, outs = None, []
+        for k in range(n):  # each hand-over after the one before, all before the first wait
+            token, arrays = handoff.hand_over(x + k if token is None else x + k + 0 * token, into=[
+                jax.ShapeDtypeStruct((1,), jnp.float32)])
+            outs.append(arrays)
+        got = []
+        for arrays in outs:  # each wait after the one before
+            got.append(handoff.filled(arrays, token if not got else got[-1])[0])
+        return got
+
+    job = handoff.launch(jax.jit(program), jnp.ones(1))
+    for _ in range(n):
+        handoff.receive((1,), np.float32)
+    with pytest.raises(RuntimeError, match=f"{n} hand-overs into arrays launched ahead .* the ring holds {n - 1}"):
+        handoff.fill([handoff.stage(np.zeros(1, np.float32))])
+    handoff.abandon(job)
+    test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_hand_over(handoff)

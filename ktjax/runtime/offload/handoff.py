@@ -53,7 +53,8 @@ def _u32(count: int) -> np.uint32:
 
 class Handoff:
     """Rings of `slots` pinned slots of `slot_bytes` each, one each way, and the FFI targets that use them (one set
-    per instance, registered for the device's platform). Sequence numbers count from 0 in launch order, one count
+    per instance, registered for the device's platform). A launch may run ahead of the host by fewer than `slots`
+    hand-overs into arrays (their addresses' ring). Sequence numbers count from 0 in launch order, one count
     per target; the host's side (`receive`, `answer`, `fill`) must take them in the same order."""
 
     def __init__(self, device, slot_bytes: int, slots: int = 64, timeout_s: float = 30.0):
@@ -161,6 +162,9 @@ class Handoff:
         Arrays without a source keep whatever they held."""
         n = self.filled_count
         self._wait(self.published.ctypes.data, n + 1, "hand-over into arrays", self.published)
+        if int(self.published[0]) - n > self.slots:  # its row holds a later hand-over's arrays
+            raise RuntimeError(f"handoff: {int(self.published[0]) - n} hand-overs into arrays launched ahead of the "
+                               f"host's fills; the ring holds {self.slots}")
         outputs = self.outputs[n % self.slots]
         for k, (source, nbytes) in enumerate(sources):
             if nbytes > outputs[k, 1]:

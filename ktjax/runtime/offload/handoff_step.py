@@ -49,7 +49,8 @@ class HandoffLayers:
     def __init__(self, ex: OffloadedExecutor):
         cfg = ex.config
         D, K = cfg.hidden_size, cfg.num_experts_per_tok
-        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * (D + 2 * K))
+        # A step's launch runs ahead of the host by up to all its MoE layers' hand-overs.
+        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * (D + 2 * K), slots=max(64, 2 * len(cfg.moe_layers)))
         self.leaves, self.treedef = jax.tree.flatten(ex.store.device_pad)
         # The device's experts through the kernels wherever they run (int8's too, which "auto" gives XLA's path): a
         # layer fills 1-5 of its 8 slots at R1's share, and the kernels skip the rest where XLA's path computes all
