@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The offload benchmark's int4 part on this tree and on an earlier commit, one process each, in turn: an A/B of a
-# change to the decode path on the GPU machine, whose machine has no git history to check a commit out from.
+# The offload benchmark's int4 part (AB_PART=int8: its int8 part) on this tree and on an earlier commit, one
+# process each, in turn: an A/B of a change to the decode path on the GPU machine, which has no git history to check
+# a commit out from.
 #
 #   scripts/ab_offload.sh prepare COMMIT   # here: COMMIT's ktjax/ and scripts/ into ab_base/ (untracked, so
 #                                          # the device tool carries it; delete it afterwards)
@@ -16,12 +17,14 @@ if [ "${1:-}" = prepare ]; then
   rm -rf ab_base && mkdir ab_base && git archive "$2" ktjax scripts | tar -x -C ab_base
   echo "ab_base/ holds $2"; exit
 fi
-[ "${1:-}" = run ] || { sed -n 2,13p "$0"; exit 2; }
+[ "${1:-}" = run ] || { sed -n 2,14p "$0"; exit 2; }
 ROOT=$(pwd)
 TOTAL=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator's limit: the 24 GiB budget
 R='{"int4-int8-activations_cpu_gbps":60.7,"int4-int8-activations_link_gbps":45.5,"int4-int8-activations_both_cpu_gbps":43.5,"int4-int8-activations_both_link_gbps":36.4}'
-ARGS="--run int4 --moe-layers 4 --gpu-memory 24GiB --batches 1 --modes auto --decode-forms auto --steps 30
+PART=${AB_PART:-int4}  # int8: no ceilings passed in (those below are int4's); its rows use the in-situ rates
+[ "$PART" = int4 ] || R='{}'
+ARGS="--run $PART --moe-layers 4 --gpu-memory 24GiB --batches 1 --modes auto --decode-forms auto --steps 30
       --prefill-max 0 --host-threads 14 --host-activations int8 --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640"
 summary() { python3 - "$1" <<'PY'
 import collections, json, re, statistics, sys
