@@ -410,6 +410,7 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     same process, and per --decode-forms value: decode_b1_r1_share (the first form, 'plain'),
     decode_b1_r1_share[_{form}][_{variant}]. No rows where this model's budget already keeps no more per layer
     than R1 would."""
+    import jax
     import numpy as np
     from fullsize import capped_rules, plan_for, r1_resident_per_layer, reference_config
     fmt = plan.expert_format.name
@@ -437,6 +438,8 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
         row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel, in_situ=r1_model.rates)
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
         n = model_v.lookahead
+        # The process's peak so far: a row that raises it allocated more than every row before it.
+        row["peak_device_bytes_so_far"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         row.update(r1_gpu_memory=args.r1_gpu_memory, r1_device_share=share,
                    device_share=per_layer / cfg.n_routed_experts, dense_layer_s=dense_s,
                    host_activations=model.host_activations, profile_ms=prof, lookahead=n, decode_form=form,
