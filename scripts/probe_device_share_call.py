@@ -43,8 +43,8 @@ def main() -> None:
     link = [e for e in range(E) if store.is_hosted(i, e)][:2]
     stats = StepStats()
     resident_w = tuple(store.fetch(i, resident, stats))
-    landed = tuple(store.fetch(i, link, stats, by_program=True))
-    pinned = tuple(store.fetch(i, link, stats, move=False))
+    landed = tuple(store.fetch(i, link, stats, move="program"))
+    pinned = tuple(store.fetch(i, link, stats, move="none"))
     ids_C, slots = padded(resident + link, resident_w + landed)
     ids_in, slots_in = padded_apart(resident, resident_w, link, pinned, store.device_pad)
     h_ND = jnp.asarray(np.random.default_rng(0).standard_normal((1, cfg.hidden_size)), jnp.bfloat16)

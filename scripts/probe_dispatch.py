@@ -17,7 +17,7 @@ in forms that take one cost away at a time:
 - the whole round trip a step waits for: the call, its outputs ready, its routing on the host;
 - on a GPU, the program compiled without XLA's CUDA graphs (command buffers), whose update a call may pay;
 - a MoE layer's link transfers of 3 host experts started: by `jax.device_put` of their pinned host buffers (as
-  `ExpertStore.fetch` did up to run 26), or by one program (`fetch(..., by_program=True)`, as a fused layer's
+  `ExpertStore.fetch` did up to run 26), or by one program (`fetch(..., move="program")`, as a fused layer's
   transfers start since); each also until landed.
 
 - as a decode step makes it, with the device still busy with earlier work (as in a step: the layer's device share
@@ -96,7 +96,7 @@ def main() -> None:
     fetched = StepStats()
 
     def fetch(by_program: bool):  # a fused layer's transfers, as `moe_block.fused_moe` starts them
-        return lambda: ex.store.fetch(i, hosted, fetched, by_program=by_program)
+        return lambda: ex.store.fetch(i, hosted, fetched, move="program" if by_program else "put")
     step_args = (state, layer.terms(host_pinned), rope, start_B, *latent_rp, j)
     print(kernel_counts(seg.attention_route.lower(*step_args).compile().as_text()))
     busy_DD = jnp.ones((4096, 4096), dtype)

@@ -44,7 +44,7 @@ class DecodeLayer:
             x_BTD, routing = self.call(seg.attention_route, x)[:2]
             routing.start_copies(host_inputs=True)
             routing.ids_on_host()
-            landing = ex.store.fetch(i, link_ids, stats, by_program=True) if link_ids else ()
+            landing = ex.store.fetch(i, link_ids, stats, move="program") if link_ids else ()
             job = worker.submit(device_share, routing.h_ND, landing)
             _, h_host = routing.inputs_on_host()
             share = ex.host.landing.put(host_share(h_host))

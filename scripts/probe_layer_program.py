@@ -284,7 +284,7 @@ def main() -> None:
             x_BTD, routing = layer.call(seg.attention_route, x)[:2]
             routing.start_copies(host_inputs=True)
             routing.ids_on_host()
-            terms = device_share(routing.h_ND, store.fetch(i, link_ids, stats, by_program=True))
+            terms = device_share(routing.h_ND, store.fetch(i, link_ids, stats, move="program"))
             _, h_host = routing.inputs_on_host()
             x = Unsummed(x_BTD, *terms, ex.host.landing.put(host_share(h_host)))
         return x
@@ -305,7 +305,7 @@ def main() -> None:
         "the host kernels alone, their own thread": lambda: [host_thread.submit(host_share, h_ND).result()
                                                              for _ in range(LAYERS)],
         f"{len(link_ids)} experts' copies alone (landed)": lambda: [jax.block_until_ready(
-            store.fetch(i, link_ids, stats, by_program=True)) for _ in range(LAYERS)],
+            store.fetch(i, link_ids, stats, move="program")) for _ in range(LAYERS)],
     }
     print(f"{jax.devices()[0].device_kind}, {'tiny' if args.tiny else 'full-size'} layer x {LAYERS}; experts: "
           f"{len(cpu_ids)} host CPU, {len(link_ids)} link, {len(resident)} resident; {args.reps} passes")

@@ -310,14 +310,14 @@ def test_a_decode_sized_routing_reaches_the_host_in_one_array_holding_ids_weight
 
 
 def test_a_layers_host_experts_moved_by_one_program_land_on_the_device_unchanged(split_model):
-    """`ExpertStore.fetch(..., by_program=True)`, as a fused decode layer starts its transfers, and `jax.device_put`
-    (by_program=False) both give device arrays holding the host experts' bytes."""
+    """`ExpertStore.fetch(..., move="program")`, as a fused decode layer starts its transfers, and `jax.device_put`
+    (move="put") both give device arrays holding the host experts' bytes."""
     ex = split_model("int4", "auto").executor
     i = ex.config.moe_layers[-1]
     hosted = [e for e in range(ex.config.n_routed_experts) if ex.store.is_hosted(i, e)][:3]
     stats = StepStats()
-    for by_program in (True, False):
-        for e, moved in zip(hosted, ex.store.fetch(i, hosted, stats, by_program=by_program)):
+    for move in ("program", "put"):
+        for e, moved in zip(hosted, ex.store.fetch(i, hosted, stats, move=move)):
             there = ex.store.experts[i][e]
             for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(there), strict=True):
                 assert (a.sharding.memory_kind, b.sharding.memory_kind) == ("device", "pinned_host")

@@ -134,7 +134,7 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, stats: Ste
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
     ids_C = np.full(SLOTS, -1, np.int32)
     ids_C[:len(resident) + len(link_ids)] = resident + link_ids
-    chosen = ex.store.fetch(i, resident + link_ids, stats, move=False)  # as they are: the copies are queued here
+    chosen = ex.store.fetch(i, resident + link_ids, stats, move="none")  # as they are: the copies are queued here
     handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
                                            for a in jax.tree.leaves(w)])
     stats.span("split", t)

@@ -188,8 +188,8 @@ def fused_moe(ex: OffloadedExecutor, i: int, seg: LayerSegments, state, x_BTD, r
 
     def start_transfers() -> tuple[ExpertWeights, ...]:
         # Asynchronous: the link works from here. As one program, where the device share waits for them all.
-        landing = tuple(ex.store.fetch(i, link_ids, stats, by_program=ex.fused_copies == "program",
-                                       move=not in_program))
+        landing = tuple(ex.store.fetch(i, link_ids, stats, move="none" if in_program else
+                                       "program" if ex.fused_copies == "program" else "put"))
         if not in_program:
             run.watch("landed", landing)
         return landing

@@ -74,6 +74,9 @@ def counted(cfg: ModelConfig, layer: int, idx_host: np.ndarray, stats: StepStats
     return idx_host, counts
 
 
+MOVES = ("put", "program", "none")  # how `ExpertStore.fetch` moves host experts
+
+
 @dataclasses.dataclass
 class Prefetch:
     """A chunk of the next MoE layer fetched ahead (its transfer overlaps the end of this layer)."""
@@ -99,7 +102,7 @@ class ExpertStore:
         # on its arguments' shardings, and a mix of kinds per step would recompile it.
         self.experts = {i: [ex if (i, e) in plan.host_experts else jax.device_put(ex, self.on_device)
                             for e, ex in enumerate(slots)] for i, slots in experts.items()}
-        # Host experts moved by one program (`fetch(..., by_program=True)`): for 3 full-size int4 experts on the H100
+        # Host experts moved by one program (`fetch(..., move="program")`): for 3 full-size int4 experts on the H100
         # machine, 84 us of the calling thread against 135 for `jax.device_put`, and landed in 1.60 ms against 1.70
         # (benchmarks/offload.md, run 27). Its copies run on the device's stream of programs, so only where the next
         # program waits for them anyway (a fused layer's); device_put's overlap the programs before them.
@@ -130,13 +133,14 @@ class ExpertStore:
         return [ordered[k:k + size] for k in range(0, len(ordered), size)]
 
     def fetch(self, layer: int, ids: Sequence[int], stats: StepStats,
-              early: Mapping[int, ExpertWeights] | None = None, by_program: bool = False,
-              move: bool = True) -> list[ExpertWeights]:
+              early: Mapping[int, ExpertWeights] | None = None, move: str = "put") -> list[ExpertWeights]:
         """Start the transfers of a chunk's host experts (asynchronous); device experts as they are, and those
-        fetched early (`moe_block.Lookahead`: their arrays in `early`) as they were. by_program: the transfers as
-        one program, which the device's later programs queue behind (see __init__). move=False: the host experts'
-        pinned arrays as they are, for the program that takes them to move them (`segments`' moe_device), counted
-        as fetched."""
+        fetched early (`moe_block.Lookahead`: their arrays in `early`) as they were. move: how host experts reach
+        the device, one of MOVES: "put", by `jax.device_put`; "program", as one program, which the device's later
+        programs queue behind (see __init__); "none", their pinned arrays as they are, for whatever takes them to
+        move them (`segments`' moe_device, `handoff_step`), counted as fetched."""
+        if move not in MOVES:
+            raise ValueError(f"move={move!r}: use one of {', '.join(MOVES)}")
         early = early or {}
         slots = self.experts[layer]
         hosted = [e for e in ids if self.is_hosted(layer, e) and e not in early]
@@ -144,7 +148,7 @@ class ExpertStore:
         if hosted:
             t = time.perf_counter()
             arrays = [slots[e] for e in hosted]
-            moved = (arrays if not move else self._moved(arrays) if by_program
+            moved = (arrays if move == "none" else self._moved(arrays) if move == "program"
                      else jax.device_put(arrays, self.on_device))
             stats.span("link_put", t)
         by_id = {**early, **dict(zip(hosted, moved))}

@@ -60,12 +60,12 @@ def compile_fused(ex: OffloadedExecutor, N: int = 1) -> int:
             for moved in range(min(S, len(hosted)) + 1):  # any experts: only their shapes and places matter
                 ids = [e % cfg.n_routed_experts for e in range(S - moved)]
                 moe_device(*padded_apart(ids, tuple(ex.store.fetch(i, ids, stats)), hosted[:moved],
-                                         tuple(ex.store.fetch(i, hosted[:moved], stats, move=False)),
+                                         tuple(ex.store.fetch(i, hosted[:moved], stats, move="none")),
                                          ex.store.device_pad), False)
     if not ex.fused_copies.startswith("in_program") or ex.resident_apart:
         if ex.fused_copies == "program":  # a layer's transfers as one program, for each number of them
             for k in range(1, len(hosted) + 1):
-                jax.block_until_ready(ex.store.fetch(i, hosted[:k], stats, by_program=True))
+                jax.block_until_ready(ex.store.fetch(i, hosted[:k], stats, move="program"))
                 n += 1
         for S in [0] + slot_counts:
             ids = [e % cfg.n_routed_experts for e in range(S)]
