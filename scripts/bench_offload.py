@@ -494,6 +494,9 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
                               for k, s in model.segments.items()}
         elif option.startswith("lookahead") and option[len("lookahead"):].isdigit():
             model = model.with_lookahead(int(option[len("lookahead"):]))
+        elif option.startswith("rates="):  # the split's rates set: rates=CPU/LINK in GB/s (a split sweep)
+            cpu, link = (float(v) for v in option[len("rates="):].split("/"))
+            model = model.with_rates(PathRates(link_gbps=link, cpu_gbps=cpu, cpu_call_s=model.rates.cpu_call_s))
         elif option == "ceiling-rates":
             model = model.with_rates(PathRates(link_gbps=ceil[f"{kernel}_both_link_gbps"],
                                                cpu_gbps=ceil[f"{kernel}_both_cpu_gbps"],
@@ -705,6 +708,8 @@ def main():
                         "before the host kernels), 'indices-in-place' (a fused layer's expert ids and rows handed to "
                         "its program in pinned buffers), 'handoff' (batch-1 steps launched whole, each MoE layer's "
                         "program waiting on its stream for the host's copies and share: decode_form 'handoff'), "
+                        "'xla-experts' (after 'handoff': its device experts by auto's path, int8's XLA one), "
+                        "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
