@@ -32,6 +32,7 @@ answer the blocked thread never gives.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,8 @@ class Handoff:
         self.received = self.sent = self.filled_count = self.staged = 0  # the host side's next sequence numbers
         self.launcher = ThreadPoolExecutor(1, thread_name_prefix="ktjax-handoff")
         self.launched: list[Future] = []  # `launch`'s jobs not known to have finished well
+        # A program queued behind everything launched on the device (`abandon` waits for it).
+        self._after = functools.partial(jax.jit(lambda z: z + 1), jax.device_put(np.float32(0), device))
         n = next(_names)
         self.names = {kind: f"ktjax_{kind}_{n}" for kind in TARGETS}
         platform = "CUDA" if gpu else "cpu"
@@ -184,23 +187,35 @@ class Handoff:
 
     def abandon(self, job: Future) -> None:
         """After a failure on the host's side: release every wait the launched program `job` queued, so that the
-        device's stream drains (what it reads is garbage), wait for it, and count on from what was launched."""
+        device drains what it launched (reading garbage), wait for that, and count on from what was launched."""
+        import jax
         while not job.done():  # its launch may still be queueing waits
-            for flag, count in ((self.answered_flag, self.counters[1]), (self.filled_flag, self.counters[2])):
-                flag[0] = _u32(int(count) + (1 << 30))
+            self._release()
             time.sleep(0.001)
         if job in self.launched:
             self.launched.remove(job)
         try:
-            job.result()
+            outputs = job.result()
         except Exception:  # noqa: BLE001 - the program's own failure is the caller's to report
-            pass
+            outputs = None
+        # Launched is not run: the device (on the CPU backend, XLA's threads, whose handlers count their calls as they
+        # run) still has the programs to finish, and meets waits on the way. A program queued after them finishes
+        # after them on a GPU's stream; their own outputs say so on the CPU backend.
+        pending = [a for a in jax.tree.leaves(outputs) if isinstance(a, jax.Array)] + [self._after()]
+        while not all(a.is_ready() for a in pending):
+            self._release()
+            time.sleep(0.001)
         # A launch that failed between a hand-over into arrays and its `filled` leaves the two counts apart: both
         # go on from the larger, so that the next pair's numbers (and ring rows) agree again.
         self.counters[2] = self.published[0] = max(int(self.counters[2]), int(self.published[0]))
         self.answered_flag[0] = _u32(int(self.counters[1]))
         self.filled_flag[0] = _u32(int(self.counters[2]))
         self.received, self.sent, self.filled_count = (int(c) for c in self.counters)
+
+    def _release(self) -> None:
+        """Let every wait launched so far pass (the flags well past their counts)."""
+        for flag, count in ((self.answered_flag, self.counters[1]), (self.filled_flag, self.counters[2])):
+            flag[0] = _u32(int(count) + (1 << 30))
 
     def _wait(self, address: int, target: int, what: str, launches: np.ndarray) -> None:
         # Spun in compiled code without the GIL: a Python loop would hold it, and the launching thread, which needs
