@@ -352,28 +352,61 @@ def test_host_shares_land_in_two_pinned_buffers_in_turn_that_programs_read_in_pl
     assert landing.put(empty) is empty  # no buffer for no ids
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt):
-    """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
-    waiting for the host's copies of its device experts and for the host CPU's share) gives a batch-1 decode step the
-    hidden states of the step whose host experts all stream, with the host CPU's, the link's and the resident
-    experts' paths all taken."""
+def decoded(model, rows: int = 1) -> tuple[np.ndarray, StepStats]:
+    """A decode step's hidden states (of its rows in use: all but the last of several) and stats, after a prefill of
+    4 tokens a row."""
     from ktjax.runtime.offload.segments import Segments, settle
+    ex = model.executor
+    active = np.arange(rows) < max(rows - 1, 1)
+    prompt = np.array([[5, 9, 13, 2], [3, 1, 4, 1], [2, 7, 1, 8]][:rows], np.int32)
+    cache = ex.init_cache(rows, 16)
+    _, cache, _ = ex.prefill(cache, prompt, [4] * rows, jax.random.key(0), Sampling.of())
+    stats = StepStats()
+    x, _ = ex.forward(cache, np.array([7, 11, 6][:rows], np.int32), np.full(rows, 4, np.int32), stats,
+                      Segments(stats, False), active=active)
+    return np.asarray(jax.jit(settle)(x)).reshape(rows, -1)[active], stats
 
-    def decoded(model) -> tuple[np.ndarray, StepStats]:
-        ex = model.executor
-        prompt = np.array([[5, 9, 13, 2]], np.int32)
-        cache = ex.init_cache(1, 16)
-        _, cache, _ = ex.prefill(cache, prompt, [4], jax.random.key(0), Sampling.of())
-        stats = StepStats()
-        x, _ = ex.forward(cache, np.array([7], np.int32), np.array([4], np.int32), stats, Segments(stats, False))
-        return np.asarray(jax.jit(settle)(x)), stats
 
-    want, _ = decoded(split_model(fmt, "gpu"))
+def handoff_model(split_model, fmt: str):
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
     model = split_model(fmt, "auto")
-    model = dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
-    got, stats = decoded(model)
+    return dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
+
+
+@pytest.mark.parametrize("fmt,rows", [("int8", 1), ("int4", 1), ("int4", 3)])
+def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt, rows):
+    """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
+    waiting for the host's copies of its device experts and for the host CPU's share) gives a decode step the hidden
+    states of the step whose host experts all stream, with the host CPU's, the link's and the resident experts' paths
+    all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared)."""
+    want, _ = decoded(split_model(fmt, "gpu"), rows)
+    got, stats = decoded(handoff_model(split_model, fmt), rows)
     assert rel_err(got, want) < 1e-5
     assert stats.experts_on_host_cpu > 0 and stats.experts_fetched > 0 and stats.experts_on_device > 0
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
+
+
+@pytest.mark.parametrize("failing", ["paths", "host_sum"])
+def test_a_step_whose_host_side_fails_midway_raises_that_and_the_next_step_is_right(split_model, monkeypatch,
+                                                                                   failing):
+    """A host-side failure in the handoff form (in the first MoE layer: its split, before any copy, or the host
+    CPU's share, after them) raises its own error, every program already launched runs to its end (its waits let
+    through), and the next step is served from the right sequence numbers."""
+    from ktjax.runtime.offload import handoff_step
+    want, _ = decoded(split_model("int4", "gpu"))
+    model = handoff_model(split_model, "int4")
+    decoded(model)  # compiled
+    handoff = model.executor.handoff_layers.handoff
+    before = handoff.counters.copy()
+
+    def fails(*args, **kwargs):
+        raise MemoryError(f"{failing} failed")
+
+    monkeypatch.setattr(handoff_step, failing, fails)
+    with pytest.raises(MemoryError, match=f"{failing} failed"):
+        decoded(model)
+    monkeypatch.undo()
+    n_moe = len(model.executor.config.moe_layers)
+    np.testing.assert_array_equal(handoff.counters - before, [n_moe] * 3)  # each layer's three calls all ran
+    got, _ = decoded(model)
+    assert rel_err(got, want) < 1e-5

@@ -1,4 +1,4 @@
-"""A batch-1 decode step launched whole, each MoE layer's program waiting on its stream for the host CPU
+"""A small batch's decode step launched whole, each MoE layer's program waiting on its stream for the host CPU
 (the executor's decode_form "handoff"; `handoff.Handoff`).
 
 The fused form (`moe_block.fused_moe`) drives each MoE layer from Python: the attention program's call, the routing's
@@ -10,15 +10,16 @@ shared expert, then waits for the host CPU's share. This thread serves the layer
 routing, splits its experts as the fused form does (`moe_block.paths`), queues the copies, computes the host's
 share and answers. No program call, callback or round trip of the step's thread sits on a layer's path.
 
-Batch 1 only: the programs are launched before any routing is known, so their expert slots (`SLOTS`) and gather
-capacity (1) are static. One device, with a host path (int8/int4 experts); no lookahead.
+Up to MAX_ROWS rows: the programs are launched before any routing is known, so each holds a slot for every expert
+its rows may choose (`HandoffLayers.slots`; the kernels skip those the host leaves empty) and computes each row
+through each slot's expert, weighted. One device, with a host path (int8/int4 experts); no lookahead.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.handoff import Handoff
-from ktjax.runtime.offload.moe_block import FUSED_MAX_EXPERTS, host_sum, paths
+from ktjax.runtime.offload.moe_block import host_sum, paths
 from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, routing, settle,
                                             shared, unpacked)
 from ktjax.runtime.offload.streaming import counted
@@ -38,54 +39,68 @@ from ktjax.runtime.offload.streaming import counted
 if TYPE_CHECKING:
     from ktjax.runtime.offload.executor import OffloadedExecutor
 
-SLOTS = FUSED_MAX_EXPERTS  # device experts a layer's program can take: every expert batch 1 chooses
+MAX_ROWS = 4  # decode rows a step may have in this form (its programs hold a slot for every expert its rows choose)
 
 
 class HandoffLayers:
-    """The executor's MoE layers in the handoff form: one program per layer kind, bound to one `Handoff`, whose
-    slots hold a token's routing ([1, D + 2K] float32: h, weights, the ids' bits) one way and its host share
-    ([1, D] float32) the other."""
+    """The executor's MoE layers in the handoff form: a program per layer kind and number of rows N, bound to one
+    `Handoff`, whose slots hold the rows' routing ([N, D + 2K] float32: h, weights, the ids' bits) one way and their
+    host share ([N, D] float32) the other."""
 
     def __init__(self, ex: OffloadedExecutor):
         cfg = ex.config
         D, K = cfg.hidden_size, cfg.num_experts_per_tok
         # A step's launch runs ahead of the host by up to all its MoE layers' hand-overs.
-        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * (D + 2 * K), slots=max(64, 2 * len(cfg.moe_layers)))
+        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * MAX_ROWS * (D + 2 * K),
+                               slots=max(64, 2 * len(cfg.moe_layers)))
         self.leaves, self.treedef = jax.tree.flatten(ex.store.device_pad)
         # The device's experts through the kernels wherever they run (int8's too, which "auto" gives XLA's path): a
-        # layer fills 1-5 of its 8 slots at R1's share, and the kernels skip the rest where XLA's path computes all
-        # 8 (~50-60 us each on the H200, benchmarks/kernels.md). Unmeasured in a step: bench_offload's
+        # batch-1 layer fills 1-5 of its 8 slots at R1's share, and the kernels skip the rest where XLA's path
+        # computes all 8 (~50-60 us each on the H200, benchmarks/kernels.md). Unmeasured in a step: bench_offload's
         # --r1-variants handoff+xla-experts runs XLA's path. Unfilled slots hold garbage; either path adds nothing
         # from them (`add_experts`).
         fmt = ex.plan.expert_format
         covered = expert_path(np.zeros((1, D), ex.dtype), fmt.name, fmt.F, fmt.D, impl="pallas") == "pallas"
         self.expert_impl = "pallas" if covered and ex.devices[0].platform == "gpu" else None
-        self.structs = [jax.ShapeDtypeStruct((SLOTS,), jnp.int32)] + [
-            jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.leaves] * SLOTS
-        self.programs = {kind: jax.jit(functools.partial(self.moe_layer, seg.graphdef), donate_argnums=(4, 5))
-                         for kind, seg in ex.segments.items() if kind != "dense"}
+        self.graphdefs = {kind: seg.graphdef for kind, seg in ex.segments.items() if kind != "dense"}
+        self.K, self.n_experts = K, cfg.n_routed_experts
+        self.programs: dict[tuple[str, int], Callable] = {}  # (layer kind, rows): made on the launching thread
 
-    def moe_layer(self, graphdef, state, x_BTD, rope, start_B, latent, rp, j):
-        """Attention, routing handed to the host, the device's experts as the host fills them in, the shared expert,
-        the host's share taken back: the layer's output as its terms."""
+    def slots(self, rows: int) -> int:
+        """A program's expert slots at this many rows: every expert they may choose."""
+        return min(rows * self.K, self.n_experts)
+
+    def program(self, kind: str, rows: int) -> Callable:
+        if (kind, rows) not in self.programs:
+            self.programs[(kind, rows)] = jax.jit(functools.partial(self.moe_layer, self.graphdefs[kind],
+                                                                    self.slots(rows)), donate_argnums=(4, 5))
+        return self.programs[(kind, rows)]
+
+    def moe_layer(self, graphdef, S: int, state, x_BTD, rope, start_B, latent, rp, j):
+        """Attention, routing handed to the host, the device's experts (up to S) as the host fills them in, the
+        shared expert, the host's share taken back: the layer's output as its terms."""
         handoff, n = self.handoff, len(self.leaves)
+        structs = [jax.ShapeDtypeStruct((S,), jnp.int32)] + [jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                             for a in self.leaves] * S
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [1, D + 2K]
-        handed, slots = handoff.hand_over(for_host, into=self.structs)
+        handed, slots = handoff.hand_over(for_host, into=structs)
         shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
         ids_C, *arrays = handoff.filled(slots, shared_ND)
-        experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(SLOTS))
-        routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=1, impl=self.expert_impl)
+        experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
+        routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0],
+                                impl=self.expert_impl)
         host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND)
         return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
 
 
 def applies(ex: OffloadedExecutor, tokens_BT, run: Segments) -> bool:
-    """Whether a forward pass takes the handoff form: a batch-1 decode step on one device with a host path, the
-    executor's decode_form "handoff", not profiled (profiling waits for each program)."""
+    """Whether a forward pass takes the handoff form: a decode step of up to MAX_ROWS rows on one device with a host
+    path, the executor's decode_form "handoff", not profiled (profiling waits for each program)."""
+    one_token = np.ndim(tokens_BT) == 1 or np.shape(tokens_BT)[1] == 1
     return (ex.decode_form == "handoff" and ex.mesh is None and ex.host is not None and ex.expert_compute != "gpu"
-            and np.size(tokens_BT) == 1 and not run.profile)
+            and one_token and np.size(tokens_BT) <= MAX_ROWS and not run.profile)
 
 
 def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments,
@@ -94,10 +109,11 @@ def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, s
     work served here. Returns (the last layer's output, the cache)."""
     cfg, layers = ex.config, ex.handoff_layers
     x_BTD, rope, start_B = run("embed", embed_segment, cfg, ex.top["embed_tokens"], tokens_BT, start_B)
-    job = layers.handoff.launch(launch_layers, ex, layers, x_BTD, rope, start_B, dict(cache.groups), run)
+    rows = np.size(tokens_BT)
+    job = layers.handoff.launch(launch_layers, ex, layers, rows, x_BTD, rope, start_B, dict(cache.groups), run)
     try:
         for i in cfg.moe_layers:
-            serve_layer(ex, layers, i, stats, active_N)
+            serve_layer(ex, layers, i, rows, stats, active_N)
     except BaseException:
         layers.handoff.abandon(job)
         raise
@@ -105,7 +121,8 @@ def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, s
     return x_BTD, KVCache(groups)
 
 
-def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, x_BTD, rope, start_B, groups: dict, run: Segments):
+def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, rows: int, x_BTD, rope, start_B, groups: dict,
+                  run: Segments):
     """Every layer's program, called in turn (the handoff's launching thread): dense layers as the fused form runs
     them, MoE layers in the handoff form."""
     for i, kind in enumerate(ex.config.layer_kinds):
@@ -114,29 +131,31 @@ def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, x_BTD, rope, sta
         if kind == "dense":
             x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
         else:
-            x_BTD, latent, rp = run("moe_layer", layers.programs[kind], state, x_BTD, rope, start_B, latent, rp, j)
+            program = layers.program(kind, rows)
+            x_BTD, latent, rp = run("moe_layer", program, state, x_BTD, rope, start_B, latent, rp, j)
         groups[kind] = LayerCache(latent, rp)
     return x_BTD, groups
 
 
-def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, stats: StepStats,
+def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int, stats: StepStats,
                 active_N: np.ndarray | None) -> None:
     """MoE layer i's host work: its routing read, its experts split by path (`moe_block.paths`), the device's copied
     into its program, the host CPU's share computed and handed back."""
     cfg, handoff = ex.config, layers.handoff
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
     t = time.perf_counter()
-    h_ND, w_NK, idx_NK = unpacked(handoff.receive((1, D + 2 * K), np.float32), K)
+    h_ND, w_NK, idx_NK = unpacked(handoff.receive((rows, D + 2 * K), np.float32), K)
     stats.span("routing_wait", t)
     idx_NK, counts = counted(cfg, i, idx_NK, stats, active_N)
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
-    ids_C = np.full(SLOTS, -1, np.int32)
+    ids_C = np.full(layers.slots(rows), -1, np.int32)
     ids_C[:len(resident) + len(link_ids)] = resident + link_ids
     chosen = ex.store.fetch(i, resident + link_ids, stats, move="none")  # as they are: the copies are queued here
     handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
                                            for a in jax.tree.leaves(w)])
     stats.span("split", t)
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
-    handoff.answer(host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids else np.zeros((1, D), np.float32))
+    handoff.answer(host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids
+                   else np.zeros((rows, D), np.float32))
