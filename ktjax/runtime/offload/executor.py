@@ -58,8 +58,8 @@ class OffloadedExecutor:
     "streamed" (a program per streamed expert as it lands, dispatched by a worker thread beside the
     host CPU's kernels), or "auto": fused for int4 experts, streamed for the others (measured at
     batch 1 on the H200, offload.md run 10: int4 18.4 against 20.6 ms, int8 24.7 against 22.4 ms); "handoff": a
-    batch-1 decode step launched whole, each MoE layer's program waiting on its stream for the host's copies and
-    share (`handoff_step`; other steps as "auto"). mesh: the
+    decode step of up to 4 rows launched whole, each MoE layer's program waiting on its stream for the host's copies
+    and share (`handoff_step`; other steps as "auto"). mesh: the
     expert mesh the core arrays are replicated over and the experts split over (None: one device);
     experts then live on (or behind) their owner's device. lookahead: in decode steps on one device, how many
     of the next MoE layer's likely host experts each MoE layer fetches early (`moe_block.Lookahead`; 0: none).
