@@ -84,10 +84,10 @@ class HandoffLayers:
                                                              for a in self.leaves] * S
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
-        h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [1, D + 2K]
-        handed, slots = handoff.hand_over(for_host, into=structs)
+        h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [N, D + 2K]
+        handed, to_fill = handoff.hand_over(for_host, into=structs)
         shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
-        ids_C, *arrays = handoff.filled(slots, shared_ND)
+        ids_C, *arrays = handoff.filled(to_fill, shared_ND)
         experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
         routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0],
                                 impl=self.expert_impl)
