@@ -50,6 +50,14 @@ def _u32(count: int) -> np.uint32:
     return np.uint32(count & 0xFFFFFFFF)
 
 
+def _done(a) -> bool:
+    """Whether an array's computation has ended, well or not."""
+    try:
+        return a.is_ready()
+    except Exception:  # noqa: BLE001 - its program failed: ended
+        return True
+
+
 # ---- the handoff --------------------------------------------------------------------------------------------------
 
 class Handoff:
@@ -202,7 +210,7 @@ class Handoff:
         # run) still has the programs to finish, and meets waits on the way. A program queued after them finishes
         # after them on a GPU's stream; their own outputs say so on the CPU backend.
         pending = [a for a in jax.tree.leaves(outputs) if isinstance(a, jax.Array)] + [self._after()]
-        while not all(a.is_ready() for a in pending):
+        while not all(_done(a) for a in pending):
             self._release()
             time.sleep(0.001)
         # A launch that failed between a hand-over into arrays and its `filled` leaves the two counts apart: both
