@@ -414,23 +414,38 @@ def test_a_step_whose_host_side_fails_midway_raises_that_and_the_next_step_is_ri
 
 def test_a_serving_batch_takes_the_handoff_form_for_its_small_steps_and_samples_the_same_tokens(split_model):
     """A server's `DecodeBatch` of 4 slots with 1 and then 3 requests decoding (its steps bucketed to 1 and 4 rows,
-    free rows not in use): the handoff form's steps sample the tokens the streamed form's do."""
+    free rows not in use): the handoff form's steps sample the tokens the streamed form's do, and after the batch's
+    warm-up they compile nothing (their programs do not vary with the routing)."""
     from ktjax.runtime.generation import SamplingOptions
     from ktjax.runtime.shapes import cache_length
     from ktjax.serve.batch import DecodeBatch
 
     prompts = [[5, 9, 13, 2], [3, 1, 4, 1, 5], [2, 7, 1]]
-    tokens, ran = {}, {}
-    for form in ("streamed", "handoff"):
-        model = handoff_model(split_model, "int4")
-        model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
-        batch = DecodeBatch(model, 4, cache_length(model.placement.max_context, 0))
-        tokens[form], ran[form] = [], []
-        for rows in (1, 3):
-            steps = [batch.prefill_into(list(range(rows)), prompts[:rows], [SamplingOptions(8)] * rows)]
-            for _ in range(3):
-                steps.append(batch.decode(np.arange(4) < rows)[:rows].tolist())
-                ran[form].append(any(what == "moe_layer" for what, *_ in batch.last_stats.timeline))
-            tokens[form].append(steps)
+    tokens, ran, compiles, listening = {}, {}, [], [False]
+
+    def on_event(event, seconds, **kw):
+        if listening[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        for form in ("streamed", "handoff"):
+            model = handoff_model(split_model, "int4")
+            model = dataclasses.replace(model, executor=model.executor.with_decode_form(form))
+            batch = DecodeBatch(model, 4, cache_length(model.placement.max_context, 0))
+            if form == "handoff":
+                batch.warm_up()
+            tokens[form], ran[form] = [], []
+            for rows in (1, 3):
+                steps = [batch.prefill_into(list(range(rows)), prompts[:rows], [SamplingOptions(8)] * rows)]
+                for _ in range(3):
+                    listening[0] = form == "handoff"
+                    steps.append(batch.decode(np.arange(4) < rows)[:rows].tolist())
+                    listening[0] = False
+                    ran[form].append(any(what == "moe_layer" for what, *_ in batch.last_stats.timeline))
+                tokens[form].append(steps)
+    finally:
+        listening[0] = False
     assert tokens["handoff"] == tokens["streamed"]
     assert all(ran["handoff"]) and not any(ran["streamed"])
+    assert compiles == []
