@@ -129,6 +129,7 @@ def build_model(args):
         # After the rates: the split keeps the default's, so a run at fewer threads differs by that alone.
         executor = executor.with_host_threads(args.host_threads)
         log(f"child: host kernels on {args.host_threads} threads (engine and server)")
+    executor = executor.with_decode_form(args.decode_form)
     return LoadedModel(cfg, executor, plan, tokenizer=tokenizer, generation_defaults={"temperature": 0.0},
                        path=None)
 
@@ -660,7 +661,7 @@ def driver(args) -> int:
            *map(str, args.concurrency)] + (["--smoke"] if args.smoke else []) + (
         ["--small-layers"] if args.small_layers else []) + (
         ["--host-threads", str(args.host_threads)] if args.host_threads else []) + [
-        "--host-activations", args.host_activations]
+        "--host-activations", args.host_activations, "--decode-form", args.decode_form]
     log(f"starting the server: {' '.join(cmd)}")
     server_log = open(os.path.join(args.out, "server.log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -785,7 +786,8 @@ def driver(args) -> int:
     what = ("embedded tiny model (--smoke)" if args.smoke else "small layers (--small-layers)" if args.small_layers else
             f"DeepSeek-V3 full-size layers (1 dense + {args.moe_layers} MoE), random weights, {args.experts} experts, "
             f"{args.gpu_memory} budget, host activations {args.host_activations}"
-            + (f", {args.host_threads} host threads" if args.host_threads else ""))
+            + (f", {args.host_threads} host threads" if args.host_threads else "")
+            + (f", decode form {args.decode_form}" if args.decode_form != "auto" else ""))
     place = engine.get("placement", {})
     header = (f"ktjax serve benchmark: {what}; {place.get('device_experts', '?')} experts on the device, "
               f"{place.get('host_experts', '?')} in host memory; device {engine.get('device', '?')}; max batch "
@@ -878,6 +880,9 @@ def main() -> int:
     p.add_argument("--host-activations", choices=("float32", "int8"), default="int8",
                    help="what the host CPU multiplies int8/int4 experts by, engine and server alike "
                         "(ktjax.load's host_activations, default int8 as there)")
+    p.add_argument("--decode-form", choices=("auto", "fused", "streamed", "handoff"), default="auto",
+                   help="how the full-size path's decode steps run (OffloadedExecutor's decode_form): 'handoff' "
+                        "launches steps of up to 4 rows whole, each MoE layer's stream waiting for the host CPU")
     p.add_argument("--small-layers", action="store_true",
                    help="with the full-size path (no --smoke): small layer shapes instead, the odd experts in host "
                         "memory (a CPU check of that path)")
