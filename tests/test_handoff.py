@@ -144,11 +144,11 @@ def test_a_launch_that_fails_raises_its_own_error_at_once_not_a_timeout():
 
 
 def test_the_timeout_counts_from_the_launch_of_what_is_awaited_not_from_a_slow_launch_before_it():
-    handoff = Handoff(jax.devices()[0], slot_bytes=64, slots=2, timeout_s=0.3)
+    handoff = Handoff(jax.devices()[0], slot_bytes=64, slots=2, timeout_s=0.5)
     program = layers(handoff, 1)
 
     def compiles_slowly(x):
-        time.sleep(1.0)  # as a first launch compiling its programs
+        time.sleep(2.0)  # as a first launch compiling its programs: 4 timeouts
         return program(x)
 
     job = handoff.launch(compiles_slowly, jnp.ones(2, jnp.float32))
