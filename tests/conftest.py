@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tests run on the CPU, deterministically, whatever the machine has.
@@ -13,7 +15,10 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emit
 os.environ.setdefault("XLA_FLAGS", " ".join(FAST_COMPILE))
 # `ktjax` commands (the CLI tests call main()) turn on the persistent compilation cache: the tests keep it
 # out of the user's ~/.cache, and one run's time does not depend on what an earlier run compiled.
-os.environ.setdefault("KTJAX_CACHE_DIR", tempfile.mkdtemp(prefix="ktjax-tests-"))
+# The process that makes the folder removes it at its exit (pytest-xdist's workers inherit it from the parent).
+if "KTJAX_CACHE_DIR" not in os.environ:
+    os.environ["KTJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="ktjax-tests-")
+    atexit.register(shutil.rmtree, os.environ["KTJAX_CACHE_DIR"], ignore_errors=True)
 # (Sharing a persistent compilation cache across the session's processes from the start, at any compile time
 # (JAX_COMPILATION_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0), measured no faster on the 2-core dev
 # machine on 2026-12-03: `time python -m pytest tests/test_offload.py tests/test_generation.py` 104 against 113 s,
