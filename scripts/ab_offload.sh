@@ -8,6 +8,7 @@
 #   OUT=... scripts/ab_offload.sh run [VARIANTS_NEW [VARIANTS_BASE]]   # on the device, after the editable install
 #                                          # (VARIANTS_BASE '-': this tree only, its variants against each other)
 #
+# AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto), e.g. "auto handoff".
 # Each process: bench_offload.py --run int4 (the 24 GiB row, then the R1-share row once per --r1-variants value;
 # defaults below) with the ceilings of offload.md run 24 passed in, so that no ceilings are measured and
 # 'ceiling-rates' splits alike in both trees. Prints each row's step, layer spacing and timeline; logs in $OUT.
@@ -24,7 +25,7 @@ FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator
 R='{"int4-int8-activations_cpu_gbps":60.7,"int4-int8-activations_link_gbps":45.5,"int4-int8-activations_both_cpu_gbps":43.5,"int4-int8-activations_both_link_gbps":36.4}'
 PART=${AB_PART:-int4}  # int8: no ceilings passed in (those below are int4's); its rows use the in-situ rates
 [ "$PART" = int4 ] || R='{}'
-ARGS="--run $PART --moe-layers 4 --gpu-memory 24GiB --batches 1 --modes auto --decode-forms auto --steps 30
+ARGS="--run $PART --moe-layers 4 --gpu-memory 24GiB --batches 1 --modes auto --decode-forms ${AB_FORMS:-auto} --steps 30
       --prefill-max 0 --host-threads 14 --host-activations int8 --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640"
 summary() { python3 - "$1" <<'PY'
 import collections, json, re, statistics, sys
@@ -35,6 +36,8 @@ for line in open(sys.argv[1]):
         r = json.loads(row)
         spans = " ".join(f"{k} {v['at']:.2f}-{v['ends']:.2f}" for k, v in r.get("timeline_ms", {}).items())
         r1 = f", R1 {1 / r['r1_extrapolated_s']:.2f} tok/s" if "r1_extrapolated_s" in r else ""
+        r1 += f", first step {r['first_step_s']:.1f} s" if "first_step_s" in r else ""
+        r1 += f", tokens as the first row's {100 * r['tokens_as_first_row']:.0f}%" if "tokens_as_first_row" in r else ""
         print(f"  {name}: {r['step_s'] * 1e3:.2f} ms, spacing {r['layer_spacing_ms']}, outside experts "
               f"{100 * r['outside_experts_share']:.0f}% (less the device's reads {100 * r['outside_work_share']:.0f}%)"
               f"{r1}\n    {spans}")

@@ -186,7 +186,7 @@ def measure(label: str, path: str, args, experts: str | None) -> dict:
         f"{row['load_system_s']:.1f} s, {row['load_minor_faults']} minor page faults")
     sampling = Sampling.of(0.0, 0, 1.0)
     for mode in args.modes:
-        times, _ = decode_steps(model.executor.with_expert_compute(mode), 1, 256, args.steps, sampling)
+        times, _, _ = decode_steps(model.executor.with_expert_compute(mode), 1, 256, args.steps, sampling)
         row[f"decode_b1_{mode}_ms"] = float(np.median(times)) * 1e3
         log(f"{label}: decode B=1 ({mode}): {row[f'decode_b1_{mode}_ms']:.2f} ms/step")
     print("ROW " + json.dumps(row), flush=True)

@@ -127,8 +127,9 @@ def ceilings(tiny: bool) -> dict:
 
 
 def decode_steps(model, B: int, ctx: int, steps: int, sampling):
-    """Warm, then time `steps` decode steps at batch B after a `ctx`-token context: per-step times
-    and stats."""
+    """Warm, then time `steps` decode steps at batch B after a `ctx`-token context: per-step times and stats,
+    and {"first_step_s": the first warm step's time (its programs compiled), "tokens": those the timed steps
+    sampled}."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -139,17 +140,22 @@ def decode_steps(model, B: int, ctx: int, steps: int, sampling):
     pos = np.full((B,), ctx, np.int32)
     key = jax.random.key(0)
     warm = 8  # compile and warm up: the segments' variants (experts per path) appear over several steps
+    t = time.perf_counter()
     for s in range(warm):
         tok, cache, _ = ex.decode(cache, tok, pos + s, key, sampling)
+        if s == 0:
+            jax.block_until_ready(tok)
+            first_s = time.perf_counter() - t
     jax.block_until_ready(tok)
-    times, stats = [], []
+    times, stats, tokens = [], [], []
     for s in range(steps):
         t = time.perf_counter()
         tok, cache, st = ex.decode(cache, tok, pos + warm + s, key, sampling)
         jax.block_until_ready(tok)
         times.append(time.perf_counter() - t)
         stats.append(st)
-    return times, stats
+        tokens.append(np.asarray(tok).tolist())
+    return times, stats, {"first_step_s": first_s, "tokens": tokens}
 
 
 def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: str | None = None,
@@ -320,10 +326,10 @@ def run_ktjax(args) -> dict:
                               for f in (args.decode_forms if B == 1 else args.decode_forms[:1])]:
             if act == "int8" and mode == "gpu" and "float32" in acts:
                 continue  # the host CPU computes nothing: the same as float32's row
-            times, stats = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx, args.steps,
-                                        sampling)
+            times, stats, seen = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx,
+                                              args.steps, sampling)
             row = decode_row(cfg, plan, times, stats, ceil, B, ctx, kernel=kernel_name(fmt, act),
-                             in_situ=model.rates if model.host is not None else None)
+                             in_situ=model.rates if model.host is not None else None) | seen
             name = (f"decode_b{B}" + (f"_{mode}" if fmt in ("int8", "int4") else "")
                     + (f"_{form}" if form != args.decode_forms[0] else "") + suffix)
             row["host_activations"] = act
@@ -432,10 +438,16 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
     dense_s = prof["dense_layer"] / 1e3
     n_moe = len(cfg.moe_layers)
     rows = {}
+    if "handoff" in args.decode_forms or any("handoff" in v.split("+") for v in args.r1_variants):
+        r1_model.handoff_layers  # noqa: B018 (made here once: the rows' handoff forms share its compiled programs)
     for form, variant in [(f, v) for f in args.decode_forms for v in args.r1_variants]:
         model_v = with_variant(r1_model.with_decode_form(form), variant, ceil, kernel)
-        times, stats = decode_steps(model_v, 1, ctx, args.steps, sampling)
-        row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel, in_situ=r1_model.rates)
+        times, stats, seen = decode_steps(model_v, 1, ctx, args.steps, sampling)
+        row = decode_row(cfg, capped, times, stats, ceil, 1, ctx, kernel=kernel, in_situ=r1_model.rates) | seen
+        # The same model in every row: the share of its sampled tokens equal to the first row's (1.0 where the
+        # forms compute alike; a form that differs in float rounding may rarely pick another token and diverge).
+        first = next(iter(rows.values()), row)["tokens"]
+        row["tokens_as_first_row"] = float(np.mean([a == b for a, b in zip(first, row["tokens"])]))
         spacing = float(np.median(row["layer_spacing_ms"])) / 1e3 if row["layer_spacing_ms"] else row["step_s"] / n_moe
         n = model_v.lookahead
         # The process's peak so far: a row that raises it allocated more than every row before it.
@@ -484,7 +496,9 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         elif option == "handoff":  # decode steps (up to 4 rows) launched whole, each layer's stream waiting for the host
             model = model.with_decode_form("handoff")
         elif option == "xla-experts":  # the handoff programs' device experts by "auto"'s path (int8: XLA's)
-            model.handoff_layers.expert_impl = None
+            layers = copy.copy(model.handoff_layers)  # programs of its own; the same handoff
+            layers.expert_impl, layers.programs = None, {}
+            model = model._with(handoff_layers=layers)
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -682,7 +696,7 @@ def main():
     p.add_argument("--path-rates", default="", help="JSON of the host-kernel ceilings (passed between parts)")
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
-    p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed"],
+    p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed", "handoff"],
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
     p.add_argument("--host-activations", choices=("float32", "int8"), nargs="+", default=["int8"],
                    help="what the host CPU multiplies int8/int4 experts by (ktjax.load's host_activations, default "
