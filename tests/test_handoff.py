@@ -2,6 +2,7 @@
 (`runtime/offload/handoff.py`), on the CPU backend: what the host receives is what the program computed, what the
 program reads back is what the host answered, in order, over several programs and more calls than ring slots."""
 
+import ctypes
 import time
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from ktjax.runtime.offload.handoff import Handoff
+from ktjax.runtime.offload.handoff_targets import queue_copies
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,21 @@ def test_a_launch_further_ahead_than_the_ring_is_refused_before_a_wrong_copy(han
         handoff.fill([handoff.stage(np.zeros(1, np.float32))])
     handoff.abandon(job)
     test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_hand_over(handoff)
+
+
+def test_a_fills_copies_and_flag_are_queued_in_order_by_one_compiled_call():
+    """On a GPU `fill` queues its copies and the flag write through `queue_copies`, which calls the driver's functions
+    by address from compiled code. Here C callbacks stand in for cuMemcpyAsync and cuStreamWriteValue32 and record
+    what they are given: every copy's (destination, source, bytes, stream) in order, then the flag's write."""
+    calls = []
+    signature = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
+    copy = signature(lambda *a: calls.append(("copy", *a)) or 0)
+    write = signature(lambda *a: calls.append(("write", *a)) or 0)
+    address = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
+    table = np.array([[1000, 2000, 30], [1100, 2100, 40], [1200, 2200, 50]], np.int64)
+    assert queue_copies(address(copy), address(write), 77, table, 2, 4242, 9) == 0
+    assert calls == [("copy", 1000, 2000, 30, 77), ("copy", 1100, 2100, 40, 77), ("write", 77, 4242, 9, 0)]
+    failing = signature(lambda *a: calls.append(("failed", *a)) or 700)  # CUDA_ERROR_ILLEGAL_ADDRESS
+    calls.clear()
+    assert queue_copies(address(failing), address(write), 77, table, 3, 4242, 9) == 700
+    assert calls == [("failed", 1000, 2000, 30, 77)]  # nothing after the first failure, no flag

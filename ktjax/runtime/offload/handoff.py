@@ -40,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, TARGETS, CudaDriver, Pinned,
-                                                   compile_handler, spin)
+                                                   compile_handler, queue_copies, spin)
 
 _names = itertools.count()
 
@@ -167,8 +167,8 @@ class Handoff:
         self.staging.array[slot:slot + raw.size] = raw
         return self.staging.device + slot, raw.size
 
-    def fill(self, sources: list[tuple[int, int]]) -> None:
-        """Copy sources ((address, bytes) each: pinned host memory, a device array's buffer, or `stage`'s) into the
+    def fill(self, sources) -> None:
+        """Copy sources ((address, bytes) rows: pinned host memory, a device array's buffer, or `stage`'s) into the
         arrays of the next hand-over `into` arrays, in order, then let its `filled` go on once they have landed.
         Arrays without a source keep whatever they held."""
         n = self.filled_count
@@ -177,19 +177,23 @@ class Handoff:
             raise RuntimeError(f"handoff: {int(self.published[0]) - n} hand-overs into arrays launched ahead of the "
                                f"host's fills; the ring holds {self.slots}")
         outputs = self.outputs[n % self.slots]
-        for k, (source, nbytes) in enumerate(sources):
-            if nbytes > outputs[k, 1]:
-                raise ValueError(f"handoff: a source of {nbytes} bytes for array {k} to fill, of {outputs[k, 1]}")
+        sources = np.asarray(sources, np.int64).reshape(-1, 2)
+        k = len(sources)
+        if k > MAX_OUTPUTS:
+            raise ValueError(f"handoff: {k} sources to fill; at most {MAX_OUTPUTS}")
+        for bad in np.flatnonzero(sources[:, 1] > outputs[:k, 1])[:1]:
+            raise ValueError(f"handoff: a source of {sources[bad, 1]} bytes for array {bad} to fill, of "
+                             f"{outputs[bad, 1]}")
+        table = np.stack([outputs[:k, 0], sources[:, 0], sources[:, 1]], axis=1)  # (destination, source, bytes)
         cuda = self.cuda
         if cuda is not None:
             cuda.bind()
-            for (source, nbytes), (dest, _) in zip(sources, outputs):
-                cuda.check("cuMemcpyAsync", cuda.copy(int(dest), int(source), nbytes, cuda.stream))
             flag = self.flags.device + 4 * TARGETS.index("filled")
-            cuda.check("cuStreamWriteValue32", cuda.write(cuda.stream, flag, int(_u32(n + 1)), 0))
+            cuda.check("cuMemcpyAsync or cuStreamWriteValue32",
+                       queue_copies(cuda.copy, cuda.write_value, cuda.stream.value, table, k, flag, int(_u32(n + 1))))
         else:
-            for (source, nbytes), (dest, _) in zip(sources, outputs):
-                ctypes.memmove(int(dest), int(source), nbytes)
+            for dest, source, nbytes in table:
+                ctypes.memmove(int(dest), int(source), int(nbytes))
             self.filled_flag[0] = _u32(n + 1)
         self.filled_count = n + 1
 

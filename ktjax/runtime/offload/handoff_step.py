@@ -153,9 +153,11 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     ids_C = np.full(layers.slots(rows), -1, np.int32)
     ids_C[:len(resident) + len(link_ids)] = resident + link_ids
     chosen = ex.store.fetch(i, resident + link_ids, stats, move="none")  # as they are: the copies are queued here
+    stats.span("split", t)
+    t = time.perf_counter()
     handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
                                            for a in jax.tree.leaves(w)])
-    stats.span("split", t)
+    stats.span("fill", t)
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
     handoff.answer(host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids
                    else np.zeros((rows, D), np.float32))

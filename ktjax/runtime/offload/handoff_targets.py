@@ -133,10 +133,8 @@ class CudaDriver:
         def address(f) -> int:
             return ctypes.cast(f, ctypes.c_void_p).value
 
-        self.write = function("cuStreamWriteValue32_v2", "cuStreamWriteValue32")
-        self.write.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
         self.wait_value = address(function("cuStreamWaitValue32_v2", "cuStreamWaitValue32"))
-        self.write_value = address(self.write)
+        self.write_value = address(function("cuStreamWriteValue32_v2", "cuStreamWriteValue32"))
         self.to_device = address(function("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync"))
         self.to_host = address(function("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync"))
         self.on_device = address(function("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync"))
@@ -147,8 +145,7 @@ class CudaDriver:
         self.bind()
         self.stream = ctypes.c_void_p()
         self.check("cuStreamCreate", lib.cuStreamCreate(ctypes.byref(self.stream), 1))  # CU_STREAM_NON_BLOCKING
-        self.copy = lib.cuMemcpyAsync
-        self.copy.argtypes = (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p)
+        self.copy = address(lib.cuMemcpyAsync)
 
     def bind(self) -> None:
         """Make the device's primary context (XLA's) current on this thread."""
@@ -175,6 +172,18 @@ def spin(address, target, tries):
         if _reached(address, target):
             return True
     return False
+
+
+@njit(nogil=True, cache=True)
+def queue_copies(copy, write_value, stream, table, n, flag, value):
+    """Queue on `stream` the copies table[k] = (destination, source, bytes), k < n (`copy`: cuMemcpyAsync), then a
+    write of value into flag (`write_value`: cuStreamWriteValue32): one call for a layer's ~10-40 copies, where
+    ctypes costs microseconds a call. Returns the first failing call's CUresult, or 0."""
+    for k in range(n):
+        status = _call4(copy, table[k, 0], table[k, 1], table[k, 2], stream)
+        if status != 0:
+            return status
+    return _call4(write_value, stream, flag, value, 0)
 
 
 @njit(nogil=True, cache=True)
