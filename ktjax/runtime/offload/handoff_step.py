@@ -65,6 +65,15 @@ class HandoffLayers:
         self.graphdefs = {kind: seg.graphdef for kind, seg in ex.segments.items() if kind != "dense"}
         self.K, self.n_experts = K, cfg.n_routed_experts
         self.programs: dict[tuple[str, int], Callable] = {}  # (layer kind, rows): made on the launching thread
+        self.experts = ex.store.experts
+        self._sources: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def sources(self, i: int, e: int) -> list[tuple[int, int]]:
+        """Expert e of layer i as `Handoff.fill` copies it: each array's (address, bytes). Kept: the store's arrays
+        stay where they are for the executor's life (`with_placement` makes another executor)."""
+        if (i, e) not in self._sources:
+            self._sources[(i, e)] = [(a.unsafe_buffer_pointer(), a.nbytes) for a in jax.tree.leaves(self.experts[i][e])]
+        return self._sources[(i, e)]
 
     def slots(self, rows: int) -> int:
         """A program's expert slots at this many rows: every expert they may choose."""
@@ -152,11 +161,10 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
     ids_C = np.full(layers.slots(rows), -1, np.int32)
     ids_C[:len(resident) + len(link_ids)] = resident + link_ids
-    chosen = ex.store.fetch(i, resident + link_ids, stats, move="none")  # as they are: the copies are queued here
+    ex.store.fetch(i, resident + link_ids, stats, move="none")  # counted; the copies are queued here
     stats.span("split", t)
     t = time.perf_counter()
-    handoff.fill([handoff.stage(ids_C)] + [(a.unsafe_buffer_pointer(), a.nbytes) for w in chosen
-                                           for a in jax.tree.leaves(w)])
+    handoff.fill([handoff.stage(ids_C)] + [s for e in resident + link_ids for s in layers.sources(i, e)])
     stats.span("fill", t)
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
     handoff.answer(host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids
