@@ -26,8 +26,9 @@ FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator
 R='{"int4-int8-activations_cpu_gbps":60.7,"int4-int8-activations_link_gbps":45.5,"int4-int8-activations_both_cpu_gbps":43.5,"int4-int8-activations_both_link_gbps":36.4}'
 PART=${AB_PART:-int4}  # int8: no ceilings passed in (those below are int4's); its rows use the in-situ rates
 [ "$PART" = int4 ] || R='{}'
-ARGS="--run $PART --moe-layers ${AB_MOE_LAYERS:-4} --gpu-memory 24GiB --batches 1 --modes auto --decode-forms ${AB_FORMS:-auto} --steps 30
-      --prefill-max 0 --host-threads 14 --host-activations int8 --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640"
+ARGS="--run $PART --moe-layers ${AB_MOE_LAYERS:-4} --gpu-memory 24GiB --batches 1 --modes auto
+      --decode-forms ${AB_FORMS:-auto} --steps 30 --prefill-max 0 --host-threads 14 --host-activations int8
+      --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640"
 summary() { python3 - "$1" <<'PY'
 import collections, json, re, statistics, sys
 by_variant = collections.defaultdict(list)
