@@ -220,6 +220,18 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     # At batch 1 those reads are serial with the experts' paths (attention comes before the routing), but for the
     # shared expert, which the handoff form computes while the host reacts: this may understate it by its reads.
     row["outside_work_share"] = float(np.median([(t - e - device_s) / t for t, e in zip(times, expert_s)]))
+    if row["layer_spacing_ms"]:
+        # The same per MoE layer, as R1's step of 58 of them sees it (its embedding, dense layers and head weigh
+        # ~5%, where they weigh a third of this 4-layer step): the median spacing less a layer's share of the slower
+        # paths' work and its own reads (attention, norms and cache a layer; router, shared expert and resident
+        # experts a MoE layer).
+        cb, n_layers = plan.core_bytes, cfg.num_hidden_layers
+        layer_bytes = ((cb.get("attention", 0) + cb.get("norms", 0) + cache_bytes) / n_layers
+                       + (cb.get("router", 0) + cb.get("shared_experts", 0) + per_path["device"] * plan.expert_bytes)
+                       / n_moe)
+        spacing = float(np.median(row["layer_spacing_ms"])) / 1e3
+        row["outside_work_share_per_layer"] = 1 - (float(np.median(expert_s)) / n_moe
+                                                   + layer_bytes / (ceil["hbm_gbps"] * 1e9)) / spacing
     return row
 
 
