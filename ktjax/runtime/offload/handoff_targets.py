@@ -124,20 +124,18 @@ class CudaDriver:
     def __init__(self, ordinal: int):
         self.lib = lib = ctypes.CDLL("libcuda.so.1")
 
-        def function(*names: str):  # the first name libcuda has (the _v2 entry points where there are)
+        def address(*names: str) -> int:  # of the first name libcuda has (the _v2 entry points where there are)
             for name in names:
                 if hasattr(lib, name):
-                    return getattr(lib, name)
+                    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
             raise OSError(f"libcuda.so.1 has none of {names}")
 
-        def address(f) -> int:
-            return ctypes.cast(f, ctypes.c_void_p).value
-
-        self.wait_value = address(function("cuStreamWaitValue32_v2", "cuStreamWaitValue32"))
-        self.write_value = address(function("cuStreamWriteValue32_v2", "cuStreamWriteValue32"))
-        self.to_device = address(function("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync"))
-        self.to_host = address(function("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync"))
-        self.on_device = address(function("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync"))
+        self.wait_value = address("cuStreamWaitValue32_v2", "cuStreamWaitValue32")
+        self.write_value = address("cuStreamWriteValue32_v2", "cuStreamWriteValue32")
+        self.to_device = address("cuMemcpyHtoDAsync_v2", "cuMemcpyHtoDAsync")
+        self.to_host = address("cuMemcpyDtoHAsync_v2", "cuMemcpyDtoHAsync")
+        self.on_device = address("cuMemcpyDtoDAsync_v2", "cuMemcpyDtoDAsync")
+        self.copy = address("cuMemcpyAsync")
         self.ctx, device = ctypes.c_void_p(), ctypes.c_int()
         self.check("cuDeviceGet", lib.cuDeviceGet(ctypes.byref(device), ordinal))
         self.check("cuDevicePrimaryCtxRetain", lib.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), device))
@@ -145,7 +143,6 @@ class CudaDriver:
         self.bind()
         self.stream = ctypes.c_void_p()
         self.check("cuStreamCreate", lib.cuStreamCreate(ctypes.byref(self.stream), 1))  # CU_STREAM_NON_BLOCKING
-        self.copy = address(lib.cuMemcpyAsync)
 
     def bind(self) -> None:
         """Make the device's primary context (XLA's) current on this thread."""
