@@ -505,7 +505,7 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_fused_copies("in_program_here")
         elif option == "indices-in-place":  # a fused layer's ids and rows in pinned buffers its program reads
             model = model.with_indices_in_place(True)
-        elif option == "handoff":  # decode steps (up to 4 rows) launched whole, each layer's stream waiting for the host
+        elif option == "handoff":  # decode steps (up to 4 rows) launched whole, each layer waiting for the host
             model = model.with_decode_form("handoff")
         elif option == "xla-experts":  # the handoff programs' device experts by "auto"'s path (int8: XLA's)
             layers = copy.copy(model.handoff_layers)  # programs of its own; the same handoff
@@ -732,8 +732,9 @@ def main():
                         "'copies-apart' (by a program of their own before the device's: the default), 'in-program' "
                         "(by the device's program, dispatched by the worker) or 'in-program-here' (the same, called "
                         "before the host kernels), 'indices-in-place' (a fused layer's expert ids and rows handed to "
-                        "its program in pinned buffers), 'handoff' (decode steps of up to 4 rows launched whole, each MoE layer's "
-                        "program waiting on its stream for the host's copies and share: decode_form 'handoff'), "
+                        "its program in pinned buffers), 'handoff' (decode steps of up to 4 rows launched whole, "
+                        "each MoE layer's program waiting on its stream for the host's copies and share: decode_form "
+                        "'handoff'), "
                         "'xla-experts' (after 'handoff': its device experts by auto's path, int8's XLA one), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")

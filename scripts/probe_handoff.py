@@ -16,8 +16,9 @@ passes, every form once per pass in turn:
 - the handoff program, this thread answering;
 - the same with every answer given before the launch (the device's part alone: its floor);
 - one program, the split by the host as now: it copies the device's experts (resident ones from device memory,
-  link ones from pinned host memory) into the program's own buffers (`Handoff.hand_over(..., into=...)`, `fill`, `filled`) on a stream of its
-  own, and the program's stream waits for them (the form an executor needs no expert stacks for);
+  link ones from pinned host memory) into the program's own buffers (`Handoff.hand_over(..., into=...)`, `fill`,
+  `filled`) on a stream of its own, and the program's stream waits for them (the form an executor needs no expert
+  stacks for);
 - the host kernels alone, 4 times.
 
     python3 scripts/probe_handoff.py [--tiny] [--reps 30]
