@@ -386,6 +386,25 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt, 
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetched_a_layer_early(split_model, rows):
+    """The handoff form with the lookahead: each layer's program also hands over its guess at the next MoE layer's
+    experts, and the host copies the likeliest of them a layer early into device buffers, from which the next layer
+    takes those it chose. The step's hidden states are the streamed step's; every expert the link brought is one a
+    layer chose or a guess, and guesses were used (at 3 rows, the row not in use guesses nothing)."""
+    want, _ = decoded(split_model("int4", "gpu"), rows)
+    model = handoff_model(split_model, "int4")
+    model = dataclasses.replace(model, executor=model.executor.with_lookahead(2))
+    got, stats = decoded(model, rows)
+    assert rel_err(got, want) < 1e-5
+    guessing = len(model.executor.config.moe_layers) - 1  # every MoE layer but the last: at most 2 experts each
+    assert 0 < stats.experts_early_used <= stats.experts_early <= 2 * guessing
+    chosen = stats.experts_fetched - stats.experts_early + stats.experts_early_used  # the link's for chosen experts
+    assert chosen + stats.experts_on_host_cpu + stats.experts_on_device == sum(
+        int((c > 0).sum()) for c in stats.expert_counts.values())
+    assert any(what == "fetch_early" for what, *_ in stats.timeline)
+
+
 @pytest.mark.parametrize("failing", ["paths", "host_sum"])
 def test_a_step_whose_host_side_fails_midway_raises_that_and_the_next_step_is_right(split_model, monkeypatch,
                                                                                    failing):

@@ -184,18 +184,30 @@ class Handoff:
         for bad in np.flatnonzero(sources[:, 1] > outputs[:k, 1])[:1]:
             raise ValueError(f"handoff: a source of {sources[bad, 1]} bytes for array {bad} to fill, of "
                              f"{outputs[bad, 1]}")
-        table = np.stack([outputs[:k, 0], sources[:, 0], sources[:, 1]], axis=1)  # (destination, source, bytes)
+        self._queue(np.stack([outputs[:k, 0], sources[:, 0], sources[:, 1]], axis=1), n + 1)
+        self.filled_count = n + 1
+
+    def copy_ahead(self, table) -> None:
+        """Queue copies, table's rows (destination, source, bytes), behind every fill so far and before any later
+        one, with no flag: into device buffers of the host's own that a later fill copies from (the lookahead's).
+        A later fill that copies from them, and one into them, are ordered after these by their queue."""
+        self._queue(np.asarray(table, np.int64).reshape(-1, 3), None)
+
+    def _queue(self, table: np.ndarray, filled: int | None) -> None:
+        """Copy table's rows (destination, source, bytes) in order on the host's stream, then (filled not None)
+        set the filled flag to that count. On the CPU backend, now."""
         cuda = self.cuda
         if cuda is not None:
             cuda.bind()
-            flag = self.flags.device + 4 * TARGETS.index("filled")
+            flag = 0 if filled is None else self.flags.device + 4 * TARGETS.index("filled")
             cuda.check("cuMemcpyAsync or cuStreamWriteValue32",
-                       queue_copies(cuda.copy, cuda.write_value, cuda.stream.value, table, k, flag, int(_u32(n + 1))))
-        else:
-            for dest, source, nbytes in table:
-                ctypes.memmove(int(dest), int(source), int(nbytes))
-            self.filled_flag[0] = _u32(n + 1)
-        self.filled_count = n + 1
+                       queue_copies(cuda.copy, cuda.write_value, cuda.stream.value, table, len(table), flag,
+                                    int(_u32(filled or 0))))
+            return
+        for dest, source, nbytes in table:
+            ctypes.memmove(int(dest), int(source), int(nbytes))
+        if filled is not None:
+            self.filled_flag[0] = _u32(filled)
 
     def abandon(self, job: Future) -> None:
         """After a failure on the host's side: release every wait the launched program `job` queued, so that the

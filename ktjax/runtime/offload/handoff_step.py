@@ -12,7 +12,13 @@ share and answers. No program call, callback or round trip of the step's thread 
 
 Up to MAX_ROWS rows: the programs are launched before any routing is known, so each holds a slot for every expert
 its rows may choose (`HandoffLayers.slots`; the kernels skip those the host leaves empty) and computes each row
-through each slot's expert, weighted. One device, with a host path (int8/int4 experts); no lookahead.
+through each slot's expert, weighted. One device, with a host path (int8/int4 experts).
+
+With the executor's lookahead (`moe_block.Lookahead`), each layer's program also hands over the next MoE layer's
+router applied to its residual, and the host, its own copies queued, copies the likeliest of that layer's host experts
+into device buffers of its own (`HandoffLayers.early`) while the link would otherwise idle: through the host CPU's
+share, the device's work after it and the next layer's attention and routing. The next layer's fill copies those of
+them it chose from there, on the device, as it does resident experts.
 """
 
 from __future__ import annotations
@@ -31,27 +37,29 @@ from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.handoff import Handoff
-from ktjax.runtime.offload.moe_block import host_sum, paths
-from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, routing, settle,
-                                            shared, unpacked)
+from ktjax.runtime.offload.moe_block import active_rows, host_sum, likeliest, paths
+from ktjax.runtime.offload.scheduler import HANDOFF_LOOKAHEAD_WINDOW_S, early_fetches
+from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, packed, route, routing,
+                                            settle, shared, unpacked)
 from ktjax.runtime.offload.streaming import counted
 
 if TYPE_CHECKING:
     from ktjax.runtime.offload.executor import OffloadedExecutor
 
+Sources = list[tuple[int, int]]  # an expert's arrays as `Handoff.fill` copies them: (address, bytes) each
 MAX_ROWS = 4  # decode rows a step may have in this form (its programs hold a slot for every expert its rows choose)
 
 
 class HandoffLayers:
     """The executor's MoE layers in the handoff form: a program per layer kind and number of rows N, bound to one
-    `Handoff`, whose slots hold the rows' routing ([N, D + 2K] float32: h, weights, the ids' bits) one way and their
-    host share ([N, D] float32) the other."""
+    `Handoff`, whose slots hold the rows' routing ([N, D + 2K] float32: h, weights, the ids' bits; with a guess at
+    the next layer's, [N, D + 4K]) one way and their host share ([N, D] float32) the other."""
 
     def __init__(self, ex: OffloadedExecutor):
         cfg = ex.config
         D, K = cfg.hidden_size, cfg.num_experts_per_tok
         # A step's launch runs ahead of the host by up to all its MoE layers' hand-overs.
-        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * MAX_ROWS * (D + 2 * K),
+        self.handoff = Handoff(ex.devices[0], slot_bytes=4 * MAX_ROWS * (D + 4 * K),
                                slots=max(64, 2 * len(cfg.moe_layers)))
         self.leaves, self.treedef = jax.tree.flatten(ex.store.device_pad)
         # The device's experts through the kernels wherever they run (int8's too, which "auto" gives XLA's path): a
@@ -66,9 +74,19 @@ class HandoffLayers:
         self.K, self.n_experts = K, cfg.n_routed_experts
         self.programs: dict[tuple[str, int], Callable] = {}  # (layer kind, rows): made on the launching thread
         self.experts = ex.store.experts
-        self._sources: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._sources: dict[tuple[int, int], Sources] = {}
+        self._early: list[list[jax.Array]] = []  # the lookahead's device buffers, an expert's arrays each
 
-    def sources(self, i: int, e: int) -> list[tuple[int, int]]:
+    def early(self, n: int) -> list[Sources]:
+        """n device buffers for experts fetched a layer early, each as its arrays' (address, bytes), as `sources`
+        gives them; the same buffers every layer (the host's copies in and out of them are queued in order)."""
+        while len(self._early) < n:
+            # Made before the host copies into them: the zeros' kernel runs on XLA's stream, not the copies'.
+            self._early.append(jax.block_until_ready([jnp.zeros(a.shape, a.dtype, device=a.sharding)
+                                                      for a in self.leaves]))
+        return [[(a.unsafe_buffer_pointer(), a.nbytes) for a in b] for b in self._early[:n]]
+
+    def sources(self, i: int, e: int) -> Sources:
         """Expert e of layer i as `Handoff.fill` copies it: each array's (address, bytes). Kept: the store's arrays
         stay where they are for the executor's life (`with_placement` makes another executor)."""
         if (i, e) not in self._sources:
@@ -82,18 +100,22 @@ class HandoffLayers:
     def program(self, kind: str, rows: int) -> Callable:
         if (kind, rows) not in self.programs:
             self.programs[(kind, rows)] = jax.jit(functools.partial(self.moe_layer, self.graphdefs[kind],
-                                                                    self.slots(rows)), donate_argnums=(4, 5))
+                                                                    self.slots(rows)), donate_argnums=(5, 6))
         return self.programs[(kind, rows)]
 
-    def moe_layer(self, graphdef, S: int, state, x_BTD, rope, start_B, latent, rp, j):
-        """Attention, routing handed to the host, the device's experts (up to S) as the host fills them in, the
-        shared expert, the host's share taken back: the layer's output as its terms."""
+    def moe_layer(self, graphdef, S: int, state, ahead, x_BTD, rope, start_B, latent, rp, j):
+        """Attention, routing handed to the host (with ahead, the next MoE layer's arrays: its router's guess on
+        this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
+        host's share taken back: the layer's output as its terms."""
         handoff, n = self.handoff, len(self.leaves)
         structs = [jax.ShapeDtypeStruct((S,), jnp.int32)] + [jax.ShapeDtypeStruct(a.shape, a.dtype)
                                                              for a in self.leaves] * S
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [N, D + 2K]
+        if ahead is not None:
+            _, guess_w_NK, guess_idx_NK = route(nnx.merge(graphdef, ahead), x_BTD)
+            for_host = jnp.concatenate([for_host, packed(h_ND[:, :0], guess_w_NK, guess_idx_NK)], axis=1)
         handed, to_fill = handoff.hand_over(for_host, into=structs)
         shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
         ids_C, *arrays = handoff.filled(to_fill, shared_ND)
@@ -121,8 +143,9 @@ def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, s
     rows = np.size(tokens_BT)
     job = layers.handoff.launch(launch_layers, ex, layers, rows, x_BTD, rope, start_B, dict(cache.groups), run)
     try:
+        early: dict[int, Sources] = {}  # the layer's experts fetched early, by their buffers
         for i in cfg.moe_layers:
-            serve_layer(ex, layers, i, rows, stats, active_N)
+            early = serve_layer(ex, layers, i, rows, stats, active_N, early)
     except BaseException:
         layers.handoff.abandon(job)
         raise
@@ -133,7 +156,10 @@ def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, s
 def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, rows: int, x_BTD, rope, start_B, groups: dict,
                   run: Segments):
     """Every layer's program, called in turn (the handoff's launching thread): dense layers as the fused form runs
-    them, MoE layers in the handoff form."""
+    them, MoE layers in the handoff form (with the lookahead, each given the next MoE layer's arrays; the last its
+    own, so that one program serves them all: the host ignores that guess)."""
+    moe = ex.config.moe_layers
+    ahead_of = dict(zip(moe, moe[1:] + moe[-1:])) if ex.lookahead else {}
     for i, kind in enumerate(ex.config.layer_kinds):
         seg, state, j = ex.segments[kind], ex.layers[i], ex._stack_index[i]
         latent, rp = groups[kind]
@@ -141,31 +167,60 @@ def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, rows: int, x_BTD
             x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
         else:
             program = layers.program(kind, rows)
-            x_BTD, latent, rp = run("moe_layer", program, state, x_BTD, rope, start_B, latent, rp, j)
+            ahead = ex.layers[ahead_of[i]] if ahead_of else None
+            x_BTD, latent, rp = run("moe_layer", program, state, ahead, x_BTD, rope, start_B, latent, rp, j)
         groups[kind] = LayerCache(latent, rp)
     return x_BTD, groups
 
 
 def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int, stats: StepStats,
-                active_N: np.ndarray | None) -> None:
-    """MoE layer i's host work: its routing read, its experts split by path (`moe_block.paths`), the device's copied
-    into its program, the host CPU's share computed and handed back."""
+                active_N: np.ndarray | None, early: dict[int, Sources]) -> dict[int, Sources]:
+    """MoE layer i's host work: its routing read, its experts split by path (`moe_block.paths`; early: those fetched
+    a layer early, by their buffers), the device's copied into its program, the next layer's likeliest fetched early
+    (with the lookahead), the host CPU's share computed and handed back. Returns the next layer's early experts."""
     cfg, handoff = ex.config, layers.handoff
     D, K = cfg.hidden_size, cfg.num_experts_per_tok
     t = time.perf_counter()
-    h_ND, w_NK, idx_NK = unpacked(handoff.receive((rows, D + 2 * K), np.float32), K)
+    guessed = bool(ex.lookahead)
+    handed = handoff.receive((rows, D + 2 * K + 2 * K * guessed), np.float32)
+    h_ND, w_NK, idx_NK = unpacked(handed[:, :D + 2 * K], K)
     stats.span("routing_wait", t)
     idx_NK, counts = counted(cfg, i, idx_NK, stats, active_N)
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
-    resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
+    resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
+    on_device = resident + link_ids
     ids_C = np.full(layers.slots(rows), -1, np.int32)
-    ids_C[:len(resident) + len(link_ids)] = resident + link_ids
-    ex.store.fetch(i, resident + link_ids, stats, move="none")  # counted; the copies are queued here
+    ids_C[:len(on_device)] = on_device
+    ex.store.fetch(i, on_device, stats, early=early, move="none")  # counted; the copies are queued here
     stats.span("split", t)
     t = time.perf_counter()
-    handoff.fill([handoff.stage(ids_C)] + [s for e in resident + link_ids for s in layers.sources(i, e)])
+    handoff.fill([handoff.stage(ids_C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)])
     stats.span("fill", t)
+    ahead = cfg.moe_layers.index(i) + 1
+    if guessed and ahead < len(cfg.moe_layers):
+        early = fetch_early(ex, layers, (cfg.moe_layers[ahead], *unpacked(handed[:, D + 2 * K:], K)[1:]),
+                            active_rows(active_N, rows), counts[cpu_ids], len(link_ids), stats)
+    else:
+        early = {}
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
     handoff.answer(host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids
                    else np.zeros((rows, D), np.float32))
+    return early
+
+
+def fetch_early(ex: OffloadedExecutor, layers: HandoffLayers, guess, rows: np.ndarray, cpu_tokens: np.ndarray,
+                n_link: int, stats: StepStats) -> dict[int, Sources]:
+    """Queue the copies of the next MoE layer's likeliest host experts by guess (`moe_block.Guess`, for the active
+    rows) into the early buffers, behind this layer's: as many as the link carries while it would idle
+    (`scheduler.early_fetches`), at most the executor's lookahead. Returns them, by their buffers' sources."""
+    t = time.perf_counter()
+    most = early_fetches(ex.rates, ex.plan.expert_bytes, cpu_tokens, n_link, ex.lookahead, HANDOFF_LOOKAHEAD_WINDOW_S)
+    j, likely = guess[0], likeliest(ex, guess, rows, most)
+    buffers = layers.early(len(likely))
+    layers.handoff.copy_ahead([(dest, source, nbytes) for e, buffer in zip(likely, buffers)
+                               for (dest, _), (source, nbytes) in zip(buffer, layers.sources(j, e))])
+    ex.store.fetch(j, likely, stats, move="none")  # counted as fetched
+    stats.experts_early += len(likely)
+    stats.span("fetch_early", t)
+    return dict(zip(likely, buffers))

@@ -174,13 +174,13 @@ def spin(address, target, tries):
 @njit(nogil=True, cache=True)
 def queue_copies(copy, write_value, stream, table, n, flag, value):
     """Queue on `stream` the copies table[k] = (destination, source, bytes), k < n (`copy`: cuMemcpyAsync), then a
-    write of value into flag (`write_value`: cuStreamWriteValue32): one call for a layer's ~10-40 copies, where
-    ctypes costs microseconds a call. Returns the first failing call's CUresult, or 0."""
+    write of value into flag (`write_value`: cuStreamWriteValue32; flag 0: none): one call for a layer's ~10-40
+    copies, where ctypes costs microseconds a call. Returns the first failing call's CUresult, or 0."""
     for k in range(n):
         status = _call4(copy, table[k, 0], table[k, 1], table[k, 2], stream)
         if status != 0:
             return status
-    return _call4(write_value, stream, flag, value, 0)
+    return _call4(write_value, stream, flag, value, 0) if flag != 0 else 0
 
 
 @njit(nogil=True, cache=True)

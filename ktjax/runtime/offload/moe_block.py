@@ -268,16 +268,21 @@ def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, guess: Guess 
 
 def fetch_ahead(ex: OffloadedExecutor, guess: Guess, rows: np.ndarray, stats: StepStats,
                 most: int) -> dict[int, ExpertWeights]:
-    """Start the transfers of the next MoE layer's likeliest host experts (`Lookahead`): the `most` with the
-    largest summed routing weight over the active tokens `rows`, among those it keeps in host memory."""
+    """Start the transfers of the next MoE layer's `most` likeliest host experts (`Lookahead`, `likeliest`)."""
+    likely = likeliest(ex, guess, rows, most)
+    stats.experts_early += len(likely)
+    return dict(zip(likely, ex.store.fetch(guess[0], likely, stats)))
+
+
+def likeliest(ex: OffloadedExecutor, guess: Guess, rows: np.ndarray, most: int) -> list[int]:
+    """The next MoE layer's `most` likeliest host experts by its guess: the largest summed routing weight over the
+    active tokens `rows`, among those it keeps in host memory."""
     j, w_NK, idx_NK = guess
     E = ex.config.n_routed_experts
     idx_R, w_R = np.asarray(idx_NK)[rows].ravel(), np.asarray(w_NK, np.float64)[rows].ravel()
     score_E = np.bincount(idx_R, weights=w_R, minlength=E)[:E]
     likely = [int(e) for e in np.argsort(-score_E, kind="stable") if score_E[e] > 0 and ex.store.is_hosted(j, e)]
-    likely = likely[:most]
-    stats.experts_early += len(likely)
-    return dict(zip(likely, ex.store.fetch(j, likely, stats)))
+    return likely[:most]
 
 
 def padded(ids: list[int], slots: tuple) -> tuple[np.ndarray, tuple]:

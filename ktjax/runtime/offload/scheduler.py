@@ -39,17 +39,21 @@ def split(hosted: list[int], tokens: np.ndarray, nbytes: int, rates: PathRates, 
 # device share on the H200 an int4 layer took 3.4 ms between routings and its transfers ~1.85 (benchmarks/offload.md,
 # runs 19-20): attention, routing, the round trip and the device's last programs.
 LOOKAHEAD_WINDOW_S = 1.5e-3
+# The same in the handoff form (`handoff_step`), whose layer leaves the link less: in run 44 (H100, R1's share) 0.50 ms
+# from the host's answer to the next layer's routing, then 0.29 ms of split and fill before its copies are queued.
+HANDOFF_LOOKAHEAD_WINDOW_S = 0.8e-3
 
 
-def early_fetches(rates: PathRates | None, nbytes: int, cpu_tokens: np.ndarray, n_link: int, most: int) -> int:
+def early_fetches(rates: PathRates | None, nbytes: int, cpu_tokens: np.ndarray, n_link: int, most: int,
+                  window_s: float = LOOKAHEAD_WINDOW_S) -> int:
     """How many of the next MoE layer's experts this layer may fetch early (`moe_block.Lookahead`), at most `most`:
     as many as the link carries in the time it would otherwise idle before the next layer's own transfers, the host
     CPU's lead over the link's share (cpu_tokens: the tokens of each expert the CPU computes; n_link: the experts
-    the link carries) plus LOOKAHEAD_WINDOW_S. More would delay the next layer: its programs wait for them. Without
-    rates (float experts, no host path), `most`."""
+    the link carries) plus window_s, the decode form's own idle time. More would delay the next layer: its programs
+    wait for them. Without rates (float experts, no host path), `most`."""
     if rates is None:
         return most
     t_cpu = rates.cpu_finish_seconds(nbytes, cpu_tokens)[-1]
     per_expert = rates.link_seconds(nbytes)
-    room = max(0.0, t_cpu - n_link * per_expert) + LOOKAHEAD_WINDOW_S
+    room = max(0.0, t_cpu - n_link * per_expert) + window_s
     return min(most, int(room / per_expert + 1e-9))  # a whole number of experts, whatever the rounding
