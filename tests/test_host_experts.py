@@ -386,6 +386,17 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt, 
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
 
 
+def test_a_decode_step_launched_whole_compiles_one_program_for_all_its_moe_layers_and_every_step(split_model):
+    """The handoff form's MoE layers all take one compiled program (for a number of rows): the first, given the
+    dense layer's plain output, as the others, given their predecessor's terms, and in a later step with a cache
+    that earlier programs wrote as in the first, whose cache was made on the host's side (a compile each is ~20 s
+    at full size, offload.md run 45)."""
+    model = handoff_model(split_model, "int8")
+    decoded(model)
+    decoded(model)
+    assert model.executor.handoff_layers.program("moe", 1)._cache_size() == 1
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetched_a_layer_early(split_model, rows):
     """The handoff form with the lookahead: each layer's program also hands over its guess at the next MoE layer's

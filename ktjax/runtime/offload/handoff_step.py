@@ -76,6 +76,26 @@ class HandoffLayers:
         self.experts = ex.store.experts
         self._sources: dict[tuple[int, int], Sources] = {}
         self._early: list[list[jax.Array]] = []  # the lookahead's device buffers, an expert's arrays each
+        self.device = ex.devices[0]
+        self._states: dict[int, dict] = {}
+        self._zeros: dict[int, Unsummed] = {}
+
+    def state(self, ex: OffloadedExecutor, i: int) -> dict:
+        """Layer i's arrays, committed to the device (the same buffers). A jitted program is compiled again for
+        arguments committed where they were not before (run 45: 3 compiles of one MoE program in a step, 2 more in
+        the next, ~20 s each at full size), and programs' outputs are committed or not after their inputs."""
+        if i not in self._states:
+            self._states[i] = jax.device_put(ex.layers[i], self.device)
+        return self._states[i]
+
+    def unsummed(self, x_BTD, dtype) -> Unsummed:
+        """A plain layer output as a MoE layer's terms (the others zero), so that the first MoE layer takes the
+        same program as the rest."""
+        B, T, D = x_BTD.shape
+        if B * T not in self._zeros:
+            zeros = [jnp.zeros((B * T, D), dt, device=self.device) for dt in (dtype, jnp.float32, jnp.float32)]
+            self._zeros[B * T] = Unsummed(None, *zeros)
+        return self._zeros[B * T]._replace(x_BTD=x_BTD)
 
     def early(self, n: int) -> list[Sources]:
         """n device buffers for experts fetched a layer early, each as its arrays' (address, bytes), as `sources`
@@ -160,14 +180,18 @@ def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, rows: int, x_BTD
     own, so that one program serves them all: the host ignores that guess)."""
     moe = ex.config.moe_layers
     ahead_of = dict(zip(moe, moe[1:] + moe[-1:])) if ex.lookahead else {}
+    # Every argument committed to the device, as the programs' outputs are (`HandoffLayers.state`).
+    x_BTD, rope, start_B, groups = jax.device_put((x_BTD, rope, start_B, groups), layers.device)
     for i, kind in enumerate(ex.config.layer_kinds):
-        seg, state, j = ex.segments[kind], ex.layers[i], ex._stack_index[i]
+        seg, state, j = ex.segments[kind], layers.state(ex, i), ex._stack_index[i]
         latent, rp = groups[kind]
         if kind == "dense":
             x_BTD, latent, rp = run("dense_layer", seg.dense_layer, state, x_BTD, rope, start_B, latent, rp, j)
         else:
             program = layers.program(kind, rows)
-            ahead = ex.layers[ahead_of[i]] if ahead_of else None
+            if not isinstance(x_BTD, Unsummed):
+                x_BTD = layers.unsummed(x_BTD, ex.dtype)
+            ahead = layers.state(ex, ahead_of[i]) if ahead_of else None
             x_BTD, latent, rp = run("moe_layer", program, state, ahead, x_BTD, rope, start_B, latent, rp, j)
         groups[kind] = LayerCache(latent, rp)
     return x_BTD, groups
