@@ -10,6 +10,7 @@
 #
 # AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto), e.g. "auto handoff".
 # AB_MOE_LAYERS: full-size MoE layers (default 4; more show a long launch ahead of the layers, as R1's 58).
+# AB_MEM_FRACTION: the allocator's limit as a share of the GPU's memory (default: the 24 GiB budget's).
 # Each process: bench_offload.py --run int4 (the 24 GiB row, then the R1-share row once per --r1-variants value;
 # defaults below) with the ceilings of offload.md run 24 passed in, so that no ceilings are measured and
 # 'ceiling-rates' splits alike in both trees. Prints each row's step, layer spacing and timeline; logs in $OUT.
@@ -23,6 +24,7 @@ fi
 ROOT=$(pwd)
 TOTAL=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator's limit: the 24 GiB budget
+FRAC=${AB_MEM_FRACTION:-$FRAC}  # or more, to see whether the allocator's limit holds launches back
 R='{"int4-int8-activations_cpu_gbps":60.7,"int4-int8-activations_link_gbps":45.5,"int4-int8-activations_both_cpu_gbps":43.5,"int4-int8-activations_both_link_gbps":36.4}'
 PART=${AB_PART:-int4}  # int8: no ceilings passed in (those below are int4's); its rows use the in-situ rates
 [ "$PART" = int4 ] || R='{}'
