@@ -20,7 +20,7 @@ if [ "${1:-}" = prepare ]; then
   rm -rf ab_base && mkdir ab_base && git archive "$2" ktjax scripts | tar -x -C ab_base
   echo "ab_base/ holds $2"; exit
 fi
-[ "${1:-}" = run ] || { sed -n 2,14p "$0"; exit 2; }
+[ "${1:-}" = run ] || { sed -n 2,16p "$0"; exit 2; }
 ROOT=$(pwd)
 TOTAL=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator's limit: the 24 GiB budget
