@@ -511,6 +511,10 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             layers = copy.copy(model.handoff_layers)  # programs of its own; the same handoff
             layers.expert_impl, layers.programs = None, {}
             model = model._with(handoff_layers=layers)
+        elif option == "effects":  # the handoff programs' calls declared with side effects (as before this session)
+            layers = copy.copy(model.handoff_layers)  # programs of its own; the same handoff
+            layers.side_effect, layers.programs = True, {}
+            model = model._with(handoff_layers=layers)
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -736,6 +740,7 @@ def main():
                         "each MoE layer's program waiting on its stream for the host's copies and share: decode_form "
                         "'handoff'), "
                         "'xla-experts' (after 'handoff': its device experts by auto's path, int8's XLA one), "
+                        "'effects' (after 'handoff': its calls declared with side effects, jax's Python dispatch), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",

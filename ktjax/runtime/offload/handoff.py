@@ -44,6 +44,13 @@ from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, T
 
 _names = itertools.count()
 
+# The targets' calls are declared free of side effects by default: each one's results are used, and its operands
+# order it (`hand_over`'s token and arrays go into `filled` and `take_back`), so XLA neither drops nor reorders them.
+# A jitted function with an effect is dispatched by jax's Python path instead of its C++ one: on the dev box, 463-527
+# against 31-50 us a call of 25 arrays (`scripts/probe_effect_dispatch.py`), on the launching thread, which must stay
+# ahead of the device (offload.md run 45: each MoE layer's program took 2.5-3.3 ms to launch, about a layer's time).
+SIDE_EFFECT = False
+
 
 def _u32(count: int) -> np.uint32:
     """A sequence count as the flags hold it: modulo 2**32 (the waits compare so, `handoff_targets.spin`)."""
@@ -98,34 +105,35 @@ class Handoff:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(self._handlers[kind].address), platform=platform)
 
     # -- inside programs --
-    def hand_over(self, x, into=()):
+    def hand_over(self, x, into=(), side_effect: bool = SIDE_EFFECT):
         """Queue x's copy to the host (its next ring slot) and the flag after it; returns a token [1] int32 that
         later work can be ordered behind. With `into` (jax.ShapeDtypeStructs): (the token, arrays of those shapes
-        that the host fills once it has received x, `fill`; read them through `filled`)."""
+        that the host fills once it has received x, `fill`; read them through `filled`). side_effect: declared
+        to XLA and jax (see SIDE_EFFECT), as at the other calls of the program."""
         import jax
         import jax.numpy as jnp
         token = jax.ShapeDtypeStruct((1,), jnp.int32)
         if len(into) > MAX_OUTPUTS:
             raise ValueError(f"handoff: a hand-over into {len(into)} arrays; at most {MAX_OUTPUTS}")
         if not into:
-            return jax.ffi.ffi_call(self.names["hand_over"], token, has_side_effect=True)(x)
-        handed, *arrays = jax.ffi.ffi_call(self.names["hand_over"], [token, *into], has_side_effect=True)(x)
+            return jax.ffi.ffi_call(self.names["hand_over"], token, has_side_effect=side_effect)(x)
+        handed, *arrays = jax.ffi.ffi_call(self.names["hand_over"], [token, *into], has_side_effect=side_effect)(x)
         return handed, arrays
 
-    def take_back(self, shape, dtype, *after):
+    def take_back(self, shape, dtype, *after, side_effect: bool = SIDE_EFFECT):
         """An array of shape and dtype the host answers (`answer`), read once the arrays `after` are computed and the
         host has answered. `after` must hold the token of the hand-over this answers (where programs run their
         operations as their inputs allow, as XLA:CPU's do, nothing else orders the two)."""
         import jax
         return jax.ffi.ffi_call(self.names["take_back"], jax.ShapeDtypeStruct(shape, dtype),
-                                has_side_effect=True)(*after)
+                                has_side_effect=side_effect)(*after)
 
-    def filled(self, arrays, *after):
+    def filled(self, arrays, *after, side_effect: bool = SIDE_EFFECT):
         """arrays (those of a `hand_over(..., into=...)`) once the host's copies into them (`fill`) have landed, in
         place. `after`: arrays the wait is ordered behind."""
         import jax
         structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
-        return jax.ffi.ffi_call(self.names["filled"], structs, has_side_effect=True,
+        return jax.ffi.ffi_call(self.names["filled"], structs, has_side_effect=side_effect,
                                 input_output_aliases={k: k for k in range(len(arrays))})(*arrays, *after)
 
     # -- the host's side --

@@ -36,7 +36,7 @@ from ktjax.experts.device import add_experts
 from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
-from ktjax.runtime.offload.handoff import Handoff
+from ktjax.runtime.offload.handoff import SIDE_EFFECT, Handoff
 from ktjax.runtime.offload.moe_block import active_rows, host_sum, likeliest, paths
 from ktjax.runtime.offload.scheduler import HANDOFF_LOOKAHEAD_WINDOW_S, early_fetches
 from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, packed, route, routing,
@@ -73,6 +73,7 @@ class HandoffLayers:
         self.graphdefs = {kind: seg.graphdef for kind, seg in ex.segments.items() if kind != "dense"}
         self.K, self.n_experts = K, cfg.n_routed_experts
         self.programs: dict[tuple[str, int], Callable] = {}  # (layer kind, rows): made on the launching thread
+        self.side_effect = SIDE_EFFECT  # the handoff's calls declared so (a benchmark's variant flips it)
         self.experts = ex.store.experts
         self._sources: dict[tuple[int, int], Sources] = {}
         self._early: list[list[jax.Array]] = []  # the lookahead's device buffers, an expert's arrays each
@@ -136,13 +137,14 @@ class HandoffLayers:
         if ahead is not None:
             _, guess_w_NK, guess_idx_NK = route(nnx.merge(graphdef, ahead), x_BTD)
             for_host = jnp.concatenate([for_host, packed(h_ND[:, :0], guess_w_NK, guess_idx_NK)], axis=1)
-        handed, to_fill = handoff.hand_over(for_host, into=structs)
+        effect = self.side_effect
+        handed, to_fill = handoff.hand_over(for_host, into=structs, side_effect=effect)
         shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
-        ids_C, *arrays = handoff.filled(to_fill, shared_ND)
+        ids_C, *arrays = handoff.filled(to_fill, shared_ND, side_effect=effect)
         experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
         routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0],
                                 impl=self.expert_impl)
-        host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND)
+        host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND, side_effect=effect)
         return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
 
 
