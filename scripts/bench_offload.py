@@ -222,17 +222,27 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     row["outside_work_share"] = float(np.median([(t - e - device_s) / t for t, e in zip(times, expert_s)]))
     if row["layer_spacing_ms"]:
         # The same per MoE layer, as R1's step of 58 of them sees it (its embedding, dense layers and head weigh
-        # ~5%, where they weigh a third of this 4-layer step): the median spacing less a layer's share of the slower
-        # paths' work and its own reads (attention, norms and cache a layer; router, shared expert and resident
-        # experts a MoE layer).
-        cb, n_layers = plan.core_bytes, cfg.num_hidden_layers
-        layer_bytes = ((cb.get("attention", 0) + cb.get("norms", 0) + cache_bytes) / n_layers
-                       + (cb.get("router", 0) + cb.get("shared_experts", 0) + per_path["device"] * plan.expert_bytes)
-                       / n_moe)
-        spacing = float(np.median(row["layer_spacing_ms"])) / 1e3
-        row["outside_work_share_per_layer"] = 1 - (float(np.median(expert_s)) / n_moe
-                                                   + layer_bytes / (ceil["hbm_gbps"] * 1e9)) / spacing
+        # ~5%, where they weigh a third of this 4-layer step).
+        own = layer_own_bytes(plan.core_bytes, cache_bytes, cfg.num_hidden_layers, n_moe, per_path["device"],
+                              plan.expert_bytes)
+        row["outside_work_share_per_layer"] = outside_share_per_layer(
+            float(np.median(row["layer_spacing_ms"])) / 1e3, float(np.median(expert_s)) / n_moe, own,
+            ceil["hbm_gbps"])
     return row
+
+
+def layer_own_bytes(core: dict, cache_bytes: float, n_layers: int, n_moe: int, device_experts: float,
+                    expert_bytes: int) -> float:
+    """A MoE layer's own device reads (core: the plan's bytes by group): attention, norms and cache a layer;
+    router, shared expert and the step's device experts a MoE layer."""
+    return ((core.get("attention", 0) + core.get("norms", 0) + cache_bytes) / n_layers
+            + (core.get("router", 0) + core.get("shared_experts", 0) + device_experts * expert_bytes) / n_moe)
+
+
+def outside_share_per_layer(spacing_s: float, paths_s: float, own_bytes: float, hbm_gbps: float) -> float:
+    """Item 6's share per MoE layer: its spacing less its experts' slower path and its own reads at the HBM
+    ceiling, over the spacing."""
+    return 1 - (paths_s + own_bytes / (hbm_gbps * 1e9)) / spacing_s
 
 
 def layer_timeline(stats, n_moe: int) -> dict:
