@@ -518,13 +518,9 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         elif option == "handoff":  # decode steps (up to 4 rows) launched whole, each layer waiting for the host
             model = model.with_decode_form("handoff")
         elif option == "xla-experts":  # the handoff programs' device experts by "auto"'s path (int8: XLA's)
-            layers = copy.copy(model.handoff_layers)  # programs of its own; the same handoff
-            layers.expert_impl, layers.programs = None, {}
-            model = model._with(handoff_layers=layers)
+            model = with_handoff_programs(model, expert_impl=None)
         elif option == "effects":  # the handoff programs' calls declared with side effects (as before this session)
-            layers = copy.copy(model.handoff_layers)  # programs of its own; the same handoff
-            layers.side_effect, layers.programs = True, {}
-            model = model._with(handoff_layers=layers)
+            model = with_handoff_programs(model, side_effect=True)
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -544,6 +540,16 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         else:
             sys.exit(f"--r1-variants: unknown option {option!r} in {variant!r}")
     return model
+
+
+def with_handoff_programs(model, **settings):
+    """The executor with handoff programs of its own, made with `HandoffLayers` settings changed; the same handoff
+    (its rings and sequence numbers are the process's one protocol)."""
+    layers = copy.copy(model.handoff_layers)
+    for name, value in settings.items():
+        setattr(layers, name, value)
+    layers.programs = {}
+    return model._with(handoff_layers=layers)
 
 
 def tiny_config(moe_layers: int):
