@@ -374,7 +374,10 @@ def run_ktjax(args) -> dict:
             + ", ".join(f"{k} {v:.2f}" for k, v in prof.items()))
     if args.trace and not resident:
         trace_dir = os.path.join("/tmp", f"trace_{args.run}")  # summarised, and copied to $OUT if small
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # Python's calls would slow the threads (and fill the trace's 1M events)
+        options.host_tracer_level = 3  # XLA's and the runtime's host events too: where the launching thread waits
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
             decode_steps(model, 1, ctx, 2, sampling)
         summarize_trace(trace_dir, args.out)
     for T in ([] if resident or not args.prefill_max else [args.prefill_max // 8, args.prefill_max] if not args.tiny
@@ -521,6 +524,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, expert_impl=None)
         elif option == "effects":  # the handoff programs' calls declared with side effects (as before this session)
             model = with_handoff_programs(model, side_effect=True)
+        elif option == "keep-cache":  # the handoff programs donate no cache buffers (does donation hold launches?)
+            model = with_handoff_programs(model, donate_cache=False)
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -757,6 +762,7 @@ def main():
                         "'handoff'), "
                         "'xla-experts' (after 'handoff': its device experts by auto's path, int8's XLA one), "
                         "'effects' (after 'handoff': its calls declared with side effects, jax's Python dispatch), "
+                        "'keep-cache' (the handoff programs donate no cache buffers), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
