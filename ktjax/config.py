@@ -101,6 +101,11 @@ class ModelConfig:
         return self.layer_groups["moe"]
 
     @functools.cached_property
+    def next_moe_layer(self) -> dict[int, int]:
+        """Each MoE layer's next MoE layer (the last has none): where a layer's lookahead guesses."""
+        return dict(zip(self.moe_layers, self.moe_layers[1:]))
+
+    @functools.cached_property
     def layer_groups(self) -> dict[str, tuple[int, ...]]:
         """The decoder layers of each kind, in order: the stacks the model keeps them in."""
         return {g: tuple(i for i, k in enumerate(self.layer_kinds) if k == g) for g in ("dense", "moe")}

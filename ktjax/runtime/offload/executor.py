@@ -350,7 +350,6 @@ class OffloadedExecutor:
         # Per device: the next MoE layer's first chunk of its experts, fetched ahead.
         prefetched: list[list[Prefetch]] = [[] for _ in self.stores]
         lookahead = self._lookahead(x_BTD.shape[0] * x_BTD.shape[1])
-        next_moe = dict(zip(cfg.moe_layers, cfg.moe_layers[1:]))
         for i, kind in enumerate(cfg.layer_kinds):
             seg, state, j = self.segments[kind], self.layers[i], self._stack_index[i]
             latent, rp = groups[kind]
@@ -361,7 +360,7 @@ class OffloadedExecutor:
                 x_BTD, latent, rp = self._attention(seg, state, x_BTD, rope, start_B, latent, rp, j, run)
                 x_BTD = run("dense_mlp", seg.dense_mlp, state, x_BTD)
             else:
-                ahead_of = next_moe.get(i) if lookahead is not None else None
+                ahead_of = cfg.next_moe_layer.get(i) if lookahead is not None else None
                 guess = None
                 if short and ahead_of is not None:  # a MoE layer too: this kind's graph takes its arrays
                     x_BTD, layer_routing, ahead_w, ahead_idx, latent, rp = run(

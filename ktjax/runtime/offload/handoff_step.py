@@ -182,8 +182,8 @@ def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, rows: int, x_BTD
     """Every layer's program, called in turn (the handoff's launching thread): dense layers as the fused form runs
     them, MoE layers in the handoff form (with the lookahead, each given the next MoE layer's arrays; the last its
     own, so that one program serves them all: the host ignores that guess)."""
-    moe = ex.config.moe_layers
-    ahead_of = dict(zip(moe, moe[1:] + moe[-1:])) if ex.lookahead else {}
+    last = ex.config.moe_layers[-1]
+    ahead_of = {**ex.config.next_moe_layer, last: last} if ex.lookahead else {}
     # Every argument committed to the device, as the programs' outputs are (`HandoffLayers.state`).
     x_BTD, rope, start_B, groups = jax.device_put((x_BTD, rope, start_B, groups), layers.device)
     for i, kind in enumerate(ex.config.layer_kinds):
@@ -225,9 +225,9 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     t = time.perf_counter()
     handoff.fill([handoff.stage(ids_C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)])
     stats.span("fill", t)
-    ahead = cfg.moe_layers.index(i) + 1
-    if guessed and ahead < len(cfg.moe_layers):
-        early = fetch_early(ex, layers, (cfg.moe_layers[ahead], *unpacked(handed[:, D + 2 * K:], K)[1:]),
+    ahead = cfg.next_moe_layer.get(i)
+    if guessed and ahead is not None:
+        early = fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),
                             active_rows(active_N, rows), counts[cpu_ids], len(link_ids), stats)
     else:
         early = {}

@@ -158,9 +158,6 @@ class ExpertStore:
         stats.bytes_from_host += sum(slots[e].nbytes for e in hosted)
         return [by_id.get(e, slots[e]) for e in ids]
 
-    def _next_moe_layer(self, layer: int) -> int | None:
-        return next((j for j in self.cfg.moe_layers if j > layer), None)
-
     def stream(self, layer: int, counts: np.ndarray, n_tokens: int, compute: Callable, acc, stats: StepStats, *,
                ids: Sequence[int] | None = None, group: int = 1, prefetched: list[Prefetch] | None = None,
                started: Callable[[], None] | None = None, stream_all: bool | None = None,
@@ -194,7 +191,7 @@ class ExpertStore:
         for c, ids_c in enumerate(chunks):
             # Issue the next transfer before this chunk's compute, so the copy engine never idles.
             upcoming = self.fetch(layer, chunks[c + 1], stats, early) if c + 1 < len(chunks) else None
-            nxt = self._next_moe_layer(layer)
+            nxt = self.cfg.next_moe_layer.get(layer)
             if upcoming is None and stream_all and prefetched is not None and nxt is not None:
                 if c > 0:
                     jax.block_until_ready(acc)  # the previous chunk's compute done: two chunks on the device
