@@ -526,6 +526,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, side_effect=True)
         elif option == "keep-cache":  # the handoff programs donate no cache buffers (does donation hold launches?)
             model = with_handoff_programs(model, donate_cache=False)
+        elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
+            model = with_handoff_programs(model, compiler_options={"xla_gpu_enable_command_buffer": ""})
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -762,7 +764,8 @@ def main():
                         "'handoff'), "
                         "'xla-experts' (after 'handoff': its device experts by auto's path, int8's XLA one), "
                         "'effects' (after 'handoff': its calls declared with side effects, jax's Python dispatch), "
-                        "'keep-cache' (the handoff programs donate no cache buffers), "
+                        "'keep-cache' (the handoff programs donate no cache buffers), 'no-graphs' (their kernels "
+                        "launched one by one: a CUDA graph's update may wait for its previous launch), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",

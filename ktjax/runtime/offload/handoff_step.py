@@ -75,6 +75,7 @@ class HandoffLayers:
         self.programs: dict[tuple[str, int], Callable] = {}  # (layer kind, rows): made on the launching thread
         self.side_effect = SIDE_EFFECT  # the handoff's calls declared so (a benchmark's variant flips it)
         self.donate_cache = True  # the layer's cache arrays given to its program (a benchmark's variant keeps them)
+        self.compiler_options: dict | None = None  # XLA's options for the programs (a benchmark's variants set them)
         self.experts = ex.store.experts
         self._sources: dict[tuple[int, int], Sources] = {}
         self._early: list[list[jax.Array]] = []  # the lookahead's device buffers, an expert's arrays each
@@ -123,7 +124,8 @@ class HandoffLayers:
         if (kind, rows) not in self.programs:
             self.programs[(kind, rows)] = jax.jit(functools.partial(self.moe_layer, self.graphdefs[kind],
                                                                     self.slots(rows)),
-                                                  donate_argnums=(5, 6) if self.donate_cache else ())
+                                                  donate_argnums=(5, 6) if self.donate_cache else (),
+                                                  compiler_options=self.compiler_options)
         return self.programs[(kind, rows)]
 
     def moe_layer(self, graphdef, S: int, state, ahead, x_BTD, rope, start_B, latent, rp, j):
