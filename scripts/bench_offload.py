@@ -526,6 +526,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, side_effect=True)
         elif option == "keep-cache":  # the handoff programs donate no cache buffers (does donation hold launches?)
             model = with_handoff_programs(model, donate_cache=False)
+        elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
+            model = with_handoff_programs(model, fill_apart=True)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
             model = with_handoff_programs(model, compiler_options={"xla_gpu_enable_command_buffer": ""})
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
@@ -766,6 +768,8 @@ def main():
                         "'effects' (after 'handoff': its calls declared with side effects, jax's Python dispatch), "
                         "'keep-cache' (the handoff programs donate no cache buffers), 'no-graphs' (their kernels "
                         "launched one by one: a CUDA graph's update may wait for its previous launch), "
+                        "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
+                        "CPU's share), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",

@@ -3,6 +3,7 @@ resident on the device give the same model; the scheduler's split between the CP
 prefill-sized batches stream; the hot-expert cache holds the experts a calibration prompt uses most."""
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
@@ -367,23 +368,32 @@ def decoded(model, rows: int = 1) -> tuple[np.ndarray, StepStats]:
     return np.asarray(jax.jit(settle)(x)).reshape(rows, -1)[active], stats
 
 
-def handoff_model(split_model, fmt: str):
+def handoff_model(split_model, fmt: str, fill_apart: bool = False):
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
     model = split_model(fmt, "auto")
-    return dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
+    model = dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
+    model.executor.handoff_layers.fill_apart = fill_apart
+    return model
 
 
-@pytest.mark.parametrize("fmt,rows", [("int8", 1), ("int4", 1), ("int4", 3)])
-def test_a_decode_step_launched_whole_computes_the_same_model(split_model, fmt, rows):
+@pytest.mark.parametrize("fmt,rows,fill_apart", [("int8", 1, False), ("int4", 1, False), ("int4", 3, False),
+                                                 ("int4", 3, True)])
+def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, fill_apart):
     """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
     waiting for the host's copies of its device experts and for the host CPU's share) gives a decode step the hidden
     states of the step whose host experts all stream, with the host CPU's, the link's and the resident experts' paths
-    all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared)."""
+    all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared); and with
+    the copies queued by a thread of their own while the host CPU's share runs (`fill_apart`)."""
     want, _ = decoded(split_model(fmt, "gpu"), rows)
-    got, stats = decoded(handoff_model(split_model, fmt), rows)
+    model = handoff_model(split_model, fmt, fill_apart)
+    handoff, filled_by = model.executor.handoff_layers.handoff, []
+    fill = handoff.fill
+    monkeypatch.setattr(handoff, "fill", lambda sources: (filled_by.append(threading.current_thread()), fill(sources)))
+    got, stats = decoded(model, rows)
     assert rel_err(got, want) < 1e-5
     assert stats.experts_on_host_cpu > 0 and stats.experts_fetched > 0 and stats.experts_on_device > 0
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
+    assert filled_by and all((t is threading.main_thread()) != fill_apart for t in filled_by)
 
 
 def test_a_decode_step_launched_whole_compiles_one_program_for_all_its_moe_layers_and_every_step(split_model):
@@ -416,15 +426,15 @@ def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetch
     assert any(what == "fetch_early" for what, *_ in stats.timeline)
 
 
-@pytest.mark.parametrize("failing", ["paths", "host_sum"])
+@pytest.mark.parametrize("failing,fill_apart", [("paths", False), ("host_sum", False), ("host_sum", True)])
 def test_a_step_whose_host_side_fails_midway_raises_that_and_the_next_step_is_right(split_model, monkeypatch,
-                                                                                   failing):
+                                                                                   failing, fill_apart):
     """A host-side failure in the handoff form (in the first MoE layer: its split, before any copy, or the host
-    CPU's share, after them) raises its own error, every program already launched runs to its end (its waits let
-    through), and the next step is served from the right sequence numbers."""
+    CPU's share, after them, or while another thread queues them) raises its own error, every program already
+    launched runs to its end (its waits let through), and the next step is served from the right sequence numbers."""
     from ktjax.runtime.offload import handoff_step
     want, _ = decoded(split_model("int4", "gpu"))
-    model = handoff_model(split_model, "int4")
+    model = handoff_model(split_model, "int4", fill_apart)
     decoded(model)  # compiled
     handoff = model.executor.handoff_layers.handoff
     before = handoff.counters.copy()
