@@ -8,7 +8,8 @@
 #   OUT=... scripts/ab_offload.sh run [VARIANTS_NEW [VARIANTS_BASE]]   # on the device, after the editable install
 #                                          # (VARIANTS_BASE '-': this tree only, its variants against each other)
 #
-# AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto), e.g. "auto handoff".
+# AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto), e.g. "auto handoff"; the 24 GiB row
+# runs in each, the R1-share rows (and their variants) in the first only.
 # AB_MOE_LAYERS: full-size MoE layers (default 4; more show a long launch ahead of the layers, as R1's 58).
 # AB_MEM_FRACTION: the allocator's limit as a share of the GPU's memory (default: the 24 GiB budget's).
 # Each process: bench_offload.py --run int4 (the 24 GiB row, then the R1-share row once per --r1-variants value;
@@ -20,7 +21,7 @@ if [ "${1:-}" = prepare ]; then
   rm -rf ab_base && mkdir ab_base && git archive "$2" ktjax scripts | tar -x -C ab_base
   echo "ab_base/ holds $2"; exit
 fi
-[ "${1:-}" = run ] || { sed -n 2,16p "$0"; exit 2; }
+[ "${1:-}" = run ] || { sed -n 2,17p "$0"; exit 2; }
 ROOT=$(pwd)
 TOTAL=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator's limit: the 24 GiB budget
