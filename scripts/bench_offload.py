@@ -522,7 +522,7 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = model.with_decode_form("handoff")
         elif option == "xla-experts":  # the handoff programs' device experts by "auto"'s path (int8: XLA's)
             model = with_handoff_programs(model, expert_impl=None)
-        elif option == "effects":  # the handoff programs' calls declared with side effects (as before this session)
+        elif option == "effects":  # the handoff programs' calls declared with side effects (as before 1570e11)
             model = with_handoff_programs(model, side_effect=True)
         elif option == "keep-cache":  # the handoff programs donate no cache buffers (does donation hold launches?)
             model = with_handoff_programs(model, donate_cache=False)

@@ -38,7 +38,7 @@ from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
 from ktjax.runtime.offload.handoff import SIDE_EFFECT, Handoff
-from ktjax.runtime.offload.moe_block import active_rows, host_sum, likeliest, paths
+from ktjax.runtime.offload.moe_block import active_rows, fetch_ahead, host_sum, paths
 from ktjax.runtime.offload.scheduler import HANDOFF_LOOKAHEAD_WINDOW_S, early_fetches
 from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, packed, route, routing,
                                             settle, shared, unpacked)
@@ -82,7 +82,7 @@ class HandoffLayers:
         self.fill_apart = False
         self.experts = ex.store.experts
         self._sources: dict[tuple[int, int], Sources] = {}
-        self._early: list[list[jax.Array]] = []  # the lookahead's device buffers, an expert's arrays each
+        self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
         self.device = ex.devices[0]
         self._states: dict[int, dict] = {}
         self._zeros: dict[int, Unsummed] = {}
@@ -113,9 +113,9 @@ class HandoffLayers:
         gives them; the same buffers every layer (the host's copies in and out of them are queued in order)."""
         while len(self._early) < n:
             # Made before the host copies into them: the zeros' kernel runs on XLA's stream, not the copies'.
-            self._early.append(jax.block_until_ready([jnp.zeros(a.shape, a.dtype, device=a.sharding)
-                                                      for a in self.leaves]))
-        return [[(a.unsafe_buffer_pointer(), a.nbytes) for a in b] for b in self._early[:n]]
+            arrays = jax.block_until_ready([jnp.zeros(a.shape, a.dtype, device=a.sharding) for a in self.leaves])
+            self._early.append((arrays, [(a.unsafe_buffer_pointer(), a.nbytes) for a in arrays]))
+        return [sources for _, sources in self._early[:n]]
 
     def sources(self, i: int, e: int) -> Sources:
         """Expert e of layer i as `Handoff.fill` copies it: each array's (address, bytes). Kept: the store's arrays
@@ -268,11 +268,9 @@ def fetch_early(ex: OffloadedExecutor, layers: HandoffLayers, guess, rows: np.nd
     (`scheduler.early_fetches`), at most the executor's lookahead. Returns them, by their buffers' sources."""
     t = time.perf_counter()
     most = early_fetches(ex.rates, ex.plan.expert_bytes, cpu_tokens, n_link, ex.lookahead, HANDOFF_LOOKAHEAD_WINDOW_S)
-    j, likely = guess[0], likeliest(ex, guess, rows, most)
+    j, likely = guess[0], list(fetch_ahead(ex, guess, rows, stats, most, move="none"))
     buffers = layers.early(len(likely))
     layers.handoff.copy_ahead([(dest, source, nbytes) for e, buffer in zip(likely, buffers)
                                for (dest, _), (source, nbytes) in zip(buffer, layers.sources(j, e))])
-    ex.store.fetch(j, likely, stats, move="none")  # counted as fetched
-    stats.experts_early += len(likely)
     stats.span("fetch_early", t)
     return dict(zip(likely, buffers))

@@ -267,11 +267,12 @@ def look_ahead(ex: OffloadedExecutor, lookahead: Lookahead | None, guess: Guess 
 
 
 def fetch_ahead(ex: OffloadedExecutor, guess: Guess, rows: np.ndarray, stats: StepStats,
-                most: int) -> dict[int, ExpertWeights]:
-    """Start the transfers of the next MoE layer's `most` likeliest host experts (`Lookahead`, `likeliest`)."""
+                most: int, move: str = "put") -> dict[int, ExpertWeights]:
+    """Start the transfers of the next MoE layer's `most` likeliest host experts (`Lookahead`, `likeliest`), counted
+    as fetched early; move: as `ExpertStore.fetch` ("none": only counted, for the caller to copy)."""
     likely = likeliest(ex, guess, rows, most)
     stats.experts_early += len(likely)
-    return dict(zip(likely, ex.store.fetch(guess[0], likely, stats)))
+    return dict(zip(likely, ex.store.fetch(guess[0], likely, stats, move=move)))
 
 
 def likeliest(ex: OffloadedExecutor, guess: Guess, rows: np.ndarray, most: int) -> list[int]:
