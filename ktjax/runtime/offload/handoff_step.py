@@ -108,13 +108,20 @@ class HandoffLayers:
             self._zeros[B * T] = Unsummed(None, *zeros)
         return self._zeros[B * T]._replace(x_BTD=x_BTD)
 
-    def early(self, n: int) -> list[Sources]:
-        """n device buffers for experts fetched a layer early, each as its arrays' (address, bytes), as `sources`
-        gives them; the same buffers every layer (the host's copies in and out of them are queued in order)."""
+    def make_early(self, n: int) -> None:
+        """At least n device buffers for experts fetched a layer early, each as its arrays' (address, bytes), as
+        `sources` gives them; the same buffers every layer (the host's copies in and out of them are queued in
+        order). Made before a step's launch: their zeros' kernel runs on XLA's stream, which a launched MoE program
+        holds until the host answers it, so waiting for them while serving a layer never ends (run 50, an H100)."""
         while len(self._early) < n:
-            # Made before the host copies into them: the zeros' kernel runs on XLA's stream, not the copies'.
             arrays = jax.block_until_ready([jnp.zeros(a.shape, a.dtype, device=a.sharding) for a in self.leaves])
             self._early.append((arrays, [(a.unsafe_buffer_pointer(), a.nbytes) for a in arrays]))
+
+    def early(self, n: int) -> list[Sources]:
+        """The first n early buffers (`make_early`), which a step made before its launch."""
+        if n > len(self._early):
+            raise RuntimeError(f"{n} early buffers asked for while serving a layer, {len(self._early)} made before "
+                               "the launch: making them now would wait behind the program that waits for the host")
         return [sources for _, sources in self._early[:n]]
 
     def sources(self, i: int, e: int) -> Sources:
@@ -175,6 +182,7 @@ def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, s
     cfg, layers = ex.config, ex.handoff_layers
     x_BTD, rope, start_B = run("embed", embed_segment, cfg, ex.top["embed_tokens"], tokens_BT, start_B)
     rows = np.size(tokens_BT)
+    layers.make_early(ex.lookahead)  # before the launch (`HandoffLayers.make_early`): at most these are fetched
     job = layers.handoff.launch(launch_layers, ex, layers, rows, x_BTD, rope, start_B, dict(cache.groups), run)
     try:
         early: dict[int, Sources] = {}  # the layer's experts fetched early, by their buffers
