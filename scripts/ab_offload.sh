@@ -11,6 +11,7 @@
 # AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto), e.g. "auto handoff"; the 24 GiB row
 # runs in each, the R1-share rows (and their variants) in the first only.
 # AB_MOE_LAYERS: full-size MoE layers (default 4; more show a long launch ahead of the layers, as R1's 58).
+# AB_EXTRA: more bench_offload.py options for both trees, e.g. "--trace".
 # AB_MEM_FRACTION: the allocator's limit as a share of the GPU's memory (default: the 24 GiB budget's).
 # Each process: bench_offload.py --run int4 (the 24 GiB row, then the R1-share row once per --r1-variants value;
 # defaults below) with the ceilings of offload.md run 24 passed in, so that no ceilings are measured and
@@ -21,7 +22,7 @@ if [ "${1:-}" = prepare ]; then
   rm -rf ab_base && mkdir ab_base && git archive "$2" ktjax scripts | tar -x -C ab_base
   echo "ab_base/ holds $2"; exit
 fi
-[ "${1:-}" = run ] || { sed -n 2,17p "$0"; exit 2; }
+[ "${1:-}" = run ] || { sed -n 2,18p "$0"; exit 2; }
 ROOT=$(pwd)
 TOTAL=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 FRAC=$(python3 -c "print(f'{24 * 1024 / $TOTAL * 1.005:.4f}')")  # the allocator's limit: the 24 GiB budget
@@ -31,7 +32,7 @@ PART=${AB_PART:-int4}  # int8: no ceilings passed in (those below are int4's); i
 [ "$PART" = int4 ] || R='{}'
 ARGS="--run $PART --moe-layers ${AB_MOE_LAYERS:-4} --gpu-memory 24GiB --batches 1 --modes auto
       --decode-forms ${AB_FORMS:-auto} --steps 30 --prefill-max 0 --host-threads 14 --host-activations int8
-      --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640"
+      --h2d-gbps 50.8 --hbm-gbps 2397 --matmul-tflops 640 ${AB_EXTRA:-}"
 summary() { python3 - "$1" <<'PY'
 import collections, json, re, statistics, sys
 by_variant = collections.defaultdict(list)

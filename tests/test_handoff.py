@@ -129,6 +129,34 @@ def test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_han
         np.testing.assert_allclose(out, table[rows] * x[:, None])
 
 
+def test_the_program_computes_on_a_fills_first_part_while_the_rest_is_still_held_back(handoff, monkeypatch):
+    """`filled_first` lets the program go on once the fill's first copies have landed: here it hands what it made of
+    them to the host, which receives that before it lets the rest of the fill through; then `filled` reads all."""
+    @jax.jit
+    def program(x):
+        handed, (a, b) = handoff.hand_over(x, into=[jax.ShapeDtypeStruct((4,), jnp.float32)] * 2)
+        (a,) = handoff.filled_first([a], handed)
+        first = 2 * a
+        told = handoff.hand_over(first)
+        a, b = handoff.filled([a, b], told)
+        return first, a + b
+
+    held = []
+    queue = handoff._queue
+    monkeypatch.setattr(handoff, "_queue", lambda table, target=None, count=0: (
+        held.append((table, target, count)) if target == "filled" else queue(table, target, count)))
+    job = handoff.launch(program, jnp.ones(1))
+    handoff.receive((1,), np.float32)
+    a, b = np.arange(4, dtype=np.float32), np.arange(4, dtype=np.float32) + 10
+    handoff.fill([(a.ctypes.data, a.nbytes), (b.ctypes.data, b.nbytes)], first=1)
+    np.testing.assert_array_equal(handoff.receive((4,), np.float32), 2 * a)  # before the rest of the fill
+    assert len(held) == 1 and not job.done()
+    queue(*held[0])
+    first, both = (np.asarray(v) for v in job.result())
+    np.testing.assert_array_equal(first, 2 * a)
+    np.testing.assert_array_equal(both, a + b)
+
+
 def test_a_fill_larger_than_its_output_is_refused_before_any_copy(handoff):
     def program(x):
         handed, arrays = handoff.hand_over(x, into=[jax.ShapeDtypeStruct((2,), jnp.int32)])

@@ -388,7 +388,8 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
     model = handoff_model(split_model, fmt, fill_apart)
     handoff, filled_by = model.executor.handoff_layers.handoff, []
     fill = handoff.fill
-    monkeypatch.setattr(handoff, "fill", lambda sources: (filled_by.append(threading.current_thread()), fill(sources)))
+    monkeypatch.setattr(handoff, "fill", lambda sources, **kw: (filled_by.append(threading.current_thread()),
+                                                                fill(sources, **kw)))
     got, stats = decoded(model, rows)
     assert rel_err(got, want) < 1e-5
     assert stats.experts_on_host_cpu > 0 and stats.experts_fetched > 0 and stats.experts_on_device > 0

@@ -18,7 +18,8 @@ device's stream wait for the host. `Handoff` does that inside XLA programs, with
   buffers passed through in place). A layer's chosen experts reach its program so, whatever their number or place,
   with no byte crossing twice and no stack of experts to index. The arrays are the hand-over's own results, live
   until `filled` reads them: the device's work between the two (the shared expert) cannot share their memory while
-  the host writes into it.
+  the host writes into it. `filled_first` between the two waits only for the fill's first part (`fill`'s `first`
+  copies, then a flag of its own), so that the device computes what those bring while the rest lands.
 
 The targets' handlers run when XLA launches the program, not when the stream reaches them: each only queues work
 on the stream, and numbers its calls in launch order, which is the order the host sees them. On the CPU backend (the
@@ -79,12 +80,12 @@ class Handoff:
         self.slot_bytes, self.slots, self.timeout_s = slot_bytes, slots, timeout_s
         gpu = device.platform == "gpu"
         self.cuda = CudaDriver(device.local_hardware_id) if gpu else None
-        # Flags the stream writes or waits on: handed over (device writes), answered, filled (host writes).
+        # Flags the stream writes or waits on: handed over (device writes); answered, filled, filled first (host).
         self.flags = Pinned(16, self.cuda)
         # Each target's flag at 4 * its index in TARGETS.
-        self.handed_flag, self.answered_flag, self.filled_flag = (self.flags.array[4 * k:4 * k + 4].view(np.uint32)
-                                                                  for k in range(len(TARGETS)))
-        self.counters = np.zeros(3, np.int64)  # launches of each target (hand_over, take_back, filled)
+        self.flag = {kind: self.flags.array[4 * k:4 * k + 4].view(np.uint32) for k, kind in enumerate(TARGETS)}
+        self.handed_flag, self.answered_flag, self.filled_flag, self.first_flag = self.flag.values()
+        self.counters = np.zeros(3, np.int64)  # launches of hand_over, take_back, filled (filled_first counts none)
         self.published = np.zeros(1, np.int64)  # hand-overs whose arrays to fill have their addresses in `outputs`
         self.outputs = np.zeros((slots, MAX_OUTPUTS, 2), np.int64)  # per such hand-over: each array's address, bytes
         self.scratch = np.zeros(8, np.int64)  # the handlers' argument structs
@@ -136,6 +137,15 @@ class Handoff:
         return jax.ffi.ffi_call(self.names["filled"], structs, has_side_effect=side_effect,
                                 input_output_aliases={k: k for k in range(len(arrays))})(*arrays, *after)
 
+    def filled_first(self, arrays, *after, side_effect: bool = SIDE_EFFECT):
+        """arrays (any, passed through in place) once the first part of the next `filled`'s fill has landed (`fill`'s
+        `first`): the device can compute on what that part copies while the rest is still on its way. Call it
+        between a hand-over into arrays and its `filled`. `after`: arrays the wait is ordered behind."""
+        import jax
+        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+        return jax.ffi.ffi_call(self.names["filled_first"], structs, has_side_effect=side_effect,
+                                input_output_aliases={k: k for k in range(len(arrays))})(*arrays, *after)
+
     # -- the host's side --
     def launch(self, fn, *args, **kwargs) -> Future:
         """Call fn (a program that takes answers back) on the launching thread. While it runs, the host's waits
@@ -175,10 +185,11 @@ class Handoff:
         self.staging.array[slot:slot + raw.size] = raw
         return self.staging.device + slot, raw.size
 
-    def fill(self, sources) -> None:
+    def fill(self, sources, first: int = 0) -> None:
         """Copy sources ((address, bytes) rows: pinned host memory, a device array's buffer, or `stage`'s) into the
         arrays of the next hand-over `into` arrays, in order, then let its `filled` go on once they have landed.
-        Arrays without a source keep whatever they held."""
+        Arrays without a source keep whatever they held. The first `first` copies are queued ahead of the rest, and
+        a `filled_first` between the hand-over and its `filled` goes on once they have landed."""
         n = self.filled_count
         self._wait(self.published.ctypes.data, n + 1, "hand-over into arrays", self.published)
         if int(self.published[0]) - n > self.slots:  # its row holds a later hand-over's arrays
@@ -192,30 +203,32 @@ class Handoff:
         for bad in np.flatnonzero(sources[:, 1] > outputs[:k, 1])[:1]:
             raise ValueError(f"handoff: a source of {sources[bad, 1]} bytes for array {bad} to fill, of "
                              f"{outputs[bad, 1]}")
-        self._queue(np.stack([outputs[:k, 0], sources[:, 0], sources[:, 1]], axis=1), n + 1)
+        table = np.stack([outputs[:k, 0], sources[:, 0], sources[:, 1]], axis=1)
+        self._queue(table[:first], "filled_first", n + 1)
+        self._queue(table[first:], "filled", n + 1)
         self.filled_count = n + 1
 
     def copy_ahead(self, table) -> None:
         """Queue copies, table's rows (destination, source, bytes), behind every fill so far and before any later
         one, with no flag: into device buffers of the host's own that a later fill copies from (the lookahead's).
         A later fill that copies from them, and one into them, are ordered after these by their queue."""
-        self._queue(np.asarray(table, np.int64).reshape(-1, 3), None)
+        self._queue(np.asarray(table, np.int64).reshape(-1, 3))
 
-    def _queue(self, table: np.ndarray, filled: int | None) -> None:
-        """Copy table's rows (destination, source, bytes) in order on the host's stream, then (filled not None)
-        set the filled flag to that count. On the CPU backend, now."""
+    def _queue(self, table: np.ndarray, target: str | None = None, count: int = 0) -> None:
+        """Copy table's rows (destination, source, bytes) in order on the host's stream, then (with a target) set
+        that target's flag to count. On the CPU backend, now."""
         cuda = self.cuda
         if cuda is not None:
             cuda.bind()
-            flag = 0 if filled is None else self.flags.device + 4 * TARGETS.index("filled")
+            flag = 0 if target is None else self.flags.device + 4 * TARGETS.index(target)
             cuda.check("cuMemcpyAsync or cuStreamWriteValue32",
                        queue_copies(cuda.copy, cuda.write_value, cuda.stream.value, table, len(table), flag,
-                                    int(_u32(filled or 0))))
+                                    int(_u32(count))))
             return
         for dest, source, nbytes in table:
             ctypes.memmove(int(dest), int(source), int(nbytes))
-        if filled is not None:
-            self.filled_flag[0] = _u32(filled)
+        if target is not None:
+            self.flag[target][0] = _u32(count)
 
     def abandon(self, job: Future) -> None:
         """After a failure on the host's side: release every wait the launched program `job` queued, so that the
@@ -241,12 +254,13 @@ class Handoff:
         # go on from the larger, so that the next pair's numbers (and ring rows) agree again.
         self.counters[2] = self.published[0] = max(int(self.counters[2]), int(self.published[0]))
         self.answered_flag[0] = _u32(int(self.counters[1]))
-        self.filled_flag[0] = _u32(int(self.counters[2]))
+        self.filled_flag[0] = self.first_flag[0] = _u32(int(self.counters[2]))
         self.received, self.sent, self.filled_count = (int(c) for c in self.counters)
 
     def _release(self) -> None:
         """Let every wait launched so far pass (the flags well past their counts)."""
-        for flag, count in ((self.answered_flag, self.counters[1]), (self.filled_flag, self.counters[2])):
+        for flag, count in ((self.answered_flag, self.counters[1]), (self.filled_flag, self.counters[2]),
+                            (self.first_flag, self.counters[2])):
             flag[0] = _u32(int(count) + (1 << 30))
 
     def _wait(self, address: int, target: int, what: str, launches: np.ndarray) -> None:

@@ -148,8 +148,8 @@ class HandoffLayers:
         this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
         host's share taken back: the layer's output as its terms."""
         handoff, n = self.handoff, len(self.leaves)
-        structs = [jax.ShapeDtypeStruct((S,), jnp.int32)] + [jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                                             for a in self.leaves] * S
+        structs = [jax.ShapeDtypeStruct((S,), jnp.int32)] * 2 + [jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                                 for a in self.leaves] * S
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [N, D + 2K]
@@ -158,11 +158,22 @@ class HandoffLayers:
             for_host = jnp.concatenate([for_host, packed(h_ND[:, :0], guess_w_NK, guess_idx_NK)], axis=1)
         effect = self.side_effect
         handed, to_fill = handoff.hand_over(for_host, into=structs, side_effect=effect)
-        shared_ND = shared(layer, h_ND)  # ordered before the wait below: computed while the host copies
-        ids_C, *arrays = handoff.filled(to_fill, shared_ND, side_effect=effect)
-        experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
-        routed_ND = add_experts(None, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0],
-                                impl=self.expert_impl)
+        shared_ND = shared(layer, h_ND)  # ordered before the waits below: computed while the host copies
+
+        def add(acc_ND, ids_C, arrays):  # the experts of the slots ids_C names (-1: none, never read)
+            experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
+            return add_experts(acc_ND, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0],
+                               impl=self.expert_impl)
+
+        # The experts already on the device (their copies device to device) land first and are computed while the
+        # link's land, then the link's: the device's work after the link's last copy is theirs alone.
+        # Every array read after the first wait comes out of it: XLA orders a read of the hand-over's own outputs
+        # only behind the hand-over, and the experts' products are computed before the ids mask them.
+        ids_first_C, ids_rest_C, *arrays = to_fill
+        ids_first_C, *arrays = handoff.filled_first([ids_first_C, *arrays], shared_ND, side_effect=effect)
+        first_ND = add(None, ids_first_C, arrays)
+        _, ids_rest_C, *arrays = handoff.filled([ids_first_C, ids_rest_C, *arrays], first_ND, side_effect=effect)
+        routed_ND = add(first_ND, ids_rest_C, arrays)
         host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND, side_effect=effect)
         return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
 
@@ -235,16 +246,19 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
-    on_device = resident + link_ids
-    ids_C = np.full(layers.slots(rows), -1, np.int32)
-    ids_C[:len(on_device)] = on_device
+    on_device = resident + link_ids  # the slots' experts: those on the device already first (`HandoffLayers.moe_layer`)
+    ids_first_C, ids_rest_C = np.full((2, layers.slots(rows)), -1, np.int32)
+    ids_first_C[:len(resident)] = resident
+    ids_rest_C[len(resident):len(on_device)] = link_ids
     ex.store.fetch(i, on_device, stats, early=early, move="none")  # counted; the copies are queued here
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        handoff.fill([handoff.stage(ids_C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)])
+        handoff.fill([handoff.stage(ids_first_C), handoff.stage(ids_rest_C)]
+                     + [s for e in on_device for s in early.get(e) or layers.sources(i, e)],
+                     first=2 + len(layers.leaves) * len(resident))
         stats.span("fill", t)
         if guessed and ahead is not None:
             return fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),

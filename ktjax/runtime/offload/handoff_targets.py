@@ -30,7 +30,7 @@ API_VERSION_MAJOR, API_VERSION_MINOR = 32, 36  # XLA_FFI_Api.api_version.{major,
 API_ERROR_CREATE, API_STREAM_GET = 48, 80
 EXTENSION_TYPE, METADATA_EXTENSION, METADATA = 8, 1, 24  # XLA_FFI_Extension_Base.type; the metadata's pointer
 STAGE_EXECUTE = 3
-TARGETS = ("hand_over", "take_back", "filled")  # a target's flag is at 4 * its index in the flags' memory
+TARGETS = ("hand_over", "take_back", "filled", "filled_first")  # a target's flag: at 4 * its index in the flags'
 MAX_OUTPUTS = 64  # arrays a hand-over publishes for the host to fill (4 rows' 32 experts and their ids)
 STAGING_BYTES = 4096  # a `Handoff.stage` slot
 ITEM_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 2, 8: 4, 9: 8, 10: 2, 11: 4, 12: 8, 16: 2}  # XLA_FFI_DataType
@@ -239,11 +239,12 @@ def _stream(frame, scratch):
 
 
 def compile_handler(h: Handoff, kind: str, constants: list):
-    """The FFI handler of one target (`kind`: hand_over, take_back or filled), its addresses compiled in as
-    constants (the arrays they point into appended to `constants`)."""
+    """The FFI handler of one target (`kind`: hand_over, take_back, filled or filled_first), its addresses compiled
+    in as constants (the arrays they point into appended to `constants`). filled_first counts nothing: it waits for
+    the first part of the fill that the next `filled` call (filled's count) will read."""
     which = TARGETS.index(kind)
-    over, back, filled = which == 0, which == 1, which == 2
-    counter = h.counters.ctypes.data + 8 * which
+    over, back, filled, first = which == 0, which == 1, which == 2, which == 3
+    counter = h.counters.ctypes.data + 8 * min(which, 2)
     scratch = h.scratch.ctypes.data
     flag_host, flag_device = h.flags.host + 4 * which, h.flags.device + 4 * which
     ring = h.to_host.device if over else h.to_device.device
@@ -277,7 +278,7 @@ def compile_handler(h: Handoff, kind: str, constants: list):
                 if _load64(_load64(args + 8 * r) + BUFFER_DATA) != _load64(row + 16 * r):
                     return _error(api, scratch, moved_error)
             _store64(counter, n + 1)
-        else:
+        elif not first:
             buf = _load64(args if over else rets)
             nbytes = _nbytes(buf, item_table)
             if nbytes < 0:
@@ -304,7 +305,7 @@ def compile_handler(h: Handoff, kind: str, constants: list):
                 pass
             if back:
                 _copy(data, slot, nbytes)
-            for r in range(n_rets if filled else 0):  # where XLA gave the results buffers of their own
+            for r in range(n_rets if filled or first else 0):  # where XLA gave the results buffers of their own
                 src, dst = _load64(_load64(args + 8 * r) + BUFFER_DATA), _load64(_load64(rets + 8 * r) + BUFFER_DATA)
                 if src != dst:
                     _copy(dst, src, _nbytes(_load64(rets + 8 * r), item_table))
@@ -320,7 +321,7 @@ def compile_handler(h: Handoff, kind: str, constants: list):
             status = _call4(wait_value, stream, flag_device, (n + 1) & 0xFFFFFFFF, WAIT_GEQ)
             if status == 0 and back:
                 status = _call4(to_device, data, slot, nbytes, stream)
-            for r in range(n_rets if filled else 0):
+            for r in range(n_rets if filled or first else 0):
                 src, dst = _load64(_load64(args + 8 * r) + BUFFER_DATA), _load64(_load64(rets + 8 * r) + BUFFER_DATA)
                 if status == 0 and src != dst:
                     status = _call4(on_device, dst, src, _nbytes(_load64(rets + 8 * r), item_table), stream)
