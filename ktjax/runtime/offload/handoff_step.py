@@ -148,8 +148,8 @@ class HandoffLayers:
         this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
         host's share taken back: the layer's output as its terms."""
         handoff, n = self.handoff, len(self.leaves)
-        structs = [jax.ShapeDtypeStruct((S,), jnp.int32)] * 2 + [jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                                                 for a in self.leaves] * S
+        structs = [jax.ShapeDtypeStruct((2, S), jnp.int32)] + [jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                                for a in self.leaves] * S
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [N, D + 2K]
@@ -169,11 +169,11 @@ class HandoffLayers:
         # link's land, then the link's: the device's work after the link's last copy is theirs alone.
         # Every array read after the first wait comes out of it: XLA orders a read of the hand-over's own outputs
         # only behind the hand-over, and the experts' products are computed before the ids mask them.
-        ids_first_C, ids_rest_C, *arrays = to_fill
-        ids_first_C, *arrays = handoff.filled_first([ids_first_C, *arrays], shared_ND, side_effect=effect)
-        first_ND = add(None, ids_first_C, arrays)
-        _, ids_rest_C, *arrays = handoff.filled([ids_first_C, ids_rest_C, *arrays], first_ND, side_effect=effect)
-        routed_ND = add(first_ND, ids_rest_C, arrays)
+        # ids_2C: the slots' experts of the first part, then of the rest (-1: none).
+        ids_2C, *arrays = handoff.filled_first(to_fill, shared_ND, side_effect=effect)
+        first_ND = add(None, ids_2C[0], arrays)
+        ids_2C, *arrays = handoff.filled([ids_2C, *arrays], first_ND, side_effect=effect)
+        routed_ND = add(first_ND, ids_2C[1], arrays)
         host_ND = handoff.take_back(shared_ND.shape, jnp.float32, handed, shared_ND, routed_ND, side_effect=effect)
         return Unsummed(x_BTD, shared_ND, routed_ND, host_ND), latent, rp
 
@@ -247,18 +247,17 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     moved_before = stats.bytes_from_host
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
     on_device = resident + link_ids  # the slots' experts: those on the device already first (`HandoffLayers.moe_layer`)
-    ids_first_C, ids_rest_C = np.full((2, layers.slots(rows)), -1, np.int32)
-    ids_first_C[:len(resident)] = resident
-    ids_rest_C[len(resident):len(on_device)] = link_ids
+    ids_2C = np.full((2, layers.slots(rows)), -1, np.int32)  # the slots' experts: the fill's first part, the rest
+    ids_2C[0, :len(resident)] = resident
+    ids_2C[1, len(resident):len(on_device)] = link_ids
     ex.store.fetch(i, on_device, stats, early=early, move="none")  # counted; the copies are queued here
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        handoff.fill([handoff.stage(ids_first_C), handoff.stage(ids_rest_C)]
-                     + [s for e in on_device for s in early.get(e) or layers.sources(i, e)],
-                     first=2 + len(layers.leaves) * len(resident))
+        handoff.fill([handoff.stage(ids_2C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)],
+                     first=1 + len(layers.leaves) * len(resident))
         stats.span("fill", t)
         if guessed and ahead is not None:
             return fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),
