@@ -1,14 +1,15 @@
 """A small batch's decode step launched whole, each MoE layer's program waiting on its stream for the host CPU
 (the executor's decode_form "handoff"; `handoff.Handoff`).
 
-The fused form (`moe_block.fused_moe`) drives each MoE layer from Python: the attention program's call, the routing's
-way to the host, the copies' and the device share's calls, ~1 ms of a ~3 ms R1-share layer outside the experts' two
-paths (benchmarks/offload.md, runs 26-41). Here a launching thread calls every layer's program at once, and each MoE
-layer's program hands its routing to the host, waits for the device's experts the host copies into its own buffers
-(resident ones from device memory, the link's from pinned host memory; `Handoff.fill`), computes them with the
-shared expert, then waits for the host CPU's share. This thread serves the layers in turn: it reads a layer's
-routing, splits its experts as the fused form does (`moe_block.paths`), queues the copies, computes the host's
-share and answers. No program call, callback or round trip of the step's thread sits on a layer's path.
+The fused form (`moe_block.fused_moe`) drives each MoE layer from Python: the attention program's call, the
+routing's way to the host, the copies' and the device share's calls, ~1 ms of a ~3 ms R1-share layer outside the
+experts' two paths (benchmarks/offload.md, runs 26-41). Here a launching thread calls every layer's program at once,
+and each MoE layer's program hands its routing to the host, waits for the device's experts the host copies into its
+own buffers (resident ones from device memory first, then the link's from pinned host memory; `Handoff.fill`),
+computes the resident ones while the link's land and then the link's, with the shared expert, then waits for the
+host CPU's share. This thread serves the layers in turn: it reads a layer's routing, splits its experts as the fused
+form does (`moe_block.paths`), queues the copies, computes the host's share and answers. No program call, callback
+or round trip of the step's thread sits on a layer's path.
 
 Up to MAX_ROWS rows: the programs are launched before any routing is known, so each holds a slot for every expert
 its rows may choose (`HandoffLayers.slots`; the kernels skip those the host leaves empty) and computes each row
