@@ -247,8 +247,8 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
-    on_device = resident + link_ids  # the slots' experts: those on the device already first (`HandoffLayers.moe_layer`)
-    ids_2C = np.full((2, layers.slots(rows)), -1, np.int32)  # the slots' experts: the fill's first part, the rest
+    on_device = resident + link_ids  # the slots' experts, those on the device already first (`HandoffLayers.moe_layer`)
+    ids_2C = np.full((2, layers.slots(rows)), -1, np.int32)  # of the fill's first part, then of the rest
     ids_2C[0, :len(resident)] = resident
     ids_2C[1, len(resident):len(on_device)] = link_ids
     ex.store.fetch(i, on_device, stats, early=early, move="none")  # counted; the copies are queued here
