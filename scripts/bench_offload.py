@@ -528,6 +528,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, donate_cache=False)
         elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
             model = with_handoff_programs(model, fill_apart=True)
+        elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
+            model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
             model = with_handoff_programs(model, compiler_options={"xla_gpu_enable_command_buffer": ""})
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
@@ -769,7 +771,8 @@ def main():
                         "'keep-cache' (the handoff programs donate no cache buffers), 'no-graphs' (their kernels "
                         "launched one by one: a CUDA graph's update may wait for its previous launch), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
-                        "CPU's share), "
+                        "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
+                        "fill, not the resident ones while the link's land), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",

@@ -368,24 +368,28 @@ def decoded(model, rows: int = 1) -> tuple[np.ndarray, StepStats]:
     return np.asarray(jax.jit(settle)(x)).reshape(rows, -1)[active], stats
 
 
-def handoff_model(split_model, fmt: str, fill_apart: bool = False):
+def handoff_model(split_model, fmt: str, fill_apart: bool = False, resident_first: bool = True):
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
     model = split_model(fmt, "auto")
     model = dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
     model.executor.handoff_layers.fill_apart = fill_apart
+    model.executor.handoff_layers.resident_first = resident_first
     return model
 
 
-@pytest.mark.parametrize("fmt,rows,fill_apart", [("int8", 1, False), ("int4", 1, False), ("int4", 3, False),
-                                                 ("int4", 3, True)])
-def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, fill_apart):
+@pytest.mark.parametrize("fmt,rows,fill_apart,resident_first", [("int8", 1, False, True), ("int4", 1, False, True),
+                                                                ("int4", 3, False, True), ("int4", 3, True, True),
+                                                                ("int4", 3, False, False)])
+def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, fill_apart,
+                                                              resident_first):
     """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
     waiting for the host's copies of its device experts and for the host CPU's share) gives a decode step the hidden
     states of the step whose host experts all stream, with the host CPU's, the link's and the resident experts' paths
     all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared); and with
-    the copies queued by a thread of their own while the host CPU's share runs (`fill_apart`)."""
+    the copies queued by a thread of their own while the host CPU's share runs (`fill_apart`); the experts already on
+    the device computed while the link's land, or (`resident_first` off) all after the whole fill."""
     want, _ = decoded(split_model(fmt, "gpu"), rows)
-    model = handoff_model(split_model, fmt, fill_apart)
+    model = handoff_model(split_model, fmt, fill_apart, resident_first)
     handoff, filled_by = model.executor.handoff_layers.handoff, []
     fill = handoff.fill
     monkeypatch.setattr(handoff, "fill", lambda sources, **kw: (filled_by.append(threading.current_thread()),

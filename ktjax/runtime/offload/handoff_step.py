@@ -81,6 +81,9 @@ class HandoffLayers:
         # Whether a layer's copies are queued by a thread of their own while the host CPU's share starts (the fill
         # took ~0.13 ms a layer before it, offload.md run 47); off until measured on the GPU.
         self.fill_apart = False
+        # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
+        # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
+        self.resident_first = True
         self.experts = ex.store.experts
         self._sources: dict[tuple[int, int], Sources] = {}
         self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
@@ -249,8 +252,9 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
     on_device = resident + link_ids  # the slots' experts, those on the device already first (`HandoffLayers.moe_layer`)
     ids_2C = np.full((2, layers.slots(rows)), -1, np.int32)  # of the fill's first part, then of the rest
-    ids_2C[0, :len(resident)] = resident
-    ids_2C[1, len(resident):len(on_device)] = link_ids
+    first = len(resident) if layers.resident_first else 0
+    ids_2C[0, :first] = on_device[:first]
+    ids_2C[1, first:len(on_device)] = on_device[first:]
     ex.store.fetch(i, on_device, stats, early=early, move="none")  # counted; the copies are queued here
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
@@ -258,7 +262,7 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
         handoff.fill([handoff.stage(ids_2C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)],
-                     first=1 + len(layers.leaves) * len(resident))
+                     first=1 + len(layers.leaves) * first)
         stats.span("fill", t)
         if guessed and ahead is not None:
             return fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),
