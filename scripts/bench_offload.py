@@ -296,7 +296,7 @@ def run_ktjax(args) -> dict:
         ceil = ceilings(args.tiny)
         res.update(ceil)
         print("CEILINGS " + json.dumps(res), flush=True)
-    cfg = fullsize_config(args.moe_layers) if not args.tiny else tiny_config(args.moe_layers)
+    cfg = fullsize_config(args.moe_layers) if not args.tiny else tiny_config(args.moe_layers, *args.tiny_experts)
     dtype = jnp.bfloat16
     resident = args.run == "resident"
     max_ctx = (args.prefill_max if not args.tiny else 512) + 256
@@ -563,13 +563,13 @@ def with_handoff_programs(model, **settings):
     return model._with(handoff_layers=layers)
 
 
-def tiny_config(moe_layers: int):
+def tiny_config(moe_layers: int, experts: int = 16, per_token: int = 4):
     from ktjax.config import ModelConfig
     return ModelConfig.from_dict(dict(
         model_type="deepseek_v3", vocab_size=512, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
-        num_hidden_layers=1 + moe_layers, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1,
-        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=4096))
+        num_hidden_layers=1 + moe_layers, num_attention_heads=4, n_routed_experts=experts, n_shared_experts=1,
+        num_experts_per_tok=per_token, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=32,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=4096))
 
 
 def run_transformers(args) -> dict:
@@ -780,6 +780,9 @@ def main():
                         "share of its experts that the whole R1 keeps on a GPU this size (default: 95%% of one "
                         "H200's 139 GiB), and extrapolate R1 from that row; '' to skip")
     p.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    p.add_argument("--tiny-experts", type=int, nargs=2, default=(16, 4), metavar=("E", "K"),
+                   help="--tiny: routed experts per layer and per token (256 8: R1's, to time the host's "
+                        "per-layer Python on a laptop)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -800,7 +803,8 @@ def main():
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
         "--rate-repeats", str(args.rate_repeats),
         "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations,
-        "--r1-gpu-memory", args.r1_gpu_memory, "--r1-variants", *args.r1_variants]
+        "--r1-gpu-memory", args.r1_gpu_memory, "--r1-variants", *args.r1_variants,
+        "--tiny-experts", *map(str, args.tiny_experts)]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
     budget = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{frac:.4f}",
               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if frac else {}
