@@ -255,7 +255,6 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     first = len(resident) if layers.resident_first else 0
     ids_2C[0, :first] = on_device[:first]
     ids_2C[1, first:len(on_device)] = on_device[first:]
-    ex.store.fetch(i, on_device, stats, early=early, move="none")  # counted; the copies are queued here
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
 
@@ -278,13 +277,15 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
             host_ND = host_share()
         finally:
             futures.wait([job])  # before a failure's clean-up counts the fills
-        early = job.result()
+        next_early = job.result()
     else:
-        early = queue_copies()
+        next_early = queue_copies()
         host_ND = host_share()
-    stats.link_bytes.append(stats.bytes_from_host - moved_before)
     handoff.answer(host_ND)
-    return early
+    # Counted (the copies were queued above) once answered: off both paths' way, while the device goes on.
+    ex.store.fetch(i, on_device, stats, early=early, move="none")
+    stats.link_bytes.append(stats.bytes_from_host - moved_before)
+    return next_early
 
 
 def fetch_early(ex: OffloadedExecutor, layers: HandoffLayers, guess, rows: np.ndarray, cpu_tokens: np.ndarray,
