@@ -244,7 +244,7 @@ def compile_handler(h: Handoff, kind: str, constants: list):
     the first part of the fill that the next `filled` call (filled's count) will read."""
     which = TARGETS.index(kind)
     over, back, filled, first = which == 0, which == 1, which == 2, which == 3
-    counter = h.counters.ctypes.data + 8 * min(which, 2)
+    counter = h.counters.ctypes.data + 8 * TARGETS.index("filled" if first else kind)  # filled_first reads filled's
     scratch = h.scratch.ctypes.data
     flag_host, flag_device = h.flags.host + 4 * which, h.flags.device + 4 * which
     ring = h.to_host.device if over else h.to_device.device
