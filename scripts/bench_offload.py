@@ -544,6 +544,9 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         elif option.startswith("rates="):  # the split's rates set: rates=CPU/LINK in GB/s (a split sweep)
             cpu, link = (float(v) for v in option[len("rates="):].split("/"))
             model = model.with_rates(PathRates(link_gbps=link, cpu_gbps=cpu, cpu_call_s=model.rates.cpu_call_s))
+        elif option.startswith("cpu-scale="):  # the split's CPU rate scaled: below 1 the link takes more experts
+            r = model.rates
+            model = model.with_rates(dataclasses.replace(r, cpu_gbps=r.cpu_gbps * float(option[len("cpu-scale="):])))
         elif option == "ceiling-rates":
             model = model.with_rates(PathRates(link_gbps=ceil[f"{kernel}_both_link_gbps"],
                                                cpu_gbps=ceil[f"{kernel}_both_cpu_gbps"],
@@ -773,7 +776,8 @@ def main():
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
                         "fill, not the resident ones while the link's land), "
-                        "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), "
+                        "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), 'cpu-scale=F' (the "
+                        "split's CPU rate times F, the in-situ link rate kept: F < 1 leaves the link more experts), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "
