@@ -528,6 +528,8 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, donate_cache=False)
         elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
             model = with_handoff_programs(model, fill_apart=True)
+        elif option == "host-apart":  # a layer's host CPU share started by a thread of its own before the copies
+            model = with_handoff_programs(model, host_apart=True)
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
@@ -562,7 +564,8 @@ def with_handoff_programs(model, **settings):
     layers = copy.copy(model.handoff_layers)
     for name, value in settings.items():
         setattr(layers, name, value)
-    layers.programs = {}
+    if set(settings) - {"fill_apart", "host_apart"}:  # the host's own settings leave the programs as they are
+        layers.programs = {}
     return model._with(handoff_layers=layers)
 
 
@@ -775,7 +778,8 @@ def main():
                         "launched one by one: a CUDA graph's update may wait for its previous launch), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
-                        "fill, not the resident ones while the link's land), "
+                        "fill, not the resident ones while the link's land), 'host-apart' (the handoff form's host "
+                        "CPU share started by a thread of its own before the copies are queued), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), 'cpu-scale=F' (the "
                         "split's CPU rate times F, the in-situ link rate kept: F < 1 leaves the link more experts), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
