@@ -409,6 +409,38 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
     assert summed_by and all((t is threading.main_thread()) != (apart == "host") for t in summed_by)
 
 
+def test_auto_launches_small_decode_steps_whole_on_a_gpu_and_not_on_the_cpu_backend(split_model):
+    """decode_form "auto" takes the handoff form for decode steps of up to 4 rows on a GPU (faster there in every
+    measured case), and not on the CPU backend (its waits spin on the host kernels' cores), nor for wider steps,
+    prefill, or where another form is asked for; in every expert_compute mode (with "gpu", the link takes every
+    host expert)."""
+    import types
+
+    from ktjax.runtime.offload.handoff_step import applies
+    from ktjax.runtime.offload.segments import Segments
+    ex = split_model("int4", "auto").executor
+    run = Segments(StepStats(), False)
+    one, four, five, prefill = (np.zeros((n, t), np.int32) for n, t in ((1, 1), (4, 1), (5, 1), (1, 8)))
+    assert ex.decode_form == "auto" and not applies(ex, one, run)  # the CPU backend
+    on_gpu = ex._with(devices=[types.SimpleNamespace(platform="gpu")])
+    for mode in ("auto", "cpu", "gpu"):
+        assert applies(on_gpu.with_expert_compute(mode), one, run) and applies(on_gpu, four, run)
+    assert not any(applies(on_gpu, tokens, run) for tokens in (five, prefill))
+    assert not applies(on_gpu, one, Segments(StepStats(), True))  # profiled
+    assert not any(applies(on_gpu.with_decode_form(form), one, run) for form in ("fused", "streamed"))
+    assert applies(ex.with_decode_form("handoff"), one, run)
+
+
+def test_a_decode_step_launched_whole_with_every_host_expert_over_the_link_computes_the_same_model(split_model):
+    """The handoff form with expert_compute "gpu": the link takes every host expert, the host CPU none."""
+    want, _ = decoded(split_model("int4", "gpu"))
+    model = handoff_model(split_model, "int4")
+    got, stats = decoded(dataclasses.replace(model, executor=model.executor.with_expert_compute("gpu")))
+    assert rel_err(got, want) < 1e-5
+    assert stats.experts_on_host_cpu == 0 and stats.experts_fetched > 0
+    assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
+
+
 def test_a_decode_step_launched_whole_compiles_one_program_for_all_its_moe_layers_and_every_step(split_model):
     """The handoff form's MoE layers all take one compiled program (for a number of rows): the first, given the
     dense layer's plain output, as the others, given their predecessor's terms, and in a later step with a cache

@@ -187,10 +187,14 @@ class HandoffLayers:
 
 def applies(ex: OffloadedExecutor, tokens_BT, run: Segments) -> bool:
     """Whether a forward pass takes the handoff form: a decode step of up to MAX_ROWS rows on one device with a host
-    path, the executor's decode_form "handoff", not profiled (profiling waits for each program)."""
+    path, not profiled (profiling waits for each program), where the executor's decode_form is "handoff", or "auto"
+    on a GPU. There it decoded faster than the forms driven from Python in every measured case (the embedded model:
+    290-311 against 176-264 tokens/s, benchmarks/decode_forms_run58.log; DeepSeek's layers: offload.md runs 47-48);
+    on the CPU backend its waits spin on the cores the host's kernels need (84 against 196 tokens/s on the dev box)."""
     one_token = np.ndim(tokens_BT) == 1 or np.shape(tokens_BT)[1] == 1
-    return (ex.decode_form == "handoff" and ex.mesh is None and ex.host is not None and ex.expert_compute != "gpu"
-            and one_token and np.size(tokens_BT) <= MAX_ROWS and not run.profile)
+    chosen = ex.decode_form == "handoff" or (ex.decode_form == "auto" and ex.devices[0].platform == "gpu")
+    return (chosen and ex.mesh is None and ex.host is not None and one_token and np.size(tokens_BT) <= MAX_ROWS
+            and not run.profile)
 
 
 def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments,

@@ -1,0 +1,53 @@
+"""What `ktjax generate` gives a user in each decode form of an offloaded model: the embedded tiny model (or --model)
+with its routed experts in host memory (--experts, under --gpu-memory), `ktjax.generate` of --tokens new tokens from
+one prompt, greedy, twice per form and expert_compute mode: the first call (which compiles the decode step's
+programs) and a second, warm one. The forms: "handoff" (a decode step launched whole, `handoff_step`), "fused" and
+"streamed" (each MoE layer driven from Python, `moe_block`). Prints a table: first-token time, decode tokens/s of
+each call, and whether each form's tokens are the first form's.
+
+    python3 scripts/bench_decode_forms.py [--experts int4] [--gpu-memory 160MiB] [--tokens 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import ktjax
+
+PROMPT = "The capital of France"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--experts", default="int4", choices=("int8", "int4"))
+    p.add_argument("--gpu-memory", default="160MiB", help="the budget: the embedded model's experts stay in host "
+                                                          "memory under 160MiB")
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--forms", nargs="+", default=["handoff", "fused", "streamed"])
+    p.add_argument("--modes", nargs="+", default=["auto", "cpu"], help="expert_compute modes")
+    args = p.parse_args()
+    model = ktjax.load(args.model, experts=args.experts, gpu_memory=args.gpu_memory)
+    assert model.executor.plan.host_experts, "no routed expert in host memory: lower --gpu-memory"
+    print(f"{ktjax.__name__} on {__import__('jax').devices()[0].device_kind}: {len(model.executor.plan.host_experts)} "
+          f"{args.experts} experts in host memory, {args.tokens} new tokens, greedy")
+    print("| form | expert_compute | first token, first call | decode tok/s, first call | decode tok/s, warm "
+          "| tokens as the first row's |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    first_ids = None
+    for mode in args.modes:
+        for form in args.forms:
+            ex = model.executor.with_expert_compute(mode).with_decode_form(form)
+            m = dataclasses.replace(model, executor=ex)
+            cold = ktjax.generate(m, PROMPT, max_new_tokens=args.tokens)
+            warm = ktjax.generate(m, PROMPT, max_new_tokens=args.tokens)
+            first_ids = first_ids or warm.token_ids
+            same = sum(a == b for a, b in zip(warm.token_ids, first_ids)) / max(1, len(first_ids))
+            print(f"| {form} | {mode} | {cold.stats.time_to_first_token_s:.2f} s | "
+                  f"{cold.stats.decode_tokens_per_s:.1f} | {warm.stats.decode_tokens_per_s:.1f} | {100 * same:.0f}% |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
