@@ -8,8 +8,8 @@
 #   OUT=... scripts/ab_offload.sh run [VARIANTS_NEW [VARIANTS_BASE]]   # on the device, after the editable install
 #                                          # (VARIANTS_BASE '-': this tree only, its variants against each other)
 #
-# AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto), e.g. "auto handoff"; the 24 GiB row
-# runs in each, the R1-share rows (and their variants) in the first only.
+# AB_FORMS: the decode forms (bench_offload's --decode-forms, default auto: handoff on a GPU), e.g. "handoff fused";
+# the 24 GiB row runs in each, the R1-share rows (and their variants) in the first only.
 # AB_MOE_LAYERS: full-size MoE layers (default 4; more show a long launch ahead of the layers, as R1's 58).
 # AB_EXTRA: more bench_offload.py options for both trees, e.g. "--trace".
 # AB_MEM_FRACTION: the allocator's limit as a share of the GPU's memory (default: the 24 GiB budget's).

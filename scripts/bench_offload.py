@@ -528,8 +528,6 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, donate_cache=False)
         elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
             model = with_handoff_programs(model, fill_apart=True)
-        elif option == "host-apart":  # a layer's host CPU share started by a thread of its own before the copies
-            model = with_handoff_programs(model, host_apart=True)
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
@@ -564,7 +562,7 @@ def with_handoff_programs(model, **settings):
     layers = copy.copy(model.handoff_layers)
     for name, value in settings.items():
         setattr(layers, name, value)
-    if set(settings) - {"fill_apart", "host_apart"}:  # the host's own settings leave the programs as they are
+    if set(settings) != {"fill_apart"}:  # the host's own setting leaves the programs as they are
         layers.programs = {}
     return model._with(handoff_layers=layers)
 
@@ -746,7 +744,8 @@ def main():
     p.add_argument("--timeout", type=int, default=240, help="seconds for each part")
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole --all run (0: none)")
     p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed", "handoff"],
-                   help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches)")
+                   help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches); "
+                        "'auto' is 'handoff' on a GPU")
     p.add_argument("--host-activations", choices=("float32", "int8"), nargs="+", default=["int8"],
                    help="what the host CPU multiplies int8/int4 experts by (ktjax.load's host_activations, default "
                         "int8 as there); each form given is measured in turn on the same model (with more than one, "
@@ -778,8 +777,7 @@ def main():
                         "launched one by one: a CUDA graph's update may wait for its previous launch), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
-                        "fill, not the resident ones while the link's land), 'host-apart' (the handoff form's host "
-                        "CPU share started by a thread of its own before the copies are queued), "
+                        "fill, not the resident ones while the link's land), "
                         "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), 'cpu-scale=F' (the "
                         "split's CPU rate times F, the in-situ link rate kept: F < 1 leaves the link more experts), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")

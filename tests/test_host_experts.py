@@ -369,8 +369,7 @@ def decoded(model, rows: int = 1) -> tuple[np.ndarray, StepStats]:
 
 
 def handoff_model(split_model, fmt: str, **settings):
-    """The split model in the handoff form, its `HandoffLayers` settings (fill_apart, host_apart, resident_first)
-    changed."""
+    """The split model in the handoff form, its `HandoffLayers` settings (fill_apart, resident_first) changed."""
     even = PathRates(link_gbps=1.0, cpu_gbps=1.0, cpu_call_s=0.0)  # a layer's host experts split about evenly
     model = split_model(fmt, "auto")
     model = dataclasses.replace(model, executor=model.executor.with_rates(even).with_decode_form("handoff"))
@@ -379,22 +378,21 @@ def handoff_model(split_model, fmt: str, **settings):
     return model
 
 
-@pytest.mark.parametrize("fmt,rows,apart,resident_first", [("int8", 1, None, True), ("int4", 1, None, True),
-                                                           ("int4", 3, None, True), ("int4", 3, "fill", True),
-                                                           ("int4", 3, "host", True), ("int4", 3, None, False)])
-def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, apart,
+@pytest.mark.parametrize("fmt,rows,fill_apart,resident_first", [("int8", 1, False, True), ("int4", 1, False, True),
+                                                                ("int4", 3, False, True), ("int4", 3, True, True),
+                                                                ("int4", 3, False, False)])
+def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, fill_apart,
                                                               resident_first):
     """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
     waiting for the host's copies of its device experts and for the host CPU's share) gives a decode step the hidden
     states of the step whose host experts all stream, with the host CPU's, the link's and the resident experts' paths
     all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared); with
-    the copies queued by a thread of their own while the host CPU's share runs (`fill_apart`), or the host CPU's share
-    run by a thread of its own while the copies are queued (`host_apart`); the experts already on the device computed
-    while the link's land, or (`resident_first` off) all after the whole fill."""
+    the copies queued by a thread of their own while the host CPU's share runs on the step's thread (`fill_apart`);
+    the experts already on the device computed while the link's land, or (`resident_first` off) all after the whole
+    fill."""
     from ktjax.runtime.offload import handoff_step
     want, _ = decoded(split_model(fmt, "gpu"), rows)
-    model = handoff_model(split_model, fmt, fill_apart=apart == "fill", host_apart=apart == "host",
-                          resident_first=resident_first)
+    model = handoff_model(split_model, fmt, fill_apart=fill_apart, resident_first=resident_first)
     handoff, filled_by, summed_by = model.executor.handoff_layers.handoff, [], []
     fill, host_sum = handoff.fill, handoff_step.host_sum
     monkeypatch.setattr(handoff, "fill", lambda sources, **kw: (filled_by.append(threading.current_thread()),
@@ -405,8 +403,8 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
     assert rel_err(got, want) < 1e-5
     assert stats.experts_on_host_cpu > 0 and stats.experts_fetched > 0 and stats.experts_on_device > 0
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
-    assert filled_by and all((t is threading.main_thread()) != (apart == "fill") for t in filled_by)
-    assert summed_by and all((t is threading.main_thread()) != (apart == "host") for t in summed_by)
+    assert filled_by and all((t is threading.main_thread()) != fill_apart for t in filled_by)
+    assert summed_by and all(t is threading.main_thread() for t in summed_by)
 
 
 def test_auto_launches_small_decode_steps_whole_on_a_gpu_and_not_on_the_cpu_backend(split_model):
@@ -471,17 +469,15 @@ def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetch
     assert any(what == "fetch_early" for what, *_ in stats.timeline)
 
 
-@pytest.mark.parametrize("failing,apart", [("paths", None), ("host_sum", None), ("host_sum", "fill"),
-                                           ("host_sum", "host")])
+@pytest.mark.parametrize("failing,fill_apart", [("paths", False), ("host_sum", False), ("host_sum", True)])
 def test_a_step_whose_host_side_fails_midway_raises_that_and_the_next_step_is_right(split_model, monkeypatch,
-                                                                                   failing, apart):
+                                                                                   failing, fill_apart):
     """A host-side failure in the handoff form (in the first MoE layer: its split, before any copy, or the host
-    CPU's share, after them, or while another thread queues them, or on a thread of its own) raises its own error,
-    every program already launched runs to its end (its waits let through), and the next step is served from the
-    right sequence numbers."""
+    CPU's share, after them, or while another thread queues them) raises its own error, every program already
+    launched runs to its end (its waits let through), and the next step is served from the right sequence numbers."""
     from ktjax.runtime.offload import handoff_step
     want, _ = decoded(split_model("int4", "gpu"))
-    model = handoff_model(split_model, "int4", fill_apart=apart == "fill", host_apart=apart == "host")
+    model = handoff_model(split_model, "int4", fill_apart=fill_apart)
     decoded(model)  # compiled
     handoff = model.executor.handoff_layers.handoff
     before = handoff.counters.copy()

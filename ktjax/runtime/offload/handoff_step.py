@@ -81,9 +81,6 @@ class HandoffLayers:
         # Whether a layer's copies are queued by a thread of their own while the host CPU's share starts (the fill
         # took ~0.13 ms a layer before it, offload.md run 47); off until measured on the GPU.
         self.fill_apart = False
-        # Whether a layer's host CPU share is started by that thread before this one queues the copies (the host CPU
-        # was the later path in 7 of run 54's 10 layers, and its share began after the fill); off until measured.
-        self.host_apart = False
         # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
         # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
         self.resident_first = True
@@ -95,7 +92,7 @@ class HandoffLayers:
         self._zeros: dict[int, Unsummed] = {}
 
     @functools.cached_property
-    def filler(self) -> futures.ThreadPoolExecutor:  # the copies' thread (`fill_apart`), or the host share's
+    def filler(self) -> futures.ThreadPoolExecutor:  # the copies' thread (`fill_apart`)
         return futures.ThreadPoolExecutor(1, thread_name_prefix="ktjax-handoff-fill")
 
     def state(self, ex: OffloadedExecutor, i: int) -> dict:
@@ -278,14 +275,7 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     def host_share() -> np.ndarray:
         return host_sum(ex, i, cpu_ids, idx_NK, w_NK, h_ND, stats) if cpu_ids else np.zeros((rows, D), np.float32)
 
-    if layers.host_apart:  # the host CPU's share started by another thread while this one queues the copies
-        job = layers.filler.submit(host_share)
-        try:
-            next_early = queue_copies()
-        finally:
-            futures.wait([job])  # before a failure's clean-up counts the fills
-        host_ND = job.result()
-    elif layers.fill_apart:  # the copies queued by another thread while this one starts the host CPU's share
+    if layers.fill_apart:  # the copies queued by another thread while this one starts the host CPU's share
         job = layers.filler.submit(queue_copies)
         try:
             host_ND = host_share()
