@@ -183,15 +183,18 @@ class HandoffLayers:
 
 
 def applies(ex: OffloadedExecutor, tokens_BT, run: Segments) -> bool:
-    """Whether a forward pass takes the handoff form: a decode step of up to MAX_ROWS rows on one device with a host
-    path, not profiled (profiling waits for each program), where the executor's decode_form is "handoff", or "auto"
-    on a GPU. There it decoded faster than the forms driven from Python in every measured case (the embedded model:
-    290-311 against 176-264 tokens/s, benchmarks/decode_forms_run58.log; DeepSeek's layers: offload.md runs 47-48);
-    on the CPU backend its waits spin on the cores the host's kernels need (84 against 196 tokens/s on the dev box)."""
+    """Whether a forward pass takes the handoff form: a decode step on one device with a host path, not profiled
+    (profiling waits for each program), of up to MAX_ROWS rows where the executor's decode_form is "handoff", of one
+    row where it is "auto" on a GPU. There a row decoded faster than in the forms driven from Python in every
+    measured case (the embedded model: 290-406 against 176-278 tokens/s, offload.md runs 58-60; DeepSeek's layers:
+    runs 47-48). Rows together decode faster too (2: 496 against 294 tokens/s, run 63), but their program's first
+    compile took ~30 s for the embedded model's 2 rows and did not end within 100 s for 4 (run 63), so "auto" leaves
+    them to the other forms until it is faster. On the CPU backend the waits spin on the cores the host's kernels need
+    (84 against 196 tokens/s on the dev box)."""
     one_token = np.ndim(tokens_BT) == 1 or np.shape(tokens_BT)[1] == 1
-    chosen = ex.decode_form == "handoff" or (ex.decode_form == "auto" and ex.devices[0].platform == "gpu")
-    return (chosen and ex.mesh is None and ex.host is not None and one_token and np.size(tokens_BT) <= MAX_ROWS
-            and not run.profile)
+    rows = np.size(tokens_BT)
+    chosen = ex.decode_form == "handoff" or (ex.decode_form == "auto" and ex.devices[0].platform == "gpu" and rows == 1)
+    return chosen and ex.mesh is None and ex.host is not None and one_token and rows <= MAX_ROWS and not run.profile
 
 
 def handoff_forward(ex: OffloadedExecutor, cache: KVCache, tokens_BT, start_B, stats: StepStats, run: Segments,
