@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import jax
+
 import ktjax
 from ktjax.runtime.compilation_cache import enable_compilation_cache
 
@@ -37,7 +39,7 @@ def main() -> None:
     model = ktjax.load(args.model, experts=args.experts, gpu_memory=args.gpu_memory, max_batch=args.batch,
                        max_context=512)
     assert model.executor.plan.host_experts, "no routed expert in host memory: lower --gpu-memory"
-    print(f"{ktjax.__name__} on {__import__('jax').devices()[0].device_kind}: {len(model.executor.plan.host_experts)} "
+    print(f"ktjax on {jax.devices()[0].device_kind}: {len(model.executor.plan.host_experts)} "
           f"{args.experts} experts in host memory, {args.batch} prompt(s), {args.tokens} new tokens each, greedy")
     print("| form | expert_compute | first token, first call | decode tok/s, first call | decode tok/s, warm "
           "| tokens as the first row's |")
