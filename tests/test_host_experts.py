@@ -378,21 +378,22 @@ def handoff_model(split_model, fmt: str, **settings):
     return model
 
 
-@pytest.mark.parametrize("fmt,rows,fill_apart,resident_first", [("int8", 1, False, True), ("int4", 1, False, True),
-                                                                ("int4", 3, False, True), ("int4", 3, True, True),
-                                                                ("int4", 3, False, False)])
+@pytest.mark.parametrize("fmt,rows,fill_apart,resident_first,prelude", [
+    ("int8", 1, False, True, "python"), ("int4", 1, False, True, "python"), ("int4", 3, False, True, "python"),
+    ("int4", 3, True, True, "python"), ("int4", 3, False, False, "python"), ("int8", 1, False, True, "compiled"),
+    ("int4", 3, False, True, "compiled"), ("int4", 3, True, False, "compiled")])
 def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, fill_apart,
-                                                              resident_first):
+                                                              resident_first, prelude):
     """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
     waiting for the host's copies of its device experts and for the host CPU's share) gives a decode step the hidden
     states of the step whose host experts all stream, with the host CPU's, the link's and the resident experts' paths
     all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared); with
     the copies queued by a thread of their own while the host CPU's share runs on the step's thread (`fill_apart`);
     the experts already on the device computed while the link's land, or (`resident_first` off) all after the whole
-    fill."""
+    fill; with the split and the table of copies made by `handoff_prelude` (prelude "compiled")."""
     from ktjax.runtime.offload import handoff_step
     want, _ = decoded(split_model(fmt, "gpu"), rows)
-    model = handoff_model(split_model, fmt, fill_apart=fill_apart, resident_first=resident_first)
+    model = handoff_model(split_model, fmt, fill_apart=fill_apart, resident_first=resident_first, prelude=prelude)
     handoff, filled_by, summed_by = model.executor.handoff_layers.handoff, [], []
     fill, host_sum = handoff.fill, handoff_step.host_sum
     monkeypatch.setattr(handoff, "fill", lambda sources, **kw: (filled_by.append(threading.current_thread()),
@@ -437,6 +438,41 @@ def test_a_decode_step_launched_whole_with_every_host_expert_over_the_link_compu
     assert rel_err(got, want) < 1e-5
     assert stats.experts_on_host_cpu == 0 and stats.experts_fetched > 0
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
+
+
+@pytest.mark.parametrize("mode", ["auto", "cpu", "gpu"])
+def test_the_compiled_prelude_splits_a_layer_as_the_scheduler_does(split_model, mode):
+    """`handoff_prelude.plan` gives every layer's chosen experts the paths `moe_block.paths` gives them (the host
+    CPU's in the same order, the device's slots: the resident ones, then the link's), and the slots' ids in the fill's
+    two parts, over many random routings of one to four rows and rates that split them every way."""
+    from ktjax.runtime.offload import handoff_prelude
+    from ktjax.runtime.offload.moe_block import paths
+    ex = split_model("int4", "auto").executor.with_expert_compute(mode)
+    layers, rng = ex.handoff_layers, np.random.default_rng(0)
+    E, K = ex.config.n_routed_experts, ex.config.num_experts_per_tok
+    splits = set()
+    for trial in range(300):
+        i = ex.config.moe_layers[trial % len(ex.config.moe_layers)]
+        rates = PathRates(link_gbps=rng.uniform(0.2, 5), cpu_gbps=rng.uniform(0.2, 5), cpu_call_s=rng.uniform(0, 1e-3))
+        ex = ex.with_rates(rates)
+        rows = int(rng.integers(1, 5))
+        counts = np.bincount(np.concatenate([rng.choice(E, K, replace=False) for _ in range(rows)]), minlength=E)
+        resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
+        ids_2C = np.zeros((2, layers.slots(rows)), np.int32)
+        resident_first = bool(trial % 2)
+        got_cpu, got_device, n_resident = handoff_prelude.plan(
+            counts, layers.hosted(ex, i), handoff_prelude.MODES[mode],
+            *handoff_prelude.rates_args(rates, ex.plan.expert_bytes), resident_first, ids_2C)
+        assert got_cpu.tolist() == cpu_ids and got_device.tolist() == resident + link_ids
+        assert n_resident == len(resident)
+        first = len(resident) if resident_first else 0
+        want_2C = np.full_like(ids_2C, -1)
+        want_2C[0, :first], want_2C[1, first:len(resident + link_ids)] = (resident + link_ids)[:first], \
+            (resident + link_ids)[first:]
+        np.testing.assert_array_equal(ids_2C, want_2C)
+        splits.add((bool(cpu_ids), bool(link_ids)))  # (False, False): every chosen expert on the device already
+    assert splits - {(False, False)} == {"auto": {(True, True), (True, False), (False, True)}, "cpu": {(True, False)},
+                      "gpu": {(False, True)}}[mode]
 
 
 def test_a_decode_step_launched_whole_compiles_one_program_for_all_its_moe_layers_and_every_step(split_model):

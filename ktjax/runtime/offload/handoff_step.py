@@ -38,6 +38,7 @@ from ktjax.experts.device import add_experts
 from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
+from ktjax.runtime.offload import handoff_prelude
 from ktjax.runtime.offload.handoff import SIDE_EFFECT, Handoff
 from ktjax.runtime.offload.moe_block import active_rows, fetch_ahead, host_sum, paths
 from ktjax.runtime.offload.scheduler import HANDOFF_LOOKAHEAD_WINDOW_S, early_fetches
@@ -84,6 +85,12 @@ class HandoffLayers:
         # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
         # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
         self.resident_first = True
+        # How a layer's host work before its copies runs: "python" (`moe_block.paths`, the fill's table from lists),
+        # or "compiled" (`handoff_prelude`: the split in one numba call, the table from an array a layer); the
+        # latter is off until measured on the GPU (bench_offload's --r1-variants compiled-prelude).
+        self.prelude = "python"
+        self._source_tables: dict[int, np.ndarray] = {}
+        self._hosted: dict[int, np.ndarray] = {}
         self.experts = ex.store.experts
         self._sources: dict[tuple[int, int], Sources] = {}
         self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
@@ -134,6 +141,18 @@ class HandoffLayers:
         if (i, e) not in self._sources:
             self._sources[(i, e)] = [(a.unsafe_buffer_pointer(), a.nbytes) for a in jax.tree.leaves(self.experts[i][e])]
         return self._sources[(i, e)]
+
+    def source_table(self, i: int) -> np.ndarray:
+        """Every expert of layer i as `Handoff.fill` copies it: int64 [E, L, 2], each array's (address, bytes)."""
+        if i not in self._source_tables:
+            self._source_tables[i] = handoff_prelude.source_table(self.experts[i], self.n_experts)
+        return self._source_tables[i]
+
+    def hosted(self, ex: OffloadedExecutor, i: int) -> np.ndarray:
+        """bool [E]: which of layer i's experts live in host memory."""
+        if i not in self._hosted:
+            self._hosted[i] = np.array([ex.store.is_hosted(i, e) for e in range(self.n_experts)])
+        return self._hosted[i]
 
     def slots(self, rows: int) -> int:
         """A program's expert slots at this many rows: every expert they may choose."""
@@ -256,19 +275,36 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     idx_NK, counts = counted(cfg, i, idx_NK, stats, active_N)
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
-    resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
-    on_device = resident + link_ids  # the slots' experts, those on the device already first (`HandoffLayers.moe_layer`)
-    ids_2C = np.full((2, layers.slots(rows)), -1, np.int32)  # of the fill's first part, then of the rest
-    first = len(resident) if layers.resident_first else 0
-    ids_2C[0, :first] = on_device[:first]
-    ids_2C[1, first:len(on_device)] = on_device[first:]
+    ids_2C = np.empty((2, layers.slots(rows)), np.int32)  # of the fill's first part, then of the rest (-1: none)
+    compiled = layers.prelude == "compiled" and not early and ex.host is not None
+    if compiled:  # the same split as `paths` gives, and the slots' ids, in one call (`handoff_prelude`)
+        cpu_array, on_array, n_resident = handoff_prelude.plan(
+            counts, layers.hosted(ex, i), handoff_prelude.MODES[ex.expert_compute],
+            *handoff_prelude.rates_args(ex.rates, ex.plan.expert_bytes), layers.resident_first, ids_2C)
+        cpu_ids, on_device = cpu_array.tolist(), on_array.tolist()
+        link_ids = on_device[n_resident:]
+    else:
+        resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
+        on_device = resident + link_ids  # the slots' experts, those on the device first (`HandoffLayers.moe_layer`)
+        n_resident = len(resident)
+    first = n_resident if layers.resident_first else 0
+    if not compiled:
+        ids_2C[:] = -1
+        ids_2C[0, :first] = on_device[:first]
+        ids_2C[1, first:len(on_device)] = on_device[first:]
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        handoff.fill([handoff.stage(ids_2C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)],
-                     first=1 + len(layers.leaves) * first)
+        if compiled:  # the table of copies indexed from the layer's array of sources
+            table = layers.source_table(i)
+            sources = np.empty((1 + len(on_device) * table.shape[1], 2), np.int64)
+            sources[0] = handoff.stage(ids_2C)
+            sources[1:] = table[on_array].reshape(-1, 2)
+        else:
+            sources = [handoff.stage(ids_2C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)]
+        handoff.fill(sources, first=1 + len(layers.leaves) * first)
         stats.span("fill", t)
         if guessed and ahead is not None:
             return fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),
