@@ -408,7 +408,7 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
     assert summed_by and all(t is threading.main_thread() for t in summed_by)
 
 
-def test_auto_launches_small_decode_steps_whole_on_a_gpu_and_not_on_the_cpu_backend(split_model):
+def test_auto_launches_one_row_decode_steps_whole_on_a_gpu_and_not_on_the_cpu_backend(split_model):
     """decode_form "auto" takes the handoff form for decode steps of one row on a GPU (faster there in every measured
     case), and not on the CPU backend (its waits spin on the host kernels' cores), nor for steps of several rows (their
     program's first compile is long), prefill, or where another form is asked for; in every expert_compute mode (with
@@ -463,12 +463,12 @@ def test_the_compiled_prelude_splits_a_layer_as_the_scheduler_does(split_model, 
         got_cpu, got_device, n_resident = handoff_prelude.plan(
             counts, layers.hosted(ex, i), handoff_prelude.MODES[mode],
             *handoff_prelude.rates_args(rates, ex.plan.expert_bytes), resident_first, ids_2C)
-        assert got_cpu.tolist() == cpu_ids and got_device.tolist() == resident + link_ids
-        assert n_resident == len(resident)
+        on_device = resident + link_ids
+        assert got_cpu.tolist() == cpu_ids and got_device.tolist() == on_device and n_resident == len(resident)
         first = len(resident) if resident_first else 0
         want_2C = np.full_like(ids_2C, -1)
-        want_2C[0, :first], want_2C[1, first:len(resident + link_ids)] = (resident + link_ids)[:first], \
-            (resident + link_ids)[first:]
+        want_2C[0, :first] = on_device[:first]
+        want_2C[1, first:len(on_device)] = on_device[first:]
         np.testing.assert_array_equal(ids_2C, want_2C)
         splits.add((bool(cpu_ids), bool(link_ids)))  # (False, False): every chosen expert on the device already
     assert splits - {(False, False)} == {"auto": {(True, True), (True, False), (False, True)}, "cpu": {(True, False)},
