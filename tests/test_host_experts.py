@@ -443,8 +443,8 @@ def test_a_decode_step_launched_whole_with_every_host_expert_over_the_link_compu
 @pytest.mark.parametrize("mode", ["auto", "cpu", "gpu"])
 def test_the_compiled_prelude_splits_a_layer_as_the_scheduler_does(split_model, mode):
     """`handoff_prelude.plan` gives every layer's chosen experts the paths `moe_block.paths` gives them (the host
-    CPU's in the same order, the device's slots: the resident ones, then the link's), and the slots' ids in the fill's
-    two parts, over many random routings of one to four rows and rates that split them every way."""
+    CPU's in the same order, the device's slots: the resident ones, then the link's), and `slot_ids` writes the slots'
+    ids in the fill's two parts, over many random routings of one to four rows and rates that split them every way."""
     from ktjax.runtime.offload import handoff_prelude
     from ktjax.runtime.offload.moe_block import paths
     ex = split_model("int4", "auto").executor.with_expert_compute(mode)
@@ -462,10 +462,11 @@ def test_the_compiled_prelude_splits_a_layer_as_the_scheduler_does(split_model, 
         resident_first = bool(trial % 2)
         got_cpu, got_device, n_resident = handoff_prelude.plan(
             counts, layers.hosted(ex, i), handoff_prelude.MODES[mode],
-            *handoff_prelude.rates_args(rates, ex.plan.expert_bytes), resident_first, ids_2C)
+            *handoff_prelude.rates_args(rates, ex.plan.expert_bytes))
         on_device = resident + link_ids
         assert got_cpu.tolist() == cpu_ids and got_device.tolist() == on_device and n_resident == len(resident)
         first = len(resident) if resident_first else 0
+        handoff_prelude.slot_ids(got_device, first, ids_2C)
         want_2C = np.full_like(ids_2C, -1)
         want_2C[0, :first] = on_device[:first]
         want_2C[1, first:len(on_device)] = on_device[first:]

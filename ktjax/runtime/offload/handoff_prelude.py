@@ -1,6 +1,7 @@
 """A handoff layer's host work between its routing and its copies in fewer, compiled steps (`HandoffLayers.prelude`
-"compiled"): the split of its chosen experts by path and the slots' ids in one numba call, by the rule of
-`scheduler.split`, and the fill's table of copies indexed from an array of every expert's sources, made once a layer.
+"compiled"): the split of its chosen experts by path in one numba call, by the rule of `scheduler.split`, and the
+fill's table of copies indexed from an array of every expert's sources, made once a layer
+(`HandoffLayers.source_table`). The slots' ids (`slot_ids`) serve both preludes.
 
 In the steps' GPU timelines (benchmarks/offload.md, runs 56-63) ~0.2 ms of a ~1.9 ms int4 layer at R1's share
 passes between the routing's copy to the host and the layer's first copy: the protocol's waits take ~10 us of it and
@@ -19,12 +20,10 @@ MODES = {"auto": 0, "cpu": 1, "gpu": 2}  # expert_compute, as `plan` takes it
 
 
 @njit(nogil=True, cache=True)
-def plan(counts_E, hosted_E, mode, per_link_s, per_token_s, call_s, resident_first, ids_2C):
+def plan(counts_E, hosted_E, mode, per_link_s, per_token_s, call_s):
     """A layer's chosen experts (counts_E: the tokens each serves) by path, as `moe_block.paths` and `scheduler.split`
     give them: (the host CPU's, in the order it computes them; the device's slots: the experts on the device already,
-    then the link's, both in id order; how many are on the device already). Writes the slots' ids into ids_2C: the
-    fill's first part in its first row (the experts on the device already, where resident_first), the rest in its
-    second, -1 elsewhere. mode: `MODES`."""
+    then the link's, both in id order; how many are on the device already). mode: `MODES`."""
     E = counts_E.shape[0]
     resident, hosted = np.empty(E, np.int64), np.empty(E, np.int64)
     n_resident = n_hosted = 0
@@ -36,21 +35,20 @@ def plan(counts_E, hosted_E, mode, per_link_s, per_token_s, call_s, resident_fir
             else:
                 resident[n_resident] = e
                 n_resident += 1
-    # The host CPU takes the k hosted experts with the fewest tokens (a stable order: ties keep the ids' order), k the
-    # first that minimises the later of the two paths' finishing times.
     order = np.arange(n_hosted)
-    for a in range(1, n_hosted):  # insertion sort: stable, and a handful of experts
-        j, moving = a, order[a]
-        while j > 0 and counts_E[hosted[order[j - 1]]] > counts_E[hosted[moving]]:
-            order[j] = order[j - 1]
-            j -= 1
-        order[j] = moving
     if mode == 1:  # every hosted expert, in id order
         k = n_hosted
-        order = np.arange(n_hosted)
     elif mode == 2:
         k = 0
     else:
+        # The host CPU takes the k hosted experts with the fewest tokens (a stable order: ties keep the ids' order), k
+        # the first that minimises the later of the two paths' finishing times.
+        for a in range(1, n_hosted):  # insertion sort: stable, and a handful of experts
+            j, moving = a, order[a]
+            while j > 0 and counts_E[hosted[order[j - 1]]] > counts_E[hosted[moving]]:
+                order[j] = order[j - 1]
+                j -= 1
+            order[j] = moving
         k, best, cpu_s = 0, n_hosted * per_link_s, call_s
         for m in range(1, n_hosted + 1):
             cpu_s += per_token_s * counts_E[hosted[order[m - 1]]]
@@ -69,21 +67,19 @@ def plan(counts_E, hosted_E, mode, per_link_s, per_token_s, call_s, resident_fir
         if not on_cpu[m]:
             on_device[n] = hosted[m]
             n += 1
-    ids_2C[:] = -1
-    first = n_resident if resident_first else 0
-    ids_2C[0, :first] = on_device[:first]
-    ids_2C[1, first:n] = on_device[first:]
     return cpu_ids, on_device, n_resident
+
+
+def slot_ids(on_device, first: int, ids_2C: np.ndarray) -> None:
+    """Write a handoff layer's slots' ids (on_device: the device's experts in slot order) into ids_2C: the fill's
+    first `first` in its first row, the rest in its second, -1 elsewhere (`HandoffLayers.moe_layer`). Plain numpy:
+    the default prelude pays no compile for it."""
+    ids_2C[:] = -1
+    ids_2C[0, :first] = on_device[:first]
+    ids_2C[1, first:len(on_device)] = on_device[first:]
 
 
 def rates_args(rates: PathRates, nbytes: int) -> tuple[float, float, float]:
     """(the link's seconds an expert, the host CPU's seconds an expert per token, its fixed cost a call) for `plan`,
-    as `PathRates` works them out for `scheduler.split`."""
-    return rates.link_seconds(nbytes), nbytes / (rates.cpu_gbps * 1e9), rates.cpu_call_s
-
-
-def source_table(experts: list, E: int) -> np.ndarray:
-    """int64 [E, L, 2]: each expert's L arrays as `Handoff.fill` copies them, (address, bytes)."""
-    import jax
-    return np.array([[(a.unsafe_buffer_pointer(), a.nbytes) for a in jax.tree.leaves(experts[e])] for e in range(E)],
-                    np.int64)
+    as `scheduler.split` takes them from `PathRates`."""
+    return rates.link_seconds(nbytes), rates.cpu_token_seconds(nbytes), rates.cpu_call_s

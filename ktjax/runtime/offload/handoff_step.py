@@ -143,9 +143,9 @@ class HandoffLayers:
         return self._sources[(i, e)]
 
     def source_table(self, i: int) -> np.ndarray:
-        """Every expert of layer i as `Handoff.fill` copies it: int64 [E, L, 2], each array's (address, bytes)."""
+        """Every expert of layer i as `Handoff.fill` copies it (`sources`): int64 [E, L, 2]."""
         if i not in self._source_tables:
-            self._source_tables[i] = handoff_prelude.source_table(self.experts[i], self.n_experts)
+            self._source_tables[i] = np.array([self.sources(i, e) for e in range(self.n_experts)], np.int64)
         return self._source_tables[i]
 
     def hosted(self, ex: OffloadedExecutor, i: int) -> np.ndarray:
@@ -275,12 +275,11 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     idx_NK, counts = counted(cfg, i, idx_NK, stats, active_N)
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
-    ids_2C = np.empty((2, layers.slots(rows)), np.int32)  # of the fill's first part, then of the rest (-1: none)
-    compiled = layers.prelude == "compiled" and not early and ex.host is not None
-    if compiled:  # the same split as `paths` gives, and the slots' ids, in one call (`handoff_prelude`)
+    compiled = layers.prelude == "compiled" and not early
+    if compiled:  # the same split as `paths` gives, in one call (`handoff_prelude`)
         cpu_array, on_array, n_resident = handoff_prelude.plan(
             counts, layers.hosted(ex, i), handoff_prelude.MODES[ex.expert_compute],
-            *handoff_prelude.rates_args(ex.rates, ex.plan.expert_bytes), layers.resident_first, ids_2C)
+            *handoff_prelude.rates_args(ex.rates, ex.plan.expert_bytes))
         cpu_ids, on_device = cpu_array.tolist(), on_array.tolist()
         link_ids = on_device[n_resident:]
     else:
@@ -288,10 +287,8 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
         on_device = resident + link_ids  # the slots' experts, those on the device first (`HandoffLayers.moe_layer`)
         n_resident = len(resident)
     first = n_resident if layers.resident_first else 0
-    if not compiled:
-        ids_2C[:] = -1
-        ids_2C[0, :first] = on_device[:first]
-        ids_2C[1, first:len(on_device)] = on_device[first:]
+    ids_2C = np.empty((2, layers.slots(rows)), np.int32)  # of the fill's first part, then of the rest (-1: none)
+    handoff_prelude.slot_ids(on_device, first, ids_2C)
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
 

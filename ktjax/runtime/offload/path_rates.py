@@ -35,10 +35,14 @@ class PathRates:
         each, in the order it computes them), in one call: its fixed cost once there is an expert. Plain
         Python: a decode step runs this per MoE layer on a handful of experts, where numpy's calls cost more
         than the arithmetic."""
-        per_token = nbytes / (self.cpu_gbps * 1e9)
+        per_token = self.cpu_token_seconds(nbytes)
         finish = list(itertools.accumulate((per_token * int(t) for t in tokens), initial=self.cpu_call_s))
         finish[0] = 0.0  # no expert, no call
         return finish
+
+    def cpu_token_seconds(self, nbytes: int) -> float:
+        """The host CPU's seconds for an expert of nbytes, per token it serves."""
+        return nbytes / (self.cpu_gbps * 1e9)
 
     def link_seconds(self, nbytes: int) -> float:
         return nbytes / (self.link_gbps * 1e9)
