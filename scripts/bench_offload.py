@@ -528,8 +528,6 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, donate_cache=False)
         elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
             model = with_handoff_programs(model, fill_apart=True)
-        elif option == "compiled-prelude":  # a handoff layer's split and table of copies in compiled steps
-            model = with_handoff_programs(model, prelude="compiled")
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
@@ -564,7 +562,7 @@ def with_handoff_programs(model, **settings):
     layers = copy.copy(model.handoff_layers)
     for name, value in settings.items():
         setattr(layers, name, value)
-    if set(settings) - {"fill_apart", "prelude"}:  # the host's own settings leave the programs as they are
+    if set(settings) - {"fill_apart"}:  # the host's own settings leave the programs as they are
         layers.programs = {}
     return model._with(handoff_layers=layers)
 
@@ -779,10 +777,9 @@ def main():
                         "launched one by one: a CUDA graph's update may wait for its previous launch), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
-                        "fill, not the resident ones while the link's land), 'compiled-prelude' (a handoff "
-                        "layer's split and table of copies in compiled steps, `handoff_prelude`), "
-                        "'rates=CPU/LINK' (the split's rates in GB/s: a sweep of splits), 'cpu-scale=F' (the "
-                        "split's CPU rate times F, the in-situ link rate kept: F < 1 leaves the link more experts), "
+                        "fill, not the resident ones while the link's land), 'rates=CPU/LINK' (the split's rates "
+                        "in GB/s: a sweep of splits), 'cpu-scale=F' (the split's CPU rate times F, the in-situ "
+                        "link rate kept: F < 1 leaves the link more experts), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")
     p.add_argument("--r1-gpu-memory", default="132GiB",
                    help="also measure int8/int4 batch-1 decode with each MoE layer keeping on the device only the "

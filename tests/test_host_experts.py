@@ -36,14 +36,56 @@ def rel_err(a, b):
 def test_the_cpu_takes_the_experts_with_fewest_tokens_until_both_paths_finish_together():
     rates = PathRates(link_gbps=40.0, cpu_gbps=40.0, cpu_call_s=0.0)
     nbytes = 40_000_000  # 1 ms per expert on the link, and per token on the CPU
-    hosted, tokens = [5, 9, 11, 20], np.array([3, 1, 1, 1])
-    cpu, link = split(hosted, tokens, nbytes, rates, "auto")
-    assert cpu == [9, 11] and link == [5, 20]  # CPU 2 ms (two 1-token experts), link 2 ms
-    assert split(hosted, tokens, nbytes, rates, "cpu") == (hosted, [])
-    assert split(hosted, tokens, nbytes, rates, "gpu") == ([], hosted)
+    counts, hosted = np.zeros(24, int), np.ones(24, bool)
+    counts[[3, 5, 9, 11, 20]] = [2, 3, 1, 1, 1]
+    hosted[3] = False  # on the device already
+
+    def paths(rates, mode):
+        cpu, on_device, n = split(counts, hosted, nbytes, rates, mode)
+        return cpu.tolist(), on_device[:n].tolist(), on_device[n:].tolist()
+
+    assert paths(rates, "auto") == ([9, 11], [3], [5, 20])  # CPU 2 ms (two 1-token experts), link 2 ms
+    assert paths(rates, "cpu") == ([5, 9, 11, 20], [3], [])
+    assert paths(rates, "gpu") == ([], [3], [5, 9, 11, 20])
     slow_cpu = PathRates(link_gbps=40.0, cpu_gbps=10.0)
-    assert split(hosted, tokens, nbytes, slow_cpu, "auto")[0] == []  # 4 ms per CPU expert: the link alone wins
-    assert split([], np.array([]), nbytes, rates, "auto") == ([], [])
+    assert paths(slow_cpu, "auto")[0] == []  # 4 ms per CPU expert: the link alone wins
+    assert split(np.zeros(24, int), hosted, nbytes, rates, "auto")[0].size == 0
+
+
+def the_rule(counts, hosted, nbytes, rates, mode):
+    """The scheduler's rule as the issue states it, in plain Python: (the CPU's experts, fewest tokens first ("cpu":
+    in id order); the device's: those already there, then the link's, in id order; how many are already there)."""
+    chosen = [int(e) for e in np.flatnonzero(counts)]
+    on_host, already = [e for e in chosen if hosted[e]], [e for e in chosen if not hosted[e]]
+    by_tokens = sorted(on_host, key=lambda e: counts[e])  # a stable sort: ties in id order
+
+    def finish(k):  # the later of the two paths, the CPU taking the first k
+        cpu_s = sum(counts[e] * nbytes / (rates.cpu_gbps * 1e9) for e in by_tokens[:k]) + (rates.cpu_call_s if k else 0)
+        return max(cpu_s, (len(on_host) - k) * nbytes / (rates.link_gbps * 1e9))
+
+    if mode == "auto":
+        cpu = by_tokens[:min(range(len(on_host) + 1), key=finish)]  # the first best
+    else:
+        cpu = on_host if mode == "cpu" else []
+    return cpu, already + [e for e in on_host if e not in cpu], len(already)
+
+
+@pytest.mark.parametrize("mode", ["auto", "cpu", "gpu"])
+def test_the_split_follows_the_rule_over_many_routings(mode):
+    """`scheduler.split` (compiled) gives the rule's paths over 300 random routings of one to four rows of 8 experts
+    of 64, some on the device already, and rates that split them every way."""
+    rng, E, K, splits = np.random.default_rng(0), 64, 8, set()
+    for _ in range(300):
+        rates = PathRates(link_gbps=rng.uniform(0.2, 5), cpu_gbps=rng.uniform(0.2, 5), cpu_call_s=rng.uniform(0, 1e-3))
+        counts = np.bincount(np.concatenate([rng.choice(E, K, replace=False) for _ in range(rng.integers(1, 5))]),
+                             minlength=E)
+        hosted = rng.random(E) < 0.8
+        cpu, on_device, n = split(counts, hosted, 2_000_000, rates, mode)
+        want_cpu, want_device, want_n = the_rule(counts, hosted, 2_000_000, rates, mode)
+        assert (cpu.tolist(), on_device.tolist(), n) == (want_cpu, want_device, want_n)
+        splits.add((len(cpu) > 0, len(on_device) > n))
+    assert splits == {"auto": {(True, True), (True, False), (False, True)}, "cpu": {(True, False)},
+                      "gpu": {(False, True)}}[mode]
 
 
 @pytest.fixture(scope="module")
@@ -378,22 +420,21 @@ def handoff_model(split_model, fmt: str, **settings):
     return model
 
 
-@pytest.mark.parametrize("fmt,rows,fill_apart,resident_first,prelude", [
-    ("int8", 1, False, True, "python"), ("int4", 1, False, True, "python"), ("int4", 3, False, True, "python"),
-    ("int4", 3, True, True, "python"), ("int4", 3, False, False, "python"), ("int8", 1, False, True, "compiled"),
-    ("int4", 3, False, True, "compiled"), ("int4", 3, True, False, "compiled")])
+@pytest.mark.parametrize("fmt,rows,fill_apart,resident_first", [
+    ("int8", 1, False, True), ("int4", 1, False, True), ("int4", 3, False, True), ("int4", 3, True, True),
+    ("int4", 3, False, False), ("int4", 3, True, False)])
 def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monkeypatch, fmt, rows, fill_apart,
-                                                              resident_first, prelude):
+                                                              resident_first):
     """The handoff decode form (`handoff_step`: every layer's program launched at once, each MoE layer's stream
     waiting for the host's copies of its device experts and for the host CPU's share) gives a decode step the hidden
     states of the step whose host experts all stream, with the host CPU's, the link's and the resident experts' paths
     all taken; at 3 rows too, the last not in use (its experts count nowhere; its outputs are not compared); with
     the copies queued by a thread of their own while the host CPU's share runs on the step's thread (`fill_apart`);
     the experts already on the device computed while the link's land, or (`resident_first` off) all after the whole
-    fill; with the split and the table of copies made by `handoff_prelude` (prelude "compiled")."""
+    fill."""
     from ktjax.runtime.offload import handoff_step
     want, _ = decoded(split_model(fmt, "gpu"), rows)
-    model = handoff_model(split_model, fmt, fill_apart=fill_apart, resident_first=resident_first, prelude=prelude)
+    model = handoff_model(split_model, fmt, fill_apart=fill_apart, resident_first=resident_first)
     handoff, filled_by, summed_by = model.executor.handoff_layers.handoff, [], []
     fill, host_sum = handoff.fill, handoff_step.host_sum
     monkeypatch.setattr(handoff, "fill", lambda sources, **kw: (filled_by.append(threading.current_thread()),
@@ -440,42 +481,6 @@ def test_a_decode_step_launched_whole_with_every_host_expert_over_the_link_compu
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
 
 
-@pytest.mark.parametrize("mode", ["auto", "cpu", "gpu"])
-def test_the_compiled_prelude_splits_a_layer_as_the_scheduler_does(split_model, mode):
-    """`handoff_prelude.plan` gives every layer's chosen experts the paths `moe_block.paths` gives them (the host
-    CPU's in the same order, the device's slots: the resident ones, then the link's), and `slot_ids` writes the slots'
-    ids in the fill's two parts, over many random routings of one to four rows and rates that split them every way."""
-    from ktjax.runtime.offload import handoff_prelude
-    from ktjax.runtime.offload.moe_block import paths
-    ex = split_model("int4", "auto").executor.with_expert_compute(mode)
-    layers, rng = ex.handoff_layers, np.random.default_rng(0)
-    E, K = ex.config.n_routed_experts, ex.config.num_experts_per_tok
-    splits = set()
-    for trial in range(300):
-        i = ex.config.moe_layers[trial % len(ex.config.moe_layers)]
-        rates = PathRates(link_gbps=rng.uniform(0.2, 5), cpu_gbps=rng.uniform(0.2, 5), cpu_call_s=rng.uniform(0, 1e-3))
-        ex = ex.with_rates(rates)
-        rows = int(rng.integers(1, 5))
-        counts = np.bincount(np.concatenate([rng.choice(E, K, replace=False) for _ in range(rows)]), minlength=E)
-        resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, {})
-        ids_2C = np.zeros((2, layers.slots(rows)), np.int32)
-        resident_first = bool(trial % 2)
-        got_cpu, got_device, n_resident = handoff_prelude.plan(
-            counts, layers.hosted(ex, i), handoff_prelude.MODES[mode],
-            *handoff_prelude.rates_args(rates, ex.plan.expert_bytes))
-        on_device = resident + link_ids
-        assert got_cpu.tolist() == cpu_ids and got_device.tolist() == on_device and n_resident == len(resident)
-        first = len(resident) if resident_first else 0
-        handoff_prelude.slot_ids(got_device, first, ids_2C)
-        want_2C = np.full_like(ids_2C, -1)
-        want_2C[0, :first] = on_device[:first]
-        want_2C[1, first:len(on_device)] = on_device[first:]
-        np.testing.assert_array_equal(ids_2C, want_2C)
-        splits.add((bool(cpu_ids), bool(link_ids)))  # (False, False): every chosen expert on the device already
-    assert splits - {(False, False)} == {"auto": {(True, True), (True, False), (False, True)}, "cpu": {(True, False)},
-                      "gpu": {(False, True)}}[mode]
-
-
 def test_a_decode_step_launched_whole_compiles_one_program_for_all_its_moe_layers_and_every_step(split_model):
     """The handoff form's MoE layers all take one compiled program (for a number of rows): the first, given the
     dense layer's plain output, as the others, given their predecessor's terms, and in a later step with a cache
@@ -488,16 +493,23 @@ def test_a_decode_step_launched_whole_compiles_one_program_for_all_its_moe_layer
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetched_a_layer_early(split_model, rows):
+def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetched_a_layer_early(split_model,
+                                                                                               monkeypatch, rows):
     """The handoff form with the lookahead: each layer's program also hands over its guess at the next MoE layer's
     experts, and the host copies the likeliest of them a layer early into device buffers, from which the next layer
-    takes those it chose. The step's hidden states are the streamed step's; every expert the link brought is one a
+    copies those it chose. The step's hidden states are the streamed step's; every expert the link brought is one a
     layer chose or a guess, and guesses were used (at 3 rows, the row not in use guesses nothing)."""
     want, _ = decoded(split_model("int4", "gpu"), rows)
     model = handoff_model(split_model, "int4")
     model = dataclasses.replace(model, executor=model.executor.with_lookahead(2))
+    layers, copied_from = model.executor.handoff_layers, []
+    fill = layers.handoff.fill
+    monkeypatch.setattr(layers.handoff, "fill", lambda sources, **kw: (copied_from.extend(np.asarray(sources)[:, 0]),
+                                                                       fill(sources, **kw))[1])
     got, stats = decoded(model, rows)
     assert rel_err(got, want) < 1e-5
+    early_buffers = {address for sources in layers.early(2) for address, _ in sources}
+    assert early_buffers & {int(a) for a in copied_from}  # the next layer copied guesses from them
     guessing = len(model.executor.config.moe_layers) - 1  # every MoE layer but the last: at most 2 experts each
     assert 0 < stats.experts_early_used <= stats.experts_early <= 2 * guessing
     chosen = stats.experts_fetched - stats.experts_early + stats.experts_early_used  # the link's for chosen experts
@@ -506,7 +518,7 @@ def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetch
     assert any(what == "fetch_early" for what, *_ in stats.timeline)
 
 
-@pytest.mark.parametrize("failing,fill_apart", [("paths", False), ("host_sum", False), ("host_sum", True)])
+@pytest.mark.parametrize("failing,fill_apart", [("split", False), ("host_sum", False), ("host_sum", True)])
 def test_a_step_whose_host_side_fails_midway_raises_that_and_the_next_step_is_right(split_model, monkeypatch,
                                                                                    failing, fill_apart):
     """A host-side failure in the handoff form (in the first MoE layer: its split, before any copy, or the host

@@ -8,7 +8,7 @@ and each MoE layer's program hands its routing to the host, waits for the device
 own buffers (resident ones from device memory first, then the link's from pinned host memory; `Handoff.fill`),
 computes the resident ones while the link's land and then the link's, with the shared expert, then waits for the
 host CPU's share. This thread serves the layers in turn: it reads a layer's routing, splits its experts as the fused
-form does (`moe_block.paths`), queues the copies, computes the host's share and answers. No program call, callback
+form does (`scheduler.split`), queues the copies, computes the host's share and answers. No program call, callback
 or round trip of the step's thread sits on a layer's path.
 
 Up to MAX_ROWS rows: the programs are launched before any routing is known, so each holds a slot for every expert
@@ -38,10 +38,9 @@ from ktjax.experts.device import add_experts
 from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
-from ktjax.runtime.offload import handoff_prelude
 from ktjax.runtime.offload.handoff import SIDE_EFFECT, Handoff
-from ktjax.runtime.offload.moe_block import active_rows, fetch_ahead, host_sum, paths
-from ktjax.runtime.offload.scheduler import HANDOFF_LOOKAHEAD_WINDOW_S, early_fetches
+from ktjax.runtime.offload.moe_block import active_rows, fetch_ahead, host_sum
+from ktjax.runtime.offload.scheduler import HANDOFF_LOOKAHEAD_WINDOW_S, early_fetches, split
 from ktjax.runtime.offload.segments import (Segments, Unsummed, attend_cached, embed_segment, packed, route, routing,
                                             settle, shared, unpacked)
 from ktjax.runtime.offload.streaming import counted
@@ -85,14 +84,8 @@ class HandoffLayers:
         # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
         # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
         self.resident_first = True
-        # How a layer's host work before its copies runs: "python" (`moe_block.paths`, the fill's table from lists),
-        # or "compiled" (`handoff_prelude`: the split in one numba call, the table from an array a layer); the
-        # latter is off until measured on the GPU (bench_offload's --r1-variants compiled-prelude).
-        self.prelude = "python"
         self._source_tables: dict[int, np.ndarray] = {}
-        self._hosted: dict[int, np.ndarray] = {}
         self.experts = ex.store.experts
-        self._sources: dict[tuple[int, int], Sources] = {}
         self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
         self.device = ex.devices[0]
         self._states: dict[int, dict] = {}
@@ -135,24 +128,13 @@ class HandoffLayers:
                                "the launch: making them now would wait behind the program that waits for the host")
         return [sources for _, sources in self._early[:n]]
 
-    def sources(self, i: int, e: int) -> Sources:
-        """Expert e of layer i as `Handoff.fill` copies it: each array's (address, bytes). Kept: the store's arrays
-        stay where they are for the executor's life (`with_placement` makes another executor)."""
-        if (i, e) not in self._sources:
-            self._sources[(i, e)] = [(a.unsafe_buffer_pointer(), a.nbytes) for a in jax.tree.leaves(self.experts[i][e])]
-        return self._sources[(i, e)]
-
     def source_table(self, i: int) -> np.ndarray:
-        """Every expert of layer i as `Handoff.fill` copies it (`sources`): int64 [E, L, 2]."""
+        """Every expert of layer i as `Handoff.fill` copies it: each array's (address, bytes), int64 [E, L, 2]. Kept:
+        the store's arrays stay where they are for the executor's life (`with_placement` makes another executor)."""
         if i not in self._source_tables:
-            self._source_tables[i] = np.array([self.sources(i, e) for e in range(self.n_experts)], np.int64)
+            self._source_tables[i] = np.array([[(a.unsafe_buffer_pointer(), a.nbytes) for a in jax.tree.leaves(ex)]
+                                               for ex in self.experts[i]], np.int64)
         return self._source_tables[i]
-
-    def hosted(self, ex: OffloadedExecutor, i: int) -> np.ndarray:
-        """bool [E]: which of layer i's experts live in host memory."""
-        if i not in self._hosted:
-            self._hosted[i] = np.array([ex.store.is_hosted(i, e) for e in range(self.n_experts)])
-        return self._hosted[i]
 
     def slots(self, rows: int) -> int:
         """A program's expert slots at this many rows: every expert they may choose."""
@@ -262,7 +244,7 @@ def launch_layers(ex: OffloadedExecutor, layers: HandoffLayers, rows: int, x_BTD
 
 def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int, stats: StepStats,
                 active_N: np.ndarray | None, early: dict[int, Sources]) -> dict[int, Sources]:
-    """MoE layer i's host work: its routing read, its experts split by path (`moe_block.paths`; early: those fetched
+    """MoE layer i's host work: its routing read, its experts split by path (`scheduler.split`; early: those fetched
     a layer early, by their buffers), the device's copied into its program, the next layer's likeliest fetched early
     (with the lookahead), the host CPU's share computed and handed back. Returns the next layer's early experts."""
     cfg, handoff = ex.config, layers.handoff
@@ -275,37 +257,28 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     idx_NK, counts = counted(cfg, i, idx_NK, stats, active_N)
     t = time.perf_counter()
     moved_before = stats.bytes_from_host
-    compiled = layers.prelude == "compiled" and not early
-    if compiled:  # the same split as `paths` gives, in one call (`handoff_prelude`)
-        cpu_array, on_array, n_resident = handoff_prelude.plan(
-            counts, layers.hosted(ex, i), handoff_prelude.MODES[ex.expert_compute],
-            *handoff_prelude.rates_args(ex.rates, ex.plan.expert_bytes))
-        cpu_ids, on_device = cpu_array.tolist(), on_array.tolist()
-        link_ids = on_device[n_resident:]
-    else:
-        resident, cpu_ids, link_ids = paths(ex, i, counts, ex.host, early)
-        on_device = resident + link_ids  # the slots' experts, those on the device first (`HandoffLayers.moe_layer`)
-        n_resident = len(resident)
+    cpu_array, on_array, n_resident = split(counts, ex.store.hosted_mask(i, apart_from=early), ex.plan.expert_bytes,
+                                            ex.rates, ex.expert_compute)
+    cpu_ids, on_device = cpu_array.tolist(), on_array.tolist()  # the device's: in slot order (`moe_layer`)
     first = n_resident if layers.resident_first else 0
-    ids_2C = np.empty((2, layers.slots(rows)), np.int32)  # of the fill's first part, then of the rest (-1: none)
-    handoff_prelude.slot_ids(on_device, first, ids_2C)
+    ids_2C = np.full((2, layers.slots(rows)), -1, np.int32)  # of the fill's first part, then of the rest (-1: none)
+    ids_2C[0, :first] = on_array[:first]
+    ids_2C[1, first:len(on_array)] = on_array[first:]
     stats.span("split", t)
     ahead = cfg.next_moe_layer.get(i)
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        if compiled:  # the table of copies indexed from the layer's array of sources
-            table = layers.source_table(i)
-            sources = np.empty((1 + len(on_device) * table.shape[1], 2), np.int64)
-            sources[0] = handoff.stage(ids_2C)
-            sources[1:] = table[on_array].reshape(-1, 2)
-        else:
-            sources = [handoff.stage(ids_2C)] + [s for e in on_device for s in early.get(e) or layers.sources(i, e)]
+        table = layers.source_table(i)[on_array]  # [slots, L, 2]: each slot's expert's arrays
+        for k in range(n_resident) if early else ():  # those fetched early: from their buffers
+            if on_device[k] in early:
+                table[k] = early[on_device[k]]
+        sources = np.concatenate([[handoff.stage(ids_2C)], table.reshape(-1, 2)])
         handoff.fill(sources, first=1 + len(layers.leaves) * first)
         stats.span("fill", t)
         if guessed and ahead is not None:
             return fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),
-                               active_rows(active_N, rows), counts[cpu_ids], len(link_ids), stats)
+                               active_rows(active_N, rows), counts[cpu_ids], len(on_device) - n_resident, stats)
         return {}
 
     def host_share() -> np.ndarray:
@@ -338,6 +311,6 @@ def fetch_early(ex: OffloadedExecutor, layers: HandoffLayers, guess, rows: np.nd
     j, likely = guess[0], list(fetch_ahead(ex, guess, rows, stats, most, move="none"))
     buffers = layers.early(len(likely))
     layers.handoff.copy_ahead([(dest, source, nbytes) for e, buffer in zip(likely, buffers)
-                               for (dest, _), (source, nbytes) in zip(buffer, layers.sources(j, e))])
+                               for (dest, _), (source, nbytes) in zip(buffer, layers.source_table(j)[e])])
     stats.span("fetch_early", t)
     return dict(zip(likely, buffers))

@@ -242,13 +242,9 @@ def paths(ex: OffloadedExecutor, i: int, counts, host: HostPath | None,
     """Layer i's chosen experts (counts: tokens per expert) by path: (on the device already, resident or fetched
     early; for the host CPU; for the link). `scheduler.split` divides the host experts between the last two where
     the host CPU computes (host), else the link takes them all."""
-    chosen = [int(e) for e in np.flatnonzero(counts)]
-    hosted = [e for e in chosen if ex.store.is_hosted(i, e) and e not in early]
-    resident = [e for e in chosen if not ex.store.is_hosted(i, e) or e in early]
-    if host is None:
-        return resident, [], hosted
-    cpu_ids, link_ids = split(hosted, counts[hosted], ex.plan.expert_bytes, ex.rates, ex.expert_compute)
-    return resident, cpu_ids, link_ids
+    cpu_ids, on_device, n = split(counts, ex.store.hosted_mask(i, apart_from=early), ex.plan.expert_bytes, ex.rates,
+                                  ex.expert_compute if host is not None else "gpu")
+    return on_device[:n].tolist(), cpu_ids.tolist(), on_device[n:].tolist()
 
 
 def active_rows(active_N: np.ndarray | None, N: int) -> np.ndarray:

@@ -96,6 +96,8 @@ class ExpertStore:
         self.cfg, self.plan = cfg, plan
         self.index = index
         self.owned = [e for e in range(cfg.n_routed_experts) if plan.owner(e) == index]
+        self._hosted = {i: np.array([(i, e) in plan.host_experts for e in range(cfg.n_routed_experts)])
+                        for i in cfg.moe_layers}
         self.on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
         self.on_host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
         # Device experts get the very sharding fetched ones have: a segment's compiled variant is keyed
@@ -110,6 +112,15 @@ class ExpertStore:
 
     def is_hosted(self, layer: int, e: int) -> bool:
         return (layer, e) in self.plan.host_experts
+
+    def hosted_mask(self, layer: int, apart_from: Mapping[int, object] | Sequence[int] = ()) -> np.ndarray:
+        """bool [E]: which of the layer's experts are in host memory, those apart_from names (experts already
+        fetched) counted as on the device."""
+        if not len(apart_from):
+            return self._hosted[layer]
+        mask = self._hosted[layer].copy()
+        mask[list(apart_from)] = False
+        return mask
 
     @functools.cached_property
     def device_pad(self) -> ExpertWeights:
