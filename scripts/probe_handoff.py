@@ -162,7 +162,8 @@ def main() -> None:
             ids = np.full(slots, -1, np.int32)
             ids[:len(device_ids)] = device_ids
             chosen = device_w + device_w[:1] * (slots - len(device_w))
-            return [handoff.stage(ids)] + [(w.unsafe_buffer_pointer(), w.nbytes) for w in chosen]
+            return [(0, 0, *handoff.stage(ids))] + [(1 + k, 0, w.unsafe_buffer_pointer(), w.nbytes)
+                                                    for k, w in enumerate(chosen)]
 
         def with_fills(x):
             job = launch(x, filled)

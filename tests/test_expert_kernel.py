@@ -147,6 +147,27 @@ def test_a_slot_no_token_chose_adds_nothing_whatever_it_holds(fmt, impl):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_a_stack_of_slots_adds_each_chosen_expert_weighted_and_nothing_from_an_empty_slot(fmt, impl):
+    """`add_slot_experts` (a handoff program's experts: one stack of slots, each slot's expert named by its id, -1
+    for none) on either path against numpy's dequantization: each token through the experts it chose, weighted;
+    a slot no token chose, all 0xFF (NaN scales), adds nothing."""
+    rng = np.random.default_rng(13)
+    F, D, N = 40, 300, 2
+    fmt_ = ExpertFormat(fmt, F, D)
+    five, three = (poisoned_buffer(fmt_.packed, rng) for _ in range(2))
+    empty = np.full(fmt_.packed.nbytes, 0xFF, np.uint8)
+    stack = packed_expert(jnp.asarray(np.stack([five, empty, three])), fmt_)  # slots: expert 5, none, expert 3
+    h = rng.standard_normal((N, D)).astype(np.float32)
+    idx, w = np.array([[3, 5], [5, 9]], np.int32), np.array([[0.6, 0.4], [0.7, 0.3]], np.float32)
+    acc = rng.standard_normal((N, D)).astype(np.float32)
+    got = device.add_slot_experts(jnp.asarray(acc), jnp.asarray(h), jnp.asarray(w), jnp.asarray(idx),
+                                  jnp.asarray([5, -1, 3], jnp.int32), stack, impl=impl)
+    wt = np.array([[0.4, 0.6], [0.7, 0.0]], np.float32)  # of experts 5 and 3 (token 1 chose 9: elsewhere)
+    assert rel_err(got, reference_np(h, [five, three], fmt_.packed, wt, acc)) < 2e-6
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_add_experts_kernel_path_matches_the_xla_path(fmt):
     """The wiring: `experts_segment` (add_experts' decode branch, compiled, acc donated) and expert_ffn with
     impl="interpret" against impl="reference", bf16 activations (weights rounded to bf16 before the dots,

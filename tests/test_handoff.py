@@ -123,7 +123,9 @@ def test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_han
         got = handoff.receive((2,), np.float32)
         rows = (np.asarray(got, np.int64) + 1) % 6
         chosen = table[rows]
-        handoff.fill([handoff.stage(rows.astype(np.int32)), (chosen.ctypes.data, chosen.nbytes)])
+        row_bytes = table.strides[0]  # each chosen row copied to its place in the second array
+        handoff.fill([(0, 0, *handoff.stage(rows.astype(np.int32)))]
+                     + [(1, k * row_bytes, table.ctypes.data + r * row_bytes, row_bytes) for k, r in enumerate(rows)])
         out_rows, out = (np.asarray(a) for a in job.result())
         np.testing.assert_array_equal(out_rows, rows)
         np.testing.assert_allclose(out, table[rows] * x[:, None])
@@ -148,7 +150,7 @@ def test_the_program_computes_on_a_fills_first_part_while_the_rest_is_still_held
     job = handoff.launch(program, jnp.ones(1))
     handoff.receive((1,), np.float32)
     a, b = np.arange(4, dtype=np.float32), np.arange(4, dtype=np.float32) + 10
-    handoff.fill([(a.ctypes.data, a.nbytes), (b.ctypes.data, b.nbytes)], first=1)
+    handoff.fill([(0, 0, a.ctypes.data, a.nbytes), (1, 0, b.ctypes.data, b.nbytes)], first=1)
     np.testing.assert_array_equal(handoff.receive((4,), np.float32), 2 * a)  # before the rest of the fill
     assert len(held) == 1 and not job.done()
     queue(*held[0])
@@ -157,14 +159,27 @@ def test_the_program_computes_on_a_fills_first_part_while_the_rest_is_still_held
     np.testing.assert_array_equal(both, a + b)
 
 
-def test_a_fill_larger_than_its_output_is_refused_before_any_copy(handoff):
+def test_a_fill_past_its_arrays_end_is_refused_before_any_copy(handoff, monkeypatch):
     def program(x):
         handed, arrays = handoff.hand_over(x, into=[jax.ShapeDtypeStruct((2,), jnp.int32)])
         return handoff.filled(arrays)
 
+    queued = []
+    monkeypatch.setattr(handoff, "_queue", lambda *args: queued.append(args))
     job = handoff.launch(jax.jit(program), jnp.ones(1))
-    with pytest.raises(ValueError, match="source of 12 bytes for array 0 to fill, of 8"):
-        handoff.fill([handoff.stage(np.zeros(3, np.int32))])
+
+    def word():  # a staged int32: a source of 4 bytes
+        return handoff.stage(np.zeros(1, np.int32))
+
+    cases = [([(0, 0, *handoff.stage(np.zeros(3, np.int32)))], "copy 0 of 12 bytes at offset 0 of array 0, of 8"),
+             ([(0, 0, *word()), (0, 8, *word())], "copy 1 of 4 bytes at offset 8 of array 0, of 8"),
+             ([(0, -4, *word())], "copy 0 into array 0 at offset -4"),
+             ([(64, 0, *word())], "copy 0 into array 64 at offset 0")]
+    for copies, error in cases:
+        with pytest.raises(ValueError, match=error):
+            handoff.fill(copies)
+    assert not queued
+    monkeypatch.undo()
     handoff.abandon(job)
 
 
@@ -226,7 +241,7 @@ def test_a_launch_further_ahead_than_the_ring_is_refused_before_a_wrong_copy(han
     with pytest.raises(RuntimeError, match=refused):
         for _ in range(n):
             handoff.receive((1,), np.float32)
-        handoff.fill([handoff.stage(np.zeros(1, np.float32))])
+        handoff.fill([(0, 0, *handoff.stage(np.zeros(1, np.float32)))])
     handoff.abandon(job)
     test_the_host_copies_into_a_programs_own_outputs_what_it_chooses_after_a_hand_over(handoff)
 

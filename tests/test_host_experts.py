@@ -437,8 +437,8 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
     model = handoff_model(split_model, fmt, fill_apart=fill_apart, resident_first=resident_first)
     handoff, filled_by, summed_by = model.executor.handoff_layers.handoff, [], []
     fill, host_sum = handoff.fill, handoff_step.host_sum
-    monkeypatch.setattr(handoff, "fill", lambda sources, **kw: (filled_by.append(threading.current_thread()),
-                                                                fill(sources, **kw)))
+    monkeypatch.setattr(handoff, "fill", lambda copies, **kw: (filled_by.append(threading.current_thread()),
+                                                               fill(copies, **kw)))
     monkeypatch.setattr(handoff_step, "host_sum", lambda *a: (summed_by.append(threading.current_thread()),
                                                               host_sum(*a))[1])
     got, stats = decoded(model, rows)
@@ -504,8 +504,8 @@ def test_a_decode_step_launched_whole_computes_the_same_model_from_experts_fetch
     model = dataclasses.replace(model, executor=model.executor.with_lookahead(2))
     layers, copied_from = model.executor.handoff_layers, []
     fill = layers.handoff.fill
-    monkeypatch.setattr(layers.handoff, "fill", lambda sources, **kw: (copied_from.extend(np.asarray(sources)[:, 0]),
-                                                                       fill(sources, **kw))[1])
+    monkeypatch.setattr(layers.handoff, "fill", lambda copies, **kw: (copied_from.extend(np.asarray(copies)[:, 2]),
+                                                                      fill(copies, **kw))[1])
     got, stats = decoded(model, rows)
     assert rel_err(got, want) < 1e-5
     early_buffers = {address for sources in layers.early(2) for address, _ in sources}

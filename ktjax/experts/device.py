@@ -151,5 +151,27 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
     return acc_ND
 
 
+def add_slot_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_S, stack: ExpertWeights, *, impl: str | None = None):
+    """`add_experts`' decode branch over one stack of S slots (each array of `stack` [S, ...]; slot s holds expert
+    ids_S[s], -1: none, never read): acc (None: zeros) plus every token through each slot's expert, weighted. The
+    kernels' stacked form takes all slots in two launches, the reference path one batched computation: the code
+    does not grow with S. Their separate-buffer form has a branch per slot, and a handoff program of 16 slots took
+    20-60 s to compile on the H100 machine (benchmarks/offload.md, runs 64-66)."""
+    N, D = h_ND.shape
+    S = ids_S.shape[0]
+    acc_ND = jnp.zeros((N, D), jnp.float32) if acc_ND is None else acc_ND
+    wt_NS = jnp.where(idx_NK[:, :, None] == ids_S[None, None, :], weights_NK[:, :, None], 0).sum(1)
+    wt_NS = wt_NS.astype(jnp.float32)
+    path = _kernel_path(h_ND, (jax.tree.map(lambda a: a[0], stack),), impl)
+    if path != "reference":
+        return kernels.experts_pallas(h_ND, stack.w, wt_NS, acc_ND, layout=stack.fmt.packed,
+                                      ids_K=jnp.arange(S, dtype=jnp.int32), interpret=path == "interpret")
+    y_SND = jax.vmap(lambda ex: expert_ffn(h_ND, ex, impl=impl))(stack)
+    for s in range(S):  # in slot order, as the kernels add them; an unfilled slot may hold NaN: 0 * NaN is NaN
+        wt_N1 = wt_NS[:, s:s + 1]
+        acc_ND = acc_ND + jnp.where(wt_N1 != 0, y_SND[s] * wt_N1, 0)
+    return acc_ND
+
+
 # The compiled form, run on its own between transfers (inside another program, call add_experts).
 experts_segment = jax.jit(add_experts, static_argnames=("capacity", "impl"), donate_argnums=0)

@@ -13,8 +13,8 @@ device's stream wait for the host. `Handoff` does that inside XLA programs, with
   of the host's answer from its ring slot (`cuStreamWaitValue32`, `cuMemcpyHtoDAsync`); the host writes the answer
   and then the flag (`answer`). `after`: arrays the wait is ordered behind (the device's own share of the layer).
 - `hand_over(x, into=structs)` also returns arrays the host copies into (`fill`: the handler publishes their
-  addresses at launch; the host queues copies on a stream of its own, from pinned host memory or device arrays, then
-  a flag write), and `filled(arrays, *after)` returns them once those copies have landed (a wait on the stream, the
+  addresses at launch; the host queues copies into them, or into places within them, on a stream of its own, from
+  pinned host memory or device arrays, then a flag write), and `filled(arrays, *after)` returns them once those copies have landed (a wait on the stream, the
   buffers passed through in place). A layer's chosen experts reach its program so, whatever their number or place,
   with no byte crossing twice and no stack of experts to index. The arrays are the hand-over's own results, live
   until `filled` reads them: the device's work between the two (the shared expert) cannot share their memory while
@@ -185,25 +185,26 @@ class Handoff:
         self.staging.array[slot:slot + raw.size] = raw
         return self.staging.device + slot, raw.size
 
-    def fill(self, sources, first: int = 0) -> None:
-        """Copy sources ((address, bytes) rows: pinned host memory, a device array's buffer, or `stage`'s) into the
-        arrays of the next hand-over `into` arrays, in order, then let its `filled` go on once they have landed.
-        Arrays without a source keep whatever they held. The first `first` copies are queued ahead of the rest, and
-        a `filled_first` between the hand-over and its `filled` goes on once they have landed."""
+    def fill(self, copies, first: int = 0) -> None:
+        """Queue copies into the arrays of the next hand-over `into` arrays, then let its `filled` go on once they
+        have landed. copies: rows (array, byte offset in it, source address, bytes); a source is pinned host memory,
+        a device array's buffer, or `stage`'s. What no copy writes keeps whatever it held. The first `first` copies
+        are queued ahead of the rest, and a `filled_first` between the hand-over and its `filled` goes on once they
+        have landed."""
         n = self.filled_count
         self._wait(self.published.ctypes.data, n + 1, "hand-over into arrays", self.published)
         if int(self.published[0]) - n > self.slots:  # its row holds a later hand-over's arrays
             raise RuntimeError(f"handoff: {int(self.published[0]) - n} hand-overs into arrays launched ahead of the "
                                f"host's fills; the ring holds {self.slots}")
         outputs = self.outputs[n % self.slots]
-        sources = np.asarray(sources, np.int64).reshape(-1, 2)
-        k = len(sources)
-        if k > MAX_OUTPUTS:
-            raise ValueError(f"handoff: {k} sources to fill; at most {MAX_OUTPUTS}")
-        for bad in np.flatnonzero(sources[:, 1] > outputs[:k, 1])[:1]:
-            raise ValueError(f"handoff: a source of {sources[bad, 1]} bytes for array {bad} to fill, of "
-                             f"{outputs[bad, 1]}")
-        table = np.stack([outputs[:k, 0], sources[:, 0], sources[:, 1]], axis=1)
+        copies = np.asarray(copies, np.int64).reshape(-1, 4)
+        array, offset, nbytes = copies[:, 0], copies[:, 1], copies[:, 3]
+        for bad in np.flatnonzero((array < 0) | (array >= MAX_OUTPUTS) | (offset < 0))[:1]:
+            raise ValueError(f"handoff: copy {bad} into array {array[bad]} at offset {offset[bad]}")
+        for bad in np.flatnonzero(offset + nbytes > outputs[array, 1])[:1]:
+            raise ValueError(f"handoff: copy {bad} of {nbytes[bad]} bytes at offset {offset[bad]} of array "
+                             f"{array[bad]}, of {outputs[array[bad], 1]}")
+        table = np.stack([outputs[array, 0] + offset, copies[:, 2], nbytes], axis=1)
         self._queue(table[:first], "filled_first", n + 1)
         self._queue(table[first:], "filled", n + 1)
         self.filled_count = n + 1

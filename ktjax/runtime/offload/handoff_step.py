@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ktjax.experts.device import add_experts
+from ktjax.experts.device import add_slot_experts
 from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
@@ -48,7 +48,7 @@ from ktjax.runtime.offload.streaming import counted
 if TYPE_CHECKING:
     from ktjax.runtime.offload.executor import OffloadedExecutor
 
-Sources = list[tuple[int, int]]  # an expert's arrays as `Handoff.fill` copies them: (address, bytes) each
+Sources = list[tuple[int, int]]  # an expert's arrays as copies read them: (address, bytes) each
 MAX_ROWS = 4  # decode rows a step may have in this form (its programs hold a slot for every expert its rows choose)
 
 
@@ -64,6 +64,7 @@ class HandoffLayers:
         self.handoff = Handoff(ex.devices[0], slot_bytes=4 * MAX_ROWS * (D + 4 * K),
                                slots=max(64, 2 * len(cfg.moe_layers)))
         self.leaves, self.treedef = jax.tree.flatten(ex.store.device_pad)
+        self.leaf_bytes = np.array([a.nbytes for a in self.leaves], np.int64)  # an expert's arrays, a slot of each
         # The device's experts through the kernels wherever they run (int8's too, which "auto" gives XLA's path): a
         # batch-1 layer fills 1-5 of its 8 slots at R1's share, and the kernels skip the rest where XLA's path
         # computes all 8 (~50-60 us each on the H200, benchmarks/kernels.md). Unmeasured in a step: bench_offload's
@@ -152,9 +153,11 @@ class HandoffLayers:
         """Attention, routing handed to the host (with ahead, the next MoE layer's arrays: its router's guess on
         this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
         host's share taken back: the layer's output as its terms."""
-        handoff, n = self.handoff, len(self.leaves)
-        structs = [jax.ShapeDtypeStruct((2, S), jnp.int32)] + [jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                                                for a in self.leaves] * S
+        handoff = self.handoff
+        # The slots' ids, then a stack of S of each of an expert's arrays: one operand each whatever S
+        # (`add_slot_experts`).
+        structs = [jax.ShapeDtypeStruct((2, S), jnp.int32)] + [jax.ShapeDtypeStruct((S, *a.shape), a.dtype)
+                                                                for a in self.leaves]
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [N, D + 2K]
@@ -165,10 +168,9 @@ class HandoffLayers:
         handed, to_fill = handoff.hand_over(for_host, into=structs, side_effect=effect)
         shared_ND = shared(layer, h_ND)  # ordered before the waits below: computed while the host copies
 
-        def add(acc_ND, ids_C, arrays):  # the experts of the slots ids_C names (-1: none, never read)
-            experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
-            return add_experts(acc_ND, h_ND, w_NK, idx_NK, ids_C, experts, capacity=h_ND.shape[0],
-                               impl=self.expert_impl)
+        def add(acc_ND, ids_S, stacks):  # the experts of the slots ids_S names (-1: none, never read)
+            return add_slot_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, jax.tree.unflatten(self.treedef, stacks),
+                                    impl=self.expert_impl)
 
         # The experts already on the device (their copies device to device) land first and are computed while the
         # link's land, then the link's: the device's work after the link's last copy is theirs alone.
@@ -273,8 +275,13 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
         for k in range(n_resident) if early else ():  # those fetched early: from their buffers
             if on_device[k] in early:
                 table[k] = early[on_device[k]]
-        sources = np.concatenate([[handoff.stage(ids_2C)], table.reshape(-1, 2)])
-        handoff.fill(sources, first=1 + len(layers.leaves) * first)
+        slots, L = table.shape[:2]
+        copies = np.empty((1 + slots * L, 4), np.int64)  # (array, offset, address, bytes): the ids, then per slot
+        copies[0] = (0, 0, *handoff.stage(ids_2C))
+        copies[1:, 0] = np.tile(np.arange(1, L + 1), slots)  # leaf l's stack, at its slot's place in it
+        copies[1:, 1] = (np.arange(slots)[:, None] * layers.leaf_bytes).reshape(-1)
+        copies[1:, 2:] = table.reshape(-1, 2)
+        handoff.fill(copies, first=1 + L * first)
         stats.span("fill", t)
         if guessed and ahead is not None:
             return fetch_early(ex, layers, (ahead, *unpacked(handed[:, D + 2 * K:], K)[1:]),
