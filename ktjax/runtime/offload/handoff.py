@@ -42,7 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, TARGETS, CudaDriver, Pinned,
-                                                   compile_handler, queue_copies, spin)
+                                                   compile_handler, placed, queue_copies, queue_fill, spin)
 
 _names = itertools.count()
 
@@ -199,15 +199,24 @@ class Handoff:
                                f"host's fills; the ring holds {self.slots}")
         outputs = self.outputs[n % self.slots]
         copies = np.asarray(copies, np.int64).reshape(-1, 4)
-        array, offset, nbytes = copies[:, 0], copies[:, 1], copies[:, 3]
-        for bad in np.flatnonzero((array < 0) | (array >= MAX_OUTPUTS) | (offset < 0))[:1]:
-            raise ValueError(f"handoff: copy {bad} into array {array[bad]} at offset {offset[bad]}")
-        for bad in np.flatnonzero(offset + nbytes > outputs[array, 1])[:1]:
-            raise ValueError(f"handoff: copy {bad} of {nbytes[bad]} bytes at offset {offset[bad]} of array "
-                             f"{array[bad]}, of {outputs[array[bad], 1]}")
-        table = np.stack([outputs[array, 0] + offset, copies[:, 2], nbytes], axis=1)
-        self._queue(table[:first], "filled_first", n + 1)
-        self._queue(table[first:], "filled", n + 1)
+        table = np.empty((len(copies), 3), np.int64)
+        bad = placed(outputs, copies, table)  # one compiled pass: a layer's fill is on the host CPU's way
+        if bad >= 0:
+            a, offset, nbytes = (int(v) for v in copies[bad, [0, 1, 3]])
+            if not 0 <= a < MAX_OUTPUTS or offset < 0:
+                raise ValueError(f"handoff: copy {bad} into array {a} at offset {offset}")
+            raise ValueError(f"handoff: copy {bad} of {nbytes} bytes at offset {offset} of array {a}, of "
+                             f"{outputs[a, 1]}")
+        cuda = self.cuda
+        if cuda is not None:  # both parts in one call
+            cuda.bind()
+            flag = self.flags.device + 4 * TARGETS.index("filled")
+            cuda.check("cuMemcpyAsync or cuStreamWriteValue32",
+                       queue_fill(cuda.copy, cuda.write_value, cuda.stream.value, table, first,
+                                  self.flags.device + 4 * TARGETS.index("filled_first"), flag, int(_u32(n + 1))))
+        else:
+            self._queue(table[:first], "filled_first", n + 1)
+            self._queue(table[first:], "filled", n + 1)
         self.filled_count = n + 1
 
     def copy_ahead(self, table) -> None:

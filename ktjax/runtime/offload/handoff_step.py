@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from numba import njit
 
 from ktjax.experts.device import add_slot_experts
 from ktjax.kernels import expert_path
@@ -271,16 +272,11 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        table = layers.source_table(i)[on_array]  # [slots, L, 2]: each slot's expert's arrays
+        copies = slot_copies(*handoff.stage(ids_2C), layers.source_table(i), on_array, layers.leaf_bytes)
+        L = len(layers.leaves)
         for k in range(n_resident) if early else ():  # those fetched early: from their buffers
             if on_device[k] in early:
-                table[k] = early[on_device[k]]
-        slots, L = table.shape[:2]
-        copies = np.empty((1 + slots * L, 4), np.int64)  # (array, offset, address, bytes): the ids, then per slot
-        copies[0] = (0, 0, *handoff.stage(ids_2C))
-        copies[1:, 0] = np.tile(np.arange(1, L + 1), slots)  # leaf l's stack, at its slot's place in it
-        copies[1:, 1] = (np.arange(slots)[:, None] * layers.leaf_bytes).reshape(-1)
-        copies[1:, 2:] = table.reshape(-1, 2)
+                copies[1 + k * L:1 + (k + 1) * L, 2:] = early[on_device[k]]
         handoff.fill(copies, first=1 + L * first)
         stats.span("fill", t)
         if guessed and ahead is not None:
@@ -306,6 +302,22 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     ex.store.fetch(i, on_device, stats, early=early, move="none")
     stats.link_bytes.append(stats.bytes_from_host - moved_before)
     return next_early
+
+
+@njit(nogil=True, cache=True)
+def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes):
+    """A handoff layer's fill (`Handoff.fill`'s rows: array, offset, address, bytes): the slots' ids (staged) into
+    the first array, then slot j's expert (on_device[j], its arrays' sources_EL2) into its place in each array's
+    stack. One compiled call: a layer's fill is on the host CPU's way (offload.md run 67)."""
+    n, L = on_device.shape[0], sources_EL2.shape[1]
+    copies = np.empty((1 + n * L, 4), np.int64)
+    copies[0, 0], copies[0, 1], copies[0, 2], copies[0, 3] = 0, 0, ids_address, ids_bytes
+    for j in range(n):
+        for leaf in range(L):
+            r = 1 + j * L + leaf
+            copies[r, 0], copies[r, 1] = 1 + leaf, j * leaf_bytes[leaf]
+            copies[r, 2], copies[r, 3] = sources_EL2[on_device[j], leaf, 0], sources_EL2[on_device[j], leaf, 1]
+    return copies
 
 
 def fetch_early(ex: OffloadedExecutor, layers: HandoffLayers, guess, rows: np.ndarray, cpu_tokens: np.ndarray,

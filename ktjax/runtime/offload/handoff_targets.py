@@ -184,6 +184,30 @@ def queue_copies(copy, write_value, stream, table, n, flag, value):
 
 
 @njit(nogil=True, cache=True)
+def queue_fill(copy, write_value, stream, table, first, first_flag, flag, value):
+    """`queue_copies` of a fill's first `first` copies with first_flag's write, then of the rest with flag's: one
+    call for both parts."""
+    status = queue_copies(copy, write_value, stream, table[:first], first, first_flag, value)
+    if status != 0:
+        return status
+    return queue_copies(copy, write_value, stream, table[first:], table.shape[0] - first, flag, value)
+
+
+@njit(nogil=True, cache=True)
+def placed(outputs, copies, table):
+    """table[k] = (destination, source, bytes) of copies[k] = (array, byte offset in it, source, bytes), into the
+    arrays outputs[a] = (address, bytes). Returns the first copy that does not fit its array, or -1."""
+    for k in range(copies.shape[0]):
+        a, offset, nbytes = copies[k, 0], copies[k, 1], copies[k, 3]
+        if a < 0 or a >= outputs.shape[0] or offset < 0 or offset + nbytes > outputs[a, 1]:
+            return k
+        table[k, 0] = outputs[a, 0] + offset
+        table[k, 1] = copies[k, 2]
+        table[k, 2] = nbytes
+    return -1
+
+
+@njit(nogil=True, cache=True)
 def _reached(address, target):
     """Whether the uint32 flag at address is at or past target, modulo 2**32 (as CU_STREAM_WAIT_VALUE_GEQ)."""
     return ((_load32(address) - target) & 0xFFFFFFFF) < 0x80000000
