@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from numba import njit
 
-from ktjax.experts.device import add_slot_experts
+from ktjax.experts.device import add_experts, add_slot_experts
 from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
@@ -86,6 +86,12 @@ class HandoffLayers:
         # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
         # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
         self.resident_first = True
+        # Programs of more expert slots than this take them as one stack per expert array (`add_slot_experts`),
+        # fewer as separate arrays (`add_experts`, a kernel branch per slot). Full size, int4: two rows' 16 slots took
+        # 62 s to compile separate and 12 s stacked, four rows' 32 over 200 s and 13 s (offload.md runs 65, 67). One
+        # row's 8 slots were faster separate at R1's share in two A/Bs (11.07 against 11.79 ms, 10.01 against 10.50;
+        # runs 67-68), unexplained yet: the host CPU's share ran longer beside the stacked program.
+        self.stack_above = 8
         self._source_tables: dict[int, np.ndarray] = {}
         self.experts = ex.store.experts
         self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
@@ -142,6 +148,10 @@ class HandoffLayers:
         """A program's expert slots at this many rows: every expert they may choose."""
         return min(rows * self.K, self.n_experts)
 
+    def stacked(self, rows: int) -> bool:
+        """Whether a program of this many rows takes its slots as one stack per expert array (`stack_above`)."""
+        return self.slots(rows) > self.stack_above
+
     def program(self, kind: str, rows: int) -> Callable:
         if (kind, rows) not in self.programs:
             self.programs[(kind, rows)] = jax.jit(functools.partial(self.moe_layer, self.graphdefs[kind],
@@ -154,11 +164,13 @@ class HandoffLayers:
         """Attention, routing handed to the host (with ahead, the next MoE layer's arrays: its router's guess on
         this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
         host's share taken back: the layer's output as its terms."""
-        handoff = self.handoff
-        # The slots' ids, then a stack of S of each of an expert's arrays: one operand each whatever S
-        # (`add_slot_experts`).
-        structs = [jax.ShapeDtypeStruct((2, S), jnp.int32)] + [jax.ShapeDtypeStruct((S, *a.shape), a.dtype)
-                                                                for a in self.leaves]
+        handoff, n, stacked = self.handoff, len(self.leaves), S > self.stack_above
+        # The slots' ids, then a stack of S of each of an expert's arrays (`stack_above`), or S experts' arrays.
+        if stacked:
+            slots = [jax.ShapeDtypeStruct((S, *a.shape), a.dtype) for a in self.leaves]
+        else:
+            slots = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.leaves] * S
+        structs = [jax.ShapeDtypeStruct((2, S), jnp.int32), *slots]
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
         h_ND, w_NK, idx_NK, for_host = routing(layer, x_BTD)  # for_host: the three packed, [N, D + 2K]
@@ -169,9 +181,13 @@ class HandoffLayers:
         handed, to_fill = handoff.hand_over(for_host, into=structs, side_effect=effect)
         shared_ND = shared(layer, h_ND)  # ordered before the waits below: computed while the host copies
 
-        def add(acc_ND, ids_S, stacks):  # the experts of the slots ids_S names (-1: none, never read)
-            return add_slot_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, jax.tree.unflatten(self.treedef, stacks),
-                                    impl=self.expert_impl)
+        def add(acc_ND, ids_S, arrays):  # the experts of the slots ids_S names (-1: none, never read)
+            if stacked:
+                return add_slot_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, jax.tree.unflatten(self.treedef, arrays),
+                                        impl=self.expert_impl)
+            experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
+            return add_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, experts, capacity=h_ND.shape[0],
+                               impl=self.expert_impl)
 
         # The experts already on the device (their copies device to device) land first and are computed while the
         # link's land, then the link's: the device's work after the link's last copy is theirs alone.
@@ -272,7 +288,8 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        copies = slot_copies(*handoff.stage(ids_2C), layers.source_table(i), on_array, layers.leaf_bytes)
+        copies = slot_copies(*handoff.stage(ids_2C), layers.source_table(i), on_array, layers.leaf_bytes,
+                             layers.stacked(rows))
         L = len(layers.leaves)
         for k in range(n_resident) if early else ():  # those fetched early: from their buffers
             if on_device[k] in early:
@@ -305,17 +322,18 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
 
 
 @njit(nogil=True, cache=True)
-def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes):
+def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes, stacked):
     """A handoff layer's fill (`Handoff.fill`'s rows: array, offset, address, bytes): the slots' ids (staged) into
     the first array, then slot j's expert (on_device[j], its arrays' sources_EL2) into its place in each array's
-    stack. One compiled call: a layer's fill is on the host CPU's way (offload.md run 67)."""
+    stack (stacked), or into its own arrays. One compiled call: a layer's fill is on the host CPU's way (offload.md
+    runs 67-68: 0.06-0.08 ms a layer, against 0.20 in numpy)."""
     n, L = on_device.shape[0], sources_EL2.shape[1]
     copies = np.empty((1 + n * L, 4), np.int64)
     copies[0, 0], copies[0, 1], copies[0, 2], copies[0, 3] = 0, 0, ids_address, ids_bytes
     for j in range(n):
         for leaf in range(L):
             r = 1 + j * L + leaf
-            copies[r, 0], copies[r, 1] = 1 + leaf, j * leaf_bytes[leaf]
+            copies[r, 0], copies[r, 1] = (1 + leaf, j * leaf_bytes[leaf]) if stacked else (r, 0)
             copies[r, 2], copies[r, 3] = sources_EL2[on_device[j], leaf, 0], sources_EL2[on_device[j], leaf, 1]
     return copies
 
