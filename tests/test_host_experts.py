@@ -454,9 +454,9 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
 
 def test_auto_launches_one_row_decode_steps_whole_on_a_gpu_and_not_on_the_cpu_backend(split_model):
     """decode_form "auto" takes the handoff form for decode steps of one row on a GPU (faster there in every measured
-    case), and not on the CPU backend (its waits spin on the host kernels' cores), nor for steps of several rows (their
-    program's first compile is long), prefill, or where another form is asked for; in every expert_compute mode (with
-    "gpu", the link takes every host expert). decode_form "handoff" takes it for up to 4 rows anywhere."""
+    case), and not on the CPU backend (its waits spin on the host kernels' cores), nor for steps of several rows (not
+    yet shown faster), prefill, or where another form is asked for; in every expert_compute mode (with "gpu", the
+    link takes every host expert). decode_form "handoff" takes it for up to 4 rows anywhere."""
     import types
 
     from ktjax.runtime.offload.handoff_step import applies

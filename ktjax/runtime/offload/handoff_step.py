@@ -207,10 +207,10 @@ def applies(ex: OffloadedExecutor, tokens_BT, run: Segments) -> bool:
     (profiling waits for each program), of up to MAX_ROWS rows where the executor's decode_form is "handoff", of one
     row where it is "auto" on a GPU. There a row decoded faster than in the forms driven from Python in every
     measured case (the embedded model: 290-406 against 176-278 tokens/s, offload.md runs 58-60; DeepSeek's layers:
-    runs 47-48). Rows together decode faster too (2: 496 against 294 tokens/s, run 63), but their program's first
-    compile took ~30 s for the embedded model's 2 rows and did not end within 100 s for 4 (run 63), so "auto" leaves
-    them to the other forms until it is faster. On the CPU backend the waits spin on the cores the host's kernels need
-    (84 against 196 tokens/s on the dev box)."""
+    runs 47-48). Several rows' programs compile in seconds since their slots are stacked (`stack_above`; runs 65-67),
+    but were not yet timed beside the other forms in one process at full size, and the embedded model's 4 rows
+    decoded slower in this form (1016 against 1087 tokens/s, run 67): "auto" leaves them to the other forms. On the
+    CPU backend the waits spin on the cores the host's kernels need (84 against 196 tokens/s on the dev box)."""
     one_token = np.ndim(tokens_BT) == 1 or np.shape(tokens_BT)[1] == 1
     rows = np.size(tokens_BT)
     chosen = ex.decode_form == "handoff" or (ex.decode_form == "auto" and ex.devices[0].platform == "gpu" and rows == 1)
