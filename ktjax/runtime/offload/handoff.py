@@ -16,11 +16,11 @@ device's stream wait for the host. `Handoff` does that inside XLA programs, with
   at launch; the host queues copies into them, or into places within them, on a stream of its own, from pinned host
   memory or device arrays, then a flag write), and `filled(arrays, *after)` returns them once those copies have landed
   (a wait on the stream, the buffers passed through in place). A layer's chosen experts reach its program so, each
-  into its slot of a stack, whatever their number or place, with no byte crossing twice. The arrays are the
-  hand-over's own results, live until `filled` reads them: the device's work between the two (the shared expert)
-  cannot share their memory while the host writes into it. `filled_first` between the two waits only for the fill's
-  first part (`fill`'s `first` copies, then a flag of its own), so that the device computes what those bring while the
-  rest lands.
+  into arrays of its own or its slot of a stack, whatever their number or place, with no byte crossing twice. The
+  arrays are the hand-over's own results, live until `filled` reads them: the device's work between the two (the
+  shared expert) cannot share their memory while the host writes into it. `filled_first` between the two waits only
+  for the fill's first part (`fill`'s `first` copies, then a flag of its own), so that the device computes what those
+  bring while the rest lands.
 
 The targets' handlers run when XLA launches the program, not when the stream reaches them: each only queues work
 on the stream, and numbers its calls in launch order, which is the order the host sees them. On the CPU backend (the
