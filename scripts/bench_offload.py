@@ -345,7 +345,7 @@ def run_ktjax(args) -> dict:
                                                       "cpu_call_s": r.cpu_call_s} for n, r in measured.items()}
             res["host_threads" + suffix] = best
         for B, mode, form in [(B, mode, f) for B in args.batches for mode in (modes if B == 1 else modes[:1])
-                              for f in (args.decode_forms if B == 1 else args.decode_forms[:1])]:
+                              for f in (args.decode_forms if B == 1 or args.every_form else args.decode_forms[:1])]:
             if act == "int8" and mode == "gpu" and "float32" in acts:
                 continue  # the host CPU computes nothing: the same as float32's row
             times, stats, seen = decode_steps(model.with_expert_compute(mode).with_decode_form(form), B, ctx,
@@ -748,6 +748,9 @@ def main():
     p.add_argument("--decode-forms", nargs="+", default=["fused"], choices=["auto", "fused", "streamed", "handoff"],
                    help="the offloaded executor's decode forms measured at B=1 (the first also at larger batches); "
                         "'auto' is 'handoff' on a GPU")
+    p.add_argument("--every-form", action="store_true",
+                   help="measure every --decode-forms value at larger batches too, in the same process (the "
+                        "handoff form takes up to 4 rows)")
     p.add_argument("--host-activations", choices=("float32", "int8"), nargs="+", default=["int8"],
                    help="what the host CPU multiplies int8/int4 experts by (ktjax.load's host_activations, default "
                         "int8 as there); each form given is measured in turn on the same model (with more than one, "
@@ -813,7 +816,8 @@ def main():
               "--out", args.out] + (["--tiny"] if args.tiny else []) + (["--trace"] if args.trace else []) + (["--profile"] if args.profile else []) + (
         ["--host-threads", *map(str, args.host_threads)] if args.host_threads else []) + [
         "--rate-repeats", str(args.rate_repeats),
-        "--decode-forms", *args.decode_forms, "--host-activations", *args.host_activations,
+        "--decode-forms", *args.decode_forms, *(["--every-form"] if args.every_form else []),
+        "--host-activations", *args.host_activations,
         "--r1-gpu-memory", args.r1_gpu_memory, "--r1-variants", *args.r1_variants,
         "--tiny-experts", *map(str, args.tiny_experts)]
     env = {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "110"}
