@@ -4,7 +4,8 @@ host-to-device (the link's), each one expert of --expert-bytes. In the GPU timel
 took 0.13-0.14 ms of a ~1.9 ms layer; run 61's trace shows its driver calls at ~0.02 ms each. Timed here: one
 `queue_copies` call of the whole table through `cuMemcpyAsync` (which looks up each pointer's kind, as `fill` uses
 now) against the typed entry points (`cuMemcpyDtoDAsync`, `cuMemcpyHtoDAsync`), the stream drained between
-calls; and `cuCtxSetCurrent` (`CudaDriver.bind`, called twice a fill). Medians of --reps calls, host time.
+calls; and `cuCtxSetCurrent` (`CudaDriver.bind`, called once a fill since 01741c6, twice before). Medians of --reps
+calls, host time.
 
     python3 scripts/probe_fill_calls.py [--reps 200] [--expert-bytes 23068672]
 """

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ktjax.runtime.offload.handoff import Handoff
-from ktjax.runtime.offload.handoff_targets import queue_copies
+from ktjax.runtime.offload.handoff_targets import queue_copies, queue_fill
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,12 @@ def test_the_program_computes_on_a_fills_first_part_while_the_rest_is_still_held
 
     held = []
     queue = handoff._queue
-    monkeypatch.setattr(handoff, "_queue", lambda table, target=None, count=0: (
-        held.append((table, target, count)) if target == "filled" else queue(table, target, count)))
+
+    def first_part_only(table, targets=(None, None), count=0, first=0):  # the rest and "filled"'s flag held back
+        queue(table[:first], (targets[0], None), count, first)
+        held.append((table[first:], (None, targets[1]), count, 0))
+
+    monkeypatch.setattr(handoff, "_queue", first_part_only)
     job = handoff.launch(program, jnp.ones(1))
     handoff.receive((1,), np.float32)
     a, b = np.arange(4, dtype=np.float32), np.arange(4, dtype=np.float32) + 10
@@ -247,9 +251,10 @@ def test_a_launch_further_ahead_than_the_ring_is_refused_before_a_wrong_copy(han
 
 
 def test_a_fills_copies_and_flag_are_queued_in_order_by_one_compiled_call():
-    """On a GPU `fill` queues its copies and the flag write through `queue_copies`, which calls the driver's functions
-    by address from compiled code. Here C callbacks stand in for cuMemcpyAsync and cuStreamWriteValue32 and record
-    what they are given: every copy's (destination, source, bytes, stream) in order, then the flag's write."""
+    """On a GPU `fill` queues its copies and the flags' writes through `queue_fill` (`queue_copies` for each part),
+    which calls the driver's functions by address from compiled code. Here C callbacks stand in for cuMemcpyAsync
+    and cuStreamWriteValue32 and record what they are given: every copy's (destination, source, bytes, stream) in
+    order, then the flag's write."""
     calls = []
     signature = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
     copy = signature(lambda *a: calls.append(("copy", *a)) or 0)
@@ -262,3 +267,11 @@ def test_a_fills_copies_and_flag_are_queued_in_order_by_one_compiled_call():
     calls.clear()
     assert queue_copies(address(failing), address(write), 77, table, 3, 4242, 9) == 700
     assert calls == [("failed", 1000, 2000, 30, 77)]  # nothing after the first failure, no flag
+    # queue_fill (what `fill` calls): the first part and its flag, then the rest and the other flag.
+    calls.clear()
+    assert queue_fill(address(copy), address(write), 77, table, 1, 4141, 4242, 9) == 0
+    assert calls == [("copy", 1000, 2000, 30, 77), ("write", 77, 4141, 9, 0), ("copy", 1100, 2100, 40, 77),
+                     ("copy", 1200, 2200, 50, 77), ("write", 77, 4242, 9, 0)]
+    calls.clear()
+    assert queue_fill(address(copy), address(write), 77, table, 0, 0, 0, 9) == 0  # `copy_ahead`'s: no flag at all
+    assert [c[0] for c in calls] == ["copy"] * 3

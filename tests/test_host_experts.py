@@ -447,7 +447,8 @@ def test_a_decode_step_launched_whole_computes_the_same_model(split_model, monke
     assert rel_err(got, want) < 1e-5
     assert stats.experts_on_host_cpu > 0 and stats.experts_fetched > 0 and stats.experts_on_device > 0
     assert any(what == "moe_layer" for what, *_ in stats.timeline)  # the handoff form's programs ran
-    assert model.executor.handoff_layers.stacked(rows) == (stack_above == 0)
+    layers = model.executor.handoff_layers
+    assert layers.stacked(layers.slots(rows)) == (stack_above == 0)
     assert filled_by and all((t is threading.main_thread()) != fill_apart for t in filled_by)
     assert summed_by and all(t is threading.main_thread() for t in summed_by)
 

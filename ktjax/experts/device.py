@@ -162,7 +162,7 @@ def add_slot_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_S, stack: ExpertWeigh
     acc_ND = jnp.zeros((N, D), jnp.float32) if acc_ND is None else acc_ND
     wt_NS = jnp.where(idx_NK[:, :, None] == ids_S[None, None, :], weights_NK[:, :, None], 0).sum(1)
     wt_NS = wt_NS.astype(jnp.float32)
-    path = _kernel_path(h_ND, (jax.tree.map(lambda a: a[0], stack),), impl)
+    path = _kernel_path(h_ND, (stack,), impl)  # by its format alone, as for one expert
     if path != "reference":
         return kernels.experts_pallas(h_ND, stack.w, wt_NS, acc_ND, layout=stack.fmt.packed,
                                       ids_K=jnp.arange(S, dtype=jnp.int32), interpret=path == "interpret")

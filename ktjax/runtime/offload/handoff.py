@@ -42,7 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from ktjax.runtime.offload.handoff_targets import (MAX_OUTPUTS, STAGING_BYTES, TARGETS, CudaDriver, Pinned,
-                                                   compile_handler, placed, queue_copies, queue_fill, spin)
+                                                   compile_handler, placed, queue_fill, spin)
 
 _names = itertools.count()
 
@@ -207,16 +207,7 @@ class Handoff:
                 raise ValueError(f"handoff: copy {bad} into array {a} at offset {offset}")
             raise ValueError(f"handoff: copy {bad} of {nbytes} bytes at offset {offset} of array {a}, of "
                              f"{outputs[a, 1]}")
-        cuda = self.cuda
-        if cuda is not None:  # both parts in one call
-            cuda.bind()
-            flag = self.flags.device + 4 * TARGETS.index("filled")
-            cuda.check("cuMemcpyAsync or cuStreamWriteValue32",
-                       queue_fill(cuda.copy, cuda.write_value, cuda.stream.value, table, first,
-                                  self.flags.device + 4 * TARGETS.index("filled_first"), flag, int(_u32(n + 1))))
-        else:
-            self._queue(table[:first], "filled_first", n + 1)
-            self._queue(table[first:], "filled", n + 1)
+        self._queue(table, ("filled_first", "filled"), n + 1, first)
         self.filled_count = n + 1
 
     def copy_ahead(self, table) -> None:
@@ -225,21 +216,23 @@ class Handoff:
         A later fill that copies from them, and one into them, are ordered after these by their queue."""
         self._queue(np.asarray(table, np.int64).reshape(-1, 3))
 
-    def _queue(self, table: np.ndarray, target: str | None = None, count: int = 0) -> None:
-        """Copy table's rows (destination, source, bytes) in order on the host's stream, then (with a target) set
-        that target's flag to count. On the CPU backend, now."""
+    def _queue(self, table: np.ndarray, targets=(None, None), count: int = 0, first: int = 0) -> None:
+        """Copy table's rows (destination, source, bytes) in order on the host's stream, setting targets[0]'s flag
+        to count after the first `first` of them and targets[1]'s after the rest (None: no flag), in one call. On
+        the CPU backend, now."""
         cuda = self.cuda
         if cuda is not None:
             cuda.bind()
-            flag = 0 if target is None else self.flags.device + 4 * TARGETS.index(target)
+            flags = [0 if t is None else self.flags.device + 4 * TARGETS.index(t) for t in targets]
             cuda.check("cuMemcpyAsync or cuStreamWriteValue32",
-                       queue_copies(cuda.copy, cuda.write_value, cuda.stream.value, table, len(table), flag,
-                                    int(_u32(count))))
+                       queue_fill(cuda.copy, cuda.write_value, cuda.stream.value, table, first, *flags,
+                                  int(_u32(count))))
             return
-        for dest, source, nbytes in table:
-            ctypes.memmove(int(dest), int(source), int(nbytes))
-        if target is not None:
-            self.flag[target][0] = _u32(count)
+        for part, target in zip((table[:first], table[first:]), targets):
+            for dest, source, nbytes in part:
+                ctypes.memmove(int(dest), int(source), int(nbytes))
+            if target is not None:
+                self.flag[target][0] = _u32(count)
 
     def abandon(self, job: Future) -> None:
         """After a failure on the host's side: release every wait the launched program `job` queued, so that the

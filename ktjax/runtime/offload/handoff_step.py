@@ -148,9 +148,9 @@ class HandoffLayers:
         """A program's expert slots at this many rows: every expert they may choose."""
         return min(rows * self.K, self.n_experts)
 
-    def stacked(self, rows: int) -> bool:
-        """Whether a program of this many rows takes its slots as one stack per expert array (`stack_above`)."""
-        return self.slots(rows) > self.stack_above
+    def stacked(self, S: int) -> bool:
+        """Whether a program of S expert slots takes them as one stack per expert array (`stack_above`)."""
+        return S > self.stack_above
 
     def program(self, kind: str, rows: int) -> Callable:
         if (kind, rows) not in self.programs:
@@ -164,7 +164,7 @@ class HandoffLayers:
         """Attention, routing handed to the host (with ahead, the next MoE layer's arrays: its router's guess on
         this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
         host's share taken back: the layer's output as its terms."""
-        handoff, n, stacked = self.handoff, len(self.leaves), S > self.stack_above
+        handoff, n, stacked = self.handoff, len(self.leaves), self.stacked(S)
         # The slots' ids, then a stack of S of each of an expert's arrays (`stack_above`), or S experts' arrays.
         if stacked:
             slots = [jax.ShapeDtypeStruct((S, *a.shape), a.dtype) for a in self.leaves]
@@ -289,7 +289,7 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
         copies = slot_copies(*handoff.stage(ids_2C), layers.source_table(i), on_array, layers.leaf_bytes,
-                             layers.stacked(rows))
+                             layers.stacked(layers.slots(rows)))
         L = len(layers.leaves)
         for k in range(n_resident) if early else ():  # those fetched early: from their buffers
             if on_device[k] in early:
