@@ -39,10 +39,15 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["auto", "cpu"], help="expert_compute modes")
     p.add_argument("--batch", type=int, default=1, choices=range(1, len(PROMPTS) + 1),
                    help="prompts decoded together (rows of each step; the handoff form takes up to 4)")
+    p.add_argument("--handoff-graphs", choices=("on", "off"), default=None,
+                   help="XLA's CUDA graphs in the handoff form's programs (default: the executor's choice)")
     args = p.parse_args()
     enable_compilation_cache()
     model = ktjax.load(args.model, experts=args.experts, gpu_memory=args.gpu_memory, max_batch=args.batch,
                        max_context=512)
+    if args.handoff_graphs is not None:  # made here, so that every form's executor shares these programs' settings
+        model.executor.handoff_layers.compiler_options = (
+            None if args.handoff_graphs == "on" else {"xla_gpu_enable_command_buffer": ""})
     assert model.executor.plan.host_experts, "no routed expert in host memory: lower --gpu-memory"
     print(f"ktjax on {jax.devices()[0].device_kind}: {len(model.executor.plan.host_experts)} "
           f"{args.experts} experts in host memory, {args.batch} prompt(s), {args.tokens} new tokens each, greedy")

@@ -784,7 +784,7 @@ def main():
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
                         "fill, not the resident ones while the link's land), 'stack-above=N' (handoff programs "
                         "of more than N expert slots take them as one stack per array, fewer as separate arrays; "
-                        "default 8), "
+                        "default 0: always stacked), "
                         "'rates=CPU/LINK' (the split's rates "
                         "in GB/s: a sweep of splits), 'cpu-scale=F' (the split's CPU rate times F, the in-situ "
                         "link rate kept: F < 1 leaves the link more experts), "

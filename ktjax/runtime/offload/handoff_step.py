@@ -81,7 +81,7 @@ class HandoffLayers:
         self.donate_cache = True  # the layer's cache arrays given to its program (a benchmark's variant keeps them)
         self.compiler_options: dict | None = None  # XLA's options for the programs (a benchmark's variants set them)
         # Whether a layer's copies are queued by a thread of their own while the host CPU's share starts (the fill
-        # took ~0.13 ms a layer before it, offload.md run 47); off until measured on the GPU.
+        # took ~0.13 ms a layer then): no gain in run 50 (11.94 against 11.80 ms), off.
         self.fill_apart = False
         # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
         # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
@@ -89,9 +89,10 @@ class HandoffLayers:
         # Programs of more expert slots than this take them as one stack per expert array (`add_slot_experts`),
         # fewer as separate arrays (`add_experts`, a kernel branch per slot). Full size, int4: two rows' 16 slots took
         # 62 s to compile separate and 12 s stacked, four rows' 32 over 200 s and 13 s (offload.md runs 65, 67). One
-        # row's 8 slots were faster separate at R1's share in two A/Bs (11.07 against 11.79 ms, 10.01 against 10.50;
-        # runs 67-68), unexplained yet: the host CPU's share ran longer beside the stacked program.
-        self.stack_above = 8
+        # row's 8 slots at R1's share, the same split in one process: int4 16.18 against 16.57 ms stacked (run 69),
+        # 16.22 against 15.56 (run 70); int8 23.30 against 25.80, 20.97 against 21.06; a first step of 2.5-3.4 s
+        # against 22-27 s. So every program stacks; a benchmark's variant (`stack-above=8`) keeps one row separate.
+        self.stack_above = 0
         self._source_tables: dict[int, np.ndarray] = {}
         self.experts = ex.store.experts
         self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
@@ -204,16 +205,16 @@ class HandoffLayers:
 
 def applies(ex: OffloadedExecutor, tokens_BT, run: Segments) -> bool:
     """Whether a forward pass takes the handoff form: a decode step on one device with a host path, not profiled
-    (profiling waits for each program), of up to MAX_ROWS rows where the executor's decode_form is "handoff", of one
-    row where it is "auto" on a GPU. There a row decoded faster than in the forms driven from Python in every
-    measured case (the embedded model: 290-406 against 176-278 tokens/s, offload.md runs 58-60; DeepSeek's layers:
-    runs 47-48). Several rows' programs compile in seconds since their slots are stacked (`stack_above`; runs 65-67),
-    but were not yet timed beside the other forms in one process at full size, and the embedded model's 4 rows
-    decoded slower in this form (1016 against 1087 tokens/s, run 67): "auto" leaves them to the other forms. On the
-    CPU backend the waits spin on the cores the host's kernels need (84 against 196 tokens/s on the dev box)."""
+    (profiling waits for each program), of up to MAX_ROWS rows where the executor's decode_form is "handoff", or
+    "auto" on a GPU. There it decoded faster than the forms driven from Python in every measured case at full
+    size: one row (runs 47-48, 70: 17.06 against the fused form's 18.41 ms at R1's share), two and four rows
+    (run 70, the same process: 13.86 against 19.50 ms, 21.50 against 33.69), and one row of the embedded model
+    (290-406 against 176-278 tokens/s, runs 58-60). The embedded model's four rows: 1602 against 1442 tokens/s
+    (run 71), 1016 against 1087 (run 67). On the CPU backend the waits spin on the cores the host's kernels need
+    (84 against 196 tokens/s on the dev box)."""
     one_token = np.ndim(tokens_BT) == 1 or np.shape(tokens_BT)[1] == 1
     rows = np.size(tokens_BT)
-    chosen = ex.decode_form == "handoff" or (ex.decode_form == "auto" and ex.devices[0].platform == "gpu" and rows == 1)
+    chosen = ex.decode_form == "handoff" or (ex.decode_form == "auto" and ex.devices[0].platform == "gpu")
     return chosen and ex.mesh is None and ex.host is not None and one_token and rows <= MAX_ROWS and not run.profile
 
 
