@@ -532,8 +532,10 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, stack_above=int(option.split("=")[1]))
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
-        elif option == "no-graphs":  # the handoff programs' kernels launched one by one, not as CUDA graphs
+        elif option == "no-graphs":  # the handoff programs' kernels launched one by one (the default since run 71)
             model = with_handoff_programs(model, compiler_options={"xla_gpu_enable_command_buffer": ""})
+        elif option == "graphs":  # the handoff programs' kernels in XLA's CUDA graphs (the default before run 71)
+            model = with_handoff_programs(model, compiler_options=None)
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for
             model = model.with_fused_copies("program")  # runs 40-41, whose trees defaulted to the in_program forms)
         elif option == "routing-copies":  # the routing copied to the host after the call, as before 9be065c
@@ -779,7 +781,7 @@ def main():
                         "'xla-experts' (after 'handoff': its device experts by auto's path, int8's XLA one), "
                         "'effects' (after 'handoff': its calls declared with side effects, jax's Python dispatch), "
                         "'keep-cache' (the handoff programs donate no cache buffers), 'no-graphs' (their kernels "
-                        "launched one by one: a CUDA graph's update may wait for its previous launch), "
+                        "launched one by one: the default), 'graphs' (their kernels in XLA's CUDA graphs), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
                         "fill, not the resident ones while the link's land), 'stack-above=N' (handoff programs "

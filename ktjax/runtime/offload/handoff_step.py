@@ -79,7 +79,13 @@ class HandoffLayers:
         self.programs: dict[tuple[str, int], Callable] = {}  # (layer kind, rows): made on the launching thread
         self.side_effect = SIDE_EFFECT  # the handoff's calls declared so (a benchmark's variant flips it)
         self.donate_cache = True  # the layer's cache arrays given to its program (a benchmark's variant keeps them)
-        self.compiler_options: dict | None = None  # XLA's options for the programs (a benchmark's variants set them)
+        # XLA's options for the programs: their kernels launched one by one, not as CUDA graphs. At full size that
+        # was as fast or faster in 7 of 8 comparisons within one process (int4 8.98 against 9.20 ms, int8 13.68
+        # against 13.98 at R1's share on a fast host; int4 14.50 against 16.22 on a slow one), with first steps
+        # 0.3-0.8 s shorter (offload.md runs 69-71; within noise in run 47). The embedded model's one row decoded
+        # 18% slower warm (369 against 448 tokens/s), its first token 4 s sooner (run 71). A benchmark's variant
+        # (`graphs`) turns the graphs back on.
+        self.compiler_options: dict | None = {"xla_gpu_enable_command_buffer": ""}
         # Whether a layer's copies are queued by a thread of their own while the host CPU's share starts (the fill
         # took ~0.13 ms a layer then): no gain in run 50 (11.94 against 11.80 ms), off.
         self.fill_apart = False
