@@ -573,6 +573,7 @@ def test_a_serving_batch_takes_the_handoff_form_for_its_small_steps_and_samples_
             batch = DecodeBatch(model, 4, cache_length(model.placement.max_context, 0))
             if form == "handoff":
                 batch.warm_up()
+                assert model.executor.compile_decode(4) == 0  # no fused or streamed program to warm up
             tokens[form], ran[form] = [], []
             for rows in (1, 3):
                 steps = [batch.prefill_into(list(range(rows)), prompts[:rows], [SamplingOptions(8)] * rows)]

@@ -277,8 +277,8 @@ class DecodeBatch:
     def warm_up(self, stop: Callable[[], bool] = lambda: False) -> bool:
         """Compile the decode step at every size `decode` runs (each power of two up to the slots), and an
         offloaded model's programs for every split of its experts and every capacity its experts may need, in the
-        fused and the streamed form (`OffloadedExecutor.compile_decode`), so requests meet no compile there; the
-        rows' contents are left as garbage (free rows are reset when taken). stop is asked
+        fused and the streamed form, where a step takes them (`OffloadedExecutor.compile_decode`), so requests meet
+        no compile there; the rows' contents are left as garbage (free rows are reset when taken). stop is asked
         before each size: True ends the warm-up there (a server's Ctrl-C, which would otherwise wait for
         every size: 39.9 s for DeepSeek-V3's layers offloaded on an H200 in serve.md's run 15, and 33.0 s after a
         signal on the dev box's embedded model at --max-batch 32). Returns whether it ran to the end."""

@@ -1,15 +1,15 @@
 """The offloaded executor: core parameters on the device, routed experts apart (on the device, or in
 pinned host memory), one segment per layer phase scheduled from Python.
 
-Each MoE layer's chosen experts (`moe_block`) take one of three paths: resident on the device (no transfer),
-streamed over the link and computed on the GPU, or, for int8/int4 experts, computed on the host
-CPU where they live (`HostPath`); `scheduler.split` divides a step's host experts between the last
-two so both finish together. Prefill-sized batches stream whole layers instead.
+Each MoE layer's chosen experts (`moe_block`) take one of three paths: resident on the device (no transfer), streamed
+over the link and computed on the GPU, or, for int8/int4 experts, computed on the host CPU where they live
+(`HostPath`); `scheduler.split` divides a step's host experts between the last two so both finish together. A GPU's
+decode steps of up to 4 rows launch every layer at once (`handoff_step`). Prefill streams whole layers.
 
-Over several devices (a mesh with an `expert` axis, `ktjax.runtime.mesh`), the core parameters and
-the cache are replicated and every segment runs on every device; each device streams and computes
-the chosen experts it owns from its own `ExpertStore` (its resident experts, and its host experts
-in pinned memory behind it), and one program sums the devices' shares (an all-reduce).
+Over several devices (a mesh with an `expert` axis, `ktjax.runtime.mesh`), the core parameters and the cache are
+replicated and every segment runs on every device; each device streams and computes the chosen experts it owns from
+its own `ExpertStore` (its resident experts, and its host experts in pinned memory behind it), and one program sums
+the devices' shares (an all-reduce).
 """
 
 from __future__ import annotations
@@ -112,10 +112,9 @@ class OffloadedExecutor:
         self.resident_apart = resident_apart
         # How a fused layer's host experts reach the device: "program", by a program of their own called before the
         # device's; "in_program", by the device's own program, which takes their pinned arrays, dispatched by the
-        # worker beside the host kernels; "in_program_here", the same called by this thread before the host
-        # kernels; "put", by `jax.device_put`. The in_program forms took a probe's layer 11-17% sooner but a step's
-        # no sooner, their programs' call 0.5-0.7 ms of a thread (benchmarks/offload.md, runs 35-41): kept to be
-        # measured on other machines (scripts/bench_offload.py --r1-variants).
+        # worker beside the host kernels; "in_program_here", the same called by this thread before the host kernels;
+        # "put", by `jax.device_put`. The in_program forms took a probe's layer 11-17% sooner but a step's no sooner,
+        # their programs' call 0.5-0.7 ms of a thread (offload.md, runs 35-41; bench_offload.py --r1-variants).
         self.fused_copies = FUSED_COPIES[0]
         # A fused layer's expert ids and rows handed to its device program in pinned buffers it reads in place
         # (`host_path.ShareLanding`), not as numpy arrays, each of which that program's call moves: off until
@@ -126,9 +125,8 @@ class OffloadedExecutor:
         self._zeros: dict[tuple, jax.Array] = {}
 
     @functools.cached_property
-    def index_landing(self) -> ShareLanding:
-        """Where `indices_in_place` puts a fused layer's ids and rows: made the first time it is used, not at every
-        load."""
+    def index_landing(self) -> ShareLanding:  # where `indices_in_place` puts a fused layer's ids and rows
+        """Made the first time it is used, not at every load."""
         return ShareLanding(self.store.on_host)
 
     @functools.cached_property
@@ -306,9 +304,11 @@ class OffloadedExecutor:
         return self._with(layers=merge_layers(self.config, self.layers, adapters, lcfg))
 
     def compile_decode(self, batch: int) -> int:
-        """Run every program variant a decode step of `batch` rows may meet by its routing (the fused MoE
-        programs, `warm_up.compile_fused`, and the streamed form's, `warm_up.compile_streamed`), so a server's
-        streams never wait for one to compile."""
+        """Run every program variant a decode step of `batch` rows may meet by its routing (`warm_up`'s fused and
+        streamed programs), so a server's streams never wait for one to compile; none in the handoff form, whose
+        one program per size does not vary with the routing (the step's first call compiles it)."""
+        if handoff_applies(self, np.zeros((batch, 1), np.int32), Segments(StepStats(), False)):
+            return 0
         return compile_fused(self, batch) + compile_streamed(self, batch)
 
     def zeros(self, shape) -> jax.Array:
