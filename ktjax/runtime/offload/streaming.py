@@ -110,8 +110,8 @@ class ExpertStore:
         # program waits for them anyway (a fused layer's); device_put's overlap the programs before them.
         self._moved = jax.jit(lambda arrays: jax.device_put(arrays, self.on_device), out_shardings=self.on_device)
 
-    def is_hosted(self, layer: int, e: int) -> bool:
-        return (layer, e) in self.plan.host_experts
+    def is_hosted(self, layer: int, e: int) -> bool:  # the plan, as `hosted_mask` reads it
+        return bool(self._hosted[layer][e])
 
     def hosted_mask(self, layer: int, apart_from: Mapping[int, object] | Sequence[int] = ()) -> np.ndarray:
         """bool [E]: which of the layer's experts are in host memory, those apart_from names (experts already
