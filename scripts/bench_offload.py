@@ -161,9 +161,9 @@ def decode_steps(model, B: int, ctx: int, steps: int, sampling):
 def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: str | None = None,
                in_situ=None) -> dict:
     """One decode measurement against its floors: link only (host bytes moved over the measured
-    link) and dual path (the host experts' bytes over the CPU and link rates measured at once: this run's
-    ceilings, or where it measured none for this kernel, the in-situ rates `in_situ` (`PathRates`) the split
-    uses, also measured with both paths at once). row["floor_basis"] says which."""
+    link) and dual path (the host experts' bytes over the CPU and link rates measured at once: the ceilings, or
+    the in-situ rates `in_situ` (`PathRates`) the split uses, also measured with both paths at once, whichever
+    sum higher). row["floor_basis"] says which."""
     import numpy as np
     step = float(np.median(times))
     n_moe = len(cfg.moe_layers)
@@ -187,11 +187,12 @@ def decode_row(cfg, plan, times, stats, ceil: dict, B: int, ctx: int, kernel: st
     fmt = kernel or fmt  # the host kernel's own ceilings for the dual floor
     row.update(floor_host_bytes=host_experts * plan.expert_bytes, floor_device_s=device_s)
     row["link_floor_s"] = host_experts * plan.expert_bytes / (h2d * 1e9) + device_s
-    both, row["floor_basis"] = None, "link only"
-    if f"{fmt}_both_cpu_gbps" in ceil:
-        both, row["floor_basis"] = ceil[f"{fmt}_both_cpu_gbps"] + ceil[f"{fmt}_both_link_gbps"], "dual, ceilings"
-    elif in_situ is not None:  # a single part run without --path-rates: no dual ceilings for this kernel
-        both, row["floor_basis"] = in_situ.cpu_gbps + in_situ.link_gbps, "dual, in-situ rates"
+    # The dual floor at the faster of the two measurements of both paths at once: ceilings passed in from another
+    # run (scripts/ab_offload.sh) can sit under what this host's in-situ rates reached (run 71: int4 106-111%).
+    rates = ([(ceil[f"{fmt}_both_cpu_gbps"] + ceil[f"{fmt}_both_link_gbps"], "dual, ceilings")]
+             if f"{fmt}_both_cpu_gbps" in ceil else [])
+    rates += [(in_situ.cpu_gbps + in_situ.link_gbps, "dual, in-situ rates")] if in_situ is not None else []
+    both, row["floor_basis"] = max(rates) if rates else (None, "link only")
     if both:
         row["dual_floor_s"] = host_experts * plan.expert_bytes / (both * 1e9) + device_s
     row["floor_s"] = row.get("dual_floor_s", row["link_floor_s"])
