@@ -58,7 +58,7 @@ class OffloadedExecutor:
     "streamed" (a program per streamed expert as it lands, dispatched by a worker thread beside the
     host CPU's kernels), "handoff": a decode step of up to 4 rows launched whole, each MoE layer's program waiting
     on its stream for the host's copies and share (`handoff_step`; other steps as "auto" takes them), or "auto":
-    on a GPU "handoff" for one-row steps (`handoff_step.applies` says why), and elsewhere fused for int4 experts,
+    on a GPU "handoff" for steps of up to 4 rows (`handoff_step.applies` says why), else fused for int4 experts,
     streamed for the others (measured at batch 1 on the H200, offload.md run 10: int4 18.4 against 20.6 ms, int8
     24.7 against 22.4 ms). mesh: the
     expert mesh the core arrays are replicated over and the experts split over (None: one device);
