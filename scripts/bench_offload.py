@@ -529,8 +529,6 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, donate_cache=False)
         elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
             model = with_handoff_programs(model, fill_apart=True)
-        elif option.startswith("stack-above="):  # handoff programs of more slots take them as one stack
-            model = with_handoff_programs(model, stack_above=int(option.split("=")[1]))
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one (the default since run 71)
@@ -785,10 +783,7 @@ def main():
                         "launched one by one: the default), 'graphs' (their kernels in XLA's CUDA graphs), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
                         "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
-                        "fill, not the resident ones while the link's land), 'stack-above=N' (handoff programs "
-                        "of more than N expert slots take them as one stack per array, fewer as separate arrays; "
-                        "default 0: always stacked), "
-                        "'rates=CPU/LINK' (the split's rates "
+                        "fill, not the resident ones while the link's land), 'rates=CPU/LINK' (the split's rates "
                         "in GB/s: a sweep of splits), 'cpu-scale=F' (the split's CPU rate times F, the in-situ "
                         "link rate kept: F < 1 leaves the link more experts), "
                         "'routing-copies' (the routing copied to the host after its program, not written there by it)")

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from numba import njit
 
-from ktjax.experts.device import add_experts, add_slot_experts
+from ktjax.experts.device import add_slot_experts
 from ktjax.kernels import expert_path
 from ktjax.models import KVCache, LayerCache
 from ktjax.runtime.model import StepStats
@@ -70,7 +70,7 @@ class HandoffLayers:
         # batch-1 layer fills 1-5 of its 8 slots at R1's share, and the kernels skip the rest where XLA's path
         # computes all 8 (~50-60 us each on the H200, benchmarks/kernels.md). Unmeasured in a step: bench_offload's
         # --r1-variants handoff+xla-experts runs XLA's path. Unfilled slots hold garbage; either path adds nothing
-        # from them (`add_experts`).
+        # from them (`add_slot_experts`).
         fmt = ex.plan.expert_format
         covered = expert_path(np.zeros((1, D), ex.dtype), fmt.name, fmt.F, fmt.D, impl="pallas") == "pallas"
         self.expert_impl = "pallas" if covered and ex.devices[0].platform == "gpu" else None
@@ -92,13 +92,6 @@ class HandoffLayers:
         # Whether a layer's experts already on the device land as the fill's first part, computed while the link's
         # land (run 54's trace: all after the link's last copy, ~0.4 ms); a benchmark's variant turns it off.
         self.resident_first = True
-        # Programs of more expert slots than this take them as one stack per expert array (`add_slot_experts`),
-        # fewer as separate arrays (`add_experts`, a kernel branch per slot). Full size, int4: two rows' 16 slots took
-        # 62 s to compile separate and 12 s stacked, four rows' 32 over 200 s and 13 s (offload.md runs 65, 67). One
-        # row's 8 slots at R1's share, the same split in one process: int4 16.18 against 16.57 ms stacked (run 69),
-        # 16.22 against 15.56 (run 70); int8 23.30 against 25.80, 20.97 against 21.06; a first step of 2.5-3.4 s
-        # against 22-27 s. So every program stacks; a benchmark's variant (`stack-above=8`) keeps one row separate.
-        self.stack_above = 0
         self._source_tables: dict[int, np.ndarray] = {}
         self.experts = ex.store.experts
         self._early: list[tuple[list[jax.Array], Sources]] = []  # the lookahead's buffers: an expert's arrays each
@@ -155,10 +148,6 @@ class HandoffLayers:
         """A program's expert slots at this many rows: every expert they may choose."""
         return min(rows * self.K, self.n_experts)
 
-    def stacked(self, S: int) -> bool:
-        """Whether a program of S expert slots takes them as one stack per expert array (`stack_above`)."""
-        return S > self.stack_above
-
     def program(self, kind: str, rows: int) -> Callable:
         if (kind, rows) not in self.programs:
             self.programs[(kind, rows)] = jax.jit(functools.partial(self.moe_layer, self.graphdefs[kind],
@@ -171,12 +160,13 @@ class HandoffLayers:
         """Attention, routing handed to the host (with ahead, the next MoE layer's arrays: its router's guess on
         this layer's residual too), the device's experts (up to S) as the host fills them in, the shared expert, the
         host's share taken back: the layer's output as its terms."""
-        handoff, n, stacked = self.handoff, len(self.leaves), self.stacked(S)
-        # The slots' ids, then a stack of S of each of an expert's arrays (`stack_above`), or S experts' arrays.
-        if stacked:
-            slots = [jax.ShapeDtypeStruct((S, *a.shape), a.dtype) for a in self.leaves]
-        else:
-            slots = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.leaves] * S
+        handoff = self.handoff
+        # The slots' ids, then a stack of S of each of an expert's arrays, read by the kernels' stacked form
+        # (`add_slot_experts`). As S separate experts (`add_experts`, a kernel branch per slot) the program compiled
+        # for 22-27 s at one row and over 200 s at four, full size, against 2.5-3.4 and 13 s stacked, and its steps
+        # were no faster in one process (int4 16.57 against 16.18 ms, 15.56 against 16.22; int8 25.80 against 23.30,
+        # 21.06 against 20.97 at R1's share; offload.md runs 65-70).
+        slots = [jax.ShapeDtypeStruct((S, *a.shape), a.dtype) for a in self.leaves]
         structs = [jax.ShapeDtypeStruct((2, S), jnp.int32), *slots]
         layer = nnx.merge(graphdef, state)
         x_BTD, latent, rp = attend_cached(layer, settle(x_BTD), rope, start_B, latent, rp, j)
@@ -189,12 +179,8 @@ class HandoffLayers:
         shared_ND = shared(layer, h_ND)  # ordered before the waits below: computed while the host copies
 
         def add(acc_ND, ids_S, arrays):  # the experts of the slots ids_S names (-1: none, never read)
-            if stacked:
-                return add_slot_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, jax.tree.unflatten(self.treedef, arrays),
-                                        impl=self.expert_impl)
-            experts = tuple(jax.tree.unflatten(self.treedef, arrays[k * n:(k + 1) * n]) for k in range(S))
-            return add_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, experts, capacity=h_ND.shape[0],
-                               impl=self.expert_impl)
+            return add_slot_experts(acc_ND, h_ND, w_NK, idx_NK, ids_S, jax.tree.unflatten(self.treedef, arrays),
+                                    impl=self.expert_impl)
 
         # The experts already on the device (their copies device to device) land first and are computed while the
         # link's land, then the link's: the device's work after the link's last copy is theirs alone.
@@ -295,8 +281,7 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
 
     def queue_copies() -> dict[int, Sources]:  # this layer's into its program, then (lookahead) the next's early
         t = time.perf_counter()
-        copies = slot_copies(*handoff.stage(ids_2C), layers.source_table(i), on_array, layers.leaf_bytes,
-                             layers.stacked(layers.slots(rows)))
+        copies = slot_copies(*handoff.stage(ids_2C), layers.source_table(i), on_array, layers.leaf_bytes)
         L = len(layers.leaves)
         for k in range(n_resident) if early else ():  # those fetched early: from their buffers
             if on_device[k] in early:
@@ -329,10 +314,10 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
 
 
 @njit(nogil=True, cache=True)
-def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes, stacked):
+def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes):
     """A handoff layer's fill (`Handoff.fill`'s rows: array, offset, address, bytes): the slots' ids (staged) into
     the first array, then slot j's expert (on_device[j], its arrays' sources_EL2) into its place in each array's
-    stack (stacked), or into its own arrays. One compiled call: a layer's fill is on the host CPU's way (offload.md
+    stack. One compiled call: a layer's fill is on the host CPU's way (offload.md
     runs 67-68: 0.06-0.08 ms a layer, against 0.20 in numpy)."""
     n, L = on_device.shape[0], sources_EL2.shape[1]
     copies = np.empty((1 + n * L, 4), np.int64)
@@ -340,7 +325,7 @@ def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes, stac
     for j in range(n):
         for leaf in range(L):
             r = 1 + j * L + leaf
-            copies[r, 0], copies[r, 1] = (1 + leaf, j * leaf_bytes[leaf]) if stacked else (r, 0)
+            copies[r, 0], copies[r, 1] = 1 + leaf, j * leaf_bytes[leaf]
             copies[r, 2], copies[r, 3] = sources_EL2[on_device[j], leaf, 0], sources_EL2[on_device[j], leaf, 1]
     return copies
 
