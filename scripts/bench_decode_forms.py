@@ -19,6 +19,7 @@ import jax
 
 import ktjax
 from ktjax.runtime.compilation_cache import enable_compilation_cache
+from ktjax.runtime.offload.handoff_step import WITHOUT_GRAPHS
 
 PROMPTS = ["The capital of France", "Once upon a time", "def main():", "The quick brown fox"]
 
@@ -46,8 +47,7 @@ def main() -> None:
     model = ktjax.load(args.model, experts=args.experts, gpu_memory=args.gpu_memory, max_batch=args.batch,
                        max_context=512)
     if args.handoff_graphs is not None:  # made here, so that every form's executor shares these programs' settings
-        model.executor.handoff_layers.compiler_options = (
-            None if args.handoff_graphs == "on" else {"xla_gpu_enable_command_buffer": ""})
+        model.executor.handoff_layers.compiler_options = None if args.handoff_graphs == "on" else WITHOUT_GRAPHS
     assert model.executor.plan.host_experts, "no routed expert in host memory: lower --gpu-memory"
     print(f"ktjax on {jax.devices()[0].device_kind}: {len(model.executor.plan.host_experts)} "
           f"{args.experts} experts in host memory, {args.batch} prompt(s), {args.tokens} new tokens each, greedy")

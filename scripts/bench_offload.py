@@ -503,6 +503,7 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
 
 def with_variant(model, variant: str, ceil: dict, kernel: str):
     """The executor with a --r1-variants setting applied (options joined by '+'; 'plain': as it is)."""
+    from ktjax.runtime.offload.handoff_step import WITHOUT_GRAPHS
     from ktjax.runtime.offload.path_rates import PathRates
     for option in variant.split("+"):
         if option == "plain":
@@ -532,7 +533,7 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one (the default since run 71)
-            model = with_handoff_programs(model, compiler_options={"xla_gpu_enable_command_buffer": ""})
+            model = with_handoff_programs(model, compiler_options=WITHOUT_GRAPHS)
         elif option == "graphs":  # the handoff programs' kernels in XLA's CUDA graphs (the default before run 71)
             model = with_handoff_programs(model, compiler_options=None)
         elif option == "copies-apart":  # by a program of their own before the device's (the default; named for

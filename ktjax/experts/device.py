@@ -120,16 +120,12 @@ def add_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_C, experts: tuple[ExpertWe
         # Decode-sized: every token goes through each expert, weighted by its routing weight (zero
         # where not routed). Same FLOPs as gathering `capacity` rows, without the dispatch's sort,
         # gathers and scatter: at batch 1 those small kernels cost more than the expert's matmuls.
-        path = _kernel_path(h_ND, experts, impl)
+        path, wt_NC = _kernel_path(h_ND, experts, impl), slot_weights(weights_NK, idx_NK, ids_C[:len(experts)])
         if path != "reference":
-            wt_NC = jnp.stack([jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1) for c in range(len(experts))],
-                              axis=-1).astype(jnp.float32)
             return _weighted_kernel(h_ND, tuple(ex.w for ex in experts), wt_NC, acc_ND, experts[0].fmt,
                                     path == "interpret")
         for c, ex in enumerate(experts):
-            wt_N1 = jnp.where(idx_NK == ids_C[c], weights_NK, 0).sum(-1)[:, None]
-            # A slot no token chose may hold anything (a handoff program's unfilled slot): 0 * NaN would be NaN.
-            acc_ND = acc_ND + jnp.where(wt_N1 != 0, expert_ffn(h_ND, ex, impl=impl) * wt_N1, 0)
+            acc_ND = add_weighted(acc_ND, expert_ffn(h_ND, ex, impl=impl), wt_NC[:, c:c + 1])
         return acc_ND
     # Dispatch once for the chunk: a stable sort of the N*K assignments by their expert's slot lays
     # each expert's tokens out contiguously (slot C: routed elsewhere), so each expert takes a slice.
@@ -160,17 +156,27 @@ def add_slot_experts(acc_ND, h_ND, weights_NK, idx_NK, ids_S, stack: ExpertWeigh
     N, D = h_ND.shape
     S = ids_S.shape[0]
     acc_ND = jnp.zeros((N, D), jnp.float32) if acc_ND is None else acc_ND
-    wt_NS = jnp.where(idx_NK[:, :, None] == ids_S[None, None, :], weights_NK[:, :, None], 0).sum(1)
-    wt_NS = wt_NS.astype(jnp.float32)
+    wt_NS = slot_weights(weights_NK, idx_NK, ids_S)
     path = _kernel_path(h_ND, (stack,), impl)  # by its format alone, as for one expert
     if path != "reference":
         return kernels.experts_pallas(h_ND, stack.w, wt_NS, acc_ND, layout=stack.fmt.packed,
                                       ids_K=jnp.arange(S, dtype=jnp.int32), interpret=path == "interpret")
     y_SND = jax.vmap(lambda ex: expert_ffn(h_ND, ex, impl=impl))(stack)
-    for s in range(S):  # in slot order, as the kernels add them; an unfilled slot may hold NaN: 0 * NaN is NaN
-        wt_N1 = wt_NS[:, s:s + 1]
-        acc_ND = acc_ND + jnp.where(wt_N1 != 0, y_SND[s] * wt_N1, 0)
+    for s in range(S):  # in slot order, as the kernels add them
+        acc_ND = add_weighted(acc_ND, y_SND[s], wt_NS[:, s:s + 1])
     return acc_ND
+
+
+def slot_weights(weights_NK, idx_NK, ids_C):
+    """float32 [N, C]: each token's routing weight for the expert in slot c (ids_C[c]; 0 where not routed there)."""
+    ids_C = jnp.asarray(ids_C)
+    return jnp.where(idx_NK[:, :, None] == ids_C[None, None, :], weights_NK[:, :, None], 0).sum(1).astype(jnp.float32)
+
+
+def add_weighted(acc_ND, y_ND, wt_N1):
+    """acc plus an expert's outputs, weighted: only where the weight is not 0, for a slot no token chose may hold
+    anything (a handoff program's unfilled slot), and 0 * NaN is NaN."""
+    return acc_ND + jnp.where(wt_N1 != 0, y_ND * wt_N1, 0)
 
 
 # The compiled form, run on its own between transfers (inside another program, call add_experts).

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 Sources = list[tuple[int, int]]  # an expert's arrays as copies read them: (address, bytes) each
 MAX_ROWS = 4  # decode rows a step may have in this form (its programs hold a slot for every expert its rows choose)
+WITHOUT_GRAPHS = {"xla_gpu_enable_command_buffer": ""}  # XLA's option: a program's kernels launched one by one
 
 
 class HandoffLayers:
@@ -85,7 +86,7 @@ class HandoffLayers:
         # 0.3-0.8 s shorter (offload.md runs 69-71; within noise in run 47). The embedded model's one row decoded
         # 18% slower warm (369 against 448 tokens/s), its first token 4 s sooner (run 71). A benchmark's variant
         # (`graphs`) turns the graphs back on.
-        self.compiler_options: dict | None = {"xla_gpu_enable_command_buffer": ""}
+        self.compiler_options: dict | None = WITHOUT_GRAPHS
         # Whether a layer's copies are queued by a thread of their own while the host CPU's share starts (the fill
         # took ~0.13 ms a layer then): no gain in run 50 (11.94 against 11.80 ms), off.
         self.fill_apart = False
@@ -317,8 +318,8 @@ def serve_layer(ex: OffloadedExecutor, layers: HandoffLayers, i: int, rows: int,
 def slot_copies(ids_address, ids_bytes, sources_EL2, on_device, leaf_bytes):
     """A handoff layer's fill (`Handoff.fill`'s rows: array, offset, address, bytes): the slots' ids (staged) into
     the first array, then slot j's expert (on_device[j], its arrays' sources_EL2) into its place in each array's
-    stack. One compiled call: a layer's fill is on the host CPU's way (offload.md
-    runs 67-68: 0.06-0.08 ms a layer, against 0.20 in numpy)."""
+    stack. One compiled call: a layer's fill is on the host CPU's way (offload.md runs 67-68: 0.06-0.08 ms a layer,
+    against 0.20 in numpy)."""
     n, L = on_device.shape[0], sources_EL2.shape[1]
     copies = np.empty((1 + n * L, 4), np.int64)
     copies[0, 0], copies[0, 1], copies[0, 2], copies[0, 3] = 0, 0, ids_address, ids_bytes
