@@ -44,6 +44,8 @@ for line in open(sys.argv[1]):
         r1 = f", R1 {1 / r['r1_extrapolated_s']:.2f} tok/s" if "r1_extrapolated_s" in r else ""
         r1 += f", a layer {100 * r['outside_work_share_per_layer']:.0f}%" if "outside_work_share_per_layer" in r else ""
         r1 += f", first step {r['first_step_s']:.1f} s" if "first_step_s" in r else ""
+        r1 += (f", a host call in the step {r['host_call_in_step_ms']:.2f} ms, alone {r['host_call_alone_ms']:.2f}"
+               if "host_call_in_step_ms" in r else "")
         r1 += f", tokens as the first row's {100 * r['tokens_as_first_row']:.0f}%" if "tokens_as_first_row" in r else ""
         print(f"  {name}: {r['step_s'] * 1e3:.2f} ms, spacing {r['layer_spacing_ms']}, outside experts "
               f"{100 * r['outside_experts_share']:.0f}% (less the device's reads {100 * r['outside_work_share']:.0f}%)"

@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from benchparts import run_parts, summarize_trace  # noqa: E402
+from benchparts import HostTwice, run_parts, summarize_trace  # noqa: E402
 
 T_START = time.perf_counter()
 # On a laptop (--tiny) the budget holds every tiny expert: the odd ones go to host memory instead.
@@ -484,6 +484,9 @@ def r1_share_rows(args, cfg, plan, model, ceil: dict, ctx: int, sampling, kernel
                    variant=variant, split_rates=dataclasses.asdict(model_v.rates),
                    r1_extrapolated_s=spacing * len(r1.moe_layers) + max(0.0, row["step_s"] - spacing * n_moe)
                    + (r1.layer_kinds.count("dense") - cfg.layer_kinds.count("dense")) * dense_s)
+        if isinstance(model_v.host, HostTwice) and model_v.host.pairs:  # in the step, then alone (ms, medians)
+            row["host_call_in_step_ms"], row["host_call_alone_ms"] = (
+                round(float(np.median(v)) * 1e3, 3) for v in zip(*model_v.host.pairs))
         if n:
             row["early_experts_per_step"] = float(np.mean([s.experts_early for s in stats]))
             row["early_used_per_step"] = float(np.mean([s.experts_early_used for s in stats]))
@@ -530,6 +533,9 @@ def with_variant(model, variant: str, ceil: dict, kernel: str):
             model = with_handoff_programs(model, donate_cache=False)
         elif option == "fill-apart":  # a layer's copies queued by a thread of their own beside the host CPU's share
             model = with_handoff_programs(model, fill_apart=True)
+        elif option in ("host-again", "host-again-idle"):  # each host share computed again, alone (`HostTwice`)
+            model = model._with()
+            model.host = HostTwice(model.host, model.store, 0.5e-3 if option.endswith("idle") else 0.0)
         elif option == "one-part":  # a handoff layer's device experts all computed after its fill, as before a59228d
             model = with_handoff_programs(model, resident_first=False)
         elif option == "no-graphs":  # the handoff programs' kernels launched one by one (the default since run 71)
@@ -783,7 +789,9 @@ def main():
                         "'keep-cache' (the handoff programs donate no cache buffers), 'no-graphs' (their kernels "
                         "launched one by one: the default), 'graphs' (their kernels in XLA's CUDA graphs), "
                         "'fill-apart' (the handoff form's copies queued by a thread of their own beside the host "
-                        "CPU's share), 'one-part' (a handoff layer's device experts all computed after its whole "
+                        "CPU's share), 'host-again' / 'host-again-idle' (each layer's host share computed again before the step "
+                        "goes on, on other hosted experts, alone: its threads warm / after 0.5 ms idle; the row's "
+                        "host_call_in_step_ms against host_call_alone_ms), 'one-part' (a handoff layer's device experts all computed after its whole "
                         "fill, not the resident ones while the link's land), 'rates=CPU/LINK' (the split's rates "
                         "in GB/s: a sweep of splits), 'cpu-scale=F' (the split's CPU rate times F, the in-situ "
                         "link rate kept: F < 1 leaves the link more experts), "

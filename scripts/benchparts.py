@@ -126,3 +126,40 @@ def summarize_trace(trace_dir: str, out_dir: str) -> None:
         big = sorted(gaps, reverse=True)[:12]
         print(f"trace {proc} / {thread}: {len(evs)} events, busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms; top: {top}")
         print(f"   largest gaps (ms @ offset ms): " + ", ".join(f"{g / 1e3:.2f}@{(t - evs[0][0]) / 1e3:.1f}" for g, t in big))
+
+
+class HostTwice:
+    """A host path (`HostPath`) that computes each layer's host share twice: as the step asks, then, before it
+    returns, the same number of other hosted experts for the same tokens, after `idle_s` of sleep. The step waits
+    (the device holds for the answer, the link has landed this layer's copies), so the second call runs alone, its
+    threads warm (idle_s 0) or woken again; other experts, so that it reads no weights the first left in the caches.
+    `pairs`: (first, second) seconds a call. A benchmark's probe of why host calls run slower inside a step."""
+
+    def __init__(self, host, store, idle_s: float):
+        self.__dict__.update(_host=host, _store=store, idle_s=idle_s, pairs=[])
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["_host"], name)
+
+    def compute(self, layer, ids, idx_NK, weights_NK, h_ND):
+        import time
+
+        import numpy as np
+        t = time.perf_counter()
+        out = self._host.compute(layer, ids, idx_NK, weights_NK, h_ND)
+        first = time.perf_counter() - t
+        chosen = set(np.asarray(idx_NK).ravel().tolist())
+        others = [int(e) for e in np.flatnonzero(self._store.hosted_mask(layer)) if e not in chosen][:len(ids)]
+        if len(others) == len(ids) and ids:
+            idx2 = np.array(idx_NK, copy=True)
+            for a, b in zip(ids, others):
+                idx2[np.asarray(idx_NK) == a] = b
+            if self.idle_s:
+                time.sleep(self.idle_s)
+            t = time.perf_counter()
+            self._host.compute(layer, others, idx2, weights_NK, h_ND)
+            self.pairs.append((first, time.perf_counter() - t))
+        return out
+
