@@ -11,8 +11,9 @@ Timed on the host's thread, the stream drained between calls: one layer's fill q
 order), each part followed by its flag's write; and on the device's clock (events around the queued copies) whether
 the batch lands later. Medians of --reps calls, (a) again last.
 
-Run 74 (offload.md, an H100 machine): the batch saved nothing (34.9 against 29.2-36.2 us for 5 copies, 37.3 against
-28.3-28.5 and 69.2 against 57.2-59.9 for 9), and the copies landed as late; `fill` stays one call a copy.
+Run 74 (offload.md, an H100 machine): the batch saved nothing. Five copies (2 resident and 2 link experts) took 34.9
+against 29.2-36.2 us one by one, five (3 and 1) 37.3 against 28.3-28.5, nine 69.2 against 57.2-59.9; the copies
+landed as late. `fill` stays one call a copy.
 
     python3 scripts/probe_fill_batch.py [--reps 200] [--resident 2] [--link 2] [--expert-bytes 26148864]
 """
