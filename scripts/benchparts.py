@@ -148,12 +148,13 @@ class HostTwice:
         t = time.perf_counter()
         out = self._host.compute(layer, ids, idx_NK, weights_NK, h_ND)
         first = time.perf_counter() - t
-        chosen = set(np.asarray(idx_NK).ravel().tolist())
+        idx_NK = np.asarray(idx_NK)
+        chosen = set(idx_NK.ravel().tolist())
         others = [int(e) for e in np.flatnonzero(self._store.hosted_mask(layer)) if e not in chosen][:len(ids)]
         if len(others) == len(ids) and ids:
-            idx2 = np.array(idx_NK, copy=True)
+            idx2 = idx_NK.copy()
             for a, b in zip(ids, others):
-                idx2[np.asarray(idx_NK) == a] = b
+                idx2[idx_NK == a] = b
             if self.idle_s:
                 time.sleep(self.idle_s)
             t = time.perf_counter()
